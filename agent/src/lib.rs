@@ -1,0 +1,2 @@
+//! `bandsox-agent`: the in-guest agent and the host<->agent wire protocol.
+pub mod proto;

@@ -1,0 +1,2 @@
+//! BandSox-FS daemon library: FUSE layer, VM manager, VMM backends.
+pub mod vmm;

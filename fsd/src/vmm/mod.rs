@@ -1,0 +1,135 @@
+//! VMM backends: how a VM process is started, controlled and reached.
+//!
+//! A backend turns a [`VmSpec`] into a running VMM process and hands back a [`VmmInstance`]
+//! that controls exactly that process. Invariants every backend keeps:
+//! - Everything a VM's VMM needs or produces (sockets, pid file, console log, VMM logs)
+//!   lives in the VM's own state directory [`VmSpec::dir`]; two VMs never share a path.
+//! - The VMM runs in its own session (`setsid`) so it survives a daemon restart, and its
+//!   pid is written to `<dir>/vmm.pid`; [`Backend::adopt`] re-attaches to it from that
+//!   directory alone.
+//! - No method blocks for long: each has a deadline and reports a [`VmmError`].
+//! - The agent channel is returned as a plain byte stream; the protocol on top of it
+//!   is the agent client's business, not the backend's.
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub mod qemu;
+
+/// A duplex byte stream to the guest agent.
+pub trait AgentStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AgentStream for T {}
+pub type BoxedAgentStream = Pin<Box<dyn AgentStream>>;
+
+/// Which VMM drives a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Qemu,
+    Firecracker,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Qemu => "qemu",
+            BackendKind::Firecracker => "firecracker",
+        })
+    }
+}
+
+/// Guest networking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetMode {
+    None,
+    User,
+    Tap,
+}
+
+/// Everything a backend needs to start one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// The VM's name; also the guest hostname (passed as `bandsox.name=` on the cmdline).
+    pub name: String,
+    /// The VM's state directory (exists, owner-only). All VMM files go here.
+    pub dir: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The VM's own writable disk image (ext4), attached as the first virtio-blk disk
+    /// (`/dev/vda` in the guest). `None` = no disk: the agent stays in the initramfs.
+    pub disk: Option<PathBuf>,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub net: NetMode,
+}
+
+impl VmSpec {
+    /// Path of the serial console log every backend writes.
+    pub fn console_path(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// Path of the pid file every backend writes.
+    pub fn pid_path(&self) -> PathBuf {
+        self.dir.join("vmm.pid")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The VMM binary is missing or unusable.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The VMM process could not be started or died during start.
+    #[error("VMM failed to start: {0}")]
+    StartFailed(String),
+    /// The VMM process is gone.
+    #[error("VMM process is not running")]
+    NotRunning,
+    /// The VMM answered a control request with an error.
+    #[error("VMM refused {op}: {message}")]
+    Refused { op: String, message: String },
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+}
+
+/// A backend: knows how to start and adopt VMM processes of one kind.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+    /// One line describing the backend's configuration (e.g. accelerator and why).
+    fn describe(&self) -> String;
+    /// Start the VMM for `spec`; returns once the process runs and its control channel
+    /// answers (not when the guest has booted).
+    async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn VmmInstance>, VmmError>;
+    /// Re-attach to a VMM left running by an earlier daemon, from `spec.dir` alone.
+    /// `Ok(None)` when no live VMM belongs to that directory.
+    async fn adopt(&self, spec: &VmSpec) -> Result<Option<Box<dyn VmmInstance>>, VmmError>;
+}
+
+/// One running VMM process.
+#[async_trait]
+pub trait VmmInstance: Send + Sync {
+    fn pid(&self) -> u32;
+    /// True while the VMM process exists (not a zombie).
+    fn is_alive(&self) -> bool;
+    /// Open a fresh byte stream to the guest agent. May fail while the guest boots;
+    /// callers retry until their own deadline.
+    async fn connect_agent(&self) -> Result<BoxedAgentStream, VmmError>;
+    /// Freeze all vCPUs.
+    async fn pause(&self) -> Result<(), VmmError>;
+    /// Continue after `pause`.
+    async fn resume(&self) -> Result<(), VmmError>;
+    /// Ask the guest to power off (ACPI or equivalent); does not wait for exit.
+    async fn request_shutdown(&self) -> Result<(), VmmError>;
+    /// Kill the VMM process now and reap it; idempotent.
+    async fn kill(&self) -> Result<(), VmmError>;
+    /// Wait until the VMM process has exited, at most `timeout`; true when it exited.
+    async fn wait_exit(&self, timeout: Duration) -> bool;
+}
