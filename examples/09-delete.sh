@@ -1,0 +1,8 @@
+#!/bin/sh
+# Story 9: rmdir stops and deletes everything the VM had.
+set -eu
+B=${BANDSOX_MNT:-/mnt/bandsox}
+mkdir "$B/demo9"
+grep '"id"' "$B/demo9/info"
+rmdir "$B/demo9"
+ls "$B"

@@ -1,0 +1,11 @@
+#!/bin/sh
+# Story 10: VMs survive a daemon crash and are re-adopted.
+set -eu
+B=${BANDSOX_MNT:-/mnt/bandsox}
+mkdir "$B/demo10"
+pkill -9 -f "bandsox mount $B"
+sleep 0.5
+bandsox mount "$B"
+cat "$B/demo10/state"                         # running
+echo 'uptime' > "$B/demo10/exec"; cat "$B/demo10/exec"
+rmdir "$B/demo10"

@@ -1,0 +1,25 @@
+//! Which VMM backends this host offers, decided once at daemon start.
+//!
+//! QEMU is used when `qemu-system-x86_64` is on PATH (KVM where it really works, TCG
+//! emulation otherwise). Firecracker arrives with its own backend module; until then
+//! `backend=firecracker` is refused with EOPNOTSUPP and `auto` means QEMU.
+use std::sync::Arc;
+
+use crate::manager::Backends;
+
+pub fn detect() -> Backends {
+    let qemu = match crate::vmm::qemu::QemuBackend::detect() {
+        Ok(b) => {
+            tracing::info!("qemu backend: {}", crate::vmm::Backend::describe(&b));
+            Some(Arc::new(b) as Arc<dyn crate::vmm::Backend>)
+        }
+        Err(e) => {
+            tracing::warn!("qemu backend unavailable: {e}");
+            None
+        }
+    };
+    Backends {
+        qemu,
+        firecracker: None,
+    }
+}

@@ -1,0 +1,186 @@
+//! VM configuration: the `key=value` options of `create`, and the `defaults` file.
+//!
+//! Invariant: a [`VmConfig`] that exists has passed [`VmConfig::set`] for every key, so
+//! the manager never sees an out-of-range value. Parsing is all-or-nothing: a bad key
+//! leaves the target unchanged.
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::vmm::NetMode;
+
+pub const MAX_VCPUS: u32 = 32;
+pub const MIN_MEMORY_MIB: u32 = 64;
+pub const MAX_MEMORY_MIB: u32 = 65536;
+pub const MAX_DISK_MIB: u32 = 1024 * 1024;
+
+/// Which backend to use for a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    Auto,
+    Qemu,
+    Firecracker,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Size of the VM's disk; `None` = the image's size.
+    pub disk_mib: Option<u32>,
+    pub net: NetMode,
+    pub backend: BackendChoice,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            image: "base".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            disk_mib: None,
+            net: NetMode::None,
+            backend: BackendChoice::Auto,
+        }
+    }
+}
+
+pub const KEYS_HELP: &str =
+    "image=NAME vcpus=1..32 memory=64..65536 (MiB) disk=MiB net=none|user|tap backend=auto|qemu|firecracker";
+
+fn parse_num(key: &str, value: &str, min: u32, max: u32) -> Result<u32> {
+    let n: u32 = value
+        .parse()
+        .map_err(|_| Error::invalid(format!("{key}={value}: not a number")))?;
+    if n < min || n > max {
+        return Err(Error::invalid(format!(
+            "{key}={value}: out of range {min}..{max}"
+        )));
+    }
+    Ok(n)
+}
+
+impl VmConfig {
+    /// Set one key; unknown keys and bad values are EINVAL.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        match key {
+            "image" => {
+                crate::names::validate("image", value)?;
+                self.image = value.to_string();
+            }
+            "vcpus" => self.vcpus = parse_num(key, value, 1, MAX_VCPUS)?,
+            "memory" | "memory_mib" => {
+                self.memory_mib = parse_num(key, value, MIN_MEMORY_MIB, MAX_MEMORY_MIB)?
+            }
+            "disk" | "disk_mib" => {
+                self.disk_mib = if value == "auto" {
+                    None
+                } else {
+                    Some(parse_num(key, value, 16, MAX_DISK_MIB)?)
+                }
+            }
+            "net" => {
+                self.net = match value {
+                    "none" => NetMode::None,
+                    "user" => NetMode::User,
+                    "tap" => NetMode::Tap,
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "net={value}: accepted values are none, user, tap"
+                        )))
+                    }
+                }
+            }
+            "backend" => {
+                self.backend = match value {
+                    "auto" => BackendChoice::Auto,
+                    "qemu" => BackendChoice::Qemu,
+                    "firecracker" => BackendChoice::Firecracker,
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "backend={value}: accepted values are auto, qemu, firecracker"
+                        )))
+                    }
+                }
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "unknown option {key:?}; accepted: {KEYS_HELP}"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply `key=value` words on a copy; the copy is returned only if all are valid.
+    pub fn with_options<'a>(&self, words: impl IntoIterator<Item = &'a str>) -> Result<VmConfig> {
+        let mut next = self.clone();
+        for w in words {
+            let (k, v) = w.split_once('=').ok_or_else(|| {
+                Error::invalid(format!("{w:?} is not key=value; accepted: {KEYS_HELP}"))
+            })?;
+            next.set(k, v)?;
+        }
+        Ok(next)
+    }
+
+    /// Parse the `defaults` file format: `key=value` lines, `#` comments, blank lines.
+    pub fn parse_defaults(&self, text: &str) -> Result<VmConfig> {
+        let words: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .flat_map(str::split_whitespace)
+            .collect();
+        self.with_options(words)
+    }
+
+    /// Render as the `defaults` file.
+    pub fn to_defaults(&self) -> String {
+        let net = match self.net {
+            NetMode::None => "none",
+            NetMode::User => "user",
+            NetMode::Tap => "tap",
+        };
+        let backend = match self.backend {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Qemu => "qemu",
+            BackendChoice::Firecracker => "firecracker",
+        };
+        let disk = self
+            .disk_mib
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "auto".into());
+        format!(
+            "image={}\nvcpus={}\nmemory={}\ndisk={}\nnet={}\nbackend={}\n",
+            self.image, self.vcpus, self.memory_mib, disk, net, backend
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_roundtrip() {
+        let c = VmConfig::default()
+            .with_options(["vcpus=2", "memory=512", "disk=1024", "net=user"])
+            .unwrap();
+        let back = VmConfig::default().parse_defaults(&c.to_defaults()).unwrap();
+        assert_eq!(c, back);
+    }
+
+    #[test]
+    fn bad_options_change_nothing() {
+        let c = VmConfig::default();
+        for bad in [
+            "vcpus=0", "vcpus=x", "memory=1", "net=wifi", "color=red", "novalue", "image=a/b",
+        ] {
+            let e = c.with_options(["vcpus=4", bad]).unwrap_err();
+            assert_eq!(e.errno, libc::EINVAL, "{bad}");
+        }
+        assert_eq!(c, VmConfig::default());
+    }
+}

@@ -1,0 +1,210 @@
+//! Parsing of the commands written to the root `ctl` and to `<vm>/ctl`.
+//!
+//! One command per line; parsing never has side effects, so a bad line is rejected
+//! (EINVAL, with a message listing what is accepted) before anything is changed.
+use crate::error::{Error, Result};
+
+pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] | import IMAGE SOURCE | pull IMAGE REFERENCE";
+pub const VM_HELP: &str =
+    "accepted: start | stop | kill | pause | resume | restart | snapshot NAME";
+pub const RUN_HELP: &str = "accepted: kill [SIGNAL] | close-stdin";
+
+pub const MAX_CLONES: u32 = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GlobalCmd {
+    Create { name: String, options: Vec<String> },
+    Clone { snapshot: String, name: String, count: Option<u32> },
+    Import { image: String, source: String },
+    Pull { image: String, reference: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmOp {
+    Start,
+    Stop,
+    Kill,
+    Pause,
+    Resume,
+    Restart,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmCmd {
+    Op(VmOp),
+    Snapshot(String),
+    /// Diagnostic: N protocol pings over the VM's agent connection (for benchmarks).
+    Ping(u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunCmd {
+    Kill(i32),
+    CloseStdin,
+}
+
+fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+pub fn parse_global(line: &str) -> Result<GlobalCmd> {
+    let w = words(line);
+    match w.as_slice() {
+        ["create", name, rest @ ..] => Ok(GlobalCmd::Create {
+            name: name.to_string(),
+            options: rest.iter().map(|s| s.to_string()).collect(),
+        }),
+        ["clone", snap, name, rest @ ..] => {
+            let mut count = None;
+            for opt in rest {
+                match opt.split_once('=') {
+                    Some(("count", v)) => {
+                        let n: u32 = v
+                            .parse()
+                            .ok()
+                            .filter(|n| (1..=MAX_CLONES).contains(n))
+                            .ok_or_else(|| {
+                                Error::invalid(format!("count={v}: expected 1..{MAX_CLONES}"))
+                            })?;
+                        count = Some(n);
+                    }
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "clone: unknown option {opt:?}; accepted: count=N"
+                        )))
+                    }
+                }
+            }
+            Ok(GlobalCmd::Clone {
+                snapshot: snap.to_string(),
+                name: name.to_string(),
+                count,
+            })
+        }
+        ["import", image, source] => Ok(GlobalCmd::Import {
+            image: image.to_string(),
+            source: source.to_string(),
+        }),
+        ["pull", image, reference] => Ok(GlobalCmd::Pull {
+            image: image.to_string(),
+            reference: reference.to_string(),
+        }),
+        [] => Err(Error::invalid(format!("empty command; {GLOBAL_HELP}"))),
+        [cmd @ ("create" | "clone" | "import" | "pull"), ..] => Err(Error::invalid(format!(
+            "{cmd}: wrong number of arguments; {GLOBAL_HELP}"
+        ))),
+        [cmd, ..] => Err(Error::invalid(format!(
+            "unknown command {cmd:?}; {GLOBAL_HELP}"
+        ))),
+    }
+}
+
+pub fn parse_vm(line: &str) -> Result<VmCmd> {
+    let w = words(line);
+    let op = |op| Ok(VmCmd::Op(op));
+    match w.as_slice() {
+        ["start"] => op(VmOp::Start),
+        ["stop"] => op(VmOp::Stop),
+        ["kill"] => op(VmOp::Kill),
+        ["pause"] => op(VmOp::Pause),
+        ["resume"] => op(VmOp::Resume),
+        ["restart"] => op(VmOp::Restart),
+        ["snapshot", name] => Ok(VmCmd::Snapshot(name.to_string())),
+        ["ping"] => Ok(VmCmd::Ping(1)),
+        ["ping", n] => n
+            .parse()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .map(VmCmd::Ping)
+            .ok_or_else(|| Error::invalid(format!("ping {n}: expected a count 1..10000"))),
+        [] => Err(Error::invalid(format!("empty command; {VM_HELP}"))),
+        [cmd @ ("start" | "stop" | "kill" | "pause" | "resume" | "restart" | "snapshot" | "ping"), ..] => {
+            Err(Error::invalid(format!(
+                "{cmd}: wrong number of arguments; {VM_HELP}"
+            )))
+        }
+        [cmd, ..] => Err(Error::invalid(format!("unknown command {cmd:?}; {VM_HELP}"))),
+    }
+}
+
+/// Parse a signal given as a number (`9`), a name (`KILL`) or a prefixed name (`SIGKILL`).
+pub fn parse_signal(s: &str) -> Result<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+        return Err(Error::invalid(format!("signal {n} out of range 1..64")));
+    }
+    let name = s.to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let n = match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "ALRM" => libc::SIGALRM,
+        "PIPE" => libc::SIGPIPE,
+        "WINCH" => libc::SIGWINCH,
+        "ABRT" => libc::SIGABRT,
+        _ => return Err(Error::invalid(format!("unknown signal {s:?}"))),
+    };
+    Ok(n)
+}
+
+pub fn parse_run(line: &str) -> Result<RunCmd> {
+    match words(line).as_slice() {
+        ["kill"] => Ok(RunCmd::Kill(libc::SIGTERM)),
+        ["kill", sig] => Ok(RunCmd::Kill(parse_signal(sig)?)),
+        ["close-stdin"] => Ok(RunCmd::CloseStdin),
+        [] => Err(Error::invalid(format!("empty command; {RUN_HELP}"))),
+        [cmd, ..] => Err(Error::invalid(format!("unknown command {cmd:?}; {RUN_HELP}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_global() {
+        assert_eq!(
+            parse_global("create a vcpus=2").unwrap(),
+            GlobalCmd::Create {
+                name: "a".into(),
+                options: vec!["vcpus=2".into()]
+            }
+        );
+        assert_eq!(
+            parse_global("clone s b count=3").unwrap(),
+            GlobalCmd::Clone {
+                snapshot: "s".into(),
+                name: "b".into(),
+                count: Some(3)
+            }
+        );
+        for bad in ["", "bogus", "create", "clone s", "clone s b count=0", "clone s b x=1"] {
+            assert_eq!(parse_global(bad).unwrap_err().errno, libc::EINVAL, "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_vm_and_run() {
+        assert_eq!(parse_vm("pause\n").unwrap(), VmCmd::Op(VmOp::Pause));
+        assert_eq!(parse_vm("snapshot s1").unwrap(), VmCmd::Snapshot("s1".into()));
+        assert_eq!(parse_vm("ping 30").unwrap(), VmCmd::Ping(30));
+        assert!(parse_vm("ping 0").is_err());
+        assert!(parse_vm("bogus").unwrap_err().message.contains("accepted"));
+        assert!(parse_vm("pause now").is_err());
+        assert_eq!(parse_run("kill").unwrap(), RunCmd::Kill(15));
+        assert_eq!(parse_run("kill TERM").unwrap(), RunCmd::Kill(15));
+        assert_eq!(parse_run("kill SIGKILL").unwrap(), RunCmd::Kill(9));
+        assert_eq!(parse_run("kill 2").unwrap(), RunCmd::Kill(2));
+        assert!(parse_run("kill 99").is_err());
+        assert_eq!(parse_run("close-stdin").unwrap(), RunCmd::CloseStdin);
+    }
+}

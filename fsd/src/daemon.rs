@@ -1,0 +1,191 @@
+//! Process plumbing of the daemon: logging, daemonizing, mounting and unmounting.
+//!
+//! Order of `mount`: fork into the background (before any thread exists), start the
+//! tokio runtime, open the state directory, re-adopt VMs left running by an earlier
+//! daemon, clear a stale mount left by a killed daemon, mount, and only then tell the
+//! waiting parent that the tree is up. SIGTERM/SIGINT unmount cleanly; VMs keep running.
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, SessionACL};
+use tracing_subscriber::EnvFilter;
+
+use crate::fuse::files::Files;
+use crate::fuse::tree::Tree;
+use crate::fuse::BandsoxFs;
+use crate::manager::Manager;
+
+pub struct MountOptions {
+    pub mountpoint: PathBuf,
+    pub state_dir: PathBuf,
+    pub foreground: bool,
+    pub threads: usize,
+}
+
+/// Logs go to stderr (the daemon log file when daemonized), filtered by `BANDSOX_LOG`.
+pub fn init_logging(default: Option<&str>) {
+    let filter = EnvFilter::try_from_env("BANDSOX_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(default.unwrap_or("info")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Is `path` a mount point whose FUSE daemon is gone ("Transport endpoint is not connected")?
+fn is_stale_mount(path: &Path) -> bool {
+    matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let Ok(canon) = std::fs::canonicalize(path) else {
+        return is_stale_mount(path);
+    };
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*canon.to_string_lossy()))
+}
+
+fn lazy_unmount(path: &Path) -> Result<(), String> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| "mount point contains a NUL byte".to_string())?;
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    if rc != 0 {
+        return Err(format!(
+            "cannot unmount {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+pub fn unmount(mountpoint: &Path) -> Result<(), String> {
+    if !is_mounted(mountpoint) {
+        return Err(format!("{} is not mounted", mountpoint.display()));
+    }
+    lazy_unmount(mountpoint)
+}
+
+/// Fork; the parent waits until the child reports the mount is up. Returns in the child
+/// with the write end of the readiness pipe.
+fn daemonize(log: &Path) -> Result<Option<OwnedFd>, String> {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by us alone.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no other threads exist yet (called before the runtime starts).
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            drop(rd);
+            // SAFETY: setsid has no preconditions; it detaches us from the terminal.
+            unsafe { libc::setsid() };
+            let logf = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .map_err(|e| format!("{}: {e}", log.display()))?;
+            let null = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: all descriptors are valid and open; dup2 replaces std streams.
+            unsafe {
+                libc::dup2(null.as_raw_fd(), 0);
+                libc::dup2(logf.as_raw_fd(), 1);
+                libc::dup2(logf.as_raw_fd(), 2);
+            }
+            Ok(Some(wr))
+        }
+        _child => {
+            drop(wr);
+            let mut f = std::fs::File::from(rd);
+            let mut b = [0u8; 1];
+            match f.read(&mut b) {
+                Ok(1) => Ok(None),
+                _ => Err(format!(
+                    "the daemon failed to start; see {}",
+                    log.display()
+                )),
+            }
+        }
+    }
+}
+
+pub fn mount(opts: MountOptions) -> Result<(), String> {
+    std::fs::create_dir_all(&opts.state_dir)
+        .map_err(|e| format!("{}: {e}", opts.state_dir.display()))?;
+    let ready = if opts.foreground {
+        None
+    } else {
+        match daemonize(&opts.state_dir.join("daemon.log"))? {
+            None => return Ok(()), // parent: the child mounted successfully
+            Some(w) => Some(w),
+        }
+    };
+    init_logging(None);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .thread_name("bandsox-rt")
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let backends = crate::backends::detect();
+    let mgr = Manager::open(opts.state_dir.clone(), backends).map_err(|e| e.to_string())?;
+    mgr.events.emit("", "daemon-start", &format!("pid={}", std::process::id()));
+    rt.block_on(mgr.reload());
+
+    if is_stale_mount(&opts.mountpoint) || is_mounted(&opts.mountpoint) {
+        tracing::warn!("clearing an earlier mount at {}", opts.mountpoint.display());
+        lazy_unmount(&opts.mountpoint)?;
+    }
+    std::fs::create_dir_all(&opts.mountpoint)
+        .map_err(|e| format!("{}: {e}", opts.mountpoint.display()))?;
+
+    let files = Arc::new(Files::new(Tree::new(mgr.clone())));
+    let fs = BandsoxFs::new(files, rt.handle().clone());
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("bandsox".into()),
+        MountOption::Subtype("bandsox".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, &opts.mountpoint, &config)
+        .map_err(|e| format!("mount {}: {e}", opts.mountpoint.display()))?;
+    tracing::info!("mounted {}", opts.mountpoint.display());
+
+    let mp = opts.mountpoint.clone();
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal received; unmounting {}", mp.display());
+        if let Err(e) = lazy_unmount(&mp) {
+            tracing::error!("{e}");
+        }
+    });
+
+    if let Some(w) = ready {
+        let mut f = std::fs::File::from(w);
+        let _ = f.write_all(b"1");
+    }
+    let res = session.run().map_err(|e| format!("FUSE session: {e}"));
+    mgr.events.emit("", "daemon-stop", "unmounted");
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    res
+}

@@ -1,0 +1,484 @@
+//! The control tree's namespace: which nodes exist, their inode numbers and attributes.
+//!
+//! Invariants:
+//! - A [`Node`] names a place in the tree by stable identity (VM id, run number), never
+//!   by position; the inode table maps each node to one inode number for the daemon's
+//!   lifetime, so numbers are never reused for another node (generation stays 0).
+//! - Whether a node *exists* is decided by the manager at the time of the call; a node
+//!   of a deleted VM keeps its number but every operation on it answers ENOENT.
+//! - Nothing here blocks on a guest.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::manager::runs::RunStream;
+use crate::manager::vm::Vm;
+use crate::manager::Manager;
+
+pub const ROOT_INO: u64 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VmFile {
+    Ctl,
+    State,
+    Info,
+    Exec,
+    Console,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunFile {
+    Cmd,
+    Stdin,
+    Out(RunStreamKey),
+    Status,
+    Pid,
+    Ctl,
+}
+
+/// `RunStream` with `Hash` for use in nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunStreamKey {
+    Stdout,
+    Stderr,
+    Output,
+}
+
+impl From<RunStreamKey> for RunStream {
+    fn from(k: RunStreamKey) -> Self {
+        match k {
+            RunStreamKey::Stdout => RunStream::Stdout,
+            RunStreamKey::Stderr => RunStream::Stderr,
+            RunStreamKey::Output => RunStream::Output,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Node {
+    Root,
+    Readme,
+    Ctl,
+    Defaults,
+    Events,
+    Images,
+    Image(String),
+    ImageInfo(String),
+    Snapshots,
+    Vm(String),
+    VmFile(String, VmFile),
+    Runs(String),
+    RunsLast(String),
+    Run(String, u64),
+    RunFile(String, u64, RunFile),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+}
+
+/// Attributes independent of fuser's types (the adapter converts).
+#[derive(Debug, Clone)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub nlink: u32,
+    pub time: SystemTime,
+}
+
+const RUN_FILES: &[(&str, RunFile)] = &[
+    ("cmd", RunFile::Cmd),
+    ("stdin", RunFile::Stdin),
+    ("stdout", RunFile::Out(RunStreamKey::Stdout)),
+    ("stderr", RunFile::Out(RunStreamKey::Stderr)),
+    ("output", RunFile::Out(RunStreamKey::Output)),
+    ("status", RunFile::Status),
+    ("pid", RunFile::Pid),
+    ("ctl", RunFile::Ctl),
+];
+
+const VM_FILES: &[(&str, VmFile)] = &[
+    ("ctl", VmFile::Ctl),
+    ("state", VmFile::State),
+    ("info", VmFile::Info),
+    ("exec", VmFile::Exec),
+    ("console", VmFile::Console),
+];
+
+pub const README: &str = "\
+BandSox-FS: microVMs as files.
+
+  mkdir NAME                      create and boot a VM (options from `defaults`)
+  echo 'create NAME vcpus=2 memory=512' > ctl
+  echo 'uname -a' > NAME/exec; cat NAME/exec     run a command, read its output
+  cat NAME/runs/last/status       exit code of your last command (or `running`)
+  echo pause|resume|stop|start|kill|restart > NAME/ctl
+  cat NAME/state                  booting | running | paused | stopped | failed: why
+  cat NAME/info                   JSON description
+  tail -f NAME/console            serial console;   tail -f events   lifecycle events
+  rmdir NAME                      stop and delete the VM
+
+A failed write prints e.g. `write error: Invalid argument`; `cat ctl` says why.
+";
+
+#[derive(Default)]
+pub struct InodeTable {
+    by_node: HashMap<Node, u64>,
+    by_ino: Vec<Node>,
+}
+
+impl InodeTable {
+    pub fn new() -> Self {
+        let mut t = InodeTable::default();
+        t.ino_of(&Node::Root);
+        t
+    }
+    /// The inode number of `node`, assigned on first use.
+    pub fn ino_of(&mut self, node: &Node) -> u64 {
+        if let Some(i) = self.by_node.get(node) {
+            return *i;
+        }
+        self.by_ino.push(node.clone());
+        let ino = self.by_ino.len() as u64;
+        self.by_node.insert(node.clone(), ino);
+        ino
+    }
+    pub fn node(&self, ino: u64) -> Option<Node> {
+        self.by_ino.get(ino.checked_sub(1)? as usize).cloned()
+    }
+}
+
+/// Namespace operations over the manager.
+pub struct Tree {
+    pub mgr: Arc<Manager>,
+    inodes: Mutex<InodeTable>,
+    started: SystemTime,
+}
+
+impl Tree {
+    pub fn new(mgr: Arc<Manager>) -> Self {
+        Tree {
+            mgr,
+            inodes: Mutex::new(InodeTable::new()),
+            started: SystemTime::now(),
+        }
+    }
+
+    pub fn ino(&self, node: &Node) -> u64 {
+        self.inodes.lock().ino_of(node)
+    }
+
+    pub fn node(&self, ino: u64) -> Result<Node> {
+        self.inodes
+            .lock()
+            .node(ino)
+            .ok_or_else(|| Error::not_found("stale inode"))
+    }
+
+    pub fn vm(&self, id: &str) -> Result<Arc<Vm>> {
+        self.mgr
+            .list()
+            .into_iter()
+            .find(|v| v.id == id)
+            .ok_or_else(|| Error::not_found("no such VM"))
+    }
+
+    fn vm_by_name(&self, name: &str) -> Option<Arc<Vm>> {
+        self.mgr.get(name)
+    }
+
+    /// Resolve `runs/last` for a caller's session.
+    pub fn last_run(&self, id: &str, session: u32) -> Result<u64> {
+        self.vm(id)?
+            .last_run(session)
+            .ok_or_else(|| Error::not_found("no command has run in this VM yet"))
+    }
+
+    pub fn lookup(&self, parent: &Node, name: &str) -> Result<Node> {
+        let nf = || Error::not_found(format!("no entry {name:?}"));
+        let node = match parent {
+            Node::Root => match name {
+                "README" => Node::Readme,
+                "ctl" => Node::Ctl,
+                "defaults" => Node::Defaults,
+                "events" => Node::Events,
+                "images" => Node::Images,
+                "snapshots" => Node::Snapshots,
+                _ => Node::Vm(self.vm_by_name(name).ok_or_else(nf)?.id.clone()),
+            },
+            Node::Images => {
+                if self.mgr.images().iter().any(|i| i == name) {
+                    Node::Image(name.to_string())
+                } else {
+                    return Err(nf());
+                }
+            }
+            Node::Image(img) if name == "info" => Node::ImageInfo(img.clone()),
+            Node::Vm(id) => {
+                self.vm(id)?;
+                if name == "runs" {
+                    Node::Runs(id.clone())
+                } else {
+                    let f = VM_FILES.iter().find(|(n, _)| *n == name).ok_or_else(nf)?;
+                    Node::VmFile(id.clone(), f.1)
+                }
+            }
+            Node::Runs(id) => {
+                let vm = self.vm(id)?;
+                if name == "last" {
+                    if vm.run_numbers().is_empty() {
+                        return Err(nf());
+                    }
+                    Node::RunsLast(id.clone())
+                } else {
+                    let n: u64 = name.parse().map_err(|_| nf())?;
+                    vm.run(n).ok_or_else(nf)?;
+                    Node::Run(id.clone(), n)
+                }
+            }
+            Node::Run(id, n) => {
+                self.vm(id)?.run(*n).ok_or_else(nf)?;
+                let f = RUN_FILES.iter().find(|(fname, _)| *fname == name).ok_or_else(nf)?;
+                Node::RunFile(id.clone(), *n, f.1)
+            }
+            _ => return Err(Error::new(libc::ENOTDIR, "not a directory")),
+        };
+        Ok(node)
+    }
+
+    /// Does the node still exist?
+    pub fn check(&self, node: &Node) -> Result<()> {
+        match node {
+            Node::Vm(id) | Node::VmFile(id, _) | Node::Runs(id) | Node::RunsLast(id) => {
+                self.vm(id).map(|_| ())
+            }
+            Node::Run(id, n) | Node::RunFile(id, n, _) => self
+                .vm(id)?
+                .run(*n)
+                .map(|_| ())
+                .ok_or_else(|| Error::not_found("no such run")),
+            Node::Image(i) | Node::ImageInfo(i) => {
+                if self.mgr.images().iter().any(|x| x == i) {
+                    Ok(())
+                } else {
+                    Err(Error::not_found("no such image"))
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn readdir(&self, node: &Node) -> Result<Vec<(String, Node)>> {
+        let mut out = Vec::new();
+        match node {
+            Node::Root => {
+                for (n, node) in [
+                    ("README", Node::Readme),
+                    ("ctl", Node::Ctl),
+                    ("defaults", Node::Defaults),
+                    ("events", Node::Events),
+                    ("images", Node::Images),
+                    ("snapshots", Node::Snapshots),
+                ] {
+                    out.push((n.to_string(), node));
+                }
+                for vm in self.mgr.list() {
+                    out.push((vm.name.clone(), Node::Vm(vm.id.clone())));
+                }
+            }
+            Node::Images => {
+                for i in self.mgr.images() {
+                    out.push((i.clone(), Node::Image(i)));
+                }
+            }
+            Node::Image(i) => out.push(("info".into(), Node::ImageInfo(i.clone()))),
+            Node::Snapshots => {}
+            Node::Vm(id) => {
+                self.vm(id)?;
+                for (n, f) in VM_FILES {
+                    out.push((n.to_string(), Node::VmFile(id.clone(), *f)));
+                }
+                out.push(("runs".into(), Node::Runs(id.clone())));
+            }
+            Node::Runs(id) => {
+                let vm = self.vm(id)?;
+                let nums = vm.run_numbers();
+                if !nums.is_empty() {
+                    out.push(("last".into(), Node::RunsLast(id.clone())));
+                }
+                for n in nums {
+                    out.push((n.to_string(), Node::Run(id.clone(), n)));
+                }
+            }
+            Node::Run(id, n) => {
+                self.check(node)?;
+                for (name, f) in RUN_FILES {
+                    out.push((name.to_string(), Node::RunFile(id.clone(), *n, *f)));
+                }
+            }
+            _ => return Err(Error::new(libc::ENOTDIR, "not a directory")),
+        }
+        Ok(out)
+    }
+
+    /// Content of files whose text is generated on open.
+    pub fn generated(&self, node: &Node) -> Result<Option<Vec<u8>>> {
+        Ok(Some(match node {
+            Node::Readme => README.as_bytes().to_vec(),
+            Node::Defaults => self.mgr.defaults().to_defaults().into_bytes(),
+            Node::ImageInfo(i) => self.mgr.image_info(i)?.into_bytes(),
+            Node::VmFile(id, VmFile::State) => {
+                format!("{}\n", self.vm(id)?.state().render()).into_bytes()
+            }
+            Node::VmFile(id, VmFile::Info) => self.vm(id)?.info_json().into_bytes(),
+            Node::RunFile(id, n, f) => {
+                let run = self
+                    .vm(id)?
+                    .run(*n)
+                    .ok_or_else(|| Error::not_found("no such run"))?;
+                match f {
+                    RunFile::Cmd => run.cmd.clone(),
+                    RunFile::Status => run.status().render().into_bytes(),
+                    RunFile::Pid => run
+                        .pid()
+                        .map(|p| format!("{p}\n"))
+                        .unwrap_or_default()
+                        .into_bytes(),
+                    _ => return Ok(None),
+                }
+            }
+            _ => return Ok(None),
+        }))
+    }
+
+    fn owner(&self, node: &Node) -> (u32, u32) {
+        let id = match node {
+            Node::Vm(id)
+            | Node::VmFile(id, _)
+            | Node::Runs(id)
+            | Node::RunsLast(id)
+            | Node::Run(id, _)
+            | Node::RunFile(id, _, _) => id,
+            _ => return (0, 0),
+        };
+        self.vm(id).map(|v| (v.uid, v.gid)).unwrap_or((0, 0))
+    }
+
+    pub fn attr(&self, node: &Node) -> Result<Attr> {
+        self.check(node)?;
+        let (uid, gid) = self.owner(node);
+        let ino = self.ino(node);
+        let dir = |perm| (Kind::Dir, perm, 0u64);
+        let (kind, perm, size) = match node {
+            // Sticky like /tmp: anyone may mkdir a VM, only its owner may rmdir it.
+            Node::Root => dir(0o1777),
+            Node::Images | Node::Image(_) | Node::Snapshots => dir(0o755),
+            Node::Vm(_) => dir(0o700),
+            Node::Runs(_) | Node::Run(..) => dir(0o700),
+            Node::RunsLast(_) => (Kind::Symlink, 0o777, 0),
+            Node::Ctl => (Kind::File, 0o666, 0),
+            Node::Defaults => (Kind::File, 0o644, self.generated(node)?.map_or(0, |c| c.len() as u64)),
+            Node::Events => (Kind::File, 0o444, file_len(self.mgr.events.path())),
+            Node::Readme | Node::ImageInfo(_) => (
+                Kind::File,
+                0o444,
+                self.generated(node)?.map_or(0, |c| c.len() as u64),
+            ),
+            Node::VmFile(id, f) => match f {
+                VmFile::Ctl | VmFile::Exec => (Kind::File, 0o600, 0),
+                VmFile::Console => (Kind::File, 0o400, file_len(&self.vm(id)?.console_path())),
+                VmFile::State | VmFile::Info => (
+                    Kind::File,
+                    0o400,
+                    self.generated(node)?.map_or(0, |c| c.len() as u64),
+                ),
+            },
+            Node::RunFile(id, n, f) => match f {
+                RunFile::Stdin => (Kind::File, 0o200, 0),
+                RunFile::Ctl => (Kind::File, 0o600, 0),
+                RunFile::Out(s) => {
+                    let run = self.vm(id)?.run(*n).ok_or_else(|| Error::not_found("no such run"))?;
+                    (Kind::File, 0o400, run.len((*s).into()))
+                }
+                _ => (
+                    Kind::File,
+                    0o400,
+                    self.generated(node)?.map_or(0, |c| c.len() as u64),
+                ),
+            },
+        };
+        let nlink = if kind == Kind::Dir { 2 } else { 1 };
+        let time = match node {
+            Node::Vm(id) => self
+                .vm(id)
+                .map(|v| SystemTime::UNIX_EPOCH + Duration::from_secs(v.record().created))
+                .unwrap_or(self.started),
+            _ => self.started,
+        };
+        Ok(Attr {
+            ino,
+            kind,
+            perm,
+            uid,
+            gid,
+            size,
+            nlink,
+            time,
+        })
+    }
+}
+
+fn file_len(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Session id of a process (field 6 of /proc/<pid>/stat); 0 when unknown.
+pub fn session_of(pid: u32) -> u32 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // The command name may contain spaces and parentheses: parse after the last ')'.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0;
+    };
+    rest.split_whitespace()
+        .nth(3)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_numbers_are_stable() {
+        let mut t = InodeTable::new();
+        assert_eq!(t.ino_of(&Node::Root), ROOT_INO);
+        let a = t.ino_of(&Node::Vm("x".into()));
+        let b = t.ino_of(&Node::Ctl);
+        assert_ne!(a, b);
+        assert_eq!(t.ino_of(&Node::Vm("x".into())), a);
+        assert_eq!(t.node(a), Some(Node::Vm("x".into())));
+        assert_eq!(t.node(0), None);
+        assert_eq!(t.node(999), None);
+    }
+
+    #[test]
+    fn session_of_self_matches_getsid() {
+        let me = std::process::id();
+        // SAFETY: getsid(0) has no preconditions.
+        let sid = unsafe { libc::getsid(0) } as u32;
+        assert_eq!(session_of(me), sid);
+    }
+}

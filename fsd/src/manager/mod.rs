@@ -1,0 +1,460 @@
+//! The VM manager: names, creation and deletion, defaults, images, persistence.
+//!
+//! Invariants:
+//! - A name is in `vms` or `creating`, never both; both are checked under one lock, so
+//!   two concurrent creates of one name give exactly one EEXIST.
+//! - Validation (name, options, image, backend) happens before anything touches disk, so
+//!   a rejected `create` leaves no trace.
+//! - Each VM's state directory holds its whole record; `reload` rebuilds the manager
+//!   from the state directory alone.
+pub mod runs;
+pub mod vm;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::config::{BackendChoice, VmConfig};
+use crate::ctl::{GlobalCmd, VmCmd, VmOp};
+use crate::error::{Error, Result};
+use crate::events::EventLog;
+use crate::layout::{mkdir_private, Layout};
+use crate::vmm::{Backend, BackendKind, NetMode};
+use vm::{BootFiles, Desired, Vm, VmRecord};
+
+/// The VMM backends this daemon can use.
+#[derive(Clone)]
+pub struct Backends {
+    pub qemu: Option<Arc<dyn Backend>>,
+    pub firecracker: Option<Arc<dyn Backend>>,
+}
+
+impl Backends {
+    /// Resolve a VM's backend choice; `auto` prefers Firecracker.
+    pub fn choose(&self, choice: BackendChoice) -> Result<Arc<dyn Backend>> {
+        let unavailable = |what: &str| {
+            Error::new(
+                libc::EOPNOTSUPP,
+                format!("backend={what} is not available on this host"),
+            )
+        };
+        match choice {
+            BackendChoice::Auto => self
+                .firecracker
+                .clone()
+                .or_else(|| self.qemu.clone())
+                .ok_or_else(|| unavailable("auto (no VMM found)")),
+            BackendChoice::Qemu => self.qemu.clone().ok_or_else(|| unavailable("qemu")),
+            BackendChoice::Firecracker => self
+                .firecracker
+                .clone()
+                .ok_or_else(|| unavailable("firecracker")),
+        }
+    }
+
+    fn by_kind(&self, kind: BackendKind) -> Option<Arc<dyn Backend>> {
+        match kind {
+            BackendKind::Qemu => self.qemu.clone(),
+            BackendKind::Firecracker => self.firecracker.clone(),
+        }
+    }
+}
+
+pub struct Manager {
+    pub layout: Layout,
+    pub events: Arc<EventLog>,
+    defaults: Mutex<VmConfig>,
+    vms: RwLock<BTreeMap<String, Arc<Vm>>>,
+    creating: Mutex<HashSet<String>>,
+    backends: Backends,
+    boot_files: BootFiles,
+    pub boot_timeout: Duration,
+    ctl_results: Mutex<std::collections::HashMap<u32, String>>,
+}
+
+fn new_id() -> String {
+    format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Manager {
+    /// Open (creating if needed) the state directory. Does not touch VMs; see `reload`.
+    pub fn open(state_dir: PathBuf, backends: Backends) -> Result<Arc<Manager>> {
+        let layout = Layout::new(state_dir);
+        layout.create()?;
+        let events = Arc::new(EventLog::open(&layout.events())?);
+        let defaults = match std::fs::read_to_string(layout.defaults()) {
+            Ok(text) => VmConfig::default().parse_defaults(&text).unwrap_or_else(|e| {
+                tracing::warn!("ignoring invalid defaults file: {e}");
+                VmConfig::default()
+            }),
+            Err(_) => VmConfig::default(),
+        };
+        let boot_timeout = std::env::var("BANDSOX_BOOT_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(Duration::from_secs(90));
+        Ok(Arc::new(Manager {
+            boot_files: BootFiles {
+                kernel: layout.kernel(),
+                initrd: layout.initrd(),
+            },
+            layout,
+            events,
+            defaults: Mutex::new(defaults),
+            vms: RwLock::new(BTreeMap::new()),
+            creating: Mutex::new(HashSet::new()),
+            backends,
+            boot_timeout,
+            ctl_results: Mutex::new(Default::default()),
+        }))
+    }
+
+    /// Load every VM record; re-adopt live VMMs concurrently.
+    pub async fn reload(self: &Arc<Self>) {
+        let Ok(entries) = std::fs::read_dir(self.layout.vms()) else {
+            return;
+        };
+        let mut adopt = Vec::new();
+        for e in entries.flatten() {
+            let dir = e.path();
+            let rec: VmRecord = match std::fs::read(dir.join("vm.json"))
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(r) => r,
+                Err(err) => {
+                    tracing::warn!("skipping {}: unreadable vm.json: {err}", dir.display());
+                    continue;
+                }
+            };
+            let Some(backend) = self.backends.by_kind(rec.backend) else {
+                tracing::warn!(vm = %rec.name, "backend {} unavailable; VM left alone", rec.backend);
+                continue;
+            };
+            let vm = Vm::new(
+                rec.clone(),
+                dir,
+                backend,
+                self.boot_files.clone(),
+                self.events.clone(),
+            );
+            self.vms.write().insert(rec.name.clone(), vm.clone());
+            adopt.push(vm);
+        }
+        let tasks: Vec<_> = adopt
+            .into_iter()
+            .map(|vm| tokio::spawn(async move { vm.adopt().await }))
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Vm>> {
+        self.vms.read().get(name).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<Vm>> {
+        self.vms.read().values().cloned().collect()
+    }
+
+    pub fn defaults(&self) -> VmConfig {
+        self.defaults.lock().clone()
+    }
+
+    /// Merge `key=value` words into the defaults and persist them.
+    pub fn update_defaults(&self, text: &str) -> Result<()> {
+        let mut d = self.defaults.lock();
+        let next = d.parse_defaults(text)?;
+        std::fs::write(self.layout.defaults(), next.to_defaults())?;
+        *d = next;
+        Ok(())
+    }
+
+    pub fn ctl_result(&self, session: u32) -> String {
+        self.ctl_results
+            .lock()
+            .get(&session)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn set_ctl_result(&self, session: u32, text: String) {
+        self.ctl_results.lock().insert(session, text);
+    }
+
+    // ---- images --------------------------------------------------------------------
+
+    pub fn images(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.layout.images())
+            .map(|it| {
+                it.flatten()
+                    .filter(|e| e.path().join("disk.ext4").exists())
+                    .filter_map(|e| e.file_name().to_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    pub fn image_info(&self, name: &str) -> Result<String> {
+        if !self.images().iter().any(|i| i == name) {
+            return Err(Error::not_found(format!("no image {name:?}")));
+        }
+        let mut s = std::fs::read_to_string(self.layout.image_info(name)).unwrap_or_else(|_| {
+            serde_json::json!({ "name": name }).to_string()
+        });
+        if !s.ends_with('\n') {
+            s.push('\n');
+        }
+        Ok(s)
+    }
+
+    // ---- create / delete -----------------------------------------------------------
+
+    /// Create and boot a VM; returns when the agent answered or the boot failed (the VM
+    /// then exists in state `failed`, and the error says why).
+    pub async fn create(
+        self: &Arc<Self>,
+        name: &str,
+        options: &[String],
+        uid: u32,
+        gid: u32,
+    ) -> Result<Arc<Vm>> {
+        crate::names::validate("VM", name)?;
+        let config = self
+            .defaults()
+            .with_options(options.iter().map(String::as_str))?;
+        let backend = self.backends.choose(config.backend)?;
+        if config.net == NetMode::Tap && backend.kind() != BackendKind::Firecracker {
+            return Err(Error::new(
+                libc::EOPNOTSUPP,
+                "net=tap needs the firecracker backend; use net=none or net=user",
+            ));
+        }
+        if !self.images().contains(&config.image) {
+            return Err(Error::not_found(format!(
+                "no image {:?}; images: {}",
+                config.image,
+                self.images().join(", ")
+            )));
+        }
+        if !self.boot_files.kernel.exists() || !self.boot_files.initrd.exists() {
+            return Err(Error::io(format!(
+                "guest kernel/initrd missing under {}; run `bandsox guest-build`",
+                self.layout.root().display()
+            )));
+        }
+        let image_disk = self.layout.image_disk(&config.image);
+        let image_mib = std::fs::metadata(&image_disk)?.len().div_ceil(1024 * 1024);
+        if let Some(d) = config.disk_mib {
+            if (d as u64) < image_mib {
+                return Err(Error::invalid(format!(
+                    "disk={d} is smaller than image {} ({image_mib} MiB)",
+                    config.image
+                )));
+            }
+        }
+        // Reserve the name.
+        {
+            let vms = self.vms.read();
+            let mut creating = self.creating.lock();
+            if vms.contains_key(name) || creating.contains(name) {
+                return Err(Error::exists(format!("VM {name:?} already exists")));
+            }
+            creating.insert(name.to_string());
+        }
+        let result = self
+            .create_reserved(name, config, backend, uid, gid, &image_disk, image_mib)
+            .await;
+        self.creating.lock().remove(name);
+        let vm = result?;
+        vm.first_boot(self.boot_timeout).await?;
+        Ok(vm)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_reserved(
+        self: &Arc<Self>,
+        name: &str,
+        config: VmConfig,
+        backend: Arc<dyn Backend>,
+        uid: u32,
+        gid: u32,
+        image_disk: &std::path::Path,
+        image_mib: u64,
+    ) -> Result<Arc<Vm>> {
+        let id = new_id();
+        let dir = self.layout.vm_dir(&id);
+        mkdir_private(&dir)?;
+        let disk_mib = config.disk_mib.map(u64::from).unwrap_or(image_mib);
+        let prepared = prepare_disk(image_disk, &dir.join("disk.ext4"), disk_mib, image_mib).await;
+        if let Err(e) = prepared {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let record = VmRecord {
+            id,
+            name: name.to_string(),
+            uid,
+            gid,
+            backend: backend.kind(),
+            config,
+            created: now_secs(),
+            disk_mib,
+            boot_ms: None,
+            desired: Desired::Running,
+        };
+        let vm = Vm::new(
+            record,
+            dir.clone(),
+            backend,
+            self.boot_files.clone(),
+            self.events.clone(),
+        );
+        if let Err(e) = vm.save_record() {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        self.vms.write().insert(name.to_string(), vm.clone());
+        self.events.emit(
+            name,
+            "created",
+            &format!(
+                "image={} vcpus={} memory={} disk={} backend={}",
+                vm.record().config.image,
+                vm.record().config.vcpus,
+                vm.record().config.memory_mib,
+                disk_mib,
+                vm.record().backend
+            ),
+        );
+        Ok(vm)
+    }
+
+    /// Stop and delete a VM and its whole state directory.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let vm = self
+            .get(name)
+            .ok_or_else(|| Error::not_found(format!("no VM {name:?}")))?;
+        vm.destroy().await?;
+        self.vms.write().remove(name);
+        if let Err(e) = tokio::fs::remove_dir_all(&vm.dir).await {
+            tracing::warn!(vm = name, "cannot remove {}: {e}", vm.dir.display());
+        }
+        self.events.emit(name, "deleted", "");
+        Ok(())
+    }
+
+    /// Kill every VMM (used by tests and `bandsox unmount --kill`); not on a normal exit,
+    /// where VMs keep running for the next daemon to adopt.
+    pub async fn kill_all(&self) {
+        for vm in self.list() {
+            let _ = vm.kill().await;
+        }
+    }
+
+    // ---- ctl -----------------------------------------------------------------------
+
+    /// Execute one root `ctl` line; returns the success text.
+    pub async fn global_ctl(self: &Arc<Self>, line: &str, uid: u32, gid: u32) -> Result<String> {
+        match crate::ctl::parse_global(line)? {
+            GlobalCmd::Create { name, options } => {
+                self.create(&name, &options, uid, gid).await?;
+                Ok(format!("ok: created {name}"))
+            }
+            GlobalCmd::Clone { .. } => Err(Error::new(
+                libc::EOPNOTSUPP,
+                "clone: snapshots are not supported yet",
+            )),
+            GlobalCmd::Import { .. } | GlobalCmd::Pull { .. } => Err(Error::new(
+                libc::EOPNOTSUPP,
+                "image import/pull is not supported yet; the image `base` is available",
+            )),
+        }
+    }
+
+    /// Execute one `<vm>/ctl` line.
+    pub async fn vm_ctl(self: &Arc<Self>, vm: &Arc<Vm>, line: &str) -> Result<String> {
+        let cmd = crate::ctl::parse_vm(line)?;
+        match cmd {
+            VmCmd::Op(op) => {
+                match op {
+                    VmOp::Start => vm.start(self.boot_timeout).await?,
+                    VmOp::Stop => vm.stop().await?,
+                    VmOp::Kill => vm.kill().await?,
+                    VmOp::Pause => vm.pause().await?,
+                    VmOp::Resume => vm.resume().await?,
+                    VmOp::Restart => vm.restart(self.boot_timeout).await?,
+                }
+                Ok(format!("ok: {}", vm.state().render()))
+            }
+            VmCmd::Ping(count) => {
+                let agent = vm.require_agent()?;
+                let mut times = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    times.push(agent.ping(vm::AGENT_RPC_TIMEOUT).await?.as_micros() as u64);
+                }
+                times.sort_unstable();
+                Ok(format!(
+                    "ok: ping n={count} median_us={} min_us={} max_us={}",
+                    times[times.len() / 2],
+                    times[0],
+                    times[times.len() - 1]
+                ))
+            }
+            VmCmd::Snapshot(name) => {
+                crate::names::validate("snapshot", &name)?;
+                Err(Error::new(
+                    libc::EOPNOTSUPP,
+                    "snapshot: snapshots are not supported yet",
+                ))
+            }
+        }
+    }
+}
+
+/// Give a new VM its own copy of the image disk (reflink or sparse), grown to `disk_mib`.
+async fn prepare_disk(
+    image: &std::path::Path,
+    dst: &std::path::Path,
+    disk_mib: u64,
+    image_mib: u64,
+) -> Result<()> {
+    let (image, dst) = (image.to_path_buf(), dst.to_path_buf());
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        crate::disk::clone_disk(&image, &dst)
+            .map_err(|e| Error::io(format!("cannot copy the image disk: {e}")))?;
+        if disk_mib > image_mib {
+            let f = std::fs::OpenOptions::new().write(true).open(&dst)?;
+            f.set_len(disk_mib * 1024 * 1024)?;
+            drop(f);
+            let out = std::process::Command::new("resize2fs")
+                .arg("-f")
+                .arg(&dst)
+                .output()
+                .map_err(|e| Error::io(format!("cannot run resize2fs: {e}")))?;
+            if !out.status.success() {
+                return Err(Error::io(format!(
+                    "resize2fs failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::io(e.to_string()))?
+}

@@ -1,0 +1,384 @@
+//! Runs: one per command executed in a VM, mirrored on disk as `<vm-dir>/runs/<n>/`.
+//!
+//! Output is spooled to files (`stdout`, `stderr`, and `output` with both interleaved in
+//! arrival order) as it arrives, so the daemon's memory stays bounded no matter how much
+//! a command prints and nothing is ever truncated: the agent client grants flow-control
+//! credit only as the pump takes chunks, and the pump takes a chunk only after writing the
+//! previous one to disk. Readers wait on a `watch` channel that is bumped on every append
+//! and on exit; a run's byte counters only grow, and once `status` leaves `Running` it
+//! never changes again.
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bandsox_agent::client::{ExecControl, ExecEvent, ExecHandle};
+use bandsox_agent::proto::{ExitStatus, OutStream};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+
+/// Which spooled stream of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunStream {
+    Stdout,
+    Stderr,
+    Output,
+}
+
+impl RunStream {
+    pub fn file_name(self) -> &'static str {
+        match self {
+            RunStream::Stdout => "stdout",
+            RunStream::Stderr => "stderr",
+            RunStream::Output => "output",
+        }
+    }
+    fn index(self) -> usize {
+        match self {
+            RunStream::Stdout => 0,
+            RunStream::Stderr => 1,
+            RunStream::Output => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunStatus {
+    Running,
+    Exited(ExitStatus),
+    /// The command's fate is unknown (VM died, daemon restarted while it ran).
+    Lost(String),
+}
+
+impl RunStatus {
+    /// The text of the `status` file.
+    pub fn render(&self) -> String {
+        match self {
+            RunStatus::Running => "running\n".into(),
+            RunStatus::Exited(s) => format!("{s}\n"),
+            RunStatus::Lost(why) => format!("lost: {why}\n"),
+        }
+    }
+    pub fn is_running(&self) -> bool {
+        matches!(self, RunStatus::Running)
+    }
+}
+
+struct RunInner {
+    status: RunStatus,
+    pid: Option<u32>,
+    lens: [u64; 3],
+    control: Option<ExecControl>,
+    /// Spool files, open while the run is live.
+    files: Option<[File; 3]>,
+}
+
+pub struct Run {
+    pub n: u64,
+    pub dir: PathBuf,
+    pub cmd: Vec<u8>,
+    pub started: SystemTime,
+    inner: Mutex<RunInner>,
+    changed: watch::Sender<u64>,
+}
+
+fn status_from_file(text: &str) -> RunStatus {
+    let t = text.trim();
+    if let Some(sig) = t.strip_prefix("signal ") {
+        if let Ok(s) = sig.parse() {
+            return RunStatus::Exited(ExitStatus::Signal(s));
+        }
+    }
+    if let Ok(c) = t.parse() {
+        return RunStatus::Exited(ExitStatus::Code(c));
+    }
+    if let Some(why) = t.strip_prefix("lost: ") {
+        return RunStatus::Lost(why.to_string());
+    }
+    RunStatus::Lost("the daemon restarted while the command ran".into())
+}
+
+impl Run {
+    /// Create the run's directory and spool files; the command has not started yet.
+    pub fn create(runs_dir: &Path, n: u64, cmd: Vec<u8>) -> Result<Arc<Run>> {
+        let dir = runs_dir.join(n.to_string());
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("cmd"), &cmd)?;
+        let open = |name: &str| -> Result<File> {
+            Ok(OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(dir.join(name))?)
+        };
+        let files = [open("stdout")?, open("stderr")?, open("output")?];
+        let (changed, _) = watch::channel(0);
+        Ok(Arc::new(Run {
+            n,
+            dir,
+            cmd,
+            started: SystemTime::now(),
+            inner: Mutex::new(RunInner {
+                status: RunStatus::Running,
+                pid: None,
+                lens: [0; 3],
+                control: None,
+                files: Some(files),
+            }),
+            changed,
+        }))
+    }
+
+    /// Reload a finished (or interrupted) run from disk after a daemon restart.
+    pub fn load(dir: &Path, n: u64) -> Result<Arc<Run>> {
+        let cmd = std::fs::read(dir.join("cmd"))?;
+        let status = match std::fs::read_to_string(dir.join("status")) {
+            Ok(text) => status_from_file(&text),
+            Err(_) => RunStatus::Lost("the daemon restarted while the command ran".into()),
+        };
+        if !dir.join("status").exists() {
+            let _ = std::fs::write(dir.join("status"), status.render());
+        }
+        let len = |name: &str| std::fs::metadata(dir.join(name)).map(|m| m.len()).unwrap_or(0);
+        let pid = std::fs::read_to_string(dir.join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok());
+        let started = std::fs::metadata(dir.join("cmd"))
+            .and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let (changed, _) = watch::channel(0);
+        Ok(Arc::new(Run {
+            n,
+            dir: dir.to_path_buf(),
+            cmd,
+            started,
+            inner: Mutex::new(RunInner {
+                status,
+                pid,
+                lens: [len("stdout"), len("stderr"), len("output")],
+                control: None,
+                files: None,
+            }),
+            changed,
+        }))
+    }
+
+    pub fn status(&self) -> RunStatus {
+        self.inner.lock().status.clone()
+    }
+    pub fn pid(&self) -> Option<u32> {
+        self.inner.lock().pid
+    }
+    pub fn len(&self, stream: RunStream) -> u64 {
+        self.inner.lock().lens[stream.index()]
+    }
+    pub fn control(&self) -> Option<ExecControl> {
+        self.inner.lock().control.clone()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Mark the run as failed to start (the exec request itself failed).
+    pub fn fail(&self, why: &str) {
+        self.finish(RunStatus::Lost(why.to_string()));
+    }
+
+    fn finish(&self, status: RunStatus) {
+        {
+            let mut inner = self.inner.lock();
+            if !inner.status.is_running() {
+                return;
+            }
+            inner.status = status.clone();
+            inner.control = None;
+            inner.files = None;
+        }
+        if let Err(e) = std::fs::write(self.dir.join("status"), status.render()) {
+            tracing::warn!("cannot write status of run {}: {e}", self.dir.display());
+        }
+        self.bump();
+    }
+
+    fn append(&self, stream: OutStream, data: &[u8]) -> std::io::Result<()> {
+        let mut inner = self.inner.lock();
+        let idx = match stream {
+            OutStream::Stdout => 0,
+            OutStream::Stderr => 1,
+        };
+        if let Some(files) = inner.files.as_mut() {
+            files[idx].write_all(data)?;
+            files[2].write_all(data)?;
+        }
+        inner.lens[idx] += data.len() as u64;
+        inner.lens[2] += data.len() as u64;
+        Ok(())
+    }
+
+    /// Attach the started command and pump its events to disk until it ends.
+    pub async fn pump(self: Arc<Self>, mut exec: ExecHandle) {
+        {
+            let mut inner = self.inner.lock();
+            inner.pid = Some(exec.pid);
+            inner.control = Some(exec.control());
+        }
+        let _ = std::fs::write(self.dir.join("pid"), format!("{}\n", exec.pid));
+        self.bump();
+        while let Some(ev) = exec.next().await {
+            match ev {
+                ExecEvent::Output(stream, data) => {
+                    if let Err(e) = self.append(stream, &data) {
+                        // Spool failure (e.g. host disk full): say so rather than drop bytes.
+                        tracing::error!("run {}: cannot spool output: {e}", self.dir.display());
+                        if let Some(c) = self.control() {
+                            let _ = c.signal(libc::SIGKILL).await;
+                        }
+                        self.finish(RunStatus::Lost(format!("cannot store output: {e}")));
+                        return;
+                    }
+                    self.bump();
+                }
+                ExecEvent::Exited(status) => {
+                    self.finish(RunStatus::Exited(status));
+                    return;
+                }
+                ExecEvent::Lost => {
+                    self.finish(RunStatus::Lost(
+                        "the connection to the guest was lost (VM stopped or died)".into(),
+                    ));
+                    return;
+                }
+            }
+        }
+        self.finish(RunStatus::Lost("the guest agent ended the stream".into()));
+    }
+
+    /// Mark a still-running run as lost (VM killed, stopped).
+    pub fn abandon(&self, why: &str) {
+        self.finish(RunStatus::Lost(why.to_string()));
+    }
+
+    /// Read up to `size` bytes of `stream` at `offset` from the spool file, without waiting.
+    pub fn read_at(&self, stream: RunStream, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let len = self.len(stream);
+        if offset >= len {
+            return Ok(Vec::new());
+        }
+        let want = (len - offset).min(size as u64) as usize;
+        let file = File::open(self.dir.join(stream.file_name()))?;
+        let mut buf = vec![0u8; want];
+        let mut done = 0;
+        while done < want {
+            let n = file.read_at(&mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Wait until `stream` has bytes beyond `offset` or the run has ended.
+    pub async fn wait_for_data(&self, stream: RunStream, offset: u64) {
+        let mut rx = self.changed.subscribe();
+        loop {
+            {
+                let inner = self.inner.lock();
+                if inner.lens[stream.index()] > offset || !inner.status.is_running() {
+                    return;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Wait until the run has ended.
+    pub async fn wait_finished(&self) {
+        let mut rx = self.changed.subscribe();
+        while self.status().is_running() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Blocking-pipe read: waits for data or exit, then reads. Empty = end of stream.
+    pub async fn read_stream(&self, stream: RunStream, offset: u64, size: u32) -> Result<Vec<u8>> {
+        self.wait_for_data(stream, offset).await;
+        self.read_at(stream, offset, size)
+    }
+
+    pub async fn signal(&self, sig: i32) -> Result<()> {
+        match self.control() {
+            Some(c) => c.signal(sig).await.map_err(Error::from),
+            None => Err(Error::new(
+                libc::ESRCH,
+                format!("run {} has already finished", self.n),
+            )),
+        }
+    }
+
+    pub async fn write_stdin(&self, data: Vec<u8>) -> Result<()> {
+        match self.control() {
+            Some(c) => c.stdin(data).await.map_err(Error::from),
+            None => Err(Error::new(
+                libc::EPIPE,
+                format!("run {} has already finished", self.n),
+            )),
+        }
+    }
+
+    pub async fn close_stdin(&self) -> Result<()> {
+        match self.control() {
+            Some(c) => c.close_stdin().await.map_err(Error::from),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_text_roundtrip() {
+        for s in [
+            RunStatus::Exited(ExitStatus::Code(0)),
+            RunStatus::Exited(ExitStatus::Code(3)),
+            RunStatus::Exited(ExitStatus::Signal(9)),
+            RunStatus::Lost("vm died".into()),
+        ] {
+            assert_eq!(status_from_file(&s.render()), s);
+        }
+        assert_eq!(RunStatus::Exited(ExitStatus::Signal(15)).render(), "signal 15\n");
+    }
+
+    #[tokio::test]
+    async fn spool_and_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = Run::create(dir.path(), 1, b"echo hi".to_vec()).unwrap();
+        run.append(OutStream::Stdout, b"hello ").unwrap();
+        run.append(OutStream::Stderr, b"oops ").unwrap();
+        assert_eq!(run.read_at(RunStream::Output, 0, 100).unwrap(), b"hello oops ");
+        assert_eq!(run.read_at(RunStream::Stderr, 0, 100).unwrap(), b"oops ");
+        let r2 = run.clone();
+        let waiter = tokio::spawn(async move { r2.read_stream(RunStream::Stdout, 6, 100).await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        run.append(OutStream::Stdout, b"world").unwrap();
+        run.bump();
+        assert_eq!(waiter.await.unwrap().unwrap(), b"world");
+        run.finish(RunStatus::Exited(ExitStatus::Code(0)));
+        assert_eq!(run.read_stream(RunStream::Stdout, 11, 100).await.unwrap(), b"");
+        let loaded = Run::load(&dir.path().join("1"), 1).unwrap();
+        assert_eq!(loaded.status(), RunStatus::Exited(ExitStatus::Code(0)));
+        assert_eq!(loaded.len(RunStream::Output), 16);
+    }
+}

@@ -1,0 +1,662 @@
+//! One VM: its record, state machine, VMM instance, agent connection and runs.
+//!
+//! Invariants:
+//! - Lifecycle operations (boot, stop, kill, pause, resume, delete) are serialised by
+//!   `op_lock`; readers of `state` never wait on it.
+//! - `state` is `Running` only while `agent` holds a live client and `vmm` a live instance.
+//! - Every wait on the guest has a deadline; a VM that is not running answers EHOSTDOWN
+//!   at once.
+//! - The on-disk record (`vm.json`) is rewritten after every state change that must
+//!   survive a daemon restart (desired state, boot time).
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bandsox_agent::client::AgentClient;
+use bandsox_agent::proto::{ExecSpec, Program, Request};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::runs::Run;
+use crate::config::VmConfig;
+use crate::error::{Error, Result};
+use crate::events::{rfc3339, EventLog};
+use crate::vmm::{Backend, BackendKind, VmSpec, VmmInstance};
+
+/// Deadline for one agent RPC such as PowerOff or Ping.
+pub const AGENT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `stop` waits for the guest to power itself off before escalating.
+pub const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+/// Largest script accepted by `exec`.
+pub const MAX_SCRIPT: usize = 1024 * 1024;
+
+/// What the user sees in `state`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmState {
+    Booting,
+    Running,
+    Paused,
+    Stopping,
+    Stopped,
+    Failed(String),
+}
+
+impl VmState {
+    pub fn render(&self) -> String {
+        match self {
+            VmState::Booting => "booting".into(),
+            VmState::Running => "running".into(),
+            VmState::Paused => "paused".into(),
+            VmState::Stopping => "stopping".into(),
+            VmState::Stopped => "stopped".into(),
+            VmState::Failed(why) => format!("failed: {why}"),
+        }
+    }
+}
+
+/// What the VM should be doing after a daemon restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Desired {
+    Running,
+    Paused,
+    Stopped,
+}
+
+/// `vm.json`: everything needed to rebuild a [`Vm`] after a restart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub config: VmConfig,
+    pub backend: BackendKind,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    pub disk_mib: u64,
+    pub boot_ms: Option<u64>,
+    pub desired: Desired,
+}
+
+/// Kernel and initramfs every VM boots.
+#[derive(Debug, Clone)]
+pub struct BootFiles {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+pub struct Vm {
+    pub id: String,
+    pub name: String,
+    pub dir: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    record: Mutex<VmRecord>,
+    state: Mutex<VmState>,
+    op_lock: tokio::sync::Mutex<()>,
+    backend: Arc<dyn Backend>,
+    boot_files: BootFiles,
+    events: Arc<EventLog>,
+    vmm: Mutex<Option<Arc<dyn VmmInstance>>>,
+    agent: Mutex<Option<AgentClient>>,
+    /// Bumped on every boot/adopt so monitors of an earlier incarnation stand down.
+    generation: AtomicU64,
+    runs: Mutex<BTreeMap<u64, Arc<Run>>>,
+    next_run: AtomicU64,
+    /// Session id → that session's last run (for `runs/last` and `cat exec`).
+    session_last: Mutex<HashMap<u32, u64>>,
+    /// Session id → last `ctl` result text.
+    ctl_results: Mutex<HashMap<u32, String>>,
+}
+
+fn console_tail(dir: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read(dir.join("console.log")).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+impl Vm {
+    pub fn new(
+        record: VmRecord,
+        dir: PathBuf,
+        backend: Arc<dyn Backend>,
+        boot_files: BootFiles,
+        events: Arc<EventLog>,
+    ) -> Arc<Vm> {
+        let runs = load_runs(&dir.join("runs"));
+        let next = runs.keys().next_back().copied().unwrap_or(0) + 1;
+        Arc::new(Vm {
+            id: record.id.clone(),
+            name: record.name.clone(),
+            uid: record.uid,
+            gid: record.gid,
+            dir,
+            record: Mutex::new(record),
+            state: Mutex::new(VmState::Stopped),
+            op_lock: tokio::sync::Mutex::new(()),
+            backend,
+            boot_files,
+            events,
+            vmm: Mutex::new(None),
+            agent: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            runs: Mutex::new(runs),
+            next_run: AtomicU64::new(next),
+            session_last: Mutex::new(HashMap::new()),
+            ctl_results: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn record(&self) -> VmRecord {
+        self.record.lock().clone()
+    }
+
+    pub fn state(&self) -> VmState {
+        self.state.lock().clone()
+    }
+
+    fn set_state(&self, s: VmState) {
+        *self.state.lock() = s;
+    }
+
+    pub fn console_path(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    pub fn save_record(&self) -> Result<()> {
+        let rec = self.record();
+        let json = serde_json::to_vec_pretty(&rec).map_err(|e| Error::io(e.to_string()))?;
+        let tmp = self.dir.join("vm.json.tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, self.dir.join("vm.json"))?;
+        Ok(())
+    }
+
+    fn set_desired(&self, d: Desired) {
+        self.record.lock().desired = d;
+        if let Err(e) = self.save_record() {
+            tracing::warn!(vm = %self.name, "cannot save record: {e}");
+        }
+    }
+
+    pub fn spec(&self) -> VmSpec {
+        let rec = self.record();
+        VmSpec {
+            name: self.name.clone(),
+            dir: self.dir.clone(),
+            vcpus: rec.config.vcpus,
+            memory_mib: rec.config.memory_mib,
+            disk: Some(self.dir.join("disk.ext4")),
+            kernel: self.boot_files.kernel.clone(),
+            initrd: self.boot_files.initrd.clone(),
+            net: rec.config.net,
+        }
+    }
+
+    pub fn ctl_result(&self, session: u32) -> String {
+        self.ctl_results
+            .lock()
+            .get(&session)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn set_ctl_result(&self, session: u32, text: String) {
+        self.ctl_results.lock().insert(session, text);
+    }
+
+    /// The info JSON.
+    pub fn info_json(&self) -> String {
+        let rec = self.record();
+        let pid = self.vmm.lock().as_ref().map(|v| v.pid());
+        let info = serde_json::json!({
+            "name": self.name,
+            "id": self.id,
+            "backend": rec.backend,
+            "image": rec.config.image,
+            "vcpus": rec.config.vcpus,
+            "memory_mib": rec.config.memory_mib,
+            "disk_mib": rec.disk_mib,
+            "net": rec.config.net,
+            "ip": serde_json::Value::Null,
+            "created": rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(rec.created)),
+            "boot_ms": rec.boot_ms,
+            "vmm_pid": pid,
+            "state": self.state().render(),
+            "owner_uid": rec.uid,
+        });
+        let mut s = serde_json::to_string_pretty(&info).unwrap_or_else(|_| "{}".into());
+        s.push('\n');
+        s
+    }
+
+    fn agent(&self) -> Option<AgentClient> {
+        self.agent.lock().clone()
+    }
+
+    /// A live agent client, or EHOSTDOWN saying why there is none.
+    pub fn require_agent(&self) -> Result<AgentClient> {
+        let state = self.state();
+        if state != VmState::Running {
+            return Err(Error::host_down(format!(
+                "VM {} is {}, not running",
+                self.name,
+                state.render()
+            )));
+        }
+        match self.agent() {
+            Some(a) if !a.is_closed() => Ok(a),
+            _ => Err(Error::host_down(format!(
+                "VM {}: the guest agent is not connected",
+                self.name
+            ))),
+        }
+    }
+
+    // ---- lifecycle -------------------------------------------------------------------
+
+    /// Launch the VMM and wait for the agent. Caller holds `op_lock`.
+    async fn boot_locked(self: &Arc<Self>, timeout: Duration) -> Result<()> {
+        let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.set_state(VmState::Booting);
+        self.events
+            .emit(&self.name, "booting", &format!("backend={}", self.backend.kind()));
+        let t0 = Instant::now();
+        let spec = self.spec();
+        let inst: Arc<dyn VmmInstance> = match self.backend.launch(&spec).await {
+            Ok(i) => Arc::from(i),
+            Err(e) => {
+                let err = Error::from(e);
+                self.fail(&err.message);
+                return Err(err);
+            }
+        };
+        *self.vmm.lock() = Some(inst.clone());
+        match self.connect_agent(&inst, timeout).await {
+            Ok(client) => {
+                let ms = t0.elapsed().as_millis() as u64;
+                *self.agent.lock() = Some(client);
+                self.record.lock().boot_ms = Some(ms);
+                self.set_state(VmState::Running);
+                self.set_desired(Desired::Running);
+                self.events
+                    .emit(&self.name, "running", &format!("boot_ms={ms} pid={}", inst.pid()));
+                self.spawn_monitor(gen);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = inst.kill().await;
+                *self.vmm.lock() = None;
+                self.fail(&e.message);
+                Err(e)
+            }
+        }
+    }
+
+    fn fail(&self, why: &str) {
+        self.set_state(VmState::Failed(why.to_string()));
+        self.events.emit(&self.name, "failed", why);
+    }
+
+    /// Connect and handshake with the agent, retrying until `timeout`.
+    async fn connect_agent(
+        &self,
+        inst: &Arc<dyn VmmInstance>,
+        timeout: Duration,
+    ) -> Result<AgentClient> {
+        let deadline = Instant::now() + timeout;
+        let mut last_err = String::from("no answer");
+        loop {
+            if !inst.is_alive() {
+                return Err(Error::io(format!(
+                    "the VMM exited before the agent answered; console: {}",
+                    console_tail(&self.dir, 5)
+                )));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::timed_out(format!(
+                    "the guest agent did not answer within {}s ({last_err}); console: {}",
+                    timeout.as_secs(),
+                    console_tail(&self.dir, 5)
+                )));
+            }
+            match inst.connect_agent().await {
+                Ok(stream) => {
+                    // Short handshake windows so a VMM that dies mid-boot is noticed.
+                    let window = (deadline - now).min(Duration::from_secs(3));
+                    match AgentClient::connect(stream, window).await {
+                        Ok((client, info)) => {
+                            tracing::info!(vm = %self.name, hostname = %info.hostname, kernel = %info.kernel, "agent connected");
+                            return Ok(client);
+                        }
+                        Err(e) => last_err = e.to_string(),
+                    }
+                }
+                Err(e) => {
+                    last_err = e.to_string();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Watch the VMM and the agent connection of boot generation `gen`.
+    fn spawn_monitor(self: &Arc<Self>, gen: u64) {
+        let vm = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Some(vm) = vm.upgrade() else { return };
+                if vm.generation.load(Ordering::SeqCst) != gen {
+                    return;
+                }
+                let Some(inst) = vm.vmm.lock().clone() else {
+                    return;
+                };
+                if !inst.is_alive() {
+                    let _guard = vm.op_lock.lock().await;
+                    if vm.generation.load(Ordering::SeqCst) != gen {
+                        return;
+                    }
+                    vm.cleanup_after_exit("the VMM process exited");
+                    vm.set_state(VmState::Stopped);
+                    vm.set_desired(Desired::Stopped);
+                    vm.events.emit(&vm.name, "exited", "the VMM process exited");
+                    return;
+                }
+                let closed = vm.agent().map(|a| a.is_closed()).unwrap_or(true);
+                if closed && vm.state() == VmState::Running {
+                    vm.events
+                        .emit(&vm.name, "agent-lost", "reconnecting to the guest agent");
+                    match vm.connect_agent(&inst, Duration::from_secs(10)).await {
+                        Ok(c) => {
+                            *vm.agent.lock() = Some(c);
+                            vm.events.emit(&vm.name, "agent-reconnected", "");
+                        }
+                        Err(e) => tracing::warn!(vm = %vm.name, "agent reconnect failed: {e}"),
+                    }
+                }
+            }
+        });
+    }
+
+    /// Forget the VMM and agent and mark live runs lost.
+    fn cleanup_after_exit(&self, why: &str) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        *self.agent.lock() = None;
+        *self.vmm.lock() = None;
+        for run in self.runs.lock().values() {
+            run.abandon(why);
+        }
+    }
+
+    /// Boot a stopped or failed VM.
+    pub async fn start(self: &Arc<Self>, timeout: Duration) -> Result<()> {
+        let _g = self.op_lock.lock().await;
+        match self.state() {
+            VmState::Stopped | VmState::Failed(_) => self.boot_locked(timeout).await,
+            s => Err(Error::busy(format!(
+                "VM {} is {}; start needs a stopped VM",
+                self.name,
+                s.render()
+            ))),
+        }
+    }
+
+    /// Power the guest off cleanly (agent, then ACPI, then kill); keeps the disk.
+    pub async fn stop(self: &Arc<Self>) -> Result<()> {
+        let _g = self.op_lock.lock().await;
+        self.stop_locked().await
+    }
+
+    async fn stop_locked(self: &Arc<Self>) -> Result<()> {
+        let state = self.state();
+        if matches!(state, VmState::Stopped | VmState::Failed(_)) {
+            return Err(Error::busy(format!(
+                "VM {} is {}; stop needs a running or paused VM",
+                self.name,
+                state.render()
+            )));
+        }
+        let Some(inst) = self.vmm.lock().clone() else {
+            self.set_state(VmState::Stopped);
+            return Ok(());
+        };
+        self.set_state(VmState::Stopping);
+        if state == VmState::Paused {
+            let _ = inst.resume().await;
+        }
+        let mut how = "poweroff";
+        if let Some(agent) = self.agent() {
+            let _ = agent.request(Request::PowerOff, AGENT_RPC_TIMEOUT).await;
+        }
+        if !inst.wait_exit(POWEROFF_GRACE).await {
+            how = "acpi";
+            let _ = inst.request_shutdown().await;
+            if !inst.wait_exit(Duration::from_secs(3)).await {
+                how = "killed";
+                let _ = inst.kill().await;
+            }
+        }
+        self.cleanup_after_exit("the VM was stopped");
+        self.set_state(VmState::Stopped);
+        self.set_desired(Desired::Stopped);
+        self.events.emit(&self.name, "stopped", how);
+        Ok(())
+    }
+
+    /// End the VMM at once.
+    pub async fn kill(self: &Arc<Self>) -> Result<()> {
+        let _g = self.op_lock.lock().await;
+        self.kill_locked().await
+    }
+
+    async fn kill_locked(self: &Arc<Self>) -> Result<()> {
+        let inst = self.vmm.lock().clone();
+        if let Some(inst) = inst {
+            inst.kill().await?;
+        }
+        self.cleanup_after_exit("the VM was killed");
+        self.set_state(VmState::Stopped);
+        self.set_desired(Desired::Stopped);
+        self.events.emit(&self.name, "killed", "");
+        Ok(())
+    }
+
+    pub async fn pause(self: &Arc<Self>) -> Result<()> {
+        let _g = self.op_lock.lock().await;
+        let state = self.state();
+        if state != VmState::Running {
+            return Err(Error::busy(format!(
+                "VM {} is {}; pause needs a running VM",
+                self.name,
+                state.render()
+            )));
+        }
+        let inst = self.vmm.lock().clone().ok_or_else(|| Error::host_down("no VMM"))?;
+        inst.pause().await?;
+        self.set_state(VmState::Paused);
+        self.set_desired(Desired::Paused);
+        self.events.emit(&self.name, "paused", "");
+        Ok(())
+    }
+
+    pub async fn resume(self: &Arc<Self>) -> Result<()> {
+        let _g = self.op_lock.lock().await;
+        let state = self.state();
+        if state != VmState::Paused {
+            return Err(Error::busy(format!(
+                "VM {} is {}; resume needs a paused VM",
+                self.name,
+                state.render()
+            )));
+        }
+        let inst = self.vmm.lock().clone().ok_or_else(|| Error::host_down("no VMM"))?;
+        inst.resume().await?;
+        self.set_state(VmState::Running);
+        self.set_desired(Desired::Running);
+        // A connection may not survive a pause on every transport: check, and reconnect.
+        let healthy = match self.agent() {
+            Some(a) => a.ping(Duration::from_secs(2)).await.is_ok(),
+            None => false,
+        };
+        if !healthy {
+            let c = self.connect_agent(&inst, Duration::from_secs(10)).await?;
+            *self.agent.lock() = Some(c);
+        }
+        self.events.emit(&self.name, "resumed", "");
+        Ok(())
+    }
+
+    pub async fn restart(self: &Arc<Self>, timeout: Duration) -> Result<()> {
+        let _g = self.op_lock.lock().await;
+        if !matches!(self.state(), VmState::Stopped | VmState::Failed(_)) {
+            self.stop_locked().await?;
+        }
+        self.boot_locked(timeout).await
+    }
+
+    /// First boot of a freshly created VM.
+    pub async fn first_boot(self: &Arc<Self>, timeout: Duration) -> Result<()> {
+        let _g = self.op_lock.lock().await;
+        self.boot_locked(timeout).await
+    }
+
+    /// After a daemon restart: adopt a live VMM (agent reconnected) or show `stopped`.
+    pub async fn adopt(self: &Arc<Self>) {
+        let _g = self.op_lock.lock().await;
+        let desired = self.record().desired;
+        if desired == Desired::Stopped {
+            return;
+        }
+        let spec = self.spec();
+        match self.backend.adopt(&spec).await {
+            Ok(Some(inst)) => {
+                let inst: Arc<dyn VmmInstance> = Arc::from(inst);
+                let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+                *self.vmm.lock() = Some(inst.clone());
+                if desired == Desired::Paused {
+                    // The agent cannot answer while paused; connect on resume.
+                    self.set_state(VmState::Paused);
+                    self.events.emit(&self.name, "adopted", "paused");
+                    self.spawn_monitor(gen);
+                    return;
+                }
+                match self.connect_agent(&inst, Duration::from_secs(15)).await {
+                    Ok(c) => {
+                        *self.agent.lock() = Some(c);
+                        self.set_state(VmState::Running);
+                        self.events
+                            .emit(&self.name, "adopted", &format!("pid={}", inst.pid()));
+                        self.spawn_monitor(gen);
+                    }
+                    Err(e) => {
+                        self.set_state(VmState::Failed(format!(
+                            "adopted VMM but the agent did not answer: {}",
+                            e.message
+                        )));
+                        self.spawn_monitor(gen);
+                    }
+                }
+            }
+            Ok(None) => {
+                self.set_state(VmState::Stopped);
+                self.set_desired(Desired::Stopped);
+                self.events
+                    .emit(&self.name, "stopped", "its VMM was gone when the daemon started");
+            }
+            Err(e) => {
+                self.set_state(VmState::Failed(e.to_string()));
+            }
+        }
+    }
+
+    /// Kill the VMM (if any) for deletion. Caller removes the directory.
+    pub async fn destroy(self: &Arc<Self>) -> Result<()> {
+        let _g = self.op_lock.lock().await;
+        let inst = self.vmm.lock().clone();
+        if let Some(inst) = inst {
+            inst.kill().await?;
+        }
+        self.cleanup_after_exit("the VM was deleted");
+        self.set_state(VmState::Stopped);
+        Ok(())
+    }
+
+    // ---- runs ------------------------------------------------------------------------
+
+    pub fn run(&self, n: u64) -> Option<Arc<Run>> {
+        self.runs.lock().get(&n).cloned()
+    }
+
+    pub fn run_numbers(&self) -> Vec<u64> {
+        self.runs.lock().keys().copied().collect()
+    }
+
+    /// The last run of `session`, or of the VM when that session has none.
+    pub fn last_run(&self, session: u32) -> Option<u64> {
+        if let Some(n) = self.session_last.lock().get(&session) {
+            return Some(*n);
+        }
+        self.runs.lock().keys().next_back().copied()
+    }
+
+    /// Start `script` as a new run (`runs/<n>`); returns once the guest started it.
+    pub async fn start_run(self: &Arc<Self>, script: Vec<u8>, session: u32) -> Result<Arc<Run>> {
+        if script.len() > MAX_SCRIPT {
+            return Err(Error::new(
+                libc::E2BIG,
+                format!("the command is {} bytes; at most {MAX_SCRIPT} are accepted", script.len()),
+            ));
+        }
+        if script.iter().all(|b| b.is_ascii_whitespace()) {
+            return Err(Error::invalid("empty command"));
+        }
+        let agent = self.require_agent()?;
+        let n = self.next_run.fetch_add(1, Ordering::SeqCst);
+        let run = Run::create(&self.dir.join("runs"), n, script.clone())?;
+        self.runs.lock().insert(n, run.clone());
+        self.session_last.lock().insert(session, n);
+        let spec = ExecSpec {
+            program: Program::Script(script),
+            env: Vec::new(),
+            cwd: None,
+            stdin: true,
+        };
+        match agent.exec(spec, AGENT_RPC_TIMEOUT).await {
+            Ok(handle) => {
+                tokio::spawn(run.clone().pump(handle));
+                Ok(run)
+            }
+            Err(e) => {
+                let err = Error::from(e);
+                run.fail(&err.message);
+                Err(err)
+            }
+        }
+    }
+}
+
+fn load_runs(dir: &std::path::Path) -> BTreeMap<u64, Arc<Run>> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(n) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else {
+            continue;
+        };
+        match Run::load(&e.path(), n) {
+            Ok(run) => {
+                out.insert(n, run);
+            }
+            Err(err) => tracing::warn!("skipping run {}: {err}", e.path().display()),
+        }
+    }
+    out
+}

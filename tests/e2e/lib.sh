@@ -1,0 +1,54 @@
+# Shared helpers for the end-to-end tests. Sourced by every t-*.sh; plain POSIX sh.
+# Environment (set by run.sh): MNT (mount point), STATE (state directory), BANDSOX (binary).
+set -eu
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+note() { echo "  .. $*" >&2; }
+
+# assert_eq EXPECTED ACTUAL [WHAT]
+assert_eq() {
+  [ "$1" = "$2" ] || fail "${3:-value}: expected [$1], got [$2]"
+}
+
+# assert_contains HAYSTACK NEEDLE [WHAT]
+assert_contains() {
+  case "$1" in *"$2"*) ;; *) fail "${3:-text} does not contain [$2]: [$1]" ;; esac
+}
+
+# wait_for SECONDS CMD...: retry CMD every 0.2 s until it succeeds.
+wait_for() {
+  _t=$1; shift
+  _end=$(( $(date +%s) + _t ))
+  while ! "$@" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$_end" ] || return 1
+    sleep 0.2
+  done
+}
+
+state_is() { [ "$(cat "$MNT/$1/state")" = "$2" ]; }
+
+# A fresh VM for this test, removed on exit.
+new_vm() {
+  mkdir "$MNT/$1" || fail "mkdir $1 failed: $(cat "$MNT/$1/state" 2>/dev/null || true)"
+  VMS="${VMS:-} $1"
+  trap cleanup_vms EXIT
+}
+
+cleanup_vms() {
+  for v in ${VMS:-}; do
+    [ -d "$MNT/$v" ] && rmdir "$MNT/$v" 2>/dev/null || true
+  done
+}
+
+# write_expect_error FILE TEXT ERRNO_TEXT: a write must fail with that message.
+write_expect_error() {
+  _err=$( { printf '%s\n' "$2" > "$1"; } 2>&1 ) && fail "write of [$2] to $1 succeeded"
+  assert_contains "$_err" "$3" "error of writing [$2] to $1"
+}
+
+daemon_pid() {
+  pgrep -f "bandsox mount $MNT" | head -n1
+}
+
+# gone PID: the process has exited (a zombie counts as exited).
+gone() { ! [ -e "/proc/$1" ] || grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }

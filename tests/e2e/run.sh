@@ -1,0 +1,62 @@
+#!/bin/bash
+# End-to-end tests: mount a private BandSox-FS tree and run every t-*.sh against it with
+# real VMs (QEMU; TCG where KVM cannot run guests). Prints "N passed, N failed".
+# Usage: tests/e2e/run.sh [PATTERN]   (needs root and the artefacts from mount-helpers/setup)
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+BANDSOX=${BANDSOX:-$repo/target/release/bandsox}
+MAIN_STATE=${BANDSOX_MAIN_STATE:-/var/lib/bandsox}
+work=${BANDSOX_TEST_DIR:-/var/tmp/bandsox-e2e}
+MNT=$work/mnt
+STATE=$work/state
+export MNT STATE BANDSOX
+pattern=${1:-}
+
+cleanup() {
+  "$BANDSOX" unmount "$MNT" >/dev/null 2>&1 || true
+  # Kill every VMM of the test state dir (VMs outlive the daemon by design).
+  for p in "$STATE"/vms/*/vmm.pid; do
+    [ -f "$p" ] && kill -9 "$(cat "$p")" 2>/dev/null || true
+  done
+  pkill -f "bandsox mount $MNT" 2>/dev/null || true
+}
+
+start_daemon() {
+  BANDSOX_LOG=${BANDSOX_LOG:-info} "$BANDSOX" mount "$MNT" --state-dir "$STATE"
+}
+export -f start_daemon 2>/dev/null || true
+
+cleanup
+rm -rf "$work"
+mkdir -p "$MNT" "$STATE/images" "$STATE/boot"
+# Share the guest artefacts built by setup (copies are reflinked/sparse where possible).
+cp -a --reflink=auto "$MAIN_STATE/boot/." "$STATE/boot/" || { echo "no guest artefacts in $MAIN_STATE; run mount-helpers/setup"; exit 1; }
+cp -a --reflink=auto --sparse=always "$MAIN_STATE/images/base" "$STATE/images/" || exit 1
+start_daemon || { echo "daemon failed to start"; cat "$STATE/daemon.log"; exit 1; }
+
+passed=0; failed=0; failed_names=""
+for t in "$here"/t-*.sh; do
+  name=$(basename "$t" .sh)
+  if [ -n "$pattern" ] && [[ "$name" != *$pattern* ]]; then continue; fi
+  # Every test starts with a mounted daemon (a test may restart it).
+  mountpoint -q "$MNT" || start_daemon
+  start=$(date +%s)
+  if timeout -k 5 300 sh "$t" > "$work/$name.log" 2>&1; then
+    passed=$((passed+1)); echo "ok   $name ($(( $(date +%s) - start ))s)"
+  else
+    failed=$((failed+1)); failed_names="$failed_names $name"
+    echo "FAIL $name ($(( $(date +%s) - start ))s)"; sed 's/^/     | /' "$work/$name.log" | tail -n 40
+  fi
+  # No VM may leak from one test into the next.
+  for v in "$MNT"/*/; do
+    v=$(basename "$v"); case "$v" in images|snapshots) continue;; esac
+    [ -d "$MNT/$v" ] && rmdir "$MNT/$v" 2>/dev/null
+  done
+done
+if [ "$failed" -gt 0 ]; then
+  echo "--- daemon log (tail) ---"; tail -n 60 "$STATE/daemon.log"
+fi
+cleanup
+echo "e2e: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
