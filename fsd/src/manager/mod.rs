@@ -251,7 +251,9 @@ impl Manager {
                 self.images().join(", ")
             )));
         }
-        if !self.boot_files.kernel.exists() || !self.boot_files.initrd.exists() {
+        if backend.needs_boot_files()
+            && (!self.boot_files.kernel.exists() || !self.boot_files.initrd.exists())
+        {
             return Err(Error::io(format!(
                 "guest kernel/initrd missing under {}; run `bandsox guest-build`",
                 self.layout.root().display()

@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub mod host;
 pub mod qemu;
 
 /// A duplex byte stream to the guest agent.
@@ -105,6 +106,10 @@ pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
     /// One line describing the backend's configuration (e.g. accelerator and why).
     fn describe(&self) -> String;
+    /// Whether VMs need the guest kernel and initramfs (false only for test backends).
+    fn needs_boot_files(&self) -> bool {
+        true
+    }
     /// Start the VMM for `spec`; returns once the process runs and its control channel
     /// answers (not when the guest has booted).
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn VmmInstance>, VmmError>;
