@@ -27,7 +27,26 @@
 //! stream as the host has granted with [`Message::Credit`] (plus [`INITIAL_CREDIT`]);
 //! when the credit is used up it stops reading the command's pipes, so a command printing
 //! gigabytes blocks in `write(2)` instead of growing anyone's memory.
+//!
+//! Stdin is flow-controlled the same way in the other direction: the host may send at most
+//! [`INITIAL_CREDIT`] stdin bytes per stream plus what the agent granted with
+//! [`Message::StdinCredit`] (sent as the command's stdin pipe accepts the bytes), so a
+//! command that does not read its stdin cannot make the guest buffer unbounded data.
+//!
+//! A `SYNC_MAGIC` may also appear between frames of an established session (the host
+//! re-sends its hello until acknowledged). Its first four bytes, read as a frame length,
+//! exceed [`MAX_FRAME_LEN`], so readers recognise it unambiguously (see
+//! [`codec::FrameReader`]); a repeated hello with the session's nonce is re-acknowledged,
+//! one with a new nonce starts a new session.
+//!
+//! The encoding (see [`codec`]) is bincode 1.3 with varint integers, little endian,
+//! trailing bytes rejected and a byte limit of [`MAX_FRAME_LEN`].
 use serde::{Deserialize, Serialize};
+
+pub mod codec;
+pub use codec::{
+    decode_message, encode_frame, encode_message, write_frame, FrameReader, Incoming, ProtoError,
+};
 
 /// Bumped on any incompatible change to [`Message`] or framing.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -81,6 +100,10 @@ pub enum Message {
     CloseStdin { id: Id },
     /// host → agent: send a signal to a command's process group.
     Signal { id: Id, signal: i32 },
+    /// agent → host: `bytes` more stdin bytes of stream `id` were written to the command's
+    /// stdin pipe (or discarded because the command is gone); the host may send that many
+    /// more (see module docs).
+    StdinCredit { id: Id, bytes: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,7 +126,7 @@ pub struct AgentInfo {
     pub agent_version: String,
     pub hostname: String,
     pub kernel: String,
-    /// Seconds since the guest booted (from /proc/uptime; host mode: agent start).
+    /// Milliseconds since the guest booted (from /proc/uptime; host mode: agent start).
     pub uptime_ms: u64,
 }
 
@@ -173,9 +196,14 @@ pub enum Request {
 pub enum Response {
     Ok,
     Pong,
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     /// `errno` is the guest's errno when one applies (0 otherwise).
-    Error { errno: i32, message: String },
+    Error {
+        errno: i32,
+        message: String,
+    },
 }
 
 /// Byte vectors as bincode byte strings (length + raw bytes), not per-element sequences.
@@ -199,7 +227,10 @@ mod serde_bytes_vec {
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
                 Ok(v)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Vec<u8>, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Vec<u8>, A::Error> {
                 let mut out = Vec::new();
                 while let Some(b) = a.next_element::<u8>()? {
                     out.push(b);

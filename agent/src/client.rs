@@ -1,0 +1,637 @@
+//! The host side of the protocol: one multiplexed connection to an agent.
+//!
+//! Invariants:
+//! * All frames go through one writer task fed by a bounded channel, so frames never
+//!   interleave; one reader task routes everything that arrives.
+//! * The reader never waits for a consumer: output is queued per command in an unbounded
+//!   queue that is nevertheless bounded by the stream's credit window, because credit is
+//!   granted back only as [`ExecHandle::next`] hands output to the consumer. A slow
+//!   consumer therefore stalls only its own command.
+//! * Stdin is sent only within the agent's stdin credit (see `proto` docs).
+//! * When the connection dies (EOF, I/O or decode error) every pending request fails with
+//!   [`ClientError::Closed`] and every open command receives [`ExecEvent::Lost`], at once.
+//!   Registration checks the closed flag under the same lock, so nothing registered
+//!   after the death can hang.
+//! * Dropping the last [`AgentClient`], [`ExecHandle`] and [`ExecControl`] closes the
+//!   connection.
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use crate::proto::codec::{append_frame, FrameReader, Incoming, ProtoError};
+use crate::proto::{
+    AgentInfo, ExecSpec, ExitStatus, Hello, Id, Message, OutStream, Request, Response,
+    INITIAL_CREDIT, MAX_CHUNK, PROTOCOL_VERSION, SYNC_MAGIC,
+};
+
+/// How often the hello is re-sent during [`AgentClient::connect`].
+pub const HELLO_RESEND: Duration = Duration::from_millis(500);
+/// Credit is granted back in batches of at least this many bytes (must be ≤ `INITIAL_CREDIT`).
+const CREDIT_BATCH: u64 = 64 * 1024;
+const _: () = assert!(CREDIT_BATCH <= INITIAL_CREDIT);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("agent connection i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("agent protocol error: {0}")]
+    Protocol(String),
+    #[error("the agent did not answer in time")]
+    Timeout,
+    #[error("the agent connection is closed")]
+    Closed,
+    #[error("the agent refused the session: {0}")]
+    Refused(String),
+    #[error("{message}")]
+    Remote { errno: i32, message: String },
+}
+
+/// What an open command reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    Output(OutStream, Vec<u8>),
+    Exited(ExitStatus),
+    /// The connection died before `Exited`.
+    Lost,
+}
+
+struct StdinState {
+    /// Bytes we may still send.
+    credit: u64,
+    /// The command has exited.
+    finished: bool,
+}
+
+struct StreamState {
+    events: mpsc::UnboundedSender<ExecEvent>,
+    /// The `ExecHandle` is gone: output is credited back and dropped.
+    discard: AtomicBool,
+    stdin: Mutex<StdinState>,
+    stdin_notify: Notify,
+    /// Serialises `ExecControl::stdin` calls so their bytes do not interleave.
+    stdin_order: tokio::sync::Mutex<()>,
+}
+
+impl StreamState {
+    fn stdin_lock(&self) -> std::sync::MutexGuard<'_, StdinState> {
+        self.stdin.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// State shared by the handle side and the reader/writer tasks.
+struct Shared {
+    closed: AtomicBool,
+    closed_tx: watch::Sender<bool>,
+    tables: Mutex<Tables>,
+}
+
+#[derive(Default)]
+struct Tables {
+    pending: HashMap<Id, oneshot::Sender<Response>>,
+    streams: HashMap<Id, Arc<StreamState>>,
+}
+
+impl Shared {
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Mark the connection dead: fail pending requests, deliver `Lost`.
+    fn shutdown(&self, why: &str) {
+        let (pending, streams) = {
+            let mut t = self.tables();
+            if self.closed.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            (
+                std::mem::take(&mut t.pending),
+                std::mem::take(&mut t.streams),
+            )
+        };
+        tracing::debug!("agent connection closed: {why}");
+        drop(pending); // receivers see Closed
+        for (_, s) in streams {
+            let _ = s.events.send(ExecEvent::Lost);
+            s.stdin_lock().finished = true;
+            s.stdin_notify.notify_waiters();
+        }
+        self.closed_tx.send_replace(true);
+    }
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Message>,
+    next_id: AtomicU64,
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.shared.shutdown("client dropped");
+    }
+}
+
+impl Inner {
+    async fn send(&self, m: Message) -> Result<(), ClientError> {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(ClientError::Closed);
+        }
+        self.tx.send(m).await.map_err(|_| ClientError::Closed)
+    }
+}
+
+/// A connection to one agent. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+}
+
+fn random_nonce() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    if let Ok(d) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(d.as_nanos());
+    }
+    h.finish()
+}
+
+impl AgentClient {
+    /// Handshake over any byte stream: write `SYNC_MAGIC` + `Hello` (random nonce) every
+    /// [`HELLO_RESEND`] until an ack with our nonce arrives or `deadline` passes. Spawns
+    /// the reader and writer tasks on the current tokio runtime.
+    pub async fn connect<S>(
+        stream: S,
+        deadline: Duration,
+    ) -> Result<(AgentClient, AgentInfo), ClientError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (r, mut w) = tokio::io::split(stream);
+        let mut reader = FrameReader::new(r);
+        let nonce = random_nonce();
+        let mut hello = SYNC_MAGIC.to_vec();
+        append_frame(
+            &mut hello,
+            &Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                nonce,
+            }),
+        )
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+
+        let read_ack = async {
+            loop {
+                match reader.scan_sync().await {
+                    Ok(()) => {}
+                    Err(ProtoError::Io(e)) => return Err(ClientError::Io(e)),
+                    Err(_) => return Err(ClientError::Closed),
+                }
+                match reader.next().await {
+                    Ok(Incoming::Frame(Message::HelloAck(ack))) if ack.nonce == nonce => {
+                        return Ok(ack)
+                    }
+                    Ok(other) => tracing::debug!("handshake: ignoring {other:?}"),
+                    Err(ProtoError::Eof) => return Err(ClientError::Closed),
+                    Err(ProtoError::Io(e)) => return Err(ClientError::Io(e)),
+                    Err(e) => tracing::debug!("handshake: skipping undecodable input: {e}"),
+                }
+            }
+        };
+        let send_hellos = async {
+            loop {
+                if let Err(e) = w.write_all(&hello).await {
+                    return e;
+                }
+                if let Err(e) = w.flush().await {
+                    return e;
+                }
+                tokio::time::sleep(HELLO_RESEND).await;
+            }
+        };
+        let ack = tokio::select! {
+            ack = read_ack => ack?,
+            e = send_hellos => return Err(ClientError::Io(e)),
+            _ = tokio::time::sleep(deadline) => return Err(ClientError::Timeout),
+        };
+        let info = match ack.result {
+            Ok(info) => info,
+            Err(reason) => return Err(ClientError::Refused(reason)),
+        };
+
+        let (closed_tx, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            closed: AtomicBool::new(false),
+            closed_tx,
+            tables: Mutex::new(Tables::default()),
+        });
+        let (tx, rx) = mpsc::channel::<Message>(1024);
+        let writer = tokio::spawn(writer_task(w, rx, shared.clone()));
+        let reader = tokio::spawn(reader_task(reader, shared.clone(), tx.clone()));
+        let inner = Inner {
+            shared,
+            tx,
+            next_id: AtomicU64::new(1),
+            tasks: vec![writer.abort_handle(), reader.abort_handle()],
+        };
+        Ok((
+            AgentClient {
+                inner: Arc::new(inner),
+            },
+            info,
+        ))
+    }
+
+    /// Round-trip time of a `Ping`.
+    pub async fn ping(&self, timeout: Duration) -> Result<Duration, ClientError> {
+        let start = Instant::now();
+        match self.request(Request::Ping, timeout).await? {
+            Response::Pong => Ok(start.elapsed()),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected answer to ping: {other:?}"
+            ))),
+        }
+    }
+
+    /// Generic RPC. `Response::Error` becomes [`ClientError::Remote`].
+    pub async fn request(&self, req: Request, timeout: Duration) -> Result<Response, ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.request_with_id(id, req, timeout).await
+    }
+
+    async fn request_with_id(
+        &self,
+        id: Id,
+        req: Request,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut t = self.inner.shared.tables();
+            if self.inner.shared.closed.load(Ordering::SeqCst) {
+                return Err(ClientError::Closed);
+            }
+            t.pending.insert(id, tx);
+        }
+        let res = tokio::time::timeout(timeout, async {
+            self.inner.send(Message::Request { id, req }).await?;
+            rx.await.map_err(|_| ClientError::Closed)
+        })
+        .await;
+        let res = match res {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Timeout),
+        };
+        if res.is_err() {
+            self.inner.shared.tables().pending.remove(&id);
+        }
+        match res? {
+            Response::Error { errno, message } => Err(ClientError::Remote { errno, message }),
+            other => Ok(other),
+        }
+    }
+
+    /// Start a command; returns once the agent answered `Started`.
+    pub async fn exec(&self, spec: ExecSpec, timeout: Duration) -> Result<ExecHandle, ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (etx, erx) = mpsc::unbounded_channel();
+        let state = Arc::new(StreamState {
+            events: etx,
+            discard: AtomicBool::new(false),
+            stdin: Mutex::new(StdinState {
+                credit: INITIAL_CREDIT,
+                finished: false,
+            }),
+            stdin_notify: Notify::new(),
+            stdin_order: tokio::sync::Mutex::new(()),
+        });
+        {
+            let mut t = self.inner.shared.tables();
+            if self.inner.shared.closed.load(Ordering::SeqCst) {
+                return Err(ClientError::Closed);
+            }
+            t.streams.insert(id, state.clone());
+        }
+        let res = self.request_with_id(id, Request::Exec(spec), timeout).await;
+        match res {
+            Ok(Response::Started { pid }) => Ok(ExecHandle {
+                pid,
+                id,
+                rx: erx,
+                inner: self.inner.clone(),
+                state,
+                uncredited: 0,
+                done: false,
+            }),
+            other => {
+                self.inner.shared.tables().streams.remove(&id);
+                match other {
+                    Ok(resp) => Err(ClientError::Protocol(format!(
+                        "unexpected answer to exec: {resp:?}"
+                    ))),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.shared.closed.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when the connection is gone.
+    pub async fn closed(&self) {
+        let mut rx = self.inner.shared.closed_tx.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Number of commands this connection still tracks (for tests and diagnostics).
+    pub fn open_streams(&self) -> usize {
+        self.inner.shared.tables().streams.len()
+    }
+}
+
+/// A running command. Output arrives through [`ExecHandle::next`].
+pub struct ExecHandle {
+    pub pid: u32,
+    id: Id,
+    rx: mpsc::UnboundedReceiver<ExecEvent>,
+    inner: Arc<Inner>,
+    state: Arc<StreamState>,
+    /// Bytes handed to the consumer but not yet credited back.
+    uncredited: u64,
+    done: bool,
+}
+
+impl ExecHandle {
+    /// The next event; `None` after `Exited` or `Lost` has been delivered.
+    pub async fn next(&mut self) -> Option<ExecEvent> {
+        if self.done {
+            return None;
+        }
+        let ev = match self.rx.recv().await {
+            Some(ev) => ev,
+            None => ExecEvent::Lost,
+        };
+        match &ev {
+            ExecEvent::Output(_, data) => {
+                self.uncredited += data.len() as u64;
+                if self.uncredited >= CREDIT_BATCH {
+                    let bytes = std::mem::take(&mut self.uncredited);
+                    // A dead connection shows up as `Lost` on the next call.
+                    let _ = self
+                        .inner
+                        .send(Message::Credit { id: self.id, bytes })
+                        .await;
+                }
+            }
+            ExecEvent::Exited(_) | ExecEvent::Lost => self.done = true,
+        }
+        Some(ev)
+    }
+
+    /// Stream id on the connection.
+    pub fn id(&self) -> Id {
+        self.id
+    }
+
+    pub fn control(&self) -> ExecControl {
+        ExecControl {
+            id: self.id,
+            inner: self.inner.clone(),
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl Drop for ExecHandle {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // From now on the reader credits output back itself; give back what is queued.
+        self.state.discard.store(true, Ordering::SeqCst);
+        let mut bytes = std::mem::take(&mut self.uncredited);
+        while let Ok(ev) = self.rx.try_recv() {
+            if let ExecEvent::Output(_, d) = ev {
+                bytes += d.len() as u64;
+            }
+        }
+        if bytes > 0 {
+            let msg = Message::Credit { id: self.id, bytes };
+            if let Err(mpsc::error::TrySendError::Full(msg)) = self.inner.tx.try_send(msg) {
+                let tx = self.inner.tx.clone();
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = tx.send(msg).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Stdin and signals for a running command. Cheap to clone.
+#[derive(Clone)]
+pub struct ExecControl {
+    id: Id,
+    inner: Arc<Inner>,
+    state: Arc<StreamState>,
+}
+
+impl ExecControl {
+    /// Send bytes to the command's stdin (started with `stdin: true`). Waits for stdin
+    /// credit like a write to a pipe waits for the reader. Fails with `Remote{EPIPE}`
+    /// once the command has exited and with `Closed` when the connection is gone.
+    pub async fn stdin(&self, data: Vec<u8>) -> Result<(), ClientError> {
+        let _order = self.state.stdin_order.lock().await;
+        let mut off = 0;
+        while off < data.len() {
+            let notified = self.state.stdin_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let n = {
+                let mut st = self.state.stdin_lock();
+                if self.inner.shared.closed.load(Ordering::SeqCst) {
+                    return Err(ClientError::Closed);
+                }
+                if st.finished {
+                    return Err(ClientError::Remote {
+                        errno: libc::EPIPE,
+                        message: "the command has exited; its stdin is closed".into(),
+                    });
+                }
+                let n = st
+                    .credit
+                    .min((data.len() - off) as u64)
+                    .min(MAX_CHUNK as u64) as usize;
+                st.credit -= n as u64;
+                n
+            };
+            if n == 0 {
+                notified.await;
+                continue;
+            }
+            let chunk = data[off..off + n].to_vec();
+            self.inner
+                .send(Message::Stdin {
+                    id: self.id,
+                    data: chunk,
+                })
+                .await?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Close the command's stdin (EOF for the command).
+    pub async fn close_stdin(&self) -> Result<(), ClientError> {
+        let _order = self.state.stdin_order.lock().await;
+        if self.state.stdin_lock().finished && !self.inner.shared.closed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.inner.send(Message::CloseStdin { id: self.id }).await
+    }
+
+    /// Send `sig` to the command's process group.
+    pub async fn signal(&self, sig: i32) -> Result<(), ClientError> {
+        if self.inner.shared.closed.load(Ordering::SeqCst) {
+            return Err(ClientError::Closed);
+        }
+        if self.state.stdin_lock().finished {
+            return Err(ClientError::Remote {
+                errno: libc::ESRCH,
+                message: "the command has already exited".into(),
+            });
+        }
+        self.inner
+            .send(Message::Signal {
+                id: self.id,
+                signal: sig,
+            })
+            .await
+    }
+}
+
+async fn writer_task<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::Receiver<Message>,
+    shared: Arc<Shared>,
+) {
+    let mut closed = shared.closed_tx.subscribe();
+    let mut buf = Vec::with_capacity(256 * 1024);
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => m,
+            _ = closed.wait_for(|c| *c) => None,
+        };
+        let Some(first) = first else { break };
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            if let Err(e) = append_frame(&mut buf, &m) {
+                tracing::error!("cannot encode message for the agent: {e}");
+            }
+            if buf.len() < 1024 * 1024 {
+                next = rx.try_recv().ok();
+            }
+        }
+        let res = async {
+            w.write_all(&buf).await?;
+            w.flush().await
+        };
+        let res = tokio::select! {
+            r = res => r,
+            _ = closed.wait_for(|c| *c) => break,
+        };
+        buf.clear();
+        if let Err(e) = res {
+            shared.shutdown(&format!("write failed: {e}"));
+            break;
+        }
+    }
+}
+
+async fn reader_task<R: AsyncRead + Unpin>(
+    mut reader: FrameReader<R>,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Message>,
+) {
+    let mut closed = shared.closed_tx.subscribe();
+    let why = loop {
+        let msg = tokio::select! {
+            m = reader.next() => m,
+            _ = closed.wait_for(|c| *c) => break "closed".to_string(),
+        };
+        let msg = match msg {
+            Ok(Incoming::Sync) => continue,
+            Ok(Incoming::Frame(m)) => m,
+            Err(e) => break e.to_string(),
+        };
+        match msg {
+            Message::Response { id, resp } => {
+                let tx = shared.tables().pending.remove(&id);
+                match tx {
+                    Some(tx) => {
+                        let _ = tx.send(resp);
+                    }
+                    None => tracing::debug!("late answer for request {id}: {resp:?}"),
+                }
+            }
+            Message::Output { id, stream, data } => {
+                let st = shared.tables().streams.get(&id).cloned();
+                let give_back = match st {
+                    Some(st) if !st.discard.load(Ordering::SeqCst) => {
+                        let n = data.len() as u64;
+                        match st.events.send(ExecEvent::Output(stream, data)) {
+                            Ok(()) => 0,
+                            Err(_) => n,
+                        }
+                    }
+                    _ => data.len() as u64,
+                };
+                if give_back > 0
+                    && tx
+                        .send(Message::Credit {
+                            id,
+                            bytes: give_back,
+                        })
+                        .await
+                        .is_err()
+                {
+                    break "writer gone".to_string();
+                }
+            }
+            Message::Exited { id, status } => {
+                let st = shared.tables().streams.remove(&id);
+                if let Some(st) = st {
+                    st.stdin_lock().finished = true;
+                    st.stdin_notify.notify_waiters();
+                    let _ = st.events.send(ExecEvent::Exited(status));
+                }
+            }
+            Message::StdinCredit { id, bytes } => {
+                let st = shared.tables().streams.get(&id).cloned();
+                if let Some(st) = st {
+                    let mut s = st.stdin_lock();
+                    s.credit = s.credit.saturating_add(bytes);
+                    drop(s);
+                    st.stdin_notify.notify_waiters();
+                }
+            }
+            Message::HelloAck(_) => {} // re-ack of a repeated hello
+            other => tracing::warn!("unexpected message from the agent: {other:?}"),
+        }
+    };
+    shared.shutdown(&why);
+}

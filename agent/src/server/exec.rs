@@ -1,0 +1,522 @@
+//! Starting commands and pumping their output.
+//!
+//! Invariants:
+//! * Every command runs in its own session (`setsid`), so its pid is its process-group id
+//!   and `Signal` reaches the whole group.
+//! * A stream never has more than its credit (`INITIAL_CREDIT` + granted) of output
+//!   bytes outstanding: the pump reads at most the remaining credit from the pipes and
+//!   does not read at all while it is zero. Other commands are unaffected.
+//! * `Exited` is queued after all forwarded output. After the main process exits, the
+//!   pipes are read until EOF, until they have been idle for [`IDLE_AFTER_EXIT`] (a
+//!   background child may hold them open forever) or until [`MAX_AFTER_EXIT`] more bytes
+//!   have been forwarded (a background child may write forever).
+//! * When the session is gone the pump keeps reading and drops the bytes, so the command
+//!   never blocks on a full pipe.
+//! * Stdin bytes are written to the pipe in order; each write is acknowledged with
+//!   `StdinCredit` (also when the pipe is gone and the bytes are discarded).
+use std::ffi::{OsStr, OsString};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::{Agent, Credit, Out, OutTx, SessionCmd, SessionCmds};
+use crate::proto::{
+    ExecSpec, ExitStatus, Id, Message, OutStream, Program, Response, INITIAL_CREDIT,
+};
+
+/// How long the pipes may stay silent after the main process exited.
+pub const IDLE_AFTER_EXIT: Duration = Duration::from_millis(100);
+/// How many bytes are still forwarded after the main process exited.
+pub const MAX_AFTER_EXIT: u64 = 16 * 1024 * 1024;
+/// Largest single pipe read.
+const READ_BUF: usize = 128 * 1024;
+
+pub(crate) enum StdinOp {
+    Data(Vec<u8>),
+    Close,
+}
+
+#[derive(Debug)]
+pub(crate) struct ExecError {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl ExecError {
+    fn new(errno: i32, message: impl Into<String>) -> Self {
+        ExecError {
+            errno,
+            message: message.into(),
+        }
+    }
+    fn io(what: impl std::fmt::Display, e: &std::io::Error) -> Self {
+        ExecError::new(
+            e.raw_os_error().unwrap_or(libc::EINVAL),
+            format!("{what}: {e}"),
+        )
+    }
+}
+
+fn os(bytes: &[u8]) -> &OsStr {
+    OsStr::from_bytes(bytes)
+}
+
+fn no_nul(what: &str, bytes: &[u8]) -> Result<(), ExecError> {
+    if bytes.contains(&0) {
+        return Err(ExecError::new(
+            libc::EINVAL,
+            format!("{what} contains a NUL byte"),
+        ));
+    }
+    Ok(())
+}
+
+/// Parse a `#!` line into interpreter and optional single argument (Linux semantics).
+fn parse_shebang(script: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+    let rest = script.strip_prefix(b"#!")?;
+    let line = rest.split(|&b| b == b'\n').next().unwrap_or(rest);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let is_ws = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = line.iter().position(|b| !is_ws(b))?;
+    let line = &line[start..];
+    let end = line.iter().position(is_ws).unwrap_or(line.len());
+    let interp = line[..end].to_vec();
+    let arg = line[end..]
+        .iter()
+        .position(|b| !is_ws(b))
+        .map(|s| &line[end + s..])
+        .map(|a| {
+            let e = a.iter().rposition(|b| !is_ws(b)).map_or(0, |e| e + 1);
+            a[..e].to_vec()
+        })
+        .filter(|a| !a.is_empty());
+    Some((interp, arg))
+}
+
+/// Removes a script file when dropped.
+struct ScriptFile(PathBuf);
+
+impl Drop for ScriptFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn write_script(agent: &Agent, script: &[u8]) -> Result<ScriptFile, ExecError> {
+    let dir = &agent.cfg.script_dir;
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        return Err(ExecError::io(
+            format!("cannot create script directory {}", dir.display()),
+            &e,
+        ));
+    }
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    let n = agent.script_seq.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!("script-{n}"));
+    let res = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o700)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, script));
+    match res {
+        Ok(()) => Ok(ScriptFile(path)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(ExecError::io(
+                format!("cannot write script {}", path.display()),
+                &e,
+            ))
+        }
+    }
+}
+
+/// Start a command for stream `id`: answers `Started` (queued before any output) and
+/// spawns its pump; an error is returned for the caller to answer.
+pub(crate) async fn start(
+    agent: &Arc<Agent>,
+    id: Id,
+    spec: ExecSpec,
+    out: OutTx,
+    cmds: &Arc<SessionCmds>,
+) -> Result<(), ExecError> {
+    let cwd = match &spec.cwd {
+        Some(c) => {
+            no_nul("cwd", c)?;
+            let p = PathBuf::from(OsString::from_vec(c.clone()));
+            agent.cfg.default_cwd.join(p)
+        }
+        None => agent.cfg.default_cwd.clone(),
+    };
+    match std::fs::metadata(&cwd) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(ExecError::new(
+                libc::ENOTDIR,
+                format!("working directory {} is not a directory", cwd.display()),
+            ))
+        }
+        Err(e) => {
+            return Err(ExecError::io(
+                format!("working directory {}", cwd.display()),
+                &e,
+            ))
+        }
+    }
+
+    let mut script_file = None;
+    let (mut cmd, what) = match &spec.program {
+        Program::Argv(argv) => {
+            let Some(first) = argv.first() else {
+                return Err(ExecError::new(libc::EINVAL, "empty argv"));
+            };
+            for a in argv {
+                no_nul("argument", a)?;
+            }
+            if first.is_empty() {
+                return Err(ExecError::new(libc::ENOENT, "empty program name"));
+            }
+            let mut c = Command::new(os(first));
+            c.args(argv[1..].iter().map(|a| os(a)));
+            (
+                c,
+                format!("cannot run {:?}", String::from_utf8_lossy(first)),
+            )
+        }
+        Program::Script(script) => match parse_shebang(script) {
+            Some((interp, arg)) => {
+                no_nul("interpreter line", &interp)?;
+                if interp.is_empty() {
+                    return Err(ExecError::new(libc::ENOEXEC, "empty #! interpreter line"));
+                }
+                let f = write_script(agent, script)?;
+                let mut c = Command::new(os(&interp));
+                if let Some(a) = &arg {
+                    no_nul("interpreter argument", a)?;
+                    c.arg(os(a));
+                }
+                c.arg(&f.0);
+                script_file = Some(f);
+                (
+                    c,
+                    format!(
+                        "cannot run script interpreter {:?}",
+                        String::from_utf8_lossy(&interp)
+                    ),
+                )
+            }
+            None => {
+                no_nul("command line", script)?;
+                let mut c = Command::new("/bin/sh");
+                c.arg("-c").arg(os(script));
+                (c, "cannot run /bin/sh".to_string())
+            }
+        },
+    };
+    cmd.env_clear();
+    cmd.envs(agent.cfg.env.iter().map(|(k, v)| (k, v)));
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains(&b'=') || k.contains(&0) || v.contains(&0) {
+            return Err(ExecError::new(
+                libc::EINVAL,
+                format!(
+                    "invalid environment variable {:?}",
+                    String::from_utf8_lossy(k)
+                ),
+            ));
+        }
+        cmd.env(os(k), os(v));
+    }
+    cmd.current_dir(&cwd);
+    cmd.stdin(if spec.stdin {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    cmd.stdout(Stdio::piped());
+    cmd.stderr(Stdio::piped());
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+
+    let (mut child, exit_rx) = agent
+        .reaper
+        .spawn(&mut cmd)
+        .map_err(|e| ExecError::io(&what, &e))?;
+    let pid = child.id();
+    let stdout = child.stdout.take().map(OwnedFd::from);
+    let stderr = child.stderr.take().map(OwnedFd::from);
+    let stdin = child.stdin.take().map(OwnedFd::from);
+    drop(child); // never waited on: the reaper owns that
+
+    let to_rx = |fd: Option<OwnedFd>| fd.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok());
+    let stdout = to_rx(stdout);
+    let stderr = to_rx(stderr);
+    let stdin = stdin.and_then(|fd| pipe::Sender::from_owned_fd(fd).ok());
+
+    let credit = Arc::new(Credit {
+        granted: AtomicU64::new(INITIAL_CREDIT),
+        detached: AtomicBool::new(false),
+        notify: Notify::new(),
+    });
+    let (stdin_tx, stdin_task) = if spec.stdin {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(stdin_task(id, stdin, rx, out.clone()));
+        (Some(tx), Some(task))
+    } else {
+        (None, None)
+    };
+    cmds.lock().insert(
+        id,
+        SessionCmd {
+            credit: credit.clone(),
+            stdin: stdin_tx,
+            pgid: pid as i32,
+        },
+    );
+    tracing::info!(id, pid, "started command");
+    // Queued before the pump can queue any output.
+    let _ = out
+        .send(Out::Msg(Message::Response {
+            id,
+            resp: Response::Started { pid },
+        }))
+        .await;
+    let pump = Pump {
+        id,
+        out,
+        credit,
+        cmds: cmds.clone(),
+        stdout,
+        stderr,
+        exit_rx,
+        stdin_task,
+        _script: script_file,
+    };
+    tokio::spawn(pump.run());
+    Ok(())
+}
+
+async fn stdin_task(
+    id: Id,
+    mut pipe: Option<pipe::Sender>,
+    mut rx: mpsc::UnboundedReceiver<StdinOp>,
+    out: OutTx,
+) {
+    while let Some(op) = rx.recv().await {
+        match op {
+            StdinOp::Data(data) => {
+                if let Some(p) = pipe.as_mut() {
+                    if let Err(e) = p.write_all(&data).await {
+                        tracing::debug!(id, "stdin closed by the command: {e}");
+                        pipe = None;
+                    }
+                }
+                let bytes = data.len() as u64;
+                let _ = out.send(Out::Msg(Message::StdinCredit { id, bytes })).await;
+            }
+            StdinOp::Close => pipe = None,
+        }
+    }
+}
+
+struct Pump {
+    id: Id,
+    out: OutTx,
+    credit: Arc<Credit>,
+    cmds: Arc<SessionCmds>,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
+    exit_rx: oneshot::Receiver<ExitStatus>,
+    stdin_task: Option<tokio::task::JoinHandle<()>>,
+    _script: Option<ScriptFile>,
+}
+
+/// Wait until `p` is readable; pending forever when `p` is `None` or `enabled` is false.
+async fn readable(p: &Option<pipe::Receiver>, enabled: bool) -> std::io::Result<()> {
+    match p {
+        Some(p) if enabled => p.readable().await,
+        _ => std::future::pending().await,
+    }
+}
+
+impl Pump {
+    async fn run(mut self) {
+        let id = self.id;
+        let mut buf = vec![0u8; READ_BUF];
+        let mut sent: u64 = 0;
+        let mut status: Option<ExitStatus> = None;
+        let mut after_exit: u64 = 0;
+        let mut discard = false;
+        loop {
+            if self.stdout.is_none() && self.stderr.is_none() {
+                break;
+            }
+            if status.is_some() && after_exit >= MAX_AFTER_EXIT {
+                tracing::debug!(id, "output continues after exit; finishing");
+                break;
+            }
+            if !discard && self.credit.detached.load(Ordering::SeqCst) {
+                discard = true;
+            }
+            let avail = if discard {
+                READ_BUF
+            } else {
+                let granted = self.credit.granted.load(Ordering::SeqCst);
+                granted.saturating_sub(sent).min(READ_BUF as u64) as usize
+            };
+            let exited = status.is_some();
+            let idle = async {
+                if exited && avail > 0 {
+                    tokio::time::sleep(IDLE_AFTER_EXIT).await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            let which = tokio::select! {
+                biased;
+                st = &mut self.exit_rx, if !exited => {
+                    status = Some(st.unwrap_or_else(|_| {
+                        tracing::error!(id, "exit status lost");
+                        ExitStatus::Code(255)
+                    }));
+                    if let Some(t) = self.stdin_task.take() {
+                        t.abort();
+                    }
+                    continue;
+                }
+                r = readable(&self.stdout, avail > 0) => (OutStream::Stdout, r),
+                r = readable(&self.stderr, avail > 0) => (OutStream::Stderr, r),
+                _ = self.credit.notify.notified(), if avail == 0 => continue,
+                _ = idle => break,
+            };
+            let (stream, ready) = which;
+            let slot = match stream {
+                OutStream::Stdout => &mut self.stdout,
+                OutStream::Stderr => &mut self.stderr,
+            };
+            let res = match (ready, slot.as_ref()) {
+                (Ok(()), Some(p)) => p.try_read(&mut buf[..avail]),
+                (Err(e), _) => Err(e),
+                (_, None) => continue,
+            };
+            match res {
+                Ok(0) => *slot = None,
+                Ok(n) => {
+                    if exited {
+                        after_exit += n as u64;
+                    }
+                    if discard {
+                        continue;
+                    }
+                    sent += n as u64;
+                    let msg = Message::Output {
+                        id,
+                        stream,
+                        data: buf[..n].to_vec(),
+                    };
+                    if self.out.send(Out::Msg(msg)).await.is_err() {
+                        discard = true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!(id, "reading {stream:?}: {e}");
+                    *slot = None;
+                }
+            }
+        }
+        // Close our read ends (a background writer gets SIGPIPE/EPIPE from now on).
+        self.stdout = None;
+        self.stderr = None;
+        let status = match status {
+            Some(s) => s,
+            None => (&mut self.exit_rx).await.unwrap_or(ExitStatus::Code(255)),
+        };
+        if let Some(t) = self.stdin_task.take() {
+            t.abort();
+        }
+        self.cmds.lock().remove(&id);
+        tracing::info!(id, %status, "command exited");
+        if !discard {
+            let _ = self
+                .out
+                .send(Out::Msg(Message::Exited { id, status }))
+                .await;
+        }
+    }
+}
+
+/// Send `sig` to every descendant of this process (found through `/proc`).
+pub fn kill_descendants(sig: i32) {
+    let me = std::process::id();
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                let ppid = stat
+                    .rfind(')')
+                    .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+                    .and_then(|p| p.parse::<u32>().ok());
+                if let Some(ppid) = ppid {
+                    parents.push((pid, ppid));
+                }
+            }
+        }
+    }
+    let mut found = vec![me];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        for &(pid, ppid) in &parents {
+            if ppid == p && !found.contains(&pid) {
+                found.push(pid);
+            }
+        }
+        i += 1;
+    }
+    for pid in found.into_iter().skip(1) {
+        // SAFETY: kill(2) on a descendant pid; no memory involved.
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_shebang;
+
+    #[test]
+    fn shebang() {
+        assert_eq!(
+            parse_shebang(b"#!/bin/sh\nexit 3\n"),
+            Some((b"/bin/sh".to_vec(), None))
+        );
+        assert_eq!(
+            parse_shebang(b"#! /usr/bin/env  python3 -u \r\nprint(1)"),
+            Some((b"/usr/bin/env".to_vec(), Some(b"python3 -u".to_vec())))
+        );
+        assert_eq!(parse_shebang(b"#!"), None);
+        assert_eq!(parse_shebang(b"echo hi"), None);
+    }
+}
