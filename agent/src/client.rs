@@ -72,6 +72,8 @@ struct StreamState {
     events: mpsc::UnboundedSender<ExecEvent>,
     /// The `ExecHandle` is gone: output is credited back and dropped.
     discard: AtomicBool,
+    /// Output bytes received but not yet taken by the consumer.
+    queued: AtomicU64,
     stdin: Mutex<StdinState>,
     stdin_notify: Notify,
     /// Serialises `ExecControl::stdin` calls so their bytes do not interleave.
@@ -309,6 +311,7 @@ impl AgentClient {
         let state = Arc::new(StreamState {
             events: etx,
             discard: AtomicBool::new(false),
+            queued: AtomicU64::new(0),
             stdin: Mutex::new(StdinState {
                 credit: INITIAL_CREDIT,
                 finished: false,
@@ -386,6 +389,9 @@ impl ExecHandle {
         };
         match &ev {
             ExecEvent::Output(_, data) => {
+                self.state
+                    .queued
+                    .fetch_sub(data.len() as u64, Ordering::SeqCst);
                 self.uncredited += data.len() as u64;
                 if self.uncredited >= CREDIT_BATCH {
                     let bytes = std::mem::take(&mut self.uncredited);
@@ -399,6 +405,12 @@ impl ExecHandle {
             ExecEvent::Exited(_) | ExecEvent::Lost => self.done = true,
         }
         Some(ev)
+    }
+
+    /// Output bytes received from the agent but not yet returned by [`Self::next`]
+    /// (bounded by the credit window).
+    pub fn queued_bytes(&self) -> u64 {
+        self.state.queued.load(Ordering::SeqCst)
     }
 
     /// Stream id on the connection.
@@ -593,9 +605,13 @@ async fn reader_task<R: AsyncRead + Unpin>(
                 let give_back = match st {
                     Some(st) if !st.discard.load(Ordering::SeqCst) => {
                         let n = data.len() as u64;
+                        st.queued.fetch_add(n, Ordering::SeqCst);
                         match st.events.send(ExecEvent::Output(stream, data)) {
                             Ok(()) => 0,
-                            Err(_) => n,
+                            Err(_) => {
+                                st.queued.fetch_sub(n, Ordering::SeqCst);
+                                n
+                            }
                         }
                     }
                     _ => data.len() as u64,
