@@ -33,7 +33,7 @@ fn exercise(bytes: &[u8]) {
 }
 
 fn valid_frames() -> Vec<Vec<u8>> {
-    let msgs = vec![
+    let msgs = [
         Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             nonce: 1,
