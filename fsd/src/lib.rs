@@ -1,2 +1,20 @@
 //! BandSox-FS daemon library: FUSE layer, VM manager, VMM backends.
+//!
+//! Layers, top to bottom: `fuse` (thin kernel adapter: `tree` namespace, `files` open
+//! files) → `manager` (VMs, runs, lifecycle) → `vmm` (backends) and the agent client
+//! from `bandsox_agent::client`. `error` is the one error type, with explicit errnos.
+pub mod backends;
+pub mod bench;
+pub mod config;
+pub mod ctl;
+pub mod daemon;
+pub mod disk;
+pub mod error;
+pub mod events;
+pub mod fuse;
+pub mod guest;
+pub mod interrupt;
+pub mod layout;
+pub mod manager;
+pub mod names;
 pub mod vmm;

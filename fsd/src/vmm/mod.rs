@@ -18,8 +18,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub mod accel;
 pub mod host;
 pub mod qemu;
+pub mod qmp;
 
 /// A duplex byte stream to the guest agent.
 pub trait AgentStream: AsyncRead + AsyncWrite + Send + Unpin {}

@@ -1,1 +1,956 @@
-//! QEMU microvm backend.
+//! QEMU `microvm` backend: KVM where it really runs guests, TCG emulation otherwise.
+//!
+//! Files in a VM directory (all created by this backend unless noted):
+//! ```text
+//! qemu.args.json  the exact argv (argv[0] = the QEMU binary) plus accelerator and time;
+//!                 written before QEMU starts; `adopt` compares it with /proc/<pid>/cmdline,
+//!                 snapshot restore rebuilds the command line from it
+//! vmm.pid         written (and locked, and removed at exit) by QEMU's -pidfile
+//! vmm.log         QEMU's stdout and stderr (appended across restarts)
+//! console.log     the guest's serial console (chardev file, append=on)
+//! qmp.sock        QMP control socket (server)
+//! agent.sock      the agent's virtio-serial port `org.bandsox.agent` (server)
+//! disk.ext4       not ours: the VM's disk, from VmSpec::disk (virtio-blk, /dev/vda)
+//! ```
+//! Invariants:
+//! - QEMU runs in its own session (`setsid`), stdin `/dev/null`, every inherited fd above 2
+//!   marked close-on-exec, so it survives the daemon and holds none of its files (no FUSE fd).
+//! - A QEMU we spawned is reaped by a dedicated thread the moment it exits, so it never
+//!   lingers as a zombie; `is_alive` for it is that thread's verdict. For an adopted QEMU
+//!   (not our child) `is_alive` reads `/proc/<pid>/stat`: not a zombie and the same start
+//!   time as when adopted, so a recycled pid is never mistaken for our VM.
+//! - Socket paths must fit `sun_path` (107 bytes); longer ones fail the launch clearly.
+//! - Every QMP request has a deadline; QMP errors surface as `VmmError::Refused` carrying
+//!   QEMU's `desc` verbatim.
+//! - `launch` returns only once QMP answers; if QEMU dies first the error carries the last
+//!   lines of `vmm.log`.
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::accel::{self, Accel, AccelKind};
+use super::qmp::{Qmp, QmpError};
+use super::{Backend, BackendKind, BoxedAgentStream, NetMode, VmSpec, VmmError, VmmInstance};
+
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// Environment variable naming the QEMU binary to use instead of the one on PATH.
+pub const QEMU_ENV: &str = "BANDSOX_QEMU";
+pub const ARGS_FILE: &str = "qemu.args.json";
+pub const VMM_LOG: &str = "vmm.log";
+pub const QMP_SOCK: &str = "qmp.sock";
+pub const AGENT_SOCK: &str = "agent.sock";
+/// The virtio-serial port name the agent looks for.
+pub const AGENT_PORT: &str = "org.bandsox.agent";
+/// Longest usable unix socket path (sun_path is 108 bytes including the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// How long `launch` waits for QMP to answer.
+const LAUNCH_DEADLINE: Duration = Duration::from_secs(10);
+/// Deadline of one QMP command.
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of connecting to QMP (greeting + capabilities).
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `kill` waits for the process to disappear after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// What `qemu.args.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QemuArgs {
+    /// Full argv; `argv[0]` is the QEMU binary's path.
+    pub argv: Vec<String>,
+    pub accel: String,
+    pub accel_reason: String,
+    /// RFC 3339.
+    pub created: String,
+}
+
+/// Read `<dir>/qemu.args.json`.
+pub fn load_args(dir: &Path) -> Result<QemuArgs, VmmError> {
+    let p = dir.join(ARGS_FILE);
+    let text = std::fs::read_to_string(&p).map_err(|e| VmmError::Io(p.display().to_string(), e))?;
+    serde_json::from_str(&text).map_err(|e| {
+        VmmError::Io(
+            p.display().to_string(),
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        )
+    })
+}
+
+pub struct QemuBackend {
+    binary: PathBuf,
+    accel: Accel,
+    version: String,
+}
+
+impl QemuBackend {
+    /// Find QEMU (`$BANDSOX_QEMU`, else `qemu-system-x86_64` on PATH) and decide the
+    /// accelerator for this host.
+    pub fn detect() -> Result<Self, VmmError> {
+        let binary = match std::env::var_os(QEMU_ENV).filter(|v| !v.is_empty()) {
+            Some(p) => PathBuf::from(p),
+            None => find_in_path(QEMU_BINARY).ok_or_else(|| {
+                VmmError::Unavailable(format!(
+                    "{QEMU_BINARY} not found on PATH (install qemu-system-x86, or set {QEMU_ENV})"
+                ))
+            })?,
+        };
+        if !binary.is_file() {
+            return Err(VmmError::Unavailable(format!(
+                "{} does not exist",
+                binary.display()
+            )));
+        }
+        let b = Self::new(binary, accel::detect());
+        tracing::info!("qemu backend: {}", b.describe());
+        Ok(b)
+    }
+
+    /// A backend with an explicit binary and accelerator (tests, callers that know).
+    pub fn new(binary: PathBuf, accel: Accel) -> Self {
+        let version = Command::new(&binary)
+            .arg("-version")
+            .stdin(Stdio::null())
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split("version ").nth(1))
+                    .and_then(|v| v.split_whitespace().next())
+                    .map(String::from)
+            })
+            .unwrap_or_else(|| "?".into());
+        QemuBackend {
+            binary,
+            accel,
+            version,
+        }
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    pub fn accel(&self) -> &Accel {
+        &self.accel
+    }
+
+    /// Start QEMU with an explicit argv (argv[0] = binary) in `dir`, e.g. one rebuilt from
+    /// `qemu.args.json` plus `-incoming defer` for a snapshot restore. Writes the argv to
+    /// `qemu.args.json` first; returns once QMP answers.
+    pub async fn launch_argv(
+        &self,
+        dir: &Path,
+        argv: Vec<String>,
+    ) -> Result<QemuInstance, VmmError> {
+        let t0 = Instant::now();
+        let (program, rest) = argv
+            .split_first()
+            .ok_or_else(|| VmmError::StartFailed("empty QEMU command line".into()))?;
+        let qmp_sock = dir.join(QMP_SOCK);
+        let agent_sock = dir.join(AGENT_SOCK);
+        for s in [&qmp_sock, &agent_sock] {
+            check_socket_path(s)?;
+            // A stale socket file from an earlier run would make QEMU's bind fail.
+            match std::fs::remove_file(s) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(VmmError::Io(s.display().to_string(), e)),
+            }
+        }
+        let args = QemuArgs {
+            argv: argv.clone(),
+            accel: self.accel.kind.to_string(),
+            accel_reason: self.accel.reason.clone(),
+            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        };
+        write_atomic(
+            &dir.join(ARGS_FILE),
+            &serde_json::to_vec_pretty(&args).unwrap_or_default(),
+        )?;
+
+        let log_path = dir.join(VMM_LOG);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| VmmError::Io(log_path.display().to_string(), e))?;
+        let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let log2 = log
+            .try_clone()
+            .map_err(|e| VmmError::Io(log_path.display().to_string(), e))?;
+        let mut cmd = Command::new(program);
+        cmd.args(rest)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // SAFETY: the closure runs between fork and exec and only makes raw syscalls that
+        // are async-signal-safe (setsid, close_range); it touches no Rust state.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Mark every fd above stdio close-on-exec (std's own pipes already are).
+                // Best effort: kernels before 5.11 lack the flag.
+                libc::syscall(
+                    libc::SYS_close_range,
+                    3 as libc::c_uint,
+                    libc::c_uint::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+                );
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| VmmError::StartFailed(format!("cannot run {program}: {e}")))?;
+        let pid = child.id();
+        let state = Arc::new(ChildState::default());
+        let reaper_state = state.clone();
+        std::thread::Builder::new()
+            .name(format!("qemu-reap-{pid}"))
+            .spawn(move || {
+                let status = child.wait();
+                if let Ok(s) = &status {
+                    *reaper_state.status.lock() = Some(*s);
+                }
+                reaper_state.exited.store(true, Ordering::SeqCst);
+                tracing::debug!(pid, ?status, "QEMU exited and was reaped");
+            })
+            .map_err(|e| VmmError::Io("reaper thread".into(), e))?;
+
+        let inst = QemuInstance {
+            pid,
+            dir: dir.to_path_buf(),
+            child: Some(state),
+            start_time: None,
+            qmp: tokio::sync::Mutex::new(None),
+        };
+        let deadline = t0 + LAUNCH_DEADLINE;
+        loop {
+            if !inst.is_alive() {
+                let status = inst
+                    .child
+                    .as_ref()
+                    .and_then(|c| *c.status.lock())
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "exited".into());
+                return Err(VmmError::StartFailed(format!(
+                    "QEMU {status}: {}",
+                    log_tail(&log_path, log_start, 12)
+                )));
+            }
+            if qmp_sock.exists() {
+                match Qmp::connect(&qmp_sock, QMP_CONNECT_TIMEOUT).await {
+                    Ok(q) => {
+                        *inst.qmp.lock().await = Some(q);
+                        break;
+                    }
+                    Err(e) => tracing::debug!(pid, "QMP not ready yet: {e}"),
+                }
+            }
+            if Instant::now() >= deadline {
+                let _ = inst.kill().await;
+                return Err(VmmError::StartFailed(format!(
+                    "QMP did not answer within {LAUNCH_DEADLINE:?}: {}",
+                    log_tail(&log_path, log_start, 12)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(
+            pid,
+            dir = %dir.display(),
+            accel = %self.accel.kind,
+            ms = t0.elapsed().as_millis() as u64,
+            "QEMU started"
+        );
+        Ok(inst)
+    }
+}
+
+#[async_trait]
+impl Backend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "QEMU {} microvm ({}) with {}: {}",
+            self.version,
+            self.binary.display(),
+            self.accel.kind,
+            self.accel.reason
+        )
+    }
+
+    async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
+        for (what, p) in [("kernel", &spec.kernel), ("initramfs", &spec.initrd)] {
+            if !p.is_file() {
+                return Err(VmmError::StartFailed(format!(
+                    "guest {what} {} is missing (run `bandsox guest-build` or mount-helpers/setup)",
+                    p.display()
+                )));
+            }
+        }
+        if let Some(d) = &spec.disk {
+            if !d.is_file() {
+                return Err(VmmError::StartFailed(format!(
+                    "disk {} is missing",
+                    d.display()
+                )));
+            }
+        }
+        let argv = build_argv(&self.binary, spec, self.accel.kind)?;
+        tracing::debug!(name = %spec.name, ?argv, "launching QEMU");
+        Ok(Box::new(self.launch_argv(&spec.dir, argv).await?))
+    }
+
+    async fn adopt(&self, spec: &VmSpec) -> Result<Option<Box<dyn VmmInstance>>, VmmError> {
+        Ok(adopt_dir(&spec.dir).map(|i| Box::new(i) as Box<dyn VmmInstance>))
+    }
+}
+
+/// Re-attach to the QEMU whose pid is in `<dir>/vmm.pid`, if it is alive and its command
+/// line is exactly the one recorded in `<dir>/qemu.args.json`.
+pub fn adopt_dir(dir: &Path) -> Option<QemuInstance> {
+    let pid: u32 = std::fs::read_to_string(dir.join("vmm.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let (state, start_time) = proc_stat(pid)?;
+    if state == 'Z' || state == 'X' {
+        return None;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let running: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let matches = match load_args(dir) {
+        Ok(args) => args.argv == running,
+        // No record: accept only a command line that names this directory's QMP socket.
+        Err(_) => running.iter().any(|a| {
+            a.contains(&format!(
+                "path={}",
+                opt_escape(&dir.join(QMP_SOCK).to_string_lossy())
+            ))
+        }),
+    };
+    if !matches {
+        tracing::warn!(pid, dir = %dir.display(), "vmm.pid names a process that is not this VM's QEMU");
+        return None;
+    }
+    tracing::info!(pid, dir = %dir.display(), "adopted a running QEMU");
+    Some(QemuInstance {
+        pid,
+        dir: dir.to_path_buf(),
+        child: None,
+        start_time: Some(start_time),
+        qmp: tokio::sync::Mutex::new(None),
+    })
+}
+
+/// The full QEMU argv for `spec` (argv[0] = `binary`).
+pub fn build_argv(binary: &Path, spec: &VmSpec, accel: AccelKind) -> Result<Vec<String>, VmmError> {
+    if spec.name.is_empty()
+        || spec
+            .name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == ',')
+    {
+        return Err(VmmError::StartFailed(format!(
+            "VM name {:?} cannot be passed on the kernel command line",
+            spec.name
+        )));
+    }
+    if spec.vcpus == 0 || spec.memory_mib == 0 {
+        return Err(VmmError::StartFailed(
+            "vcpus and memory must be at least 1".into(),
+        ));
+    }
+    let dir = &spec.dir;
+    let qmp = dir.join(QMP_SOCK);
+    let agent = dir.join(AGENT_SOCK);
+    check_socket_path(&qmp)?;
+    check_socket_path(&agent)?;
+    let s = |p: &Path| utf8(p);
+    let e = |p: &Path| utf8(p).map(|s| opt_escape(&s));
+
+    let mut a: Vec<String> = vec![s(binary)?];
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|x| x.to_string()));
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-display",
+        "none",
+    ]);
+    push(&["-msg", "timestamp=on"]);
+    push(&["-name", &format!("bandsox-{}", spec.name)]);
+    push(&["-machine", "microvm,rtc=on"]);
+    match accel {
+        AccelKind::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        AccelKind::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+    }
+    push(&[
+        "-m",
+        &spec.memory_mib.to_string(),
+        "-smp",
+        &spec.vcpus.to_string(),
+    ]);
+    push(&["-kernel", &s(&spec.kernel)?, "-initrd", &s(&spec.initrd)?]);
+    push(&["-append", &kernel_cmdline(spec)]);
+    push(&[
+        "-chardev",
+        &format!(
+            "file,id=console,path={},append=on",
+            e(&spec.console_path())?
+        ),
+        "-serial",
+        "chardev:console",
+    ]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=qmp,path={},server=on,wait=off", e(&qmp)?),
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]);
+    push(&[
+        "-device",
+        "virtio-serial-device",
+        "-chardev",
+        &format!("socket,id=agent,path={},server=on,wait=off", e(&agent)?),
+        "-device",
+        &format!("virtserialport,chardev=agent,name={AGENT_PORT}"),
+    ]);
+    if let Some(disk) = &spec.disk {
+        push(&[
+            "-drive",
+            &format!(
+                "id=vda,file={},format=raw,if=none,cache=writeback,discard=unmap",
+                e(disk)?
+            ),
+            "-device",
+            "virtio-blk-device,drive=vda",
+        ]);
+    }
+    match spec.net {
+        NetMode::None => {}
+        NetMode::User => push(&[
+            "-netdev",
+            "user,id=net0",
+            "-device",
+            "virtio-net-device,netdev=net0",
+        ]),
+        NetMode::Tap => {
+            return Err(VmmError::Unavailable(
+                "net=tap is not supported by the QEMU backend yet; use net=user or net=none".into(),
+            ))
+        }
+    }
+    push(&["-pidfile", &s(&spec.pid_path())?]);
+    Ok(a)
+}
+
+/// The guest kernel command line.
+pub fn kernel_cmdline(spec: &VmSpec) -> String {
+    format!(
+        "console=ttyS0 panic=-1 loglevel=4 reboot=t pci=off bandsox.name={}",
+        spec.name
+    )
+}
+
+/// QEMU option values separate fields with `,`; a literal comma is written `,,`.
+pub fn opt_escape(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+fn utf8(p: &Path) -> Result<String, VmmError> {
+    p.to_str()
+        .map(String::from)
+        .ok_or_else(|| VmmError::StartFailed(format!("path {} is not UTF-8", p.display())))
+}
+
+/// Fail clearly when a unix socket path is too long for `sun_path`.
+pub fn check_socket_path(p: &Path) -> Result<(), VmmError> {
+    let len = p.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(VmmError::StartFailed(format!(
+            "socket path {} is {len} bytes; unix sockets allow at most {MAX_SOCKET_PATH} \
+             (use a shorter state directory)",
+            p.display()
+        )));
+    }
+    Ok(())
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// State char and start time (clock ticks since boot) from `/proc/<pid>/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and ')'; fields after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    // Field 22 (starttime) is the 20th after the ')': index 19.
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// The last `lines` lines written to `path` since byte `from` (at most 8 KiB), one line.
+fn log_tail(path: &Path, from: u64, lines: usize) -> String {
+    let text = (|| -> std::io::Result<String> {
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        let start = from.max(len.saturating_sub(8192));
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    })()
+    .unwrap_or_default();
+    let all: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if all.is_empty() {
+        return format!("no output in {}", path.display());
+    }
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), VmmError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| VmmError::Io(path.display().to_string(), e))
+}
+
+/// What the reaper thread reports about a QEMU we spawned.
+#[derive(Default)]
+struct ChildState {
+    exited: AtomicBool,
+    status: parking_lot::Mutex<Option<ExitStatus>>,
+}
+
+/// One QEMU process, spawned by us or adopted.
+pub struct QemuInstance {
+    pid: u32,
+    dir: PathBuf,
+    /// Present when we spawned (and reap) the process.
+    child: Option<Arc<ChildState>>,
+    /// For adopted processes: start time from /proc, guarding against pid reuse.
+    start_time: Option<u64>,
+    /// The QMP connection, opened lazily and replaced after any failure.
+    qmp: tokio::sync::Mutex<Option<Qmp>>,
+}
+
+impl QemuInstance {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Run one QMP command (reconnecting once if the connection went stale) and return
+    /// its `return` value. QMP errors become `Refused` with QEMU's description.
+    pub async fn qmp_execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, VmmError> {
+        let mut guard = self.qmp.lock().await;
+        for attempt in 0..2 {
+            if !self.is_alive() {
+                return Err(VmmError::NotRunning);
+            }
+            if guard.as_ref().is_none_or(Qmp::is_poisoned) {
+                *guard = None;
+                match Qmp::connect(&self.dir.join(QMP_SOCK), QMP_CONNECT_TIMEOUT).await {
+                    Ok(q) => *guard = Some(q),
+                    Err(_) if !self.is_alive() => return Err(VmmError::NotRunning),
+                    Err(QmpError::Timeout(_, d)) => {
+                        return Err(VmmError::Timeout(d, "QMP connection".into()))
+                    }
+                    Err(e) => return Err(VmmError::Io("QMP connect".into(), to_io(e))),
+                }
+            }
+            let Some(q) = guard.as_mut() else {
+                continue;
+            };
+            match q.execute(command, arguments.clone(), timeout).await {
+                Ok(v) => return Ok(v),
+                Err(QmpError::Command { desc, .. }) => {
+                    return Err(VmmError::Refused {
+                        op: command.to_string(),
+                        message: desc,
+                    })
+                }
+                Err(QmpError::Timeout(_, d)) => {
+                    *guard = None;
+                    return Err(VmmError::Timeout(d, format!("QMP {command}")));
+                }
+                Err(e) => {
+                    *guard = None;
+                    if !self.is_alive() {
+                        return Err(VmmError::NotRunning);
+                    }
+                    if attempt == 1 {
+                        return Err(VmmError::Io(format!("QMP {command}"), to_io(e)));
+                    }
+                    tracing::debug!(
+                        pid = self.pid,
+                        "QMP connection went stale ({e}); reconnecting"
+                    );
+                }
+            }
+        }
+        Err(VmmError::NotRunning)
+    }
+
+    fn signal(&self, sig: libc::c_int) -> Result<(), VmmError> {
+        if !self.is_alive() {
+            return Err(VmmError::NotRunning);
+        }
+        let pid = libc::pid_t::try_from(self.pid).map_err(|_| VmmError::NotRunning)?;
+        // SAFETY: kill(2) on the pid of our (still living, checked above) QEMU process.
+        if unsafe { libc::kill(pid, sig) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                return Err(VmmError::NotRunning);
+            }
+            return Err(VmmError::Io(format!("kill {}", self.pid), e));
+        }
+        Ok(())
+    }
+}
+
+fn to_io(e: QmpError) -> std::io::Error {
+    match e {
+        QmpError::Io(e) => e,
+        other => std::io::Error::other(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl VmmInstance for QemuInstance {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn is_alive(&self) -> bool {
+        if let Some(c) = &self.child {
+            return !c.exited.load(Ordering::SeqCst);
+        }
+        match proc_stat(self.pid) {
+            Some((state, start)) => state != 'Z' && state != 'X' && Some(start) == self.start_time,
+            None => false,
+        }
+    }
+
+    /// Connect to the agent's virtio-serial port. QEMU serves one client at a time: while
+    /// an earlier connection is open, a new one is accepted by the kernel but carries no
+    /// data until the earlier one closes, so callers drop the old stream first.
+    async fn connect_agent(&self) -> Result<BoxedAgentStream, VmmError> {
+        if !self.is_alive() {
+            return Err(VmmError::NotRunning);
+        }
+        let s = tokio::net::UnixStream::connect(self.dir.join(AGENT_SOCK))
+            .await
+            .map_err(|e| VmmError::Io("connect to the agent socket".into(), e))?;
+        Ok(Box::pin(s))
+    }
+
+    async fn pause(&self) -> Result<(), VmmError> {
+        self.qmp_execute("stop", None, QMP_TIMEOUT).await.map(drop)
+    }
+
+    async fn resume(&self) -> Result<(), VmmError> {
+        self.qmp_execute("cont", None, QMP_TIMEOUT).await.map(drop)
+    }
+
+    async fn request_shutdown(&self) -> Result<(), VmmError> {
+        self.qmp_execute("system_powerdown", None, QMP_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
+    async fn kill(&self) -> Result<(), VmmError> {
+        match self.signal(libc::SIGKILL) {
+            Ok(()) | Err(VmmError::NotRunning) => {}
+            Err(e) => return Err(e),
+        }
+        if self.wait_exit(KILL_WAIT).await {
+            tracing::debug!(pid = self.pid, "QEMU killed");
+            Ok(())
+        } else {
+            Err(VmmError::Timeout(
+                KILL_WAIT,
+                format!("QEMU {} to exit after SIGKILL", self.pid),
+            ))
+        }
+    }
+
+    async fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.is_alive() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &Path) -> VmSpec {
+        VmSpec {
+            name: "web-1".into(),
+            dir: dir.to_path_buf(),
+            vcpus: 2,
+            memory_mib: 256,
+            disk: Some(dir.join("disk.ext4")),
+            kernel: "/s/boot/vmlinuz".into(),
+            initrd: "/s/boot/initrd".into(),
+            net: NetMode::None,
+        }
+    }
+
+    fn after<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
+        argv.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn argv_for_tcg_with_disk() {
+        let d = Path::new("/var/lib/bandsox/vms/ab12");
+        let argv = build_argv(
+            Path::new("/usr/bin/qemu-system-x86_64"),
+            &spec(d),
+            AccelKind::Tcg,
+        )
+        .unwrap();
+        assert_eq!(argv[0], "/usr/bin/qemu-system-x86_64");
+        for f in ["-nodefaults", "-no-user-config", "-no-reboot"] {
+            assert!(argv.iter().any(|a| a == f), "{f} missing");
+        }
+        assert_eq!(after(&argv, "-machine"), ["microvm,rtc=on"]);
+        assert_eq!(after(&argv, "-accel"), ["tcg"]);
+        assert_eq!(after(&argv, "-cpu"), ["max"]);
+        assert_eq!(after(&argv, "-m"), ["256"]);
+        assert_eq!(after(&argv, "-smp"), ["2"]);
+        assert_eq!(after(&argv, "-kernel"), ["/s/boot/vmlinuz"]);
+        assert_eq!(after(&argv, "-initrd"), ["/s/boot/initrd"]);
+        let append = after(&argv, "-append")[0];
+        assert!(append.starts_with("console=ttyS0 panic=-1"), "{append}");
+        assert!(append.ends_with(" bandsox.name=web-1"), "{append}");
+        assert_eq!(
+            after(&argv, "-chardev"),
+            [
+                "file,id=console,path=/var/lib/bandsox/vms/ab12/console.log,append=on",
+                "socket,id=qmp,path=/var/lib/bandsox/vms/ab12/qmp.sock,server=on,wait=off",
+                "socket,id=agent,path=/var/lib/bandsox/vms/ab12/agent.sock,server=on,wait=off",
+            ]
+        );
+        assert_eq!(after(&argv, "-serial"), ["chardev:console"]);
+        assert_eq!(after(&argv, "-mon"), ["chardev=qmp,mode=control"]);
+        assert_eq!(
+            after(&argv, "-device"),
+            [
+                "virtio-serial-device",
+                "virtserialport,chardev=agent,name=org.bandsox.agent",
+                "virtio-blk-device,drive=vda"
+            ]
+        );
+        assert_eq!(
+            after(&argv, "-drive"),
+            ["id=vda,file=/var/lib/bandsox/vms/ab12/disk.ext4,format=raw,if=none,cache=writeback,discard=unmap"]
+        );
+        assert_eq!(
+            after(&argv, "-pidfile"),
+            ["/var/lib/bandsox/vms/ab12/vmm.pid"]
+        );
+        assert!(after(&argv, "-netdev").is_empty());
+    }
+
+    #[test]
+    fn argv_variants() {
+        let d = Path::new("/tmp/v,1");
+        let mut s = spec(d);
+        s.disk = None;
+        s.net = NetMode::User;
+        let argv = build_argv(Path::new("/q"), &s, AccelKind::Kvm).unwrap();
+        assert_eq!(after(&argv, "-accel"), ["kvm"]);
+        assert_eq!(after(&argv, "-cpu"), ["host"]);
+        assert!(after(&argv, "-drive").is_empty());
+        assert_eq!(after(&argv, "-netdev"), ["user,id=net0"]);
+        assert!(after(&argv, "-device").contains(&"virtio-net-device,netdev=net0"));
+        // Commas in paths are doubled inside option strings.
+        assert!(after(&argv, "-chardev")
+            .contains(&"socket,id=qmp,path=/tmp/v,,1/qmp.sock,server=on,wait=off"));
+
+        s.net = NetMode::Tap;
+        assert!(matches!(
+            build_argv(Path::new("/q"), &s, AccelKind::Tcg),
+            Err(VmmError::Unavailable(_))
+        ));
+        s.net = NetMode::None;
+        s.name = "bad name".into();
+        assert!(matches!(
+            build_argv(Path::new("/q"), &s, AccelKind::Tcg),
+            Err(VmmError::StartFailed(_))
+        ));
+    }
+
+    #[test]
+    fn long_socket_paths_fail_clearly() {
+        let long = PathBuf::from(format!("/{}", "d".repeat(100)));
+        match build_argv(Path::new("/q"), &spec(&long), AccelKind::Tcg) {
+            Err(VmmError::StartFailed(m)) => assert!(m.contains("at most 107"), "{m}"),
+            other => panic!("expected StartFailed, got {other:?}"),
+        }
+        let ok = PathBuf::from(format!("/{}", "d".repeat(107 - 1 - "/agent.sock".len())));
+        assert_eq!(ok.join("agent.sock").as_os_str().len(), 107);
+        assert!(build_argv(Path::new("/q"), &spec(&ok), AccelKind::Tcg).is_ok());
+    }
+
+    #[test]
+    fn proc_stat_of_self() {
+        let (state, start) = proc_stat(std::process::id()).unwrap();
+        assert!(state == 'R' || state == 'S', "{state}");
+        assert!(start > 0);
+        assert!(proc_stat(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn log_tail_reads_only_new_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vmm.log");
+        std::fs::write(&p, "old run\n").unwrap();
+        let from = std::fs::metadata(&p).unwrap().len();
+        std::fs::write(&p, "old run\nqemu: could not open disk\n\nbye\n").unwrap();
+        assert_eq!(log_tail(&p, from, 12), "qemu: could not open disk | bye");
+        assert!(log_tail(&dir.path().join("none"), 0, 3).starts_with("no output"));
+    }
+
+    /// A process that is not QEMU (a shell running a fake QMP server) exercises launch's
+    /// error path, pause/resume through QMP errors, kill and reaping, and adopt's cmdline
+    /// check, without needing QEMU.
+    #[tokio::test]
+    async fn launch_failure_reports_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = QemuBackend {
+            binary: "/bin/sh".into(),
+            accel: Accel {
+                kind: AccelKind::Tcg,
+                reason: "test".into(),
+            },
+            version: "test".into(),
+        };
+        let argv = vec![
+            "/bin/sh".to_string(),
+            "-c".into(),
+            "echo 'qemu-system-x86_64: -drive file=x: Could not open x' >&2; exit 1".into(),
+        ];
+        let err = b.launch_argv(dir.path(), argv.clone()).await.err().unwrap();
+        match err {
+            VmmError::StartFailed(m) => assert!(m.contains("Could not open x"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(load_args(dir.path()).unwrap().argv, argv);
+    }
+
+    #[tokio::test]
+    async fn fake_qemu_lifecycle_and_adopt() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let b = QemuBackend {
+            binary: "/bin/sleep".into(),
+            accel: Accel {
+                kind: AccelKind::Tcg,
+                reason: "test".into(),
+            },
+            version: "test".into(),
+        };
+        // The "VMM" is `sleep`; a fake QMP server on its socket answers for it.
+        let sock = d.join(QMP_SOCK);
+        let sock2 = sock.clone();
+        let server = tokio::spawn(async move {
+            // Wait until launch_argv removed stale sockets and started the process.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let h = super::super::qmp::tests::fake_server(&sock2, |cmd, _| match cmd {
+                "qmp_capabilities" | "stop" => Some(serde_json::json!({"return": {}})),
+                _ => Some(serde_json::json!({"error": {"class": "GenericError",
+                    "desc": "Resetting the Virtual Machine is required"}})),
+            })
+            .await;
+            h.await.unwrap()
+        });
+        let argv = vec!["/bin/sleep".to_string(), "30".into()];
+        let inst = b.launch_argv(&d, argv.clone()).await.unwrap();
+        assert!(inst.is_alive());
+        inst.pause().await.unwrap();
+        match inst.resume().await {
+            Err(VmmError::Refused { op, message }) => {
+                assert_eq!(op, "cont");
+                assert_eq!(message, "Resetting the Virtual Machine is required");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Adopt: needs vmm.pid (QEMU writes it; sleep does not) and a matching cmdline.
+        std::fs::write(d.join("vmm.pid"), format!("{}\n", inst.pid())).unwrap();
+        let adopted = adopt_dir(&d).expect("adopt");
+        assert_eq!(adopted.pid(), inst.pid());
+        assert!(adopted.is_alive());
+        let mut other = load_args(&d).unwrap();
+        other.argv[1] = "31".into();
+        std::fs::write(d.join(ARGS_FILE), serde_json::to_vec(&other).unwrap()).unwrap();
+        assert!(
+            adopt_dir(&d).is_none(),
+            "a different command line is not ours"
+        );
+
+        inst.kill().await.unwrap();
+        assert!(!inst.is_alive());
+        assert!(
+            proc_stat(inst.pid()).is_none_or(|(s, _)| s != 'Z'),
+            "zombie left"
+        );
+        assert!(!adopted.is_alive());
+        inst.kill().await.unwrap(); // idempotent
+        assert!(matches!(inst.pause().await, Err(VmmError::NotRunning)));
+        drop(inst);
+        drop(adopted);
+        server.abort();
+    }
+}
