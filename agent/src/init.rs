@@ -7,7 +7,6 @@
 //! * The initramfs cannot `pivot_root`, so the switch to the disk is done the
 //!   `switch_root` way: move `/proc`, `/sys`, `/dev`, `/run` into the new root,
 //!   `mount --move newroot /`, `chroot .`.
-use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -290,9 +289,4 @@ pub fn set_hostname(name: &str) {
     if let Err(e) = nix::unistd::sethostname(name) {
         tracing::error!("cannot set hostname {name:?}: {}", e.desc());
     }
-}
-
-/// `CString` helper for callers that need one (never fails: NULs are stripped).
-pub fn cstring(s: &str) -> CString {
-    CString::new(s.replace('\0', "")).unwrap_or_default()
 }

@@ -68,6 +68,7 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(false)
         .try_init();
 }
 
@@ -78,23 +79,20 @@ fn main() {
         init::mount_pseudo(true);
         init::ensure_std_fds();
     }
+    if is_pid1 {
+        // The kernel passes unknown command-line words to init as arguments: ignore them.
+        init_logging();
+        init_main();
+    }
     let args = match parse_args() {
         Ok(a) => a,
-        Err(e) if is_pid1 => {
-            eprintln!("bandsox-agent: ignoring bad arguments: {e}");
-            Args {
-                init: true,
-                listen: None,
-                root: None,
-            }
-        }
         Err(e) => {
             eprintln!("bandsox-agent: {e}\n{USAGE}");
             std::process::exit(2);
         }
     };
     init_logging();
-    if is_pid1 || args.init {
+    if args.init {
         init_main();
     }
     match args.listen {
@@ -187,31 +185,34 @@ fn host_main(listen: &str, root: Option<PathBuf>) {
     std::process::exit(code);
 }
 
-/// PID 1 (or `--init`): never returns.
+/// PID 1 (or `--init`): never returns. Panics are caught and the agent restarts serving.
 fn init_main() -> ! {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("bandsox-agent: internal error: {info}");
     }));
-    let res = std::panic::catch_unwind(init_run);
-    if let Err(e) = res {
-        eprintln!("bandsox-agent: init failed: {e:?}");
-    }
+    let agent = match std::panic::catch_unwind(init_setup) {
+        Ok(agent) => agent,
+        Err(_) => {
+            eprintln!("bandsox-agent: init setup failed; serving anyway");
+            Agent::new(init_config())
+        }
+    };
     // PID 1 must never exit.
     loop {
-        std::thread::sleep(Duration::from_secs(3600));
+        let agent = agent.clone();
+        let res = std::panic::catch_unwind(move || match runtime() {
+            Ok(rt) => rt.block_on(serve_guest(agent)),
+            Err(e) => tracing::error!("cannot start the runtime: {e}"),
+        });
+        if res.is_err() {
+            eprintln!("bandsox-agent: serving failed; restarting");
+        }
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 
-fn init_run() {
-    init::mount_pseudo(true);
-    init::load_modules();
-    if let Some(name) = init::name_from_cmdline() {
-        init::set_hostname(&name);
-    }
-    if init::switch_to_disk() {
-        init::mount_pseudo(false);
-    }
-    let cfg = AgentConfig {
+fn init_config() -> AgentConfig {
+    AgentConfig {
         default_cwd: PathBuf::from("/"),
         env: AgentConfig::default_env("/root"),
         script_dir: PathBuf::from("/run/bandsox"),
@@ -221,18 +222,19 @@ fn init_run() {
             PowerOffAction::ExitProcess
         },
         set_hostname: true,
-    };
-    let agent = Agent::new(cfg);
-    loop {
-        match runtime() {
-            Ok(rt) => {
-                rt.block_on(serve_guest(agent.clone()));
-                tracing::error!("guest transports ended; restarting");
-            }
-            Err(e) => tracing::error!("cannot start the runtime: {e}"),
-        }
-        std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+fn init_setup() -> Arc<Agent> {
+    init::mount_pseudo(true);
+    init::load_modules();
+    if let Some(name) = init::name_from_cmdline() {
+        init::set_hostname(&name);
+    }
+    if init::switch_to_disk() {
+        init::mount_pseudo(false);
+    }
+    Agent::new(init_config())
 }
 
 async fn serve_guest(agent: Arc<Agent>) {

@@ -291,7 +291,7 @@ pub(crate) async fn start(
             pgid: pid as i32,
         },
     );
-    tracing::info!(id, pid, "started command");
+    tracing::debug!(id, pid, "started command");
     // Queued before the pump can queue any output.
     let _ = out
         .send(Out::Msg(Message::Response {
@@ -455,7 +455,7 @@ impl Pump {
             t.abort();
         }
         self.cmds.lock().remove(&id);
-        tracing::info!(id, %status, "command exited");
+        tracing::debug!(id, %status, "command exited");
         if !discard {
             let _ = self
                 .out
