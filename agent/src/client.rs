@@ -286,6 +286,15 @@ impl AgentClient {
             }
             t.pending.insert(id, tx);
         }
+        // Removes the pending entry however this future ends (timeout, error, or the
+        // caller dropping it), so abandoned requests do not accumulate.
+        struct Unregister<'a>(&'a Shared, Id);
+        impl Drop for Unregister<'_> {
+            fn drop(&mut self) {
+                self.0.tables().pending.remove(&self.1);
+            }
+        }
+        let _unregister = Unregister(&self.inner.shared, id);
         let res = tokio::time::timeout(timeout, async {
             self.inner.send(Message::Request { id, req }).await?;
             rx.await.map_err(|_| ClientError::Closed)
@@ -295,9 +304,6 @@ impl AgentClient {
             Ok(r) => r,
             Err(_) => Err(ClientError::Timeout),
         };
-        if res.is_err() {
-            self.inner.shared.tables().pending.remove(&id);
-        }
         match res? {
             Response::Error { errno, message } => Err(ClientError::Remote { errno, message }),
             other => Ok(other),
@@ -326,26 +332,35 @@ impl AgentClient {
             }
             t.streams.insert(id, state.clone());
         }
-        let res = self.request_with_id(id, Request::Exec(spec), timeout).await;
-        match res {
-            Ok(Response::Started { pid }) => Ok(ExecHandle {
-                pid,
-                id,
-                rx: erx,
-                inner: self.inner.clone(),
-                state,
-                uncredited: 0,
-                done: false,
-            }),
-            other => {
-                self.inner.shared.tables().streams.remove(&id);
-                match other {
-                    Ok(resp) => Err(ClientError::Protocol(format!(
-                        "unexpected answer to exec: {resp:?}"
-                    ))),
-                    Err(e) => Err(e),
+        // Unregisters the stream unless the command started (also if this future is dropped).
+        struct Unregister<'a>(&'a Shared, Id, bool);
+        impl Drop for Unregister<'_> {
+            fn drop(&mut self) {
+                if self.2 {
+                    self.0.tables().streams.remove(&self.1);
                 }
             }
+        }
+        let mut unregister = Unregister(&self.inner.shared, id, true);
+        match self
+            .request_with_id(id, Request::Exec(spec), timeout)
+            .await?
+        {
+            Response::Started { pid } => {
+                unregister.2 = false;
+                Ok(ExecHandle {
+                    pid,
+                    id,
+                    rx: erx,
+                    inner: self.inner.clone(),
+                    state,
+                    uncredited: 0,
+                    done: false,
+                })
+            }
+            resp => Err(ClientError::Protocol(format!(
+                "unexpected answer to exec: {resp:?}"
+            ))),
         }
     }
 

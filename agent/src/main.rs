@@ -78,8 +78,6 @@ fn main() {
         // Before anything opens a file: /dev and fds 0-2.
         init::mount_pseudo(true);
         init::ensure_std_fds();
-    }
-    if is_pid1 {
         // The kernel passes unknown command-line words to init as arguments: ignore them.
         init_logging();
         init_main();

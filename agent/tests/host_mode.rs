@@ -351,6 +351,12 @@ async fn killed_agent_fails_pending_requests_quickly() {
     // Freeze the agent so the next requests stay pending, then kill it.
     // SAFETY: signalling our own child.
     unsafe { libc::kill(a.child.id() as i32, libc::SIGSTOP) };
+    let stat_path = format!("/proc/{}/stat", a.child.id());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&stat_path).unwrap_or_default().contains(") T ") {
+        assert!(Instant::now() < deadline, "agent did not stop");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let pending: Vec<_> = (0..3)
         .map(|_| {
             let c = c.clone();
