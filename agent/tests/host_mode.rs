@@ -351,9 +351,16 @@ async fn killed_agent_fails_pending_requests_quickly() {
     // Freeze the agent so the next requests stay pending, then kill it.
     // SAFETY: signalling our own child.
     unsafe { libc::kill(a.child.id() as i32, libc::SIGSTOP) };
-    let stat_path = format!("/proc/{}/stat", a.child.id());
+    let task_dir = format!("/proc/{}/task", a.child.id());
+    let all_stopped = || {
+        std::fs::read_dir(&task_dir).unwrap().flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .unwrap_or_default()
+                .contains(") T ")
+        })
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::fs::read_to_string(&stat_path).unwrap_or_default().contains(") T ") {
+    while !all_stopped() {
         assert!(Instant::now() < deadline, "agent did not stop");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
