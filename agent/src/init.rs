@@ -168,12 +168,29 @@ pub fn name_from_cmdline() -> Option<String> {
         .map(str::to_string)
 }
 
+/// True when virtio devices are known (the transport driver has enumerated them) and
+/// none of them is a block device (virtio device id 2): no point waiting for a disk.
+fn no_virtio_block_device() -> bool {
+    let Ok(dir) = std::fs::read_dir("/sys/bus/virtio/devices") else {
+        return false;
+    };
+    let mut any = false;
+    for e in dir.flatten() {
+        any = true;
+        let id = std::fs::read_to_string(e.path().join("device")).unwrap_or_default();
+        if id.trim() == "0x0002" {
+            return false;
+        }
+    }
+    any
+}
+
 /// Wait for the root disk; if it appears, mount it and switch into it. Returns whether
 /// the root is now the disk.
 pub fn switch_to_disk() -> bool {
     let deadline = Instant::now() + ROOT_DISK_WAIT;
     while !Path::new(ROOT_DISK).exists() {
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline || no_virtio_block_device() {
             tracing::info!("no {ROOT_DISK}: staying in the initramfs");
             return false;
         }
@@ -289,4 +306,12 @@ pub fn set_hostname(name: &str) {
     if let Err(e) = nix::unistd::sethostname(name) {
         tracing::error!("cannot set hostname {name:?}: {}", e.desc());
     }
+}
+
+/// `/proc/uptime`'s first field, for log lines ("?" when unreadable).
+pub fn uptime() -> String {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(|t| format!("{t}s")))
+        .unwrap_or_else(|| "?".into())
 }

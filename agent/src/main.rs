@@ -225,6 +225,11 @@ fn init_config() -> AgentConfig {
 
 fn init_setup() -> Arc<Agent> {
     init::mount_pseudo(true);
+    tracing::info!(
+        "bandsox-agent {} starting as init (uptime {})",
+        env!("CARGO_PKG_VERSION"),
+        init::uptime()
+    );
     init::load_modules();
     if let Some(name) = init::name_from_cmdline() {
         init::set_hostname(&name);
@@ -294,6 +299,7 @@ async fn serve_guest(agent: Arc<Agent>) {
 fn announce_ready(ready: &mut bool) {
     if !*ready {
         *ready = true;
+        tracing::info!("serving (uptime {})", init::uptime());
         println!("bandsox-agent: ready");
         let _ = std::io::stdout().flush();
     }
