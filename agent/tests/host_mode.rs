@@ -344,6 +344,25 @@ async fn background_child_does_not_hold_exec() {
 }
 
 #[tokio::test]
+async fn chatty_background_child_does_not_hold_exec() {
+    let a = Agent::start();
+    let c = a.connect().await;
+    let start = Instant::now();
+    let (o, _, st) = run(
+        &c,
+        script("(while true; do echo bg; sleep 0.02; done) & echo started"),
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&o).contains("started\n"));
+    assert_eq!(st, ExitStatus::Code(0));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn killed_agent_fails_pending_requests_quickly() {
     let mut a = Agent::start();
     let c = a.connect().await;

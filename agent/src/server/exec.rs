@@ -9,7 +9,8 @@
 //! * `Exited` is queued after all forwarded output. After the main process exits, the
 //!   pipes are read until EOF, until they have been idle for [`IDLE_AFTER_EXIT`] (a
 //!   background child may hold them open forever) or until [`MAX_AFTER_EXIT`] more bytes
-//!   have been forwarded (a background child may write forever).
+//!   or [`MAX_TIME_AFTER_EXIT`] of reading have passed (a background child may write
+//!   forever).
 //! * When the session is gone the pump keeps reading and drops the bytes, so the command
 //!   never blocks on a full pipe.
 //! * Stdin bytes are written to the pipe in order; each write is acknowledged with
@@ -38,6 +39,9 @@ use crate::proto::{
 pub const IDLE_AFTER_EXIT: Duration = Duration::from_millis(100);
 /// How many bytes are still forwarded after the main process exited.
 pub const MAX_AFTER_EXIT: u64 = 16 * 1024 * 1024;
+/// How long output is still forwarded after the main process exited (counting only time
+/// in which the stream had credit, so a slow consumer never loses buffered output).
+pub const MAX_TIME_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// Largest single pipe read.
 const READ_BUF: usize = 128 * 1024;
 
@@ -364,12 +368,15 @@ impl Pump {
         let mut sent: u64 = 0;
         let mut status: Option<ExitStatus> = None;
         let mut after_exit: u64 = 0;
+        let mut read_time_after_exit = Duration::ZERO;
         let mut discard = false;
         loop {
             if self.stdout.is_none() && self.stderr.is_none() {
                 break;
             }
-            if status.is_some() && after_exit >= MAX_AFTER_EXIT {
+            if status.is_some()
+                && (after_exit >= MAX_AFTER_EXIT || read_time_after_exit >= MAX_TIME_AFTER_EXIT)
+            {
                 tracing::debug!(id, "output continues after exit; finishing");
                 break;
             }
@@ -390,6 +397,7 @@ impl Pump {
                     std::future::pending().await
                 }
             };
+            let waited_from = std::time::Instant::now();
             let which = tokio::select! {
                 biased;
                 st = &mut self.exit_rx, if !exited => {
@@ -407,6 +415,9 @@ impl Pump {
                 _ = self.credit.notify.notified(), if avail == 0 => continue,
                 _ = idle => break,
             };
+            if exited && avail > 0 {
+                read_time_after_exit += waited_from.elapsed();
+            }
             let (stream, ready) = which;
             let slot = match stream {
                 OutStream::Stdout => &mut self.stdout,
