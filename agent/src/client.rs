@@ -239,8 +239,12 @@ impl AgentClient {
             tables: Mutex::new(Tables::default()),
         });
         let (tx, rx) = mpsc::channel::<Message>(1024);
-        let writer = tokio::spawn(writer_task(w, rx, shared.clone()));
-        let reader = tokio::spawn(reader_task(reader, shared.clone(), tx.clone()));
+        // Credits the reader gives back itself: unbounded so the reader never blocks (it
+        // must always drain the agent, or both sides could wait on each other). Bounded
+        // in practice by the output the agent may send.
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel::<Message>();
+        let writer = tokio::spawn(writer_task(w, rx, ctl_rx, shared.clone()));
+        let reader = tokio::spawn(reader_task(reader, shared.clone(), ctl_tx));
         let inner = Inner {
             shared,
             tx,
@@ -554,12 +558,15 @@ impl ExecControl {
 async fn writer_task<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: mpsc::Receiver<Message>,
+    mut ctl_rx: mpsc::UnboundedReceiver<Message>,
     shared: Arc<Shared>,
 ) {
     let mut closed = shared.closed_tx.subscribe();
     let mut buf = Vec::with_capacity(256 * 1024);
     loop {
         let first = tokio::select! {
+            biased;
+            m = ctl_rx.recv() => m,
             m = rx.recv() => m,
             _ = closed.wait_for(|c| *c) => None,
         };
@@ -570,7 +577,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
                 tracing::error!("cannot encode message for the agent: {e}");
             }
             if buf.len() < 1024 * 1024 {
-                next = rx.try_recv().ok();
+                next = ctl_rx.try_recv().or_else(|_| rx.try_recv()).ok();
             }
         }
         let res = async {
@@ -592,7 +599,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
 async fn reader_task<R: AsyncRead + Unpin>(
     mut reader: FrameReader<R>,
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Message>,
+    ctl_tx: mpsc::UnboundedSender<Message>,
 ) {
     let mut closed = shared.closed_tx.subscribe();
     let why = loop {
@@ -631,16 +638,14 @@ async fn reader_task<R: AsyncRead + Unpin>(
                     }
                     _ => data.len() as u64,
                 };
-                if give_back > 0
-                    && tx
-                        .send(Message::Credit {
-                            id,
-                            bytes: give_back,
-                        })
-                        .await
-                        .is_err()
-                {
-                    break "writer gone".to_string();
+                if give_back > 0 {
+                    let credit = Message::Credit {
+                        id,
+                        bytes: give_back,
+                    };
+                    if ctl_tx.send(credit).is_err() {
+                        break "writer gone".to_string();
+                    }
                 }
             }
             Message::Exited { id, status } => {
