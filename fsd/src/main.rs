@@ -1,1 +1,113 @@
-fn main() {}
+//! `bandsox`: mount the BandSox-FS tree, unmount it, build the guest boot artefacts.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use bandsox_fsd::daemon::{self, MountOptions};
+
+#[derive(Parser)]
+#[command(name = "bandsox", version, about = "microVMs driven through a filesystem")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount the tree at MOUNTPOINT (daemonizes unless -f).
+    Mount {
+        mountpoint: PathBuf,
+        /// State directory (VMs, images, logs).
+        #[arg(long, env = "BANDSOX_STATE_DIR", default_value = "/var/lib/bandsox")]
+        state_dir: PathBuf,
+        /// Stay in the foreground, logging to stderr.
+        #[arg(short, long)]
+        foreground: bool,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
+    /// Unmount the tree (VMs keep running and are re-adopted by the next mount).
+    Unmount {
+        mountpoint: PathBuf,
+    },
+    /// Benchmark baseline: boot one VM without the daemon, print ms to the agent's answer.
+    BenchBoot {
+        #[arg(long, env = "BANDSOX_STATE_DIR", default_value = "/var/lib/bandsox")]
+        state_dir: PathBuf,
+    },
+    /// Build the guest kernel, initramfs and the `base` image into the state directory.
+    GuestBuild {
+        #[arg(long, env = "BANDSOX_STATE_DIR", default_value = "/var/lib/bandsox")]
+        state_dir: PathBuf,
+        /// The static bandsox-agent binary to use as the guest's /init.
+        #[arg(long)]
+        agent: PathBuf,
+        /// Root of a tree holding boot/vmlinuz-* and lib/modules/<version>/.
+        #[arg(long, default_value = "/")]
+        kernel_root: PathBuf,
+        /// A static busybox binary for the base image.
+        #[arg(long)]
+        busybox: Option<PathBuf>,
+        /// Rebuild even when the inputs did not change.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Mount {
+            mountpoint,
+            state_dir,
+            foreground,
+            threads,
+        } => daemon::mount(MountOptions {
+            mountpoint,
+            state_dir,
+            foreground,
+            threads,
+        }),
+        Cmd::Unmount { mountpoint } => daemon::unmount(&mountpoint),
+        Cmd::BenchBoot { state_dir } => {
+            daemon::init_logging(Some("warn"));
+            bandsox_fsd::bench::bench_boot(&state_dir).map(|ms| println!("{ms}"))
+        }
+        Cmd::GuestBuild {
+            state_dir,
+            agent,
+            kernel_root,
+            busybox,
+            force,
+        } => {
+            daemon::init_logging(None);
+            let opts = bandsox_fsd::guest::GuestBuildOptions {
+                state_dir,
+                agent,
+                kernel_root,
+                busybox,
+                force,
+            };
+            bandsox_fsd::guest::build_guest(&opts)
+                .map(|a| {
+                    println!(
+                        "kernel {} ({})\ninitrd {}\nimage base {}",
+                        a.kernel.display(),
+                        a.kernel_version,
+                        a.initrd.display(),
+                        a.base_image.display()
+                    );
+                })
+                .map_err(|e| e.to_string())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bandsox: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,3 +1,4 @@
+# Run with bash: dash reports every failed write as "I/O error", hiding the errno.
 # Shared helpers for the end-to-end tests. Sourced by every t-*.sh; plain POSIX sh.
 # Environment (set by run.sh): MNT (mount point), STATE (state directory), BANDSOX (binary).
 set -eu

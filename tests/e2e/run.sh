@@ -42,7 +42,7 @@ for t in "$here"/t-*.sh; do
   # Every test starts with a mounted daemon (a test may restart it).
   mountpoint -q "$MNT" || start_daemon
   start=$(date +%s)
-  if timeout -k 5 300 sh "$t" > "$work/$name.log" 2>&1; then
+  if timeout -k 5 300 bash "$t" > "$work/$name.log" 2>&1; then
     passed=$((passed+1)); echo "ok   $name ($(( $(date +%s) - start ))s)"
   else
     failed=$((failed+1)); failed_names="$failed_names $name"

@@ -1,0 +1,204 @@
+//! Fast end-to-end tests of the mounted tree with the `host` test backend: the real daemon,
+//! the real FUSE mount and the real agent (in host mode), but no VM. They run every
+//! exec/ctl/runs semantic through plain `sh` in seconds; the same stories run against real
+//! VMs in tests/e2e.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Mounted {
+    _tmp: tempfile::TempDir,
+    mnt: PathBuf,
+    state: PathBuf,
+    daemon: Child,
+}
+
+fn agent_binary() -> PathBuf {
+    let bandsox = PathBuf::from(env!("CARGO_BIN_EXE_bandsox"));
+    let agent = bandsox.with_file_name("bandsox-agent");
+    if !agent.exists() {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "bandsox-agent", "--bin", "bandsox-agent"]);
+        if bandsox.parent().and_then(|p| p.file_name()) == Some("release".as_ref()) {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("cargo build agent");
+        assert!(st.success());
+    }
+    agent
+}
+
+fn is_mounted(p: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*p.to_string_lossy()))
+}
+
+impl Mounted {
+    fn new() -> Option<Mounted> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
+            eprintln!("!!!!! SKIPPING mount tests: they need root and /dev/fuse !!!!!");
+            return None;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mnt = tmp.path().join("mnt");
+        let state = tmp.path().join("state");
+        std::fs::create_dir_all(state.join("images/base")).unwrap();
+        std::fs::write(state.join("images/base/disk.ext4"), vec![0u8; 65536]).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        let daemon = Command::new(env!("CARGO_BIN_EXE_bandsox"))
+            .arg("mount")
+            .arg(&mnt)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("-f")
+            .env("BANDSOX_HOST_AGENT", agent_binary())
+            .env("BANDSOX_LOG", "info")
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(tmp.path().join("daemon.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let m = Mounted {
+            _tmp: tmp,
+            mnt,
+            state,
+            daemon,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(&m.mnt) {
+            assert!(Instant::now() < deadline, "mount did not appear: {}", m.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(m)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._tmp.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Run a `sh` script with `M` set to the mount point; returns (status, stdout, stderr).
+    fn sh(&self, script: &str) -> (i32, String, String) {
+        let out = Command::new("timeout")
+            .args(["60", "bash", "-c", script])
+            .env("M", &self.mnt)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, script: &str) -> String {
+        let (code, out, err) = self.sh(script);
+        assert_eq!(code, 0, "script failed: {script}\nstdout: {out}\nstderr: {err}\nlog: {}", self.log());
+        out
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        if let Ok(entries) = std::fs::read_dir(self.state.join("vms")) {
+            for e in entries.flatten() {
+                if let Ok(pid) = std::fs::read_to_string(e.path().join("vmm.pid")) {
+                    if let Ok(pid) = pid.trim().parse::<i32>() {
+                        // SAFETY: plain kill(2) of a process this test started.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn exec_runs_and_ctl_through_the_mount() {
+    let Some(m) = Mounted::new() else { return };
+
+    // mkdir boots; exec runs; cat exec prints; status of a #! script.
+    m.ok("mkdir $M/a && test \"$(cat $M/a/state)\" = running");
+    assert_eq!(m.ok("echo 'echo hello' > $M/a/exec; cat $M/a/exec"), "hello\n");
+    assert_eq!(
+        m.ok("printf '#!/bin/sh\\nexit 3\\n' > $M/a/exec; cat $M/a/runs/last/status"),
+        "3\n"
+    );
+    // Separate and interleaved streams.
+    let out = m.ok("echo 'echo out; echo err >&2' > $M/a/exec; cat $M/a/runs/last/stdout; cat $M/a/runs/last/stderr; cat $M/a/runs/last/output");
+    assert_eq!(out, "out\nerr\nout\nerr\n");
+    // Streaming through one read-write descriptor.
+    assert_eq!(
+        m.ok("exec 3<>$M/a/exec; echo 'for i in 1 2 3; do echo $i; done' >&3; cat <&3"),
+        "1\n2\n3\n"
+    );
+    // Binary output passes unchanged.
+    let sum = m.ok("echo 'head -c 3000000 /dev/urandom > blob; cat blob' > $M/a/exec; cat $M/a/exec | md5sum");
+    let guest = m.ok(&format!(
+        "cat {}/vms/*/root/blob | md5sum",
+        m.state.display()
+    ));
+    assert_eq!(sum, guest);
+
+    // stdin feeding and close-stdin.
+    let out = m.ok(
+        "n=$(ls $M/a/runs | grep -v last | sort -n | tail -1); (echo cat > $M/a/exec) & \
+         while [ \"$(ls $M/a/runs | grep -v last | sort -n | tail -1)\" = \"$n\" ]; do sleep 0.05; done; \
+         n=$(ls $M/a/runs | grep -v last | sort -n | tail -1); \
+         printf 'x\\n' > $M/a/runs/$n/stdin; printf 'y\\n' > $M/a/runs/$n/stdin; \
+         echo close-stdin > $M/a/runs/$n/ctl; wait; cat $M/a/runs/$n/stdout",
+    );
+    assert_eq!(out, "x\ny\n");
+
+    // kill TERM -> signal 15.
+    let out = m.ok(
+        "exec 3<>$M/a/exec; echo 'sleep 1000' >&3; n=$(readlink $M/a/runs/last); \
+         echo 'kill TERM' > $M/a/runs/$n/ctl; cat <&3; cat $M/a/runs/$n/status",
+    );
+    assert_eq!(out, "signal 15\n");
+
+    // Bad input: errno and message, nothing changed.
+    let (code, _, err) = m.sh("echo bogus > $M/a/ctl");
+    assert_ne!(code, 0);
+    assert!(err.contains("Invalid argument"), "{err}");
+    assert!(m.ok("cat $M/a/ctl").starts_with("error: unknown command \"bogus\""));
+    let (_, _, err) = m.sh("echo resume > $M/a/ctl");
+    assert!(err.contains("Device or resource busy"), "{err}");
+    let (_, _, err) = m.sh("echo x > $M/a/state");
+    assert!(err.contains("Permission denied"), "{err}");
+    let (_, _, err) = m.sh("mkdir $M/ctl; mkdir '$M/bad name'");
+    assert!(err.contains("Invalid argument") || err.contains("File exists"), "{err}");
+    let (_, _, err) = m.sh("mkdir $M/a");
+    assert!(err.contains("File exists"), "{err}");
+    assert_eq!(m.ok("cat $M/a/state"), "running\n");
+
+    // pause/resume; exec on a paused VM fails promptly.
+    m.ok("echo pause > $M/a/ctl; test \"$(cat $M/a/state)\" = paused");
+    let t = Instant::now();
+    let (code, _, err) = m.sh("echo true > $M/a/exec");
+    assert_ne!(code, 0);
+    assert!(err.contains("Host is down"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    m.ok("echo resume > $M/a/ctl; echo 'echo back' > $M/a/exec; test \"$(cat $M/a/exec)\" = back");
+
+    // Ctrl-C: SIGINT to a blocked reader returns it quickly and kills the command.
+    let out = m.ok(
+        "exec 3<>$M/a/exec; echo 'sleep 1000' >&3; exec 3<&-; n=$(readlink $M/a/runs/last); \
+         perl -e '$SIG{INT}=\"DEFAULT\"; exec @ARGV' cat $M/a/runs/$n/output & p=$!; sleep 0.5; \
+         kill -INT $p; wait $p; echo \"cat=$?\"; sleep 0.5; cat $M/a/runs/$n/status",
+    );
+    assert_eq!(out, "cat=130\nsignal 2\n");
+
+    // events and info.
+    let ev = m.ok("cat $M/events");
+    assert!(ev.contains(" a created ") && ev.contains(" a running ") && ev.contains(" a paused"), "{ev}");
+    assert!(m.ok("cat $M/a/info").contains("\"name\": \"a\""));
+
+    // rmdir leaves nothing behind.
+    m.ok("rmdir $M/a; test ! -e $M/a");
+    assert_eq!(std::fs::read_dir(m.state.join("vms")).unwrap().count(), 0);
+}
