@@ -67,11 +67,7 @@ impl HostProbe {
 
 /// Does any `flags` line of cpuinfo list `vmx` (Intel VT-x) or `svm` (AMD-V)?
 pub fn cpu_has_virt(cpuinfo: &str) -> bool {
-    cpuinfo
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .filter(|(k, _)| k.trim() == "flags")
-        .any(|(_, v)| v.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+    cpuinfo_has_flag(cpuinfo, "vmx") || cpuinfo_has_flag(cpuinfo, "svm")
 }
 
 /// Decide. An invalid override is reported in the reason and ignored.
@@ -118,6 +114,71 @@ pub fn detect() -> Accel {
     decide(&HostProbe::probe())
 }
 
+/// The host's TSC frequency in kHz, measured against `CLOCK_MONOTONIC` over ~50 ms.
+///
+/// Under TCG the guest's TSC ticks at the host's rate, but a guest kernel calibrates it
+/// against the emulated PIT, and on a busy host that calibration fails ("tsc: Unable to
+/// calibrate against PIT"); with no HPET or ACPI PM timer on `microvm` the guest then hangs
+/// early in boot. Passing the measured rate as `tsc_early_khz=` skips the calibration.
+/// `None` if the host has no usable invariant TSC or the measurement is implausible.
+pub fn host_tsc_khz() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        if !cpuinfo_has_flag(&cpuinfo, "constant_tsc") {
+            return None;
+        }
+        let (t0, c0) = tsc_sample()?;
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (t1, c1) = tsc_sample()?;
+        let ns = t1.checked_sub(t0)?;
+        let khz = u128::from(c1.checked_sub(c0)?) * 1_000_000 / ns;
+        let khz = u64::try_from(khz).ok()?;
+        (100_000..20_000_000).contains(&khz).then_some(khz)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+/// Does any `flags` line of cpuinfo list `flag`?
+fn cpuinfo_has_flag(cpuinfo: &str, flag: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim() == "flags")
+        .any(|(_, v)| v.split_whitespace().any(|f| f == flag))
+}
+
+/// One (monotonic ns, TSC) pair, read tightly: the TSC read is bracketed by two clock reads
+/// less than 20 µs apart (retried otherwise) and paired with their midpoint.
+#[cfg(target_arch = "x86_64")]
+fn tsc_sample() -> Option<(u128, u64)> {
+    let mono = || -> Option<u128> {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+            return None;
+        }
+        Some(u128::try_from(ts.tv_sec).ok()? * 1_000_000_000 + u128::try_from(ts.tv_nsec).ok()?)
+    };
+    for _ in 0..100 {
+        let a = mono()?;
+        // SAFETY: RDTSC has no preconditions on x86-64 (it only reads the counter).
+        #[allow(unused_unsafe)]
+        let c = unsafe { core::arch::x86_64::_rdtsc() };
+        let b = mono()?;
+        if b - a < 20_000 {
+            return Some(((a + b) / 2, c));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +222,16 @@ mod tests {
         ));
         assert!(cpu_has_virt("flags\t: a b svm\n"));
         assert!(!cpu_has_virt(""));
+    }
+
+    #[test]
+    fn host_tsc_is_measured_consistently() {
+        let (Some(a), Some(b)) = (host_tsc_khz(), host_tsc_khz()) else {
+            eprintln!("no invariant TSC on this host; tsc_early_khz will not be passed");
+            return;
+        };
+        let diff = a.abs_diff(b) as f64 / a as f64;
+        assert!(diff < 0.01, "{a} vs {b}");
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub struct QemuBackend {
     binary: PathBuf,
     accel: Accel,
     version: String,
+    /// Host TSC rate passed to TCG guests as `tsc_early_khz=`.
+    tsc_khz: Option<u64>,
 }
 
 impl QemuBackend {
@@ -129,10 +131,15 @@ impl QemuBackend {
                     .map(String::from)
             })
             .unwrap_or_else(|| "?".into());
+        let tsc_khz = match accel.kind {
+            AccelKind::Tcg => accel::host_tsc_khz(),
+            AccelKind::Kvm => None,
+        };
         QemuBackend {
             binary,
             accel,
             version,
+            tsc_khz,
         }
     }
 
@@ -235,7 +242,7 @@ impl QemuBackend {
             dir: dir.to_path_buf(),
             child: Some(state),
             start_time: None,
-            qmp: tokio::sync::Mutex::new(None),
+            qmp: tokio::sync::Mutex::new(()),
         };
         let deadline = t0 + LAUNCH_DEADLINE;
         loop {
@@ -254,7 +261,7 @@ impl QemuBackend {
             if qmp_sock.exists() {
                 match Qmp::connect(&qmp_sock, QMP_CONNECT_TIMEOUT).await {
                     Ok(q) => {
-                        *inst.qmp.lock().await = Some(q);
+                        drop(q);
                         break;
                     }
                     Err(e) => tracing::debug!(pid, "QMP not ready yet: {e}"),
@@ -287,8 +294,12 @@ impl Backend for QemuBackend {
     }
 
     fn describe(&self) -> String {
+        let tsc = match self.tsc_khz {
+            Some(khz) => format!("; guest TSC {khz} kHz"),
+            None => String::new(),
+        };
         format!(
-            "QEMU {} microvm ({}) with {}: {}",
+            "QEMU {} microvm ({}) with {}: {}{tsc}",
             self.version,
             self.binary.display(),
             self.accel.kind,
@@ -313,7 +324,7 @@ impl Backend for QemuBackend {
                 )));
             }
         }
-        let argv = build_argv(&self.binary, spec, self.accel.kind)?;
+        let argv = build_argv(&self.binary, spec, self.accel.kind, self.tsc_khz)?;
         tracing::debug!(name = %spec.name, ?argv, "launching QEMU");
         Ok(Box::new(self.launch_argv(&spec.dir, argv).await?))
     }
@@ -361,12 +372,17 @@ pub fn adopt_dir(dir: &Path) -> Option<QemuInstance> {
         dir: dir.to_path_buf(),
         child: None,
         start_time: Some(start_time),
-        qmp: tokio::sync::Mutex::new(None),
+        qmp: tokio::sync::Mutex::new(()),
     })
 }
 
 /// The full QEMU argv for `spec` (argv[0] = `binary`).
-pub fn build_argv(binary: &Path, spec: &VmSpec, accel: AccelKind) -> Result<Vec<String>, VmmError> {
+pub fn build_argv(
+    binary: &Path,
+    spec: &VmSpec,
+    accel: AccelKind,
+    tsc_khz: Option<u64>,
+) -> Result<Vec<String>, VmmError> {
     if spec.name.is_empty()
         || spec
             .name
@@ -414,7 +430,8 @@ pub fn build_argv(binary: &Path, spec: &VmSpec, accel: AccelKind) -> Result<Vec<
         &spec.vcpus.to_string(),
     ]);
     push(&["-kernel", &s(&spec.kernel)?, "-initrd", &s(&spec.initrd)?]);
-    push(&["-append", &kernel_cmdline(spec)]);
+    let tsc_khz = tsc_khz.filter(|_| accel == AccelKind::Tcg);
+    push(&["-append", &kernel_cmdline(spec, tsc_khz)]);
     push(&[
         "-chardev",
         &format!(
@@ -468,11 +485,15 @@ pub fn build_argv(binary: &Path, spec: &VmSpec, accel: AccelKind) -> Result<Vec<
 }
 
 /// The guest kernel command line.
-pub fn kernel_cmdline(spec: &VmSpec) -> String {
-    format!(
-        "console=ttyS0 panic=-1 loglevel=4 reboot=t pci=off bandsox.name={}",
-        spec.name
-    )
+/// The guest kernel command line. `tsc_khz` (TCG only) skips the guest's TSC calibration,
+/// which fails on a busy host and then hangs the boot (see [`accel::host_tsc_khz`]).
+pub fn kernel_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
+    let mut s = String::from("console=ttyS0 panic=-1 loglevel=4 reboot=t pci=off");
+    if let Some(khz) = tsc_khz {
+        s.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    s.push_str(&format!(" bandsox.name={}", spec.name));
+    s
 }
 
 /// QEMU option values separate fields with `,`; a literal comma is written `,,`.
@@ -565,8 +586,8 @@ pub struct QemuInstance {
     child: Option<Arc<ChildState>>,
     /// For adopted processes: start time from /proc, guarding against pid reuse.
     start_time: Option<u64>,
-    /// The QMP connection, opened lazily and replaced after any failure.
-    qmp: tokio::sync::Mutex<Option<Qmp>>,
+    /// Serialises this instance's QMP commands (one connection each).
+    qmp: tokio::sync::Mutex<()>,
 }
 
 impl QemuInstance {
@@ -574,61 +595,41 @@ impl QemuInstance {
         &self.dir
     }
 
-    /// Run one QMP command (reconnecting once if the connection went stale) and return
-    /// its `return` value. QMP errors become `Refused` with QEMU's description.
+    /// Run one QMP command on a fresh QMP connection and return its `return` value. QMP
+    /// errors become `Refused` with QEMU's description verbatim.
+    ///
+    /// QEMU's monitor serves one client at a time, so no connection is kept between
+    /// commands: another instance (an adopting daemon, a snapshot helper, an operator with
+    /// socat) can always get in. Commands from this instance are serialised.
     pub async fn qmp_execute(
         &self,
         command: &str,
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, VmmError> {
-        let mut guard = self.qmp.lock().await;
-        for attempt in 0..2 {
-            if !self.is_alive() {
-                return Err(VmmError::NotRunning);
-            }
-            if guard.as_ref().is_none_or(Qmp::is_poisoned) {
-                *guard = None;
-                match Qmp::connect(&self.dir.join(QMP_SOCK), QMP_CONNECT_TIMEOUT).await {
-                    Ok(q) => *guard = Some(q),
-                    Err(_) if !self.is_alive() => return Err(VmmError::NotRunning),
-                    Err(QmpError::Timeout(_, d)) => {
-                        return Err(VmmError::Timeout(d, "QMP connection".into()))
-                    }
-                    Err(e) => return Err(VmmError::Io("QMP connect".into(), to_io(e))),
-                }
-            }
-            let Some(q) = guard.as_mut() else {
-                continue;
-            };
-            match q.execute(command, arguments.clone(), timeout).await {
-                Ok(v) => return Ok(v),
-                Err(QmpError::Command { desc, .. }) => {
-                    return Err(VmmError::Refused {
-                        op: command.to_string(),
-                        message: desc,
-                    })
-                }
-                Err(QmpError::Timeout(_, d)) => {
-                    *guard = None;
-                    return Err(VmmError::Timeout(d, format!("QMP {command}")));
-                }
-                Err(e) => {
-                    *guard = None;
-                    if !self.is_alive() {
-                        return Err(VmmError::NotRunning);
-                    }
-                    if attempt == 1 {
-                        return Err(VmmError::Io(format!("QMP {command}"), to_io(e)));
-                    }
-                    tracing::debug!(
-                        pid = self.pid,
-                        "QMP connection went stale ({e}); reconnecting"
-                    );
-                }
-            }
+        let _serial = self.qmp.lock().await;
+        if !self.is_alive() {
+            return Err(VmmError::NotRunning);
         }
-        Err(VmmError::NotRunning)
+        let mut q = match Qmp::connect(&self.dir.join(QMP_SOCK), QMP_CONNECT_TIMEOUT).await {
+            Ok(q) => q,
+            Err(_) if !self.is_alive() => return Err(VmmError::NotRunning),
+            Err(QmpError::Timeout(_, d)) => {
+                return Err(VmmError::Timeout(d, "QMP connection".into()))
+            }
+            Err(e) => return Err(VmmError::Io("QMP connect".into(), to_io(e))),
+        };
+        match q.execute(command, arguments, timeout).await {
+            Ok(v) => Ok(v),
+            Err(QmpError::Command { desc, .. }) => Err(VmmError::Refused {
+                op: command.to_string(),
+                message: desc,
+            }),
+            Err(QmpError::Timeout(_, d)) => Err(VmmError::Timeout(d, format!("QMP {command}"))),
+            // `quit` and a guest dying mid-command close the connection.
+            Err(_) if !self.is_alive() => Err(VmmError::NotRunning),
+            Err(e) => Err(VmmError::Io(format!("QMP {command}"), to_io(e))),
+        }
     }
 
     fn signal(&self, sig: libc::c_int) -> Result<(), VmmError> {
@@ -757,6 +758,7 @@ mod tests {
             Path::new("/usr/bin/qemu-system-x86_64"),
             &spec(d),
             AccelKind::Tcg,
+            Some(2_445_404),
         )
         .unwrap();
         assert_eq!(argv[0], "/usr/bin/qemu-system-x86_64");
@@ -773,6 +775,7 @@ mod tests {
         let append = after(&argv, "-append")[0];
         assert!(append.starts_with("console=ttyS0 panic=-1"), "{append}");
         assert!(append.ends_with(" bandsox.name=web-1"), "{append}");
+        assert!(append.contains(" tsc_early_khz=2445404 "), "{append}");
         assert_eq!(
             after(&argv, "-chardev"),
             [
@@ -808,9 +811,13 @@ mod tests {
         let mut s = spec(d);
         s.disk = None;
         s.net = NetMode::User;
-        let argv = build_argv(Path::new("/q"), &s, AccelKind::Kvm).unwrap();
+        let argv = build_argv(Path::new("/q"), &s, AccelKind::Kvm, Some(2_445_404)).unwrap();
         assert_eq!(after(&argv, "-accel"), ["kvm"]);
         assert_eq!(after(&argv, "-cpu"), ["host"]);
+        assert!(
+            !after(&argv, "-append")[0].contains("tsc_early_khz"),
+            "KVM guests have kvm-clock"
+        );
         assert!(after(&argv, "-drive").is_empty());
         assert_eq!(after(&argv, "-netdev"), ["user,id=net0"]);
         assert!(after(&argv, "-device").contains(&"virtio-net-device,netdev=net0"));
@@ -820,13 +827,13 @@ mod tests {
 
         s.net = NetMode::Tap;
         assert!(matches!(
-            build_argv(Path::new("/q"), &s, AccelKind::Tcg),
+            build_argv(Path::new("/q"), &s, AccelKind::Tcg, None),
             Err(VmmError::Unavailable(_))
         ));
         s.net = NetMode::None;
         s.name = "bad name".into();
         assert!(matches!(
-            build_argv(Path::new("/q"), &s, AccelKind::Tcg),
+            build_argv(Path::new("/q"), &s, AccelKind::Tcg, None),
             Err(VmmError::StartFailed(_))
         ));
     }
@@ -834,13 +841,13 @@ mod tests {
     #[test]
     fn long_socket_paths_fail_clearly() {
         let long = PathBuf::from(format!("/{}", "d".repeat(100)));
-        match build_argv(Path::new("/q"), &spec(&long), AccelKind::Tcg) {
+        match build_argv(Path::new("/q"), &spec(&long), AccelKind::Tcg, None) {
             Err(VmmError::StartFailed(m)) => assert!(m.contains("at most 107"), "{m}"),
             other => panic!("expected StartFailed, got {other:?}"),
         }
         let ok = PathBuf::from(format!("/{}", "d".repeat(107 - 1 - "/agent.sock".len())));
         assert_eq!(ok.join("agent.sock").as_os_str().len(), 107);
-        assert!(build_argv(Path::new("/q"), &spec(&ok), AccelKind::Tcg).is_ok());
+        assert!(build_argv(Path::new("/q"), &spec(&ok), AccelKind::Tcg, None).is_ok());
     }
 
     #[test]
@@ -875,6 +882,7 @@ mod tests {
                 reason: "test".into(),
             },
             version: "test".into(),
+            tsc_khz: None,
         };
         let argv = vec![
             "/bin/sh".to_string(),
@@ -900,20 +908,18 @@ mod tests {
                 reason: "test".into(),
             },
             version: "test".into(),
+            tsc_khz: None,
         };
         // The "VMM" is `sleep`; a fake QMP server on its socket answers for it.
-        let sock = d.join(QMP_SOCK);
-        let sock2 = sock.clone();
+        let sock2 = d.join(QMP_SOCK);
         let server = tokio::spawn(async move {
-            // Wait until launch_argv removed stale sockets and started the process.
+            // Bind once launch_argv has removed stale sockets and started the process.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let h = super::super::qmp::tests::fake_server(&sock2, |cmd, _| match cmd {
+            super::super::qmp::tests::fake_server(&sock2, |cmd, _| match cmd {
                 "qmp_capabilities" | "stop" => Some(serde_json::json!({"return": {}})),
                 _ => Some(serde_json::json!({"error": {"class": "GenericError",
                     "desc": "Resetting the Virtual Machine is required"}})),
             })
-            .await;
-            h.await.unwrap()
         });
         let argv = vec!["/bin/sleep".to_string(), "30".into()];
         let inst = b.launch_argv(&d, argv.clone()).await.unwrap();
@@ -949,8 +955,17 @@ mod tests {
         assert!(!adopted.is_alive());
         inst.kill().await.unwrap(); // idempotent
         assert!(matches!(inst.pause().await, Err(VmmError::NotRunning)));
-        drop(inst);
-        drop(adopted);
-        server.abort();
+        let (task, seen) = server.await.unwrap();
+        task.abort();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "qmp_capabilities",
+                "qmp_capabilities",
+                "stop",
+                "qmp_capabilities",
+                "cont"
+            ]
+        );
     }
 }

@@ -184,46 +184,47 @@ impl Qmp {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
     use tokio::net::UnixListener;
 
-    /// A fake QMP server: greets, then answers each command by `reply(command, id)`;
-    /// `None` means "never answer". Emits an event before every reply.
-    pub(crate) async fn fake_server(
+    /// A fake QMP server: for each connection (one at a time, like QEMU's monitor) greets,
+    /// then answers each command by `reply(command, id)`; `None` means "never answer".
+    /// Emits an event before every reply. Records every command it saw.
+    pub(crate) fn fake_server(
         path: &Path,
         reply: impl Fn(&str, &Value) -> Option<Value> + Send + Sync + 'static,
-    ) -> tokio::task::JoinHandle<Vec<String>> {
+    ) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<String>>>) {
         let listener = UnixListener::bind(path).unwrap();
-        tokio::spawn(async move {
-            let mut seen = Vec::new();
-            let Ok((stream, _)) = listener.accept().await else {
-                return seen;
-            };
-            let (r, mut w) = stream.into_split();
-            let mut r = BufReader::new(r);
-            w.write_all(
-                b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7}}, \"capabilities\": []}}\r\n",
-            )
-            .await
-            .unwrap();
-            let mut line = String::new();
-            loop {
-                line.clear();
-                if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                    return seen;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (r, mut w) = stream.into_split();
+                let mut r = BufReader::new(r);
+                let greeting = "{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7}}, \"capabilities\": []}}\r\n";
+                if w.write_all(greeting.as_bytes()).await.is_err() {
+                    continue;
                 }
-                let m: Value = serde_json::from_str(line.trim()).unwrap();
-                let cmd = m["execute"].as_str().unwrap().to_string();
-                seen.push(cmd.clone());
-                let id = m.get("id").cloned().unwrap_or(Value::Null);
-                let _ = w
-                    .write_all(b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\r\n")
-                    .await;
-                if let Some(mut resp) = reply(&cmd, &id) {
-                    resp["id"] = id;
-                    let _ = w.write_all(format!("{resp}\r\n").as_bytes()).await;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let m: Value = serde_json::from_str(line.trim()).unwrap();
+                    let cmd = m["execute"].as_str().unwrap().to_string();
+                    seen2.lock().unwrap().push(cmd.clone());
+                    let id = m.get("id").cloned().unwrap_or(Value::Null);
+                    let event = "{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\r\n";
+                    let _ = w.write_all(event.as_bytes()).await;
+                    if let Some(mut resp) = reply(&cmd, &id) {
+                        resp["id"] = id;
+                        let _ = w.write_all(format!("{resp}\r\n").as_bytes()).await;
+                    }
                 }
             }
-        })
+        });
+        (task, seen)
     }
 
     pub(crate) fn standard_reply(cmd: &str, _id: &Value) -> Option<Value> {
@@ -242,7 +243,7 @@ pub(crate) mod tests {
     async fn greeting_capabilities_commands_and_errors() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("qmp.sock");
-        let server = fake_server(&sock, standard_reply).await;
+        let (_server, seen) = fake_server(&sock, standard_reply);
         let mut q = Qmp::connect(&sock, Duration::from_secs(2)).await.unwrap();
         assert_eq!(q.greeting()["QMP"]["version"]["qemu"]["major"], 7);
         let r = q
@@ -267,15 +268,28 @@ pub(crate) mod tests {
         let events = q.take_events();
         assert!(events.len() >= 3 && events[0]["event"] == "STOP");
         drop(q);
-        let seen = server.await.unwrap();
-        assert_eq!(seen, ["qmp_capabilities", "query-status", "bogus", "stop"]);
+        let mut q2 = Qmp::connect(&sock, Duration::from_secs(2)).await.unwrap();
+        q2.execute("cont", None, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "qmp_capabilities",
+                "query-status",
+                "bogus",
+                "stop",
+                "qmp_capabilities",
+                "cont"
+            ]
+        );
     }
 
     #[tokio::test]
     async fn timeouts_poison_the_connection() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("qmp.sock");
-        let _server = fake_server(&sock, standard_reply).await;
+        let _server = fake_server(&sock, standard_reply);
         let mut q = Qmp::connect(&sock, Duration::from_secs(2)).await.unwrap();
         let err = q
             .execute("hang", None, Duration::from_millis(100))

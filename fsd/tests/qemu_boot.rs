@@ -1,0 +1,240 @@
+//! Boots a real VM through the QEMU backend: guest artefacts built from the real kernel
+//! tree, busybox and the static agent, then launch → `bandsox-agent: ready` on the console
+//! → agent handshake over virtio-serial → a command in the guest (on the disk root) →
+//! pause/resume via QMP → adopt from the VM directory → kill, leaving no process.
+//!
+//! Prerequisites (installed by `mount-helpers/setup --deps-only`): qemu-system-x86_64,
+//! mkfs.ext4, /var/cache/bandsox/{kernel,busybox}. Without them the test prints a loud
+//! SKIP to stderr. The static agent is built with agent/build-static.sh if missing.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bandsox_agent::client::{AgentClient, ExecEvent};
+use bandsox_agent::proto::{ExecSpec, ExitStatus, Program};
+use bandsox_fsd::guest::{build_guest, GuestBuildOptions};
+use bandsox_fsd::vmm::qemu::{adopt_dir, QemuBackend};
+use bandsox_fsd::vmm::{Backend, NetMode, VmSpec, VmmError, VmmInstance};
+
+const KERNEL_ROOT: &str = "/var/cache/bandsox/kernel";
+const BUSYBOX: &str = "/var/cache/bandsox/busybox/bin/busybox";
+const READY: &str = "bandsox-agent: ready";
+const BOOT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// SIGKILLs the QEMU if the test panics before its own `kill`, so no VM is leaked.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.0) {
+            // SAFETY: kill(2) on the pid of the QEMU this test started; harmless if gone.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn skip(why: &str) {
+    eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+    eprintln!("!!! SKIPPED qemu_boot: {why}");
+    eprintln!("!!! run mount-helpers/setup --deps-only (as root) to install it");
+    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
+}
+
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false)
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| Path::new(d).join(name).is_file())
+}
+
+/// The static agent, built by agent/build-static.sh if it is not there yet.
+fn static_agent() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = repo.join("target/x86_64-unknown-linux-gnu/release/bandsox-agent");
+    if !bin.is_file() {
+        eprintln!("qemu_boot: building the static agent with agent/build-static.sh");
+        let st = Command::new(repo.join("agent/build-static.sh"))
+            .status()
+            .expect("run agent/build-static.sh");
+        assert!(st.success(), "agent/build-static.sh failed");
+    }
+    bin
+}
+
+async fn wait_console(console: &Path, needle: &str, inst: &dyn VmmInstance) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if text.contains(needle) {
+            return t0.elapsed();
+        }
+        assert!(
+            inst.is_alive(),
+            "QEMU exited before {needle:?}; console:\n{text}"
+        );
+        assert!(
+            t0.elapsed() < BOOT_DEADLINE,
+            "no {needle:?} within {BOOT_DEADLINE:?}; console:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn run(client: &AgentClient, script: &str) -> (String, ExitStatus) {
+    let spec = ExecSpec {
+        program: Program::Script(script.as_bytes().to_vec()),
+        env: Vec::new(),
+        cwd: None,
+        stdin: false,
+    };
+    let mut h = client
+        .exec(spec, Duration::from_secs(10))
+        .await
+        .expect("exec");
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, h.next()).await {
+            Ok(Some(ExecEvent::Output(_, b))) => out.extend(b),
+            Ok(Some(ExecEvent::Exited(st))) => {
+                return (String::from_utf8_lossy(&out).into_owned(), st)
+            }
+            Ok(Some(ExecEvent::Lost)) | Ok(None) => panic!("connection lost during {script:?}"),
+            Err(_) => panic!("{script:?} did not finish"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_pause_resume_kill() {
+    if !on_path("qemu-system-x86_64") {
+        return skip("qemu-system-x86_64 is not installed");
+    }
+    if !Path::new(KERNEL_ROOT).join("boot").is_dir() || !Path::new(BUSYBOX).is_file() {
+        return skip("no extracted kernel/busybox in /var/cache/bandsox");
+    }
+    if !on_path("mkfs.ext4") {
+        return skip("mkfs.ext4 (e2fsprogs) is not installed");
+    }
+    let agent = static_agent();
+
+    let tmp = tempfile::Builder::new()
+        .prefix("bx")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let state = tmp.path().join("s");
+    let t0 = Instant::now();
+    let art = build_guest(&GuestBuildOptions {
+        state_dir: state.clone(),
+        agent,
+        kernel_root: KERNEL_ROOT.into(),
+        busybox: Some(BUSYBOX.into()),
+        force: false,
+    })
+    .expect("guest build");
+    eprintln!(
+        "qemu_boot: guest artefacts for {} built in {:?}",
+        art.kernel_version,
+        t0.elapsed()
+    );
+
+    let dir = tmp.path().join("vm");
+    std::fs::create_dir(&dir).unwrap();
+    let disk = dir.join("disk.ext4");
+    bandsox_fsd::disk::clone_disk(&art.base_image, &disk).unwrap();
+    let spec = VmSpec {
+        name: "boottest".into(),
+        dir: dir.clone(),
+        vcpus: 1,
+        memory_mib: 256,
+        disk: Some(disk),
+        kernel: art.kernel.clone(),
+        initrd: art.initrd.clone(),
+        net: NetMode::None,
+    };
+    let backend = QemuBackend::detect().expect("qemu backend");
+    eprintln!("qemu_boot: {}", backend.describe());
+
+    let t0 = Instant::now();
+    let inst = backend.launch(&spec).await.expect("launch");
+    let qmp_up = t0.elapsed();
+    let pid = inst.pid();
+    let _guard = KillOnDrop(pid);
+    let ready = wait_console(&spec.console_path(), READY, inst.as_ref()).await + qmp_up;
+    eprintln!(
+        "qemu_boot: QMP up after {qmp_up:?}, `{READY}` after {ready:?} (launch to console line)"
+    );
+
+    // The agent answers over virtio-serial, and the guest runs on the disk root.
+    let stream = inst.connect_agent().await.expect("agent socket");
+    let (client, info) = AgentClient::connect(stream, Duration::from_secs(10))
+        .await
+        .expect("agent handshake");
+    eprintln!(
+        "qemu_boot: agent {} on kernel {}, hostname {}, handshake {:?} after launch",
+        info.agent_version,
+        info.kernel,
+        info.hostname,
+        t0.elapsed()
+    );
+    assert_eq!(info.kernel, art.kernel_version);
+    let (out, st) = run(&client, "grep ' / ' /proc/mounts; ls /bin/busybox; id -u").await;
+    assert_eq!(st, ExitStatus::Code(0), "{out}");
+    assert!(
+        out.contains("/dev/vda / ext4"),
+        "root is not the disk: {out}"
+    );
+    assert!(out.trim_end().ends_with("\n0"), "{out}");
+
+    // Pause / resume through QMP; the agent works again afterwards.
+    inst.pause().await.expect("pause");
+    inst.pause().await.expect("pause twice is fine");
+    assert!(
+        client.ping(Duration::from_millis(500)).await.is_err(),
+        "a paused guest must not answer"
+    );
+    inst.resume().await.expect("resume");
+    client
+        .ping(Duration::from_secs(10))
+        .await
+        .expect("ping after resume");
+
+    // Adopt from the directory alone: vmm.pid (QEMU's) + exact argv match.
+    let adopted = adopt_dir(&dir).expect("adopt the running QEMU");
+    assert_eq!(adopted.pid(), pid);
+    adopted
+        .pause()
+        .await
+        .expect("pause through a second QMP connection");
+    adopted.resume().await.expect("resume");
+    let again = backend.adopt(&spec).await.expect("adopt").expect("some");
+    assert!(again.is_alive());
+    drop(client);
+
+    // QMP errors carry QEMU's description.
+    match adopted
+        .qmp_execute("no-such-command", None, Duration::from_secs(5))
+        .await
+    {
+        Err(VmmError::Refused { op, message }) => {
+            assert_eq!(op, "no-such-command");
+            assert!(message.contains("no-such-command"), "{message}");
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+
+    // Kill: idempotent, reaped, nothing left.
+    inst.kill().await.expect("kill");
+    inst.kill().await.expect("kill again");
+    assert!(!inst.is_alive());
+    assert!(!adopted.is_alive());
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(stat.is_empty(), "QEMU {pid} still present: {stat}");
+    assert!(matches!(inst.pause().await, Err(VmmError::NotRunning)));
+    assert!(backend.adopt(&spec).await.unwrap().is_none());
+    for f in ["qemu.args.json", "console.log", "vmm.log"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+}
