@@ -31,7 +31,7 @@ pub mod modules;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -433,6 +433,7 @@ fn lock(path: &Path) -> Result<Lock, GuestError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(path)
         .map_err(|e| GuestError::io(path.to_path_buf(), e))?;
     // SAFETY: flock on an fd we own; blocks until the lock is ours. Released on close.

@@ -430,8 +430,7 @@ pub fn build_argv(
         &spec.vcpus.to_string(),
     ]);
     push(&["-kernel", &s(&spec.kernel)?, "-initrd", &s(&spec.initrd)?]);
-    let tsc_khz = tsc_khz.filter(|_| accel == AccelKind::Tcg);
-    push(&["-append", &kernel_cmdline(spec, tsc_khz)]);
+    push(&["-append", &kernel_cmdline(spec, accel, tsc_khz)]);
     push(&[
         "-chardev",
         &format!(
@@ -485,12 +484,22 @@ pub fn build_argv(
 }
 
 /// The guest kernel command line.
-/// The guest kernel command line. `tsc_khz` (TCG only) skips the guest's TSC calibration,
-/// which fails on a busy host and then hangs the boot (see [`accel::host_tsc_khz`]).
-pub fn kernel_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
-    let mut s = String::from("console=ttyS0 panic=-1 loglevel=4 reboot=t pci=off");
-    if let Some(khz) = tsc_khz {
-        s.push_str(&format!(" tsc_early_khz={khz}"));
+/// The guest kernel command line.
+///
+/// - `tsc_khz` (TCG only) skips the guest's TSC calibration, which fails on a busy host and
+///   then hangs the boot (see [`accel::host_tsc_khz`]).
+/// - `mitigations=off` only under TCG: emulated CPUs do not speculate, so the guest's
+///   Spectre/Meltdown workarounds cost time and protect nothing.
+/// - `cryptomgr.notests`, `8250.nr_uarts=1`, `pci=off`: skip work that microvm never needs.
+pub fn kernel_cmdline(spec: &VmSpec, accel: AccelKind, tsc_khz: Option<u64>) -> String {
+    let mut s = String::from(
+        "console=ttyS0 panic=-1 loglevel=4 reboot=t pci=off 8250.nr_uarts=1 cryptomgr.notests",
+    );
+    if accel == AccelKind::Tcg {
+        s.push_str(" mitigations=off");
+        if let Some(khz) = tsc_khz {
+            s.push_str(&format!(" tsc_early_khz={khz}"));
+        }
     }
     s.push_str(&format!(" bandsox.name={}", spec.name));
     s
