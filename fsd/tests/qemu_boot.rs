@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bandsox_agent::client::{AgentClient, ExecEvent};
-use bandsox_agent::proto::{ExecSpec, ExitStatus, Program};
+use bandsox_agent::proto::{ExecSpec, ExitStatus, Program, Request};
 use bandsox_fsd::guest::{build_guest, GuestBuildOptions};
 use bandsox_fsd::vmm::qemu::{adopt_dir, QemuBackend};
 use bandsox_fsd::vmm::{Backend, NetMode, VmSpec, VmmError, VmmInstance};
@@ -237,4 +237,46 @@ async fn boot_pause_resume_kill() {
     for f in ["qemu.args.json", "console.log", "vmm.log"] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
+
+    // A second VM without a disk (the agent stays in the initramfs) that powers itself
+    // off: QEMU exits on its own and is reaped, not left a zombie.
+    let dir2 = tmp.path().join("vm2");
+    std::fs::create_dir(&dir2).unwrap();
+    let spec2 = VmSpec {
+        name: "nodisk".into(),
+        dir: dir2.clone(),
+        disk: None,
+        ..spec.clone()
+    };
+    let inst2 = backend.launch(&spec2).await.expect("launch without disk");
+    let _guard2 = KillOnDrop(inst2.pid());
+    wait_console(&spec2.console_path(), READY, inst2.as_ref()).await;
+    let (client2, _) = AgentClient::connect(
+        inst2.connect_agent().await.unwrap(),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("agent handshake (no disk)");
+    // (The initramfs has no shell; the handshake shows the agent serves from it.)
+    client2
+        .ping(Duration::from_secs(5))
+        .await
+        .expect("ping (no disk)");
+    inst2
+        .request_shutdown()
+        .await
+        .expect("QMP system_powerdown is accepted");
+    let _ = client2
+        .request(Request::PowerOff, Duration::from_secs(10))
+        .await;
+    assert!(
+        inst2.wait_exit(Duration::from_secs(30)).await,
+        "QEMU did not exit after the guest powered off"
+    );
+    let pid2 = inst2.pid();
+    assert!(
+        std::fs::read_to_string(format!("/proc/{pid2}/stat")).is_err(),
+        "QEMU {pid2} left a zombie"
+    );
+    inst2.kill().await.expect("kill after exit is a no-op");
 }
