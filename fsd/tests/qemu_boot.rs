@@ -70,10 +70,13 @@ async fn wait_console(console: &Path, needle: &str, inst: &dyn VmmInstance) -> D
         if text.contains(needle) {
             return t0.elapsed();
         }
-        assert!(
-            inst.is_alive(),
-            "QEMU exited before {needle:?}; console:\n{text}"
-        );
+        if !inst.is_alive() {
+            let log = console.with_file_name("vmm.log");
+            panic!(
+                "QEMU exited before {needle:?}; vmm.log:\n{}\nconsole:\n{text}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
         assert!(
             t0.elapsed() < BOOT_DEADLINE,
             "no {needle:?} within {BOOT_DEADLINE:?}; console:\n{text}"
@@ -234,6 +237,7 @@ async fn boot_pause_resume_kill() {
     assert!(stat.is_empty(), "QEMU {pid} still present: {stat}");
     assert!(matches!(inst.pause().await, Err(VmmError::NotRunning)));
     assert!(backend.adopt(&spec).await.unwrap().is_none());
+    assert!(!dir.join("vmm.pid").exists(), "stale vmm.pid left behind");
     for f in ["qemu.args.json", "console.log", "vmm.log"] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }

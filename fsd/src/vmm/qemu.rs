@@ -5,7 +5,8 @@
 //! qemu.args.json  the exact argv (argv[0] = the QEMU binary) plus accelerator and time;
 //!                 written before QEMU starts; `adopt` compares it with /proc/<pid>/cmdline,
 //!                 snapshot restore rebuilds the command line from it
-//! vmm.pid         written (and locked, and removed at exit) by QEMU's -pidfile
+//! vmm.pid         written (and locked, and removed at a clean exit) by QEMU's -pidfile;
+//!                 removed by us once a QEMU we reaped or killed is gone
 //! vmm.log         QEMU's stdout and stderr (appended across restarts)
 //! console.log     the guest's serial console (chardev file, append=on)
 //! qmp.sock        QMP control socket (server)
@@ -225,6 +226,7 @@ impl QemuBackend {
         let pid = child.id();
         let state = Arc::new(ChildState::default());
         let reaper_state = state.clone();
+        let pid_file = dir.join("vmm.pid");
         std::thread::Builder::new()
             .name(format!("qemu-reap-{pid}"))
             .spawn(move || {
@@ -233,6 +235,7 @@ impl QemuBackend {
                     *reaper_state.status.lock() = Some(*s);
                 }
                 reaper_state.exited.store(true, Ordering::SeqCst);
+                remove_stale_pid_file(&pid_file, pid);
                 tracing::debug!(pid, ?status, "QEMU exited and was reaped");
             })
             .map_err(|e| VmmError::Io("reaper thread".into(), e))?;
@@ -536,6 +539,18 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Remove `<dir>/vmm.pid` if it still names `pid` (QEMU removes it on a clean exit, not
+/// when killed); a stale pid file could later name an unrelated process.
+fn remove_stale_pid_file(path: &Path, pid: u32) {
+    let names_pid = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        == Some(pid);
+    if names_pid {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// State char and start time (clock ticks since boot) from `/proc/<pid>/stat`.
 fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -715,6 +730,7 @@ impl VmmInstance for QemuInstance {
         }
         if self.wait_exit(KILL_WAIT).await {
             tracing::debug!(pid = self.pid, "QEMU killed");
+            remove_stale_pid_file(&self.dir.join("vmm.pid"), self.pid);
             Ok(())
         } else {
             Err(VmmError::Timeout(
