@@ -17,7 +17,10 @@ cleanup() {
   "$BANDSOX" unmount "$MNT" >/dev/null 2>&1 || true
   # Kill every VMM of the test state dir (VMs outlive the daemon by design).
   for p in "$STATE"/vms/*/vmm.pid; do
-    [ -f "$p" ] && kill -9 "$(cat "$p")" 2>/dev/null || true
+    # Only a pid whose command line names this VM's directory is ours to kill.
+    [ -f "$p" ] || continue
+    pid=$(cat "$p"); d=$(dirname "$p")
+    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF "$d" && kill -9 "$pid" 2>/dev/null || true
   done
   pkill -f "bandsox mount $MNT" 2>/dev/null || true
 }

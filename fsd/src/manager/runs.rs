@@ -21,6 +21,9 @@ use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 
+/// How long stdin/signal requests wait for a just-created run's command to start.
+pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Which spooled stream of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RunStream {
@@ -316,8 +319,26 @@ impl Run {
         self.read_at(stream, offset, size)
     }
 
+    /// The command's control handle, waiting (at most [`START_WAIT`]) while the run
+    /// exists but the guest has not reported the command started yet.
+    async fn live_control(&self) -> Option<ExecControl> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        loop {
+            {
+                let inner = self.inner.lock();
+                if inner.control.is_some() || !inner.status.is_running() {
+                    return inner.control.clone();
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return None;
+            }
+        }
+    }
+
     pub async fn signal(&self, sig: i32) -> Result<()> {
-        match self.control() {
+        match self.live_control().await {
             Some(c) => c.signal(sig).await.map_err(Error::from),
             None => Err(Error::new(
                 libc::ESRCH,
@@ -327,7 +348,7 @@ impl Run {
     }
 
     pub async fn write_stdin(&self, data: Vec<u8>) -> Result<()> {
-        match self.control() {
+        match self.live_control().await {
             Some(c) => c.stdin(data).await.map_err(Error::from),
             None => Err(Error::new(
                 libc::EPIPE,
@@ -337,7 +358,7 @@ impl Run {
     }
 
     pub async fn close_stdin(&self) -> Result<()> {
-        match self.control() {
+        match self.live_control().await {
             Some(c) => c.close_stdin().await.map_err(Error::from),
             None => Ok(()),
         }
