@@ -41,7 +41,10 @@ pub fn bench_boot(state_dir: &Path) -> Result<u64, String> {
                 return Err("the agent did not answer".to_string());
             }
             if let Ok(stream) = inst.connect_agent().await {
-                if AgentClient::connect(stream, Duration::from_secs(3)).await.is_ok() {
+                if AgentClient::connect(stream, Duration::from_secs(3))
+                    .await
+                    .is_ok()
+                {
                     break t0.elapsed().as_millis() as u64;
                 }
             } else {

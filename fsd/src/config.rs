@@ -168,7 +168,9 @@ mod tests {
         let c = VmConfig::default()
             .with_options(["vcpus=2", "memory=512", "disk=1024", "net=user"])
             .unwrap();
-        let back = VmConfig::default().parse_defaults(&c.to_defaults()).unwrap();
+        let back = VmConfig::default()
+            .parse_defaults(&c.to_defaults())
+            .unwrap();
         assert_eq!(c, back);
     }
 
@@ -176,7 +178,13 @@ mod tests {
     fn bad_options_change_nothing() {
         let c = VmConfig::default();
         for bad in [
-            "vcpus=0", "vcpus=x", "memory=1", "net=wifi", "color=red", "novalue", "image=a/b",
+            "vcpus=0",
+            "vcpus=x",
+            "memory=1",
+            "net=wifi",
+            "color=red",
+            "novalue",
+            "image=a/b",
         ] {
             let e = c.with_options(["vcpus=4", bad]).unwrap_err();
             assert_eq!(e.errno, libc::EINVAL, "{bad}");

@@ -13,10 +13,23 @@ pub const MAX_CLONES: u32 = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GlobalCmd {
-    Create { name: String, options: Vec<String> },
-    Clone { snapshot: String, name: String, count: Option<u32> },
-    Import { image: String, source: String },
-    Pull { image: String, reference: String },
+    Create {
+        name: String,
+        options: Vec<String>,
+    },
+    Clone {
+        snapshot: String,
+        name: String,
+        count: Option<u32>,
+    },
+    Import {
+        image: String,
+        source: String,
+    },
+    Pull {
+        image: String,
+        reference: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,12 +131,15 @@ pub fn parse_vm(line: &str) -> Result<VmCmd> {
             .map(VmCmd::Ping)
             .ok_or_else(|| Error::invalid(format!("ping {n}: expected a count 1..10000"))),
         [] => Err(Error::invalid(format!("empty command; {VM_HELP}"))),
-        [cmd @ ("start" | "stop" | "kill" | "pause" | "resume" | "restart" | "snapshot" | "ping"), ..] => {
+        [cmd
+        @ ("start" | "stop" | "kill" | "pause" | "resume" | "restart" | "snapshot" | "ping"), ..] => {
             Err(Error::invalid(format!(
                 "{cmd}: wrong number of arguments; {VM_HELP}"
             )))
         }
-        [cmd, ..] => Err(Error::invalid(format!("unknown command {cmd:?}; {VM_HELP}"))),
+        [cmd, ..] => Err(Error::invalid(format!(
+            "unknown command {cmd:?}; {VM_HELP}"
+        ))),
     }
 }
 
@@ -162,7 +178,9 @@ pub fn parse_run(line: &str) -> Result<RunCmd> {
         ["kill", sig] => Ok(RunCmd::Kill(parse_signal(sig)?)),
         ["close-stdin"] => Ok(RunCmd::CloseStdin),
         [] => Err(Error::invalid(format!("empty command; {RUN_HELP}"))),
-        [cmd, ..] => Err(Error::invalid(format!("unknown command {cmd:?}; {RUN_HELP}"))),
+        [cmd, ..] => Err(Error::invalid(format!(
+            "unknown command {cmd:?}; {RUN_HELP}"
+        ))),
     }
 }
 
@@ -187,7 +205,14 @@ mod tests {
                 count: Some(3)
             }
         );
-        for bad in ["", "bogus", "create", "clone s", "clone s b count=0", "clone s b x=1"] {
+        for bad in [
+            "",
+            "bogus",
+            "create",
+            "clone s",
+            "clone s b count=0",
+            "clone s b x=1",
+        ] {
             assert_eq!(parse_global(bad).unwrap_err().errno, libc::EINVAL, "{bad}");
         }
     }
@@ -195,7 +220,10 @@ mod tests {
     #[test]
     fn parses_vm_and_run() {
         assert_eq!(parse_vm("pause\n").unwrap(), VmCmd::Op(VmOp::Pause));
-        assert_eq!(parse_vm("snapshot s1").unwrap(), VmCmd::Snapshot("s1".into()));
+        assert_eq!(
+            parse_vm("snapshot s1").unwrap(),
+            VmCmd::Snapshot("s1".into())
+        );
         assert_eq!(parse_vm("ping 30").unwrap(), VmCmd::Ping(30));
         assert!(parse_vm("ping 0").is_err());
         assert!(parse_vm("bogus").unwrap_err().message.contains("accepted"));

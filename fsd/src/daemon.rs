@@ -109,10 +109,7 @@ fn daemonize(log: &Path) -> Result<Option<OwnedFd>, String> {
             let mut b = [0u8; 1];
             match f.read(&mut b) {
                 Ok(1) => Ok(None),
-                _ => Err(format!(
-                    "the daemon failed to start; see {}",
-                    log.display()
-                )),
+                _ => Err(format!("the daemon failed to start; see {}", log.display())),
             }
         }
     }
@@ -138,7 +135,8 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         .map_err(|e| format!("tokio runtime: {e}"))?;
     let backends = crate::backends::detect();
     let mgr = Manager::open(opts.state_dir.clone(), backends).map_err(|e| e.to_string())?;
-    mgr.events.emit("", "daemon-start", &format!("pid={}", std::process::id()));
+    mgr.events
+        .emit("", "daemon-start", &format!("pid={}", std::process::id()));
     rt.block_on(mgr.reload());
 
     if is_stale_mount(&opts.mountpoint) || is_mounted(&opts.mountpoint) {
@@ -168,9 +166,10 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     let mp = opts.mountpoint.clone();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return;
         };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }

@@ -84,7 +84,11 @@ mod tests {
         let text = std::fs::read_to_string(log.path()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines[0].ends_with(" a created vcpus=1 memory=256"), "{}", lines[0]);
+        assert!(
+            lines[0].ends_with(" a created vcpus=1 memory=256"),
+            "{}",
+            lines[0]
+        );
         assert!(lines[1].contains(" - started daemon"));
         assert!(lines[0].starts_with("20"));
     }

@@ -85,7 +85,8 @@ mod tests {
     fn ignores_sigchld_and_blocked() {
         let chld = format!("{BASE}SigPnd:\t0000000000010000\n");
         assert_eq!(pending_in_status(&chld), None);
-        let blocked = "SigPnd:\t0000000000000002\nShdPnd:\t0\nSigBlk:\t0000000000000002\nSigIgn:\t0\n";
+        let blocked =
+            "SigPnd:\t0000000000000002\nShdPnd:\t0\nSigBlk:\t0000000000000002\nSigIgn:\t0\n";
         assert_eq!(pending_in_status(blocked), None);
         let kill = "SigPnd:\t0\nShdPnd:\t0000000000000100\nSigBlk:\tffffffffffffffff\nSigIgn:\t0\n";
         assert_eq!(pending_in_status(kill), Some(libc::SIGKILL));

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use bandsox_fsd::daemon::{self, MountOptions};
 
 #[derive(Parser)]
-#[command(name = "bandsox", version, about = "microVMs driven through a filesystem")]
+#[command(
+    name = "bandsox",
+    version,
+    about = "microVMs driven through a filesystem"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -29,9 +33,7 @@ enum Cmd {
         threads: usize,
     },
     /// Unmount the tree (VMs keep running and are re-adopted by the next mount).
-    Unmount {
-        mountpoint: PathBuf,
-    },
+    Unmount { mountpoint: PathBuf },
     /// Benchmark baseline: boot one VM without the daemon, print ms to the agent's answer.
     BenchBoot {
         #[arg(long, env = "BANDSOX_STATE_DIR", default_value = "/var/lib/bandsox")]

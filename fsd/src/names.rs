@@ -69,7 +69,18 @@ mod tests {
     #[test]
     fn rejects_bad_names() {
         for n in [
-            "", "a/b", "..", ".", "-x", ".hidden", "ctl", "images", "a b", "tab\t", "nl\n", "é",
+            "",
+            "a/b",
+            "..",
+            ".",
+            "-x",
+            ".hidden",
+            "ctl",
+            "images",
+            "a b",
+            "tab\t",
+            "nl\n",
+            "é",
             &"x".repeat(65),
         ] {
             let e = validate("VM", n).unwrap_err();

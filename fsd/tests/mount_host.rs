@@ -68,7 +68,11 @@ impl Mounted {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !is_mounted(&m.mnt) {
-            assert!(Instant::now() < deadline, "mount did not appear: {}", m.log());
+            assert!(
+                Instant::now() < deadline,
+                "mount did not appear: {}",
+                m.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Some(m)
@@ -94,7 +98,12 @@ impl Mounted {
 
     fn ok(&self, script: &str) -> String {
         let (code, out, err) = self.sh(script);
-        assert_eq!(code, 0, "script failed: {script}\nstdout: {out}\nstderr: {err}\nlog: {}", self.log());
+        assert_eq!(
+            code,
+            0,
+            "script failed: {script}\nstdout: {out}\nstderr: {err}\nlog: {}",
+            self.log()
+        );
         out
     }
 }
@@ -123,7 +132,10 @@ fn exec_runs_and_ctl_through_the_mount() {
 
     // mkdir boots; exec runs; cat exec prints; status of a #! script.
     m.ok("mkdir $M/a && test \"$(cat $M/a/state)\" = running");
-    assert_eq!(m.ok("echo 'echo hello' > $M/a/exec; cat $M/a/exec"), "hello\n");
+    assert_eq!(
+        m.ok("echo 'echo hello' > $M/a/exec; cat $M/a/exec"),
+        "hello\n"
+    );
     assert_eq!(
         m.ok("printf '#!/bin/sh\\nexit 3\\n' > $M/a/exec; cat $M/a/runs/last/status"),
         "3\n"
@@ -137,7 +149,9 @@ fn exec_runs_and_ctl_through_the_mount() {
         "1\n2\n3\n"
     );
     // Binary output passes unchanged.
-    let sum = m.ok("echo 'head -c 3000000 /dev/urandom > blob; cat blob' > $M/a/exec; cat $M/a/exec | md5sum");
+    let sum = m.ok(
+        "echo 'head -c 3000000 /dev/urandom > blob; cat blob' > $M/a/exec; cat $M/a/exec | md5sum",
+    );
     let guest = m.ok(&format!(
         "cat {}/vms/*/root/blob | md5sum",
         m.state.display()
@@ -165,13 +179,18 @@ fn exec_runs_and_ctl_through_the_mount() {
     let (code, _, err) = m.sh("echo bogus > $M/a/ctl");
     assert_ne!(code, 0);
     assert!(err.contains("Invalid argument"), "{err}");
-    assert!(m.ok("cat $M/a/ctl").starts_with("error: unknown command \"bogus\""));
+    assert!(m
+        .ok("cat $M/a/ctl")
+        .starts_with("error: unknown command \"bogus\""));
     let (_, _, err) = m.sh("echo resume > $M/a/ctl");
     assert!(err.contains("Device or resource busy"), "{err}");
     let (_, _, err) = m.sh("echo x > $M/a/state");
     assert!(err.contains("Permission denied"), "{err}");
     let (_, _, err) = m.sh("mkdir $M/ctl; mkdir '$M/bad name'");
-    assert!(err.contains("Invalid argument") || err.contains("File exists"), "{err}");
+    assert!(
+        err.contains("Invalid argument") || err.contains("File exists"),
+        "{err}"
+    );
     let (_, _, err) = m.sh("mkdir $M/a");
     assert!(err.contains("File exists"), "{err}");
     assert_eq!(m.ok("cat $M/a/state"), "running\n");
@@ -195,7 +214,10 @@ fn exec_runs_and_ctl_through_the_mount() {
 
     // events and info.
     let ev = m.ok("cat $M/events");
-    assert!(ev.contains(" a created ") && ev.contains(" a running ") && ev.contains(" a paused"), "{ev}");
+    assert!(
+        ev.contains(" a created ") && ev.contains(" a running ") && ev.contains(" a paused"),
+        "{ev}"
+    );
     assert!(m.ok("cat $M/a/info").contains("\"name\": \"a\""));
 
     // rmdir leaves nothing behind.

@@ -110,7 +110,13 @@ impl Files {
     }
 
     /// Open `node`; `write`/`read` say what the open flags ask for.
-    pub fn open(&self, node: &Node, read: bool, write: bool, caller: Caller) -> Result<(u64, OpenMode)> {
+    pub fn open(
+        &self,
+        node: &Node,
+        read: bool,
+        write: bool,
+        caller: Caller,
+    ) -> Result<(u64, OpenMode)> {
         self.tree.check(node)?;
         let direct = OpenMode {
             direct_io: true,
@@ -129,13 +135,13 @@ impl Files {
         };
         let (file, mode) = match node {
             Node::Ctl => (OpenFile::RootCtl, direct),
-            Node::Defaults => (
-                OpenFile::Defaults(Mutex::new(Vec::new())),
-                direct,
-            ),
+            Node::Defaults => (OpenFile::Defaults(Mutex::new(Vec::new())), direct),
             Node::Events => {
                 ro("events")?;
-                (OpenFile::Log(self.tree.mgr.events.path().to_path_buf()), direct)
+                (
+                    OpenFile::Log(self.tree.mgr.events.path().to_path_buf()),
+                    direct,
+                )
             }
             Node::VmFile(id, VmFile::Console) => {
                 ro("console")?;
@@ -219,7 +225,11 @@ impl Files {
                 offset,
                 size,
             )),
-            OpenFile::VmCtl(vm) => Ok(slice_at(vm.ctl_result(caller.session).as_bytes(), offset, size)),
+            OpenFile::VmCtl(vm) => Ok(slice_at(
+                vm.ctl_result(caller.session).as_bytes(),
+                offset,
+                size,
+            )),
             OpenFile::RunCtl(_) | OpenFile::Stdin(_) => Ok(Vec::new()),
             OpenFile::Defaults(_) => Ok(slice_at(
                 self.tree.mgr.defaults().to_defaults().as_bytes(),
@@ -384,7 +394,13 @@ impl Files {
 
 /// Wait like a pipe for a run's stream, answering EINTR (and sending the command
 /// SIGINT) if the reader is interrupted.
-async fn read_run(run: &Arc<Run>, stream: RunStream, at: u64, size: u32, pid: u32) -> Result<Vec<u8>> {
+async fn read_run(
+    run: &Arc<Run>,
+    stream: RunStream,
+    at: u64,
+    size: u32,
+    pid: u32,
+) -> Result<Vec<u8>> {
     let size = size.min(4 * 1024 * 1024);
     let res = interruptible(pid, run.read_stream(stream, at, size)).await;
     if let Err(e) = &res {

@@ -387,7 +387,14 @@ impl fuser::Filesystem for BandsoxFs {
         reply.ok();
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
         // Control files carry no extended attributes.
         reply.error(Errno::from_i32(libc::ENODATA));
     }

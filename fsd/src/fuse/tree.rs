@@ -248,7 +248,10 @@ impl Tree {
             }
             Node::Run(id, n) => {
                 self.vm(id)?.run(*n).ok_or_else(nf)?;
-                let f = RUN_FILES.iter().find(|(fname, _)| *fname == name).ok_or_else(nf)?;
+                let f = RUN_FILES
+                    .iter()
+                    .find(|(fname, _)| *fname == name)
+                    .ok_or_else(nf)?;
                 Node::RunFile(id.clone(), *n, f.1)
             }
             _ => return Err(Error::new(libc::ENOTDIR, "not a directory")),
@@ -387,7 +390,11 @@ impl Tree {
             Node::Runs(_) | Node::Run(..) => dir(0o700),
             Node::RunsLast(_) => (Kind::Symlink, 0o777, 0),
             Node::Ctl => (Kind::File, 0o666, 0),
-            Node::Defaults => (Kind::File, 0o644, self.generated(node)?.map_or(0, |c| c.len() as u64)),
+            Node::Defaults => (
+                Kind::File,
+                0o644,
+                self.generated(node)?.map_or(0, |c| c.len() as u64),
+            ),
             Node::Events => (Kind::File, 0o444, file_len(self.mgr.events.path())),
             Node::Readme | Node::ImageInfo(_) => (
                 Kind::File,
@@ -407,7 +414,10 @@ impl Tree {
                 RunFile::Stdin => (Kind::File, 0o200, 0),
                 RunFile::Ctl => (Kind::File, 0o600, 0),
                 RunFile::Out(s) => {
-                    let run = self.vm(id)?.run(*n).ok_or_else(|| Error::not_found("no such run"))?;
+                    let run = self
+                        .vm(id)?
+                        .run(*n)
+                        .ok_or_else(|| Error::not_found("no such run"))?;
                     (Kind::File, 0o400, run.len((*s).into()))
                 }
                 _ => (

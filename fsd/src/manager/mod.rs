@@ -93,10 +93,12 @@ impl Manager {
         layout.create()?;
         let events = Arc::new(EventLog::open(&layout.events())?);
         let defaults = match std::fs::read_to_string(layout.defaults()) {
-            Ok(text) => VmConfig::default().parse_defaults(&text).unwrap_or_else(|e| {
-                tracing::warn!("ignoring invalid defaults file: {e}");
-                VmConfig::default()
-            }),
+            Ok(text) => VmConfig::default()
+                .parse_defaults(&text)
+                .unwrap_or_else(|e| {
+                    tracing::warn!("ignoring invalid defaults file: {e}");
+                    VmConfig::default()
+                }),
             Err(_) => VmConfig::default(),
         };
         let boot_timeout = std::env::var("BANDSOX_BOOT_TIMEOUT")
@@ -213,9 +215,8 @@ impl Manager {
         if !self.images().iter().any(|i| i == name) {
             return Err(Error::not_found(format!("no image {name:?}")));
         }
-        let mut s = std::fs::read_to_string(self.layout.image_info(name)).unwrap_or_else(|_| {
-            serde_json::json!({ "name": name }).to_string()
-        });
+        let mut s = std::fs::read_to_string(self.layout.image_info(name))
+            .unwrap_or_else(|_| serde_json::json!({ "name": name }).to_string());
         if !s.ends_with('\n') {
             s.push('\n');
         }

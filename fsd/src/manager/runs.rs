@@ -146,7 +146,11 @@ impl Run {
         if !dir.join("status").exists() {
             let _ = std::fs::write(dir.join("status"), status.render());
         }
-        let len = |name: &str| std::fs::metadata(dir.join(name)).map(|m| m.len()).unwrap_or(0);
+        let len = |name: &str| {
+            std::fs::metadata(dir.join(name))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        };
         let pid = std::fs::read_to_string(dir.join("pid"))
             .ok()
             .and_then(|p| p.trim().parse().ok());
@@ -331,7 +335,10 @@ impl Run {
                     return inner.control.clone();
                 }
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 return None;
             }
         }
@@ -379,7 +386,10 @@ mod tests {
         ] {
             assert_eq!(status_from_file(&s.render()), s);
         }
-        assert_eq!(RunStatus::Exited(ExitStatus::Signal(15)).render(), "signal 15\n");
+        assert_eq!(
+            RunStatus::Exited(ExitStatus::Signal(15)).render(),
+            "signal 15\n"
+        );
     }
 
     #[tokio::test]
@@ -388,7 +398,10 @@ mod tests {
         let run = Run::create(dir.path(), 1, b"echo hi".to_vec()).unwrap();
         run.append(OutStream::Stdout, b"hello ").unwrap();
         run.append(OutStream::Stderr, b"oops ").unwrap();
-        assert_eq!(run.read_at(RunStream::Output, 0, 100).unwrap(), b"hello oops ");
+        assert_eq!(
+            run.read_at(RunStream::Output, 0, 100).unwrap(),
+            b"hello oops "
+        );
         assert_eq!(run.read_at(RunStream::Stderr, 0, 100).unwrap(), b"oops ");
         let r2 = run.clone();
         let waiter = tokio::spawn(async move { r2.read_stream(RunStream::Stdout, 6, 100).await });
@@ -397,7 +410,10 @@ mod tests {
         run.bump();
         assert_eq!(waiter.await.unwrap().unwrap(), b"world");
         run.finish(RunStatus::Exited(ExitStatus::Code(0)));
-        assert_eq!(run.read_stream(RunStream::Stdout, 11, 100).await.unwrap(), b"");
+        assert_eq!(
+            run.read_stream(RunStream::Stdout, 11, 100).await.unwrap(),
+            b""
+        );
         let loaded = Run::load(&dir.path().join("1"), 1).unwrap();
         assert_eq!(loaded.status(), RunStatus::Exited(ExitStatus::Code(0)));
         assert_eq!(loaded.len(RunStream::Output), 16);

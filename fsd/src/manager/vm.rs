@@ -263,8 +263,11 @@ impl Vm {
     async fn boot_locked(self: &Arc<Self>, timeout: Duration) -> Result<()> {
         let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         self.set_state(VmState::Booting);
-        self.events
-            .emit(&self.name, "booting", &format!("backend={}", self.backend.kind()));
+        self.events.emit(
+            &self.name,
+            "booting",
+            &format!("backend={}", self.backend.kind()),
+        );
         let t0 = Instant::now();
         let spec = self.spec();
         let inst: Arc<dyn VmmInstance> = match self.backend.launch(&spec).await {
@@ -283,8 +286,11 @@ impl Vm {
                 self.record.lock().boot_ms = Some(ms);
                 self.set_state(VmState::Running);
                 self.set_desired(Desired::Running);
-                self.events
-                    .emit(&self.name, "running", &format!("boot_ms={ms} pid={}", inst.pid()));
+                self.events.emit(
+                    &self.name,
+                    "running",
+                    &format!("boot_ms={ms} pid={}", inst.pid()),
+                );
                 self.spawn_monitor(gen);
                 Ok(())
             }
@@ -478,7 +484,11 @@ impl Vm {
                 state.render()
             )));
         }
-        let inst = self.vmm.lock().clone().ok_or_else(|| Error::host_down("no VMM"))?;
+        let inst = self
+            .vmm
+            .lock()
+            .clone()
+            .ok_or_else(|| Error::host_down("no VMM"))?;
         inst.pause().await?;
         self.set_state(VmState::Paused);
         self.set_desired(Desired::Paused);
@@ -496,7 +506,11 @@ impl Vm {
                 state.render()
             )));
         }
-        let inst = self.vmm.lock().clone().ok_or_else(|| Error::host_down("no VMM"))?;
+        let inst = self
+            .vmm
+            .lock()
+            .clone()
+            .ok_or_else(|| Error::host_down("no VMM"))?;
         inst.resume().await?;
         self.set_state(VmState::Running);
         self.set_desired(Desired::Running);
@@ -567,8 +581,11 @@ impl Vm {
             Ok(None) => {
                 self.set_state(VmState::Stopped);
                 self.set_desired(Desired::Stopped);
-                self.events
-                    .emit(&self.name, "stopped", "its VMM was gone when the daemon started");
+                self.events.emit(
+                    &self.name,
+                    "stopped",
+                    "its VMM was gone when the daemon started",
+                );
             }
             Err(e) => {
                 self.set_state(VmState::Failed(e.to_string()));
@@ -611,7 +628,10 @@ impl Vm {
         if script.len() > MAX_SCRIPT {
             return Err(Error::new(
                 libc::E2BIG,
-                format!("the command is {} bytes; at most {MAX_SCRIPT} are accepted", script.len()),
+                format!(
+                    "the command is {} bytes; at most {MAX_SCRIPT} are accepted",
+                    script.len()
+                ),
             ));
         }
         if script.iter().all(|b| b.is_ascii_whitespace()) {

@@ -56,7 +56,10 @@ impl Backend for HostBackend {
     }
 
     fn describe(&self) -> String {
-        format!("host-mode agent {} (test backend, no VM)", self.agent.display())
+        format!(
+            "host-mode agent {} (test backend, no VM)",
+            self.agent.display()
+        )
     }
 
     fn needs_boot_files(&self) -> bool {
@@ -107,7 +110,10 @@ impl Backend for HostBackend {
                 return Err(VmmError::StartFailed("the host agent exited".into()));
             }
             if Instant::now() > deadline {
-                return Err(VmmError::Timeout(Duration::from_secs(5), "agent socket".into()));
+                return Err(VmmError::Timeout(
+                    Duration::from_secs(5),
+                    "agent socket".into(),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
