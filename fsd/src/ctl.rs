@@ -2,7 +2,31 @@
 //!
 //! One command per line; parsing never has side effects, so a bad line is rejected
 //! (EINVAL, with a message listing what is accepted) before anything is changed.
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
+
 use crate::error::{Error, Result};
+
+/// The last `ctl` result per caller session (what reading a `ctl` file returns).
+#[derive(Default)]
+pub struct CtlResults(Mutex<HashMap<u32, String>>);
+
+impl CtlResults {
+    pub fn get(&self, session: u32) -> String {
+        self.0.lock().get(&session).cloned().unwrap_or_default()
+    }
+
+    /// Remember the outcome of one command for `session` and pass it on.
+    pub fn record(&self, session: u32, outcome: Result<String>) -> Result<String> {
+        let text = match &outcome {
+            Ok(msg) => format!("{msg}\n"),
+            Err(e) => format!("error: {}\n", e.message),
+        };
+        self.0.lock().insert(session, text);
+        outcome
+    }
+}
 
 pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] | import IMAGE SOURCE | pull IMAGE REFERENCE";
 pub const VM_HELP: &str =

@@ -221,12 +221,12 @@ impl Files {
             OpenFile::Generated(c) => Ok(slice_at(c, offset, size)),
             OpenFile::Log(p) => read_file_at(p, offset, size),
             OpenFile::RootCtl => Ok(slice_at(
-                self.tree.mgr.ctl_result(caller.session).as_bytes(),
+                self.tree.mgr.ctl_results().get(caller.session).as_bytes(),
                 offset,
                 size,
             )),
             OpenFile::VmCtl(vm) => Ok(slice_at(
-                vm.ctl_result(caller.session).as_bytes(),
+                vm.ctl_results().get(caller.session).as_bytes(),
                 offset,
                 size,
             )),
@@ -267,26 +267,16 @@ impl Files {
                 let mgr = self.tree.mgr.clone();
                 let text = ctl_text(data)?;
                 for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    match mgr.global_ctl(line, caller.uid, caller.gid).await {
-                        Ok(msg) => mgr.set_ctl_result(caller.session, format!("{msg}\n")),
-                        Err(e) => {
-                            mgr.set_ctl_result(caller.session, format!("error: {}\n", e.message));
-                            return Err(e);
-                        }
-                    }
+                    let outcome = mgr.global_ctl(line, caller.uid, caller.gid).await;
+                    mgr.ctl_results().record(caller.session, outcome)?;
                 }
                 Ok(len)
             }
             OpenFile::VmCtl(vm) => {
                 let text = ctl_text(data)?;
                 for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    match self.tree.mgr.vm_ctl(vm, line).await {
-                        Ok(msg) => vm.set_ctl_result(caller.session, format!("{msg}\n")),
-                        Err(e) => {
-                            vm.set_ctl_result(caller.session, format!("error: {}\n", e.message));
-                            return Err(e);
-                        }
-                    }
+                    let outcome = self.tree.mgr.vm_ctl(vm, line).await;
+                    vm.ctl_results().record(caller.session, outcome)?;
                 }
                 Ok(len)
             }

@@ -189,7 +189,8 @@ impl fuser::Filesystem for BandsoxFs {
                     Err(e) => reply.error(errno(&e)),
                 },
                 Err(e) => {
-                    mgr.set_ctl_result(c.session, format!("error: mkdir {name}: {}\n", e.message));
+                    let e = e.with_context(&format!("mkdir {name}"));
+                    let _ = mgr.ctl_results().record(c.session, Err(e.clone()));
                     reply.error(errno(&e))
                 }
             }

@@ -72,7 +72,7 @@ pub struct Manager {
     backends: Backends,
     boot_files: BootFiles,
     pub boot_timeout: Duration,
-    ctl_results: Mutex<std::collections::HashMap<u32, String>>,
+    ctl_results: crate::ctl::CtlResults,
 }
 
 fn new_id() -> String {
@@ -118,7 +118,7 @@ impl Manager {
             creating: Mutex::new(HashSet::new()),
             backends,
             boot_timeout,
-            ctl_results: Mutex::new(Default::default()),
+            ctl_results: Default::default(),
         }))
     }
 
@@ -184,16 +184,9 @@ impl Manager {
         Ok(())
     }
 
-    pub fn ctl_result(&self, session: u32) -> String {
-        self.ctl_results
-            .lock()
-            .get(&session)
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    pub fn set_ctl_result(&self, session: u32, text: String) {
-        self.ctl_results.lock().insert(session, text);
+    /// Last `ctl` results per session.
+    pub fn ctl_results(&self) -> &crate::ctl::CtlResults {
+        &self.ctl_results
     }
 
     // ---- images --------------------------------------------------------------------

@@ -109,7 +109,7 @@ pub struct Vm {
     /// Session id → that session's last run (for `runs/last` and `cat exec`).
     session_last: Mutex<HashMap<u32, u64>>,
     /// Session id → last `ctl` result text.
-    ctl_results: Mutex<HashMap<u32, String>>,
+    ctl_results: crate::ctl::CtlResults,
 }
 
 fn console_tail(dir: &std::path::Path, lines: usize) -> String {
@@ -147,7 +147,7 @@ impl Vm {
             runs: Mutex::new(runs),
             next_run: AtomicU64::new(next),
             session_last: Mutex::new(HashMap::new()),
-            ctl_results: Mutex::new(HashMap::new()),
+            ctl_results: Default::default(),
         })
     }
 
@@ -197,16 +197,9 @@ impl Vm {
         }
     }
 
-    pub fn ctl_result(&self, session: u32) -> String {
-        self.ctl_results
-            .lock()
-            .get(&session)
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    pub fn set_ctl_result(&self, session: u32, text: String) {
-        self.ctl_results.lock().insert(session, text);
+    /// Last `ctl` results per session.
+    pub fn ctl_results(&self) -> &crate::ctl::CtlResults {
+        &self.ctl_results
     }
 
     /// The info JSON.
@@ -474,21 +467,26 @@ impl Vm {
         Ok(())
     }
 
-    pub async fn pause(self: &Arc<Self>) -> Result<()> {
-        let _g = self.op_lock.lock().await;
+    /// The VMM instance, if the VM is in `needed` state (EBUSY otherwise).
+    fn vmm_in_state(&self, needed: VmState, op: &str) -> Result<Arc<dyn VmmInstance>> {
         let state = self.state();
-        if state != VmState::Running {
+        if state != needed {
             return Err(Error::busy(format!(
-                "VM {} is {}; pause needs a running VM",
+                "VM {} is {}; {op} needs a {} VM",
                 self.name,
-                state.render()
+                state.render(),
+                needed.render()
             )));
         }
-        let inst = self
-            .vmm
+        self.vmm
             .lock()
             .clone()
-            .ok_or_else(|| Error::host_down("no VMM"))?;
+            .ok_or_else(|| Error::host_down("no VMM"))
+    }
+
+    pub async fn pause(self: &Arc<Self>) -> Result<()> {
+        let _g = self.op_lock.lock().await;
+        let inst = self.vmm_in_state(VmState::Running, "pause")?;
         inst.pause().await?;
         self.set_state(VmState::Paused);
         self.set_desired(Desired::Paused);
@@ -498,19 +496,7 @@ impl Vm {
 
     pub async fn resume(self: &Arc<Self>) -> Result<()> {
         let _g = self.op_lock.lock().await;
-        let state = self.state();
-        if state != VmState::Paused {
-            return Err(Error::busy(format!(
-                "VM {} is {}; resume needs a paused VM",
-                self.name,
-                state.render()
-            )));
-        }
-        let inst = self
-            .vmm
-            .lock()
-            .clone()
-            .ok_or_else(|| Error::host_down("no VMM"))?;
+        let inst = self.vmm_in_state(VmState::Paused, "resume")?;
         inst.resume().await?;
         self.set_state(VmState::Running);
         self.set_desired(Desired::Running);
