@@ -61,7 +61,7 @@ pub enum OpenFile {
     RootCtl,
     VmCtl(Arc<Vm>),
     RunCtl(Arc<Run>),
-    Defaults(Mutex<Vec<u8>>),
+    Defaults,
     Stream {
         run: Arc<Run>,
         stream: RunStream,
@@ -135,7 +135,7 @@ impl Files {
         };
         let (file, mode) = match node {
             Node::Ctl => (OpenFile::RootCtl, direct),
-            Node::Defaults => (OpenFile::Defaults(Mutex::new(Vec::new())), direct),
+            Node::Defaults => (OpenFile::Defaults, direct),
             Node::Events => {
                 ro("events")?;
                 (
@@ -231,7 +231,7 @@ impl Files {
                 size,
             )),
             OpenFile::RunCtl(_) | OpenFile::Stdin(_) => Ok(Vec::new()),
-            OpenFile::Defaults(_) => Ok(slice_at(
+            OpenFile::Defaults => Ok(slice_at(
                 self.tree.mgr.defaults().to_defaults().as_bytes(),
                 offset,
                 size,
@@ -290,12 +290,9 @@ impl Files {
                 }
                 Ok(len)
             }
-            OpenFile::Defaults(buf) => {
-                let text = ctl_text(data)?;
-                // Validate each write on its own so the error reaches this write.
-                self.tree.mgr.defaults().parse_defaults(&text)?;
-                buf.lock().extend_from_slice(data);
-                self.tree.mgr.update_defaults(&text)?;
+            OpenFile::Defaults => {
+                // Each write is validated and applied on its own, so its error reaches it.
+                self.tree.mgr.update_defaults(&ctl_text(data)?)?;
                 Ok(len)
             }
             OpenFile::Stdin(run) => {
@@ -337,14 +334,11 @@ impl Files {
             let script = std::mem::take(&mut tx.script);
             let run = tx.vm.start_run(script, tx.session).await?;
             tx.run = Some(run);
-        } else if !tx.write_only || tx.run.is_none() {
-            return Ok(());
         }
-        if !tx.write_only {
-            return Ok(());
-        }
-        let Some(run) = tx.run.clone() else {
-            return Ok(());
+        // Only a write-only descriptor's close waits for its command.
+        let run = match (&tx.run, tx.write_only) {
+            (Some(run), true) => run.clone(),
+            _ => return Ok(()),
         };
         drop(tx);
         let waited = interruptible(caller.pid, async {

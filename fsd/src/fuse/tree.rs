@@ -187,9 +187,7 @@ impl Tree {
 
     pub fn vm(&self, id: &str) -> Result<Arc<Vm>> {
         self.mgr
-            .list()
-            .into_iter()
-            .find(|v| v.id == id)
+            .get_by_id(id)
             .ok_or_else(|| Error::not_found("no such VM"))
     }
 

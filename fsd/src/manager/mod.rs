@@ -167,6 +167,11 @@ impl Manager {
         self.vms.read().get(name).cloned()
     }
 
+    /// The VM with state-directory id `id` (the FUSE tree names VMs by id).
+    pub fn get_by_id(&self, id: &str) -> Option<Arc<Vm>> {
+        self.vms.read().values().find(|v| v.id == id).cloned()
+    }
+
     pub fn list(&self) -> Vec<Arc<Vm>> {
         self.vms.read().values().cloned().collect()
     }
@@ -175,7 +180,8 @@ impl Manager {
         self.defaults.lock().clone()
     }
 
-    /// Merge `key=value` words into the defaults and persist them.
+    /// Merge `key=value` words into the defaults and persist them; on any invalid
+    /// line nothing changes.
     pub fn update_defaults(&self, text: &str) -> Result<()> {
         let mut d = self.defaults.lock();
         let next = d.parse_defaults(text)?;
@@ -352,14 +358,6 @@ impl Manager {
         }
         self.events.emit(name, "deleted", "");
         Ok(())
-    }
-
-    /// Kill every VMM (used by tests and `bandsox unmount --kill`); not on a normal exit,
-    /// where VMs keep running for the next daemon to adopt.
-    pub async fn kill_all(&self) {
-        for vm in self.list() {
-            let _ = vm.kill().await;
-        }
     }
 
     // ---- ctl -----------------------------------------------------------------------

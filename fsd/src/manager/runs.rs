@@ -191,11 +191,6 @@ impl Run {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// Mark the run as failed to start (the exec request itself failed).
-    pub fn fail(&self, why: &str) {
-        self.finish(RunStatus::Lost(why.to_string()));
-    }
-
     fn finish(&self, status: RunStatus) {
         {
             let mut inner = self.inner.lock();
@@ -265,7 +260,7 @@ impl Run {
         self.finish(RunStatus::Lost("the guest agent ended the stream".into()));
     }
 
-    /// Mark a still-running run as lost (VM killed, stopped).
+    /// Mark a still-running run as lost (VM killed or stopped, or the exec request failed).
     pub fn abandon(&self, why: &str) {
         self.finish(RunStatus::Lost(why.to_string()));
     }

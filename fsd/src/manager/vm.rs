@@ -159,8 +159,21 @@ impl Vm {
         self.state.lock().clone()
     }
 
+    /// Change the state; a settled state (running, paused, stopped) is also what the VM
+    /// should be in after a daemon restart, so it is persisted as `desired`.
     fn set_state(&self, s: VmState) {
+        let desired = match s {
+            VmState::Running => Some(Desired::Running),
+            VmState::Paused => Some(Desired::Paused),
+            VmState::Stopped => Some(Desired::Stopped),
+            _ => None,
+        };
         *self.state.lock() = s;
+        if let Some(d) = desired {
+            if self.record.lock().desired != d {
+                self.set_desired(d);
+            }
+        }
     }
 
     pub fn console_path(&self) -> PathBuf {
@@ -278,7 +291,9 @@ impl Vm {
                 *self.agent.lock() = Some(client);
                 self.record.lock().boot_ms = Some(ms);
                 self.set_state(VmState::Running);
-                self.set_desired(Desired::Running);
+                if let Err(e) = self.save_record() {
+                    tracing::warn!(vm = %self.name, "cannot save record: {e}");
+                }
                 self.events.emit(
                     &self.name,
                     "running",
@@ -364,7 +379,6 @@ impl Vm {
                     }
                     vm.cleanup_after_exit("the VMM process exited");
                     vm.set_state(VmState::Stopped);
-                    vm.set_desired(Desired::Stopped);
                     vm.events.emit(&vm.name, "exited", "the VMM process exited");
                     return;
                 }
@@ -444,7 +458,6 @@ impl Vm {
         }
         self.cleanup_after_exit("the VM was stopped");
         self.set_state(VmState::Stopped);
-        self.set_desired(Desired::Stopped);
         self.events.emit(&self.name, "stopped", how);
         Ok(())
     }
@@ -462,7 +475,6 @@ impl Vm {
         }
         self.cleanup_after_exit("the VM was killed");
         self.set_state(VmState::Stopped);
-        self.set_desired(Desired::Stopped);
         self.events.emit(&self.name, "killed", "");
         Ok(())
     }
@@ -489,7 +501,6 @@ impl Vm {
         let inst = self.vmm_in_state(VmState::Running, "pause")?;
         inst.pause().await?;
         self.set_state(VmState::Paused);
-        self.set_desired(Desired::Paused);
         self.events.emit(&self.name, "paused", "");
         Ok(())
     }
@@ -499,7 +510,6 @@ impl Vm {
         let inst = self.vmm_in_state(VmState::Paused, "resume")?;
         inst.resume().await?;
         self.set_state(VmState::Running);
-        self.set_desired(Desired::Running);
         // A connection may not survive a pause on every transport: check, and reconnect.
         let healthy = match self.agent() {
             Some(a) => a.ping(Duration::from_secs(2)).await.is_ok(),
@@ -566,7 +576,6 @@ impl Vm {
             }
             Ok(None) => {
                 self.set_state(VmState::Stopped);
-                self.set_desired(Desired::Stopped);
                 self.events.emit(
                     &self.name,
                     "stopped",
@@ -641,7 +650,7 @@ impl Vm {
             }
             Err(e) => {
                 let err = Error::from(e);
-                run.fail(&err.message);
+                run.abandon(&err.message);
                 Err(err)
             }
         }
