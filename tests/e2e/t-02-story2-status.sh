@@ -12,7 +12,7 @@ assert_eq "signal 9" "$(cat "$MNT/s2/runs/last/status")" status
 assert_eq 3 "$(cat "$MNT/s2/runs/1/status")" "runs/1/status"
 assert_contains "$(cat "$MNT/s2/runs/1/cmd")" "exit 3" "runs/1/cmd"
 # stdout and stderr are kept apart, and together in order in output.
-echo 'echo out; echo err >&2; echo out2' > "$MNT/s2/exec"
+echo 'echo out; sleep 0.2; echo err >&2; sleep 0.2; echo out2' > "$MNT/s2/exec"
 assert_eq "out
 out2" "$(cat "$MNT/s2/runs/last/stdout")" stdout
 assert_eq "err" "$(cat "$MNT/s2/runs/last/stderr")" stderr
