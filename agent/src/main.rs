@@ -220,6 +220,7 @@ fn init_config() -> AgentConfig {
             PowerOffAction::ExitProcess
         },
         set_hostname: true,
+        fs_root: PathBuf::from("/"),
     }
 }
 

@@ -44,12 +44,13 @@
 use serde::{Deserialize, Serialize};
 
 pub mod codec;
+pub mod fs;
 pub use codec::{
     decode_message, encode_frame, encode_message, write_frame, FrameReader, Incoming, ProtoError,
 };
 
 /// Bumped on any incompatible change to [`Message`] or framing.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Marks the start of a session in both directions (see module docs).
 pub const SYNC_MAGIC: [u8; 8] = *b"BSXSYNC\x01";
@@ -104,6 +105,10 @@ pub enum Message {
     /// stdin pipe (or discarded because the command is gone); the host may send that many
     /// more (see module docs).
     StdinCredit { id: Id, bytes: u64 },
+    /// host → agent: drop references to file-service nodes (`(node, count)`); no answer.
+    Forget { nodes: Vec<(fs::NodeId, u64)> },
+    /// agent → host: changes in the guest's filesystem (see [`fs`]).
+    FsEvents(Vec<fs::FsEvent>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +194,8 @@ pub enum Request {
     /// Sync, unmount and power the guest off; answered `Ok` just before powering off.
     /// Host mode: answers `Ok` and exits the agent process.
     PowerOff,
+    /// A file-service request (see [`fs`]); answered with `Response::Fs` or `Error`.
+    Fs(fs::FsRequest),
 }
 
 /// agent → host responses.
@@ -204,10 +211,11 @@ pub enum Response {
         errno: i32,
         message: String,
     },
+    Fs(fs::FsResponse),
 }
 
 /// Byte vectors as bincode byte strings (length + raw bytes), not per-element sequences.
-mod serde_bytes_vec {
+pub(crate) mod serde_bytes_vec {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {

@@ -15,6 +15,7 @@
 //! * A mid-session `SYNC_MAGIC` + `Hello` with the session's nonce is re-acknowledged;
 //!   with another nonce it ends the session and starts a new one.
 mod exec;
+mod fs;
 pub use exec::kill_descendants;
 pub mod transport;
 
@@ -57,6 +58,8 @@ pub struct AgentConfig {
     pub power_off: PowerOffAction,
     /// Whether `SetHostname` really changes the hostname (init mode only).
     pub set_hostname: bool,
+    /// The directory the file service serves as [`crate::proto::fs::ROOT_NODE`].
+    pub fs_root: PathBuf,
 }
 
 impl AgentConfig {
@@ -80,14 +83,16 @@ impl AgentConfig {
     /// Host-mode configuration rooted at `root`.
     pub fn host(root: PathBuf) -> Self {
         let home = root.to_string_lossy().into_owned();
+        let default_cwd = root.clone();
         let mut env = Self::default_env(&home);
         env.retain(|(k, _)| k != "USER" && k != "LOGNAME");
         AgentConfig {
-            default_cwd: root,
+            default_cwd,
             env,
             script_dir: std::env::temp_dir().join(format!("bandsox-agent-{}", std::process::id())),
             power_off: PowerOffAction::ExitProcess,
             set_hostname: false,
+            fs_root: root,
         }
     }
 }
@@ -403,6 +408,7 @@ impl Agent {
                         None => tracing::debug!("signal for unknown stream {id}"),
                     }
                 }
+                Message::Forget { nodes } => fs::forget(self, &nodes),
                 other => tracing::debug!("ignoring unexpected message {other:?}"),
             }
         }
@@ -457,6 +463,10 @@ impl Agent {
                         }))
                         .await;
                 });
+                Ok(())
+            }
+            Request::Fs(req) => {
+                fs::spawn_request(self, id, req, out.clone());
                 Ok(())
             }
             Request::PowerOff => {

@@ -1,0 +1,356 @@
+//! The file service: the guest's filesystem, operated on by node and handle ids.
+//!
+//! The model follows FUSE's low-level API so the host can translate one kernel request
+//! into one agent request:
+//! * A **node** names a guest inode the host has looked up. Every reply that carries an
+//!   [`Entry`] (lookup, create, mkdir, mknod, symlink, link, and every `plus` entry of
+//!   [`FsRequest::ReadDir`]) adds one reference to that node; [`crate::proto::Message::Forget`]
+//!   drops references, and a node with none left is closed. Node ids are never reused
+//!   within one agent process. [`ROOT_NODE`] always exists and is never forgotten.
+//!   Hard links of one inode (same device and inode number) share one node.
+//! * A **handle** is an open file or directory (`Open`/`Create`/`OpenDir`) until its
+//!   `Release`/`ReleaseDir`.
+//! * Names are single path components as raw bytes (no `/`, no NUL, not `.` or `..`,
+//!   at most 255 bytes); anything else is `EINVAL`. The agent resolves names only relative
+//!   to a node it holds and never follows a symlink while doing so, so no request can
+//!   reach outside the served root.
+//! * Errors are `Response::Error { errno, message }` with the guest's errno.
+//! * Sizes a request asks for are capped by the agent ([`MAX_CHUNK`] for data,
+//!   [`MAX_XATTR`] for xattrs); the host must still check every size and name it gets back.
+//!
+//! Coherence: the agent watches (inotify) directories the host holds nodes for, up to a
+//! limit, and sends [`crate::proto::Message::FsEvents`] describing changes. An entry whose
+//! parent directory is watched is `coherent`: the host may cache it (and the data of the
+//! file) for long, because it will hear about changes. Events are batched and sent before
+//! any later `Exited` of a command, so a command's changes are announced before the host
+//! learns that the command ended.
+use serde::{Deserialize, Serialize};
+
+use super::serde_bytes_vec;
+pub use super::MAX_CHUNK;
+
+/// An agent-side node id (see module docs).
+pub type NodeId = u64;
+/// An agent-side open file or directory.
+pub type HandleId = u64;
+
+/// The served root directory (`/` in the guest, `--root` in host mode).
+pub const ROOT_NODE: NodeId = 1;
+/// Largest xattr value or list the agent returns (Linux's own limit).
+pub const MAX_XATTR: u32 = 64 * 1024;
+/// Longest name component.
+pub const MAX_NAME: usize = 255;
+
+/// Seconds and nanoseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Timespec {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+/// `stat` of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Attr {
+    /// The guest's inode number (informational; the host numbers inodes itself).
+    pub ino: u64,
+    pub size: u64,
+    /// 512-byte blocks allocated.
+    pub blocks: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    /// Full `st_mode`: file type bits and permission bits.
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub blksize: u32,
+}
+
+/// A looked-up name: one new reference to `node`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub node: NodeId,
+    pub attr: Attr,
+    /// The parent directory is watched, so changes to this entry and to the node's data
+    /// and attributes will be announced by [`FsEvent`]s.
+    pub coherent: bool,
+}
+
+/// A time to set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetTime {
+    Now,
+    At(Timespec),
+}
+
+/// What `SetAttr` changes; `None` leaves a field alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SetAttrs {
+    /// Permission bits (and setuid/setgid/sticky); the file type bits are ignored.
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Truncate or extend.
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// The identity new files are created with (the host caller's ids). The agent chowns a
+/// new node to these ids when they differ from its own; a failure to do so is ignored
+/// when the agent is not privileged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    #[serde(with = "serde_bytes_vec")]
+    pub name: Vec<u8>,
+    /// Cookie to pass as `offset` to continue *after* this entry.
+    pub next_offset: u64,
+    /// File type as in `st_mode` (`S_IFDIR`, `S_IFREG`, ...; 0 when unknown).
+    pub kind: u32,
+    /// The guest's inode number.
+    pub ino: u64,
+    /// `plus` listings: the looked-up entry (one reference), except for `.` and `..`,
+    /// which are never looked up and carry `None`.
+    pub entry: Option<Entry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// host → agent file requests (inside `Request::Fs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsRequest {
+    /// → `Entry`.
+    Lookup {
+        parent: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        name: Vec<u8>,
+    },
+    /// → `Attr`. Uses the open handle when given (works for unlinked files).
+    GetAttr {
+        node: NodeId,
+        handle: Option<HandleId>,
+    },
+    /// → `Attr` (the attributes after the change).
+    SetAttr {
+        node: NodeId,
+        handle: Option<HandleId>,
+        set: SetAttrs,
+    },
+    /// → `Data` (the link target).
+    ReadLink { node: NodeId },
+    /// Regular files, fifos, sockets and (when privileged) device nodes; `mode` includes
+    /// the type bits and is applied exactly (the agent's umask is 0; the host has already
+    /// applied the caller's umask). → `Entry`.
+    Mknod {
+        parent: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        name: Vec<u8>,
+        mode: u32,
+        rdev: u64,
+        owner: Owner,
+    },
+    /// → `Entry`.
+    Mkdir {
+        parent: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        name: Vec<u8>,
+        mode: u32,
+        owner: Owner,
+    },
+    /// → `Entry`.
+    Symlink {
+        parent: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        name: Vec<u8>,
+        #[serde(with = "serde_bytes_vec")]
+        target: Vec<u8>,
+        owner: Owner,
+    },
+    /// A new name for `node`. → `Entry`.
+    Link {
+        node: NodeId,
+        new_parent: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        new_name: Vec<u8>,
+    },
+    /// → `Ok`.
+    Unlink {
+        parent: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        name: Vec<u8>,
+    },
+    /// → `Ok`.
+    Rmdir {
+        parent: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        name: Vec<u8>,
+    },
+    /// `flags` are `renameat2` flags (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`). → `Ok`.
+    Rename {
+        parent: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        name: Vec<u8>,
+        new_parent: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        new_name: Vec<u8>,
+        flags: u32,
+    },
+    /// `flags` are `open(2)` flags; `O_CREAT`, `O_EXCL` and `O_NOFOLLOW` are ignored
+    /// (the node exists; it is never a symlink to follow). → `Opened`.
+    Open { node: NodeId, flags: i32 },
+    /// Create and open `name` (`O_CREAT` implied; `O_EXCL` honoured). → `Created`.
+    Create {
+        parent: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        name: Vec<u8>,
+        mode: u32,
+        flags: i32,
+        owner: Owner,
+    },
+    /// → `Data` of at most `min(size, MAX_CHUNK)` bytes; shorter only at end of file.
+    Read {
+        handle: HandleId,
+        offset: u64,
+        size: u32,
+    },
+    /// `data` is at most `MAX_CHUNK` bytes. → `Written`.
+    Write {
+        handle: HandleId,
+        offset: u64,
+        #[serde(with = "serde_bytes_vec")]
+        data: Vec<u8>,
+    },
+    /// Closes the handle. → `Ok`.
+    Release { handle: HandleId },
+    /// `fsync`/`fdatasync` of an open file or directory handle. → `Ok`.
+    Fsync { handle: HandleId, datasync: bool },
+    /// → `Opened`.
+    OpenDir { node: NodeId },
+    /// Entries starting at `offset` (0 = the beginning, else a `next_offset` cookie), at
+    /// most as many as fit in `max_bytes` of a FUSE reply buffer (`fuse_dirent` or, with
+    /// `plus`, `fuse_direntplus` sizes), so the host never has to drop one. → `DirEntries`
+    /// (empty at the end).
+    ReadDir {
+        handle: HandleId,
+        offset: u64,
+        plus: bool,
+        max_bytes: u32,
+    },
+    /// → `Ok`.
+    ReleaseDir { handle: HandleId },
+    /// → `StatFs` of the filesystem holding `node`.
+    StatFs { node: NodeId },
+    /// `flags`: `XATTR_CREATE`/`XATTR_REPLACE`. → `Ok`.
+    SetXattr {
+        node: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        name: Vec<u8>,
+        #[serde(with = "serde_bytes_vec")]
+        value: Vec<u8>,
+        flags: i32,
+    },
+    /// `size` 0 → `XattrSize` (the value's length); else `Data`, or `ERANGE` when the
+    /// value is longer than `size`.
+    GetXattr {
+        node: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        name: Vec<u8>,
+        size: u32,
+    },
+    /// NUL-separated names, same `size` rules as `GetXattr`.
+    ListXattr { node: NodeId, size: u32 },
+    /// → `Ok`.
+    RemoveXattr {
+        node: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        name: Vec<u8>,
+    },
+    /// `fallocate(2)` with its `mode` flags. → `Ok`.
+    Fallocate {
+        handle: HandleId,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    },
+    /// `lseek(2)` for `SEEK_DATA`/`SEEK_HOLE` (others are `EINVAL`). → `Offset`.
+    Lseek {
+        handle: HandleId,
+        offset: u64,
+        whence: i32,
+    },
+}
+
+/// agent → host answers to `FsRequest`s (inside `Response::Fs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsResponse {
+    Ok,
+    Entry(Entry),
+    Attr(Attr),
+    Data(#[serde(with = "serde_bytes_vec")] Vec<u8>),
+    Written(u32),
+    Opened { handle: HandleId },
+    Created { entry: Entry, handle: HandleId },
+    DirEntries(Vec<DirEntry>),
+    StatFs(StatFs),
+    XattrSize(u32),
+    Offset(u64),
+}
+
+/// agent → host: something changed in the guest (see module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsEvent {
+    /// The name `name` in directory `parent` appeared, disappeared or now names another
+    /// inode (create, unlink, rename from or to).
+    Entry {
+        parent: NodeId,
+        #[serde(with = "serde_bytes_vec")]
+        name: Vec<u8>,
+    },
+    /// A node's attributes changed; `data` also when its contents changed.
+    Node { node: NodeId, data: bool },
+    /// Events were lost (inotify queue overflow): forget every cached entry and page.
+    Overflow,
+}
+
+/// The size of a `fuse_dirent` (or `fuse_direntplus`) for a name of `namelen` bytes,
+/// as the kernel lays out readdir replies.
+pub fn fuse_dirent_size(namelen: usize, plus: bool) -> usize {
+    const DIRENT_HEADER: usize = 24; // ino, off, namelen, type
+    const ENTRY_OUT: usize = 128; // struct fuse_entry_out
+    let unpadded = DIRENT_HEADER + namelen;
+    let padded = (unpadded + 7) & !7;
+    if plus {
+        ENTRY_OUT + padded
+    } else {
+        padded
+    }
+}
+
+/// Is `name` one valid path component?
+pub fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name != b"."
+        && name != b".."
+        && !name.contains(&b'/')
+        && !name.contains(&0)
+}
