@@ -6,7 +6,9 @@
 //! * A stream never has more than its credit (`INITIAL_CREDIT` + granted) of output
 //!   bytes outstanding: the pump reads at most the remaining credit from the pipes and
 //!   does not read at all while it is zero. Other commands are unaffected.
-//! * `Exited` is queued after all forwarded output. After the main process exits, the
+//! * Commands run with umask 022 (the agent itself runs with umask 0).
+//! * `Exited` is queued after all forwarded output and after the file service's pending
+//!   change events (`FsEvents`). After the main process exits, the
 //!   pipes are read until EOF, until they have been idle for [`IDLE_AFTER_EXIT`] (a
 //!   background child may hold them open forever) or until [`MAX_AFTER_EXIT`] more bytes
 //!   or [`MAX_TIME_AFTER_EXIT`] of reading have passed (a background child may write
@@ -250,12 +252,16 @@ pub(crate) async fn start(
     });
     cmd.stdout(Stdio::piped());
     cmd.stderr(Stdio::piped());
-    // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent.
+    // SAFETY: setsid(2) and umask(2) are async-signal-safe and touch no memory of the
+    // parent.
     unsafe {
         cmd.pre_exec(|| {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // The agent itself runs with umask 0 (the file service applies modes
+            // exactly); commands get the usual default.
+            libc::umask(0o022);
             Ok(())
         });
     }
@@ -304,6 +310,7 @@ pub(crate) async fn start(
         }))
         .await;
     let pump = Pump {
+        agent: agent.clone(),
         id,
         out,
         credit,
@@ -342,6 +349,7 @@ async fn stdin_task(
 }
 
 struct Pump {
+    agent: Arc<Agent>,
     id: Id,
     out: OutTx,
     credit: Arc<Credit>,
@@ -468,6 +476,8 @@ impl Pump {
         self.cmds.lock().remove(&id);
         tracing::debug!(id, %status, "command exited");
         if !discard {
+            // The command's file changes are announced before its end.
+            self.agent.fs.flush_events(&self.out).await;
             let _ = self
                 .out
                 .send(Out::Msg(Message::Exited { id, status }))

@@ -104,6 +104,8 @@ pub struct Agent {
     started: Instant,
     pub(crate) script_seq: AtomicU64,
     powering_off: AtomicBool,
+    /// The file service (shared by all sessions).
+    pub(crate) fs: fs::FsService,
 }
 
 /// Why a session ended.
@@ -169,12 +171,14 @@ impl SessionCmds {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Arc<Agent> {
+        let fs = fs::FsService::new(&cfg.fs_root);
         Arc::new(Agent {
             cfg,
             reaper: Reaper::global(),
             started: Instant::now(),
             script_seq: AtomicU64::new(0),
             powering_off: AtomicBool::new(false),
+            fs,
         })
     }
 
@@ -307,6 +311,8 @@ impl Agent {
         tracing::info!("session started (nonce {:x})", hello.nonce);
 
         let (out_tx, out_rx) = mpsc::channel::<Out>(64);
+        // File-service events go to every live session until this guard drops.
+        let _fs_events = self.fs.register_session(&out_tx);
         let cmds = Arc::new(SessionCmds::default());
         let end = tokio::select! {
             end = self.session_reader(reader, hello.nonce, &out_tx, &cmds) => end,

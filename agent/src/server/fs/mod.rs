@@ -1,21 +1,366 @@
-//! The file service (see [`crate::proto::fs`]). Placeholder: every request fails with
-//! `ENOSYS` until the service is implemented.
-use std::sync::Arc;
+//! The file service (see [`crate::proto::fs`]): the guest's filesystem by node and
+//! handle ids.
+//!
+//! Modules, one concept each:
+//! * [`nodes`]: the node table (ids ↔ `O_PATH` descriptors, reference counts).
+//! * [`handles`]: open files and directories.
+//! * [`ops`]: names, attributes and the namespace (lookup, setattr, mkdir, rename, ...).
+//! * [`io`]: open/read/write/fsync/fallocate/lseek on handles.
+//! * [`dir`]: directory listings.
+//! * [`xattr`]: extended attributes.
+//! * [`pseudo`]: opaque pseudo filesystems.
+//! * [`watch`]: inotify coherence events.
+//! * [`sys`]: syscall wrappers.
+//!
+//! Invariants:
+//! * Every request runs on the blocking pool (`spawn_blocking`) and is answered with
+//!   exactly one `Response::Fs` or `Response::Error { errno, message }` through the
+//!   session's queue; the message names the operation (names printed lossily).
+//! * The service state ([`FsCore`]) is shared by all sessions of an [`Agent`]; it is
+//!   built once in [`FsService::new`], which also sets the process umask to 0 (so modes
+//!   are applied exactly; commands get umask 022 in `exec`) and raises `RLIMIT_NOFILE`.
+//! * Unknown node ids are `ESTALE`, unknown handle ids `EBADF`.
+mod dir;
+mod handles;
+mod io;
+mod nodes;
+mod ops;
+mod pseudo;
+mod sys;
+mod watch;
+mod xattr;
 
-use crate::proto::fs::{FsRequest, NodeId};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::{Arc, Weak};
+
+use nix::errno::Errno;
+
+use crate::proto::fs::{FsRequest, FsResponse, NodeId};
 use crate::proto::{Id, Message, Response};
 use crate::server::{Agent, Out, OutTx};
+use handles::HandleTable;
+use nodes::NodeTable;
+use watch::Watcher;
+
+/// The shared state of the service.
+pub(crate) struct FsCore {
+    nodes: NodeTable,
+    handles: HandleTable,
+    proc: sys::ProcFd,
+    watcher: Watcher,
+    euid: u32,
+    egid: u32,
+}
+
+/// The file service of one agent.
+pub(crate) struct FsService {
+    core: Result<Arc<FsCore>, (Errno, String)>,
+}
+
+impl FsService {
+    /// Serve `root` as [`crate::proto::fs::ROOT_NODE`]. A failure (no such directory, no
+    /// /proc) is logged and every request answers it.
+    pub fn new(root: &Path) -> FsService {
+        nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        sys::raise_nofile_limit();
+        let core = FsCore::new(root, watch::DEFAULT_WATCH_LIMIT);
+        if let Err((_, msg)) = &core {
+            tracing::error!("file service unavailable: {msg}");
+        }
+        FsService { core }
+    }
+
+    /// Register a session for events; the registration ends when the guard drops.
+    pub fn register_session(&self, out: &OutTx) -> Option<SessionEvents> {
+        let core = self.core.as_ref().ok()?;
+        core.watcher.ensure_task(Arc::downgrade(core));
+        let id = core.watcher.register(out.clone());
+        Some(SessionEvents {
+            core: Arc::downgrade(core),
+            id,
+        })
+    }
+
+    /// Queue every event the kernel has so far to `out` (and the other sessions) before
+    /// returning: called before a command's `Exited` is queued.
+    pub async fn flush_events(&self, out: &OutTx) {
+        if let Ok(core) = &self.core {
+            core.watcher.flush(core, out).await;
+        }
+    }
+}
+
+// The service stays consistent across a panic in a request (every lock ignores poison
+// and each mutation is one map operation), so an `Agent` may be used after one (init
+// mode restarts serving after a panic).
+impl std::panic::RefUnwindSafe for FsService {}
+impl std::panic::UnwindSafe for FsService {}
+
+/// A session's registration for events (removed on drop).
+pub(crate) struct SessionEvents {
+    core: Weak<FsCore>,
+    id: u64,
+}
+
+impl Drop for SessionEvents {
+    fn drop(&mut self) {
+        if let Some(core) = self.core.upgrade() {
+            core.watcher.unregister(self.id);
+        }
+    }
+}
+
+impl FsCore {
+    fn new(root: &Path, watch_limit: usize) -> Result<Arc<FsCore>, (Errno, String)> {
+        let fail = |e: Errno, what: &str| (e, format!("{what}: {}", e.desc()));
+        let proc = sys::ProcFd::open().map_err(|e| fail(e, "cannot open /proc/self/fd"))?;
+        let croot = sys::cstring(root.as_os_str().as_encoded_bytes())
+            .map_err(|e| fail(e, "bad root path"))?;
+        let root_fd = sys::openat(
+            // SAFETY: AT_FDCWD is valid as a directory descriptor for the whole call.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::AT_FDCWD) },
+            &croot,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(|e| fail(e, &format!("cannot open root {}", root.display())))?;
+        let st = sys::stat_fd(root_fd.as_fd())
+            .map_err(|e| fail(e, &format!("cannot stat root {}", root.display())))?;
+        let (watcher, watches) = Watcher::new(watch_limit);
+        Ok(Arc::new(FsCore {
+            nodes: NodeTable::new(root_fd, &st, watches),
+            handles: HandleTable::new(),
+            proc,
+            watcher,
+            euid: nix::unistd::geteuid().as_raw(),
+            egid: nix::unistd::getegid().as_raw(),
+        }))
+    }
+
+    /// Run one request.
+    fn handle(&self, req: FsRequest) -> Result<FsResponse, Errno> {
+        use FsRequest as R;
+        use FsResponse as A;
+        Ok(match req {
+            R::Lookup { parent, name } => A::Entry(self.lookup(parent, &name)?),
+            R::GetAttr { node, handle } => A::Attr(self.getattr(node, handle)?),
+            R::SetAttr { node, handle, set } => A::Attr(self.setattr(node, handle, &set)?),
+            R::ReadLink { node } => A::Data(self.readlink(node)?),
+            R::Mknod {
+                parent,
+                name,
+                mode,
+                rdev,
+                owner,
+            } => A::Entry(self.mknod(parent, &name, mode, rdev, owner)?),
+            R::Mkdir {
+                parent,
+                name,
+                mode,
+                owner,
+            } => A::Entry(self.mkdir(parent, &name, mode, owner)?),
+            R::Symlink {
+                parent,
+                name,
+                target,
+                owner,
+            } => A::Entry(self.symlink(parent, &name, &target, owner)?),
+            R::Link {
+                node,
+                new_parent,
+                new_name,
+            } => A::Entry(self.link(node, new_parent, &new_name)?),
+            R::Unlink { parent, name } => {
+                self.unlink(parent, &name, 0)?;
+                A::Ok
+            }
+            R::Rmdir { parent, name } => {
+                self.unlink(parent, &name, libc::AT_REMOVEDIR)?;
+                A::Ok
+            }
+            R::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                flags,
+            } => {
+                self.rename(parent, &name, new_parent, &new_name, flags)?;
+                A::Ok
+            }
+            R::Open { node, flags } => A::Opened {
+                handle: self.open(node, flags)?,
+            },
+            R::Create {
+                parent,
+                name,
+                mode,
+                flags,
+                owner,
+            } => {
+                let (entry, handle) = self.create(parent, &name, mode, flags, owner)?;
+                A::Created { entry, handle }
+            }
+            R::Read {
+                handle,
+                offset,
+                size,
+            } => A::Data(self.read(handle, offset, size)?),
+            R::Write {
+                handle,
+                offset,
+                data,
+            } => A::Written(self.write(handle, offset, &data)?),
+            R::Release { handle } | R::ReleaseDir { handle } => {
+                self.handles.remove(handle)?;
+                A::Ok
+            }
+            R::Fsync { handle, datasync } => {
+                self.fsync(handle, datasync)?;
+                A::Ok
+            }
+            R::OpenDir { node } => A::Opened {
+                handle: self.opendir(node)?,
+            },
+            R::ReadDir {
+                handle,
+                offset,
+                plus,
+                max_bytes,
+            } => A::DirEntries(self.readdir(handle, offset, plus, max_bytes)?),
+            R::StatFs { node } => A::StatFs(self.statfs(node)?),
+            R::SetXattr {
+                node,
+                name,
+                value,
+                flags,
+            } => {
+                self.setxattr(node, &name, &value, flags)?;
+                A::Ok
+            }
+            R::GetXattr { node, name, size } => self.getxattr(node, &name, size)?,
+            R::ListXattr { node, size } => self.listxattr(node, size)?,
+            R::RemoveXattr { node, name } => {
+                self.removexattr(node, &name)?;
+                A::Ok
+            }
+            R::Fallocate {
+                handle,
+                offset,
+                length,
+                mode,
+            } => {
+                self.fallocate(handle, offset, length, mode)?;
+                A::Ok
+            }
+            R::Lseek {
+                handle,
+                offset,
+                whence,
+            } => A::Offset(self.lseek(handle, offset, whence)?),
+        })
+    }
+}
+
+/// A name for messages.
+fn lossy(name: &[u8]) -> String {
+    format!("{:?}", String::from_utf8_lossy(name))
+}
+
+/// What a request was doing, for error messages.
+fn describe(req: &FsRequest) -> String {
+    use FsRequest as R;
+    match req {
+        R::Lookup { parent, name } => format!("lookup {} in node {parent}", lossy(name)),
+        R::GetAttr { node, .. } => format!("getattr of node {node}"),
+        R::SetAttr { node, .. } => format!("setattr of node {node}"),
+        R::ReadLink { node } => format!("readlink of node {node}"),
+        R::Mknod { parent, name, .. } => format!("mknod {} in node {parent}", lossy(name)),
+        R::Mkdir { parent, name, .. } => format!("mkdir {} in node {parent}", lossy(name)),
+        R::Symlink { parent, name, .. } => format!("symlink {} in node {parent}", lossy(name)),
+        R::Link {
+            node,
+            new_parent,
+            new_name,
+        } => format!(
+            "link of node {node} as {} in node {new_parent}",
+            lossy(new_name)
+        ),
+        R::Unlink { parent, name } => format!("unlink {} in node {parent}", lossy(name)),
+        R::Rmdir { parent, name } => format!("rmdir {} in node {parent}", lossy(name)),
+        R::Rename {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            ..
+        } => format!(
+            "rename {} in node {parent} to {} in node {new_parent}",
+            lossy(name),
+            lossy(new_name)
+        ),
+        R::Open { node, .. } => format!("open of node {node}"),
+        R::Create { parent, name, .. } => format!("create {} in node {parent}", lossy(name)),
+        R::Read { handle, .. } => format!("read of handle {handle}"),
+        R::Write { handle, .. } => format!("write to handle {handle}"),
+        R::Release { handle } => format!("release of handle {handle}"),
+        R::Fsync { handle, .. } => format!("fsync of handle {handle}"),
+        R::OpenDir { node } => format!("opendir of node {node}"),
+        R::ReadDir { handle, .. } => format!("readdir of handle {handle}"),
+        R::ReleaseDir { handle } => format!("releasedir of handle {handle}"),
+        R::StatFs { node } => format!("statfs of node {node}"),
+        R::SetXattr { node, name, .. } => format!("setxattr {} of node {node}", lossy(name)),
+        R::GetXattr { node, name, .. } => format!("getxattr {} of node {node}", lossy(name)),
+        R::ListXattr { node, .. } => format!("listxattr of node {node}"),
+        R::RemoveXattr { node, name } => {
+            format!("removexattr {} of node {node}", lossy(name))
+        }
+        R::Fallocate { handle, .. } => format!("fallocate of handle {handle}"),
+        R::Lseek { handle, .. } => format!("lseek of handle {handle}"),
+    }
+}
 
 /// Run one file request off the session reader; the answer goes to `out`.
-pub(crate) fn spawn_request(_agent: &Arc<Agent>, id: Id, _req: FsRequest, out: OutTx) {
+pub(crate) fn spawn_request(agent: &Arc<Agent>, id: Id, req: FsRequest, out: OutTx) {
+    let core = agent.fs.core.clone();
     tokio::spawn(async move {
-        let resp = Response::Error {
-            errno: libc::ENOSYS,
-            message: "file service not implemented".into(),
+        let resp = match core {
+            Err((errno, message)) => Response::Error {
+                errno: errno as i32,
+                message: format!("file service unavailable: {message}"),
+            },
+            Ok(core) => {
+                let res = tokio::task::spawn_blocking(move || {
+                    let what = describe(&req);
+                    core.handle(req).map_err(|e| (e, what))
+                })
+                .await;
+                match res {
+                    Ok(Ok(r)) => Response::Fs(r),
+                    Ok(Err((errno, what))) => Response::Error {
+                        errno: errno as i32,
+                        message: format!("{what}: {}", errno.desc()),
+                    },
+                    Err(e) => {
+                        tracing::error!("file request failed: {e}");
+                        Response::Error {
+                            errno: libc::EIO,
+                            message: format!("file request failed: {e}"),
+                        }
+                    }
+                }
+            }
         };
         let _ = out.send(Out::Msg(Message::Response { id, resp })).await;
     });
 }
 
-/// Drop node references.
-pub(crate) fn forget(_agent: &Arc<Agent>, _nodes: &[(NodeId, u64)]) {}
+/// Drop node references (`Message::Forget`).
+pub(crate) fn forget(agent: &Arc<Agent>, nodes: &[(NodeId, u64)]) {
+    if let Ok(core) = &agent.fs.core {
+        for &(node, count) in nodes {
+            core.nodes.forget(node, count);
+        }
+    }
+}

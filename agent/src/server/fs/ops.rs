@@ -1,0 +1,417 @@
+//! Names, attributes and the namespace: lookup, getattr/setattr, readlink, mknod, mkdir,
+//! symlink, link, unlink/rmdir, rename, create, statfs.
+//!
+//! Invariants:
+//! * Names are checked with [`valid_name`] (`EINVAL` otherwise) and resolved only with
+//!   `openat(parent, name, O_PATH | O_NOFOLLOW)` / `fstatat(.., AT_SYMLINK_NOFOLLOW)`
+//!   relative to a node's descriptor: no symlink is ever followed, no path is built.
+//! * Every returned [`Entry`] added exactly one reference to its node.
+//! * `Entry::coherent` is true when the parent directory is watched.
+//! * Opaque nodes (see [`super::pseudo`]): lookups in them are `ENOENT`; creating,
+//!   removing, renaming or linking in them, and changing their attributes, is `EACCES`.
+//! * New nodes are chowned to the request's [`Owner`] when it differs from the agent's
+//!   euid/egid (the gid is left alone in a setgid directory, like the kernel does); a
+//!   failure is logged and ignored. Set-id bits the chown cleared are restored.
+use std::ffi::CStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+
+use super::handles::Handle;
+use super::nodes::Node;
+use super::{pseudo, sys, FsCore};
+use crate::proto::fs::{
+    valid_name, Attr, Entry, HandleId, NodeId, Owner, SetAttrs, SetTime, StatFs,
+};
+
+const O_NODE: i32 = libc::O_PATH | libc::O_NOFOLLOW;
+
+/// A validated name as a C string (`EINVAL` for anything but one path component).
+pub(super) fn check_name(name: &[u8]) -> Result<std::ffi::CString, Errno> {
+    if !valid_name(name) {
+        return Err(Errno::EINVAL);
+    }
+    sys::cstring(name)
+}
+
+impl FsCore {
+    /// A directory node that may be changed (`EACCES` when opaque).
+    fn writable_dir(&self, id: NodeId) -> Result<std::sync::Arc<Node>, Errno> {
+        let n = self.nodes.get(id)?;
+        if n.opaque {
+            return Err(Errno::EACCES);
+        }
+        Ok(n)
+    }
+
+    /// Register the inode `fd` (found in `parent`) and answer its entry.
+    pub(super) fn register_entry(&self, parent: &Node, fd: OwnedFd) -> Result<Entry, Errno> {
+        let st = sys::stat_fd(fd.as_fd())?;
+        let opaque = parent.opaque || (st.st_dev != parent.dev && pseudo::is_opaque(fd.as_fd()));
+        let node = self.nodes.register(fd, &st, opaque)?;
+        Ok(Entry {
+            node: node.id,
+            attr: sys::to_attr(&st),
+            coherent: self.nodes.is_watched(parent.id),
+        })
+    }
+
+    /// Look `name` (validated) up in `parent`.
+    pub(super) fn lookup_in(&self, parent: &Node, name: &CStr) -> Result<Entry, Errno> {
+        if parent.opaque {
+            return Err(Errno::ENOENT);
+        }
+        let fd = sys::openat(parent.fd(), name, O_NODE, 0)?;
+        self.register_entry(parent, fd)
+    }
+
+    pub(super) fn lookup(&self, parent: NodeId, name: &[u8]) -> Result<Entry, Errno> {
+        let p = self.nodes.get(parent)?;
+        let name = check_name(name)?;
+        self.lookup_in(&p, &name)
+    }
+
+    pub(super) fn getattr(&self, node: NodeId, handle: Option<HandleId>) -> Result<Attr, Errno> {
+        if let Some(h) = handle {
+            let h = self.handles.get(h)?;
+            let fd = h.stat_fd();
+            let fd = fd.fd().ok_or(Errno::EBADF)?;
+            return sys::stat_fd(fd).map(|st| sys::to_attr(&st));
+        }
+        let n = self.nodes.get(node)?;
+        sys::stat_fd(n.fd()).map(|st| sys::to_attr(&st))
+    }
+
+    /// `chmod` of a node (not for symlinks: `EOPNOTSUPP`, as Linux does).
+    fn chmod_node(&self, n: &Node, mode: u32) -> Result<(), Errno> {
+        if n.is_symlink() {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        nix::sys::stat::fchmodat(
+            self.proc.fd(),
+            sys::ProcFd::name(n.fd()).as_c_str(),
+            nix::sys::stat::Mode::from_bits_retain(mode & 0o7777),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+    }
+
+    pub(super) fn setattr(
+        &self,
+        node: NodeId,
+        handle: Option<HandleId>,
+        set: &SetAttrs,
+    ) -> Result<Attr, Errno> {
+        let n = self.nodes.get(node)?;
+        if n.opaque {
+            return Err(Errno::EACCES);
+        }
+        let h = handle.map(|h| self.handles.get(h)).transpose()?;
+        // chown before chmod: a chown may clear set-id bits an explicit mode sets.
+        if set.uid.is_some() || set.gid.is_some() {
+            sys::chown_fd(n.fd(), set.uid, set.gid)?;
+        }
+        if let Some(mode) = set.mode {
+            self.chmod_node(&n, mode)?;
+        }
+        if let Some(size) = set.size {
+            let size = i64::try_from(size).map_err(|_| Errno::EFBIG)?;
+            match h.as_deref() {
+                Some(Handle::File(file)) => {
+                    nix::unistd::ftruncate(file, size)?;
+                }
+                _ => {
+                    if n.is_dir() {
+                        return Err(Errno::EISDIR);
+                    }
+                    if !n.is_reg() {
+                        return Err(Errno::EINVAL);
+                    }
+                    let fd = self.proc.reopen(n.fd(), libc::O_WRONLY | libc::O_NOCTTY)?;
+                    nix::unistd::ftruncate(&fd, size)?;
+                }
+            }
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            self.utimens(&n, set.atime, set.mtime)?;
+        }
+        sys::stat_fd(n.fd()).map(|st| sys::to_attr(&st))
+    }
+
+    /// Set times with `UTIME_NOW`/`UTIME_OMIT` semantics, symlinks included.
+    fn utimens(
+        &self,
+        n: &Node,
+        atime: Option<SetTime>,
+        mtime: Option<SetTime>,
+    ) -> Result<(), Errno> {
+        let ts = |t: Option<SetTime>| -> Result<libc::timespec, Errno> {
+            Ok(match t {
+                None => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                Some(SetTime::Now) => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
+                Some(SetTime::At(t)) => {
+                    if t.nsec >= 1_000_000_000 {
+                        return Err(Errno::EINVAL);
+                    }
+                    libc::timespec {
+                        tv_sec: t.sec,
+                        tv_nsec: t.nsec as i64,
+                    }
+                }
+            })
+        };
+        let times = [ts(atime)?, ts(mtime)?];
+        match sys::utimens_fd(n.fd(), &times) {
+            // Kernels before 5.8 reject AT_EMPTY_PATH here: go through /proc (which
+            // cannot name a symlink without following it).
+            Err(Errno::EINVAL) if !n.is_symlink() => {
+                sys::utimens_at(self.proc.fd(), &sys::ProcFd::name(n.fd()), &times, 0)
+            }
+            other => other,
+        }
+    }
+
+    pub(super) fn readlink(&self, node: NodeId) -> Result<Vec<u8>, Errno> {
+        let n = self.nodes.get(node)?;
+        if !n.is_symlink() {
+            return Err(Errno::EINVAL);
+        }
+        use std::os::unix::ffi::OsStringExt;
+        nix::fcntl::readlinkat(n.fd(), c"").map(|t| t.into_vec())
+    }
+
+    /// Chown a new node to `owner` (see module docs). `mode` is what it was created with.
+    fn chown_new(&self, parent: &Node, fd: BorrowedFd<'_>, owner: Owner, kind: u32, mode: u32) {
+        let uid = (owner.uid != self.euid).then_some(owner.uid);
+        let mut gid = (owner.gid != self.egid).then_some(owner.gid);
+        if gid.is_some() {
+            let setgid_dir = sys::stat_fd(parent.fd())
+                .map(|st| st.st_mode & libc::S_ISGID != 0)
+                .unwrap_or(false);
+            if setgid_dir {
+                gid = None;
+            }
+        }
+        if uid.is_none() && gid.is_none() {
+            return;
+        }
+        match sys::chown_fd(fd, uid, gid) {
+            Ok(()) => {
+                // The kernel clears set-id bits of non-directories on chown.
+                if kind != libc::S_IFDIR && kind != libc::S_IFLNK && mode & 0o6000 != 0 {
+                    let name = sys::ProcFd::name(fd);
+                    if let Err(e) = nix::sys::stat::fchmodat(
+                        self.proc.fd(),
+                        name.as_c_str(),
+                        nix::sys::stat::Mode::from_bits_retain(mode & 0o7777),
+                        nix::sys::stat::FchmodatFlags::FollowSymlink,
+                    ) {
+                        tracing::debug!("cannot restore mode {mode:o} after chown: {e}");
+                    }
+                }
+            }
+            Err(Errno::EPERM) if self.euid != 0 => {}
+            Err(e) => tracing::warn!("cannot chown new node to {}:{}: {e}", owner.uid, owner.gid),
+        }
+    }
+
+    /// After creating `name` in `p`: open it, chown it, register it.
+    fn made(&self, p: &Node, name: &CStr, owner: Owner, mode: u32) -> Result<Entry, Errno> {
+        let fd = sys::openat(p.fd(), name, O_NODE, 0)?;
+        let st = sys::stat_fd(fd.as_fd())?;
+        self.chown_new(p, fd.as_fd(), owner, st.st_mode & libc::S_IFMT, mode);
+        self.register_entry(p, fd)
+    }
+
+    pub(super) fn mknod(
+        &self,
+        parent: NodeId,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+        owner: Owner,
+    ) -> Result<Entry, Errno> {
+        let p = self.writable_dir(parent)?;
+        let name = check_name(name)?;
+        // SAFETY: valid C string and a descriptor we hold.
+        sys::cvt(unsafe {
+            libc::mknodat(
+                std::os::fd::AsRawFd::as_raw_fd(&p.fd()),
+                name.as_ptr(),
+                mode,
+                rdev,
+            )
+        })?;
+        self.made(&p, &name, owner, mode)
+    }
+
+    pub(super) fn mkdir(
+        &self,
+        parent: NodeId,
+        name: &[u8],
+        mode: u32,
+        owner: Owner,
+    ) -> Result<Entry, Errno> {
+        let p = self.writable_dir(parent)?;
+        let name = check_name(name)?;
+        nix::sys::stat::mkdirat(
+            p.fd(),
+            name.as_c_str(),
+            nix::sys::stat::Mode::from_bits_retain(mode & 0o7777),
+        )?;
+        self.made(&p, &name, owner, mode)
+    }
+
+    pub(super) fn symlink(
+        &self,
+        parent: NodeId,
+        name: &[u8],
+        target: &[u8],
+        owner: Owner,
+    ) -> Result<Entry, Errno> {
+        let p = self.writable_dir(parent)?;
+        let name = check_name(name)?;
+        if target.is_empty() {
+            return Err(Errno::ENOENT);
+        }
+        if target.len() >= libc::PATH_MAX as usize {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let target = sys::cstring(target)?;
+        nix::unistd::symlinkat(target.as_c_str(), p.fd(), name.as_c_str())?;
+        self.made(&p, &name, owner, 0o777)
+    }
+
+    pub(super) fn link(
+        &self,
+        node: NodeId,
+        new_parent: NodeId,
+        new_name: &[u8],
+    ) -> Result<Entry, Errno> {
+        let n = self.nodes.get(node)?;
+        let p = self.writable_dir(new_parent)?;
+        if n.opaque {
+            return Err(Errno::EACCES);
+        }
+        let name = check_name(new_name)?;
+        // Through /proc so CAP_DAC_READ_SEARCH is not needed (AT_EMPTY_PATH would);
+        // following the magic link names the inode itself, symlinks included.
+        nix::unistd::linkat(
+            self.proc.fd(),
+            sys::ProcFd::name(n.fd()).as_c_str(),
+            p.fd(),
+            name.as_c_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+        )?;
+        self.lookup_in(&p, &name)
+    }
+
+    pub(super) fn unlink(&self, parent: NodeId, name: &[u8], flags: i32) -> Result<(), Errno> {
+        let p = self.writable_dir(parent)?;
+        let name = check_name(name)?;
+        // SAFETY: valid C string and a descriptor we hold.
+        sys::cvt(unsafe {
+            libc::unlinkat(
+                std::os::fd::AsRawFd::as_raw_fd(&p.fd()),
+                name.as_ptr(),
+                flags,
+            )
+        })
+        .map(drop)
+    }
+
+    pub(super) fn rename(
+        &self,
+        parent: NodeId,
+        name: &[u8],
+        new_parent: NodeId,
+        new_name: &[u8],
+        flags: u32,
+    ) -> Result<(), Errno> {
+        let p = self.writable_dir(parent)?;
+        let np = self.writable_dir(new_parent)?;
+        let name = check_name(name)?;
+        let new_name = check_name(new_name)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: valid C strings and descriptors we hold; flags are passed to the kernel,
+        // which rejects unknown ones.
+        sys::cvt(unsafe {
+            libc::renameat2(
+                p.fd().as_raw_fd(),
+                name.as_ptr(),
+                np.fd().as_raw_fd(),
+                new_name.as_ptr(),
+                flags,
+            )
+        })
+        .map(drop)
+    }
+
+    /// Create and open `name`: (entry, handle).
+    pub(super) fn create(
+        &self,
+        parent: NodeId,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        owner: Owner,
+    ) -> Result<(Entry, HandleId), Errno> {
+        let p = self.writable_dir(parent)?;
+        let name = check_name(name)?;
+        let tmpfile = libc::O_TMPFILE & !libc::O_DIRECTORY;
+        let base = (flags & !(libc::O_NOFOLLOW | libc::O_CREAT | tmpfile | libc::O_PATH))
+            | libc::O_NOFOLLOW
+            | libc::O_NOCTTY;
+        let perm = mode & 0o7777;
+        // Learn whether we created the file (only then is it chowned): try O_EXCL first.
+        let mut attempts = 0;
+        let (file_fd, created) = loop {
+            attempts += 1;
+            match sys::openat(p.fd(), &name, base | libc::O_CREAT | libc::O_EXCL, perm) {
+                Ok(fd) => break (fd, true),
+                Err(Errno::EEXIST) if flags & libc::O_EXCL == 0 => {
+                    match sys::openat(p.fd(), &name, base & !libc::O_EXCL, 0) {
+                        Ok(fd) => break (fd, false),
+                        // Removed in between: try creating again (a few times).
+                        Err(Errno::ENOENT) if attempts < 5 => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let node_fd = self.proc.reopen(file_fd.as_fd(), libc::O_PATH)?;
+        if created {
+            self.chown_new(&p, node_fd.as_fd(), owner, libc::S_IFREG, perm);
+        }
+        let entry = self.register_entry(&p, node_fd)?;
+        let handle = Handle::File(std::fs::File::from(file_fd));
+        match self.handles.insert(handle) {
+            Ok(h) => Ok((entry, h)),
+            Err(e) => {
+                self.nodes.forget(entry.node, 1);
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) fn statfs(&self, node: NodeId) -> Result<StatFs, Errno> {
+        let n = self.nodes.get(node)?;
+        let st = sys::fstatfs(n.fd())?;
+        Ok(StatFs {
+            blocks: st.f_blocks,
+            bfree: st.f_bfree,
+            bavail: st.f_bavail,
+            files: st.f_files,
+            ffree: st.f_ffree,
+            bsize: st.f_bsize.clamp(0, u32::MAX as i64) as u32,
+            namelen: st.f_namelen.clamp(0, u32::MAX as i64) as u32,
+            frsize: st.f_frsize.clamp(0, u32::MAX as i64) as u32,
+        })
+    }
+}

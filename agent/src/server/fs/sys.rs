@@ -1,0 +1,351 @@
+//! Thin syscall wrappers the file service needs that `nix`/`std` do not offer with the
+//! flags we need (`AT_EMPTY_PATH` on `O_PATH` descriptors, `/proc/self/fd` re-opens,
+//! raw `getdents64`, xattrs, `statx` mount ids).
+//!
+//! Invariants:
+//! * Every wrapper returns `Errno` on failure and never panics.
+//! * Paths handed to the kernel are either validated single names (no `/`, no NUL, see
+//!   [`crate::proto::fs::valid_name`]) resolved relative to a node's descriptor, or
+//!   `/proc/self/fd/N` names of descriptors we own. No path is ever built from host input.
+//! * Every descriptor we open has `O_CLOEXEC`, so commands never inherit them.
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::fcntl::AtFlags;
+use nix::sys::stat::FileStat;
+
+use crate::proto::fs::{Attr, Timespec};
+
+/// `rc < 0` → the thread's errno.
+pub(super) fn cvt(rc: libc::c_int) -> Result<libc::c_int, Errno> {
+    if rc < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// `rc < 0` → the thread's errno (for `ssize_t` results).
+pub(super) fn cvt_len(rc: isize) -> Result<usize, Errno> {
+    if rc < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(rc as usize)
+    }
+}
+
+/// A name (or xattr name) as a C string; `EINVAL` when it contains NUL.
+pub(super) fn cstring(bytes: &[u8]) -> Result<CString, Errno> {
+    CString::new(bytes).map_err(|_| Errno::EINVAL)
+}
+
+const EMPTY: &CStr = c"";
+
+/// `openat(dir, name, flags | O_CLOEXEC, mode)`.
+pub(super) fn openat(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    flags: i32,
+    mode: u32,
+) -> Result<OwnedFd, Errno> {
+    // SAFETY: `name` is a valid C string; the kernel returns a new descriptor we own.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    })?;
+    // SAFETY: `fd` was just returned by openat and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `lstat` of what a descriptor refers to (works on `O_PATH` descriptors and symlinks).
+pub(super) fn stat_fd(fd: BorrowedFd<'_>) -> Result<FileStat, Errno> {
+    nix::sys::stat::fstatat(
+        fd,
+        EMPTY,
+        AtFlags::AT_EMPTY_PATH | AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+}
+
+/// `lstat` of `name` in directory `dir`.
+pub(super) fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<FileStat, Errno> {
+    nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+}
+
+/// The wire form of a `stat`.
+pub(super) fn to_attr(st: &FileStat) -> Attr {
+    let ts = |sec: i64, nsec: i64| Timespec {
+        sec,
+        nsec: nsec.clamp(0, 999_999_999) as u32,
+    };
+    Attr {
+        ino: st.st_ino,
+        size: st.st_size.max(0) as u64,
+        blocks: st.st_blocks.max(0) as u64,
+        atime: ts(st.st_atime, st.st_atime_nsec),
+        mtime: ts(st.st_mtime, st.st_mtime_nsec),
+        ctime: ts(st.st_ctime, st.st_ctime_nsec),
+        mode: st.st_mode,
+        nlink: st.st_nlink.min(u32::MAX as u64) as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev,
+        blksize: st.st_blksize.clamp(0, u32::MAX as i64) as u32,
+    }
+}
+
+/// `fchownat(fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)`: changes the inode
+/// `fd` refers to, symlinks included. `None` leaves an id alone.
+pub(super) fn chown_fd(
+    fd: BorrowedFd<'_>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<(), Errno> {
+    let uid = uid.unwrap_or(u32::MAX);
+    let gid = gid.unwrap_or(u32::MAX);
+    // SAFETY: plain syscall on a descriptor we hold and a static empty C string.
+    cvt(unsafe {
+        libc::fchownat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// `utimensat(fd, "", times, AT_EMPTY_PATH)`: the inode `fd` refers to, symlinks
+/// included (Linux ≥ 5.8 accepts `AT_EMPTY_PATH` here).
+pub(super) fn utimens_fd(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> Result<(), Errno> {
+    // SAFETY: `times` points to two valid timespecs; empty static C string.
+    cvt(unsafe {
+        libc::utimensat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            times.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    })
+    .map(drop)
+}
+
+/// `utimensat(dir, name, times, flags)`.
+pub(super) fn utimens_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    times: &[libc::timespec; 2],
+    flags: i32,
+) -> Result<(), Errno> {
+    // SAFETY: valid C string and two valid timespecs.
+    cvt(unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), times.as_ptr(), flags) }).map(drop)
+}
+
+/// `fstatfs`.
+pub(super) fn fstatfs(fd: BorrowedFd<'_>) -> Result<libc::statfs64, Errno> {
+    let mut buf = std::mem::MaybeUninit::<libc::statfs64>::zeroed();
+    // SAFETY: `buf` is large enough for a statfs64 and is written by the kernel.
+    cvt(unsafe { libc::fstatfs64(fd.as_raw_fd(), buf.as_mut_ptr()) })?;
+    // SAFETY: fstatfs64 succeeded, so the kernel filled the buffer (it was zeroed anyway).
+    Ok(unsafe { buf.assume_init() })
+}
+
+/// The mount id of the mount `fd` is on (`statx` `STATX_MNT_ID`, Linux ≥ 5.8).
+pub(super) fn mount_id(fd: BorrowedFd<'_>) -> Option<u64> {
+    let mut buf = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `buf` is a statx buffer the kernel fills; empty static C string.
+    let rc = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MNT_ID,
+            buf.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statx succeeded (and the buffer was zeroed before).
+    let stx = unsafe { buf.assume_init() };
+    (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+}
+
+/// `lseek(fd, offset, whence)`.
+pub(super) fn lseek(fd: BorrowedFd<'_>, offset: u64, whence: i32) -> Result<u64, Errno> {
+    let off = i64::try_from(offset).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: plain syscall on a descriptor we hold.
+    let rc = unsafe { libc::lseek64(fd.as_raw_fd(), off, whence) };
+    if rc < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(rc as u64)
+    }
+}
+
+/// One raw `getdents64` call into `buf`; returns the number of bytes filled (0 = end).
+pub(super) fn getdents64(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_getdents64,
+            fd.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    };
+    if rc < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(rc as usize)
+    }
+}
+
+/// One entry parsed out of a `getdents64` buffer.
+pub(super) struct RawDirent<'a> {
+    pub ino: u64,
+    pub off: u64,
+    pub dtype: u8,
+    pub name: &'a [u8],
+}
+
+/// Parse a `getdents64` buffer (`struct linux_dirent64` records). Malformed records end
+/// the iteration.
+pub(super) fn parse_dirents(buf: &[u8]) -> impl Iterator<Item = RawDirent<'_>> {
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        const HDR: usize = 19; // d_ino u64, d_off i64, d_reclen u16, d_type u8
+        let rec = buf.get(pos..)?;
+        if rec.len() < HDR {
+            return None;
+        }
+        let ino = u64::from_ne_bytes(rec[0..8].try_into().ok()?);
+        let off = i64::from_ne_bytes(rec[8..16].try_into().ok()?);
+        let reclen = u16::from_ne_bytes(rec[16..18].try_into().ok()?) as usize;
+        if reclen < HDR || reclen > rec.len() {
+            return None;
+        }
+        let dtype = rec[18];
+        let raw_name = &rec[HDR..reclen];
+        let nlen = raw_name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(raw_name.len());
+        pos += reclen;
+        Some(RawDirent {
+            ino,
+            off: off as u64,
+            dtype,
+            name: &raw_name[..nlen],
+        })
+    })
+}
+
+/// `getxattr(path, name, buf)`; an empty `buf` asks for the size.
+pub(super) fn getxattr(path: &CStr, name: &CStr, buf: &mut [u8]) -> Result<usize, Errno> {
+    // SAFETY: valid C strings; the kernel writes at most `buf.len()` bytes.
+    cvt_len(unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })
+}
+
+/// `setxattr(path, name, value, flags)`.
+pub(super) fn setxattr(path: &CStr, name: &CStr, value: &[u8], flags: i32) -> Result<(), Errno> {
+    // SAFETY: valid C strings; the kernel reads `value.len()` bytes.
+    cvt(unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// `listxattr(path, buf)`; an empty `buf` asks for the size.
+pub(super) fn listxattr(path: &CStr, buf: &mut [u8]) -> Result<usize, Errno> {
+    // SAFETY: valid C string; the kernel writes at most `buf.len()` bytes.
+    cvt_len(unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+/// `removexattr(path, name)`.
+pub(super) fn removexattr(path: &CStr, name: &CStr) -> Result<(), Errno> {
+    // SAFETY: valid C strings.
+    cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
+}
+
+/// `/proc/self/fd` opened once, to re-open nodes by descriptor number (like virtiofsd).
+pub(super) struct ProcFd(OwnedFd);
+
+impl ProcFd {
+    pub fn open() -> Result<ProcFd, Errno> {
+        let fd = openat(
+            // SAFETY: AT_FDCWD is a valid "directory descriptor" for the lifetime of the call.
+            unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) },
+            c"/proc/self/fd",
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?;
+        Ok(ProcFd(fd))
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.0.as_fd()
+    }
+
+    /// The entry naming `fd` relative to `/proc/self/fd`.
+    pub fn name(fd: BorrowedFd<'_>) -> CString {
+        // A decimal number never contains NUL.
+        CString::new(fd.as_raw_fd().to_string()).unwrap_or_default()
+    }
+
+    /// The absolute `/proc/self/fd/N` path of `fd` (for calls without an `*at` form).
+    pub fn path(fd: BorrowedFd<'_>) -> CString {
+        CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+    }
+
+    /// Open what `fd` refers to anew with `flags` (the magic link is followed, so an
+    /// `O_PATH` descriptor of a symlink yields the symlink itself, never its target).
+    pub fn reopen(&self, fd: BorrowedFd<'_>, flags: i32) -> Result<OwnedFd, Errno> {
+        openat(self.fd(), &Self::name(fd), flags & !libc::O_NOFOLLOW, 0)
+    }
+}
+
+/// Raise `RLIMIT_NOFILE` to its hard limit (every node holds a descriptor).
+pub(super) fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit the kernel fills.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `want` is a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+            tracing::warn!(
+                "cannot raise RLIMIT_NOFILE to {}: {}",
+                lim.rlim_max,
+                Errno::last()
+            );
+        }
+    }
+}
