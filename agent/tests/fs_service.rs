@@ -20,6 +20,17 @@ use tokio::sync::mpsc;
 
 const T: Duration = Duration::from_secs(10);
 
+/// This process's soft `RLIMIT_NOFILE`.
+fn nofile_soft_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit the kernel fills.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    lim.rlim_cur
+}
+
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -1406,6 +1417,15 @@ async fn inotify_events_for_outside_changes() {
 async fn exec_changes_arrive_before_exited() {
     let a = Agent::start();
     let mut c = a.connect().await;
+    // The agent itself raised its descriptor limit.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", a.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let agent_soft: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let soft = nofile_soft_limit();
+    assert!(agent_soft >= soft, "{line}");
     for round in 0..5 {
         let name = format!("x{round}");
         c.events.clear();
@@ -1414,7 +1434,7 @@ async fn exec_changes_arrive_before_exited() {
         c.send(&Message::Request {
             id,
             req: Request::Exec(ExecSpec {
-                program: Program::Script(format!("touch {name}; umask").into_bytes()),
+                program: Program::Script(format!("touch {name}; umask; ulimit -n").into_bytes()),
                 env: vec![],
                 cwd: None,
                 stdin: false,
@@ -1443,7 +1463,12 @@ async fn exec_changes_arrive_before_exited() {
             saw_event_at.is_some(),
             "round {round}: no event for {name} before Exited"
         );
-        assert_eq!(out, b"0022\n", "commands run with umask 022");
+        let soft = nofile_soft_limit();
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            format!("0022\n{soft}\n"),
+            "commands run with umask 022 and the original descriptor limit"
+        );
     }
 }
 

@@ -14,7 +14,14 @@
 //!   at most 255 bytes); anything else is `EINVAL`. The agent resolves names only relative
 //!   to a node it holds and never follows a symlink while doing so, so no request can
 //!   reach outside the served root.
-//! * Errors are `Response::Error { errno, message }` with the guest's errno.
+//! * Errors are `Response::Error { errno, message }` with the guest's errno. An unknown
+//!   (e.g. forgotten) node id is `ESTALE`, an unknown (e.g. released) handle id `EBADF`.
+//!   Only regular files and directories are opened (a symlink is `ELOOP`; fifos,
+//!   sockets and devices are `ENXIO`: the host's kernel serves those itself).
+//! * Mount points of pseudo filesystems (proc, sysfs, devtmpfs, devpts, cgroup, ...)
+//!   are *opaque*: shown with their real attributes, but lookups in them are `ENOENT`,
+//!   their listing is only `.` and `..`, and creating, opening or changing anything
+//!   there is `EACCES` (so `find` or `cp -a` of the guest root stays out of them).
 //! * Sizes a request asks for are capped by the agent ([`MAX_CHUNK`] for data,
 //!   [`MAX_XATTR`] for xattrs); the host must still check every size and name it gets back.
 //!

@@ -6,7 +6,8 @@
 //! * A stream never has more than its credit (`INITIAL_CREDIT` + granted) of output
 //!   bytes outstanding: the pump reads at most the remaining credit from the pipes and
 //!   does not read at all while it is zero. Other commands are unaffected.
-//! * Commands run with umask 022 (the agent itself runs with umask 0).
+//! * Commands run with umask 022 and the descriptor limit the agent started with (the
+//!   agent itself runs with umask 0 and a raised limit for the file service).
 //! * `Exited` is queued after all forwarded output and after the file service's pending
 //!   change events (`FsEvents`). After the main process exits, the
 //!   pipes are read until EOF, until they have been idle for [`IDLE_AFTER_EXIT`] (a
@@ -252,16 +253,20 @@ pub(crate) async fn start(
     });
     cmd.stdout(Stdio::piped());
     cmd.stderr(Stdio::piped());
-    // SAFETY: setsid(2) and umask(2) are async-signal-safe and touch no memory of the
-    // parent.
+    let nofile = super::fs::original_nofile_limit();
+    // SAFETY: setsid(2), umask(2) and setrlimit(2) are async-signal-safe; the closure
+    // only reads a copied rlimit value and touches no other memory of the parent.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // The agent itself runs with umask 0 (the file service applies modes
-            // exactly); commands get the usual default.
+            // exactly) and a raised descriptor limit; commands get the usual defaults.
             libc::umask(0o022);
+            if let Some(lim) = &nofile {
+                libc::setrlimit(libc::RLIMIT_NOFILE, lim);
+            }
             Ok(())
         });
     }

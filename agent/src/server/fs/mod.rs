@@ -43,6 +43,8 @@ use handles::HandleTable;
 use nodes::NodeTable;
 use watch::Watcher;
 
+pub(crate) use sys::original_nofile_limit;
+
 /// The shared state of the service.
 pub(crate) struct FsCore {
     nodes: NodeTable,
@@ -139,54 +141,54 @@ impl FsCore {
     }
 
     /// Run one request.
-    fn handle(&self, req: FsRequest) -> Result<FsResponse, Errno> {
+    fn handle(&self, req: &FsRequest) -> Result<FsResponse, Errno> {
         use FsRequest as R;
         use FsResponse as A;
-        Ok(match req {
-            R::Lookup { parent, name } => A::Entry(self.lookup(parent, &name)?),
+        Ok(match *req {
+            R::Lookup { parent, ref name } => A::Entry(self.lookup(parent, name)?),
             R::GetAttr { node, handle } => A::Attr(self.getattr(node, handle)?),
             R::SetAttr { node, handle, set } => A::Attr(self.setattr(node, handle, &set)?),
             R::ReadLink { node } => A::Data(self.readlink(node)?),
             R::Mknod {
                 parent,
-                name,
+                ref name,
                 mode,
                 rdev,
                 owner,
-            } => A::Entry(self.mknod(parent, &name, mode, rdev, owner)?),
+            } => A::Entry(self.mknod(parent, name, mode, rdev, owner)?),
             R::Mkdir {
                 parent,
-                name,
+                ref name,
                 mode,
                 owner,
-            } => A::Entry(self.mkdir(parent, &name, mode, owner)?),
+            } => A::Entry(self.mkdir(parent, name, mode, owner)?),
             R::Symlink {
                 parent,
-                name,
-                target,
+                ref name,
+                ref target,
                 owner,
-            } => A::Entry(self.symlink(parent, &name, &target, owner)?),
+            } => A::Entry(self.symlink(parent, name, target, owner)?),
             R::Link {
                 node,
                 new_parent,
-                new_name,
-            } => A::Entry(self.link(node, new_parent, &new_name)?),
-            R::Unlink { parent, name } => {
-                self.unlink(parent, &name, 0)?;
+                ref new_name,
+            } => A::Entry(self.link(node, new_parent, new_name)?),
+            R::Unlink { parent, ref name } => {
+                self.unlink(parent, name, 0)?;
                 A::Ok
             }
-            R::Rmdir { parent, name } => {
-                self.unlink(parent, &name, libc::AT_REMOVEDIR)?;
+            R::Rmdir { parent, ref name } => {
+                self.unlink(parent, name, libc::AT_REMOVEDIR)?;
                 A::Ok
             }
             R::Rename {
                 parent,
-                name,
+                ref name,
                 new_parent,
-                new_name,
+                ref new_name,
                 flags,
             } => {
-                self.rename(parent, &name, new_parent, &new_name, flags)?;
+                self.rename(parent, name, new_parent, new_name, flags)?;
                 A::Ok
             }
             R::Open { node, flags } => A::Opened {
@@ -194,12 +196,12 @@ impl FsCore {
             },
             R::Create {
                 parent,
-                name,
+                ref name,
                 mode,
                 flags,
                 owner,
             } => {
-                let (entry, handle) = self.create(parent, &name, mode, flags, owner)?;
+                let (entry, handle) = self.create(parent, name, mode, flags, owner)?;
                 A::Created { entry, handle }
             }
             R::Read {
@@ -210,8 +212,8 @@ impl FsCore {
             R::Write {
                 handle,
                 offset,
-                data,
-            } => A::Written(self.write(handle, offset, &data)?),
+                ref data,
+            } => A::Written(self.write(handle, offset, data)?),
             R::Release { handle } | R::ReleaseDir { handle } => {
                 self.handles.remove(handle)?;
                 A::Ok
@@ -232,17 +234,21 @@ impl FsCore {
             R::StatFs { node } => A::StatFs(self.statfs(node)?),
             R::SetXattr {
                 node,
-                name,
-                value,
+                ref name,
+                ref value,
                 flags,
             } => {
-                self.setxattr(node, &name, &value, flags)?;
+                self.setxattr(node, name, value, flags)?;
                 A::Ok
             }
-            R::GetXattr { node, name, size } => self.getxattr(node, &name, size)?,
+            R::GetXattr {
+                node,
+                ref name,
+                size,
+            } => self.getxattr(node, name, size)?,
             R::ListXattr { node, size } => self.listxattr(node, size)?,
-            R::RemoveXattr { node, name } => {
-                self.removexattr(node, &name)?;
+            R::RemoveXattr { node, ref name } => {
+                self.removexattr(node, name)?;
                 A::Ok
             }
             R::Fallocate {
@@ -332,8 +338,7 @@ pub(crate) fn spawn_request(agent: &Arc<Agent>, id: Id, req: FsRequest, out: Out
             },
             Ok(core) => {
                 let res = tokio::task::spawn_blocking(move || {
-                    let what = describe(&req);
-                    core.handle(req).map_err(|e| (e, what))
+                    core.handle(&req).map_err(|e| (e, describe(&req)))
                 })
                 .await;
                 match res {

@@ -324,7 +324,18 @@ impl ProcFd {
     }
 }
 
-/// Raise `RLIMIT_NOFILE` to its hard limit (every node holds a descriptor).
+/// `RLIMIT_NOFILE` as it was before [`raise_nofile_limit`] (what commands get).
+static ORIGINAL_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
+
+/// The `RLIMIT_NOFILE` the process had before the file service raised it, to restore
+/// in commands (a command must not inherit a soft limit of a million descriptors).
+pub(crate) fn original_nofile_limit() -> Option<libc::rlimit> {
+    ORIGINAL_NOFILE.get().copied()
+}
+
+/// Raise `RLIMIT_NOFILE` (every node holds a descriptor): to `fs.nr_open` when we may
+/// raise the hard limit (root; in the guest the kernel's default hard limit is only
+/// 4096), else to the hard limit.
 pub(super) fn raise_nofile_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -334,18 +345,86 @@ pub(super) fn raise_nofile_limit() {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return;
     }
-    if lim.rlim_cur < lim.rlim_max {
+    let _ = ORIGINAL_NOFILE.set(lim);
+    let set = |cur: libc::rlim_t, max: libc::rlim_t| {
         let want = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
+            rlim_cur: cur,
+            rlim_max: max,
         };
         // SAFETY: `want` is a valid rlimit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
-            tracing::warn!(
-                "cannot raise RLIMIT_NOFILE to {}: {}",
-                lim.rlim_max,
-                Errno::last()
-            );
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 }
+    };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(0);
+    if nr_open > lim.rlim_max && set(nr_open, nr_open) {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max && !set(lim.rlim_max, lim.rlim_max) {
+        tracing::warn!(
+            "cannot raise RLIMIT_NOFILE to {}: {}",
+            lim.rlim_max,
+            Errno::last()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn record(ino: u64, off: i64, dtype: u8, name: &[u8]) -> Vec<u8> {
+        let reclen = (19 + name.len() + 1 + 7) & !7;
+        let mut r = Vec::with_capacity(reclen);
+        r.extend_from_slice(&ino.to_ne_bytes());
+        r.extend_from_slice(&off.to_ne_bytes());
+        r.extend_from_slice(&(reclen as u16).to_ne_bytes());
+        r.push(dtype);
+        r.extend_from_slice(name);
+        r.resize(reclen, 0);
+        r
+    }
+
+    #[test]
+    fn parses_dirent_records_and_stops_at_garbage() {
+        let mut buf = record(5, 10, libc::DT_DIR, b".");
+        buf.extend(record(7, 20, libc::DT_REG, b"caf\xe9"));
+        buf.extend([1, 2, 3]); // truncated trailing record
+        let v: Vec<_> = parse_dirents(&buf)
+            .map(|e| (e.ino, e.off, e.dtype, e.name.to_vec()))
+            .collect();
+        assert_eq!(
+            v,
+            vec![
+                (5, 10, libc::DT_DIR, b".".to_vec()),
+                (7, 20, libc::DT_REG, b"caf\xe9".to_vec())
+            ]
+        );
+        // A record claiming to be longer than the buffer ends the iteration.
+        let mut bad = record(1, 1, 0, b"x");
+        bad[16..18].copy_from_slice(&1000u16.to_ne_bytes());
+        assert_eq!(parse_dirents(&bad).count(), 0);
+    }
+
+    #[test]
+    fn getdents_of_a_real_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..50 {
+            std::fs::write(dir.path().join(format!("f{i}")), b"").unwrap();
         }
+        let d = std::fs::File::open(dir.path()).unwrap();
+        let mut buf = vec![0u8; 1024];
+        let mut names = Vec::new();
+        loop {
+            let n = getdents64(d.as_fd(), &mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            names.extend(parse_dirents(&buf[..n]).map(|e| e.name.to_vec()));
+        }
+        assert_eq!(names.len(), 52);
+        assert!(names.contains(&b"f49".to_vec()));
     }
 }

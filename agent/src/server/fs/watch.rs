@@ -426,11 +426,20 @@ impl Watcher {
         self.read_available();
         let events = self.translate(core);
         let batches: Vec<Vec<FsEvent>> = events.chunks(MAX_BATCH).map(|c| c.to_vec()).collect();
-        let sinks: Vec<(u64, OutTx, bool)> = lock(&self.sessions)
-            .iter()
-            .filter(|(_, s)| !own.is_some_and(|o| o.same_channel(&s.out)))
-            .map(|(id, s)| (*id, s.out.clone(), s.overflowed))
-            .collect();
+        let mut own_owes_overflow = false;
+        let mut sinks: Vec<(u64, OutTx, bool)> = Vec::new();
+        for (id, s) in lock(&self.sessions).iter_mut() {
+            if own.is_some_and(|o| o.same_channel(&s.out)) {
+                if s.overflowed {
+                    // It missed a batch earlier: the Overflow must come before its
+                    // command's end, and subsumes everything else.
+                    s.overflowed = false;
+                    own_owes_overflow = true;
+                }
+            } else {
+                sinks.push((*id, s.out.clone(), s.overflowed));
+            }
+        }
         for (id, tx, overflowed) in sinks {
             let ok = if overflowed {
                 send_bounded(&tx, vec![FsEvent::Overflow]).await
@@ -453,7 +462,12 @@ impl Watcher {
         }
         drop(guard);
         if let Some(out) = own {
-            for b in batches {
+            let own_batches = if own_owes_overflow {
+                vec![vec![FsEvent::Overflow]]
+            } else {
+                batches
+            };
+            for b in own_batches {
                 if out.send(Out::Msg(Message::FsEvents(b))).await.is_err() {
                     break;
                 }
@@ -524,5 +538,92 @@ async fn run(core: Weak<FsCore>, fd: OwnedFd) {
         tokio::time::sleep(COALESCE).await;
         let Some(c) = core.upgrade() else { return };
         c.watcher.deliver(&c, None).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_of_raw_events() {
+        let n = Some(OsStr::new("a"));
+        assert!(matches!(
+            classify(3, EventMask::CREATE, n),
+            Some(Raw::Entry { wd: 3, .. })
+        ));
+        assert!(matches!(
+            classify(3, EventMask::MOVED_TO | EventMask::ISDIR, n),
+            Some(Raw::Entry { .. })
+        ));
+        assert!(matches!(
+            classify(3, EventMask::CLOSE_WRITE, n),
+            Some(Raw::Child { data: true, .. })
+        ));
+        assert!(matches!(
+            classify(3, EventMask::ATTRIB, n),
+            Some(Raw::Child { data: false, .. })
+        ));
+        assert!(matches!(
+            classify(3, EventMask::ATTRIB | EventMask::ISDIR, None),
+            Some(Raw::SelfAttr { wd: 3 })
+        ));
+        assert!(matches!(
+            classify(3, EventMask::IGNORED, None),
+            Some(Raw::Ignored { wd: 3 })
+        ));
+        assert!(matches!(
+            classify(-1, EventMask::Q_OVERFLOW, None),
+            Some(Raw::Overflow)
+        ));
+    }
+
+    #[test]
+    fn pending_dedups_and_collapses_into_overflow() {
+        let mut p = Pending::default();
+        let e = |i: usize| Raw::Entry {
+            wd: 1,
+            name: i.to_string().into_bytes(),
+        };
+        p.push(e(1));
+        p.push(e(1));
+        p.push(Raw::Ignored { wd: 9 });
+        assert_eq!(p.take().len(), 2);
+        for i in 0..MAX_PENDING + 10 {
+            p.push(e(i));
+        }
+        p.push(Raw::Ignored { wd: 9 });
+        let v = p.take();
+        assert!(v.contains(&Raw::Overflow));
+        assert!(v.contains(&Raw::Ignored { wd: 9 }));
+        assert_eq!(v.len(), 2);
+        assert!(p.take().is_empty());
+    }
+
+    #[test]
+    fn event_set_merges_node_events() {
+        let mut s = EventSet::default();
+        s.node(5, false);
+        s.node(5, true);
+        s.entry(1, b"x".to_vec());
+        s.entry(1, b"x".to_vec());
+        assert_eq!(
+            s.finish(),
+            vec![
+                FsEvent::Node {
+                    node: 5,
+                    data: true
+                },
+                FsEvent::Entry {
+                    parent: 1,
+                    name: b"x".to_vec()
+                }
+            ]
+        );
+        let s = EventSet {
+            overflow: true,
+            ..Default::default()
+        };
+        assert_eq!(s.finish(), vec![FsEvent::Overflow]);
     }
 }
