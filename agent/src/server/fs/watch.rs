@@ -485,6 +485,16 @@ impl Watcher {
     }
 }
 
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        // The task holds its own duplicate of the inotify descriptor: stop it, so a
+        // dropped agent (in-process tests) does not keep an inotify instance alive.
+        if let Some(t) = lock(&self.task).take() {
+            t.abort();
+        }
+    }
+}
+
 /// Queue a batch with a bounded wait; false when it was dropped (full for too long).
 /// A closed queue counts as delivered (the session is ending).
 async fn send_bounded(tx: &OutTx, batch: Vec<FsEvent>) -> bool {
