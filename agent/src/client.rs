@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::proto::codec::{append_frame, FrameReader, Incoming, ProtoError};
+use crate::proto::fs::{FsEvent, FsRequest, FsResponse, NodeId};
 use crate::proto::{
     AgentInfo, ExecSpec, ExitStatus, Hello, Id, Message, OutStream, Request, Response,
     INITIAL_CREDIT, MAX_CHUNK, PROTOCOL_VERSION, SYNC_MAGIC,
@@ -91,7 +92,25 @@ struct Shared {
     closed: AtomicBool,
     closed_tx: watch::Sender<bool>,
     tables: Mutex<Tables>,
+    fs_events: FsEventQueue,
 }
+
+/// File-service change events on their way from the reader to one consumer.
+///
+/// Bounded: when the consumer falls [`FS_EVENT_BATCHES`] batches behind, further batches
+/// are dropped and the consumer is told [`FsEvent::Overflow`] instead, so a chatty guest
+/// cannot grow the daemon's memory.
+struct FsEventQueue {
+    tx: mpsc::Sender<Vec<FsEvent>>,
+    rx: Mutex<Option<mpsc::Receiver<Vec<FsEvent>>>>,
+    lost: Arc<AtomicBool>,
+    /// Batches the reader has taken off the wire (delivered or dropped); counted before
+    /// the batch is queued.
+    received: Arc<AtomicU64>,
+}
+
+/// Batches of file events queued for the consumer before new ones are dropped.
+pub const FS_EVENT_BATCHES: usize = 256;
 
 #[derive(Default)]
 struct Tables {
@@ -233,10 +252,17 @@ impl AgentClient {
         };
 
         let (closed_tx, _) = watch::channel(false);
+        let (ev_tx, ev_rx) = mpsc::channel(FS_EVENT_BATCHES);
         let shared = Arc::new(Shared {
             closed: AtomicBool::new(false),
             closed_tx,
             tables: Mutex::new(Tables::default()),
+            fs_events: FsEventQueue {
+                tx: ev_tx,
+                rx: Mutex::new(Some(ev_rx)),
+                lost: Arc::new(AtomicBool::new(false)),
+                received: Arc::new(AtomicU64::new(0)),
+            },
         });
         let (tx, rx) = mpsc::channel::<Message>(1024);
         // Credits the reader gives back itself: unbounded so the reader never blocks (it
@@ -368,6 +394,43 @@ impl AgentClient {
         }
     }
 
+    /// A file-service request. `Response::Error` becomes [`ClientError::Remote`]; any
+    /// answer other than `Response::Fs` is a protocol error.
+    pub async fn fs(&self, req: FsRequest, timeout: Duration) -> Result<FsResponse, ClientError> {
+        match self.request(Request::Fs(req), timeout).await? {
+            Response::Fs(r) => Ok(r),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected answer to a file request: {other:?}"
+            ))),
+        }
+    }
+
+    /// Drop file-service node references (no answer). Waits only for queue space.
+    pub async fn forget(&self, nodes: Vec<(NodeId, u64)>) -> Result<(), ClientError> {
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        self.inner.send(Message::Forget { nodes }).await
+    }
+
+    /// The connection's file-event stream; only the first caller gets it.
+    pub fn take_fs_events(&self) -> Option<FsEvents> {
+        let q = &self.inner.shared.fs_events;
+        let rx = q.rx.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        Some(FsEvents {
+            rx,
+            lost: q.lost.clone(),
+            received: q.received.clone(),
+            closed: self.inner.shared.closed_tx.subscribe(),
+        })
+    }
+
+    /// How many event batches have arrived so far. Everything the agent sent before a
+    /// later message (e.g. a command's `Exited`) is counted once that message is seen.
+    pub fn fs_events_received(&self) -> u64 {
+        self.inner.shared.fs_events.received.load(Ordering::SeqCst)
+    }
+
     pub fn is_closed(&self) -> bool {
         self.inner.shared.closed.load(Ordering::SeqCst)
     }
@@ -381,6 +444,42 @@ impl AgentClient {
     /// Number of commands this connection still tracks (for tests and diagnostics).
     pub fn open_streams(&self) -> usize {
         self.inner.shared.tables().streams.len()
+    }
+}
+
+/// Receiver of file-service events (see [`AgentClient::take_fs_events`]).
+pub struct FsEvents {
+    rx: mpsc::Receiver<Vec<FsEvent>>,
+    lost: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+    closed: watch::Receiver<bool>,
+}
+
+impl FsEvents {
+    /// The next batch; `[Overflow]` after batches were dropped; `None` once the
+    /// connection is gone and everything was delivered.
+    pub async fn next(&mut self) -> Option<Vec<FsEvent>> {
+        if self.lost.swap(false, Ordering::SeqCst) {
+            return Some(vec![FsEvent::Overflow]);
+        }
+        let batch = tokio::select! {
+            b = self.rx.recv() => b,
+            _ = self.closed.wait_for(|c| *c) => self.rx.try_recv().ok(),
+        };
+        if self.lost.swap(false, Ordering::SeqCst) {
+            return Some(vec![FsEvent::Overflow]);
+        }
+        batch
+    }
+
+    /// Batches received so far (see [`AgentClient::fs_events_received`]).
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
+    }
+
+    /// No batch is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
     }
 }
 
@@ -663,6 +762,13 @@ async fn reader_task<R: AsyncRead + Unpin>(
                     s.credit = s.credit.saturating_add(bytes);
                     drop(s);
                     st.stdin_notify.notify_waiters();
+                }
+            }
+            Message::FsEvents(batch) => {
+                let q = &shared.fs_events;
+                q.received.fetch_add(1, Ordering::SeqCst);
+                if q.tx.try_send(batch).is_err() {
+                    q.lost.store(true, Ordering::SeqCst);
                 }
             }
             Message::HelloAck(_) => {} // re-ack of a repeated hello

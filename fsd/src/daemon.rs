@@ -15,6 +15,7 @@ use tracing_subscriber::EnvFilter;
 use crate::fuse::files::Files;
 use crate::fuse::tree::Tree;
 use crate::fuse::BandsoxFs;
+use crate::guestfs::GuestFs;
 use crate::manager::Manager;
 
 pub struct MountOptions {
@@ -147,7 +148,8 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", opts.mountpoint.display()))?;
 
     let files = Arc::new(Files::new(Tree::new(mgr.clone())));
-    let fs = BandsoxFs::new(files, rt.handle().clone());
+    let guest = GuestFs::new(mgr.clone(), rt.handle().clone());
+    let fs = BandsoxFs::new(files, guest.clone(), rt.handle().clone());
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("bandsox".into()),
@@ -162,6 +164,7 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     let session = fuser::Session::new(fs, &opts.mountpoint, &config)
         .map_err(|e| format!("mount {}: {e}", opts.mountpoint.display()))?;
     tracing::info!("mounted {}", opts.mountpoint.display());
+    guest.set_invalidator(Arc::new(crate::fuse::KernelInvalidator(session.notifier())));
 
     let mp = opts.mountpoint.clone();
     rt.spawn(async move {

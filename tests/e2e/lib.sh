@@ -53,3 +53,19 @@ daemon_pid() {
 
 # gone PID: the process has exited (a zombie counts as exited).
 gone() { ! [ -e "/proc/$1" ] || grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
+
+# fs_scenario NAME VM: run tests/fs/NAME.sh against VM's fs/ (a fresh /root/t-NAME).
+# Extra settings pass through the environment (e.g. BIG_MB=256).
+fs_scenario() {
+  _name=$1 _vm=$2
+  _id=$(sed -n 's/.*"id": *"\([0-9a-f]*\)".*/\1/p' "$MNT/$_vm/info" | head -n1)
+  [ -n "$_id" ] || fail "no id in $_vm/info"
+  mkdir "$MNT/$_vm/fs/root/t-$_name" || fail "mkdir in fs/ failed"
+  _work=$(mktemp -d /var/tmp/bandsox-fs-work.XXXXXX)
+  FSDIR="$MNT/$_vm/fs/root/t-$_name" FSROOT="$MNT/$_vm/fs" GREL="/root/t-$_name" \
+    VMDIR="$MNT/$_vm" WORK="$_work" VMM_PID_FILE="$STATE/vms/$_id/vmm.pid" \
+    bash "$(dirname "$0")/../fs/$_name.sh"
+  _rc=$?
+  rm -rf "$_work"
+  return $_rc
+}

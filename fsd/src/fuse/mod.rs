@@ -1,10 +1,14 @@
 //! The fuser adapter: translates kernel requests into [`files::Files`] / [`tree::Tree`]
 //! calls and their results into replies. No filesystem logic lives here.
 //!
+//! Requests for inodes under a VM's `fs/` go to [`guest`] (and from there to
+//! [`crate::guestfs`]); everything else is the control tree.
+//!
 //! Invariants: a FUSE thread never waits on a guest or a VMM. Anything that may wait
 //! (ctl writes, exec, stream reads, mkdir/rmdir) is moved into a tokio task that owns
 //! the reply; everything else answers inline from memory or local files.
 pub mod files;
+pub mod guest;
 pub mod tree;
 
 use std::ffi::OsStr;
@@ -12,12 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
+use crate::guestfs::{GuestFs, Target, FS_INO_BASE};
 use files::{Caller, Files};
 use tree::{Attr, Kind, Node};
 
@@ -27,6 +33,7 @@ const TTL: Duration = Duration::ZERO;
 
 pub struct BandsoxFs {
     files: Arc<Files>,
+    guest: Arc<GuestFs>,
     rt: tokio::runtime::Handle,
 }
 
@@ -73,12 +80,53 @@ fn name_str(name: &OsStr) -> Result<&str, Error> {
 }
 
 impl BandsoxFs {
-    pub fn new(files: Arc<Files>, rt: tokio::runtime::Handle) -> Self {
-        BandsoxFs { files, rt }
+    pub fn new(files: Arc<Files>, guest: Arc<GuestFs>, rt: tokio::runtime::Handle) -> Self {
+        BandsoxFs { files, guest, rt }
+    }
+
+    /// The `fs/` target an inode stands for, if it is one.
+    fn target(&self, ino: INodeNo) -> Option<Target> {
+        if ino.0 >= FS_INO_BASE {
+            return Some(Target::Node(ino.0));
+        }
+        match self.files.tree.node(ino.0) {
+            Ok(Node::VmFs(vm_id, generation)) => Some(Target::Root {
+                vm_id,
+                generation,
+                ino: ino.0,
+            }),
+            _ => None,
+        }
     }
 
     fn node(&self, ino: INodeNo) -> Result<Node, Error> {
         self.files.tree.node(ino.0)
+    }
+
+    /// A control-tree directory's entries: `(name, type, ino)`, with `.` and `..`.
+    fn tree_listing(&self, ino: INodeNo) -> Result<Vec<(String, FileType, u64)>, Error> {
+        let node = self.node(ino)?;
+        let entries = self.files.tree.readdir(&node)?;
+        let mut all = vec![
+            (".".to_string(), FileType::Directory, ino.0),
+            ("..".to_string(), FileType::Directory, tree::ROOT_INO),
+        ];
+        for (name, child) in entries {
+            let kind = match child {
+                Node::RunsLast(_) => FileType::Symlink,
+                Node::Root
+                | Node::Images
+                | Node::Image(_)
+                | Node::Snapshots
+                | Node::Vm(_)
+                | Node::VmFs(..)
+                | Node::Runs(_)
+                | Node::Run(..) => FileType::Directory,
+                _ => FileType::RegularFile,
+            };
+            all.push((name, kind, self.files.tree.ino(&child)));
+        }
+        Ok(all)
     }
 
     fn entry(&self, node: &Node, reply: ReplyEntry) {
@@ -92,10 +140,31 @@ impl BandsoxFs {
 impl fuser::Filesystem for BandsoxFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1024 * 1024);
+        let _ = config.set_max_readahead(1024 * 1024);
+        let _ = config.set_max_background(64);
+        // Each capability is optional: ask for every one the kernel offers.
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
         Ok(())
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if ino.0 >= FS_INO_BASE {
+            self.guest.forget(ino.0, nlookup);
+        }
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if let Some(t) = self.target(parent) {
+            return self.g_lookup(t, name, reply);
+        }
         // `runs/last` is a symlink resolved per caller in `readlink`, so lookup is caller-free.
         let res = self
             .node(parent)
@@ -106,7 +175,10 @@ impl fuser::Filesystem for BandsoxFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(t) = self.target(ino) {
+            return self.g_getattr(t, fh, reply);
+        }
         match self.node(ino).and_then(|n| self.files.tree.attr(&n)) {
             Ok(a) => reply.attr(&TTL, &to_fuse_attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -120,17 +192,20 @@ impl fuser::Filesystem for BandsoxFs {
         mode: Option<u32>,
         uid: Option<u32>,
         gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if let Some(t) = self.target(ino) {
+            return self.g_setattr(t, mode, uid, gid, size, atime, mtime, fh, reply);
+        }
         // Truncation (`echo x > ctl` opens with O_TRUNC) and time updates are accepted
         // and ignored: control files have no stored content to cut. Ownership and mode
         // are fixed.
@@ -144,6 +219,9 @@ impl fuser::Filesystem for BandsoxFs {
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        if let Some(t) = self.target(ino) {
+            return self.g_readlink(t, reply);
+        }
         let res = self.node(ino).and_then(|n| match n {
             Node::RunsLast(id) => self
                 .files
@@ -163,10 +241,13 @@ impl fuser::Filesystem for BandsoxFs {
         req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
+        mode: u32,
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        if let Some(t) = self.target(parent) {
+            return self.g_mkdir(req, t, name, mode, reply);
+        }
         let parent = match self.node(parent) {
             Ok(p) => p,
             Err(e) => return reply.error(errno(&e)),
@@ -198,6 +279,9 @@ impl fuser::Filesystem for BandsoxFs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if let Some(t) = self.target(parent) {
+            return self.g_unlink(t, name, true, reply);
+        }
         let parent = match self.node(parent) {
             Ok(p) => p,
             Err(e) => return reply.error(errno(&e)),
@@ -234,11 +318,79 @@ impl fuser::Filesystem for BandsoxFs {
         });
     }
 
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if let Some(t) = self.target(parent) {
+            return self.g_unlink(t, name, false, reply);
+        }
         reply.error(Errno::from_i32(libc::EPERM));
     }
 
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.target(parent) {
+            Some(t) => self.g_mknod(req, t, name, mode, rdev, reply),
+            None => reply.error(Errno::from_i32(libc::EPERM)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        match self.target(parent) {
+            Some(t) => self.g_symlink(req, t, link_name, target, reply),
+            None => reply.error(Errno::from_i32(libc::EPERM)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        match (self.target(ino), self.target(newparent)) {
+            (Some(t), Some(p)) => self.g_link(t, p, newname, reply),
+            (None, None) => reply.error(Errno::from_i32(libc::EPERM)),
+            _ => reply.error(Errno::from_i32(libc::EXDEV)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match (self.target(parent), self.target(newparent)) {
+            (Some(p), Some(np)) => self.g_rename(p, name, np, newname, flags.bits(), reply),
+            (None, None) => reply.error(Errno::from_i32(libc::EPERM)),
+            _ => reply.error(Errno::from_i32(libc::EXDEV)),
+        }
+    }
+
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if let Some(t) = self.target(ino) {
+            return self.g_open(t, flags.0, reply);
+        }
         let (read, write) = match flags.acc_mode() {
             OpenAccMode::O_RDONLY => (true, false),
             OpenAccMode::O_WRONLY => (false, true),
@@ -265,7 +417,7 @@ impl fuser::Filesystem for BandsoxFs {
     fn read(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -273,6 +425,9 @@ impl fuser::Filesystem for BandsoxFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if let Some(t) = self.target(ino) {
+            return self.g_read(t, fh, offset, size, reply);
+        }
         let c = caller(req);
         let files = self.files.clone();
         self.rt.spawn(async move {
@@ -286,15 +441,18 @@ impl fuser::Filesystem for BandsoxFs {
     fn write(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
-        _offset: u64,
+        offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if let Some(t) = self.target(ino) {
+            return self.g_write(t, fh, offset, data, reply);
+        }
         let c = caller(req);
         let files = self.files.clone();
         let data = data.to_vec();
@@ -309,11 +467,15 @@ impl fuser::Filesystem for BandsoxFs {
     fn flush(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        // Guest files buffer nothing on the host: close has nothing to flush.
+        if self.target(ino).is_some() {
+            return reply.ok();
+        }
         let c = caller(req);
         let files = self.files.clone();
         self.rt.spawn(async move {
@@ -327,19 +489,171 @@ impl fuser::Filesystem for BandsoxFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if let Some(t) = self.target(ino) {
+            return self.g_release(t, fh, false, reply);
+        }
         let _guard = self.rt.enter();
         self.files.release(fh.0);
         reply.ok();
     }
 
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.target(ino) {
+            Some(t) => self.g_fsync(t, fh, datasync, reply),
+            None => reply.ok(),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.target(ino) {
+            Some(t) => self.g_fsync(t, fh, datasync, reply),
+            None => reply.ok(),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.target(ino) {
+            Some(t) => self.g_release(t, fh, true, reply),
+            None => reply.ok(),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        match self.target(ino) {
+            Some(t) => self.g_statfs(t, reply),
+            None => reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self.target(ino) {
+            Some(t) => self.g_setxattr(t, name, value, flags, reply),
+            None => reply.error(Errno::from_i32(libc::ENOTSUP)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.target(ino) {
+            Some(t) => self.g_removexattr(t, name, reply),
+            None => reply.error(Errno::from_i32(libc::ENODATA)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.target(ino) {
+            Some(t) => self.g_fallocate(t, fh, offset, length, mode, reply),
+            None => reply.error(Errno::from_i32(libc::EOPNOTSUPP)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.target(ino) {
+            Some(t) => self.g_lseek(t, fh, offset, whence, reply),
+            None => reply.error(Errno::from_i32(libc::EINVAL)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        if let Some(t) = self.target(ino) {
+            return self.g_readdirplus(t, fh, offset, reply);
+        }
+        // Control tree: the same listing with attributes, never cached (TTL 0).
+        let all = match self.tree_listing(ino) {
+            Ok(a) => a,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        for (i, (name, kind, child)) in all.into_iter().enumerate().skip(offset as usize) {
+            let mut attr = match self
+                .files
+                .tree
+                .node(child)
+                .and_then(|n| self.files.tree.attr(&n))
+            {
+                Ok(a) => to_fuse_attr(&a),
+                Err(_) => continue,
+            };
+            attr.kind = kind;
+            // `.` and `..` are never looked up by the kernel; the rest count as lookups
+            // of control-tree inodes, which are never forgotten.
+            if reply.add(
+                INodeNo(child),
+                (i + 1) as u64,
+                &name,
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if let Some(t) = self.target(ino) {
+            return self.g_opendir(t, reply);
+        }
         match self.node(ino).and_then(|n| self.files.tree.check(&n)) {
             Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
@@ -350,36 +664,17 @@ impl fuser::Filesystem for BandsoxFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let node = match self.node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        let entries = match self.files.tree.readdir(&node) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        let mut all = vec![
-            (".".to_string(), FileType::Directory, ino.0),
-            ("..".to_string(), FileType::Directory, tree::ROOT_INO),
-        ];
-        for (name, child) in entries {
-            let kind = match child {
-                Node::RunsLast(_) => FileType::Symlink,
-                Node::Root
-                | Node::Images
-                | Node::Image(_)
-                | Node::Snapshots
-                | Node::Vm(_)
-                | Node::Runs(_)
-                | Node::Run(..) => FileType::Directory,
-                _ => FileType::RegularFile,
-            };
-            all.push((name, kind, self.files.tree.ino(&child)));
+        if let Some(t) = self.target(ino) {
+            return self.g_readdir(t, fh, offset, reply);
         }
+        let all = match self.tree_listing(ino) {
+            Ok(a) => a,
+            Err(e) => return reply.error(errno(&e)),
+        };
         for (i, (name, kind, ino)) in all.into_iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
                 break;
@@ -388,19 +683,18 @@ impl fuser::Filesystem for BandsoxFs {
         reply.ok();
     }
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: fuser::ReplyXattr,
-    ) {
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if let Some(t) = self.target(ino) {
+            return self.g_getxattr(t, name, size, reply);
+        }
         // Control files carry no extended attributes.
         reply.error(Errno::from_i32(libc::ENODATA));
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if let Some(t) = self.target(ino) {
+            return self.g_listxattr(t, size, reply);
+        }
         if size == 0 {
             reply.size(0)
         } else {
@@ -410,14 +704,42 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn create(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
-        _flags: i32,
-        reply: fuser::ReplyCreate,
+        flags: i32,
+        reply: ReplyCreate,
     ) {
+        if let Some(t) = self.target(parent) {
+            return self.g_create(req, t, name, mode, flags, reply);
+        }
         reply.error(Errno::from_i32(libc::EACCES));
+    }
+}
+
+/// Guest change events → the kernel's caches, through the FUSE notify channel.
+pub struct KernelInvalidator(pub fuser::Notifier);
+
+impl crate::guestfs::Invalidate for KernelInvalidator {
+    fn entry(&self, parent: u64, name: &[u8]) {
+        use std::os::unix::ffi::OsStrExt;
+        // ENOENT: the kernel holds no such entry, which is fine.
+        if let Err(e) = self.0.inval_entry(INodeNo(parent), OsStr::from_bytes(name)) {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::debug!("invalidate entry {parent}/{name:?}: {e}");
+            }
+        }
+    }
+
+    fn inode(&self, ino: u64, data: bool) {
+        // offset -1: attributes only; 0 with length 0: attributes and all pages.
+        let offset = if data { 0 } else { -1 };
+        if let Err(e) = self.0.inval_inode(INodeNo(ino), offset, 0) {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::debug!("invalidate inode {ino}: {e}");
+            }
+        }
     }
 }

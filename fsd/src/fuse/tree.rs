@@ -70,6 +70,9 @@ pub enum Node {
     Snapshots,
     Vm(String),
     VmFile(String, VmFile),
+    /// A VM's `fs/` directory in one boot generation (a new inode per boot, so the
+    /// kernel drops what it cached from an earlier boot).
+    VmFs(String, u64),
     Runs(String),
     RunsLast(String),
     Run(String, u64),
@@ -226,6 +229,8 @@ impl Tree {
                 self.vm(id)?;
                 if name == "runs" {
                     Node::Runs(id.clone())
+                } else if name == "fs" {
+                    Node::VmFs(id.clone(), self.vm(id)?.generation())
                 } else {
                     let f = VM_FILES.iter().find(|(n, _)| *n == name).ok_or_else(nf)?;
                     Node::VmFile(id.clone(), f.1)
@@ -260,9 +265,11 @@ impl Tree {
     /// Does the node still exist?
     pub fn check(&self, node: &Node) -> Result<()> {
         match node {
-            Node::Vm(id) | Node::VmFile(id, _) | Node::Runs(id) | Node::RunsLast(id) => {
-                self.vm(id).map(|_| ())
-            }
+            Node::Vm(id)
+            | Node::VmFile(id, _)
+            | Node::VmFs(id, _)
+            | Node::Runs(id)
+            | Node::RunsLast(id) => self.vm(id).map(|_| ()),
             Node::Run(id, n) | Node::RunFile(id, n, _) => self
                 .vm(id)?
                 .run(*n)
@@ -310,6 +317,8 @@ impl Tree {
                     out.push((n.to_string(), Node::VmFile(id.clone(), *f)));
                 }
                 out.push(("runs".into(), Node::Runs(id.clone())));
+                let generation = self.vm(id)?.generation();
+                out.push(("fs".into(), Node::VmFs(id.clone(), generation)));
             }
             Node::Runs(id) => {
                 let vm = self.vm(id)?;
@@ -366,6 +375,7 @@ impl Tree {
         let id = match node {
             Node::Vm(id)
             | Node::VmFile(id, _)
+            | Node::VmFs(id, _)
             | Node::Runs(id)
             | Node::RunsLast(id)
             | Node::Run(id, _)
@@ -385,6 +395,9 @@ impl Tree {
             Node::Root => dir(0o1777),
             Node::Images | Node::Image(_) | Node::Snapshots => dir(0o755),
             Node::Vm(_) => dir(0o700),
+            // Shown while the guest is unreachable; a running guest's root attributes
+            // replace this (see `guestfs`).
+            Node::VmFs(..) => dir(0o755),
             Node::Runs(_) | Node::Run(..) => dir(0o700),
             Node::RunsLast(_) => (Kind::Symlink, 0o777, 0),
             Node::Ctl => (Kind::File, 0o666, 0),

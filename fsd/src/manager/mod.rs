@@ -409,6 +409,10 @@ impl Manager {
                     times[times.len() - 1]
                 ))
             }
+            VmCmd::FsBench(what) => {
+                let agent = vm.require_agent()?;
+                crate::guestfs::bench::run(&agent, &what).await
+            }
             VmCmd::Snapshot(name) => {
                 crate::names::validate("snapshot", &name)?;
                 Err(Error::new(

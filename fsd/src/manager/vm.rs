@@ -263,6 +263,18 @@ impl Vm {
         }
     }
 
+    /// The live agent and the boot generation it belongs to (file service numbers are
+    /// only valid within one generation).
+    pub fn fs_agent(&self) -> Result<(AgentClient, u64)> {
+        let client = self.require_agent()?;
+        Ok((client, self.generation()))
+    }
+
+    /// Bumped on every boot, adopt and exit.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
     // ---- lifecycle -------------------------------------------------------------------
 
     /// Launch the VMM and wait for the agent. Caller holds `op_lock`.

@@ -1,0 +1,89 @@
+#!/bin/bash
+# fs/ benchmarks (issue 3; figures go to docs/benchmarks.md). Not a test: prints numbers.
+# Every figure is a ratio measured side by side in this one run:
+#  1. sequential write and read of 1, 64 and 256 MiB through fs/ (dd, 1 MiB blocks, page
+#     cache dropped before reads) vs. the same bytes moved by raw agent calls over the same
+#     connection (the VM's `fsbench` diagnostic ctl command);
+#  2. stat / 4 KiB read / create+unlink latency through fs/ (`bandsox fslat`, in-process)
+#     vs. the same agent calls direct (`fsbench stat|read4k|create`);
+#  3. rsync -a of a 5,000-file tree into fs/ vs. `tar c | exec 'tar x'` through one exec.
+# Usage: bench/fs.sh [qemu|host]   host = the agent as a host process over a unix socket
+#        (our stack's own ceiling without the emulated VM). Root; after mount-helpers/setup.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+BANDSOX=${BANDSOX:-$repo/target/release/bandsox}
+mode=${1:-qemu}
+work=/var/tmp/bandsox-bench-fs-$mode
+MNT=$work/mnt; STATE=$work/state
+cleanup() {
+  "$BANDSOX" unmount "$MNT" >/dev/null 2>&1 || true
+  for p in "$STATE"/vms/*/vmm.pid; do [ -f "$p" ] && kill -9 "$(cat "$p")" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+cleanup; rm -rf "$work"; mkdir -p "$MNT" "$STATE"
+cp -a --reflink=auto /var/lib/bandsox/boot /var/lib/bandsox/images "$STATE/"
+if [ "$mode" = host ]; then
+  export BANDSOX_HOST_AGENT=$repo/target/release/bandsox-agent
+  dir=fs/bench         # fsbench paths are relative to the agent's root
+else
+  dir=fs/root/bench
+fi
+"$BANDSOX" mount "$MNT" --state-dir "$STATE"
+mkdir "$MNT/fb"
+V=$MNT/fb
+mkdir -p "$V/$dir"
+gpath=/${dir#fs/}       # the same directory as the agent sees it
+# Exec runs in the agent's working directory (host mode: its root, not the host's /).
+if [ "$mode" = host ]; then xpath=${gpath#/}; else xpath=$gpath; fi
+
+ctl() { echo "$1" > "$V/ctl"; cat "$V/ctl"; }
+field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b == 0) print "n/a"; else printf "%.2f", a/b }'; }
+mbs() { awk -v bytes="$1" -v ns="$2" 'BEGIN{printf "%.1f", bytes / (ns / 1000.0)}'; }  # MB/s (1e6)
+
+echo "== sequential I/O ($mode): fs/ vs raw agent calls on the same connection"
+printf '%-6s %10s %10s %6s %10s %10s %6s\n' size fs_write raw_write ratio fs_read raw_read ratio
+for mib in 1 64 256; do
+  f=$V/$dir/seq$mib
+  t0=$(date +%s%N); dd if=/dev/zero of="$f" bs=1M count="$mib" status=none; t1=$(date +%s%N)
+  fw=$(mbs $((mib * 1048576)) $((t1 - t0)))
+  rw=$(ctl "fsbench write $gpath/raw$mib $mib" | field mb_s)
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  t0=$(date +%s%N); dd if="$f" of=/dev/null bs=1M status=none; t1=$(date +%s%N)
+  fr=$(mbs $((mib * 1048576)) $((t1 - t0)))
+  rr=$(ctl "fsbench read $gpath/seq$mib" | field mb_s)
+  printf '%-6s %10s %10s %6s %10s %10s %6s\n' "${mib}M" "$fw" "$rw" "$(ratio "$fw" "$rw")" "$fr" "$rr" "$(ratio "$fr" "$rr")"
+  rm -f "$f" "$V/$dir/raw$mib"
+done
+echo "(MB/s; ratio = fs/ ÷ raw; target ≥ 0.7 for ≥ 1 MiB)"
+
+echo "== latency ($mode): fs/ (in-process) vs raw agent calls, medians of 200"
+lat=$("$BANDSOX" fslat "$V/$dir" --n 200)
+echo "fs/: $lat"
+printf 'x%.0s' $(seq 1 4096) > "$V/$dir/lat4k"
+rs=$(ctl "fsbench stat $gpath/lat4k 200" | field median_us)
+rr=$(ctl "fsbench read4k $gpath/lat4k 200" | field median_us)
+rc=$(ctl "fsbench create $gpath 200" | field median_us)
+echo "raw: stat_us=$rs read4k_us=$rr create_unlink_us=$rc"
+echo "ratios (fs/ ÷ raw; target ≤ 2): stat(cached) $(ratio "$(echo "$lat" | field stat_us)" "$rs")" \
+  "stat(forced) $(ratio "$(echo "$lat" | field statx_sync_us)" "$rs")" \
+  "read4k $(ratio "$(echo "$lat" | field read4k_direct_us)" "$rr")" \
+  "create+unlink $(ratio "$(echo "$lat" | field create_unlink_us)" "$rc")"
+
+echo "== 5,000-file tree ($mode): rsync -a into fs/ vs tar through one exec"
+src=$work/src
+for d in $(seq 1 50); do mkdir -p "$src/d$d"; for f in $(seq 1 100); do printf 'file %s/%s\n' "$d" "$f" > "$src/d$d/f$f"; done; done
+t0=$(date +%s%N); rsync -a "$src/" "$V/$dir/rsync/"; t1=$(date +%s%N)
+rs_ms=$(( (t1 - t0) / 1000000 ))
+mkdir -p "$V/$dir/tar"
+t0=$(date +%s%N)
+# A write-only exec waits for the command; its stdin is runs/N/stdin until close-stdin.
+(echo "tar x -C $xpath/tar" > "$V/exec") & waiter=$!
+until [ "$(cat "$V/runs/last/status" 2>/dev/null)" = running ]; do sleep 0.02; done
+tar c -C "$src" . > "$V/runs/last/stdin"
+echo close-stdin > "$V/runs/last/ctl"
+wait "$waiter"
+t1=$(date +%s%N)
+tar_ms=$(( (t1 - t0) / 1000000 ))
+echo "rsync -a: ${rs_ms} ms; tar | exec tar x: ${tar_ms} ms; ratio $(ratio "$rs_ms" "$tar_ms")"
+echo "files in guest (tar): $(echo "find $xpath/tar -type f | wc -l" > "$V/exec"; cat "$V/exec")"

@@ -1,0 +1,569 @@
+//! Translation of kernel requests under a VM's `fs/` into [`GuestFs`] calls.
+//!
+//! Invariants: only conversions live here (fuser types ↔ protocol types); every call
+//! that may wait on a guest runs in a tokio task that owns the reply, so FUSE threads
+//! never block on the network; `forget`, `flush` and `release` answer at once.
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bandsox_agent::proto::fs::{Attr, Owner, SetAttrs, SetTime, Timespec};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+};
+
+use super::{errno, BandsoxFs};
+use crate::error::Error;
+use crate::guestfs::{DirItem, GuestFs, Looked, Target, XattrReply};
+
+/// `st_mode` type bits → fuser's file type (callers pass validated modes).
+pub fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// A guest timestamp; out-of-range values clamp to the epoch instead of panicking.
+fn system_time(t: Timespec) -> SystemTime {
+    let nsec = Duration::from_nanos(u64::from(t.nsec.min(999_999_999)));
+    let res = if t.sec >= 0 {
+        UNIX_EPOCH
+            .checked_add(Duration::from_secs(t.sec as u64))
+            .and_then(|x| x.checked_add(nsec))
+    } else {
+        UNIX_EPOCH
+            .checked_sub(Duration::from_secs(t.sec.unsigned_abs()))
+            .and_then(|x| x.checked_add(nsec))
+    };
+    res.unwrap_or(UNIX_EPOCH)
+}
+
+fn timespec(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            // Before the epoch: floor seconds, non-negative nanoseconds.
+            let (sec, nsec) = if d.subsec_nanos() == 0 {
+                (-(d.as_secs() as i64), 0)
+            } else {
+                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+            };
+            Timespec { sec, nsec }
+        }
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(t) => SetTime::At(timespec(t)),
+    })
+}
+
+pub fn file_attr(ino: u64, a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: system_time(a.atime),
+        mtime: system_time(a.mtime),
+        ctime: system_time(a.ctime),
+        crtime: system_time(a.ctime),
+        kind: file_type(a.mode),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+fn owner(req: &Request) -> Owner {
+    Owner {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, res: Result<Looked, Error>) {
+    match res {
+        Ok(l) => reply.entry(&l.ttl, &file_attr(l.ino, &l.attr), Generation(l.generation)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, res: Result<(), Error>) {
+    match res {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, res: Result<XattrReply, Error>) {
+    match res {
+        Ok(XattrReply::Size(n)) => reply.size(n),
+        Ok(XattrReply::Data(d)) => reply.data(&d),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+/// The ino the kernel knows a target by.
+fn target_ino(t: &Target) -> u64 {
+    match t {
+        Target::Root { ino, .. } => *ino,
+        Target::Node(ino) => *ino,
+    }
+}
+
+impl BandsoxFs {
+    fn guest(&self) -> Arc<GuestFs> {
+        self.guest.clone()
+    }
+
+    /// Run `f` on the runtime; it owns the reply.
+    fn spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f);
+    }
+
+    pub(super) fn g_lookup(&self, parent: Target, name: &OsStr, reply: ReplyEntry) {
+        let (g, name) = (self.guest(), name.as_bytes().to_vec());
+        self.spawn(async move { reply_entry(reply, g.lookup(&parent, &name).await) });
+    }
+
+    pub(super) fn g_getattr(&self, t: Target, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let g = self.guest();
+        let tree = self.files.clone();
+        self.spawn(async move {
+            match g.getattr(&t, fh.map(|f| f.0)).await {
+                Ok((a, ttl)) => reply.attr(&ttl, &file_attr(target_ino(&t), &a)),
+                // An unreachable guest's `fs/` still shows as an empty directory.
+                Err(e) if e.errno == libc::EHOSTDOWN && matches!(t, Target::Root { .. }) => {
+                    match tree
+                        .tree
+                        .node(target_ino(&t))
+                        .and_then(|n| tree.tree.attr(&n))
+                    {
+                        Ok(a) => reply.attr(&Duration::ZERO, &super::to_fuse_attr(&a)),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn g_setattr(
+        &self,
+        t: Target,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttrs {
+            mode: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        let g = self.guest();
+        self.spawn(async move {
+            match g.setattr(&t, fh.map(|f| f.0), set).await {
+                Ok((a, ttl)) => reply.attr(&ttl, &file_attr(target_ino(&t), &a)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    pub(super) fn g_readlink(&self, t: Target, reply: ReplyData) {
+        let g = self.guest();
+        self.spawn(async move {
+            match g.readlink(&t).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    pub(super) fn g_mknod(
+        &self,
+        req: &Request,
+        parent: Target,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let (g, name, o) = (self.guest(), name.as_bytes().to_vec(), owner(req));
+        self.spawn(async move {
+            reply_entry(reply, g.mknod(&parent, &name, mode, rdev.into(), o).await)
+        });
+    }
+
+    pub(super) fn g_mkdir(
+        &self,
+        req: &Request,
+        parent: Target,
+        name: &OsStr,
+        mode: u32,
+        reply: ReplyEntry,
+    ) {
+        let (g, name, o) = (self.guest(), name.as_bytes().to_vec(), owner(req));
+        self.spawn(async move { reply_entry(reply, g.mkdir(&parent, &name, mode, o).await) });
+    }
+
+    pub(super) fn g_symlink(
+        &self,
+        req: &Request,
+        parent: Target,
+        name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        let (g, name, o) = (self.guest(), name.as_bytes().to_vec(), owner(req));
+        let target = target.as_os_str().as_bytes().to_vec();
+        self.spawn(async move { reply_entry(reply, g.symlink(&parent, &name, &target, o).await) });
+    }
+
+    pub(super) fn g_link(&self, t: Target, new_parent: Target, name: &OsStr, reply: ReplyEntry) {
+        let (g, name) = (self.guest(), name.as_bytes().to_vec());
+        self.spawn(async move { reply_entry(reply, g.link(&t, &new_parent, &name).await) });
+    }
+
+    pub(super) fn g_unlink(&self, parent: Target, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+        let (g, name) = (self.guest(), name.as_bytes().to_vec());
+        self.spawn(async move {
+            let res = if dir {
+                g.rmdir(&parent, &name).await
+            } else {
+                g.unlink(&parent, &name).await
+            };
+            reply_empty(reply, res)
+        });
+    }
+
+    pub(super) fn g_rename(
+        &self,
+        parent: Target,
+        name: &OsStr,
+        new_parent: Target,
+        new_name: &OsStr,
+        flags: u32,
+        reply: ReplyEmpty,
+    ) {
+        let g = self.guest();
+        let (name, new_name) = (name.as_bytes().to_vec(), new_name.as_bytes().to_vec());
+        self.spawn(async move {
+            reply_empty(
+                reply,
+                g.rename(&parent, &name, &new_parent, &new_name, flags)
+                    .await,
+            )
+        });
+    }
+
+    pub(super) fn g_open(&self, t: Target, flags: i32, reply: ReplyOpen) {
+        let g = self.guest();
+        self.spawn(async move {
+            match g.open(&t, flags).await {
+                Ok(o) => {
+                    let f = if o.keep_cache {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.opened(FileHandle(o.fh), f)
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    pub(super) fn g_create(
+        &self,
+        req: &Request,
+        parent: Target,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (g, name, o) = (self.guest(), name.as_bytes().to_vec(), owner(req));
+        self.spawn(async move {
+            match g.create(&parent, &name, mode, flags, o).await {
+                Ok((l, opened)) => {
+                    let f = if opened.keep_cache {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.created(
+                        &l.ttl,
+                        &file_attr(l.ino, &l.attr),
+                        Generation(l.generation),
+                        FileHandle(opened.fh),
+                        f,
+                    )
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    pub(super) fn g_read(&self, t: Target, fh: FileHandle, off: u64, size: u32, reply: ReplyData) {
+        let g = self.guest();
+        self.spawn(async move {
+            match g.read(&t, fh.0, off, size).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    pub(super) fn g_write(
+        &self,
+        t: Target,
+        fh: FileHandle,
+        off: u64,
+        data: &[u8],
+        reply: ReplyWrite,
+    ) {
+        let (g, data) = (self.guest(), data.to_vec());
+        self.spawn(async move {
+            match g.write(&t, fh.0, off, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    pub(super) fn g_release(&self, t: Target, fh: FileHandle, dir: bool, reply: ReplyEmpty) {
+        let _guard = self.rt.enter();
+        self.guest.release(&t, fh.0, dir);
+        reply.ok();
+    }
+
+    pub(super) fn g_fsync(&self, t: Target, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        let g = self.guest();
+        self.spawn(async move { reply_empty(reply, g.fsync(&t, fh.0, datasync).await) });
+    }
+
+    pub(super) fn g_opendir(&self, t: Target, reply: ReplyOpen) {
+        let g = self.guest();
+        self.spawn(async move {
+            match g.opendir(&t).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    pub(super) fn g_readdir(&self, t: Target, fh: FileHandle, off: u64, mut reply: ReplyDirectory) {
+        let g = self.guest();
+        self.spawn(async move {
+            let ino = target_ino(&t);
+            match g.readdir(&t, fh.0, off, false, ino).await {
+                Ok(items) => {
+                    for it in items {
+                        let name = OsStr::from_bytes(&it.name);
+                        if reply.add(INodeNo(it.ino), it.next_offset, file_type(it.kind), name) {
+                            break;
+                        }
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    pub(super) fn g_readdirplus(
+        &self,
+        t: Target,
+        fh: FileHandle,
+        off: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let g = self.guest();
+        self.spawn(async move {
+            let ino = target_ino(&t);
+            match g.readdir(&t, fh.0, off, true, ino).await {
+                Ok(items) => {
+                    let mut rest: Vec<DirItem> = Vec::new();
+                    let mut full = false;
+                    for it in items {
+                        if full {
+                            rest.push(it);
+                            continue;
+                        }
+                        let name = OsStr::from_bytes(&it.name);
+                        let (ttl, attr, generation) = match &it.looked {
+                            Some(l) => (l.ttl, file_attr(l.ino, &l.attr), l.generation),
+                            None => {
+                                let mut a = file_attr(it.ino, &Attr::default());
+                                a.kind = file_type(it.kind);
+                                (Duration::ZERO, a, 0)
+                            }
+                        };
+                        if reply.add(
+                            INodeNo(attr.ino.0),
+                            it.next_offset,
+                            name,
+                            &ttl,
+                            &attr,
+                            Generation(generation),
+                        ) {
+                            full = true;
+                            rest.push(it);
+                        }
+                    }
+                    // Entries the kernel never received must not keep references.
+                    g.unused_entries(&rest);
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    pub(super) fn g_statfs(&self, t: Target, reply: ReplyStatfs) {
+        let g = self.guest();
+        self.spawn(async move {
+            match g.statfs(&t).await {
+                Ok(s) => reply.statfs(
+                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+                ),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    pub(super) fn g_setxattr(
+        &self,
+        t: Target,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        reply: ReplyEmpty,
+    ) {
+        let (g, name, value) = (self.guest(), name.as_bytes().to_vec(), value.to_vec());
+        self.spawn(async move { reply_empty(reply, g.setxattr(&t, &name, &value, flags).await) });
+    }
+
+    pub(super) fn g_getxattr(&self, t: Target, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let (g, name) = (self.guest(), name.as_bytes().to_vec());
+        self.spawn(async move { reply_xattr(reply, g.getxattr(&t, &name, size).await) });
+    }
+
+    pub(super) fn g_listxattr(&self, t: Target, size: u32, reply: ReplyXattr) {
+        let g = self.guest();
+        self.spawn(async move { reply_xattr(reply, g.listxattr(&t, size).await) });
+    }
+
+    pub(super) fn g_removexattr(&self, t: Target, name: &OsStr, reply: ReplyEmpty) {
+        let (g, name) = (self.guest(), name.as_bytes().to_vec());
+        self.spawn(async move { reply_empty(reply, g.removexattr(&t, &name).await) });
+    }
+
+    pub(super) fn g_fallocate(
+        &self,
+        t: Target,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let g = self.guest();
+        self.spawn(
+            async move { reply_empty(reply, g.fallocate(&t, fh.0, offset, length, mode).await) },
+        );
+    }
+
+    pub(super) fn g_lseek(
+        &self,
+        t: Target,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        if offset < 0 {
+            return reply.error(Errno::from_i32(libc::ENXIO));
+        }
+        let g = self.guest();
+        self.spawn(async move {
+            match g.lseek(&t, fh.0, offset as u64, whence).await {
+                Ok(o) => reply.offset(o as i64),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_with_nanoseconds() {
+        for ts in [
+            Timespec { sec: 0, nsec: 0 },
+            Timespec {
+                sec: 1_700_000_000,
+                nsec: 123_456_789,
+            },
+            Timespec {
+                sec: -5,
+                nsec: 250_000_000,
+            },
+        ] {
+            assert_eq!(timespec(system_time(ts)), ts);
+        }
+    }
+
+    #[test]
+    fn hostile_timestamps_do_not_panic() {
+        let _ = system_time(Timespec {
+            sec: i64::MAX,
+            nsec: u32::MAX,
+        });
+        let _ = system_time(Timespec {
+            sec: i64::MIN,
+            nsec: 0,
+        });
+    }
+
+    #[test]
+    fn file_types_map() {
+        assert_eq!(file_type(libc::S_IFDIR | 0o755), FileType::Directory);
+        assert_eq!(file_type(libc::S_IFIFO), FileType::NamedPipe);
+        assert_eq!(file_type(libc::S_IFLNK), FileType::Symlink);
+        assert_eq!(file_type(libc::S_IFREG | 0o4755), FileType::RegularFile);
+    }
+}

@@ -1,0 +1,130 @@
+//! The mounted-daemon harness shared by the host-backend tests: the real daemon and FUSE
+//! mount with the agent in host mode (no VM).
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Mounted {
+    pub _tmp: tempfile::TempDir,
+    pub mnt: PathBuf,
+    pub state: PathBuf,
+    daemon: Child,
+}
+
+pub fn agent_binary() -> PathBuf {
+    let bandsox = PathBuf::from(env!("CARGO_BIN_EXE_bandsox"));
+    let agent = bandsox.with_file_name("bandsox-agent");
+    if !agent.exists() {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "bandsox-agent", "--bin", "bandsox-agent"]);
+        if bandsox.parent().and_then(|p| p.file_name()) == Some("release".as_ref()) {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("cargo build agent");
+        assert!(st.success());
+    }
+    agent
+}
+
+pub fn is_mounted(p: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*p.to_string_lossy()))
+}
+
+impl Mounted {
+    pub fn new() -> Option<Mounted> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
+            eprintln!("!!!!! SKIPPING mount tests: they need root and /dev/fuse !!!!!");
+            return None;
+        }
+        // Under /var/tmp: a disk filesystem, so user xattrs work in the host-mode "guest".
+        let tmp = tempfile::Builder::new()
+            .prefix("bandsox-test")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let mnt = tmp.path().join("mnt");
+        let state = tmp.path().join("state");
+        std::fs::create_dir_all(state.join("images/base")).unwrap();
+        std::fs::write(state.join("images/base/disk.ext4"), vec![0u8; 65536]).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        let daemon = Command::new(env!("CARGO_BIN_EXE_bandsox"))
+            .arg("mount")
+            .arg(&mnt)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("-f")
+            .env("BANDSOX_HOST_AGENT", agent_binary())
+            .env("BANDSOX_LOG", "info")
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(tmp.path().join("daemon.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let m = Mounted {
+            _tmp: tmp,
+            mnt,
+            state,
+            daemon,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(&m.mnt) {
+            assert!(
+                Instant::now() < deadline,
+                "mount did not appear: {}",
+                m.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(m)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._tmp.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Run a `sh` script with `M` set to the mount point; returns (status, stdout, stderr).
+    pub fn sh(&self, script: &str) -> (i32, String, String) {
+        let out = Command::new("timeout")
+            .args(["60", "bash", "-c", script])
+            .env("M", &self.mnt)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn ok(&self, script: &str) -> String {
+        let (code, out, err) = self.sh(script);
+        assert_eq!(
+            code,
+            0,
+            "script failed: {script}\nstdout: {out}\nstderr: {err}\nlog: {}",
+            self.log()
+        );
+        out
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        if let Ok(entries) = std::fs::read_dir(self.state.join("vms")) {
+            for e in entries.flatten() {
+                if let Ok(pid) = std::fs::read_to_string(e.path().join("vmm.pid")) {
+                    if let Ok(pid) = pid.trim().parse::<i32>() {
+                        // SAFETY: plain kill(2) of a process this test started.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
+        }
+    }
+}

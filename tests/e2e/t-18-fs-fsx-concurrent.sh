@@ -1,0 +1,5 @@
+# Random-offset I/O against a reference, and 8 concurrent writers/readers.
+. "$(dirname "$0")/lib.sh"
+new_vm fsx
+FSX_OPS=600 fs_scenario fsx fsx
+fs_scenario concurrent fsx

@@ -1,0 +1,34 @@
+#!/bin/bash
+# fs/ of a paused VM fails promptly with "Host is down" and works again after resume;
+# killing the VMM during a read makes the read fail within seconds, leaving nothing hung.
+. "$(dirname "$0")/lib.sh"
+printf 'data\n' > "$FSDIR/x"
+echo pause > "$VMDIR/ctl"
+t0=$(date +%s)
+err=$(cat "$FSDIR/x" 2>&1) && fail "read of a paused VM's file succeeded"
+case "$err" in *"Host is down"*) ;; *) fail "paused read error: $err" ;; esac
+err=$(ls "$FSDIR/" 2>&1) && true
+[ $(( $(date +%s) - t0 )) -le 3 ] || fail "paused operations took too long"
+echo resume > "$VMDIR/ctl"
+assert_eq data "$(cat "$FSDIR/x")" "read after resume"
+# Kill the VMM during a long read.
+t0=$(date +%s)
+dd if=/dev/zero of="$FSDIR/long" bs=1M count="${KILL_MB:-128}" status=none || fail "write long file"
+note "wrote ${KILL_MB:-128} MiB in $(( $(date +%s) - t0 )) s"
+echo 1 > /proc/sys/vm/drop_caches
+(rc=0; dd if="$FSDIR/long" of=/dev/null bs=64k iflag=direct status=none 2>"$WORK/dd.err" || rc=$?; echo "rc=$rc" > "$WORK/dd.rc") &
+reader=$!
+sleep 0.3
+kill -9 "$(cat "$VMM_PID_FILE")"
+t0=$(date +%s)
+while kill -0 "$reader" 2>/dev/null; do
+  [ $(( $(date +%s) - t0 )) -le 10 ] || fail "read still running 10 s after the VMM died"
+  sleep 0.1
+done
+wait "$reader" || true
+rc=$(cat "$WORK/dd.rc")
+[ "$rc" != "rc=0" ] || note "the read finished before the VMM died (no error to see)"
+dstate=$(ps -eo stat=,comm= | awk '$1 ~ /^D/ && ($2 == "dd" || $2 == "cat" || $2 == "ls")' || true)
+[ -z "$dstate" ] || fail "processes left in D state: $dstate"
+err=$(ls "$FSDIR/" 2>&1) && fail "ls of a dead VM's fs/ succeeded"
+note "paused: Host is down at once; VMM killed: read ended ($rc: $(cat "$WORK/dd.err")), nothing hung"

@@ -1,0 +1,49 @@
+# Shared helpers for the fs/ scenario scripts. Sourced under bash.
+# Every scenario gets, from its caller (tests/e2e/t-*.sh or fsd/tests/fs_host.rs):
+#   FSDIR   an empty directory inside a VM's fs/ (host path)
+#   FSROOT  the VM's fs/ directory itself
+#   GREL    FSDIR relative to the guest command's working directory (for exec)
+#   VMDIR   the VM's directory (exec, ctl, state)
+#   WORK    an empty local scratch directory on a filesystem with user xattrs
+#   BANDSOX the bandsox binary (for `bandsox fsx`)
+#   VMM_PID_FILE  the VM's vmm.pid (for the kill test)
+set -euo pipefail
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+note() { echo "  .. $*" >&2; }
+assert_eq() { [ "$1" = "$2" ] || fail "${3:-value}: expected [$1], got [$2]"; }
+
+# guest CMD: run CMD in the guest through exec, print its output; fail on non-zero.
+guest() {
+  local out
+  exec 9<>"$VMDIR/exec"
+  printf '%s' "$1" >&9
+  out=$(cat <&9)
+  exec 9>&-
+  local st
+  st=$(cat "$VMDIR/runs/last/status")
+  [ "$st" = 0 ] || fail "guest command [$1] ended with status $st: $out"
+  printf '%s' "$out"
+}
+
+# within SECONDS CMD...: CMD succeeds within SECONDS (polling every 50 ms).
+within() {
+  local t=$1; shift
+  local end=$(( $(date +%s%N) + t * 1000000000 ))
+  until "$@" >/dev/null 2>&1; do
+    [ "$(date +%s%N)" -lt "$end" ] || return 1
+    sleep 0.05
+  done
+}
+
+# Metadata listing of a tree: path, type, mode, ids, size, mtime (ns), link target, links.
+meta() {
+  # Directory sizes depend on the filesystem's layout, not on what was copied.
+  (cd "$1" && find . \( -type d -printf '%P|%y|%m|%U|%G|-|%T@|%l|%n\n' \) -o \
+    -printf '%P|%y|%m|%U|%G|%s|%T@|%l|%n\n' | LC_ALL=C sort)
+}
+
+# Every user.* xattr of a tree, by path.
+xattrs() {
+  (cd "$1" && getfattr -R -h -d -m '^user\.' --absolute-names . 2>/dev/null | LC_ALL=C sort)
+}
