@@ -149,7 +149,7 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
 
     let files = Arc::new(Files::new(Tree::new(mgr.clone())));
     let guest = GuestFs::new(mgr.clone(), rt.handle().clone());
-    let fs = BandsoxFs::new(files, guest.clone(), rt.handle().clone());
+    let fs = BandsoxFs::new(files.clone(), guest.clone(), rt.handle().clone());
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("bandsox".into()),
@@ -165,6 +165,10 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         .map_err(|e| format!("mount {}: {e}", opts.mountpoint.display()))?;
     tracing::info!("mounted {}", opts.mountpoint.display());
     guest.set_invalidator(Arc::new(crate::fuse::KernelInvalidator(session.notifier())));
+    {
+        let _rt = rt.enter();
+        crate::fuse::invalidate_vm_entries(files, session.notifier());
+    }
 
     let mp = opts.mountpoint.clone();
     rt.spawn(async move {

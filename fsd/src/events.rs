@@ -16,6 +16,8 @@ pub const ROTATE_AT: u64 = 16 * 1024 * 1024;
 pub struct EventLog {
     path: PathBuf,
     file: Mutex<Option<File>>,
+    /// Names of VMs with a new event, for in-process listeners (cache invalidation).
+    changes: tokio::sync::broadcast::Sender<String>,
 }
 
 /// RFC 3339 timestamp with second precision, UTC.
@@ -36,6 +38,7 @@ impl EventLog {
         Ok(EventLog {
             path: path.to_path_buf(),
             file: Mutex::new(Some(file)),
+            changes: tokio::sync::broadcast::channel(256).0,
         })
     }
 
@@ -43,8 +46,16 @@ impl EventLog {
         &self.path
     }
 
+    /// The names of VMs as they get events (lagging listeners miss some; see broadcast).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
     /// Append one event; failures are logged, never propagated (events are best effort).
     pub fn emit(&self, vm: &str, event: &str, detail: &str) {
+        if !vm.is_empty() {
+            let _ = self.changes.send(vm.to_string());
+        }
         let line = format!(
             "{} {} {} {}\n",
             rfc3339(SystemTime::now()),

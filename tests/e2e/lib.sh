@@ -64,7 +64,7 @@ fs_scenario() {
   _work=$(mktemp -d /var/tmp/bandsox-fs-work.XXXXXX)
   FSDIR="$MNT/$_vm/fs/root/t-$_name" FSROOT="$MNT/$_vm/fs" GREL="/root/t-$_name" \
     VMDIR="$MNT/$_vm" WORK="$_work" VMM_PID_FILE="$STATE/vms/$_id/vmm.pid" \
-    bash "$(dirname "$0")/../fs/$_name.sh"
+    bash "$(dirname "${BASH_SOURCE[0]}")/../fs/$_name.sh"
   _rc=$?
   rm -rf "$_work"
   return $_rc

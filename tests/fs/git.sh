@@ -18,7 +18,7 @@ git fsck >/dev/null 2>&1 || fail "git fsck"
 cd /
 # Give the guest a git: the host's binary and its libraries, copied in through fs/.
 gitbin=$(command -v git)
-if ! guest "command -v git" >/dev/null 2>&1; then
+if ! (guest "command -v git") >/dev/null 2>&1; then
   mkdir -p "$FSROOT/usr/local/bin"
   cp "$gitbin" "$FSROOT/usr/local/bin/git"
   for lib in $(ldd "$gitbin" | grep -o '/[^ ]*'); do

@@ -31,6 +31,9 @@ use tree::{Attr, Kind, Node};
 /// runs appear), so names and attributes are not cached.
 const TTL: Duration = Duration::ZERO;
 
+/// Lifetime of the cached names of VM directories and their `fs/` entries.
+const VM_ENTRY_TTL: Duration = Duration::from_secs(10);
+
 pub struct BandsoxFs {
     files: Arc<Files>,
     guest: Arc<GuestFs>,
@@ -130,8 +133,15 @@ impl BandsoxFs {
     }
 
     fn entry(&self, node: &Node, reply: ReplyEntry) {
+        // VM directories and their `fs/` sit on every path into a guest: their names are
+        // cached (and invalidated on every VM event, see `invalidate_vm_entries`), their
+        // attributes are not.
+        let entry_ttl = match node {
+            Node::Vm(_) | Node::VmFs(..) => VM_ENTRY_TTL,
+            _ => TTL,
+        };
         match self.files.tree.attr(node) {
-            Ok(a) => reply.entry(&TTL, &to_fuse_attr(&a), Generation(0)),
+            Ok(a) => reply.entry_with_ttls(&TTL, &entry_ttl, &to_fuse_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -742,4 +752,35 @@ impl crate::guestfs::Invalidate for KernelInvalidator {
             }
         }
     }
+}
+
+/// Keep the cached VM-directory and `fs/` names right: after any event of a VM (boot,
+/// exit, delete, ...) drop the kernel's entries for its name and for its `fs/`, whose
+/// inode changes with every boot. Runs until the event log goes away.
+pub fn invalidate_vm_entries(files: Arc<Files>, notifier: fuser::Notifier) {
+    let mut rx = files.tree.mgr.events.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let name = match rx.recv().await {
+                Ok(n) => n,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            };
+            let vm_ino = files
+                .tree
+                .mgr
+                .get(&name)
+                .map(|vm| files.tree.ino(&Node::Vm(vm.id.clone())));
+            let n = notifier.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let inv = KernelInvalidator(n);
+                use crate::guestfs::Invalidate;
+                inv.entry(tree::ROOT_INO, name.as_bytes());
+                if let Some(ino) = vm_ino {
+                    inv.entry(ino, b"fs");
+                }
+            })
+            .await;
+        }
+    });
 }
