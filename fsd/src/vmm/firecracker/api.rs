@@ -519,6 +519,75 @@ pub(crate) mod tests {
         assert_eq!(seen[15].body, Value::Null, "GET has no body");
     }
 
+    /// The bytes on the wire: what `curl --unix-socket` would send (request line, Host,
+    /// Accept, Content-Type and Content-Length for bodies), nothing exotic for Firecracker's
+    /// small HTTP server to trip over.
+    #[tokio::test]
+    async fn wire_format_is_plain_http11() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("raw.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for answer in [
+                &b"HTTP/1.1 204 No Content\r\n\r\n"[..],
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 32\r\n\r\n{\"firecracker_version\":\"1.10.1\"}",
+            ] {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                // Read the head, then as many body bytes as Content-Length says.
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap();
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse::<usize>().unwrap()))
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len || n == 0 {
+                            break;
+                        }
+                    }
+                }
+                s.write_all(answer).await.unwrap();
+                seen.push(String::from_utf8(buf).unwrap());
+            }
+            seen
+        });
+        let c = ApiClient::new(&sock);
+        c.action(ActionType::InstanceStart).await.unwrap();
+        assert_eq!(c.version().await.unwrap().firecracker_version, "1.10.1");
+        let seen = server.await.unwrap();
+        let body = r#"{"action_type":"InstanceStart"}"#;
+        let put = &seen[0];
+        assert!(put.starts_with("PUT /actions HTTP/1.1\r\n"), "{put:?}");
+        let lower = put.to_ascii_lowercase();
+        assert!(lower.contains("\r\nhost: localhost\r\n"), "{put:?}");
+        assert!(
+            lower.contains("\r\naccept: application/json\r\n"),
+            "{put:?}"
+        );
+        assert!(
+            lower.contains("\r\ncontent-type: application/json\r\n"),
+            "{put:?}"
+        );
+        assert!(
+            lower.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+            "{put:?}"
+        );
+        assert!(put.ends_with(&format!("\r\n\r\n{body}")), "{put:?}");
+        let get = &seen[1];
+        assert!(get.starts_with("GET /version HTTP/1.1\r\n"), "{get:?}");
+        assert!(
+            !get.to_ascii_lowercase().contains("content-type"),
+            "{get:?}"
+        );
+        assert!(get.ends_with("\r\n\r\n"), "no body: {get:?}");
+    }
+
     #[tokio::test]
     async fn faults_carry_fault_message_verbatim() {
         let dir = tempfile::tempdir().unwrap();
