@@ -1,36 +1,78 @@
 //! Which VMM backends this host offers, decided once at daemon start.
 //!
-//! QEMU is used when `qemu-system-x86_64` is on PATH (KVM where it really works, TCG
-//! emulation otherwise). Firecracker arrives with its own backend module; until then
-//! `backend=firecracker` is refused with EOPNOTSUPP and `auto` means QEMU.
+//! - Firecracker when `firecracker` (or `$BANDSOX_FIRECRACKER`) is 1.8 or newer and
+//!   `/dev/kvm` runs ordinary guests (see `vmm::accel`; not on `kvm_pvm` hosts).
+//! - QEMU when `qemu-system-x86_64` is on PATH (KVM where it really works, TCG otherwise).
+//!
+//! `auto` prefers Firecracker; [`Backends::auto_reason`] says in one line why `auto`
+//! means what it means, and the daemon logs it and puts it in each auto-created VM's
+//! `created` event.
 use std::sync::Arc;
 
 use crate::manager::Backends;
+use crate::vmm::Backend;
 
 pub fn detect() -> Backends {
     if let Some(agent) = std::env::var_os("BANDSOX_HOST_AGENT") {
         let b = crate::vmm::host::HostBackend::new(agent.into());
         tracing::warn!(
             "BANDSOX_HOST_AGENT is set: using the test backend ({}); no VMs will boot",
-            crate::vmm::Backend::describe(&b)
+            b.describe()
         );
         return Backends {
             qemu: Some(Arc::new(b)),
             firecracker: None,
+            auto_reason: "BANDSOX_HOST_AGENT is set (test backend)".into(),
         };
     }
     let qemu = match crate::vmm::qemu::QemuBackend::detect() {
-        Ok(b) => {
-            tracing::info!("qemu backend: {}", crate::vmm::Backend::describe(&b));
-            Some(Arc::new(b) as Arc<dyn crate::vmm::Backend>)
-        }
+        Ok(b) => Some(Arc::new(b) as Arc<dyn Backend>),
         Err(e) => {
             tracing::warn!("qemu backend unavailable: {e}");
             None
         }
     };
+    let (firecracker, fc_status) = match crate::vmm::firecracker::FirecrackerBackend::detect() {
+        Ok(b) => {
+            let d = b.describe();
+            tracing::info!("firecracker backend: {d}");
+            (Some(Arc::new(b) as Arc<dyn Backend>), d)
+        }
+        Err(e) => {
+            tracing::info!("firecracker backend unavailable: {e}");
+            (None, e.to_string())
+        }
+    };
+    let auto_reason = auto_reason(firecracker.is_some(), qemu.is_some(), &fc_status);
+    tracing::info!("backend=auto: {auto_reason}");
     Backends {
         qemu,
-        firecracker: None,
+        firecracker,
+        auto_reason,
+    }
+}
+
+/// One line on what `auto` resolves to and why.
+pub fn auto_reason(firecracker: bool, qemu: bool, fc_status: &str) -> String {
+    match (firecracker, qemu) {
+        (true, _) => format!("firecracker ({fc_status})"),
+        (false, true) => format!("qemu, because firecracker is unavailable: {fc_status}"),
+        (false, false) => format!("nothing: no qemu, and firecracker is unavailable: {fc_status}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_reason_names_the_choice_and_why() {
+        assert!(auto_reason(true, true, "Firecracker 1.10.1").starts_with("firecracker ("));
+        let q = auto_reason(false, true, "firecracker not found on PATH");
+        assert_eq!(
+            q,
+            "qemu, because firecracker is unavailable: firecracker not found on PATH"
+        );
+        assert!(auto_reason(false, false, "x").starts_with("nothing"));
     }
 }

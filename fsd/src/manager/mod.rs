@@ -30,6 +30,8 @@ use vm::{BootFiles, Desired, Vm, VmRecord};
 pub struct Backends {
     pub qemu: Option<Arc<dyn Backend>>,
     pub firecracker: Option<Arc<dyn Backend>>,
+    /// Why `backend=auto` resolves as it does (one line, for logs and events).
+    pub auto_reason: String,
 }
 
 impl Backends {
@@ -244,6 +246,13 @@ impl Manager {
                 "net=tap needs the firecracker backend; use net=none or net=user",
             ));
         }
+        if config.net == NetMode::User && backend.kind() == BackendKind::Firecracker {
+            return Err(Error::new(
+                libc::EOPNOTSUPP,
+                "net=user needs the qemu backend (Firecracker has no user-mode networking); \
+                 use net=none or backend=qemu",
+            ));
+        }
         if !self.images().contains(&config.image) {
             return Err(Error::not_found(format!(
                 "no image {:?}; images: {}",
@@ -335,12 +344,16 @@ impl Manager {
             name,
             "created",
             &format!(
-                "image={} vcpus={} memory={} disk={} backend={}",
+                "image={} vcpus={} memory={} disk={} backend={}{}",
                 vm.record().config.image,
                 vm.record().config.vcpus,
                 vm.record().config.memory_mib,
                 disk_mib,
-                vm.record().backend
+                vm.record().backend,
+                match vm.record().config.backend {
+                    BackendChoice::Auto => format!(" (auto: {})", self.backends.auto_reason),
+                    _ => String::new(),
+                }
             ),
         );
         Ok(vm)

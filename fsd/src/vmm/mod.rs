@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod accel;
+pub mod firecracker;
 pub mod host;
 pub mod qemu;
 pub mod qmp;

@@ -532,7 +532,7 @@ pub fn check_socket_path(p: &Path) -> Result<(), VmmError> {
     Ok(())
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(name))
@@ -541,7 +541,7 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 
 /// Remove `<dir>/vmm.pid` if it still names `pid` (QEMU removes it on a clean exit, not
 /// when killed); a stale pid file could later name an unrelated process.
-fn remove_stale_pid_file(path: &Path, pid: u32) {
+pub(crate) fn remove_stale_pid_file(path: &Path, pid: u32) {
     let names_pid = std::fs::read_to_string(path)
         .ok()
         .and_then(|t| t.trim().parse::<u32>().ok())
@@ -552,7 +552,7 @@ fn remove_stale_pid_file(path: &Path, pid: u32) {
 }
 
 /// State char and start time (clock ticks since boot) from `/proc/<pid>/stat`.
-fn proc_stat(pid: u32) -> Option<(char, u64)> {
+pub(crate) fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and ')'; fields after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
@@ -564,7 +564,7 @@ fn proc_stat(pid: u32) -> Option<(char, u64)> {
 }
 
 /// The last `lines` lines written to `path` since byte `from` (at most 8 KiB), one line.
-fn log_tail(path: &Path, from: u64, lines: usize) -> String {
+pub(crate) fn log_tail(path: &Path, from: u64, lines: usize) -> String {
     let text = (|| -> std::io::Result<String> {
         let mut f = std::fs::File::open(path)?;
         let len = f.metadata()?.len();
@@ -586,7 +586,7 @@ fn log_tail(path: &Path, from: u64, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join(" | ")
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), VmmError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), VmmError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);

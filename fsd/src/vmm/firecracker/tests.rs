@@ -1,0 +1,486 @@
+//! Backend tests without a Firecracker binary: a plain process (`sleep`, `sh`) stands in
+//! for Firecracker while a fake API server (hyper) and a fake vsock peer answer on its
+//! sockets, so launch, configuration, control, adoption and every error path run.
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::api::tests::{fake_api, Responder, Seen};
+use super::*;
+
+fn spec(dir: &Path) -> VmSpec {
+    VmSpec {
+        name: "web-1".into(),
+        dir: dir.to_path_buf(),
+        vcpus: 2,
+        memory_mib: 256,
+        disk: Some(dir.join("disk.ext4")),
+        kernel: "/s/boot/vmlinuz".into(),
+        initrd: "/s/boot/initrd".into(),
+        net: NetMode::None,
+    }
+}
+
+fn backend(binary: &str) -> FirecrackerBackend {
+    FirecrackerBackend {
+        binary: binary.into(),
+        version: FcVersion::new(1, 10, 1),
+        accel_reason: "test".into(),
+    }
+}
+
+fn kvm() -> Accel {
+    Accel {
+        kind: AccelKind::Kvm,
+        reason: "/dev/kvm opens and the CPU has hardware virtualisation".into(),
+    }
+}
+
+#[test]
+fn versions_parse_and_compare() {
+    assert_eq!(FcVersion::parse("1.10.1"), Some(FcVersion::new(1, 10, 1)));
+    assert_eq!(
+        FcVersion::parse("v1.17.0-dev"),
+        Some(FcVersion::new(1, 17, 0))
+    );
+    assert_eq!(
+        FcVersion::parse("1.7.0-dirty"),
+        Some(FcVersion::new(1, 7, 0))
+    );
+    assert_eq!(FcVersion::parse("1.9"), Some(FcVersion::new(1, 9, 0)));
+    assert_eq!(FcVersion::parse("x.1"), None);
+    assert_eq!(FcVersion::parse("1.2.3.4"), None);
+    assert!(FcVersion::new(1, 10, 0) > FcVersion::new(1, 9, 9));
+    let out = "Firecracker v1.12.1\n\nSupported snapshot data format versions: v5.0.0\n";
+    assert_eq!(
+        FcVersion::from_version_output(out),
+        Some(FcVersion::new(1, 12, 1))
+    );
+    assert_eq!(FcVersion::from_version_output("firecracker 1.2"), None);
+    assert!(!FcVersion::new(1, 11, 0).has_network_overrides());
+    assert!(FcVersion::new(1, 12, 0).has_network_overrides());
+    assert!(!FcVersion::new(1, 15, 9).has_vsock_override());
+    assert!(FcVersion::new(1, 16, 0).has_vsock_override());
+}
+
+#[test]
+fn detection_decides_on_version_and_kvm() {
+    let b = FirecrackerBackend::evaluate(
+        "/usr/bin/firecracker".into(),
+        "Firecracker v1.10.1\n",
+        &kvm(),
+    )
+    .unwrap();
+    assert_eq!(b.version(), FcVersion::new(1, 10, 1));
+    assert_eq!(b.kind(), BackendKind::Firecracker);
+    assert!(
+        b.describe().contains("Firecracker 1.10.1"),
+        "{}",
+        b.describe()
+    );
+    assert!(b.describe().contains("hardware virtualisation"));
+
+    let old = FirecrackerBackend::evaluate("/fc".into(), "Firecracker v1.7.0\n", &kvm())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&old, VmmError::Unavailable(m) if m.contains("too old") && m.contains("1.8.0")),
+        "{old}"
+    );
+
+    let pvm = Accel {
+        kind: AccelKind::Tcg,
+        reason: "the KVM module is kvm_pvm, which cannot run ordinary guests".into(),
+    };
+    let no_kvm = FirecrackerBackend::evaluate("/fc".into(), "Firecracker v1.10.1\n", &pvm)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&no_kvm, VmmError::Unavailable(m) if m.contains("kvm_pvm")),
+        "{no_kvm}"
+    );
+
+    let garbage = FirecrackerBackend::evaluate("/fc".into(), "Usage: foo\n", &kvm())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&garbage, VmmError::Unavailable(m) if m.contains("Usage: foo")),
+        "{garbage}"
+    );
+}
+
+#[test]
+fn detect_runs_the_configured_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("firecracker");
+    std::fs::write(&fake, "#!/bin/sh\necho 'Firecracker v1.5.0'\necho\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // Only this test sets the variable; other tests never read it.
+    std::env::set_var(FIRECRACKER_ENV, &fake);
+    let r = FirecrackerBackend::detect();
+    std::env::remove_var(FIRECRACKER_ENV);
+    match r {
+        Err(VmmError::Unavailable(m)) => assert!(m.contains("1.5.0 at"), "{m}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("1.5.0 must be refused"),
+    }
+}
+
+#[test]
+fn argv_cmdline_and_validation() {
+    let b = backend("/usr/bin/firecracker");
+    let argv = b
+        .build_argv(Path::new("/var/lib/bandsox/vms/0123abcd4567"))
+        .unwrap();
+    assert_eq!(
+        argv,
+        [
+            "/usr/bin/firecracker",
+            "--api-sock",
+            "/var/lib/bandsox/vms/0123abcd4567/api.sock",
+            "--id",
+            "bx-0123abcd4567"
+        ]
+    );
+    let argv = b.build_argv(Path::new("/tmp/.tmp x")).unwrap();
+    assert_eq!(argv.len(), 3, "no --id for a name Firecracker would refuse");
+    let long = PathBuf::from(format!("/{}", "d".repeat(100)));
+    assert!(
+        matches!(b.build_argv(&long), Err(VmmError::StartFailed(m)) if m.contains("at most 107"))
+    );
+
+    let s = spec(Path::new("/v"));
+    let cmdline = kernel_cmdline(&s);
+    assert!(
+        cmdline.starts_with("console=ttyS0 reboot=k panic=1 pci=off"),
+        "{cmdline}"
+    );
+    assert!(cmdline.ends_with(" bandsox.name=web-1"), "{cmdline}");
+
+    assert!(validate(&s).is_ok());
+    for (mutate, want) in [
+        (
+            Box::new(|s: &mut VmSpec| s.net = NetMode::User) as Box<dyn Fn(&mut VmSpec)>,
+            "net=user",
+        ),
+        (Box::new(|s: &mut VmSpec| s.net = NetMode::Tap), "net=tap"),
+        (Box::new(|s: &mut VmSpec| s.vcpus = 33), "1-32"),
+        (
+            Box::new(|s: &mut VmSpec| s.name = "a b".into()),
+            "kernel command line",
+        ),
+    ] {
+        let mut s = spec(Path::new("/v"));
+        mutate(&mut s);
+        let e = validate(&s).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    assert_eq!(
+        dir_relative(Path::new("/v"), Path::new("/v/disk.ext4")),
+        "disk.ext4"
+    );
+    assert_eq!(
+        dir_relative(Path::new("/v"), Path::new("/w/disk.ext4")),
+        "/w/disk.ext4"
+    );
+    assert_eq!(dir_relative(Path::new("/v"), Path::new("/v/a/b")), "/v/a/b");
+}
+
+fn all_ok() -> Arc<Responder> {
+    Arc::new(|method: &str, path: &str, _: &Value| {
+        match (method, path) {
+        ("GET", "/version") => (200, r#"{"firecracker_version":"1.10.1"}"#.into()),
+        ("GET", "/") => (
+            200,
+            r#"{"app_name":"Firecracker","id":"x","state":"Running","vmm_version":"1.10.1"}"#.into(),
+        ),
+        ("PATCH", "/vm") => (
+            400,
+            r#"{"fault_message":"The requested operation is not supported after starting the microVM."}"#.into(),
+        ),
+        _ => (204, String::new()),
+    }
+    })
+}
+
+/// Serve a fake API (and optionally a vsock peer) on `dir`'s sockets once `launch_argv`
+/// has removed stale ones and started the process.
+async fn serve_later(
+    dir: &Path,
+    respond: Arc<Responder>,
+    vsock: bool,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::Mutex<Vec<Seen>>>,
+    Option<tokio::task::JoinHandle<()>>,
+) {
+    // launch_argv removes stale sockets first; wait until it has created its files.
+    let record = dir.join(RECORD_FILE);
+    for _ in 0..500 {
+        if record.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (t, seen) = fake_api(&dir.join(API_SOCK), respond);
+    let peer = vsock.then(|| {
+        super::vsock::tests::peer(
+            tokio::net::UnixListener::bind(dir.join(VSOCK_SOCK)).unwrap(),
+            Some(b"OK 1073741824\n"),
+        )
+    });
+    (t, seen, peer)
+}
+
+#[tokio::test]
+async fn fake_firecracker_lifecycle_and_adopt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_path_buf();
+    let b = backend("/bin/sleep");
+    let s = spec(&d);
+    let argv = vec!["/bin/sleep".to_string(), "30".into()];
+    let d2 = d.clone();
+    let server = tokio::spawn(async move { serve_later(&d2, all_ok(), true).await });
+    let inst = b
+        .launch_argv(&s, argv.clone(), Path::new("/s/boot/vmlinux"))
+        .await
+        .unwrap();
+    let (api_task, seen, peer) = server.await.unwrap();
+    assert!(inst.is_alive());
+    assert_eq!(
+        std::fs::read_to_string(d.join("vmm.pid")).unwrap().trim(),
+        inst.pid().to_string()
+    );
+    for f in [FC_LOG, METRICS_FILE, VMM_LOG, "console.log"] {
+        assert!(d.join(f).is_file(), "{f} missing");
+    }
+    assert_eq!(load_record(&d).unwrap().argv, argv);
+
+    let seen_now: Vec<Seen> = seen.lock().unwrap().clone();
+    let calls: Vec<String> = seen_now
+        .iter()
+        .filter(|s| s.path != "/version")
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "PUT /logger",
+            "PUT /metrics",
+            "PUT /boot-source",
+            "PUT /machine-config",
+            "PUT /drives/vda",
+            "PUT /vsock",
+            "PUT /entropy",
+            "PUT /actions"
+        ]
+    );
+    let body = |p: &str| {
+        seen_now
+            .iter()
+            .find(|s| s.path == p)
+            .map(|s| s.body.clone())
+            .unwrap()
+    };
+    assert_eq!(
+        body("/logger"),
+        json!({"log_path": "firecracker.log", "level": "Info", "show_level": true, "show_log_origin": false})
+    );
+    assert_eq!(body("/metrics"), json!({"metrics_path": "metrics.json"}));
+    assert_eq!(
+        body("/boot-source"),
+        json!({"kernel_image_path": "/s/boot/vmlinux", "initrd_path": "/s/boot/initrd",
+               "boot_args": kernel_cmdline(&s)})
+    );
+    assert_eq!(
+        body("/machine-config"),
+        json!({"vcpu_count": 2, "mem_size_mib": 256})
+    );
+    assert_eq!(
+        body("/drives/vda"),
+        json!({"drive_id": "vda", "path_on_host": "disk.ext4", "is_root_device": false,
+               "is_read_only": false, "cache_type": "Writeback"})
+    );
+    assert_eq!(
+        body("/vsock"),
+        json!({"guest_cid": 3, "uds_path": "vsock.sock"})
+    );
+    assert_eq!(body("/entropy"), json!({}));
+    assert_eq!(body("/actions"), json!({"action_type": "InstanceStart"}));
+
+    // The agent channel, twice (callable repeatedly), bytes flow both ways.
+    for _ in 0..2 {
+        let mut a = inst.connect_agent().await.unwrap();
+        a.write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 2];
+        a.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hi");
+    }
+
+    // Control: refusals carry fault_message verbatim.
+    match inst.pause().await {
+        Err(VmmError::Refused { op, message }) => {
+            assert_eq!(op, "pause");
+            assert_eq!(
+                message,
+                "The requested operation is not supported after starting the microVM."
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    inst.request_shutdown().await.unwrap();
+    let last = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.path, "/actions");
+    assert_eq!(last.body, json!({"action_type": "SendCtrlAltDel"}));
+
+    // Adopt from the directory: same argv, same cwd.
+    let adopted = b.adopt(&s).await.unwrap().expect("adopt");
+    assert_eq!(adopted.pid(), inst.pid());
+    assert!(adopted.is_alive());
+    let mut other = load_record(&d).unwrap();
+    other.argv[1] = "31".into();
+    std::fs::write(d.join(RECORD_FILE), serde_json::to_vec(&other).unwrap()).unwrap();
+    assert!(
+        adopt_dir(&d).is_none(),
+        "a different command line is not ours"
+    );
+
+    inst.kill().await.unwrap();
+    assert!(!inst.is_alive());
+    assert!(!adopted.is_alive());
+    assert!(!d.join("vmm.pid").exists(), "pid file removed");
+    inst.kill().await.unwrap(); // idempotent
+    assert!(matches!(inst.pause().await, Err(VmmError::NotRunning)));
+    assert!(matches!(
+        inst.connect_agent().await,
+        Err(VmmError::NotRunning)
+    ));
+    assert!(b.adopt(&s).await.unwrap().is_none());
+    api_task.abort();
+    if let Some(p) = peer {
+        p.abort();
+    }
+}
+
+#[tokio::test]
+async fn refused_configuration_fails_the_launch_and_kills() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_path_buf();
+    let respond: Arc<Responder> = Arc::new(|method: &str, path: &str, _: &Value| {
+        match (method, path) {
+        ("GET", "/version") => (200, r#"{"firecracker_version":"1.10.1"}"#.into()),
+        ("PUT", "/boot-source") => (
+            400,
+            r#"{"fault_message":"The kernel file cannot be opened: No such file or directory (os error 2)"}"#
+                .into(),
+        ),
+        _ => (204, String::new()),
+    }
+    });
+    let d2 = d.clone();
+    let server = tokio::spawn(async move { serve_later(&d2, respond, false).await });
+    let err = backend("/bin/sleep")
+        .launch_argv(
+            &spec(&d),
+            vec!["/bin/sleep".into(), "30".into()],
+            Path::new("/k"),
+        )
+        .await
+        .err()
+        .unwrap();
+    match &err {
+        VmmError::StartFailed(m) => assert_eq!(
+            m,
+            "Firecracker refused PUT /boot-source: The kernel file cannot be opened: No such \
+             file or directory (os error 2)"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let (t, seen, _) = server.await.unwrap();
+    t.abort();
+    assert!(
+        !seen.lock().unwrap().iter().any(|s| s.path == "/actions"),
+        "nothing is started after a refusal"
+    );
+    // The process is gone and no pid file is left.
+    let pid: Option<u32> = std::fs::read_to_string(d.join("vmm.pid"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok());
+    assert!(pid.is_none(), "pid file left behind");
+}
+
+#[tokio::test]
+async fn early_death_reports_the_logs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let argv = vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        "echo 'Error: Arguments parsing error: unexpected argument' >&2; \
+         echo 'Linux version 6.1 (guest)'; exit 1"
+            .into(),
+    ];
+    let err = backend("/bin/sh")
+        .launch_argv(&spec(tmp.path()), argv, Path::new("/k"))
+        .await
+        .err()
+        .unwrap();
+    match err {
+        VmmError::StartFailed(m) => {
+            assert!(m.contains("exit status: 1"), "{m}");
+            assert!(m.contains("Arguments parsing error"), "{m}");
+            assert!(m.contains("console: Linux version"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A missing binary.
+    let err = backend("/nonexistent/firecracker")
+        .launch_argv(
+            &spec(tmp.path()),
+            vec!["/nonexistent/firecracker".into()],
+            Path::new("/k"),
+        )
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, VmmError::StartFailed(m) if m.contains("cannot run")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn api_that_never_comes_up_times_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = backend("/bin/sleep");
+    let t0 = std::time::Instant::now();
+    let inst = spawn(tmp.path(), &["/bin/sleep".into(), "30".into()]).unwrap();
+    let err = inst
+        .wait_api(Instant::now() + Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::Connect { .. }), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    inst.kill().await.unwrap();
+    drop(b);
+}
+
+#[tokio::test]
+async fn launch_refuses_bad_specs_before_starting_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = backend("/bin/false");
+    let mut s = spec(tmp.path());
+    // Kernel missing.
+    let e = b.launch(&s).await.err().unwrap();
+    assert!(
+        matches!(&e, VmmError::StartFailed(m) if m.contains("kernel")),
+        "{e}"
+    );
+    s.net = NetMode::User;
+    let e = b.launch(&s).await.err().unwrap();
+    assert!(
+        matches!(&e, VmmError::Unavailable(m) if m.contains("net=user")),
+        "{e}"
+    );
+    assert!(!tmp.path().join("vmm.pid").exists());
+}
