@@ -165,6 +165,7 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         .map_err(|e| format!("mount {}: {e}", opts.mountpoint.display()))?;
     tracing::info!("mounted {}", opts.mountpoint.display());
     guest.set_invalidator(Arc::new(crate::fuse::KernelInvalidator(session.notifier())));
+    raise_readahead(&opts.mountpoint, 1024);
     {
         let _rt = rt.enter();
         crate::fuse::invalidate_vm_entries(files, session.notifier());
@@ -194,4 +195,21 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     mgr.events.emit("", "daemon-stop", "unmounted");
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     res
+}
+
+/// The kernel caps a FUSE mount's readahead at its backing device's default (128 KiB),
+/// whatever the filesystem asked for; raise it so sequential reads of guest files go out
+/// as 1 MiB requests. Best effort: a failure only costs read throughput.
+fn raise_readahead(mountpoint: &Path, kib: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    match std::fs::write(&knob, kib.to_string()) {
+        Ok(()) => tracing::debug!("{knob} = {kib}"),
+        Err(e) => tracing::info!("cannot raise readahead ({knob}): {e}"),
+    }
 }
