@@ -165,7 +165,12 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         .map_err(|e| format!("mount {}: {e}", opts.mountpoint.display()))?;
     tracing::info!("mounted {}", opts.mountpoint.display());
     guest.set_invalidator(Arc::new(crate::fuse::KernelInvalidator(session.notifier())));
-    raise_readahead(&opts.mountpoint, 1024);
+    {
+        // stat(2) of the mount point is a FUSE request: it can only be answered once the
+        // session below runs, so ask from another thread.
+        let mp = opts.mountpoint.clone();
+        std::thread::spawn(move || raise_readahead(&mp, 1024));
+    }
     {
         let _rt = rt.enter();
         crate::fuse::invalidate_vm_entries(files, session.notifier());
