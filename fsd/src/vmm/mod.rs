@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub mod accel;
 pub mod firecracker;
 pub mod host;
+pub mod process;
 pub mod qemu;
 pub mod qmp;
 

@@ -14,23 +14,16 @@
 //! disk.ext4       not ours: the VM's disk, from VmSpec::disk (virtio-blk, /dev/vda)
 //! ```
 //! Invariants:
-//! - QEMU runs in its own session (`setsid`), stdin `/dev/null`, every inherited fd above 2
-//!   marked close-on-exec, so it survives the daemon and holds none of its files (no FUSE fd).
-//! - A QEMU we spawned is reaped by a dedicated thread the moment it exits, so it never
-//!   lingers as a zombie; `is_alive` for it is that thread's verdict. For an adopted QEMU
-//!   (not our child) `is_alive` reads `/proc/<pid>/stat`: not a zombie and the same start
-//!   time as when adopted, so a recycled pid is never mistaken for our VM.
+//! - QEMU runs as a [`VmmProcess`]: own session, no inherited fds, reaped at once,
+//!   adopted only with a matching start time; stdin is `/dev/null`.
 //! - Socket paths must fit `sun_path` (107 bytes); longer ones fail the launch clearly.
 //! - Every QMP request has a deadline; QMP errors surface as `VmmError::Refused` carrying
 //!   QEMU's `desc` verbatim.
 //! - `launch` returns only once QMP answers; if QEMU dies first the error carries the last
 //!   lines of `vmm.log`.
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -38,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::accel::{self, Accel, AccelKind};
+use super::process::{write_atomic, VmmProcess};
 use super::qmp::{Qmp, QmpError};
 use super::{Backend, BackendKind, BoxedAgentStream, NetMode, VmSpec, VmmError, VmmInstance};
 
@@ -59,8 +53,6 @@ const LAUNCH_DEADLINE: Duration = Duration::from_secs(10);
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of connecting to QMP (greeting + capabilities).
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long `kill` waits for the process to disappear after SIGKILL.
-const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// What `qemu.args.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -202,62 +194,20 @@ impl QemuBackend {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        // SAFETY: the closure runs between fork and exec and only makes raw syscalls that
-        // are async-signal-safe (setsid, close_range); it touches no Rust state.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // Mark every fd above stdio close-on-exec (std's own pipes already are).
-                // Best effort: kernels before 5.11 lack the flag.
-                libc::syscall(
-                    libc::SYS_close_range,
-                    3 as libc::c_uint,
-                    libc::c_uint::MAX,
-                    libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
-                );
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| VmmError::StartFailed(format!("cannot run {program}: {e}")))?;
-        let pid = child.id();
-        let state = Arc::new(ChildState::default());
-        let reaper_state = state.clone();
-        let pid_file = dir.join("vmm.pid");
-        std::thread::Builder::new()
-            .name(format!("qemu-reap-{pid}"))
-            .spawn(move || {
-                let status = child.wait();
-                if let Ok(s) = &status {
-                    *reaper_state.status.lock() = Some(*s);
-                }
-                reaper_state.exited.store(true, Ordering::SeqCst);
-                remove_stale_pid_file(&pid_file, pid);
-                tracing::debug!(pid, ?status, "QEMU exited and was reaped");
-            })
-            .map_err(|e| VmmError::Io("reaper thread".into(), e))?;
-
+        // QEMU writes `vmm.pid` itself (`-pidfile`).
+        let proc = VmmProcess::spawn(cmd, "QEMU", dir.join("vmm.pid"), false)?;
+        let pid = proc.pid();
         let inst = QemuInstance {
-            pid,
+            proc,
             dir: dir.to_path_buf(),
-            child: Some(state),
-            start_time: None,
             qmp: tokio::sync::Mutex::new(()),
         };
         let deadline = t0 + LAUNCH_DEADLINE;
         loop {
             if !inst.is_alive() {
-                let status = inst
-                    .child
-                    .as_ref()
-                    .and_then(|c| *c.status.lock())
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "exited".into());
                 return Err(VmmError::StartFailed(format!(
-                    "QEMU {status}: {}",
+                    "QEMU {}: {}",
+                    inst.proc.exit_status(),
                     log_tail(&log_path, log_start, 12)
                 )));
             }
@@ -340,21 +290,8 @@ impl Backend for QemuBackend {
 /// Re-attach to the QEMU whose pid is in `<dir>/vmm.pid`, if it is alive and its command
 /// line is exactly the one recorded in `<dir>/qemu.args.json`.
 pub fn adopt_dir(dir: &Path) -> Option<QemuInstance> {
-    let pid: u32 = std::fs::read_to_string(dir.join("vmm.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let (state, start_time) = proc_stat(pid)?;
-    if state == 'Z' || state == 'X' {
-        return None;
-    }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let running: Vec<String> = cmdline
-        .split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    let (proc, running) = VmmProcess::adopt(dir.join("vmm.pid"), "QEMU")?;
+    let pid = proc.pid();
     let matches = match load_args(dir) {
         Ok(args) => args.argv == running,
         // No record: accept only a command line that names this directory's QMP socket.
@@ -371,10 +308,8 @@ pub fn adopt_dir(dir: &Path) -> Option<QemuInstance> {
     }
     tracing::info!(pid, dir = %dir.display(), "adopted a running QEMU");
     Some(QemuInstance {
-        pid,
+        proc,
         dir: dir.to_path_buf(),
-        child: None,
-        start_time: Some(start_time),
         qmp: tokio::sync::Mutex::new(()),
     })
 }
@@ -539,30 +474,6 @@ pub(crate) fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Remove `<dir>/vmm.pid` if it still names `pid` (QEMU removes it on a clean exit, not
-/// when killed); a stale pid file could later name an unrelated process.
-pub(crate) fn remove_stale_pid_file(path: &Path, pid: u32) {
-    let names_pid = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| t.trim().parse::<u32>().ok())
-        == Some(pid);
-    if names_pid {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
-/// State char and start time (clock ticks since boot) from `/proc/<pid>/stat`.
-pub(crate) fn proc_stat(pid: u32) -> Option<(char, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and ')'; fields after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let state = fields.first()?.chars().next()?;
-    // Field 22 (starttime) is the 20th after the ')': index 19.
-    let start = fields.get(19)?.parse().ok()?;
-    Some((state, start))
-}
-
 /// The last `lines` lines written to `path` since byte `from` (at most 8 KiB), one line.
 pub(crate) fn log_tail(path: &Path, from: u64, lines: usize) -> String {
     let text = (|| -> std::io::Result<String> {
@@ -586,30 +497,10 @@ pub(crate) fn log_tail(path: &Path, from: u64, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join(" | ")
 }
 
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), VmmError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| VmmError::Io(path.display().to_string(), e))
-}
-
-/// What the reaper thread reports about a QEMU we spawned.
-#[derive(Default)]
-struct ChildState {
-    exited: AtomicBool,
-    status: parking_lot::Mutex<Option<ExitStatus>>,
-}
-
 /// One QEMU process, spawned by us or adopted.
 pub struct QemuInstance {
-    pid: u32,
+    proc: VmmProcess,
     dir: PathBuf,
-    /// Present when we spawned (and reap) the process.
-    child: Option<Arc<ChildState>>,
-    /// For adopted processes: start time from /proc, guarding against pid reuse.
-    start_time: Option<u64>,
     /// Serialises this instance's QMP commands (one connection each).
     qmp: tokio::sync::Mutex<()>,
 }
@@ -655,22 +546,6 @@ impl QemuInstance {
             Err(e) => Err(VmmError::Io(format!("QMP {command}"), to_io(e))),
         }
     }
-
-    fn signal(&self, sig: libc::c_int) -> Result<(), VmmError> {
-        if !self.is_alive() {
-            return Err(VmmError::NotRunning);
-        }
-        let pid = libc::pid_t::try_from(self.pid).map_err(|_| VmmError::NotRunning)?;
-        // SAFETY: kill(2) on the pid of our (still living, checked above) QEMU process.
-        if unsafe { libc::kill(pid, sig) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ESRCH) {
-                return Err(VmmError::NotRunning);
-            }
-            return Err(VmmError::Io(format!("kill {}", self.pid), e));
-        }
-        Ok(())
-    }
 }
 
 fn to_io(e: QmpError) -> std::io::Error {
@@ -683,17 +558,11 @@ fn to_io(e: QmpError) -> std::io::Error {
 #[async_trait]
 impl VmmInstance for QemuInstance {
     fn pid(&self) -> u32 {
-        self.pid
+        self.proc.pid()
     }
 
     fn is_alive(&self) -> bool {
-        if let Some(c) = &self.child {
-            return !c.exited.load(Ordering::SeqCst);
-        }
-        match proc_stat(self.pid) {
-            Some((state, start)) => state != 'Z' && state != 'X' && Some(start) == self.start_time,
-            None => false,
-        }
+        self.proc.is_alive()
     }
 
     /// Connect to the agent's virtio-serial port. QEMU serves one client at a time: while
@@ -724,37 +593,18 @@ impl VmmInstance for QemuInstance {
     }
 
     async fn kill(&self) -> Result<(), VmmError> {
-        match self.signal(libc::SIGKILL) {
-            Ok(()) | Err(VmmError::NotRunning) => {}
-            Err(e) => return Err(e),
-        }
-        if self.wait_exit(KILL_WAIT).await {
-            tracing::debug!(pid = self.pid, "QEMU killed");
-            remove_stale_pid_file(&self.dir.join("vmm.pid"), self.pid);
-            Ok(())
-        } else {
-            Err(VmmError::Timeout(
-                KILL_WAIT,
-                format!("QEMU {} to exit after SIGKILL", self.pid),
-            ))
-        }
+        self.proc.kill().await
     }
 
     async fn wait_exit(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.is_alive() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        true
+        self.proc.wait_exit(timeout).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vmm::process::proc_stat;
 
     fn spec(dir: &Path) -> VmSpec {
         VmSpec {
@@ -873,14 +723,6 @@ mod tests {
         let ok = PathBuf::from(format!("/{}", "d".repeat(107 - 1 - "/agent.sock".len())));
         assert_eq!(ok.join("agent.sock").as_os_str().len(), 107);
         assert!(build_argv(Path::new("/q"), &spec(&ok), AccelKind::Tcg, None).is_ok());
-    }
-
-    #[test]
-    fn proc_stat_of_self() {
-        let (state, start) = proc_stat(std::process::id()).unwrap();
-        assert!(state == 'R' || state == 'S', "{state}");
-        assert!(start > 0);
-        assert!(proc_stat(u32::MAX).is_none());
     }
 
     #[test]

@@ -39,20 +39,16 @@
 //!   when the process died, the last lines of its stderr, logger and console.
 //! - Every API call has a deadline (`api.rs`); `connect_agent` is callable any number of
 //!   times (one fresh vsock connection each).
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::accel::{self, Accel, AccelKind};
-use super::qemu::{
-    check_socket_path, find_in_path, log_tail, proc_stat, remove_stale_pid_file, write_atomic,
-};
+use super::process::{write_atomic, VmmProcess};
+use super::qemu::{check_socket_path, find_in_path, log_tail};
 use super::{Backend, BackendKind, BoxedAgentStream, NetMode, VmSpec, VmmError, VmmInstance};
 
 pub mod api;
@@ -92,8 +88,6 @@ const API_READY_DEADLINE: Duration = Duration::from_secs(10);
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// `InstanceStart` loads the kernel and initramfs first: allow longer.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long `kill` waits for the process to disappear after SIGKILL.
-const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Window of one `connect_agent` call (the caller retries until its own deadline).
 const AGENT_CONNECT_WINDOW: Duration = Duration::from_millis(1500);
 
@@ -324,7 +318,7 @@ impl FirecrackerBackend {
             return Err(VmmError::StartFailed(why));
         }
         tracing::info!(
-            pid = inst.pid,
+            pid = inst.pid(),
             dir = %dir.display(),
             version = %self.version,
             ms = t0.elapsed().as_millis() as u64,
@@ -393,48 +387,8 @@ fn spawn(dir: &Path, argv: &[String]) -> Result<FcInstance, VmmError> {
         .stdin(Stdio::null())
         .stdout(console)
         .stderr(vmm_log);
-    // SAFETY: the closure runs between fork and exec and only makes raw syscalls that
-    // are async-signal-safe (setsid, close_range); it touches no Rust state.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Best effort: kernels before 5.11 lack CLOSE_RANGE_CLOEXEC.
-            libc::syscall(
-                libc::SYS_close_range,
-                3 as libc::c_uint,
-                libc::c_uint::MAX,
-                libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
-            );
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| VmmError::StartFailed(format!("cannot run {program}: {e}")))?;
-    let pid = child.id();
-    let pid_file = dir.join("vmm.pid");
-    if let Err(e) = write_atomic(&pid_file, format!("{pid}\n").as_bytes()) {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(e);
-    }
-    let state = Arc::new(ChildState::default());
-    let reaper_state = state.clone();
-    std::thread::Builder::new()
-        .name(format!("fc-reap-{pid}"))
-        .spawn(move || {
-            let status = child.wait();
-            if let Ok(s) = &status {
-                *reaper_state.status.lock() = Some(*s);
-            }
-            reaper_state.exited.store(true, Ordering::SeqCst);
-            remove_stale_pid_file(&pid_file, pid);
-            tracing::debug!(pid, ?status, "Firecracker exited and was reaped");
-        })
-        .map_err(|e| VmmError::Io("reaper thread".into(), e))?;
-    Ok(FcInstance::new(pid, dir, Some(state), None))
+    let proc = VmmProcess::spawn(cmd, "Firecracker", dir.join("vmm.pid"), true)?;
+    Ok(FcInstance::new(proc, dir))
 }
 
 /// The launch-time configuration, in Firecracker's documented order.
@@ -583,10 +537,10 @@ impl Backend for FirecrackerBackend {
         };
         match inst.api.instance_info().await {
             Ok(info) => {
-                tracing::info!(pid = inst.pid, state = %info.state, "adopted Firecracker answers")
+                tracing::info!(pid = inst.pid(), state = %info.state, "adopted Firecracker answers")
             }
             Err(e) => tracing::warn!(
-                pid = inst.pid,
+                pid = inst.pid(),
                 "adopted Firecracker's API does not answer: {e}"
             ),
         }
@@ -597,21 +551,8 @@ impl Backend for FirecrackerBackend {
 /// Re-attach to the Firecracker whose pid is in `<dir>/vmm.pid`, if it is alive, runs
 /// in `dir` and its command line is exactly the one recorded in `firecracker.json`.
 pub fn adopt_dir(dir: &Path) -> Option<FcInstance> {
-    let pid: u32 = std::fs::read_to_string(dir.join("vmm.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let (state, start_time) = proc_stat(pid)?;
-    if state == 'Z' || state == 'X' {
-        return None;
-    }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let running: Vec<String> = cmdline
-        .split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    let (proc, running) = VmmProcess::adopt(dir.join("vmm.pid"), "Firecracker")?;
+    let pid = proc.pid();
     let record = load_record(dir)?;
     let cwd_ok = std::fs::read_link(format!("/proc/{pid}/cwd"))
         .ok()
@@ -622,35 +563,22 @@ pub fn adopt_dir(dir: &Path) -> Option<FcInstance> {
         return None;
     }
     tracing::info!(pid, dir = %dir.display(), "adopted a running Firecracker");
-    Some(FcInstance::new(pid, dir, None, Some(start_time)))
-}
-
-/// What the reaper thread reports about a process we spawned.
-#[derive(Default)]
-struct ChildState {
-    exited: AtomicBool,
-    status: parking_lot::Mutex<Option<ExitStatus>>,
+    Some(FcInstance::new(proc, dir))
 }
 
 /// One Firecracker process, spawned by us or adopted.
 pub struct FcInstance {
-    pid: u32,
+    proc: VmmProcess,
     dir: PathBuf,
     api: ApiClient,
-    /// Present when we spawned (and reap) the process.
-    child: Option<Arc<ChildState>>,
-    /// For adopted processes: start time from /proc, guarding against pid reuse.
-    start_time: Option<u64>,
 }
 
 impl FcInstance {
-    fn new(pid: u32, dir: &Path, child: Option<Arc<ChildState>>, start_time: Option<u64>) -> Self {
+    fn new(proc: VmmProcess, dir: &Path) -> Self {
         FcInstance {
-            pid,
+            proc,
             dir: dir.to_path_buf(),
             api: ApiClient::new(dir.join(API_SOCK)).with_timeout(API_TIMEOUT),
-            child,
-            start_time,
         }
     }
 
@@ -671,7 +599,7 @@ impl FcInstance {
             let err = if sock.exists() {
                 match quick.version().await {
                     Ok(v) => {
-                        tracing::debug!(pid = self.pid, version = %v.firecracker_version, "API up");
+                        tracing::debug!(pid = self.pid(), version = %v.firecracker_version, "API up");
                         return Ok(());
                     }
                     Err(e) => e,
@@ -691,14 +619,9 @@ impl FcInstance {
 
     /// Why the process died during launch: exit status and the last lines of its logs.
     fn death_report(&self, starts: &LogStarts) -> String {
-        let status = self
-            .child
-            .as_ref()
-            .and_then(|c| *c.status.lock())
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "exited".into());
         format!(
-            "Firecracker {status}: stderr: {}; log: {}; console: {}",
+            "Firecracker {}: stderr: {}; log: {}; console: {}",
+            self.proc.exit_status(),
             log_tail(&self.dir.join(VMM_LOG), starts.vmm_log, 8),
             log_tail(&self.dir.join(FC_LOG), 0, 8),
             log_tail(&self.dir.join("console.log"), starts.console, 5),
@@ -717,38 +640,16 @@ impl FcInstance {
             other => VmmError::Io(op.to_string(), std::io::Error::other(other.to_string())),
         }
     }
-
-    fn signal(&self, sig: libc::c_int) -> Result<(), VmmError> {
-        if !self.is_alive() {
-            return Err(VmmError::NotRunning);
-        }
-        let pid = libc::pid_t::try_from(self.pid).map_err(|_| VmmError::NotRunning)?;
-        // SAFETY: kill(2) on the pid of our (still living, checked above) Firecracker.
-        if unsafe { libc::kill(pid, sig) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ESRCH) {
-                return Err(VmmError::NotRunning);
-            }
-            return Err(VmmError::Io(format!("kill {}", self.pid), e));
-        }
-        Ok(())
-    }
 }
 
 #[async_trait]
 impl VmmInstance for FcInstance {
     fn pid(&self) -> u32 {
-        self.pid
+        self.proc.pid()
     }
 
     fn is_alive(&self) -> bool {
-        if let Some(c) = &self.child {
-            return !c.exited.load(Ordering::SeqCst);
-        }
-        match proc_stat(self.pid) {
-            Some((state, start)) => state != 'Z' && state != 'X' && Some(start) == self.start_time,
-            None => false,
-        }
+        self.proc.is_alive()
     }
 
     /// A fresh hybrid-vsock connection to the agent's port 52. Retries for a short
@@ -808,31 +709,11 @@ impl VmmInstance for FcInstance {
     }
 
     async fn kill(&self) -> Result<(), VmmError> {
-        match self.signal(libc::SIGKILL) {
-            Ok(()) | Err(VmmError::NotRunning) => {}
-            Err(e) => return Err(e),
-        }
-        if self.wait_exit(KILL_WAIT).await {
-            tracing::debug!(pid = self.pid, "Firecracker killed");
-            remove_stale_pid_file(&self.dir.join("vmm.pid"), self.pid);
-            Ok(())
-        } else {
-            Err(VmmError::Timeout(
-                KILL_WAIT,
-                format!("Firecracker {} to exit after SIGKILL", self.pid),
-            ))
-        }
+        self.proc.kill().await
     }
 
     async fn wait_exit(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.is_alive() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        true
+        self.proc.wait_exit(timeout).await
     }
 }
 
