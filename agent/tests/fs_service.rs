@@ -3,12 +3,16 @@
 //!
 //! These tests run as root in CI (chown, trusted xattrs, 04755 on a root-owned file,
 //! mounting proc); a test that needs root is skipped otherwise.
+mod common;
+
+use common::Agent;
+
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use bandsox_agent::proto::codec::{encode_frame, FrameReader};
@@ -35,40 +39,7 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-struct Agent {
-    child: Child,
-    sock: PathBuf,
-    root: tempfile::TempDir,
-    _dir: tempfile::TempDir,
-}
-
 impl Agent {
-    fn start() -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let root = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_bandsox-agent"))
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .arg("--root")
-            .arg(root.path())
-            .env("BANDSOX_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + T;
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "agent socket did not appear");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Agent {
-            child,
-            sock,
-            root,
-            _dir: dir,
-        }
-    }
-
     fn path(&self, rel: &str) -> PathBuf {
         self.root.path().join(rel)
     }
@@ -110,13 +81,6 @@ impl Agent {
             events: Vec::new(),
             log: Vec::new(),
         }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

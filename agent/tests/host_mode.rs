@@ -1,6 +1,8 @@
 //! Integration tests: the real `bandsox-agent` binary in host mode, driven by the client.
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::Agent;
+
 use std::time::{Duration, Instant};
 
 use bandsox_agent::client::{AgentClient, ClientError, ExecEvent, ExecHandle};
@@ -8,52 +10,12 @@ use bandsox_agent::proto::{ExecSpec, ExitStatus, OutStream, Program, Request, Re
 
 const T: Duration = Duration::from_secs(10);
 
-struct Agent {
-    child: Child,
-    sock: PathBuf,
-    root: tempfile::TempDir,
-    _dir: tempfile::TempDir,
-}
-
 impl Agent {
-    fn start() -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let root = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_bandsox-agent"))
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .arg("--root")
-            .arg(root.path())
-            .env("BANDSOX_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "agent socket did not appear");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Agent {
-            child,
-            sock,
-            root,
-            _dir: dir,
-        }
-    }
-
     async fn connect(&self) -> AgentClient {
         let s = tokio::net::UnixStream::connect(&self.sock).await.unwrap();
         let (c, info) = AgentClient::connect(s, T).await.unwrap();
         assert_eq!(info.version, bandsox_agent::proto::PROTOCOL_VERSION);
         c
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

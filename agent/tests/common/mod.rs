@@ -1,0 +1,48 @@
+//! The real `bandsox-agent` binary in host mode, serving a temporary root over a unix
+//! socket; killed when dropped. Shared by the integration tests.
+#![allow(dead_code)]
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Agent {
+    pub child: Child,
+    pub sock: PathBuf,
+    pub root: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    pub fn start() -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_bandsox-agent"))
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--root")
+            .arg(root.path())
+            .env("BANDSOX_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "agent socket did not appear");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Agent {
+            child,
+            sock,
+            root,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
