@@ -104,9 +104,6 @@ struct FsEventQueue {
     tx: mpsc::Sender<Vec<FsEvent>>,
     rx: Mutex<Option<mpsc::Receiver<Vec<FsEvent>>>>,
     lost: Arc<AtomicBool>,
-    /// Batches the reader has taken off the wire (delivered or dropped); counted before
-    /// the batch is queued.
-    received: Arc<AtomicU64>,
 }
 
 /// Batches of file events queued for the consumer before new ones are dropped.
@@ -261,7 +258,6 @@ impl AgentClient {
                 tx: ev_tx,
                 rx: Mutex::new(Some(ev_rx)),
                 lost: Arc::new(AtomicBool::new(false)),
-                received: Arc::new(AtomicU64::new(0)),
             },
         });
         let (tx, rx) = mpsc::channel::<Message>(1024);
@@ -420,15 +416,8 @@ impl AgentClient {
         Some(FsEvents {
             rx,
             lost: q.lost.clone(),
-            received: q.received.clone(),
             closed: self.inner.shared.closed_tx.subscribe(),
         })
-    }
-
-    /// How many event batches have arrived so far. Everything the agent sent before a
-    /// later message (e.g. a command's `Exited`) is counted once that message is seen.
-    pub fn fs_events_received(&self) -> u64 {
-        self.inner.shared.fs_events.received.load(Ordering::SeqCst)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -451,7 +440,6 @@ impl AgentClient {
 pub struct FsEvents {
     rx: mpsc::Receiver<Vec<FsEvent>>,
     lost: Arc<AtomicBool>,
-    received: Arc<AtomicU64>,
     closed: watch::Receiver<bool>,
 }
 
@@ -470,16 +458,6 @@ impl FsEvents {
             return Some(vec![FsEvent::Overflow]);
         }
         batch
-    }
-
-    /// Batches received so far (see [`AgentClient::fs_events_received`]).
-    pub fn received(&self) -> u64 {
-        self.received.load(Ordering::SeqCst)
-    }
-
-    /// No batch is waiting.
-    pub fn is_empty(&self) -> bool {
-        self.rx.is_empty()
     }
 }
 
@@ -766,7 +744,6 @@ async fn reader_task<R: AsyncRead + Unpin>(
             }
             Message::FsEvents(batch) => {
                 let q = &shared.fs_events;
-                q.received.fetch_add(1, Ordering::SeqCst);
                 if q.tx.try_send(batch).is_err() {
                     q.lost.store(true, Ordering::SeqCst);
                 }

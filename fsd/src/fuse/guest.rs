@@ -17,7 +17,7 @@ use fuser::{
 
 use super::{errno, BandsoxFs};
 use crate::error::Error;
-use crate::guestfs::{DirItem, GuestFs, Looked, Target, XattrReply};
+use crate::guestfs::{DirItem, GuestFs, Looked, Opened, Target, XattrReply};
 
 /// `st_mode` type bits → fuser's file type (callers pass validated modes).
 pub fn file_type(mode: u32) -> FileType {
@@ -90,6 +90,14 @@ pub fn file_attr(ino: u64, a: &Attr) -> FileAttr {
         rdev: a.rdev as u32,
         blksize: a.blksize,
         flags: 0,
+    }
+}
+
+fn fopen_flags(o: &Opened) -> FopenFlags {
+    if o.keep_cache {
+        FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::empty()
     }
 }
 
@@ -291,14 +299,7 @@ impl BandsoxFs {
         let g = self.guest();
         self.spawn(async move {
             match g.open(&t, flags).await {
-                Ok(o) => {
-                    let f = if o.keep_cache {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
-                    reply.opened(FileHandle(o.fh), f)
-                }
+                Ok(o) => reply.opened(FileHandle(o.fh), fopen_flags(&o)),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -317,11 +318,7 @@ impl BandsoxFs {
         self.spawn(async move {
             match g.create(&parent, &name, mode, flags, o).await {
                 Ok((l, opened)) => {
-                    let f = if opened.keep_cache {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
+                    let f = fopen_flags(&opened);
                     reply.created(
                         &l.ttl,
                         &file_attr(l.ino, &l.attr),

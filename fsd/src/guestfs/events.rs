@@ -5,19 +5,14 @@
 //!   it ends when the connection does.
 //! - Events are applied in arrival order, each batch completely (on a blocking thread,
 //!   because the kernel's notify calls can wait for inode locks) before the next.
-//! - A pump publishes how many of its connection's batches have been applied, so
-//!   [`Pumps::settle`] can wait until everything that had arrived is applied — the agent
-//!   sends a command's events before its exit, so a finished `exec` never leaves the host
-//!   with stale pages of files the command wrote.
+//! - The agent sends a command's events before its exit, so they are on their way before
+//!   the host learns that the command ended.
 //! - Events naming nodes the kernel does not hold are dropped: nothing is cached for them.
-use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use bandsox_agent::client::{AgentClient, FsEvents};
 use bandsox_agent::proto::fs::FsEvent;
 use parking_lot::Mutex;
-use tokio::sync::watch;
 
 use super::inodes::{Incarnation, Inodes};
 
@@ -30,16 +25,9 @@ pub trait Invalidate: Send + Sync {
     fn inode(&self, ino: u64, data: bool);
 }
 
-struct PumpState {
-    generation: u64,
-    /// Batches of the current connection applied so far.
-    applied: watch::Sender<u64>,
-}
-
 pub struct Pumps {
     inodes: Arc<Mutex<Inodes>>,
     inval: OnceLock<Arc<dyn Invalidate>>,
-    by_vm: Mutex<HashMap<Arc<str>, Arc<PumpState>>>,
 }
 
 /// What one event means for the kernel's caches.
@@ -53,7 +41,6 @@ impl Pumps {
         Pumps {
             inodes,
             inval: OnceLock::new(),
-            by_vm: Mutex::new(HashMap::new()),
         }
     }
 
@@ -66,29 +53,11 @@ impl Pumps {
         let Some(events) = client.take_fs_events() else {
             return;
         };
-        let (applied, _) = watch::channel(0);
-        let state = Arc::new(PumpState {
-            generation: inc.generation,
-            applied,
-        });
-        self.by_vm.lock().insert(inc.vm_id.clone(), state.clone());
         self.inodes.lock().drop_stale(&inc.vm_id, inc.generation);
         let inodes = self.inodes.clone();
         let inval = self.inval.get().cloned();
         let inc = inc.clone();
-        rt.spawn(pump(events, inc, inodes, inval, state));
-    }
-
-    /// Wait until the batches `vm_id`'s connection had received when `received` was read
-    /// are applied (at most `timeout`).
-    pub async fn settle(&self, vm_id: &str, generation: u64, received: u64, timeout: Duration) {
-        let state = self.by_vm.lock().get(vm_id).cloned();
-        let Some(state) = state else { return };
-        if state.generation != generation {
-            return;
-        }
-        let mut rx = state.applied.subscribe();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|a| *a >= received)).await;
+        rt.spawn(pump(events, inc, inodes, inval));
     }
 }
 
@@ -97,9 +66,7 @@ async fn pump(
     inc: Incarnation,
     inodes: Arc<Mutex<Inodes>>,
     inval: Option<Arc<dyn Invalidate>>,
-    state: Arc<PumpState>,
 ) {
-    let mut applied = 0u64;
     while let Some(batch) = events.next().await {
         let actions = translate(&batch, &inc, &inodes.lock());
         if let (Some(inval), false) = (&inval, actions.is_empty()) {
@@ -114,14 +81,6 @@ async fn pump(
             })
             .await;
         }
-        // Everything received is applied once the queue is empty (dropped batches were
-        // replaced by an overflow, which invalidates everything).
-        applied = if events.is_empty() {
-            events.received().max(applied + 1)
-        } else {
-            applied + 1
-        };
-        state.applied.send_replace(applied);
     }
     tracing::debug!(vm = %inc.vm_id, "file event pump ended");
 }

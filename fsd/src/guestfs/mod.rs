@@ -45,6 +45,8 @@ pub const TTL_COHERENT: Duration = Duration::from_secs(10);
 pub const TTL_UNWATCHED: Duration = Duration::from_millis(200);
 /// Size of the kernel's readdir buffer we fill (one page).
 pub const READDIR_BYTES: u32 = 4096;
+/// `d_ino` of entries in plain (not plus) listings, which are not looked up.
+const PLAIN_DIRENT_INO: u64 = FS_INO_BASE - 1;
 /// Longest symlink target we accept from a guest.
 const MAX_LINK: usize = 4096;
 
@@ -195,21 +197,6 @@ impl GuestFs {
         self.events.set_invalidator(inv);
     }
 
-    /// Wait (at most `timeout`) until every change event that had arrived from `vm_id`'s
-    /// agent when this was called has been applied to the kernel's caches.
-    pub async fn settle(&self, vm_id: &str, timeout: Duration) {
-        let Some(vm) = self.mgr.get_by_id(vm_id) else {
-            return;
-        };
-        let Ok((client, generation)) = vm.fs_agent() else {
-            return;
-        };
-        let received = client.fs_events_received();
-        self.events
-            .settle(vm_id, generation, received, timeout)
-            .await
-    }
-
     /// Number of guest inodes the kernel holds (diagnostics, tests).
     pub fn inode_count(&self) -> usize {
         self.inodes.lock().len()
@@ -295,19 +282,40 @@ impl GuestFs {
         }
     }
 
-    pub async fn lookup(&self, parent: &Target, name: &[u8]) -> Result<Looked> {
+    /// Resolve `parent`, send the request `make(parent node, name)` builds and turn its
+    /// `Entry` answer into a kernel entry: the shape of lookup, mknod, mkdir and symlink.
+    async fn new_entry(
+        &self,
+        parent: &Target,
+        name: &[u8],
+        what: &str,
+        make: impl FnOnce(NodeId, Vec<u8>) -> FsRequest,
+    ) -> Result<Looked> {
         check_name(name)?;
         let r = self.resolve(parent)?;
-        let resp = self
-            .call(
-                &r,
-                FsRequest::Lookup {
-                    parent: r.node,
-                    name: name.to_vec(),
-                },
-            )
-            .await?;
-        self.looked_from(&r, resp, "lookup")
+        let resp = self.call(&r, make(r.node, name.to_vec())).await?;
+        self.looked_from(&r, resp, what)
+    }
+
+    /// Resolve `parent` and send a name operation answered by `Ok` (unlink, rmdir).
+    async fn name_op(
+        &self,
+        parent: &Target,
+        name: &[u8],
+        what: &str,
+        make: impl FnOnce(NodeId, Vec<u8>) -> FsRequest,
+    ) -> Result<()> {
+        check_name(name)?;
+        let r = self.resolve(parent)?;
+        self.expect_ok(&r, make(r.node, name.to_vec()), what).await
+    }
+
+    pub async fn lookup(&self, parent: &Target, name: &[u8]) -> Result<Looked> {
+        self.new_entry(parent, name, "lookup", |parent, name| FsRequest::Lookup {
+            parent,
+            name,
+        })
+        .await
     }
 
     /// The kernel dropped `n` references to `ino` (called on a FUSE thread; never waits).
@@ -426,21 +434,14 @@ impl GuestFs {
         rdev: u64,
         owner: Owner,
     ) -> Result<Looked> {
-        check_name(name)?;
-        let r = self.resolve(parent)?;
-        let resp = self
-            .call(
-                &r,
-                FsRequest::Mknod {
-                    parent: r.node,
-                    name: name.to_vec(),
-                    mode,
-                    rdev,
-                    owner,
-                },
-            )
-            .await?;
-        self.looked_from(&r, resp, "mknod")
+        self.new_entry(parent, name, "mknod", |parent, name| FsRequest::Mknod {
+            parent,
+            name,
+            mode,
+            rdev,
+            owner,
+        })
+        .await
     }
 
     pub async fn mkdir(
@@ -450,20 +451,13 @@ impl GuestFs {
         mode: u32,
         owner: Owner,
     ) -> Result<Looked> {
-        check_name(name)?;
-        let r = self.resolve(parent)?;
-        let resp = self
-            .call(
-                &r,
-                FsRequest::Mkdir {
-                    parent: r.node,
-                    name: name.to_vec(),
-                    mode,
-                    owner,
-                },
-            )
-            .await?;
-        self.looked_from(&r, resp, "mkdir")
+        self.new_entry(parent, name, "mkdir", |parent, name| FsRequest::Mkdir {
+            parent,
+            name,
+            mode,
+            owner,
+        })
+        .await
     }
 
     pub async fn symlink(
@@ -473,23 +467,17 @@ impl GuestFs {
         target: &[u8],
         owner: Owner,
     ) -> Result<Looked> {
-        check_name(name)?;
         if target.is_empty() || target.len() > MAX_LINK || target.contains(&0) {
             return Err(Error::invalid("invalid symlink target"));
         }
-        let r = self.resolve(parent)?;
-        let resp = self
-            .call(
-                &r,
-                FsRequest::Symlink {
-                    parent: r.node,
-                    name: name.to_vec(),
-                    target: target.to_vec(),
-                    owner,
-                },
-            )
-            .await?;
-        self.looked_from(&r, resp, "symlink")
+        let target = target.to_vec();
+        self.new_entry(parent, name, "symlink", |parent, name| FsRequest::Symlink {
+            parent,
+            name,
+            target,
+            owner,
+        })
+        .await
     }
 
     pub async fn link(&self, t: &Target, new_parent: &Target, new_name: &[u8]) -> Result<Looked> {
@@ -520,23 +508,19 @@ impl GuestFs {
     }
 
     pub async fn unlink(&self, parent: &Target, name: &[u8]) -> Result<()> {
-        check_name(name)?;
-        let r = self.resolve(parent)?;
-        let req = FsRequest::Unlink {
-            parent: r.node,
-            name: name.to_vec(),
-        };
-        self.expect_ok(&r, req, "unlink").await
+        self.name_op(parent, name, "unlink", |parent, name| FsRequest::Unlink {
+            parent,
+            name,
+        })
+        .await
     }
 
     pub async fn rmdir(&self, parent: &Target, name: &[u8]) -> Result<()> {
-        check_name(name)?;
-        let r = self.resolve(parent)?;
-        let req = FsRequest::Rmdir {
-            parent: r.node,
-            name: name.to_vec(),
-        };
-        self.expect_ok(&r, req, "rmdir").await
+        self.name_op(parent, name, "rmdir", |parent, name| FsRequest::Rmdir {
+            parent,
+            name,
+        })
+        .await
     }
 
     pub async fn rename(
@@ -788,13 +772,8 @@ impl GuestFs {
                 Some(l) => l.ino,
                 None if e.name == b"." => self_ino,
                 // Plain listings do not look entries up: report a number the kernel
-                // only uses as d_ino (anything nonzero; the real one comes with lookup).
-                None => self
-                    .inodes
-                    .lock()
-                    .ino_of(&r.inc, 0)
-                    .unwrap_or(FS_INO_BASE - 1)
-                    .max(1),
+                // only passes on as d_ino (any nonzero one; lookup brings the real one).
+                None => PLAIN_DIRENT_INO,
             };
             out.push(DirItem {
                 name: e.name,
