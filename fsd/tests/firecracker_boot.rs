@@ -8,58 +8,19 @@
 //! ordinary guests, plus what `qemu_boot` needs to build the guest (mkfs.ext4,
 //! /var/cache/bandsox/{kernel,busybox}). Without them it prints a loud SKIPPED line to
 //! stderr and passes.
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod vmboot;
+
+use vmboot::{guest_vm, missing_guest_inputs, run, skip, KillOnDrop};
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bandsox_agent::client::{AgentClient, ExecEvent};
-use bandsox_agent::proto::{ExecSpec, ExitStatus, Program, Request};
-use bandsox_fsd::guest::{build_guest, GuestBuildOptions};
+use bandsox_agent::client::AgentClient;
+use bandsox_agent::proto::{ExitStatus, Request};
 use bandsox_fsd::vmm::firecracker::{adopt_dir, FirecrackerBackend};
-use bandsox_fsd::vmm::{Backend, NetMode, VmSpec, VmmError, VmmInstance};
+use bandsox_fsd::vmm::{Backend, VmmError, VmmInstance};
 
-const KERNEL_ROOT: &str = "/var/cache/bandsox/kernel";
-const BUSYBOX: &str = "/var/cache/bandsox/busybox/bin/busybox";
 const AGENT_DEADLINE: Duration = Duration::from_secs(60);
-
-/// SIGKILLs the Firecracker if the test panics before its own `kill`.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(pid) = libc::pid_t::try_from(self.0) {
-            // SAFETY: kill(2) on the pid of the Firecracker this test started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
-fn skip(why: &str) {
-    eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
-    eprintln!("!!! SKIPPED firecracker_boot: {why}");
-    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
-}
-
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false)
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| Path::new(d).join(name).is_file())
-}
-
-fn static_agent() -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = repo.join("target/x86_64-unknown-linux-gnu/release/bandsox-agent");
-    if !bin.is_file() {
-        let st = Command::new(repo.join("agent/build-static.sh"))
-            .status()
-            .expect("run agent/build-static.sh");
-        assert!(st.success(), "agent/build-static.sh failed");
-    }
-    bin
-}
 
 fn logs(dir: &Path) -> String {
     ["console.log", "vmm.log", "firecracker.log"]
@@ -100,75 +61,31 @@ async fn agent(inst: &dyn VmmInstance, dir: &Path) -> AgentClient {
     panic!("no agent within {AGENT_DEADLINE:?} ({last}); {}", logs(dir));
 }
 
-async fn run(client: &AgentClient, script: &str) -> (String, ExitStatus) {
-    let spec = ExecSpec {
-        program: Program::Script(script.as_bytes().to_vec()),
-        env: Vec::new(),
-        cwd: None,
-        stdin: false,
-    };
-    let mut h = client
-        .exec(spec, Duration::from_secs(10))
-        .await
-        .expect("exec");
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match tokio::time::timeout_at(deadline, h.next()).await {
-            Ok(Some(ExecEvent::Output(_, b))) => out.extend(b),
-            Ok(Some(ExecEvent::Exited(st))) => {
-                return (String::from_utf8_lossy(&out).into_owned(), st)
-            }
-            Ok(Some(ExecEvent::Lost)) | Ok(None) => panic!("connection lost during {script:?}"),
-            Err(_) => panic!("{script:?} did not finish"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boot_exec_pause_resume_stop_start_delete() {
     let backend = match FirecrackerBackend::detect() {
         Ok(b) => b,
         Err(e) => {
-            return skip(&format!(
-                "firecracker not on PATH or not usable here ({e}); install Firecracker ≥ 1.8 \
+            return skip(
+                "firecracker_boot",
+                &format!(
+                    "firecracker not on PATH or not usable here ({e}); install Firecracker ≥ 1.8 \
                  on a host with hardware KVM"
-            ))
+                ),
+                None,
+            )
         }
     };
-    if !Path::new(KERNEL_ROOT).join("boot").is_dir() || !Path::new(BUSYBOX).is_file() {
-        return skip("no extracted kernel/busybox in /var/cache/bandsox");
-    }
-    if !on_path("mkfs.ext4") {
-        return skip("mkfs.ext4 (e2fsprogs) is not installed");
+    if let Some(why) = missing_guest_inputs() {
+        return skip("firecracker_boot", why, None);
     }
     eprintln!("firecracker_boot: {}", backend.describe());
     let tmp = tempfile::Builder::new()
         .prefix("bx")
         .tempdir_in("/tmp")
         .unwrap();
-    let art = build_guest(&GuestBuildOptions {
-        state_dir: tmp.path().join("s"),
-        agent: static_agent(),
-        kernel_root: KERNEL_ROOT.into(),
-        busybox: Some(BUSYBOX.into()),
-        force: false,
-    })
-    .expect("guest build");
-    let dir = tmp.path().join("vm");
-    std::fs::create_dir(&dir).unwrap();
-    let disk = dir.join("disk.ext4");
-    bandsox_fsd::disk::clone_disk(&art.base_image, &disk).unwrap();
-    let spec = VmSpec {
-        name: "fctest".into(),
-        dir: dir.clone(),
-        vcpus: 1,
-        memory_mib: 256,
-        disk: Some(disk),
-        kernel: art.kernel.clone(),
-        initrd: art.initrd.clone(),
-        net: NetMode::None,
-    };
+    let (spec, _art) = guest_vm(tmp.path(), "fctest");
+    let dir = spec.dir.clone();
 
     // Boot.
     let t0 = Instant::now();

@@ -6,62 +6,20 @@
 //! Prerequisites (installed by `mount-helpers/setup --deps-only`): qemu-system-x86_64,
 //! mkfs.ext4, /var/cache/bandsox/{kernel,busybox}. Without them the test prints a loud
 //! SKIP to stderr. The static agent is built with agent/build-static.sh if missing.
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod vmboot;
+
+use vmboot::{guest_vm, missing_guest_inputs, on_path, run, skip, KillOnDrop};
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bandsox_agent::client::{AgentClient, ExecEvent};
-use bandsox_agent::proto::{ExecSpec, ExitStatus, Program, Request};
-use bandsox_fsd::guest::{build_guest, GuestBuildOptions};
+use bandsox_agent::client::AgentClient;
+use bandsox_agent::proto::{ExitStatus, Request};
 use bandsox_fsd::vmm::qemu::{adopt_dir, QemuBackend};
-use bandsox_fsd::vmm::{Backend, NetMode, VmSpec, VmmError, VmmInstance};
+use bandsox_fsd::vmm::{Backend, VmSpec, VmmError, VmmInstance};
 
-const KERNEL_ROOT: &str = "/var/cache/bandsox/kernel";
-const BUSYBOX: &str = "/var/cache/bandsox/busybox/bin/busybox";
 const READY: &str = "bandsox-agent: ready";
 const BOOT_DEADLINE: Duration = Duration::from_secs(60);
-
-/// SIGKILLs the QEMU if the test panics before its own `kill`, so no VM is leaked.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(pid) = libc::pid_t::try_from(self.0) {
-            // SAFETY: kill(2) on the pid of the QEMU this test started; harmless if gone.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
-fn skip(why: &str) {
-    eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
-    eprintln!("!!! SKIPPED qemu_boot: {why}");
-    eprintln!("!!! run mount-helpers/setup --deps-only (as root) to install it");
-    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
-}
-
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false)
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| Path::new(d).join(name).is_file())
-}
-
-/// The static agent, built by agent/build-static.sh if it is not there yet.
-fn static_agent() -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = repo.join("target/x86_64-unknown-linux-gnu/release/bandsox-agent");
-    if !bin.is_file() {
-        eprintln!("qemu_boot: building the static agent with agent/build-static.sh");
-        let st = Command::new(repo.join("agent/build-static.sh"))
-            .status()
-            .expect("run agent/build-static.sh");
-        assert!(st.success(), "agent/build-static.sh failed");
-    }
-    bin
-}
 
 async fn wait_console(console: &Path, needle: &str, inst: &dyn VmmInstance) -> Duration {
     let t0 = Instant::now();
@@ -85,78 +43,28 @@ async fn wait_console(console: &Path, needle: &str, inst: &dyn VmmInstance) -> D
     }
 }
 
-async fn run(client: &AgentClient, script: &str) -> (String, ExitStatus) {
-    let spec = ExecSpec {
-        program: Program::Script(script.as_bytes().to_vec()),
-        env: Vec::new(),
-        cwd: None,
-        stdin: false,
-    };
-    let mut h = client
-        .exec(spec, Duration::from_secs(10))
-        .await
-        .expect("exec");
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match tokio::time::timeout_at(deadline, h.next()).await {
-            Ok(Some(ExecEvent::Output(_, b))) => out.extend(b),
-            Ok(Some(ExecEvent::Exited(st))) => {
-                return (String::from_utf8_lossy(&out).into_owned(), st)
-            }
-            Ok(Some(ExecEvent::Lost)) | Ok(None) => panic!("connection lost during {script:?}"),
-            Err(_) => panic!("{script:?} did not finish"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boot_pause_resume_kill() {
+    let hint = Some("run mount-helpers/setup --deps-only (as root) to install it");
     if !on_path("qemu-system-x86_64") {
-        return skip("qemu-system-x86_64 is not installed");
+        return skip("qemu_boot", "qemu-system-x86_64 is not installed", hint);
     }
-    if !Path::new(KERNEL_ROOT).join("boot").is_dir() || !Path::new(BUSYBOX).is_file() {
-        return skip("no extracted kernel/busybox in /var/cache/bandsox");
+    if let Some(why) = missing_guest_inputs() {
+        return skip("qemu_boot", why, hint);
     }
-    if !on_path("mkfs.ext4") {
-        return skip("mkfs.ext4 (e2fsprogs) is not installed");
-    }
-    let agent = static_agent();
 
     let tmp = tempfile::Builder::new()
         .prefix("bx")
         .tempdir_in("/tmp")
         .unwrap();
-    let state = tmp.path().join("s");
     let t0 = Instant::now();
-    let art = build_guest(&GuestBuildOptions {
-        state_dir: state.clone(),
-        agent,
-        kernel_root: KERNEL_ROOT.into(),
-        busybox: Some(BUSYBOX.into()),
-        force: false,
-    })
-    .expect("guest build");
+    let (spec, art) = guest_vm(tmp.path(), "boottest");
     eprintln!(
         "qemu_boot: guest artefacts for {} built in {:?}",
         art.kernel_version,
         t0.elapsed()
     );
-
-    let dir = tmp.path().join("vm");
-    std::fs::create_dir(&dir).unwrap();
-    let disk = dir.join("disk.ext4");
-    bandsox_fsd::disk::clone_disk(&art.base_image, &disk).unwrap();
-    let spec = VmSpec {
-        name: "boottest".into(),
-        dir: dir.clone(),
-        vcpus: 1,
-        memory_mib: 256,
-        disk: Some(disk),
-        kernel: art.kernel.clone(),
-        initrd: art.initrd.clone(),
-        net: NetMode::None,
-    };
+    let dir = spec.dir.clone();
     let backend = QemuBackend::detect().expect("qemu backend");
     eprintln!("qemu_boot: {}", backend.describe());
 
