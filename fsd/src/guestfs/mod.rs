@@ -166,12 +166,6 @@ fn check_name(name: &[u8]) -> Result<()> {
     }
 }
 
-/// Open flags as the agent should use them. `O_DIRECT` is the host's business (the host
-/// kernel already bypasses its page cache); in the guest it would demand aligned buffers.
-fn agent_open_flags(flags: i32) -> i32 {
-    flags & !libc::O_DIRECT
-}
-
 fn ttl(coherent: bool) -> Duration {
     if coherent {
         TTL_COHERENT
@@ -565,7 +559,6 @@ impl GuestFs {
     }
 
     pub async fn open(&self, t: &Target, flags: i32) -> Result<Opened> {
-        let flags = agent_open_flags(flags);
         let r = self.resolve(t)?;
         match self
             .call(
@@ -594,7 +587,6 @@ impl GuestFs {
         owner: Owner,
     ) -> Result<(Looked, Opened)> {
         check_name(name)?;
-        let flags = agent_open_flags(flags);
         let r = self.resolve(parent)?;
         let req = FsRequest::Create {
             parent: r.node,

@@ -2,7 +2,8 @@
 //!
 //! Invariants:
 //! * Nodes are re-opened through `/proc/self/fd/N` (never by path); `O_CREAT`,
-//!   `O_EXCL`, `O_NOFOLLOW`, `O_PATH` and `O_TMPFILE` are stripped, `O_CLOEXEC` and
+//!   `O_EXCL`, `O_NOFOLLOW`, `O_PATH`, `O_TMPFILE` and `O_DIRECT` (our buffers are not
+//!   aligned; direct I/O is the host kernel's business) are stripped, `O_CLOEXEC` and
 //!   `O_NOCTTY` added; `O_APPEND` is honoured (Linux `pwrite` appends on such files).
 //! * Only regular files and directories are opened: a symlink is `ELOOP`, a fifo,
 //!   socket or device `ENXIO` (the host's kernel handles those itself); an opaque node
@@ -36,7 +37,12 @@ impl FsCore {
         }
         let tmpfile = libc::O_TMPFILE & !libc::O_DIRECTORY;
         let flags = (flags
-            & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_PATH | tmpfile))
+            & !(libc::O_CREAT
+                | libc::O_EXCL
+                | libc::O_NOFOLLOW
+                | libc::O_PATH
+                | libc::O_DIRECT
+                | tmpfile))
             | libc::O_NOCTTY;
         let fd = self.proc.reopen(n.fd(), flags)?;
         self.handles.insert(Handle::File(std::fs::File::from(fd)))

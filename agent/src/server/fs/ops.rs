@@ -364,7 +364,9 @@ impl FsCore {
         let p = self.writable_dir(parent)?;
         let name = check_name(name)?;
         let tmpfile = libc::O_TMPFILE & !libc::O_DIRECTORY;
-        let base = (flags & !(libc::O_NOFOLLOW | libc::O_CREAT | tmpfile | libc::O_PATH))
+        // O_DIRECT: see io.rs (unaligned buffers; the host kernel does direct I/O).
+        let base = (flags
+            & !(libc::O_NOFOLLOW | libc::O_CREAT | tmpfile | libc::O_PATH | libc::O_DIRECT))
             | libc::O_NOFOLLOW
             | libc::O_NOCTTY;
         let perm = mode & 0o7777;
