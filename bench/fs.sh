@@ -10,25 +10,16 @@
 # Usage: bench/fs.sh [qemu|host]   host = the agent as a host process over a unix socket
 #        (our stack's own ceiling without the emulated VM). Root; after mount-helpers/setup.
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-BANDSOX=${BANDSOX:-$repo/target/release/bandsox}
 mode=${1:-qemu}
 work=/var/tmp/bandsox-bench-fs-$mode
-MNT=$work/mnt; STATE=$work/state
-cleanup() {
-  "$BANDSOX" unmount "$MNT" >/dev/null 2>&1 || true
-  for p in "$STATE"/vms/*/vmm.pid; do [ -f "$p" ] && kill -9 "$(cat "$p")" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-cleanup; rm -rf "$work"; mkdir -p "$MNT" "$STATE"
-cp -a --reflink=auto /var/lib/bandsox/boot /var/lib/bandsox/images "$STATE/"
+. "$(dirname "$0")/lib.sh"
 if [ "$mode" = host ]; then
   export BANDSOX_HOST_AGENT=$repo/target/release/bandsox-agent
   dir=fs/bench         # fsbench paths are relative to the agent's root
 else
   dir=fs/root/bench
 fi
-"$BANDSOX" mount "$MNT" --state-dir "$STATE"
+bench_mount
 mkdir "$MNT/fb"
 V=$MNT/fb
 mkdir -p "$V/$dir"

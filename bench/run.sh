@@ -6,19 +6,10 @@
 #     (the VM's `ping N` diagnostic ctl command), medians of >= 30 runs, one run of this script.
 # Usage: bench/run.sh [ROUNDS]   (root; after mount-helpers/setup --no-mount)
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-BANDSOX=${BANDSOX:-$repo/target/release/bandsox}
 rounds=${1:-5}
 work=/var/tmp/bandsox-bench
-MNT=$work/mnt; STATE=$work/state
-cleanup() {
-  "$BANDSOX" unmount "$MNT" >/dev/null 2>&1 || true
-  for p in "$STATE"/vms/*/vmm.pid; do [ -f "$p" ] && kill -9 "$(cat "$p")" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-cleanup; rm -rf "$work"; mkdir -p "$MNT" "$STATE"
-cp -a --reflink=auto /var/lib/bandsox/boot /var/lib/bandsox/images "$STATE/"
-"$BANDSOX" mount "$MNT" --state-dir "$STATE"
+. "$(dirname "$0")/lib.sh"
+bench_mount
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 now_ms() { date +%s%3N; }

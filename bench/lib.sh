@@ -1,0 +1,16 @@
+# Shared by the bench scripts: a private state directory under $work (copies of the
+# installed guest artefacts), mounted at $MNT; unmounted and its VMMs killed on exit.
+# Set `work` before sourcing; BANDSOX defaults to the release build.
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BANDSOX=${BANDSOX:-$repo/target/release/bandsox}
+MNT=$work/mnt; STATE=$work/state
+cleanup() {
+  "$BANDSOX" unmount "$MNT" >/dev/null 2>&1 || true
+  for p in "$STATE"/vms/*/vmm.pid; do [ -f "$p" ] && kill -9 "$(cat "$p")" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+cleanup; rm -rf "$work"; mkdir -p "$MNT" "$STATE"
+cp -a --reflink=auto /var/lib/bandsox/boot /var/lib/bandsox/images "$STATE/"
+
+# bench_mount: mount the private tree (the environment decides the backend).
+bench_mount() { "$BANDSOX" mount "$MNT" --state-dir "$STATE"; }
