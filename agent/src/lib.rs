@@ -6,6 +6,7 @@
 //! * [`reaper`]: the one child reaper of the process.
 //! * [`init`]: PID 1 duties in the guest (mounts, modules, switch_root, power off).
 pub mod client;
+pub mod guestnet;
 pub mod init;
 pub mod proto;
 pub mod reaper;

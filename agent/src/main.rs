@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bandsox_agent::init;
 use bandsox_agent::server::transport::{find_virtio_port, FdStream, VsockListener, VSOCK_PORT};
 use bandsox_agent::server::{Agent, AgentConfig, PowerOffAction};
+use bandsox_agent::{guestnet, init};
 
 const USAGE: &str =
     "usage: bandsox-agent [--init]\n       bandsox-agent --listen unix:PATH [--root DIR]\n\n\
@@ -238,6 +238,12 @@ fn init_setup() -> Arc<Agent> {
     if init::switch_to_disk() {
         init::mount_pseudo(false);
     }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let net = guestnet::from_cmdline(&cmdline).unwrap_or_else(|e| {
+        tracing::error!("ignoring bad {}: {e}", guestnet::CMDLINE_NET_KEY);
+        None
+    });
+    guestnet::apply(net.as_ref());
     Agent::new(init_config())
 }
 

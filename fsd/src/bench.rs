@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bandsox_agent::client::AgentClient;
 
 use crate::layout::{mkdir_private, Layout};
-use crate::vmm::{Backend, NetMode, VmSpec};
+use crate::vmm::{Backend, VmSpec};
 
 pub fn bench_boot(state_dir: &Path) -> Result<u64, String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -30,7 +30,7 @@ pub fn bench_boot(state_dir: &Path) -> Result<u64, String> {
             disk: Some(dir.join("disk.ext4")),
             kernel: layout.kernel(),
             initrd: layout.initrd(),
-            net: NetMode::None,
+            net: None,
         };
         let t0 = Instant::now();
         let inst = backend.launch(&spec).await.map_err(|e| e.to_string())?;

@@ -71,6 +71,8 @@ pub struct Manager {
     defaults: Mutex<VmConfig>,
     vms: RwLock<BTreeMap<String, Arc<Vm>>>,
     creating: Mutex<HashSet<String>>,
+    /// TAP address slots of every VM (`net=tap`).
+    net_slots: crate::net::SlotAllocator,
     backends: Backends,
     boot_files: BootFiles,
     pub boot_timeout: Duration,
@@ -118,6 +120,7 @@ impl Manager {
             defaults: Mutex::new(defaults),
             vms: RwLock::new(BTreeMap::new()),
             creating: Mutex::new(HashSet::new()),
+            net_slots: Default::default(),
             backends,
             boot_timeout,
             ctl_results: Default::default(),
@@ -142,6 +145,9 @@ impl Manager {
                     continue;
                 }
             };
+            if let Some(slot) = rec.net_slot {
+                self.net_slots.claim(slot);
+            }
             let Some(backend) = self.backends.by_kind(rec.backend) else {
                 tracing::warn!(vm = %rec.name, "backend {} unavailable; VM left alone", rec.backend);
                 continue;
@@ -240,11 +246,8 @@ impl Manager {
             .defaults()
             .with_options(options.iter().map(String::as_str))?;
         let backend = self.backends.choose(config.backend)?;
-        if config.net == NetMode::Tap && backend.kind() != BackendKind::Firecracker {
-            return Err(Error::new(
-                libc::EOPNOTSUPP,
-                "net=tap needs the firecracker backend; use net=none or net=user",
-            ));
+        if config.net == NetMode::Tap {
+            crate::net::check_tap_possible()?;
         }
         if config.net == NetMode::User && backend.kind() == BackendKind::Firecracker {
             return Err(Error::new(
@@ -316,7 +319,20 @@ impl Manager {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
+        let net_slot = match config.net {
+            NetMode::Tap => match crate::net::TapPool::from_env()
+                .and_then(|pool| self.net_slots.allocate(&pool))
+            {
+                Ok(slot) => Some(slot),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            },
+            _ => None,
+        };
         let record = VmRecord {
+            net_slot,
             id,
             name: name.to_string(),
             uid,
@@ -337,6 +353,9 @@ impl Manager {
         );
         if let Err(e) = vm.save_record() {
             let _ = std::fs::remove_dir_all(&dir);
+            if let Some(slot) = net_slot {
+                self.net_slots.release(slot);
+            }
             return Err(e);
         }
         self.vms.write().insert(name.to_string(), vm.clone());
@@ -366,6 +385,9 @@ impl Manager {
             .ok_or_else(|| Error::not_found(format!("no VM {name:?}")))?;
         vm.destroy().await?;
         self.vms.write().remove(name);
+        if let Some(slot) = vm.record().net_slot {
+            self.net_slots.release(slot);
+        }
         if let Err(e) = tokio::fs::remove_dir_all(&vm.dir).await {
             tracing::warn!(vm = name, "cannot remove {}: {e}", vm.dir.display());
         }

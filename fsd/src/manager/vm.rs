@@ -79,6 +79,9 @@ pub struct VmRecord {
     pub disk_mib: u64,
     pub boot_ms: Option<u64>,
     pub desired: Desired,
+    /// `net=tap`: the VM's /30 in the TAP pool (see `crate::net`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_slot: Option<u32>,
 }
 
 /// Kernel and initramfs every VM boots.
@@ -196,9 +199,11 @@ impl Vm {
         }
     }
 
-    pub fn spec(&self) -> VmSpec {
+    /// What the backend needs to start this VM; fails only when its network cannot be
+    /// described (e.g. the TAP pool was changed under an existing VM).
+    pub fn spec(&self) -> Result<VmSpec> {
         let rec = self.record();
-        VmSpec {
+        Ok(VmSpec {
             name: self.name.clone(),
             dir: self.dir.clone(),
             vcpus: rec.config.vcpus,
@@ -206,8 +211,8 @@ impl Vm {
             disk: Some(self.dir.join("disk.ext4")),
             kernel: self.boot_files.kernel.clone(),
             initrd: self.boot_files.initrd.clone(),
-            net: rec.config.net,
-        }
+            net: crate::net::plan(rec.config.net, &self.id, rec.net_slot)?,
+        })
     }
 
     /// Last `ctl` results per session.
@@ -228,7 +233,10 @@ impl Vm {
             "memory_mib": rec.config.memory_mib,
             "disk_mib": rec.disk_mib,
             "net": rec.config.net,
-            "ip": serde_json::Value::Null,
+            "ip": crate::net::plan(rec.config.net, &self.id, rec.net_slot)
+                .ok()
+                .flatten()
+                .map(|p| p.guest.addr.to_string()),
             "created": rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(rec.created)),
             "boot_ms": rec.boot_ms,
             "vmm_pid": pid,
@@ -287,11 +295,22 @@ impl Vm {
             &format!("backend={}", self.backend.kind()),
         );
         let t0 = Instant::now();
-        let spec = self.spec();
+        let spec = match self.spec() {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail(&e.message);
+                return Err(e);
+            }
+        };
+        if let Err(e) = prepare_network(&spec).await {
+            self.fail(&e.message);
+            return Err(e);
+        }
         let inst: Arc<dyn VmmInstance> = match self.backend.launch(&spec).await {
             Ok(i) => Arc::from(i),
             Err(e) => {
                 let err = Error::from(e);
+                self.release_network();
                 self.fail(&err.message);
                 return Err(err);
             }
@@ -317,6 +336,7 @@ impl Vm {
             Err(e) => {
                 let _ = inst.kill().await;
                 *self.vmm.lock() = None;
+                self.release_network();
                 self.fail(&e.message);
                 Err(e)
             }
@@ -410,13 +430,23 @@ impl Vm {
         });
     }
 
-    /// Forget the VMM and agent and mark live runs lost.
+    /// Forget the VMM and agent, mark live runs lost, remove the host side of the network.
     fn cleanup_after_exit(&self, why: &str) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         *self.agent.lock() = None;
         *self.vmm.lock() = None;
         for run in self.runs.lock().values() {
             run.abandon(why);
+        }
+        self.release_network();
+    }
+
+    /// Delete the VM's TAP device, if it has one. Synchronous on purpose: a restart
+    /// creates the device again right after, and must not race a late removal.
+    fn release_network(&self) {
+        let rec = self.record();
+        if rec.config.net == crate::vmm::NetMode::Tap {
+            crate::net::remove_tap(&crate::net::tap_name(&self.id));
         }
     }
 
@@ -556,7 +586,13 @@ impl Vm {
         if desired == Desired::Stopped {
             return;
         }
-        let spec = self.spec();
+        let spec = match self.spec() {
+            Ok(s) => s,
+            Err(e) => {
+                self.set_state(VmState::Failed(e.message));
+                return;
+            }
+        };
         match self.backend.adopt(&spec).await {
             Ok(Some(inst)) => {
                 let inst: Arc<dyn VmmInstance> = Arc::from(inst);
@@ -587,6 +623,7 @@ impl Vm {
                 }
             }
             Ok(None) => {
+                self.release_network();
                 self.set_state(VmState::Stopped);
                 self.events.emit(
                     &self.name,
@@ -667,6 +704,16 @@ impl Vm {
             }
         }
     }
+}
+
+/// Create the host side of the VM's network (the TAP device for `net=tap`).
+async fn prepare_network(spec: &VmSpec) -> Result<()> {
+    let Some(tap) = spec.net.as_ref().and_then(|n| n.tap.clone()) else {
+        return Ok(());
+    };
+    tokio::task::spawn_blocking(move || crate::net::setup_tap(&tap))
+        .await
+        .map_err(|e| Error::io(format!("network setup task failed: {e}")))?
 }
 
 fn load_runs(dir: &std::path::Path) -> BTreeMap<u64, Arc<Run>> {

@@ -70,7 +70,8 @@ pub struct VmSpec {
     pub disk: Option<PathBuf>,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
-    pub net: NetMode,
+    /// The guest's network; `None` = `net=none` (no NIC at all).
+    pub net: Option<crate::net::NetPlan>,
 }
 
 impl VmSpec {
@@ -81,6 +82,21 @@ impl VmSpec {
     /// Path of the pid file every backend writes.
     pub fn pid_path(&self) -> PathBuf {
         self.dir.join("vmm.pid")
+    }
+    /// The network mode this spec asks for.
+    pub fn net_mode(&self) -> NetMode {
+        match &self.net {
+            None => NetMode::None,
+            Some(p) if p.tap.is_some() => NetMode::Tap,
+            Some(_) => NetMode::User,
+        }
+    }
+    /// ` bandsox.net=...` for the guest kernel command line ("" without a network).
+    pub fn net_cmdline(&self) -> String {
+        match &self.net {
+            Some(p) => format!(" {}{}", bandsox_agent::guestnet::CMDLINE_NET_KEY, p.guest),
+            None => String::new(),
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use serde_json::Value;
 use super::accel::{self, Accel, AccelKind};
 use super::process::{write_atomic, VmmProcess};
 use super::qmp::{Qmp, QmpError};
-use super::{Backend, BackendKind, BoxedAgentStream, NetMode, VmSpec, VmmError, VmmInstance};
+use super::{Backend, BackendKind, BoxedAgentStream, VmSpec, VmmError, VmmInstance};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// Environment variable naming the QEMU binary to use instead of the one on PATH.
@@ -403,19 +403,21 @@ pub fn build_argv(
             "virtio-blk-device,drive=vda",
         ]);
     }
-    match spec.net {
-        NetMode::None => {}
-        NetMode::User => push(&[
+    if let Some(net) = &spec.net {
+        let netdev = match &net.tap {
+            // slirp's defaults are the addresses `net::user_mode_config` gives the guest.
+            None => "user,id=net0".to_string(),
+            Some(tap) => format!(
+                "tap,id=net0,ifname={},script=no,downscript=no",
+                opt_escape(&tap.ifname)
+            ),
+        };
+        push(&[
             "-netdev",
-            "user,id=net0",
+            &netdev,
             "-device",
-            "virtio-net-device,netdev=net0",
-        ]),
-        NetMode::Tap => {
-            return Err(VmmError::Unavailable(
-                "net=tap is not supported by the QEMU backend yet; use net=user or net=none".into(),
-            ))
-        }
+            &format!("virtio-net-device,netdev=net0,mac={}", net.mac),
+        ]);
     }
     push(&["-pidfile", &s(&spec.pid_path())?]);
     Ok(a)
@@ -439,6 +441,7 @@ pub fn kernel_cmdline(spec: &VmSpec, accel: AccelKind, tsc_khz: Option<u64>) -> 
             s.push_str(&format!(" tsc_early_khz={khz}"));
         }
     }
+    s.push_str(&spec.net_cmdline());
     s.push_str(&format!(" bandsox.name={}", spec.name));
     s
 }
@@ -605,6 +608,7 @@ impl VmmInstance for QemuInstance {
 mod tests {
     use super::*;
     use crate::vmm::process::proc_stat;
+    use crate::vmm::NetMode;
 
     fn spec(dir: &Path) -> VmSpec {
         VmSpec {
@@ -615,7 +619,7 @@ mod tests {
             disk: Some(dir.join("disk.ext4")),
             kernel: "/s/boot/vmlinuz".into(),
             initrd: "/s/boot/initrd".into(),
-            net: NetMode::None,
+            net: None,
         }
     }
 
@@ -685,7 +689,7 @@ mod tests {
         let d = Path::new("/tmp/v,1");
         let mut s = spec(d);
         s.disk = None;
-        s.net = NetMode::User;
+        s.net = crate::net::plan(NetMode::User, "ab12", None).unwrap();
         let argv = build_argv(Path::new("/q"), &s, AccelKind::Kvm, Some(2_445_404)).unwrap();
         assert_eq!(after(&argv, "-accel"), ["kvm"]);
         assert_eq!(after(&argv, "-cpu"), ["host"]);
@@ -695,17 +699,23 @@ mod tests {
         );
         assert!(after(&argv, "-drive").is_empty());
         assert_eq!(after(&argv, "-netdev"), ["user,id=net0"]);
-        assert!(after(&argv, "-device").contains(&"virtio-net-device,netdev=net0"));
+        let mac = crate::net::mac_for("ab12");
+        assert!(after(&argv, "-device")
+            .contains(&format!("virtio-net-device,netdev=net0,mac={mac}").as_str()));
+        assert!(after(&argv, "-append")[0]
+            .contains(" bandsox.net=10.0.2.15/24,10.0.2.2,10.0.2.3 bandsox.name="));
         // Commas in paths are doubled inside option strings.
         assert!(after(&argv, "-chardev")
             .contains(&"socket,id=qmp,path=/tmp/v,,1/qmp.sock,server=on,wait=off"));
 
-        s.net = NetMode::Tap;
-        assert!(matches!(
-            build_argv(Path::new("/q"), &s, AccelKind::Tcg, None),
-            Err(VmmError::Unavailable(_))
-        ));
-        s.net = NetMode::None;
+        s.net = crate::net::plan(NetMode::Tap, "0123456789ab", Some(0)).unwrap();
+        let argv = build_argv(Path::new("/q"), &s, AccelKind::Tcg, None).unwrap();
+        assert_eq!(
+            after(&argv, "-netdev"),
+            ["tap,id=net0,ifname=bsx0123456789ab,script=no,downscript=no"]
+        );
+        assert!(after(&argv, "-append")[0].contains(" bandsox.net=172.30.0.2/30,172.30.0.1"));
+        s.net = None;
         s.name = "bad name".into();
         assert!(matches!(
             build_argv(Path::new("/q"), &s, AccelKind::Tcg, None),

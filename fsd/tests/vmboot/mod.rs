@@ -9,7 +9,7 @@ use std::time::Duration;
 use bandsox_agent::client::{AgentClient, ExecEvent};
 use bandsox_agent::proto::{ExecSpec, ExitStatus, Program};
 use bandsox_fsd::guest::{build_guest, GuestArtifacts, GuestBuildOptions};
-use bandsox_fsd::vmm::{NetMode, VmSpec};
+use bandsox_fsd::vmm::VmSpec;
 
 pub const KERNEL_ROOT: &str = "/var/cache/bandsox/kernel";
 pub const BUSYBOX: &str = "/var/cache/bandsox/busybox/bin/busybox";
@@ -93,7 +93,7 @@ pub fn guest_vm(tmp: &Path, name: &str) -> (VmSpec, GuestArtifacts) {
         disk: Some(disk),
         kernel: art.kernel.clone(),
         initrd: art.initrd.clone(),
-        net: NetMode::None,
+        net: None,
     };
     (spec, art)
 }

@@ -59,7 +59,7 @@ pub mod vsock;
 use api::{ApiClient, ApiError};
 use model::{
     ActionType, BootSource, CacheType, Drive, EntropyDevice, LogLevel, Logger,
-    MachineConfiguration, Metrics, VmStateRequest, Vsock,
+    MachineConfiguration, Metrics, NetworkInterface, VmStateRequest, Vsock,
 };
 
 pub const FIRECRACKER_BINARY: &str = "firecracker";
@@ -79,6 +79,8 @@ pub const FC_LOG: &str = "firecracker.log";
 pub const METRICS_FILE: &str = "metrics.json";
 /// The guest's vsock context id (any value ≥ 3; each VM has its own device).
 pub const GUEST_CID: u32 = 3;
+/// The one network interface's id (`net=tap`); the guest sees it as `eth0`.
+pub const NET_IFACE_ID: &str = "eth0";
 /// The disk's drive id (and `/dev/vda` in the guest: the only drive).
 pub const DRIVE_ID: &str = "vda";
 
@@ -436,6 +438,19 @@ async fn configure(api: &ApiClient, spec: &VmSpec, vmlinux: &Path) -> Result<(),
         uds_path: VSOCK_SOCK.into(),
     })
     .await?;
+    if let Some(tap) = spec
+        .net
+        .as_ref()
+        .and_then(|n| n.tap.as_ref().map(|t| (n, t)))
+    {
+        let (net, tap) = tap;
+        api.put_network_interface(&NetworkInterface {
+            iface_id: NET_IFACE_ID.into(),
+            host_dev_name: tap.ifname.clone(),
+            guest_mac: Some(net.mac.clone()),
+        })
+        .await?;
+    }
     api.put_entropy(&EntropyDevice {}).await?;
     Ok(())
 }
@@ -452,8 +467,9 @@ fn dir_relative(dir: &Path, p: &Path) -> String {
 /// `reboot=k panic=1` (a guest reboot or panic ends the Firecracker process).
 pub fn kernel_cmdline(spec: &VmSpec) -> String {
     format!(
-        "console=ttyS0 reboot=k panic=1 pci=off loglevel=4 8250.nr_uarts=1 cryptomgr.notests \
+        "console=ttyS0 reboot=k panic=1 pci=off loglevel=4 8250.nr_uarts=1 cryptomgr.notests{} \
          bandsox.name={}",
+        spec.net_cmdline(),
         spec.name
     )
 }
@@ -475,15 +491,12 @@ fn validate(spec: &VmSpec) -> Result<(), VmmError> {
             "Firecracker needs 1-32 vcpus and at least 1 MiB of memory".into(),
         ));
     }
-    match spec.net {
-        NetMode::None => Ok(()),
+    match spec.net_mode() {
+        NetMode::None | NetMode::Tap => Ok(()),
         NetMode::User => Err(VmmError::Unavailable(
             "net=user needs the qemu backend (Firecracker has no user-mode networking); \
-             use net=none or backend=qemu"
+             use net=tap (root) or net=none"
                 .into(),
-        )),
-        NetMode::Tap => Err(VmmError::Unavailable(
-            "net=tap is not implemented for the Firecracker backend yet; use net=none".into(),
         )),
     }
 }

@@ -18,7 +18,7 @@ fn spec(dir: &Path) -> VmSpec {
         disk: Some(dir.join("disk.ext4")),
         kernel: "/s/boot/vmlinuz".into(),
         initrd: "/s/boot/initrd".into(),
-        net: NetMode::None,
+        net: None,
     }
 }
 
@@ -159,12 +159,16 @@ fn argv_cmdline_and_validation() {
     assert!(cmdline.ends_with(" bandsox.name=web-1"), "{cmdline}");
 
     assert!(validate(&s).is_ok());
+    let mut tap = spec(Path::new("/v"));
+    tap.net = crate::net::plan(NetMode::Tap, "0123456789ab", Some(1)).unwrap();
+    assert!(validate(&tap).is_ok());
+    assert!(kernel_cmdline(&tap).contains(" bandsox.net=172.30.0.6/30,172.30.0.5"));
     for (mutate, want) in [
         (
-            Box::new(|s: &mut VmSpec| s.net = NetMode::User) as Box<dyn Fn(&mut VmSpec)>,
+            Box::new(|s: &mut VmSpec| s.net = crate::net::plan(NetMode::User, "a", None).unwrap())
+                as Box<dyn Fn(&mut VmSpec)>,
             "net=user",
         ),
-        (Box::new(|s: &mut VmSpec| s.net = NetMode::Tap), "net=tap"),
         (Box::new(|s: &mut VmSpec| s.vcpus = 33), "1-32"),
         (
             Box::new(|s: &mut VmSpec| s.name = "a b".into()),
@@ -476,11 +480,54 @@ async fn launch_refuses_bad_specs_before_starting_anything() {
         matches!(&e, VmmError::StartFailed(m) if m.contains("kernel")),
         "{e}"
     );
-    s.net = NetMode::User;
+    s.net = crate::net::plan(NetMode::User, "a", None).unwrap();
     let e = b.launch(&s).await.err().unwrap();
     assert!(
         matches!(&e, VmmError::Unavailable(m) if m.contains("net=user")),
         "{e}"
     );
     assert!(!tmp.path().join("vmm.pid").exists());
+}
+
+#[tokio::test]
+async fn net_tap_puts_the_network_interface_before_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_path_buf();
+    let b = backend("/bin/sleep");
+    let mut s = spec(&d);
+    s.net = crate::net::plan(NetMode::Tap, "0123456789ab", Some(2)).unwrap();
+    let d2 = d.clone();
+    let server = tokio::spawn(async move { serve_later(&d2, all_ok(), true).await });
+    let inst = b
+        .launch_argv(
+            &s,
+            vec!["/bin/sleep".into(), "30".into()],
+            Path::new("/s/boot/vmlinux"),
+        )
+        .await
+        .unwrap();
+    let (_api, seen, _peer) = server.await.unwrap();
+    let seen_now: Vec<Seen> = seen.lock().unwrap().clone();
+    let calls: Vec<String> = seen_now
+        .iter()
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect();
+    let net = calls
+        .iter()
+        .position(|c| c == "PUT /network-interfaces/eth0")
+        .expect("network interface configured");
+    let start = calls.iter().position(|c| c == "PUT /actions").unwrap();
+    assert!(net < start, "{calls:?}");
+    let body = &seen_now[net].body;
+    assert_eq!(
+        *body,
+        json!({"iface_id": "eth0", "host_dev_name": "bsx0123456789ab",
+               "guest_mac": crate::net::mac_for("0123456789ab")})
+    );
+    let boot = seen_now.iter().find(|s| s.path == "/boot-source").unwrap();
+    assert!(boot.body["boot_args"]
+        .as_str()
+        .unwrap()
+        .contains(" bandsox.net=172.30.0.10/30,172.30.0.9"));
+    inst.kill().await.unwrap();
 }
