@@ -38,6 +38,8 @@ pub const TAP_PREFIX: &str = "bsx";
 pub const NFT_TABLE: &str = "bandsox";
 /// Deadline of one `ip`/`nft` invocation.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`setup_tap`] retries while the kernel still holds a just-deleted device.
+pub const TAP_BUSY_WAIT: Duration = Duration::from_secs(3);
 
 /// QEMU user networking's fixed addresses.
 pub fn user_mode_config() -> GuestNetConfig {
@@ -290,8 +292,10 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<()> {
     }
 }
 
+/// Asks the kernel through a socket of this process's network namespace (sysfs may
+/// show another namespace's devices).
 fn link_exists(ifname: &str) -> bool {
-    std::path::Path::new("/sys/class/net").join(ifname).exists()
+    nix::net::if_::if_nametoindex(ifname).is_ok()
 }
 
 /// The nftables ruleset for `pool`, replacing any earlier version of the table at once.
@@ -318,13 +322,21 @@ pub fn nft_ruleset(pool: &TapPool) -> String {
 pub fn setup_tap(tap: &TapDevice) -> Result<()> {
     check_tap_possible()?;
     let ctx = |e: Error| e.with_context(&format!("net=tap: setting up {}", tap.ifname));
-    if !link_exists(&tap.ifname) {
-        run(
+    // Right after a VMM exits, the kernel may still be tearing down the previous device
+    // of that name (EBUSY); give it a moment.
+    let deadline = Instant::now() + TAP_BUSY_WAIT;
+    while !link_exists(&tap.ifname) {
+        match run(
             "ip",
             &["tuntap", "add", "dev", &tap.ifname, "mode", "tap"],
             None,
-        )
-        .map_err(ctx)?;
+        ) {
+            Ok(()) => break,
+            Err(e) if e.message.contains("busy") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => return Err(ctx(e)),
+        }
     }
     let host_cidr = format!("{}/30", tap.host_addr);
     let result = run(
