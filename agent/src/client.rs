@@ -420,6 +420,14 @@ impl AgentClient {
         })
     }
 
+    /// Drop the connection now: pending requests and streams fail with `Closed`.
+    pub fn close(&self, why: &str) {
+        self.inner.shared.shutdown(why);
+        for t in &self.inner.tasks {
+            t.abort();
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.inner.shared.closed.load(Ordering::SeqCst)
     }

@@ -30,7 +30,7 @@ impl CtlResults {
 
 pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] | import IMAGE SOURCE | pull IMAGE REFERENCE";
 pub const VM_HELP: &str =
-    "accepted: start | stop | kill | pause | resume | restart | snapshot NAME";
+    "accepted: start | stop | kill | pause | resume | restart | snapshot NAME | reconnect";
 pub const RUN_HELP: &str = "accepted: kill [SIGNAL] | close-stdin";
 
 pub const MAX_CLONES: u32 = 64;
@@ -70,6 +70,9 @@ pub enum VmOp {
 pub enum VmCmd {
     Op(VmOp),
     Snapshot(String),
+    /// Replace the agent connection by a fresh one (what the daemon does by itself when
+    /// a connection dies; for a wedged channel, and to test that path).
+    Reconnect,
     /// Diagnostic: N protocol pings over the VM's agent connection (for benchmarks).
     Ping(u32),
     /// Diagnostic: raw file-service calls over the agent connection (for benchmarks).
@@ -149,6 +152,7 @@ pub fn parse_vm(line: &str) -> Result<VmCmd> {
         ["resume"] => op(VmOp::Resume),
         ["restart"] => op(VmOp::Restart),
         ["snapshot", name] => Ok(VmCmd::Snapshot(name.to_string())),
+        ["reconnect"] => Ok(VmCmd::Reconnect),
         ["ping"] => Ok(VmCmd::Ping(1)),
         ["ping", n] => n
             .parse()
@@ -158,12 +162,10 @@ pub fn parse_vm(line: &str) -> Result<VmCmd> {
             .ok_or_else(|| Error::invalid(format!("ping {n}: expected a count 1..10000"))),
         ["fsbench", rest @ ..] => crate::guestfs::bench::FsBench::parse(rest).map(VmCmd::FsBench),
         [] => Err(Error::invalid(format!("empty command; {VM_HELP}"))),
-        [cmd
-        @ ("start" | "stop" | "kill" | "pause" | "resume" | "restart" | "snapshot" | "ping"), ..] => {
-            Err(Error::invalid(format!(
-                "{cmd}: wrong number of arguments; {VM_HELP}"
-            )))
-        }
+        [cmd @ ("start" | "stop" | "kill" | "pause" | "resume" | "restart" | "snapshot" | "ping"
+        | "reconnect"), ..] => Err(Error::invalid(format!(
+            "{cmd}: wrong number of arguments; {VM_HELP}"
+        ))),
         [cmd, ..] => Err(Error::invalid(format!(
             "unknown command {cmd:?}; {VM_HELP}"
         ))),

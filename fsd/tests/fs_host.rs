@@ -97,3 +97,8 @@ fn rsync_of_5000_files() {
 fn paused_and_killed_vms_fail_promptly() {
     scenario("down", &[("KILL_MB", "512")]);
 }
+
+#[test]
+fn lost_agent_connections_are_reestablished_transparently() {
+    scenario("reconnect", &[]);
+}

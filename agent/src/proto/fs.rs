@@ -306,6 +306,29 @@ pub enum FsRequest {
     },
 }
 
+impl FsRequest {
+    /// True for requests that may be sent once more over a fresh connection when the
+    /// first one died under them: they change nothing a user can see. At worst a lost
+    /// answer to the first `Lookup`/`Open`/`OpenDir`/`ReadDir plus` leaves one reference
+    /// or handle unused in the agent until it exits; that beats failing the call.
+    pub fn retry_safe(&self) -> bool {
+        matches!(
+            self,
+            FsRequest::Lookup { .. }
+                | FsRequest::GetAttr { .. }
+                | FsRequest::ReadLink { .. }
+                | FsRequest::Open { .. }
+                | FsRequest::Read { .. }
+                | FsRequest::OpenDir { .. }
+                | FsRequest::ReadDir { .. }
+                | FsRequest::StatFs { .. }
+                | FsRequest::GetXattr { .. }
+                | FsRequest::ListXattr { .. }
+                | FsRequest::Lseek { .. }
+        )
+    }
+}
+
 /// agent → host answers to `FsRequest`s (inside `Response::Fs`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FsResponse {

@@ -153,7 +153,7 @@ impl Files {
                 let mut run = None;
                 if write {
                     // Fail at open, where the shell reports it, rather than at close.
-                    vm.require_agent()?;
+                    vm.require_running()?;
                 } else {
                     run = vm.last_run(caller.session).and_then(|n| vm.run(n));
                 }

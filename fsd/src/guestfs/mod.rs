@@ -22,7 +22,7 @@ pub mod inodes;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bandsox_agent::client::AgentClient;
+use bandsox_agent::client::{AgentClient, ClientError};
 use bandsox_agent::proto::fs::{
     valid_name, Attr, DirEntry, Entry, FsRequest, FsResponse, HandleId, NodeId, Owner, SetAttrs,
     StatFs, MAX_CHUNK, MAX_XATTR, ROOT_NODE,
@@ -30,6 +30,7 @@ use bandsox_agent::proto::fs::{
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
+use crate::manager::vm::Vm;
 use crate::manager::Manager;
 pub use events::Invalidate;
 pub use inodes::FS_INO_BASE;
@@ -196,7 +197,8 @@ impl GuestFs {
         self.inodes.lock().len()
     }
 
-    fn resolve(&self, t: &Target) -> Result<Resolved> {
+    /// The incarnation, node and VM a target names.
+    fn locate(&self, t: &Target) -> Result<(Incarnation, NodeId, bool, Arc<Vm>)> {
         let (inc, node, coherent) = match t {
             Target::Root {
                 vm_id,
@@ -222,14 +224,36 @@ impl GuestFs {
             .mgr
             .get_by_id(&inc.vm_id)
             .ok_or_else(|| Error::new(libc::ESTALE, "the VM was deleted"))?;
-        let (client, generation) = vm.fs_agent()?;
+        Ok((inc, node, coherent, vm))
+    }
+
+    /// The live connection of `vm` for incarnation `inc`; with `reconnect`, a running VM
+    /// whose connection died is reconnected first (the request is slower, not failed).
+    async fn client_for(&self, vm: &Vm, inc: &Incarnation, reconnect: bool) -> Result<AgentClient> {
+        let (client, generation) = match vm.fs_agent() {
+            Err(e) if reconnect && e.errno == libc::EHOSTDOWN => {
+                vm.live_agent().await?;
+                vm.fs_agent()?
+            }
+            r => r?,
+        };
         if generation != inc.generation {
             return Err(Error::new(
                 libc::ESTALE,
                 format!("VM {} restarted since this file was looked up", vm.name),
             ));
         }
-        self.events.ensure(&inc, &client, &self.rt);
+        self.events.ensure(inc, &client, &self.rt);
+        Ok(client)
+    }
+
+    /// Resolve without waiting for anything (for paths that must not block).
+    fn resolve_now(&self, t: &Target) -> Result<Resolved> {
+        let (inc, node, coherent, vm) = self.locate(t)?;
+        let (client, generation) = vm.fs_agent()?;
+        if generation != inc.generation {
+            return Err(Error::new(libc::ESTALE, "the VM restarted"));
+        }
         Ok(Resolved {
             inc,
             client,
@@ -238,12 +262,36 @@ impl GuestFs {
         })
     }
 
+    async fn resolve(&self, t: &Target) -> Result<Resolved> {
+        let (inc, node, coherent, vm) = self.locate(t)?;
+        let client = self.client_for(&vm, &inc, true).await?;
+        Ok(Resolved {
+            inc,
+            client,
+            node,
+            coherent,
+        })
+    }
+
+    /// One request with its deadline. A retry-safe request is sent once more over a
+    /// fresh connection when the connection died under it.
     async fn call(&self, r: &Resolved, req: FsRequest) -> Result<FsResponse> {
         let deadline = match req {
             FsRequest::Fsync { .. } => FSYNC_DEADLINE,
             _ => FS_DEADLINE,
         };
-        r.client.fs(req, deadline).await.map_err(guest_error)
+        let retry = req.retry_safe().then(|| req.clone());
+        match (r.client.fs(req, deadline).await, retry) {
+            (Err(ClientError::Closed), Some(req)) => {
+                let vm = self
+                    .mgr
+                    .get_by_id(&r.inc.vm_id)
+                    .ok_or_else(|| Error::new(libc::ESTALE, "the VM was deleted"))?;
+                let client = self.client_for(&vm, &r.inc, true).await?;
+                client.fs(req, deadline).await.map_err(guest_error)
+            }
+            (other, _) => other.map_err(guest_error),
+        }
     }
 
     fn entry(&self, inc: &Incarnation, e: &Entry) -> Result<Looked> {
@@ -286,7 +334,7 @@ impl GuestFs {
         make: impl FnOnce(NodeId, Vec<u8>) -> FsRequest,
     ) -> Result<Looked> {
         check_name(name)?;
-        let r = self.resolve(parent)?;
+        let r = self.resolve(parent).await?;
         let resp = self.call(&r, make(r.node, name.to_vec())).await?;
         self.looked_from(&r, resp, what)
     }
@@ -300,7 +348,7 @@ impl GuestFs {
         make: impl FnOnce(NodeId, Vec<u8>) -> FsRequest,
     ) -> Result<()> {
         check_name(name)?;
-        let r = self.resolve(parent)?;
+        let r = self.resolve(parent).await?;
         self.expect_ok(&r, make(r.node, name.to_vec()), what).await
     }
 
@@ -370,7 +418,7 @@ impl GuestFs {
     }
 
     pub async fn getattr(&self, t: &Target, fh: Option<u64>) -> Result<(Attr, Duration)> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         let handle = match fh {
             Some(fh) => self.handle(&r, fh).ok(),
             None => None,
@@ -393,7 +441,7 @@ impl GuestFs {
         fh: Option<u64>,
         set: SetAttrs,
     ) -> Result<(Attr, Duration)> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         let handle = match fh {
             Some(fh) => self.handle(&r, fh).ok(),
             None => None,
@@ -412,7 +460,7 @@ impl GuestFs {
     }
 
     pub async fn readlink(&self, t: &Target) -> Result<Vec<u8>> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         match self.call(&r, FsRequest::ReadLink { node: r.node }).await? {
             FsResponse::Data(d) if d.len() <= MAX_LINK && !d.is_empty() => Ok(d),
             FsResponse::Data(_) => Err(Error::io("the guest sent an invalid symlink target")),
@@ -476,8 +524,8 @@ impl GuestFs {
 
     pub async fn link(&self, t: &Target, new_parent: &Target, new_name: &[u8]) -> Result<Looked> {
         check_name(new_name)?;
-        let r = self.resolve(t)?;
-        let p = self.resolve(new_parent)?;
+        let r = self.resolve(t).await?;
+        let p = self.resolve(new_parent).await?;
         if p.inc != r.inc {
             return Err(Error::new(libc::EXDEV, "hard links cannot cross VMs"));
         }
@@ -527,8 +575,8 @@ impl GuestFs {
     ) -> Result<()> {
         check_name(name)?;
         check_name(new_name)?;
-        let r = self.resolve(parent)?;
-        let p = self.resolve(new_parent)?;
+        let r = self.resolve(parent).await?;
+        let p = self.resolve(new_parent).await?;
         if p.inc != r.inc {
             return Err(Error::new(libc::EXDEV, "cannot rename across VMs"));
         }
@@ -559,7 +607,7 @@ impl GuestFs {
     }
 
     pub async fn open(&self, t: &Target, flags: i32) -> Result<Opened> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         match self
             .call(
                 &r,
@@ -587,7 +635,7 @@ impl GuestFs {
         owner: Owner,
     ) -> Result<(Looked, Opened)> {
         check_name(name)?;
-        let r = self.resolve(parent)?;
+        let r = self.resolve(parent).await?;
         let req = FsRequest::Create {
             parent: r.node,
             name: name.to_vec(),
@@ -617,7 +665,7 @@ impl GuestFs {
 
     /// Read up to `size` bytes; split into agent-sized requests.
     pub async fn read(&self, t: &Target, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         let handle = self.handle(&r, fh)?;
         let mut out = Vec::new();
         let mut pos = offset;
@@ -652,7 +700,7 @@ impl GuestFs {
     }
 
     pub async fn write(&self, t: &Target, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         let handle = self.handle(&r, fh)?;
         let mut done = 0usize;
         while done < data.len() {
@@ -684,7 +732,7 @@ impl GuestFs {
         let Some(h) = self.handles.lock().remove(fh) else {
             return;
         };
-        let Ok(r) = self.resolve(t) else { return };
+        let Ok(r) = self.resolve_now(t) else { return };
         if r.inc != h.inc {
             return;
         }
@@ -700,14 +748,14 @@ impl GuestFs {
     }
 
     pub async fn fsync(&self, t: &Target, fh: u64, datasync: bool) -> Result<()> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         let handle = self.handle(&r, fh)?;
         self.expect_ok(&r, FsRequest::Fsync { handle, datasync }, "fsync")
             .await
     }
 
     pub async fn opendir(&self, t: &Target) -> Result<u64> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         match self.call(&r, FsRequest::OpenDir { node: r.node }).await? {
             FsResponse::Opened { handle } => Ok(self.register(&r, handle)),
             other => Err(protocol("opendir", &other)),
@@ -723,7 +771,7 @@ impl GuestFs {
         plus: bool,
         self_ino: u64,
     ) -> Result<Vec<DirItem>> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         let handle = self.handle(&r, fh)?;
         let req = FsRequest::ReadDir {
             handle,
@@ -788,7 +836,7 @@ impl GuestFs {
     }
 
     pub async fn statfs(&self, t: &Target) -> Result<StatFs> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         match self.call(&r, FsRequest::StatFs { node: r.node }).await? {
             FsResponse::StatFs(s) => Ok(s),
             other => Err(protocol("statfs", &other)),
@@ -802,7 +850,7 @@ impl GuestFs {
         if value.len() > MAX_XATTR as usize {
             return Err(Error::new(libc::E2BIG, "xattr value too large"));
         }
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         let req = FsRequest::SetXattr {
             node: r.node,
             name: name.to_vec(),
@@ -817,7 +865,7 @@ impl GuestFs {
         if name.is_empty() || name.len() > 255 || name.contains(&0) {
             return Err(Error::new(libc::ERANGE, "invalid xattr name"));
         }
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         let req = FsRequest::GetXattr {
             node: r.node,
             name: name.to_vec(),
@@ -828,7 +876,7 @@ impl GuestFs {
     }
 
     pub async fn listxattr(&self, t: &Target, size: u32) -> Result<XattrReply> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         let req = FsRequest::ListXattr {
             node: r.node,
             size: size.min(MAX_XATTR),
@@ -838,7 +886,7 @@ impl GuestFs {
     }
 
     pub async fn removexattr(&self, t: &Target, name: &[u8]) -> Result<()> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         let req = FsRequest::RemoveXattr {
             node: r.node,
             name: name.to_vec(),
@@ -854,7 +902,7 @@ impl GuestFs {
         length: u64,
         mode: i32,
     ) -> Result<()> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         let handle = self.handle(&r, fh)?;
         let req = FsRequest::Fallocate {
             handle,
@@ -866,7 +914,7 @@ impl GuestFs {
     }
 
     pub async fn lseek(&self, t: &Target, fh: u64, offset: u64, whence: i32) -> Result<u64> {
-        let r = self.resolve(t)?;
+        let r = self.resolve(t).await?;
         let handle = self.handle(&r, fh)?;
         let req = FsRequest::Lseek {
             handle,

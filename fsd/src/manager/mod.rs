@@ -430,6 +430,12 @@ impl Manager {
                 }
                 Ok(format!("ok: {}", vm.state().render()))
             }
+            VmCmd::Reconnect => {
+                vm.require_running()?;
+                vm.reconnect_agent_with("reconnect requested through ctl", true)
+                    .await?;
+                Ok("ok: reconnected".into())
+            }
             VmCmd::Ping(count) => {
                 let agent = vm.require_agent()?;
                 let mut times = Vec::with_capacity(count as usize);

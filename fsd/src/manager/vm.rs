@@ -29,6 +29,8 @@ use crate::vmm::{Backend, BackendKind, VmSpec, VmmInstance};
 pub const AGENT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `stop` waits for the guest to power itself off before escalating.
 pub const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+/// How long a request waits for a lost agent connection to be re-established.
+pub const RECONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// Largest script accepted by `exec`.
 pub const MAX_SCRIPT: usize = 1024 * 1024;
 
@@ -100,6 +102,8 @@ pub struct Vm {
     record: Mutex<VmRecord>,
     state: Mutex<VmState>,
     op_lock: tokio::sync::Mutex<()>,
+    /// One reconnect at a time; others wait for its result.
+    reconnect_lock: tokio::sync::Mutex<()>,
     backend: Arc<dyn Backend>,
     boot_files: BootFiles,
     events: Arc<EventLog>,
@@ -141,6 +145,7 @@ impl Vm {
             record: Mutex::new(record),
             state: Mutex::new(VmState::Stopped),
             op_lock: tokio::sync::Mutex::new(()),
+            reconnect_lock: tokio::sync::Mutex::new(()),
             backend,
             boot_files,
             events,
@@ -252,8 +257,8 @@ impl Vm {
         self.agent.lock().clone()
     }
 
-    /// A live agent client, or EHOSTDOWN saying why there is none.
-    pub fn require_agent(&self) -> Result<AgentClient> {
+    /// EHOSTDOWN unless the VM is running (its agent connection may be reconnecting).
+    pub fn require_running(&self) -> Result<()> {
         let state = self.state();
         if state != VmState::Running {
             return Err(Error::host_down(format!(
@@ -262,6 +267,12 @@ impl Vm {
                 state.render()
             )));
         }
+        Ok(())
+    }
+
+    /// A live agent client, or EHOSTDOWN saying why there is none.
+    pub fn require_agent(&self) -> Result<AgentClient> {
+        self.require_running()?;
         match self.agent() {
             Some(a) if !a.is_closed() => Ok(a),
             _ => Err(Error::host_down(format!(
@@ -269,6 +280,59 @@ impl Vm {
                 self.name
             ))),
         }
+    }
+
+    /// A live agent client. When the VM runs but its connection died (a transport reset
+    /// after pause or snapshot, a crashed stream), reconnect first: the caller sees a
+    /// slower request, not an error.
+    pub async fn live_agent(&self) -> Result<AgentClient> {
+        match self.require_agent() {
+            Err(e) if self.state() == VmState::Running => self
+                .reconnect_agent("the connection was lost")
+                .await
+                .map_err(|r| {
+                    Error::new(
+                        e.errno,
+                        format!("{}; reconnect failed: {}", e.message, r.message),
+                    )
+                }),
+            r => r,
+        }
+    }
+
+    /// Replace a dead (or, with `force`, any) agent connection by a fresh one.
+    /// Single-flight: concurrent callers wait and share the result.
+    pub async fn reconnect_agent_with(&self, why: &str, force: bool) -> Result<AgentClient> {
+        let _g = self.reconnect_lock.lock().await;
+        if let Some(a) = self.agent() {
+            if force {
+                a.close(why);
+            } else if !a.is_closed() {
+                return Ok(a);
+            }
+        }
+        let gen = self.generation();
+        let inst = self
+            .vmm
+            .lock()
+            .clone()
+            .ok_or_else(|| Error::host_down(format!("VM {} has no VMM", self.name)))?;
+        self.events.emit(&self.name, "agent-lost", why);
+        let client = self.connect_agent(&inst, RECONNECT_DEADLINE).await?;
+        if self.generation() != gen {
+            client.close("the VM changed state during the reconnect");
+            return Err(Error::host_down(format!(
+                "VM {} stopped during the reconnect",
+                self.name
+            )));
+        }
+        *self.agent.lock() = Some(client.clone());
+        self.events.emit(&self.name, "agent-reconnected", "");
+        Ok(client)
+    }
+
+    async fn reconnect_agent(&self, why: &str) -> Result<AgentClient> {
+        self.reconnect_agent_with(why, false).await
     }
 
     /// The live agent and the boot generation it belongs to (file service numbers are
@@ -416,14 +480,8 @@ impl Vm {
                 }
                 let closed = vm.agent().map(|a| a.is_closed()).unwrap_or(true);
                 if closed && vm.state() == VmState::Running {
-                    vm.events
-                        .emit(&vm.name, "agent-lost", "reconnecting to the guest agent");
-                    match vm.connect_agent(&inst, Duration::from_secs(10)).await {
-                        Ok(c) => {
-                            *vm.agent.lock() = Some(c);
-                            vm.events.emit(&vm.name, "agent-reconnected", "");
-                        }
-                        Err(e) => tracing::warn!(vm = %vm.name, "agent reconnect failed: {e}"),
+                    if let Err(e) = vm.reconnect_agent("the connection was lost").await {
+                        tracing::warn!(vm = %vm.name, "agent reconnect failed: {e}");
                     }
                 }
             }
@@ -558,8 +616,9 @@ impl Vm {
             None => false,
         };
         if !healthy {
-            let c = self.connect_agent(&inst, Duration::from_secs(10)).await?;
-            *self.agent.lock() = Some(c);
+            // Some transports stall after a pause rather than close: replace the connection.
+            self.reconnect_agent_with("no answer after resume", true)
+                .await?;
         }
         self.events.emit(&self.name, "resumed", "");
         Ok(())
@@ -681,7 +740,7 @@ impl Vm {
         if script.iter().all(|b| b.is_ascii_whitespace()) {
             return Err(Error::invalid("empty command"));
         }
-        let agent = self.require_agent()?;
+        let agent = self.live_agent().await?;
         let n = self.next_run.fetch_add(1, Ordering::SeqCst);
         let run = Run::create(&self.dir.join("runs"), n, script.clone())?;
         self.runs.lock().insert(n, run.clone());
