@@ -2,6 +2,7 @@
 # End-to-end tests: mount a private BandSox-FS tree and run every t-*.sh against it with
 # real VMs (QEMU; TCG where KVM cannot run guests). Prints "N passed, N failed".
 # Usage: tests/e2e/run.sh [PATTERN]   (needs root and the artefacts from mount-helpers/setup)
+#        BANDSOX_E2E_BACKEND=firecracker tests/e2e/run.sh   (every VM on that backend)
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -36,6 +37,11 @@ mkdir -p "$MNT" "$STATE/images" "$STATE/boot"
 # Share the guest artefacts built by setup (copies are reflinked/sparse where possible).
 cp -a --reflink=auto "$MAIN_STATE/boot/." "$STATE/boot/" || { echo "no guest artefacts in $MAIN_STATE; run mount-helpers/setup"; exit 1; }
 cp -a --reflink=auto --sparse=always "$MAIN_STATE/images/base" "$STATE/images/" || exit 1
+# The same stories on each backend: BANDSOX_E2E_BACKEND=qemu (default) or firecracker.
+BACKEND=${BANDSOX_E2E_BACKEND:-qemu}
+export BACKEND
+echo "backend=$BACKEND" > "$STATE/defaults"
+echo "e2e backend: $BACKEND"
 start_daemon || { echo "daemon failed to start"; cat "$STATE/daemon.log"; exit 1; }
 
 passed=0; failed=0; failed_names=""

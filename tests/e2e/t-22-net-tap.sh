@@ -44,8 +44,8 @@ in_d env BANDSOX_LOG=info "$BANDSOX" mount "$M2/mnt" --state-dir "$M2/state" \
   || fail "daemon in netns did not start"
 wait_for 10 test -f "$M2/mnt/ctl" || fail "no ctl in the netns daemon's mount"
 
-echo "create t1 net=tap backend=qemu" > "$M2/mnt/ctl" || fail "create t1: $(cat "$M2/mnt/ctl")"
-echo "create t2 net=tap backend=qemu" > "$M2/mnt/ctl" || fail "create t2: $(cat "$M2/mnt/ctl")"
+echo "create t1 net=tap backend=${BACKEND:-qemu}" > "$M2/mnt/ctl" || fail "create t1: $(cat "$M2/mnt/ctl")"
+echo "create t2 net=tap backend=${BACKEND:-qemu}" > "$M2/mnt/ctl" || fail "create t2: $(cat "$M2/mnt/ctl")"
 id1=$(sed -n 's/.*"id": *"\([0-9a-f]*\)".*/\1/p' "$M2/mnt/t1/info")
 assert_contains "$(cat "$M2/mnt/t1/info")" '"ip": "172.30.0.2"' "t1 info"
 assert_contains "$(cat "$M2/mnt/t2/info")" '"ip": "172.30.0.6"' "t2 info"
@@ -74,5 +74,5 @@ rmdir "$M2/mnt/t1" "$M2/mnt/t2"
 left=$(in_d ip -o link show | grep -o ': bsx[0-9a-f]\{12\}' || true)
 [ -z "$left" ] || fail "TAP devices left after rmdir: $left"
 # A freed address is handed out again.
-echo "create t1 net=tap backend=qemu" > "$M2/mnt/ctl" || fail "re-create t1: $(cat "$M2/mnt/ctl")"
+echo "create t1 net=tap backend=${BACKEND:-qemu}" > "$M2/mnt/ctl" || fail "re-create t1: $(cat "$M2/mnt/ctl")"
 assert_contains "$(cat "$M2/mnt/t1/info")" '"ip": "172.30.0.2"' "re-created t1 info"
