@@ -52,6 +52,7 @@ use super::qemu::{check_socket_path, find_in_path, log_tail};
 use super::{Backend, BackendKind, BoxedAgentStream, NetMode, VmSpec, VmmError, VmmInstance};
 
 pub mod api;
+pub mod jailer;
 pub mod kernel;
 pub mod model;
 pub mod vsock;
@@ -159,6 +160,9 @@ pub struct FcRecord {
     pub kernel: String,
     /// RFC 3339.
     pub created: String,
+    /// Jailer mode: the jail root (Firecracker's `/`, holding its sockets and logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail_root: Option<String>,
 }
 
 pub fn load_record(dir: &Path) -> Option<FcRecord> {
@@ -170,6 +174,19 @@ pub struct FirecrackerBackend {
     binary: PathBuf,
     version: FcVersion,
     accel_reason: String,
+    /// `Some`: start every VM through the jailer ([`jailer`]).
+    jailer: Option<jailer::JailerConfig>,
+}
+
+/// Where one launch's files are, as Firecracker is told them.
+struct Runtime {
+    /// Firecracker's cwd: sockets, logger and metrics files.
+    root: PathBuf,
+    kernel: String,
+    initrd: String,
+    disk: Option<String>,
+    /// Jailer mode: files Firecracker opens must belong to this uid/gid.
+    owner: Option<(u32, u32)>,
 }
 
 impl FirecrackerBackend {
@@ -202,7 +219,15 @@ impl FirecrackerBackend {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        Self::evaluate(binary, &text, &accel::detect())
+        let mut b = Self::evaluate(binary, &text, &accel::detect())?;
+        b.jailer = jailer::JailerConfig::from_env()?;
+        Ok(b)
+    }
+
+    /// Start VMs through the jailer (or not, with `None`).
+    pub fn with_jailer(mut self, jailer: Option<jailer::JailerConfig>) -> Self {
+        self.jailer = jailer;
+        self
     }
 
     /// The decision of [`detect`](Self::detect), from its inputs.
@@ -236,6 +261,7 @@ impl FirecrackerBackend {
             binary,
             version,
             accel_reason: accel.reason.clone(),
+            jailer: None,
         })
     }
 
@@ -273,23 +299,70 @@ impl FirecrackerBackend {
         argv: Vec<String>,
         vmlinux: &Path,
     ) -> Result<FcInstance, VmmError> {
+        let rt = Runtime {
+            root: spec.dir.clone(),
+            kernel: vmlinux.display().to_string(),
+            initrd: spec.initrd.display().to_string(),
+            disk: spec.disk.as_ref().map(|d| dir_relative(&spec.dir, d)),
+            owner: None,
+        };
+        self.launch_runtime(spec, argv, vmlinux, rt).await
+    }
+
+    /// Jailer mode: link the boot files and disk into the jail and start the jailer.
+    pub async fn launch_jailed(
+        &self,
+        spec: &VmSpec,
+        jail: &jailer::JailerConfig,
+        vmlinux: &Path,
+    ) -> Result<FcInstance, VmmError> {
+        let root = jail.root(&spec.dir, &self.binary)?;
+        check_socket_path(&root.join(API_SOCK))?;
+        check_socket_path(&root.join(VSOCK_SOCK))?;
+        let mut files = vec![
+            (vmlinux, jailer::JAIL_KERNEL),
+            (spec.initrd.as_path(), jailer::JAIL_INITRD),
+        ];
+        if let Some(d) = &spec.disk {
+            files.push((d.as_path(), jailer::JAIL_DISK));
+        }
+        jail.prepare(&root, &files)?;
+        let rt = Runtime {
+            root,
+            kernel: jailer::JAIL_KERNEL.into(),
+            initrd: jailer::JAIL_INITRD.into(),
+            disk: spec.disk.as_ref().map(|_| jailer::JAIL_DISK.into()),
+            owner: Some((jail.uid, jail.gid)),
+        };
+        let argv = jail.argv(&self.binary, &spec.dir)?;
+        self.launch_runtime(spec, argv, vmlinux, rt).await
+    }
+
+    async fn launch_runtime(
+        &self,
+        spec: &VmSpec,
+        argv: Vec<String>,
+        vmlinux: &Path,
+        rt: Runtime,
+    ) -> Result<FcInstance, VmmError> {
         let t0 = Instant::now();
         let dir = &spec.dir;
-        let logs = prepare_dir(dir)?;
+        let logs = prepare_dir(dir, &rt)?;
         let record = FcRecord {
             argv: argv.clone(),
             version: self.version.to_string(),
             kernel: vmlinux.display().to_string(),
             created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            jail_root: rt.owner.map(|_| rt.root.display().to_string()),
         };
         write_atomic(
             &dir.join(RECORD_FILE),
             &serde_json::to_vec_pretty(&record).unwrap_or_default(),
         )?;
-        let inst = spawn(dir, &argv)?;
+        let inst = spawn(dir, &rt.root, &argv)?;
         let result = async {
             inst.wait_api(t0 + API_READY_DEADLINE).await?;
-            configure(&inst.api, spec, vmlinux).await?;
+            configure(&inst.api, spec, &rt).await?;
             inst.api
                 .clone()
                 .with_timeout(START_TIMEOUT)
@@ -337,29 +410,33 @@ struct LogStarts {
     console: u64,
 }
 
-/// Create the files Firecracker needs in `dir` (it opens its logger and metrics files
-/// without creating them) and remove stale sockets.
-fn prepare_dir(dir: &Path) -> Result<LogStarts, VmmError> {
+/// Create the files Firecracker needs in its root (it opens its logger and metrics
+/// files without creating them; jailed, they must be its own) and remove stale sockets.
+fn prepare_dir(dir: &Path, rt: &Runtime) -> Result<LogStarts, VmmError> {
     let io = |p: &Path, e| VmmError::Io(p.display().to_string(), e);
+    let root = &rt.root;
     for s in [API_SOCK, VSOCK_SOCK] {
-        let p = dir.join(s);
+        let p = root.join(s);
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(&p, e)),
         }
     }
-    let fc_log = dir.join(FC_LOG);
+    let fc_log = root.join(FC_LOG);
     if std::fs::metadata(&fc_log)
         .map(|m| m.len() > 0)
         .unwrap_or(false)
     {
-        let old = dir.join(format!("{FC_LOG}.1"));
+        let old = root.join(format!("{FC_LOG}.1"));
         std::fs::rename(&fc_log, &old).map_err(|e| io(&fc_log, e))?;
     }
     for f in [FC_LOG, METRICS_FILE] {
-        let p = dir.join(f);
+        let p = root.join(f);
         std::fs::File::create(&p).map_err(|e| io(&p, e))?;
+        if let Some((uid, gid)) = rt.owner {
+            std::os::unix::fs::chown(&p, Some(uid), Some(gid)).map_err(|e| io(&p, e))?;
+        }
     }
     let len = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
     Ok(LogStarts {
@@ -369,8 +446,8 @@ fn prepare_dir(dir: &Path) -> Result<LogStarts, VmmError> {
 }
 
 /// Spawn `argv` in its own session in `dir`, stdout → console.log, stderr → vmm.log; write
-/// the pid file and start the reaper.
-fn spawn(dir: &Path, argv: &[String]) -> Result<FcInstance, VmmError> {
+/// the pid file and start the reaper. `root` is where Firecracker's sockets will be.
+fn spawn(dir: &Path, root: &Path, argv: &[String]) -> Result<FcInstance, VmmError> {
     let (program, rest) = argv
         .split_first()
         .ok_or_else(|| VmmError::StartFailed("empty Firecracker command line".into()))?;
@@ -390,11 +467,11 @@ fn spawn(dir: &Path, argv: &[String]) -> Result<FcInstance, VmmError> {
         .stdout(console)
         .stderr(vmm_log);
     let proc = VmmProcess::spawn(cmd, "Firecracker", dir.join("vmm.pid"), true)?;
-    Ok(FcInstance::new(proc, dir))
+    Ok(FcInstance::new(proc, dir, root))
 }
 
 /// The launch-time configuration, in Firecracker's documented order.
-async fn configure(api: &ApiClient, spec: &VmSpec, vmlinux: &Path) -> Result<(), ApiError> {
+async fn configure(api: &ApiClient, spec: &VmSpec, rt: &Runtime) -> Result<(), ApiError> {
     api.put_logger(&Logger {
         log_path: Some(FC_LOG.into()),
         level: Some(LogLevel::Info),
@@ -407,9 +484,9 @@ async fn configure(api: &ApiClient, spec: &VmSpec, vmlinux: &Path) -> Result<(),
     })
     .await?;
     api.put_boot_source(&BootSource {
-        kernel_image_path: vmlinux.display().to_string(),
+        kernel_image_path: rt.kernel.clone(),
         boot_args: Some(kernel_cmdline(spec)),
-        initrd_path: Some(spec.initrd.display().to_string()),
+        initrd_path: Some(rt.initrd.clone()),
     })
     .await?;
     api.put_machine_config(&MachineConfiguration {
@@ -419,10 +496,10 @@ async fn configure(api: &ApiClient, spec: &VmSpec, vmlinux: &Path) -> Result<(),
         track_dirty_pages: None,
     })
     .await?;
-    if let Some(disk) = &spec.disk {
+    if let Some(disk) = &rt.disk {
         api.put_drive(&Drive {
             drive_id: DRIVE_ID.into(),
-            path_on_host: dir_relative(&spec.dir, disk),
+            path_on_host: disk.clone(),
             // The agent mounts /dev/vda itself from the initramfs.
             is_root_device: false,
             is_read_only: false,
@@ -509,10 +586,19 @@ impl Backend for FirecrackerBackend {
 
     fn describe(&self) -> String {
         format!(
-            "Firecracker {} ({}) with kvm: {}; guest kernel: ELF vmlinux extracted from the bzImage",
+            "Firecracker {} ({}) with kvm: {}; guest kernel: ELF vmlinux extracted from the bzImage{}",
             self.version,
             self.binary.display(),
-            self.accel_reason
+            self.accel_reason,
+            match &self.jailer {
+                Some(j) => format!(
+                    "; jailed by {} as {}:{}",
+                    j.binary.display(),
+                    j.uid,
+                    j.gid
+                ),
+                None => String::new(),
+            }
         )
     }
 
@@ -539,6 +625,10 @@ impl Backend for FirecrackerBackend {
             .await
             .map_err(|e| VmmError::StartFailed(format!("kernel extraction: {e}")))?
             .map_err(|e| VmmError::StartFailed(e.to_string()))?;
+        if let Some(jail) = &self.jailer {
+            tracing::debug!(name = %spec.name, "launching Firecracker through the jailer");
+            return Ok(Box::new(self.launch_jailed(spec, jail, &vmlinux).await?));
+        }
         let argv = self.build_argv(&spec.dir)?;
         tracing::debug!(name = %spec.name, ?argv, "launching Firecracker");
         Ok(Box::new(self.launch_argv(spec, argv, &vmlinux).await?))
@@ -567,31 +657,50 @@ pub fn adopt_dir(dir: &Path) -> Option<FcInstance> {
     let (proc, running) = VmmProcess::adopt(dir.join("vmm.pid"), "Firecracker")?;
     let pid = proc.pid();
     let record = load_record(dir)?;
-    let cwd_ok = std::fs::read_link(format!("/proc/{pid}/cwd"))
-        .ok()
-        .zip(std::fs::canonicalize(dir).ok())
-        .is_some_and(|(a, b)| a == b);
-    if record.argv != running || !cwd_ok {
+    let (ours, root) = match &record.jail_root {
+        // Jailed: the jailer exec'd Firecracker with its own argv, in another mount
+        // namespace; the jail id in that argv names the VM.
+        Some(root) => {
+            let id = jailer::JailerConfig::jail_id(dir).ok()?;
+            (
+                jailer::is_jailed_firecracker(&running, &id),
+                PathBuf::from(root),
+            )
+        }
+        None => {
+            let cwd_ok = std::fs::read_link(format!("/proc/{pid}/cwd"))
+                .ok()
+                .zip(std::fs::canonicalize(dir).ok())
+                .is_some_and(|(a, b)| a == b);
+            (record.argv == running && cwd_ok, dir.to_path_buf())
+        }
+    };
+    if !ours {
         tracing::warn!(pid, dir = %dir.display(), "vmm.pid names a process that is not this VM's Firecracker");
         return None;
     }
     tracing::info!(pid, dir = %dir.display(), "adopted a running Firecracker");
-    Some(FcInstance::new(proc, dir))
+    Some(FcInstance::new(proc, dir, &root))
 }
 
 /// One Firecracker process, spawned by us or adopted.
 pub struct FcInstance {
     proc: VmmProcess,
+    /// The VM directory (pid file, console, stderr).
     dir: PathBuf,
+    /// Firecracker's cwd: its sockets, logger and metrics (the VM directory, or the
+    /// jail root in jailer mode).
+    root: PathBuf,
     api: ApiClient,
 }
 
 impl FcInstance {
-    fn new(proc: VmmProcess, dir: &Path) -> Self {
+    fn new(proc: VmmProcess, dir: &Path, root: &Path) -> Self {
         FcInstance {
             proc,
             dir: dir.to_path_buf(),
-            api: ApiClient::new(dir.join(API_SOCK)).with_timeout(API_TIMEOUT),
+            root: root.to_path_buf(),
+            api: ApiClient::new(root.join(API_SOCK)).with_timeout(API_TIMEOUT),
         }
     }
 
@@ -606,7 +715,7 @@ impl FcInstance {
 
     /// Wait until the API socket answers `GET /version`.
     async fn wait_api(&self, deadline: Instant) -> Result<(), ApiError> {
-        let sock = self.dir.join(API_SOCK);
+        let sock = self.root.join(API_SOCK);
         let quick = self.api.clone().with_timeout(Duration::from_secs(1));
         loop {
             let err = if sock.exists() {
@@ -636,7 +745,7 @@ impl FcInstance {
             "Firecracker {}: stderr: {}; log: {}; console: {}",
             self.proc.exit_status(),
             log_tail(&self.dir.join(VMM_LOG), starts.vmm_log, 8),
-            log_tail(&self.dir.join(FC_LOG), 0, 8),
+            log_tail(&self.root.join(FC_LOG), 0, 8),
             log_tail(&self.dir.join("console.log"), starts.console, 5),
         )
     }
@@ -673,7 +782,7 @@ impl VmmInstance for FcInstance {
         }
         let deadline = tokio::time::Instant::now() + AGENT_CONNECT_WINDOW;
         match vsock::connect(
-            &self.dir.join(VSOCK_SOCK),
+            &self.root.join(VSOCK_SOCK),
             vsock::AGENT_PORT,
             deadline,
             || self.is_alive(),

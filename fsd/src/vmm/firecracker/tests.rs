@@ -27,6 +27,7 @@ fn backend(binary: &str) -> FirecrackerBackend {
         binary: binary.into(),
         version: FcVersion::new(1, 10, 1),
         accel_reason: "test".into(),
+        jailer: None,
     }
 }
 
@@ -219,8 +220,22 @@ async fn serve_later(
     Arc<std::sync::Mutex<Vec<Seen>>>,
     Option<tokio::task::JoinHandle<()>>,
 ) {
+    serve_later_in(dir, dir, respond, vsock).await
+}
+
+/// `serve_later` for sockets in `root` of a VM in `vm_dir` (jailer mode).
+async fn serve_later_in(
+    vm_dir: &Path,
+    dir: &Path,
+    respond: Arc<Responder>,
+    vsock: bool,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::Mutex<Vec<Seen>>>,
+    Option<tokio::task::JoinHandle<()>>,
+) {
     // launch_argv removes stale sockets first; wait until it has created its files.
-    let record = dir.join(RECORD_FILE);
+    let record = vm_dir.join(RECORD_FILE);
     for _ in 0..500 {
         if record.exists() {
             break;
@@ -458,7 +473,7 @@ async fn api_that_never_comes_up_times_out() {
     let tmp = tempfile::tempdir().unwrap();
     let b = backend("/bin/sleep");
     let t0 = std::time::Instant::now();
-    let inst = spawn(tmp.path(), &["/bin/sleep".into(), "30".into()]).unwrap();
+    let inst = spawn(tmp.path(), tmp.path(), &["/bin/sleep".into(), "30".into()]).unwrap();
     let err = inst
         .wait_api(Instant::now() + Duration::from_millis(300))
         .await
@@ -529,5 +544,82 @@ async fn net_tap_puts_the_network_interface_before_start() {
         .as_str()
         .unwrap()
         .contains(" bandsox.net=172.30.0.10/30,172.30.0.9"));
+    inst.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn jailed_launch_links_files_into_the_jail_and_uses_relative_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vm = tmp.path().join("0123456789ab");
+    std::fs::create_dir(&vm).unwrap();
+    let boot = tmp.path().join("boot");
+    std::fs::create_dir(&boot).unwrap();
+    for f in ["vmlinux", "initrd"] {
+        std::fs::write(boot.join(f), f).unwrap();
+    }
+    std::fs::write(vm.join("disk.ext4"), b"disk").unwrap();
+    // Stand-ins: a "firecracker" (the jailer insists on the name) and a jailer that
+    // just stays alive like the jailed process would.
+    let fc = tmp.path().join("firecracker");
+    let fake_jailer = tmp.path().join("jailer");
+    std::fs::write(&fake_jailer, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    std::fs::set_permissions(
+        &fake_jailer,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(&fc, "").unwrap();
+    let jail = jailer::JailerConfig {
+        binary: fake_jailer.clone(),
+        // SAFETY: geteuid/getegid have no preconditions.
+        uid: unsafe { libc::geteuid() },
+        gid: unsafe { libc::getegid() },
+        cgroups: vec![],
+    };
+    let b = backend(fc.to_str().unwrap()).with_jailer(Some(jail.clone()));
+    let mut s = spec(&vm);
+    s.initrd = boot.join("initrd");
+    let root = jail.root(&vm, &fc).unwrap();
+    std::fs::create_dir_all(&root).unwrap();
+    let (v2, r2) = (vm.clone(), root.clone());
+    let server = tokio::spawn(async move { serve_later_in(&v2, &r2, all_ok(), true).await });
+    let inst = b
+        .launch_jailed(&s, &jail, &boot.join("vmlinux"))
+        .await
+        .unwrap();
+    let (_api, seen, _peer) = server.await.unwrap();
+    let seen_now: Vec<Seen> = seen.lock().unwrap().clone();
+    let body = |p: &str| seen_now.iter().find(|s| s.path == p).unwrap().body.clone();
+    assert_eq!(body("/boot-source")["kernel_image_path"], "vmlinux");
+    assert_eq!(body("/boot-source")["initrd_path"], "initrd");
+    assert_eq!(body("/drives/vda")["path_on_host"], "disk.ext4");
+    assert_eq!(body("/vsock")["uds_path"], "vsock.sock");
+    for (f, want) in [
+        ("vmlinux", "vmlinux"),
+        ("initrd", "initrd"),
+        ("disk.ext4", "disk"),
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(root.join(f)).unwrap(),
+            want,
+            "{f} in the jail"
+        );
+    }
+    for f in [FC_LOG, METRICS_FILE] {
+        assert!(root.join(f).is_file(), "{f} prepared inside the jail");
+    }
+    assert!(
+        vm.join("console.log").is_file(),
+        "console stays in the VM directory"
+    );
+    let rec = load_record(&vm).unwrap();
+    assert_eq!(rec.jail_root.as_deref(), Some(root.to_str().unwrap()));
+    assert_eq!(rec.argv, jail.argv(&fc, &vm).unwrap());
+    // The agent channel is the jail's vsock socket.
+    let mut a = inst.connect_agent().await.unwrap();
+    a.write_all(b"hi").await.unwrap();
+    let mut buf = [0u8; 2];
+    a.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hi");
     inst.kill().await.unwrap();
 }
