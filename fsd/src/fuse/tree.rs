@@ -243,6 +243,11 @@ impl Tree {
                         return Err(nf());
                     }
                     Node::RunsLast(id.clone())
+                } else if name == "main" {
+                    // The image entrypoint's run (autostart=1): an alias of runs/<n>.
+                    let n = crate::manager::images::main_run(&vm).ok_or_else(nf)?;
+                    vm.run(n).ok_or_else(nf)?;
+                    Node::Run(id.clone(), n)
                 } else {
                     let n: u64 = name.parse().map_err(|_| nf())?;
                     vm.run(n).ok_or_else(nf)?;
@@ -325,6 +330,9 @@ impl Tree {
                 let nums = vm.run_numbers();
                 if !nums.is_empty() {
                     out.push(("last".into(), Node::RunsLast(id.clone())));
+                }
+                if let Some(n) = crate::manager::images::main_run(&vm) {
+                    out.push(("main".into(), Node::Run(id.clone(), n)));
                 }
                 for n in nums {
                     out.push((n.to_string(), Node::Run(id.clone(), n)));
