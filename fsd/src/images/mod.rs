@@ -714,6 +714,134 @@ mod tests {
         }
     }
 
+    fn layer(files: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (n, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, n, data.as_bytes()).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn progress(dir: &Path) -> Progress {
+        let log = Arc::new(EventLog::open(&dir.join("events.log")).unwrap());
+        Progress::new(log, "t", Instant::now() + Duration::from_secs(60))
+    }
+
+    fn work(dir: &Path) -> Work {
+        let w = Work {
+            dir: dir.join("work"),
+        };
+        std::fs::create_dir_all(w.rootfs()).unwrap();
+        w
+    }
+
+    #[test]
+    fn docker_save_dir_applies_layers_and_checks_diff_ids() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("save");
+        std::fs::create_dir_all(src.join("l1")).unwrap();
+        std::fs::create_dir_all(src.join("l2")).unwrap();
+        let l1 = layer(&[("etc/a", "1"), ("etc/b", "2")]);
+        let l2 = layer(&[("etc/.wh.a", ""), ("etc/b", "3")]);
+        std::fs::write(src.join("l1/layer.tar"), &l1).unwrap();
+        std::fs::write(src.join("l2/layer.tar"), &l2).unwrap();
+        let config = |ids: &[String]| {
+            serde_json::json!({"architecture":"amd64","os":"linux",
+                "config":{"Env":["X=1"],"User":"1:2"},
+                "rootfs":{"type":"layers","diff_ids":ids}})
+            .to_string()
+        };
+        let good = [Digest::of(&l1).to_string(), Digest::of(&l2).to_string()];
+        std::fs::write(src.join("cfg.json"), config(&good)).unwrap();
+        std::fs::write(
+            src.join("manifest.json"),
+            r#"[{"Config":"cfg.json","RepoTags":["x:1"],"Layers":["l1/layer.tar","l2/layer.tar"]}]"#,
+        )
+        .unwrap();
+        let w = work(d.path());
+        let p = progress(d.path());
+        let u = unpack_local(&src, SourceKind::DockerSaveDir, &w, &p).unwrap();
+        assert_eq!(u.layers, 2);
+        assert_eq!(u.reference.as_deref(), Some("x:1"));
+        assert_eq!(u.config.unwrap().config.user, "1:2");
+        assert!(!w.rootfs().join("etc/a").exists());
+        assert_eq!(
+            std::fs::read_to_string(w.rootfs().join("etc/b")).unwrap(),
+            "3"
+        );
+        // A wrong diff_id fails the import.
+        let bad = [good[0].clone(), Digest::of(b"x").to_string()];
+        std::fs::write(src.join("cfg.json"), config(&bad)).unwrap();
+        let w2 = Work {
+            dir: d.path().join("work2"),
+        };
+        std::fs::create_dir_all(w2.rootfs()).unwrap();
+        let e = unpack_local(&src, SourceKind::DockerSaveDir, &w2, &p).unwrap_err();
+        assert!(e.message.contains("digest mismatch"), "{}", e.message);
+        // Member paths cannot leave the archive directory.
+        std::fs::write(
+            src.join("manifest.json"),
+            r#"[{"Config":"../../etc/passwd","Layers":[]}]"#,
+        )
+        .unwrap();
+        assert!(unpack_local(&src, SourceKind::DockerSaveDir, &w2, &p).is_err());
+    }
+
+    #[test]
+    fn oci_layout_with_gzip_and_zstd_layers() {
+        let d = tempfile::tempdir().unwrap();
+        let lay = d.path().join("lay");
+        std::fs::create_dir_all(lay.join("blobs/sha256")).unwrap();
+        let put = |bytes: &[u8]| -> (String, usize) {
+            let dg = Digest::of(bytes);
+            std::fs::write(lay.join(dg.blob_path()), bytes).unwrap();
+            (dg.to_string(), bytes.len())
+        };
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &layer(&[("a/one", "1")])).unwrap();
+        let (g, gl) = put(&gz.finish().unwrap());
+        let (z, zl) = put(&zstd::encode_all(&layer(&[("a/two", "2")])[..], 1).unwrap());
+        let (c, cl) = put(br#"{"architecture":"amd64","os":"linux","config":{"Cmd":["/bin/x"]}}"#);
+        let manifest = serde_json::json!({"schemaVersion":2,"mediaType":oci::MT_OCI_MANIFEST,
+            "config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":c,"size":cl},
+            "layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":g,"size":gl},
+                      {"mediaType":"application/vnd.oci.image.layer.v1.tar+zstd","digest":z,"size":zl}]})
+        .to_string();
+        let (m, ml) = put(manifest.as_bytes());
+        std::fs::write(lay.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        std::fs::write(
+            lay.join("index.json"),
+            serde_json::json!({"schemaVersion":2,"manifests":[{"mediaType":oci::MT_OCI_MANIFEST,
+                "digest":m,"size":ml,"annotations":{"org.opencontainers.image.ref.name":"v1"}}]})
+            .to_string(),
+        )
+        .unwrap();
+        let w = work(d.path());
+        let p = progress(d.path());
+        let u = unpack_local(&lay, SourceKind::OciLayout, &w, &p).unwrap();
+        assert_eq!((u.layers, u.reference.as_deref()), (2, Some("v1")));
+        assert_eq!(u.digest.as_deref(), Some(m.as_str()));
+        assert!(w.rootfs().join("a/one").exists() && w.rootfs().join("a/two").exists());
+        // Corrupt the zstd layer (same size): the import fails on its digest.
+        let zp = lay.join(Digest::parse(&z).unwrap().blob_path());
+        let mut bytes = std::fs::read(&zp).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&zp, bytes).unwrap();
+        let w2 = Work {
+            dir: d.path().join("w2"),
+        };
+        std::fs::create_dir_all(w2.rootfs()).unwrap();
+        assert!(unpack_local(&lay, SourceKind::OciLayout, &w2, &p).is_err());
+        std::fs::remove_file(&zp).unwrap();
+        let e = unpack_local(&lay, SourceKind::OciLayout, &w2, &p).unwrap_err();
+        assert_eq!(e.errno, libc::ENOENT, "{}", e.message);
+    }
+
     #[test]
     fn docker_save_member_digests() {
         let hex = "a".repeat(64);

@@ -4,7 +4,7 @@
 //!   `docker save`; any other directory → a root filesystem tree;
 //! - a file with the ext4 superblock magic → ext4 image;
 //! - a (gzip/zstd/plain) tar whose members look like an image archive (`oci-layout`,
-//!   `index.json`, `manifest.json`, `blobs/...`, `<64 hex>/...`, `<64 hex>.json`,
+//!   `index.json`, `manifest.json`, `blobs/...`, `<64 hex>/...`, `<64 hex>.json|.tar`,
 //!   `repositories`) → oci-archive (when it has `oci-layout`) or docker-save; a tar with
 //!   any other member → rootfs tarball. Only members up to the first decisive one are read.
 use std::io::{BufReader, Read};
@@ -51,7 +51,8 @@ fn image_member(name: &str) -> bool {
     match first {
         None => true,
         Some("blobs" | "index.json" | "manifest.json" | "oci-layout" | "repositories") => true,
-        Some(c) => is_hex64(c) || c.strip_suffix(".json").is_some_and(is_hex64),
+        // `<hex>/layer.tar` (docker), `<hex>.json` / `<hex>.tar` (docker, skopeo).
+        Some(c) => c.split('.').next().is_some_and(is_hex64),
     }
 }
 

@@ -85,7 +85,14 @@ impl Manager {
             .images()
             .join(format!(".tmp-{name}-{:08x}", rand::random::<u32>()));
         crate::layout::mkdir_private(&dir)?;
-        Ok(Work { dir })
+        let work = Work { dir };
+        // The image's `/`: world-traversable like any root directory (mkfs copies it).
+        std::fs::create_dir(work.rootfs())?;
+        std::fs::set_permissions(
+            work.rootfs(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
+        Ok(work)
     }
 
     /// `import NAME SOURCE`: build an image from a host path (root only).
@@ -162,6 +169,7 @@ impl Manager {
         let result = async {
             crate::layout::mkdir_private(&cache)?;
             let puller = registry::Puller::new(pref);
+            let fetch_t0 = Instant::now();
             let pulled = tokio::time::timeout_at(deadline.into(), puller.pull(&cache, &progress))
                 .await
                 .map_err(|_| {
@@ -172,8 +180,11 @@ impl Manager {
             progress.event(
                 "pull-fetched",
                 &format!(
-                    "downloaded_bytes={} cached_blobs={} digest={}",
-                    pulled.downloaded, pulled.cached, pulled.manifest.digest
+                    "downloaded_bytes={} cached_blobs={} digest={} fetch_ms={}",
+                    pulled.downloaded,
+                    pulled.cached,
+                    pulled.manifest.digest,
+                    fetch_t0.elapsed().as_millis()
                 ),
             );
             let (p, final_dir, n) = (
