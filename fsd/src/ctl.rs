@@ -28,7 +28,7 @@ impl CtlResults {
     }
 }
 
-pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] | import IMAGE SOURCE [size=MiB] [headroom=MiB] | pull IMAGE REFERENCE [size=MiB] [headroom=MiB]";
+pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] | import IMAGE SOURCE [size=MiB] [headroom=MiB] [tag=NAME] | pull IMAGE REFERENCE [size=MiB] [headroom=MiB]";
 pub const VM_HELP: &str =
     "accepted: start | stop | kill | pause | resume | restart | snapshot NAME";
 pub const RUN_HELP: &str = "accepted: kill [SIGNAL] | close-stdin";
@@ -248,7 +248,8 @@ mod tests {
                 reference: "localhost:5000/app:1".into(),
                 options: crate::images::ImageOptions {
                     size_mib: None,
-                    headroom_mib: Some(64)
+                    headroom_mib: Some(64),
+                    tag: None,
                 }
             }
         );

@@ -23,16 +23,21 @@ head -c 300000 "$W/root.tgz" > "$W/corrupt.tgz"
 expect_fail t42a "import t42a $W/corrupt.tgz" "Invalid argument" "error: import t42a:"
 tail -n 20 "$MNT/events" | grep -q "images/t42a import-failed" || fail "no import-failed event"
 
-# Digest mismatch: flip one byte of a layer blob in a copy of the layout.
+# Digest mismatch: a layer blob replaced by another valid (smaller) gzip tarball.
 cp -a "$W/oci" "$W/bad"
 blob=$(ls -S "$W/bad/blobs/sha256/" | head -n1)
-printf 'X' | dd of="$W/bad/blobs/sha256/$blob" bs=1 seek=100 conv=notrunc status=none
-expect_fail t42b "import t42b $W/bad" "Invalid argument" "digest mismatch"
+mkdir -p "$W/tamper/etc"; echo evil > "$W/tamper/etc/passwd"
+tar -C "$W/tamper" -czf "$W/bad/blobs/sha256/$blob" etc
+expect_fail t42b "import t42b $W/bad tag=v1" "Invalid argument" "digest mismatch"
+# A corrupted blob (one byte flipped): fails as corrupt or mismatched, never imported.
+cp -a "$W/oci" "$W/flip"
+printf 'X' | dd of="$W/flip/blobs/sha256/$blob" bs=1 seek=100 conv=notrunc status=none
+expect_fail t42l "import t42l $W/flip tag=v1" "Invalid argument" "layer 1/1"
 
 # A missing blob.
 cp -a "$W/oci" "$W/missing"
 rm "$W/missing/blobs/sha256/$blob"
-expect_fail t42c "import t42c $W/missing" "No such file" "missing"
+expect_fail t42c "import t42c $W/missing tag=v1" "No such file" "missing"
 
 # Not an image at all; a relative path; an unknown option; a taken name.
 echo "just text" > "$W/text"

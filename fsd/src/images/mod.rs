@@ -66,9 +66,11 @@ pub struct ImageOptions {
     pub size_mib: Option<u64>,
     /// Free space on top of the content (default [`DEFAULT_HEADROOM_MIB`]).
     pub headroom_mib: Option<u64>,
+    /// Which image of an OCI layout/archive holding several (its `ref.name` annotation).
+    pub tag: Option<String>,
 }
 
-pub const OPTIONS_HELP: &str = "size=MiB headroom=MiB";
+pub const OPTIONS_HELP: &str = "size=MiB headroom=MiB tag=NAME";
 
 impl ImageOptions {
     pub fn parse(words: &[String]) -> Result<ImageOptions> {
@@ -83,6 +85,7 @@ impl ImageOptions {
             match w.split_once('=') {
                 Some(("size", v)) => o.size_mib = Some(num(v)?.max(16)),
                 Some(("headroom", v)) => o.headroom_mib = Some(num(v)?),
+                Some(("tag", v)) if !v.is_empty() && v.len() <= 128 => o.tag = Some(v.to_string()),
                 _ => {
                     return Err(Error::invalid(format!(
                         "unknown option {w:?}; accepted: {OPTIONS_HELP}"
@@ -377,6 +380,7 @@ pub fn unpack_local(
     source: &Path,
     kind: SourceKind,
     work: &Work,
+    tag: Option<&str>,
     progress: &Progress,
 ) -> Result<Unpacked> {
     let mut out = Unpacked {
@@ -412,7 +416,9 @@ pub fn unpack_local(
             drain(&mut dec, "rootfs tarball")?;
             out.layers = 1;
         }
-        SourceKind::OciLayout => unpack_oci_layout(source, &work.rootfs(), progress, &mut out)?,
+        SourceKind::OciLayout => {
+            unpack_oci_layout(source, &work.rootfs(), tag, progress, &mut out)?
+        }
         SourceKind::DockerSaveDir => {
             unpack_docker_save(source, &work.rootfs(), progress, &mut out)?
         }
@@ -426,7 +432,7 @@ pub fn unpack_local(
                 .map_err(|e| e.with_context("image archive"))?;
             drain(&mut dec, "image archive")?;
             if kind == SourceKind::OciArchive {
-                unpack_oci_layout(&dir, &work.rootfs(), progress, &mut out)?;
+                unpack_oci_layout(&dir, &work.rootfs(), tag, progress, &mut out)?;
             } else {
                 unpack_docker_save(&dir, &work.rootfs(), progress, &mut out)?;
             }
@@ -439,6 +445,7 @@ pub fn unpack_local(
 fn unpack_oci_layout(
     dir: &Path,
     rootfs: &Path,
+    tag: Option<&str>,
     progress: &Progress,
     out: &mut Unpacked,
 ) -> Result<()> {
@@ -451,7 +458,39 @@ fn unpack_oci_layout(
     let store = oci::DirStore {
         dir: dir.to_path_buf(),
     };
-    let chosen = oci::choose_from_index(&entries)?;
+    let ref_name = |d: &oci::Descriptor| {
+        d.annotations
+            .as_ref()
+            .and_then(|a| a.get("org.opencontainers.image.ref.name").cloned())
+    };
+    let tags: Vec<String> = entries.iter().filter_map(ref_name).collect();
+    let entries: Vec<oci::Descriptor> = match tag {
+        Some(t) => {
+            let hit: Vec<_> = entries
+                .iter()
+                .filter(|d| ref_name(d).as_deref() == Some(t))
+                .cloned()
+                .collect();
+            if hit.is_empty() {
+                return Err(Error::not_found(format!(
+                    "no image tagged {t:?} in the layout (tags: {})",
+                    tags.join(", ")
+                )));
+            }
+            hit
+        }
+        None => entries,
+    };
+    let chosen = oci::choose_from_index(&entries).map_err(|e| {
+        if entries.len() > 1 && tags.len() > 1 {
+            Error::invalid(format!(
+                "the layout holds several images (tags: {}); choose one with tag=NAME",
+                tags.join(", ")
+            ))
+        } else {
+            e
+        }
+    })?;
     out.reference = chosen
         .annotations
         .as_ref()
@@ -764,7 +803,7 @@ mod tests {
         .unwrap();
         let w = work(d.path());
         let p = progress(d.path());
-        let u = unpack_local(&src, SourceKind::DockerSaveDir, &w, &p).unwrap();
+        let u = unpack_local(&src, SourceKind::DockerSaveDir, &w, None, &p).unwrap();
         assert_eq!(u.layers, 2);
         assert_eq!(u.reference.as_deref(), Some("x:1"));
         assert_eq!(u.config.unwrap().config.user, "1:2");
@@ -780,7 +819,7 @@ mod tests {
             dir: d.path().join("work2"),
         };
         std::fs::create_dir_all(w2.rootfs()).unwrap();
-        let e = unpack_local(&src, SourceKind::DockerSaveDir, &w2, &p).unwrap_err();
+        let e = unpack_local(&src, SourceKind::DockerSaveDir, &w2, None, &p).unwrap_err();
         assert!(e.message.contains("digest mismatch"), "{}", e.message);
         // Member paths cannot leave the archive directory.
         std::fs::write(
@@ -788,7 +827,7 @@ mod tests {
             r#"[{"Config":"../../etc/passwd","Layers":[]}]"#,
         )
         .unwrap();
-        assert!(unpack_local(&src, SourceKind::DockerSaveDir, &w2, &p).is_err());
+        assert!(unpack_local(&src, SourceKind::DockerSaveDir, &w2, None, &p).is_err());
     }
 
     #[test]
@@ -822,7 +861,7 @@ mod tests {
         .unwrap();
         let w = work(d.path());
         let p = progress(d.path());
-        let u = unpack_local(&lay, SourceKind::OciLayout, &w, &p).unwrap();
+        let u = unpack_local(&lay, SourceKind::OciLayout, &w, Some("v1"), &p).unwrap();
         assert_eq!((u.layers, u.reference.as_deref()), (2, Some("v1")));
         assert_eq!(u.digest.as_deref(), Some(m.as_str()));
         assert!(w.rootfs().join("a/one").exists() && w.rootfs().join("a/two").exists());
@@ -836,9 +875,9 @@ mod tests {
             dir: d.path().join("w2"),
         };
         std::fs::create_dir_all(w2.rootfs()).unwrap();
-        assert!(unpack_local(&lay, SourceKind::OciLayout, &w2, &p).is_err());
+        assert!(unpack_local(&lay, SourceKind::OciLayout, &w2, None, &p).is_err());
         std::fs::remove_file(&zp).unwrap();
-        let e = unpack_local(&lay, SourceKind::OciLayout, &w2, &p).unwrap_err();
+        let e = unpack_local(&lay, SourceKind::OciLayout, &w2, None, &p).unwrap_err();
         assert_eq!(e.errno, libc::ENOENT, "{}", e.message);
     }
 

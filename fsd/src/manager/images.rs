@@ -137,7 +137,7 @@ impl Manager {
         );
         let dir = work.dir.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<images::ImageInfo> {
-            let unpacked = images::unpack_local(&path, kind, &work, &p)?;
+            let unpacked = images::unpack_local(&path, kind, &work, opts.tag.as_deref(), &p)?;
             let info = images::finish(&work, unpacked, &n, &src, &opts, uid, &p)?;
             images::commit(&work, &final_dir)?;
             Ok(info)

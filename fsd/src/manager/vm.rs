@@ -673,7 +673,7 @@ impl Vm {
             }
             Err(e) => {
                 let err = Error::from(e);
-                run.abandon(&err.message);
+                run.failed_to_start(&err.message);
                 Err(err)
             }
         }
