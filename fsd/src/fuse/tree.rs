@@ -130,6 +130,8 @@ BandSox-FS: microVMs as files.
   cat NAME/info                   JSON description
   tail -f NAME/console            serial console;   tail -f events   lifecycle events
   rmdir NAME                      stop and delete the VM
+  echo 'pull NAME alpine:3.20' > ctl          image from a registry (import NAME /path: local)
+  echo 'create vm image=NAME autostart=1' > ctl   boot it; its entrypoint runs as runs/main
 
 A failed write prints e.g. `write error: Invalid argument`; `cat ctl` says why.
 ";

@@ -341,7 +341,15 @@ pub fn apply_tar<R: Read>(
         }
         let parent = resolve_in_root(root, parents, true, true)?;
         let path = parent.join(name);
-        mine.insert(path.clone());
+        // The entry and every directory above it belong to this layer now, so an
+        // opaque marker later in the layer keeps them (but not their lower contents).
+        let mut p = path.as_path();
+        while p.starts_with(root) && p != root && mine.insert(p.to_path_buf()) {
+            match p.parent() {
+                Some(q) => p = q,
+                None => break,
+            }
+        }
         if kind.is_dir() {
             match std::fs::symlink_metadata(&path) {
                 Ok(m) if m.is_dir() => {}
@@ -668,6 +676,29 @@ mod tests {
         .unwrap();
         assert!(root.join("o/sub/new").exists());
         assert!(!root.join("o/sub/old").exists());
+    }
+
+    #[test]
+    fn opaque_marker_after_entries_of_the_same_layer() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        apply(
+            root,
+            T::new().file("o/sub/old", "o").file("o/x", "x").bytes(),
+        )
+        .unwrap();
+        // No directory entry for o/sub, and the marker comes last.
+        apply(
+            root,
+            T::new()
+                .file("o/sub/new", "n")
+                .file("o/.wh..wh..opq", "")
+                .bytes(),
+        )
+        .unwrap();
+        assert!(root.join("o/sub/new").exists());
+        assert!(!root.join("o/sub/old").exists());
+        assert!(!root.join("o/x").exists());
     }
 
     #[test]

@@ -174,12 +174,18 @@ impl Progress {
     }
     /// A throttled progress line; `force` always emits (layer boundaries).
     pub fn progress(&self, event: &str, detail: &str, force: bool) {
-        let mut last = self.last.lock();
-        if force || last.elapsed() >= Duration::from_secs(1) {
-            *last = Instant::now();
-            drop(last);
+        if force || self.due() {
             self.event(event, detail);
         }
+    }
+    /// Whether a throttled progress line is due now (and, if so, counts it as sent).
+    pub fn due(&self) -> bool {
+        let mut last = self.last.lock();
+        if last.elapsed() >= Duration::from_secs(1) {
+            *last = Instant::now();
+            return true;
+        }
+        false
     }
     pub fn check_deadline(&self) -> Result<()> {
         if Instant::now() > self.deadline {
@@ -210,12 +216,13 @@ impl<R: Read> Read for Counting<'_, R> {
         }
         let n = self.inner.read(buf)?;
         self.done += n as u64;
-        let total = self.total.map(|t| format!("/{t}")).unwrap_or_default();
-        self.progress.progress(
-            "import-progress",
-            &format!("{} bytes={}{total}", self.label, self.done),
-            false,
-        );
+        if self.progress.due() {
+            let total = self.total.map(|t| format!("/{t}")).unwrap_or_default();
+            self.progress.event(
+                "import-progress",
+                &format!("{} bytes={}{total}", self.label, self.done),
+            );
+        }
         Ok(n)
     }
 }

@@ -382,7 +382,9 @@ impl Puller {
             }
             hasher.update(&chunk);
             file.write_all(&chunk)?;
-            progress.progress("pull-progress", &format!("{label} bytes={n}{total}"), false);
+            if progress.due() {
+                progress.event("pull-progress", &format!("{label} bytes={n}{total}"));
+            }
         }
         let got = hasher.finish();
         if &got != digest {
