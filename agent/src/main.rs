@@ -210,6 +210,17 @@ fn init_main() -> ! {
 }
 
 fn init_config() -> AgentConfig {
+    let image = bandsox_agent::image::ImageConfig::load(std::path::Path::new(
+        bandsox_agent::image::IMAGE_CONFIG_PATH,
+    ));
+    if let Some(c) = &image {
+        tracing::info!(
+            user = %c.user,
+            working_dir = %c.working_dir,
+            env = c.env.len(),
+            "applying the image config to commands"
+        );
+    }
     AgentConfig {
         default_cwd: PathBuf::from("/"),
         env: AgentConfig::default_env("/root"),
@@ -221,6 +232,7 @@ fn init_config() -> AgentConfig {
         },
         set_hostname: true,
         fs_root: PathBuf::from("/"),
+        image,
     }
 }
 

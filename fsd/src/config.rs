@@ -31,6 +31,9 @@ pub struct VmConfig {
     pub disk_mib: Option<u32>,
     pub net: NetMode,
     pub backend: BackendChoice,
+    /// Run the image's Entrypoint+Cmd as `runs/main` after every boot.
+    #[serde(default)]
+    pub autostart: bool,
 }
 
 impl Default for VmConfig {
@@ -42,12 +45,13 @@ impl Default for VmConfig {
             disk_mib: None,
             net: NetMode::None,
             backend: BackendChoice::Auto,
+            autostart: false,
         }
     }
 }
 
 pub const KEYS_HELP: &str =
-    "image=NAME vcpus=1..32 memory=64..65536 (MiB) disk=MiB net=none|user|tap backend=auto|qemu|firecracker";
+    "image=NAME vcpus=1..32 memory=64..65536 (MiB) disk=MiB net=none|user|tap backend=auto|qemu|firecracker autostart=0|1";
 
 fn parse_num(key: &str, value: &str, min: u32, max: u32) -> Result<u32> {
     let n: u32 = value
@@ -104,6 +108,17 @@ impl VmConfig {
                     }
                 }
             }
+            "autostart" => {
+                self.autostart = match value {
+                    "1" | "yes" | "true" => true,
+                    "0" | "no" | "false" => false,
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "autostart={value}: accepted values are 0 and 1"
+                        )))
+                    }
+                }
+            }
             _ => {
                 return Err(Error::invalid(format!(
                     "unknown option {key:?}; accepted: {KEYS_HELP}"
@@ -153,8 +168,14 @@ impl VmConfig {
             .map(|d| d.to_string())
             .unwrap_or_else(|| "auto".into());
         format!(
-            "image={}\nvcpus={}\nmemory={}\ndisk={}\nnet={}\nbackend={}\n",
-            self.image, self.vcpus, self.memory_mib, disk, net, backend
+            "image={}\nvcpus={}\nmemory={}\ndisk={}\nnet={}\nbackend={}\nautostart={}\n",
+            self.image,
+            self.vcpus,
+            self.memory_mib,
+            disk,
+            net,
+            backend,
+            u8::from(self.autostart)
         )
     }
 }
@@ -166,7 +187,13 @@ mod tests {
     #[test]
     fn defaults_roundtrip() {
         let c = VmConfig::default()
-            .with_options(["vcpus=2", "memory=512", "disk=1024", "net=user"])
+            .with_options([
+                "vcpus=2",
+                "memory=512",
+                "disk=1024",
+                "net=user",
+                "autostart=1",
+            ])
             .unwrap();
         let back = VmConfig::default()
             .parse_defaults(&c.to_defaults())

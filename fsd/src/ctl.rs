@@ -28,7 +28,7 @@ impl CtlResults {
     }
 }
 
-pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] | import IMAGE SOURCE | pull IMAGE REFERENCE";
+pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] | import IMAGE SOURCE [size=MiB] [headroom=MiB] [tag=NAME] | pull IMAGE REFERENCE [size=MiB] [headroom=MiB]";
 pub const VM_HELP: &str =
     "accepted: start | stop | kill | pause | resume | restart | snapshot NAME | reconnect";
 pub const RUN_HELP: &str = "accepted: kill [SIGNAL] | close-stdin";
@@ -49,10 +49,12 @@ pub enum GlobalCmd {
     Import {
         image: String,
         source: String,
+        options: crate::images::ImageOptions,
     },
     Pull {
         image: String,
         reference: String,
+        options: crate::images::ImageOptions,
     },
 }
 
@@ -123,13 +125,15 @@ pub fn parse_global(line: &str) -> Result<GlobalCmd> {
                 count,
             })
         }
-        ["import", image, source] => Ok(GlobalCmd::Import {
+        ["import", image, source, rest @ ..] => Ok(GlobalCmd::Import {
             image: image.to_string(),
             source: source.to_string(),
+            options: image_options(rest)?,
         }),
-        ["pull", image, reference] => Ok(GlobalCmd::Pull {
+        ["pull", image, reference, rest @ ..] => Ok(GlobalCmd::Pull {
             image: image.to_string(),
             reference: reference.to_string(),
+            options: image_options(rest)?,
         }),
         [] => Err(Error::invalid(format!("empty command; {GLOBAL_HELP}"))),
         [cmd @ ("create" | "clone" | "import" | "pull"), ..] => Err(Error::invalid(format!(
@@ -139,6 +143,11 @@ pub fn parse_global(line: &str) -> Result<GlobalCmd> {
             "unknown command {cmd:?}; {GLOBAL_HELP}"
         ))),
     }
+}
+
+fn image_options(words: &[&str]) -> Result<crate::images::ImageOptions> {
+    let words: Vec<String> = words.iter().map(|s| s.to_string()).collect();
+    crate::images::ImageOptions::parse(&words)
 }
 
 pub fn parse_vm(line: &str) -> Result<VmCmd> {
@@ -234,10 +243,29 @@ mod tests {
                 count: Some(3)
             }
         );
+        assert_eq!(
+            parse_global("pull app localhost:5000/app:1 headroom=64").unwrap(),
+            GlobalCmd::Pull {
+                image: "app".into(),
+                reference: "localhost:5000/app:1".into(),
+                options: crate::images::ImageOptions {
+                    size_mib: None,
+                    headroom_mib: Some(64),
+                    tag: None,
+                }
+            }
+        );
+        assert!(matches!(
+            parse_global("import x /tmp/a.tar").unwrap(),
+            GlobalCmd::Import { .. }
+        ));
         for bad in [
             "",
             "bogus",
             "create",
+            "import x",
+            "import x /a bogus=1",
+            "pull x ref size=abc",
             "clone s",
             "clone s b count=0",
             "clone s b x=1",

@@ -5,6 +5,8 @@
 //! <state>/events.log          the event log served as /events
 //! <state>/boot/{vmlinuz,initrd,kernel.json}   guest kernel and initramfs
 //! <state>/images/<name>/{disk.ext4,info.json} one per image
+//! <state>/images/.tmp-<name>-<rand>/  an image being built (removed at startup)
+//! <state>/cache/blobs/<alg>/<hex>      verified registry blobs, shared by all pulls
 //! <state>/snapshots/<name>/   one per snapshot
 //! <state>/vms/<id>/           one per VM: vm.json, disk.ext4, console.log, sockets, runs/
 //! ```
@@ -48,6 +50,10 @@ impl Layout {
     }
     pub fn image_info(&self, name: &str) -> PathBuf {
         self.image_dir(name).join("info.json")
+    }
+    /// The registry blob cache (an OCI-layout-style `blobs/` lives below it).
+    pub fn blob_cache(&self) -> PathBuf {
+        self.root.join("cache")
     }
     pub fn snapshots(&self) -> PathBuf {
         self.root.join("snapshots")

@@ -16,6 +16,7 @@ pub mod fsx;
 pub mod fuse;
 pub mod guest;
 pub mod guestfs;
+pub mod images;
 pub mod interrupt;
 pub mod layout;
 pub mod manager;

@@ -37,6 +37,15 @@ mkdir -p "$MNT" "$STATE/images" "$STATE/boot"
 # Share the guest artefacts built by setup (copies are reflinked/sparse where possible).
 cp -a --reflink=auto "$MAIN_STATE/boot/." "$STATE/boot/" || { echo "no guest artefacts in $MAIN_STATE; run mount-helpers/setup"; exit 1; }
 cp -a --reflink=auto --sparse=always "$MAIN_STATE/images/base" "$STATE/images/" || exit 1
+# Boot this tree's agent when its static build exists (agent/build-static.sh), so the
+# tests exercise the agent under test rather than the one setup installed.
+agent_bin=$repo/target/x86_64-unknown-linux-gnu/release/bandsox-agent
+cache=${BANDSOX_CACHE:-/var/cache/bandsox}
+if [ -x "$agent_bin" ] && [ -d "$cache/kernel" ]; then
+  "$BANDSOX" guest-build --state-dir "$STATE" --agent "$agent_bin" --kernel-root "$cache/kernel" \
+    --busybox "$cache/busybox/bin/busybox" >"$work/guest-build.log" 2>&1 \
+    || { echo "guest-build with $agent_bin failed"; cat "$work/guest-build.log"; exit 1; }
+fi
 # The same stories on each backend: BANDSOX_E2E_BACKEND=qemu (default) or firecracker.
 BACKEND=${BANDSOX_E2E_BACKEND:-qemu}
 export BACKEND

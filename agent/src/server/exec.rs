@@ -1,6 +1,10 @@
 //! Starting commands and pumping their output.
 //!
 //! Invariants:
+//! * The image config ([`crate::image`]) applies to every command: its `Env` over the
+//!   agent's defaults (the request's env over both), its `WorkingDir` unless the request
+//!   names one, and its `User` (credentials dropped in the child before `exec`; a user
+//!   that cannot be resolved fails the request with a message, it never runs as root).
 //! * Every command runs in its own session (`setsid`), so its pid is its process-group id
 //!   and `Signal` reaches the whole group.
 //! * A stream never has more than its credit (`INITIAL_CREDIT` + granted) of output
@@ -110,6 +114,16 @@ fn parse_shebang(script: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
     Some((interp, arg))
 }
 
+/// Resolve the image's `User` through the guest's `/etc/passwd` and `/etc/group`.
+fn resolve_identity(
+    root: &std::path::Path,
+    user: &str,
+) -> Result<crate::image::Identity, ExecError> {
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_default();
+    crate::image::resolve_user(user, &read("etc/passwd"), &read("etc/group"))
+        .map_err(|m| ExecError::new(libc::EINVAL, m))
+}
+
 /// Removes a script file when dropped.
 struct ScriptFile(PathBuf);
 
@@ -127,7 +141,9 @@ fn write_script(agent: &Agent, script: &[u8]) -> Result<ScriptFile, ExecError> {
             &e,
         ));
     }
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    // Traversable (not listable) so a command running as the image's user can open its
+    // own script, which is handed to that user.
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711));
     let n = agent.script_seq.fetch_add(1, Ordering::Relaxed);
     let path = dir.join(format!("script-{n}"));
     let res = std::fs::OpenOptions::new()
@@ -158,13 +174,22 @@ pub(crate) async fn start(
     out: OutTx,
     cmds: &Arc<SessionCmds>,
 ) -> Result<(), ExecError> {
-    let cwd = match &spec.cwd {
-        Some(c) => {
+    let image = agent.cfg.image.as_ref();
+    let ident = match image.filter(|c| !c.user.trim().is_empty()) {
+        Some(c) => Some(resolve_identity(&agent.cfg.fs_root, &c.user)?),
+        None => None,
+    };
+    let image_cwd = image
+        .map(|c| c.working_dir.as_str())
+        .filter(|w| !w.is_empty());
+    let cwd = match (&spec.cwd, image_cwd) {
+        (Some(c), _) => {
             no_nul("cwd", c)?;
             let p = PathBuf::from(OsString::from_vec(c.clone()));
             agent.cfg.default_cwd.join(p)
         }
-        None => agent.cfg.default_cwd.clone(),
+        (None, Some(w)) => agent.cfg.default_cwd.join(w),
+        (None, None) => agent.cfg.default_cwd.clone(),
     };
     match std::fs::metadata(&cwd) {
         Ok(m) if m.is_dir() => {}
@@ -208,6 +233,12 @@ pub(crate) async fn start(
                     return Err(ExecError::new(libc::ENOEXEC, "empty #! interpreter line"));
                 }
                 let f = write_script(agent, script)?;
+                if let Some(id) = ident.as_ref().filter(|i| i.uid != 0) {
+                    // The command runs as the image's user: it must be able to read it.
+                    std::os::unix::fs::chown(&f.0, Some(id.uid), Some(id.gid)).map_err(|e| {
+                        ExecError::io("cannot hand the script to the image user", &e)
+                    })?;
+                }
                 let mut c = Command::new(os(&interp));
                 if let Some(a) = &arg {
                     no_nul("interpreter argument", a)?;
@@ -225,6 +256,14 @@ pub(crate) async fn start(
             }
             None => {
                 no_nul("command line", script)?;
+                if std::fs::metadata("/bin/sh").is_err() {
+                    return Err(ExecError::new(
+                        libc::ENOENT,
+                        "this image has no /bin/sh to run the command with; start the script \
+                         with a #! line naming an interpreter the image has, or use the \
+                         image's entrypoint (create ... autostart=1)",
+                    ));
+                }
                 let mut c = Command::new("/bin/sh");
                 c.arg("-c").arg(os(script));
                 (c, "cannot run /bin/sh".to_string())
@@ -233,6 +272,19 @@ pub(crate) async fn start(
     };
     cmd.env_clear();
     cmd.envs(agent.cfg.env.iter().map(|(k, v)| (k, v)));
+    if let Some(id) = &ident {
+        let name = id.name.clone().unwrap_or_else(|| id.uid.to_string());
+        cmd.env("HOME", &id.home)
+            .env("USER", &name)
+            .env("LOGNAME", &name);
+    }
+    for kv in image.map(|c| c.env.as_slice()).unwrap_or_default() {
+        if let Some((k, v)) = kv.split_once('=') {
+            if !k.is_empty() && !k.contains('\0') && !v.contains('\0') {
+                cmd.env(k, v);
+            }
+        }
+    }
     for (k, v) in &spec.env {
         if k.is_empty() || k.contains(&b'=') || k.contains(&0) || v.contains(&0) {
             return Err(ExecError::new(
@@ -254,8 +306,14 @@ pub(crate) async fn start(
     cmd.stdout(Stdio::piped());
     cmd.stderr(Stdio::piped());
     let nofile = super::fs::original_nofile_limit();
-    // SAFETY: setsid(2), umask(2) and setrlimit(2) are async-signal-safe; the closure
-    // only reads a copied rlimit value and touches no other memory of the parent.
+    // Resolved before the fork: the child only makes syscalls with these values.
+    let creds = ident
+        .as_ref()
+        .filter(|i| i.uid != 0 || i.gid != 0)
+        .map(|i| (i.uid, i.gid, i.groups.clone()));
+    // SAFETY: setsid(2), umask(2), setrlimit(2), setgroups(2), setgid(2) and setuid(2) are
+    // async-signal-safe; the closure only reads values computed before the fork (an rlimit
+    // and the credentials) and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
@@ -266,6 +324,14 @@ pub(crate) async fn start(
             libc::umask(0o022);
             if let Some(lim) = &nofile {
                 libc::setrlimit(libc::RLIMIT_NOFILE, lim);
+            }
+            if let Some((uid, gid, groups)) = &creds {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });

@@ -60,6 +60,8 @@ pub struct AgentConfig {
     pub set_hostname: bool,
     /// The directory the file service serves as [`crate::proto::fs::ROOT_NODE`].
     pub fs_root: PathBuf,
+    /// The image config applied to every command (see [`crate::image`]); `None` = none.
+    pub image: Option<crate::image::ImageConfig>,
 }
 
 impl AgentConfig {
@@ -93,6 +95,7 @@ impl AgentConfig {
             power_off: PowerOffAction::ExitProcess,
             set_hostname: false,
             fs_root: root,
+            image: None,
         }
     }
 }

@@ -302,9 +302,19 @@ impl fuser::Filesystem for BandsoxFs {
         };
         match parent {
             Node::Root => {}
-            Node::Images | Node::Snapshots | Node::Runs(_) => {
-                return reply.error(Errno::from_i32(libc::EPERM))
+            Node::Images => {
+                let c = caller(req);
+                let mgr = self.files.tree.mgr.clone();
+                let res = mgr.remove_image(&name, c.uid);
+                if let Err(e) = &res {
+                    let _ = mgr.ctl_results().record(c.session, Err(e.clone()));
+                }
+                return match res {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(errno(&e)),
+                };
             }
+            Node::Snapshots | Node::Runs(_) => return reply.error(Errno::from_i32(libc::EPERM)),
             _ => return reply.error(Errno::from_i32(libc::ENOTDIR)),
         }
         let Some(vm) = self.files.tree.mgr.get(&name) else {

@@ -130,6 +130,8 @@ BandSox-FS: microVMs as files.
   cat NAME/info                   JSON description
   tail -f NAME/console            serial console;   tail -f events   lifecycle events
   rmdir NAME                      stop and delete the VM
+  echo 'pull NAME alpine:3.20' > ctl          image from a registry (import NAME /path: local)
+  echo 'create vm image=NAME autostart=1' > ctl   boot it; its entrypoint runs as runs/main
 
 A failed write prints e.g. `write error: Invalid argument`; `cat ctl` says why.
 ";
@@ -243,6 +245,11 @@ impl Tree {
                         return Err(nf());
                     }
                     Node::RunsLast(id.clone())
+                } else if name == "main" {
+                    // The image entrypoint's run (autostart=1): an alias of runs/<n>.
+                    let n = crate::manager::images::main_run(&vm).ok_or_else(nf)?;
+                    vm.run(n).ok_or_else(nf)?;
+                    Node::Run(id.clone(), n)
                 } else {
                     let n: u64 = name.parse().map_err(|_| nf())?;
                     vm.run(n).ok_or_else(nf)?;
@@ -325,6 +332,9 @@ impl Tree {
                 let nums = vm.run_numbers();
                 if !nums.is_empty() {
                     out.push(("last".into(), Node::RunsLast(id.clone())));
+                }
+                if let Some(n) = crate::manager::images::main_run(&vm) {
+                    out.push(("main".into(), Node::Run(id.clone(), n)));
                 }
                 for n in nums {
                     out.push((n.to_string(), Node::Run(id.clone(), n)));

@@ -161,6 +161,18 @@ pub fn stage_tree(busybox: &Path, staging: &Path) -> Result<String, GuestError> 
 
 /// `mkfs.ext4 -d staging` into a fresh sparse file `out` of `size` bytes.
 pub fn make_ext4(staging: &Path, out: &Path, size: u64, label: &str) -> Result<(), GuestError> {
+    make_ext4_with(staging, out, size, label, None, None)
+}
+
+/// [`make_ext4`] with an inode count (`-N`) and a deadline after which mkfs is killed.
+pub fn make_ext4_with(
+    staging: &Path,
+    out: &Path,
+    size: u64,
+    label: &str,
+    inodes: Option<u64>,
+    deadline: Option<std::time::Instant>,
+) -> Result<(), GuestError> {
     let _ = std::fs::remove_file(out);
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -175,18 +187,68 @@ pub fn make_ext4(staging: &Path, out: &Path, size: u64, label: &str) -> Result<(
         tool: "mkfs.ext4".into(),
         detail: "not found (install e2fsprogs)".into(),
     })?;
-    run(
-        Command::new(mkfs)
-            .args(["-q", "-F", "-t", "ext4", "-L", label, "-m", "0"])
-            .args([
-                "-E",
-                "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-            ])
-            .arg("-d")
-            .arg(staging)
-            .arg(out),
-        "mkfs.ext4",
-    )?;
+    let mut cmd = Command::new(mkfs);
+    cmd.args(["-q", "-F", "-t", "ext4", "-L", label, "-m", "0"])
+        .args([
+            "-E",
+            "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+        ]);
+    if let Some(n) = inodes {
+        cmd.arg("-N").arg(n.to_string());
+    }
+    cmd.arg("-d").arg(staging).arg(out);
+    match deadline {
+        None => {
+            run(&mut cmd, "mkfs.ext4")?;
+        }
+        Some(d) => run_until(&mut cmd, "mkfs.ext4", d)?,
+    }
+    Ok(())
+}
+
+/// Run a command that must finish before `deadline` (killed then); error has its stderr.
+fn run_until(
+    cmd: &mut Command,
+    what: &str,
+    deadline: std::time::Instant,
+) -> Result<(), GuestError> {
+    use std::io::Read;
+    let tool_err = |detail: String| GuestError::Tool {
+        tool: what.into(),
+        detail,
+    };
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| tool_err(e.to_string()))?;
+    let mut stderr = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(e) = stderr.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(tool_err(
+                    "did not finish before the deadline; killed".into(),
+                ));
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Err(e) => return Err(tool_err(e.to_string())),
+        }
+    };
+    let err = reader.join().unwrap_or_default();
+    if !status.success() {
+        return Err(tool_err(format!("{status}: {}", err.trim())));
+    }
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //!   a rejected `create` leaves no trace.
 //! - Each VM's state directory holds its whole record; `reload` rebuilds the manager
 //!   from the state directory alone.
+pub mod images;
 pub mod runs;
 pub mod vm;
 
@@ -77,6 +78,8 @@ pub struct Manager {
     boot_files: BootFiles,
     pub boot_timeout: Duration,
     ctl_results: crate::ctl::CtlResults,
+    /// Image names being imported, pulled or removed right now.
+    images_busy: Mutex<HashSet<String>>,
 }
 
 fn new_id() -> String {
@@ -124,7 +127,9 @@ impl Manager {
             backends,
             boot_timeout,
             ctl_results: Default::default(),
+            images_busy: Mutex::new(HashSet::new()),
         }))
+        .inspect(|m: &Arc<Manager>| m.clean_image_leftovers())
     }
 
     /// Load every VM record; re-adopt live VMMs concurrently.
@@ -209,6 +214,8 @@ impl Manager {
         let mut out: Vec<String> = std::fs::read_dir(self.layout.images())
             .map(|it| {
                 it.flatten()
+                    // `.tmp-*` are builds in progress, never images.
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
                     .filter(|e| e.path().join("disk.ext4").exists())
                     .filter_map(|e| e.file_name().to_str().map(String::from))
                     .collect()
@@ -295,7 +302,12 @@ impl Manager {
             .await;
         self.creating.lock().remove(name);
         let vm = result?;
+        if let Err(e) = self.save_autostart(&vm) {
+            self.events.emit(&vm.name, "autostart-failed", &e.message);
+        }
         vm.first_boot(self.boot_timeout).await?;
+        // A failed entrypoint shows in runs/main and events; the VM itself is up.
+        let _ = self.autostart(&vm).await;
         Ok(vm)
     }
 
@@ -408,10 +420,16 @@ impl Manager {
                 libc::EOPNOTSUPP,
                 "clone: snapshots are not supported yet",
             )),
-            GlobalCmd::Import { .. } | GlobalCmd::Pull { .. } => Err(Error::new(
-                libc::EOPNOTSUPP,
-                "image import/pull is not supported yet; the image `base` is available",
-            )),
+            GlobalCmd::Import {
+                image,
+                source,
+                options,
+            } => self.import_image(&image, &source, options, uid).await,
+            GlobalCmd::Pull {
+                image,
+                reference,
+                options,
+            } => self.pull_image(&image, &reference, options, uid).await,
         }
     }
 
@@ -427,6 +445,9 @@ impl Manager {
                     VmOp::Pause => vm.pause().await?,
                     VmOp::Resume => vm.resume().await?,
                     VmOp::Restart => vm.restart(self.boot_timeout).await?,
+                }
+                if matches!(op, VmOp::Start | VmOp::Restart) {
+                    let _ = self.autostart(vm).await;
                 }
                 Ok(format!("ok: {}", vm.state().render()))
             }

@@ -260,6 +260,19 @@ impl Run {
         self.finish(RunStatus::Lost("the guest agent ended the stream".into()));
     }
 
+    /// The guest refused to start the command: say why in its output (so `cat exec`
+    /// shows it) and mark it lost.
+    pub fn failed_to_start(&self, why: &str) {
+        let line = format!("bandsox: cannot start the command: {why}\n");
+        if let Err(e) = self.append(OutStream::Stderr, line.as_bytes()) {
+            tracing::warn!(
+                "run {}: cannot record the start error: {e}",
+                self.dir.display()
+            );
+        }
+        self.finish(RunStatus::Lost(why.to_string()));
+    }
+
     /// Mark a still-running run as lost (VM killed or stopped, or the exec request failed).
     pub fn abandon(&self, why: &str) {
         self.finish(RunStatus::Lost(why.to_string()));

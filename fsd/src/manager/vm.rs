@@ -728,6 +728,17 @@ impl Vm {
 
     /// Start `script` as a new run (`runs/<n>`); returns once the guest started it.
     pub async fn start_run(self: &Arc<Self>, script: Vec<u8>, session: u32) -> Result<Arc<Run>> {
+        self.start_program(script.clone(), Program::Script(script), session)
+            .await
+    }
+
+    /// Start `program` as a new run whose `cmd` file shows `cmd`.
+    pub async fn start_program(
+        self: &Arc<Self>,
+        script: Vec<u8>,
+        program: Program,
+        session: u32,
+    ) -> Result<Arc<Run>> {
         if script.len() > MAX_SCRIPT {
             return Err(Error::new(
                 libc::E2BIG,
@@ -746,7 +757,7 @@ impl Vm {
         self.runs.lock().insert(n, run.clone());
         self.session_last.lock().insert(session, n);
         let spec = ExecSpec {
-            program: Program::Script(script),
+            program,
             env: Vec::new(),
             cwd: None,
             stdin: true,
@@ -758,7 +769,7 @@ impl Vm {
             }
             Err(e) => {
                 let err = Error::from(e);
-                run.abandon(&err.message);
+                run.failed_to_start(&err.message);
                 Err(err)
             }
         }
