@@ -221,6 +221,7 @@ fn init_config() -> AgentConfig {
         },
         set_hostname: true,
         fs_root: PathBuf::from("/"),
+        machine: std::process::id() == 1,
     }
 }
 

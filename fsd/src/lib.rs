@@ -20,4 +20,5 @@ pub mod interrupt;
 pub mod layout;
 pub mod manager;
 pub mod names;
+pub mod snapshots;
 pub mod vmm;

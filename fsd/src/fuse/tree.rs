@@ -68,6 +68,8 @@ pub enum Node {
     Image(String),
     ImageInfo(String),
     Snapshots,
+    Snapshot(String),
+    SnapshotInfo(String),
     Vm(String),
     VmFile(String, VmFile),
     /// A VM's `fs/` directory in one boot generation (a new inode per boot, so the
@@ -225,6 +227,14 @@ impl Tree {
                 }
             }
             Node::Image(img) if name == "info" => Node::ImageInfo(img.clone()),
+            Node::Snapshots => {
+                if self.mgr.snapshots().iter().any(|i| i == name) {
+                    Node::Snapshot(name.to_string())
+                } else {
+                    return Err(nf());
+                }
+            }
+            Node::Snapshot(snap) if name == "info" => Node::SnapshotInfo(snap.clone()),
             Node::Vm(id) => {
                 self.vm(id)?;
                 if name == "runs" {
@@ -282,6 +292,13 @@ impl Tree {
                     Err(Error::not_found("no such image"))
                 }
             }
+            Node::Snapshot(i) | Node::SnapshotInfo(i) => {
+                if self.mgr.snapshots().iter().any(|x| x == i) {
+                    Ok(())
+                } else {
+                    Err(Error::not_found("no such snapshot"))
+                }
+            }
             _ => Ok(()),
         }
     }
@@ -310,7 +327,12 @@ impl Tree {
                 }
             }
             Node::Image(i) => out.push(("info".into(), Node::ImageInfo(i.clone()))),
-            Node::Snapshots => {}
+            Node::Snapshots => {
+                for i in self.mgr.snapshots() {
+                    out.push((i.clone(), Node::Snapshot(i)));
+                }
+            }
+            Node::Snapshot(i) => out.push(("info".into(), Node::SnapshotInfo(i.clone()))),
             Node::Vm(id) => {
                 self.vm(id)?;
                 for (n, f) in VM_FILES {
@@ -347,6 +369,7 @@ impl Tree {
             Node::Readme => README.as_bytes().to_vec(),
             Node::Defaults => self.mgr.defaults().to_defaults().into_bytes(),
             Node::ImageInfo(i) => self.mgr.image_info(i)?.into_bytes(),
+            Node::SnapshotInfo(i) => self.mgr.snapshot_info(i)?.into_bytes(),
             Node::VmFile(id, VmFile::State) => {
                 format!("{}\n", self.vm(id)?.state().render()).into_bytes()
             }
@@ -380,6 +403,9 @@ impl Tree {
             | Node::RunsLast(id)
             | Node::Run(id, _)
             | Node::RunFile(id, _, _) => id,
+            Node::Snapshot(s) | Node::SnapshotInfo(s) => {
+                return self.mgr.snapshot_owner(s).unwrap_or((0, 0))
+            }
             _ => return (0, 0),
         };
         self.vm(id).map(|v| (v.uid, v.gid)).unwrap_or((0, 0))
@@ -394,6 +420,7 @@ impl Tree {
             // Sticky like /tmp: anyone may mkdir a VM, only its owner may rmdir it.
             Node::Root => dir(0o1777),
             Node::Images | Node::Image(_) | Node::Snapshots => dir(0o755),
+            Node::Snapshot(_) => dir(0o700),
             Node::Vm(_) => dir(0o700),
             // Shown while the guest is unreachable; a running guest's root attributes
             // replace this (see `guestfs`).
@@ -407,7 +434,7 @@ impl Tree {
                 self.generated(node)?.map_or(0, |c| c.len() as u64),
             ),
             Node::Events => (Kind::File, 0o444, file_len(self.mgr.events.path())),
-            Node::Readme | Node::ImageInfo(_) => (
+            Node::Readme | Node::ImageInfo(_) | Node::SnapshotInfo(_) => (
                 Kind::File,
                 0o444,
                 self.generated(node)?.map_or(0, |c| c.len() as u64),

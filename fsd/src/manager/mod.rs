@@ -8,9 +8,10 @@
 //! - Each VM's state directory holds its whole record; `reload` rebuilds the manager
 //!   from the state directory alone.
 pub mod runs;
+pub mod snaps;
 pub mod vm;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -75,6 +76,10 @@ pub struct Manager {
     boot_files: BootFiles,
     pub boot_timeout: Duration,
     ctl_results: crate::ctl::CtlResults,
+    /// Snapshot names being written (see `snaps`).
+    snap_creating: Mutex<HashSet<String>>,
+    /// Snapshot name → number of clone operations restoring from it.
+    snap_busy: Mutex<HashMap<String, usize>>,
 }
 
 fn new_id() -> String {
@@ -94,6 +99,7 @@ impl Manager {
         let layout = Layout::new(state_dir);
         layout.create()?;
         let events = Arc::new(EventLog::open(&layout.events())?);
+        crate::snapshots::remove_leftovers(&layout.snapshots());
         let defaults = match std::fs::read_to_string(layout.defaults()) {
             Ok(text) => VmConfig::default()
                 .parse_defaults(&text)
@@ -121,6 +127,8 @@ impl Manager {
             backends,
             boot_timeout,
             ctl_results: Default::default(),
+            snap_creating: Mutex::new(HashSet::new()),
+            snap_busy: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -382,10 +390,11 @@ impl Manager {
                 self.create(&name, &options, uid, gid).await?;
                 Ok(format!("ok: created {name}"))
             }
-            GlobalCmd::Clone { .. } => Err(Error::new(
-                libc::EOPNOTSUPP,
-                "clone: snapshots are not supported yet",
-            )),
+            GlobalCmd::Clone {
+                snapshot,
+                name,
+                count,
+            } => self.clone_snapshot(&snapshot, &name, count, uid, gid).await,
             GlobalCmd::Import { .. } | GlobalCmd::Pull { .. } => Err(Error::new(
                 libc::EOPNOTSUPP,
                 "image import/pull is not supported yet; the image `base` is available",
@@ -426,13 +435,7 @@ impl Manager {
                 let agent = vm.require_agent()?;
                 crate::guestfs::bench::run(&agent, &what).await
             }
-            VmCmd::Snapshot(name) => {
-                crate::names::validate("snapshot", &name)?;
-                Err(Error::new(
-                    libc::EOPNOTSUPP,
-                    "snapshot: snapshots are not supported yet",
-                ))
-            }
+            VmCmd::Snapshot(name) => self.snapshot(vm, &name).await,
         }
     }
 }

@@ -8,6 +8,9 @@
 //!   at once.
 //! - The on-disk record (`vm.json`) is rewritten after every state change that must
 //!   survive a daemon restart (desired state, boot time).
+mod snapshot;
+pub use snapshot::{Taken, FREEZE_TIMEOUT};
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
