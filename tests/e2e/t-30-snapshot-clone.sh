@@ -44,6 +44,16 @@ printf 'clone\n' > "$MNT/sc/fs/root/only-in-clone"
 assert_contains "$(cat "$MNT/sc/info")" '"memory_mib": 128'
 grep -q 'sc running restore_ms=' "$STATE/events.log" || fail "no running event for the clone"
 
+# A snapshot of a clone restores too (its command line was itself a restore's).
+echo 'snapshot s2' > "$MNT/sc/ctl" || fail "snapshot of a clone: $(cat "$MNT/sc/ctl")"
+echo 'clone s2 sd' > "$MNT/ctl" || fail "clone of a clone's snapshot: $(cat "$MNT/ctl")"
+VMS="$VMS sd"
+assert_eq clone "$(cat "$MNT/sd/fs/root/only-in-clone")" "clone of a clone"
+echo 'hostname' > "$MNT/sd/exec"
+assert_eq sd "$(cat "$MNT/sd/exec")" "second-generation hostname"
+rmdir "$MNT/sd"
+rmdir "$MNT/snapshots/s2" || fail "rmdir snapshots/s2"
+
 # rmdir of the snapshot while a clone of it runs is fine (the clone has its own copies).
 rmdir "$MNT/snapshots/s1" || fail "rmdir snapshots/s1"
 [ ! -e "$MNT/snapshots/s1" ] || fail "s1 still listed"
