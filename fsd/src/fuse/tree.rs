@@ -132,6 +132,9 @@ BandSox-FS: microVMs as files.
   cat NAME/info                   JSON description
   tail -f NAME/console            serial console;   tail -f events   lifecycle events
   rmdir NAME                      stop and delete the VM
+  echo 'snapshot S' > NAME/ctl    snapshot a running VM (it keeps running)
+  echo 'clone S NEW count=3' > ctl   start NEW-1..NEW-3 from snapshot S
+  cat snapshots/S/info; rmdir snapshots/S
 
 A failed write prints e.g. `write error: Invalid argument`; `cat ctl` says why.
 ";

@@ -66,10 +66,10 @@ pub async fn save(inst: &QemuInstance, dir: &Path) -> Result<SavedState, VmmErro
     inst.qmp_execute("migrate", Some(json!({ "uri": uri })), QMP_STEP)
         .await?;
     let deadline = Instant::now() + migration_deadline(memory_mib);
-    loop {
+    let ram = loop {
         let info = inst.qmp_execute("query-migrate", None, QMP_STEP).await?;
         match info.get("status").and_then(Value::as_str).unwrap_or("") {
-            "completed" => break,
+            "completed" => break info.get("ram").cloned().unwrap_or(Value::Null),
             "failed" | "cancelled" => {
                 return Err(VmmError::Refused {
                     op: "migrate".into(),
@@ -90,13 +90,15 @@ pub async fn save(inst: &QemuInstance, dir: &Path) -> Result<SavedState, VmmErro
             ));
         }
         tokio::time::sleep(POLL).await;
-    }
+    };
     Ok(SavedState {
         state_file: STATE_FILE.into(),
         memory_file: None,
         restore: json!({
             "argv": args.argv,
             "source_dir": inst.dir(),
+            // QEMU's page counts (normal = written, duplicate = zero pages elided).
+            "migration_ram": ram,
         }),
     })
 }
