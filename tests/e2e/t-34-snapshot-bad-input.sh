@@ -28,6 +28,11 @@ cp "$STATE/snapshots/snapb/info.json" /tmp/snapb-info.$$
 sed -i '0,/"sha256": "[0-9a-f]*"/s//"sha256": "00000000000000000000"/' "$STATE/snapshots/snapb/info.json"
 write_expect_error "$MNT/ctl" 'clone snapb x' "Invalid argument"
 assert_contains "$(cat "$MNT/ctl")" "different kernel"
+# A snapshot of another backend that this daemon cannot run is refused too.
+cp /tmp/snapb-info.$$ "$STATE/snapshots/snapb/info.json"
+sed -i 's/"backend": "qemu"/"backend": "firecracker"/' "$STATE/snapshots/snapb/info.json"
+write_expect_error "$MNT/ctl" 'clone snapb x' "Operation not supported"
+assert_contains "$(cat "$MNT/ctl")" "backend=firecracker"
 cp /tmp/snapb-info.$$ "$STATE/snapshots/snapb/info.json"; rm -f /tmp/snapb-info.$$
 [ ! -e "$MNT/x" ] || fail "a refused clone created a VM"
 # rmdir of something that is not a snapshot.

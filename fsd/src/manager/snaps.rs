@@ -79,6 +79,7 @@ impl Manager {
                 state.render()
             )));
         }
+        vm.check_can_snapshot()?;
         // Identify the boot files before the guest is frozen (hashing takes a moment).
         let (kernel, initrd) = self.boot_identity().await?;
         let tmp = snapshots::tmp_dir(&root, name);
@@ -217,7 +218,7 @@ impl Manager {
                 ),
             )
         })?;
-        if backend.kind() != info.backend {
+        if backend.kind() != info.backend || !backend.can_snapshot() {
             return Err(Error::new(
                 libc::EOPNOTSUPP,
                 format!(

@@ -572,8 +572,11 @@ impl Vm {
                     self.spawn_monitor(gen);
                     return;
                 }
+                // A daemon that died mid-snapshot leaves the VM paused and frozen.
+                self.undo_interrupted_snapshot(&inst).await;
                 match self.connect_agent(&inst, Duration::from_secs(15)).await {
                     Ok(c) => {
+                        self.thaw_after_adopt(&c).await;
                         *self.agent.lock() = Some(c);
                         self.set_state(VmState::Running);
                         self.events

@@ -136,6 +136,11 @@ pub trait Backend: Send + Sync {
     /// Re-attach to a VMM left running by an earlier daemon, from `spec.dir` alone.
     /// `Ok(None)` when no live VMM belongs to that directory.
     async fn adopt(&self, spec: &VmSpec) -> Result<Option<Box<dyn VmmInstance>>, VmmError>;
+    /// Whether VMs of this backend can be snapshotted and restored (false only for test
+    /// backends).
+    fn can_snapshot(&self) -> bool {
+        false
+    }
     /// Start a VMM for `spec` from the snapshot in `snap_dir` (saved by
     /// [`VmmInstance::save_snapshot`]); returns once the guest runs again. Every path the
     /// new VMM uses is in `spec.dir` (its own disk copy, sockets, logs); nothing of the

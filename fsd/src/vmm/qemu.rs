@@ -288,6 +288,10 @@ impl Backend for QemuBackend {
         Ok(adopt_dir(&spec.dir).map(|i| Box::new(i) as Box<dyn VmmInstance>))
     }
 
+    fn can_snapshot(&self) -> bool {
+        true
+    }
+
     async fn restore(
         &self,
         spec: &VmSpec,

@@ -44,6 +44,22 @@ pub struct Taken {
 }
 
 impl Vm {
+    /// EOPNOTSUPP unless this VM's backend can take snapshots.
+    pub fn check_can_snapshot(&self) -> Result<()> {
+        if self.backend.can_snapshot() {
+            Ok(())
+        } else {
+            Err(Error::new(
+                libc::EOPNOTSUPP,
+                format!(
+                    "VM {}'s backend ({}) cannot take snapshots",
+                    self.name,
+                    self.backend.describe()
+                ),
+            ))
+        }
+    }
+
     /// Take a snapshot of this running VM into the existing directory `dir`: VMM state and
     /// memory by the backend, the disk as `dir/disk.ext4`. The VM keeps running.
     pub async fn snapshot_into(self: &Arc<Self>, dir: &Path) -> Result<Taken> {
@@ -141,6 +157,22 @@ impl Vm {
             return Err(err.with_context("snapshot: cannot resume the VM afterwards"));
         }
         saved
+    }
+
+    /// Adopting a VM that should run: resume it in case a daemon died between pause and
+    /// resume of a snapshot (resuming a running VM is a no-op on every backend).
+    pub(super) async fn undo_interrupted_snapshot(&self, inst: &Arc<dyn VmmInstance>) {
+        if let Err(e) = inst.resume().await {
+            tracing::debug!(vm = %self.name, "resume on adopt: {e}");
+        }
+    }
+
+    /// After adopting: thaw a freeze an interrupted snapshot may have left (a no-op
+    /// otherwise; the agent would also thaw by itself after [`FREEZE_TIMEOUT`]).
+    pub(super) async fn thaw_after_adopt(&self, client: &bandsox_agent::client::AgentClient) {
+        if let Err(e) = client.request(Request::Thaw, THAW_RPC).await {
+            tracing::warn!(vm = %self.name, "thaw on adopt failed: {e}");
+        }
     }
 
     /// First boot of a clone: start its VMM from the snapshot in `snap_dir`, reconnect

@@ -537,6 +537,10 @@ impl Backend for FirecrackerBackend {
         Ok(Box::new(self.launch_argv(spec, argv, &vmlinux).await?))
     }
 
+    fn can_snapshot(&self) -> bool {
+        true
+    }
+
     async fn restore(
         &self,
         spec: &VmSpec,

@@ -485,6 +485,14 @@ async fn launch_refuses_bad_specs_before_starting_anything() {
     assert!(!tmp.path().join("vmm.pid").exists());
 }
 
+/// A stand-in for Firecracker that ignores its arguments (`--api-sock ...`) and lives on.
+fn fake_firecracker(dir: &Path) -> String {
+    let p = dir.join("fake-firecracker");
+    std::fs::write(&p, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
 /// Snapshot create on a (fake) running instance, then restore into another directory:
 /// the documented bodies, only logger/metrics before the load, `vsock_override` only from
 /// 1.16, relative disk/vsock paths so the restored VM uses its own directory.
@@ -533,7 +541,7 @@ async fn snapshot_create_and_restore_send_the_documented_requests() {
     ] {
         let dst = tmp.path().join(format!("dst-{with_override}"));
         std::fs::create_dir_all(&dst).unwrap();
-        let mut b = backend("/bin/sleep");
+        let mut b = backend(&fake_firecracker(tmp.path()));
         b.version = version;
         let mut s2 = spec(&dst);
         s2.name = "clone-1".into();
@@ -580,7 +588,7 @@ async fn refused_snapshot_load_fails_clearly_and_kills() {
         memory_file: Some("memory".into()),
         restore: Value::Null,
     };
-    let b = backend("/bin/sleep");
+    let b = backend(&fake_firecracker(tmp.path()));
     // Missing files are refused before anything starts.
     match snapshot::restore(&b, &spec(&dst), &snap, &saved).await {
         Err(VmmError::StartFailed(m)) => assert!(m.contains("is missing"), "{m}"),
