@@ -28,11 +28,14 @@ cp "$STATE/snapshots/snapb/info.json" /tmp/snapb-info.$$
 sed -i '0,/"sha256": "[0-9a-f]*"/s//"sha256": "00000000000000000000"/' "$STATE/snapshots/snapb/info.json"
 write_expect_error "$MNT/ctl" 'clone snapb x' "Invalid argument"
 assert_contains "$(cat "$MNT/ctl")" "different kernel"
-# A snapshot of another backend that this daemon cannot run is refused too.
+# A snapshot of another backend that this daemon cannot run is refused too (only where
+# Firecracker is missing, as on the project's machines).
 cp /tmp/snapb-info.$$ "$STATE/snapshots/snapb/info.json"
-sed -i 's/"backend": "qemu"/"backend": "firecracker"/' "$STATE/snapshots/snapb/info.json"
-write_expect_error "$MNT/ctl" 'clone snapb x' "Operation not supported"
-assert_contains "$(cat "$MNT/ctl")" "backend=firecracker"
+if ! command -v firecracker >/dev/null 2>&1 && grep -q '"backend": "qemu"' "$STATE/snapshots/snapb/info.json"; then
+  sed -i 's/"backend": "qemu"/"backend": "firecracker"/' "$STATE/snapshots/snapb/info.json"
+  write_expect_error "$MNT/ctl" 'clone snapb x' "Operation not supported"
+  assert_contains "$(cat "$MNT/ctl")" "backend=firecracker"
+fi
 cp /tmp/snapb-info.$$ "$STATE/snapshots/snapb/info.json"; rm -f /tmp/snapb-info.$$
 [ ! -e "$MNT/x" ] || fail "a refused clone created a VM"
 # rmdir of something that is not a snapshot.

@@ -79,7 +79,7 @@ impl Vm {
             .clone()
             .ok_or_else(|| Error::host_down("no VMM"))?;
         let t0 = Instant::now();
-        agent
+        let freeze = agent
             .request(
                 Request::Freeze {
                     timeout_ms: FREEZE_TIMEOUT.as_millis() as u32,
@@ -89,7 +89,13 @@ impl Vm {
             .await
             .map_err(|e| {
                 Error::from(e).with_context("snapshot: cannot freeze the guest's filesystem")
-            })?;
+            });
+        if let Err(e) = freeze {
+            // A freeze that timed out may still have happened: undo it now rather than
+            // after the agent's own timeout.
+            let _ = agent.request(Request::Thaw, THAW_RPC).await;
+            return Err(e);
+        }
         let paused_at = Instant::now();
         let result = self.save_paused(&inst, dir).await;
         let paused_ms = paused_at.elapsed().as_millis() as u64;
