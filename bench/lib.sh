@@ -1,6 +1,7 @@
 # Shared by the bench scripts: a private state directory under $work (copies of the
 # installed guest artefacts), mounted at $MNT; unmounted and its VMMs killed on exit.
-# Set `work` before sourcing; BANDSOX defaults to the release build.
+# Set `work` before sourcing; BANDSOX defaults to the release build; BANDSOX_MAIN_STATE
+# names the state directory whose boot/ and images/ are copied (default /var/lib/bandsox).
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BANDSOX=${BANDSOX:-$repo/target/release/bandsox}
 MNT=$work/mnt; STATE=$work/state
@@ -10,7 +11,9 @@ cleanup() {
 }
 trap cleanup EXIT
 cleanup; rm -rf "$work"; mkdir -p "$MNT" "$STATE"
-cp -a --reflink=auto /var/lib/bandsox/boot /var/lib/bandsox/images "$STATE/"
+# BANDSOX_MAIN_STATE: where the guest artefacts come from (default: the installed ones).
+main_state=${BANDSOX_MAIN_STATE:-/var/lib/bandsox}
+cp -a --reflink=auto "$main_state/boot" "$main_state/images" "$STATE/"
 
 # bench_mount: mount the private tree (the environment decides the backend).
 bench_mount() { "$BANDSOX" mount "$MNT" --state-dir "$STATE"; }

@@ -233,6 +233,7 @@ fn init_config() -> AgentConfig {
         set_hostname: true,
         fs_root: PathBuf::from("/"),
         image,
+        machine: std::process::id() == 1,
     }
 }
 

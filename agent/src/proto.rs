@@ -50,7 +50,7 @@ pub use codec::{
 };
 
 /// Bumped on any incompatible change to [`Message`] or framing.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Marks the start of a session in both directions (see module docs).
 pub const SYNC_MAGIC: [u8; 8] = *b"BSXSYNC\x01";
@@ -196,6 +196,31 @@ pub enum Request {
     PowerOff,
     /// A file-service request (see [`fs`]); answered with `Response::Fs` or `Error`.
     Fs(fs::FsRequest),
+    /// `sync(2)`, then freeze the guest's root filesystem (`FIFREEZE`) so its disk is
+    /// consistent for a snapshot; answered `Ok` once frozen (also when the root cannot be
+    /// frozen because it lives in memory: there is no disk to make consistent). The agent
+    /// thaws on its own after `timeout_ms` unless a `Thaw` arrives first, so a host that
+    /// vanishes never leaves the guest's disk frozen. A second `Freeze` re-arms the timer.
+    /// Host mode answers `Error { EOPNOTSUPP }`.
+    Freeze { timeout_ms: u32 },
+    /// Thaw what `Freeze` froze (`FITHAW`); `Ok` also when nothing is frozen. Any session
+    /// may thaw (a restored clone thaws the freeze its snapshot was taken under).
+    Thaw,
+    /// Give a restored clone its own identity: hostname, fresh entropy mixed into the
+    /// kernel's pool (`RNDADDENTROPY`, then a CRNG reseed) and, where the image has an
+    /// `/etc/machine-id`, the given machine id. Host mode answers `Ok` without change.
+    SetIdentity(Identity),
+}
+
+/// A clone's identity (see [`Request::SetIdentity`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub hostname: String,
+    /// Random bytes from the host (at most 512 are used).
+    #[serde(with = "serde_bytes_vec")]
+    pub entropy: Vec<u8>,
+    /// 32 lowercase hex digits; written only where `/etc/machine-id` exists.
+    pub machine_id: Option<String>,
 }
 
 /// agent → host responses.

@@ -162,6 +162,15 @@ pub fn parse_vm(line: &str) -> Result<VmCmd> {
         ["restart"] => op(VmOp::Restart),
         ["snapshot", name] => Ok(VmCmd::Snapshot(name.to_string())),
         ["reconnect"] => Ok(VmCmd::Reconnect),
+        ["snapshot", _, "diff=1"] => Err(Error::new(
+            libc::EOPNOTSUPP,
+            "snapshot diff=1: diff snapshots are not supported (a diff holds only the pages \
+             dirtied since the previous snapshot and cannot be restored without merging it \
+             onto that full snapshot's memory); take a full snapshot: snapshot NAME",
+        )),
+        ["snapshot", _, opt, ..] => Err(Error::invalid(format!(
+            "snapshot: unknown option {opt:?}; accepted: snapshot NAME"
+        ))),
         ["ping"] => Ok(VmCmd::Ping(1)),
         ["ping", n] => n
             .parse()
@@ -281,6 +290,12 @@ mod tests {
             parse_vm("snapshot s1").unwrap(),
             VmCmd::Snapshot("s1".into())
         );
+        assert_eq!(
+            parse_vm("snapshot s1 diff=1").unwrap_err().errno,
+            libc::EOPNOTSUPP
+        );
+        assert_eq!(parse_vm("snapshot s1 x=1").unwrap_err().errno, libc::EINVAL);
+        assert_eq!(parse_vm("snapshot").unwrap_err().errno, libc::EINVAL);
         assert_eq!(parse_vm("ping 30").unwrap(), VmCmd::Ping(30));
         assert!(parse_vm("ping 0").is_err());
         assert!(parse_vm("bogus").unwrap_err().message.contains("accepted"));

@@ -90,6 +90,7 @@ impl From<VmmError> for Error {
             VmmError::Refused { .. } => libc::EIO,
             VmmError::Timeout(..) => libc::ETIMEDOUT,
             VmmError::Io(_, err) => err.raw_os_error().unwrap_or(libc::EIO),
+            VmmError::Unsupported(_) => libc::EOPNOTSUPP,
         };
         Error::new(errno, e.to_string())
     }

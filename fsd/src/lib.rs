@@ -22,4 +22,5 @@ pub mod layout;
 pub mod manager;
 pub mod names;
 pub mod net;
+pub mod snapshots;
 pub mod vmm;

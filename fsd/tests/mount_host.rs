@@ -77,6 +77,25 @@ fn exec_runs_and_ctl_through_the_mount() {
     assert!(err.contains("File exists"), "{err}");
     assert_eq!(m.ok("cat $M/a/state"), "running\n");
 
+    // Snapshots: the host backend cannot take them; bad names and unknown snapshots are
+    // refused; nothing is left in snapshots/.
+    let (_, _, err) = m.sh("echo 'snapshot s1' > $M/a/ctl");
+    assert!(err.contains("Operation not supported"), "{err}");
+    assert!(m.ok("cat $M/a/ctl").contains("cannot take snapshots"));
+    // Bad input is still checked first.
+    let (_, _, err) = m.sh("echo 'snapshot ../s1' > $M/a/ctl");
+    assert!(err.contains("Invalid argument"), "{err}");
+    let (_, _, err) = m.sh("echo 'clone nosuch b' > $M/ctl");
+    assert!(err.contains("No such file or directory"), "{err}");
+    assert_eq!(m.ok("ls -A $M/snapshots"), "");
+    assert_eq!(
+        std::fs::read_dir(m.state.join("snapshots"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(m.ok("cat $M/a/state"), "running\n");
+
     // pause/resume; exec on a paused VM fails promptly.
     m.ok("echo pause > $M/a/ctl; test \"$(cat $M/a/state)\" = paused");
     let t = Instant::now();

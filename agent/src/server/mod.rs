@@ -16,6 +16,7 @@
 //!   with another nonce it ends the session and starts a new one.
 mod exec;
 mod fs;
+mod machine;
 pub use exec::kill_descendants;
 pub mod transport;
 
@@ -62,6 +63,9 @@ pub struct AgentConfig {
     pub fs_root: PathBuf,
     /// The image config applied to every command (see [`crate::image`]); `None` = none.
     pub image: Option<crate::image::ImageConfig>,
+    /// The agent is PID 1 of a VM and owns the machine: `Freeze`/`Thaw` act on the root
+    /// filesystem and `SetIdentity` changes hostname, entropy and machine id.
+    pub machine: bool,
 }
 
 impl AgentConfig {
@@ -96,6 +100,7 @@ impl AgentConfig {
             set_hostname: false,
             fs_root: root,
             image: None,
+            machine: false,
         }
     }
 }
@@ -109,6 +114,8 @@ pub struct Agent {
     powering_off: AtomicBool,
     /// The file service (shared by all sessions).
     pub(crate) fs: fs::FsService,
+    /// Freeze state of the root filesystem (snapshots).
+    pub(crate) freezer: machine::Freezer,
 }
 
 /// Why a session ended.
@@ -182,6 +189,7 @@ impl Agent {
             script_seq: AtomicU64::new(0),
             powering_off: AtomicBool::new(false),
             fs,
+            freezer: Default::default(),
         })
     }
 
@@ -476,6 +484,31 @@ impl Agent {
             }
             Request::Fs(req) => {
                 fs::spawn_request(self, id, req, out.clone());
+                Ok(())
+            }
+            // Answered from a task so the session keeps reading (a freeze syncs first).
+            Request::Freeze { timeout_ms } => {
+                let (agent, out) = (self.clone(), out.clone());
+                tokio::spawn(async move {
+                    let resp = machine::freeze(&agent, timeout_ms).await;
+                    let _ = out.send(Out::Msg(Message::Response { id, resp })).await;
+                });
+                Ok(())
+            }
+            Request::Thaw => {
+                let (agent, out) = (self.clone(), out.clone());
+                tokio::spawn(async move {
+                    let resp = machine::thaw(&agent).await;
+                    let _ = out.send(Out::Msg(Message::Response { id, resp })).await;
+                });
+                Ok(())
+            }
+            Request::SetIdentity(identity) => {
+                let (agent, out) = (self.clone(), out.clone());
+                tokio::spawn(async move {
+                    let resp = machine::set_identity(&agent, identity).await;
+                    let _ = out.send(Out::Msg(Message::Response { id, resp })).await;
+                });
                 Ok(())
             }
             Request::PowerOff => {

@@ -203,7 +203,7 @@ impl Files {
                     }
                 }
             }
-            Node::Readme | Node::ImageInfo(_) | Node::VmFile(..) => {
+            Node::Readme | Node::ImageInfo(_) | Node::SnapshotInfo(_) | Node::VmFile(..) => {
                 ro("this file")?;
                 let content = self.tree.generated(node)?.unwrap_or_default();
                 (OpenFile::Generated(content), direct)

@@ -121,6 +121,7 @@ impl BandsoxFs {
                 | Node::Images
                 | Node::Image(_)
                 | Node::Snapshots
+                | Node::Snapshot(_)
                 | Node::Vm(_)
                 | Node::VmFs(..)
                 | Node::Runs(_)
@@ -314,7 +315,24 @@ impl fuser::Filesystem for BandsoxFs {
                     Err(e) => reply.error(errno(&e)),
                 };
             }
-            Node::Snapshots | Node::Runs(_) => return reply.error(Errno::from_i32(libc::EPERM)),
+            Node::Snapshots => {
+                let c = caller(req);
+                let Some((owner, _)) = self.files.tree.mgr.snapshot_owner(&name) else {
+                    return reply.error(Errno::from_i32(libc::ENOENT));
+                };
+                if c.uid != 0 && c.uid != owner {
+                    return reply.error(Errno::from_i32(libc::EPERM));
+                }
+                let files = self.files.clone();
+                self.rt.spawn(async move {
+                    match files.tree.mgr.delete_snapshot(&name).await {
+                        Ok(()) => reply.ok(),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
+                return;
+            }
+            Node::Runs(_) => return reply.error(Errno::from_i32(libc::EPERM)),
             _ => return reply.error(Errno::from_i32(libc::ENOTDIR)),
         }
         let Some(vm) = self.files.tree.mgr.get(&name) else {

@@ -68,6 +68,8 @@ pub enum Node {
     Image(String),
     ImageInfo(String),
     Snapshots,
+    Snapshot(String),
+    SnapshotInfo(String),
     Vm(String),
     VmFile(String, VmFile),
     /// A VM's `fs/` directory in one boot generation (a new inode per boot, so the
@@ -132,6 +134,9 @@ BandSox-FS: microVMs as files.
   rmdir NAME                      stop and delete the VM
   echo 'pull NAME alpine:3.20' > ctl          image from a registry (import NAME /path: local)
   echo 'create vm image=NAME autostart=1' > ctl   boot it; its entrypoint runs as runs/main
+  echo 'snapshot S' > NAME/ctl    snapshot a running VM (it keeps running)
+  echo 'clone S NEW count=3' > ctl   start NEW-1..NEW-3 from snapshot S
+  cat snapshots/S/info; rmdir snapshots/S
 
 A failed write prints e.g. `write error: Invalid argument`; `cat ctl` says why.
 ";
@@ -227,6 +232,14 @@ impl Tree {
                 }
             }
             Node::Image(img) if name == "info" => Node::ImageInfo(img.clone()),
+            Node::Snapshots => {
+                if self.mgr.snapshots().iter().any(|i| i == name) {
+                    Node::Snapshot(name.to_string())
+                } else {
+                    return Err(nf());
+                }
+            }
+            Node::Snapshot(snap) if name == "info" => Node::SnapshotInfo(snap.clone()),
             Node::Vm(id) => {
                 self.vm(id)?;
                 if name == "runs" {
@@ -289,6 +302,13 @@ impl Tree {
                     Err(Error::not_found("no such image"))
                 }
             }
+            Node::Snapshot(i) | Node::SnapshotInfo(i) => {
+                if self.mgr.snapshots().iter().any(|x| x == i) {
+                    Ok(())
+                } else {
+                    Err(Error::not_found("no such snapshot"))
+                }
+            }
             _ => Ok(()),
         }
     }
@@ -317,7 +337,12 @@ impl Tree {
                 }
             }
             Node::Image(i) => out.push(("info".into(), Node::ImageInfo(i.clone()))),
-            Node::Snapshots => {}
+            Node::Snapshots => {
+                for i in self.mgr.snapshots() {
+                    out.push((i.clone(), Node::Snapshot(i)));
+                }
+            }
+            Node::Snapshot(i) => out.push(("info".into(), Node::SnapshotInfo(i.clone()))),
             Node::Vm(id) => {
                 self.vm(id)?;
                 for (n, f) in VM_FILES {
@@ -357,6 +382,7 @@ impl Tree {
             Node::Readme => README.as_bytes().to_vec(),
             Node::Defaults => self.mgr.defaults().to_defaults().into_bytes(),
             Node::ImageInfo(i) => self.mgr.image_info(i)?.into_bytes(),
+            Node::SnapshotInfo(i) => self.mgr.snapshot_info(i)?.into_bytes(),
             Node::VmFile(id, VmFile::State) => {
                 format!("{}\n", self.vm(id)?.state().render()).into_bytes()
             }
@@ -390,6 +416,9 @@ impl Tree {
             | Node::RunsLast(id)
             | Node::Run(id, _)
             | Node::RunFile(id, _, _) => id,
+            Node::Snapshot(s) | Node::SnapshotInfo(s) => {
+                return self.mgr.snapshot_owner(s).unwrap_or((0, 0))
+            }
             _ => return (0, 0),
         };
         self.vm(id).map(|v| (v.uid, v.gid)).unwrap_or((0, 0))
@@ -404,6 +433,7 @@ impl Tree {
             // Sticky like /tmp: anyone may mkdir a VM, only its owner may rmdir it.
             Node::Root => dir(0o1777),
             Node::Images | Node::Image(_) | Node::Snapshots => dir(0o755),
+            Node::Snapshot(_) => dir(0o700),
             Node::Vm(_) => dir(0o700),
             // Shown while the guest is unreachable; a running guest's root attributes
             // replace this (see `guestfs`).
@@ -417,7 +447,7 @@ impl Tree {
                 self.generated(node)?.map_or(0, |c| c.len() as u64),
             ),
             Node::Events => (Kind::File, 0o444, file_len(self.mgr.events.path())),
-            Node::Readme | Node::ImageInfo(_) => (
+            Node::Readme | Node::ImageInfo(_) | Node::SnapshotInfo(_) => (
                 Kind::File,
                 0o444,
                 self.generated(node)?.map_or(0, |c| c.len() as u64),

@@ -9,9 +9,10 @@
 //!   from the state directory alone.
 pub mod images;
 pub mod runs;
+pub mod snaps;
 pub mod vm;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -80,6 +81,10 @@ pub struct Manager {
     ctl_results: crate::ctl::CtlResults,
     /// Image names being imported, pulled or removed right now.
     images_busy: Mutex<HashSet<String>>,
+    /// Snapshot names being written (see `snaps`).
+    snap_creating: Mutex<HashSet<String>>,
+    /// Snapshot name → number of clone operations restoring from it.
+    snap_busy: Mutex<HashMap<String, usize>>,
 }
 
 fn new_id() -> String {
@@ -99,6 +104,7 @@ impl Manager {
         let layout = Layout::new(state_dir);
         layout.create()?;
         let events = Arc::new(EventLog::open(&layout.events())?);
+        crate::snapshots::remove_leftovers(&layout.snapshots());
         let defaults = match std::fs::read_to_string(layout.defaults()) {
             Ok(text) => VmConfig::default()
                 .parse_defaults(&text)
@@ -128,6 +134,8 @@ impl Manager {
             boot_timeout,
             ctl_results: Default::default(),
             images_busy: Mutex::new(HashSet::new()),
+            snap_creating: Mutex::new(HashSet::new()),
+            snap_busy: Mutex::new(HashMap::new()),
         }))
         .inspect(|m: &Arc<Manager>| m.clean_image_leftovers())
     }
@@ -416,10 +424,11 @@ impl Manager {
                 self.create(&name, &options, uid, gid).await?;
                 Ok(format!("ok: created {name}"))
             }
-            GlobalCmd::Clone { .. } => Err(Error::new(
-                libc::EOPNOTSUPP,
-                "clone: snapshots are not supported yet",
-            )),
+            GlobalCmd::Clone {
+                snapshot,
+                name,
+                count,
+            } => self.clone_snapshot(&snapshot, &name, count, uid, gid).await,
             GlobalCmd::Import {
                 image,
                 source,
@@ -475,13 +484,7 @@ impl Manager {
                 let agent = vm.require_agent()?;
                 crate::guestfs::bench::run(&agent, &what).await
             }
-            VmCmd::Snapshot(name) => {
-                crate::names::validate("snapshot", &name)?;
-                Err(Error::new(
-                    libc::EOPNOTSUPP,
-                    "snapshot: snapshots are not supported yet",
-                ))
-            }
+            VmCmd::Snapshot(name) => self.snapshot(vm, &name).await,
         }
     }
 }

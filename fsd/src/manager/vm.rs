@@ -8,6 +8,9 @@
 //!   at once.
 //! - The on-disk record (`vm.json`) is rewritten after every state change that must
 //!   survive a daemon restart (desired state, boot time).
+mod snapshot;
+pub use snapshot::{Taken, FREEZE_TIMEOUT};
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -664,8 +667,11 @@ impl Vm {
                     self.spawn_monitor(gen);
                     return;
                 }
+                // A daemon that died mid-snapshot leaves the VM paused and frozen.
+                self.undo_interrupted_snapshot(&inst).await;
                 match self.connect_agent(&inst, Duration::from_secs(15)).await {
                     Ok(c) => {
+                        self.thaw_after_adopt(&c).await;
                         *self.agent.lock() = Some(c);
                         self.set_state(VmState::Running);
                         self.events

@@ -130,4 +130,10 @@ impl VmmInstance for HostInstance {
     async fn wait_exit(&self, timeout: Duration) -> bool {
         self.proc.wait_exit(timeout).await
     }
+    async fn save_snapshot(&self, _dir: &std::path::Path) -> Result<super::SavedState, VmmError> {
+        Err(VmmError::Unsupported(
+            "the host test backend runs no VM, so it cannot take snapshots (use backend=qemu)"
+                .into(),
+        ))
+    }
 }

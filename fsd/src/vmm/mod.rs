@@ -23,6 +23,7 @@ pub mod firecracker;
 pub mod host;
 pub mod process;
 pub mod qemu;
+pub mod qemu_snap;
 pub mod qmp;
 
 /// A duplex byte stream to the guest agent.
@@ -118,6 +119,21 @@ pub enum VmmError {
     Timeout(Duration, String),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
+    /// The backend cannot do this at all (e.g. snapshots of the host test backend).
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// What [`VmmInstance::save_snapshot`] wrote (file names relative to the snapshot dir).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedState {
+    /// The VMM state (QEMU: the migration stream, which also holds guest memory;
+    /// Firecracker: the microVM state file).
+    pub state_file: String,
+    /// Guest memory when kept apart from the state (Firecracker).
+    pub memory_file: Option<String>,
+    /// Backend-specific data the restore needs (QEMU: the command line).
+    pub restore: serde_json::Value,
 }
 
 /// A backend: knows how to start and adopt VMM processes of one kind.
@@ -136,6 +152,27 @@ pub trait Backend: Send + Sync {
     /// Re-attach to a VMM left running by an earlier daemon, from `spec.dir` alone.
     /// `Ok(None)` when no live VMM belongs to that directory.
     async fn adopt(&self, spec: &VmSpec) -> Result<Option<Box<dyn VmmInstance>>, VmmError>;
+    /// Whether VMs of this backend can be snapshotted and restored (false only for test
+    /// backends).
+    fn can_snapshot(&self) -> bool {
+        false
+    }
+    /// Start a VMM for `spec` from the snapshot in `snap_dir` (saved by
+    /// [`VmmInstance::save_snapshot`]); returns once the guest runs again. Every path the
+    /// new VMM uses is in `spec.dir` (its own disk copy, sockets, logs); nothing of the
+    /// snapshot's source VM is touched.
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        snap_dir: &std::path::Path,
+        saved: &SavedState,
+    ) -> Result<Box<dyn VmmInstance>, VmmError> {
+        let _ = (spec, snap_dir, saved);
+        Err(VmmError::Unsupported(format!(
+            "the {} backend cannot restore snapshots",
+            self.kind()
+        )))
+    }
 }
 
 /// One running VMM process.
@@ -157,4 +194,12 @@ pub trait VmmInstance: Send + Sync {
     async fn kill(&self) -> Result<(), VmmError>;
     /// Wait until the VMM process has exited, at most `timeout`; true when it exited.
     async fn wait_exit(&self, timeout: Duration) -> bool;
+    /// Save the paused VM's VMM state and memory into the existing directory `dir`. The
+    /// caller paused the VM and resumes it afterwards; the disk is the caller's business.
+    async fn save_snapshot(&self, dir: &std::path::Path) -> Result<SavedState, VmmError> {
+        let _ = dir;
+        Err(VmmError::Unsupported(
+            "this backend cannot take snapshots".into(),
+        ))
+    }
 }

@@ -33,7 +33,7 @@ use serde_json::Value;
 use super::accel::{self, Accel, AccelKind};
 use super::process::{write_atomic, VmmProcess};
 use super::qmp::{Qmp, QmpError};
-use super::{Backend, BackendKind, BoxedAgentStream, VmSpec, VmmError, VmmInstance};
+use super::{Backend, BackendKind, BoxedAgentStream, SavedState, VmSpec, VmmError, VmmInstance};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// Environment variable naming the QEMU binary to use instead of the one on PATH.
@@ -284,6 +284,20 @@ impl Backend for QemuBackend {
 
     async fn adopt(&self, spec: &VmSpec) -> Result<Option<Box<dyn VmmInstance>>, VmmError> {
         Ok(adopt_dir(&spec.dir).map(|i| Box::new(i) as Box<dyn VmmInstance>))
+    }
+
+    fn can_snapshot(&self) -> bool {
+        true
+    }
+
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        snap_dir: &Path,
+        saved: &SavedState,
+    ) -> Result<Box<dyn VmmInstance>, VmmError> {
+        let inst = super::qemu_snap::restore(self, spec, snap_dir, saved).await?;
+        Ok(Box::new(inst))
     }
 }
 
@@ -601,6 +615,10 @@ impl VmmInstance for QemuInstance {
 
     async fn wait_exit(&self, timeout: Duration) -> bool {
         self.proc.wait_exit(timeout).await
+    }
+
+    async fn save_snapshot(&self, dir: &Path) -> Result<SavedState, VmmError> {
+        super::qemu_snap::save(self, dir).await
     }
 }
 

@@ -55,6 +55,7 @@ pub mod api;
 pub mod jailer;
 pub mod kernel;
 pub mod model;
+pub mod snapshot;
 pub mod vsock;
 
 use api::{ApiClient, ApiError};
@@ -470,8 +471,8 @@ fn spawn(dir: &Path, root: &Path, argv: &[String]) -> Result<FcInstance, VmmErro
     Ok(FcInstance::new(proc, dir, root))
 }
 
-/// The launch-time configuration, in Firecracker's documented order.
-async fn configure(api: &ApiClient, spec: &VmSpec, rt: &Runtime) -> Result<(), ApiError> {
+/// Logger and metrics: the only configuration allowed before a snapshot load.
+async fn configure_logging(api: &ApiClient) -> Result<(), ApiError> {
     api.put_logger(&Logger {
         log_path: Some(FC_LOG.into()),
         level: Some(LogLevel::Info),
@@ -482,7 +483,12 @@ async fn configure(api: &ApiClient, spec: &VmSpec, rt: &Runtime) -> Result<(), A
     api.put_metrics(&Metrics {
         metrics_path: METRICS_FILE.into(),
     })
-    .await?;
+    .await
+}
+
+/// The launch-time configuration, in Firecracker's documented order.
+async fn configure(api: &ApiClient, spec: &VmSpec, rt: &Runtime) -> Result<(), ApiError> {
+    configure_logging(api).await?;
     api.put_boot_source(&BootSource {
         kernel_image_path: rt.kernel.clone(),
         boot_args: Some(kernel_cmdline(spec)),
@@ -632,6 +638,21 @@ impl Backend for FirecrackerBackend {
         let argv = self.build_argv(&spec.dir)?;
         tracing::debug!(name = %spec.name, ?argv, "launching Firecracker");
         Ok(Box::new(self.launch_argv(spec, argv, &vmlinux).await?))
+    }
+
+    fn can_snapshot(&self) -> bool {
+        true
+    }
+
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        snap_dir: &Path,
+        saved: &crate::vmm::SavedState,
+    ) -> Result<Box<dyn VmmInstance>, VmmError> {
+        Ok(Box::new(
+            snapshot::restore(self, spec, snap_dir, saved).await?,
+        ))
     }
 
     async fn adopt(&self, spec: &VmSpec) -> Result<Option<Box<dyn VmmInstance>>, VmmError> {
@@ -836,6 +857,10 @@ impl VmmInstance for FcInstance {
 
     async fn wait_exit(&self, timeout: Duration) -> bool {
         self.proc.wait_exit(timeout).await
+    }
+
+    async fn save_snapshot(&self, dir: &Path) -> Result<crate::vmm::SavedState, VmmError> {
+        snapshot::save(self, dir).await
     }
 }
 

@@ -623,3 +623,149 @@ async fn jailed_launch_links_files_into_the_jail_and_uses_relative_paths() {
     assert_eq!(&buf, b"hi");
     inst.kill().await.unwrap();
 }
+
+/// A stand-in for Firecracker that ignores its arguments (`--api-sock ...`) and lives on.
+fn fake_firecracker(dir: &Path) -> String {
+    let p = dir.join("fake-firecracker");
+    std::fs::write(&p, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// Snapshot create on a (fake) running instance, then restore into another directory:
+/// the documented bodies, only logger/metrics before the load, `vsock_override` only from
+/// 1.16, relative disk/vsock paths so the restored VM uses its own directory.
+#[tokio::test]
+async fn snapshot_create_and_restore_send_the_documented_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let snap = tmp.path().join("snap");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    let b = backend("/bin/sleep");
+    let s = spec(&src);
+    let argv = vec!["/bin/sleep".to_string(), "30".into()];
+    let d2 = src.clone();
+    let server = tokio::spawn(async move { serve_later(&d2, all_ok(), false).await });
+    let inst = b
+        .launch_argv(&s, argv, Path::new("/s/boot/vmlinux"))
+        .await
+        .unwrap();
+    let (api_task, seen, _) = server.await.unwrap();
+    seen.lock().unwrap().clear();
+    let saved = inst.save_snapshot(&snap).await.unwrap();
+    assert_eq!(saved.state_file, "state");
+    assert_eq!(saved.memory_file.as_deref(), Some("memory"));
+    let create = seen.lock().unwrap().clone();
+    assert_eq!(create.len(), 1);
+    assert_eq!(
+        (create[0].method.as_str(), create[0].path.as_str()),
+        ("PUT", "/snapshot/create")
+    );
+    assert_eq!(
+        create[0].body,
+        json!({"snapshot_type": "Full",
+               "snapshot_path": snap.join("state").to_str().unwrap(),
+               "mem_file_path": snap.join("memory").to_str().unwrap()})
+    );
+    inst.kill().await.unwrap();
+    api_task.abort();
+
+    // Restore needs the files; the fake API does not write them.
+    std::fs::write(snap.join("state"), b"s").unwrap();
+    std::fs::write(snap.join("memory"), b"m").unwrap();
+    for (version, with_override) in [
+        (FcVersion::new(1, 10, 1), false),
+        (FcVersion::new(1, 16, 0), true),
+    ] {
+        let dst = tmp.path().join(format!("dst-{with_override}"));
+        std::fs::create_dir_all(&dst).unwrap();
+        let mut b = backend(&fake_firecracker(tmp.path()));
+        b.version = version;
+        let mut s2 = spec(&dst);
+        s2.name = "clone-1".into();
+        let d3 = dst.clone();
+        let server = tokio::spawn(async move { serve_later(&d3, all_ok(), false).await });
+        let inst = snapshot::restore(&b, &s2, &snap, &saved).await.unwrap();
+        let (api_task, seen, _) = server.await.unwrap();
+        let calls: Vec<Seen> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path != "/version")
+            .cloned()
+            .collect();
+        let names: Vec<String> = calls
+            .iter()
+            .map(|s| format!("{} {}", s.method, s.path))
+            .collect();
+        assert_eq!(names, ["PUT /logger", "PUT /metrics", "PUT /snapshot/load"]);
+        let mut expected = json!({
+            "snapshot_path": snap.join("state").to_str().unwrap(),
+            "mem_backend": {"backend_type": "File",
+                            "backend_path": snap.join("memory").to_str().unwrap()},
+            "resume_vm": true
+        });
+        if with_override {
+            expected["vsock_override"] = json!({"uds_path": "vsock.sock"});
+        }
+        assert_eq!(calls[2].body, expected, "version {version}");
+        assert!(load_record(&dst).is_some());
+        inst.kill().await.unwrap();
+        api_task.abort();
+    }
+}
+
+#[tokio::test]
+async fn refused_snapshot_load_fails_clearly_and_kills() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (snap, dst) = (tmp.path().join("snap"), tmp.path().join("dst"));
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(&dst).unwrap();
+    let saved = crate::vmm::SavedState {
+        state_file: "state".into(),
+        memory_file: Some("memory".into()),
+        restore: Value::Null,
+    };
+    let b = backend(&fake_firecracker(tmp.path()));
+    // Missing files are refused before anything starts.
+    match snapshot::restore(&b, &spec(&dst), &snap, &saved).await {
+        Err(VmmError::StartFailed(m)) => assert!(m.contains("is missing"), "{m}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("restore without files succeeded"),
+    }
+    assert!(!dst.join("vmm.pid").exists());
+    std::fs::write(snap.join("state"), b"s").unwrap();
+    std::fs::write(snap.join("memory"), b"m").unwrap();
+    let refuse: Arc<Responder> =
+        Arc::new(|method: &str, path: &str, _: &Value| match (method, path) {
+            ("GET", "/version") => (200, r#"{"firecracker_version":"1.10.1"}"#.into()),
+            ("PUT", "/snapshot/load") => (
+                400,
+                r#"{"fault_message":"Load snapshot error: Cannot deserialize the microVM state"}"#
+                    .into(),
+            ),
+            _ => (204, String::new()),
+        });
+    let d = dst.clone();
+    let server = tokio::spawn(async move { serve_later(&d, refuse, false).await });
+    let err = snapshot::restore(&b, &spec(&dst), &snap, &saved)
+        .await
+        .err()
+        .unwrap();
+    let (api_task, _, _) = server.await.unwrap();
+    api_task.abort();
+    match err {
+        VmmError::StartFailed(m) => {
+            assert!(m.contains("Cannot deserialize the microVM state"), "{m}");
+            assert!(m.contains("/snapshot/load"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // No memory file recorded: a clear error, nothing started.
+    let bad = crate::vmm::SavedState {
+        memory_file: None,
+        ..saved
+    };
+    assert!(snapshot::load_params(&snap, &bad, FcVersion::new(1, 16, 0)).is_err());
+}
