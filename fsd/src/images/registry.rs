@@ -88,16 +88,27 @@ impl PullRef {
     }
 }
 
+/// Where the docker-style config is: `$DOCKER_CONFIG/config.json`, else
+/// `$HOME/.docker/config.json` (none without either variable).
+pub fn docker_config_path() -> Option<PathBuf> {
+    match std::env::var_os("DOCKER_CONFIG") {
+        Some(d) => Some(PathBuf::from(d).join("config.json")),
+        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")),
+    }
+}
+
 /// Credentials for `registry` from a docker-style config, if any.
 pub fn docker_auth(registry: &str) -> RegistryAuth {
-    let path = match std::env::var_os("DOCKER_CONFIG") {
-        Some(d) => PathBuf::from(d).join("config.json"),
-        None => match std::env::var_os("HOME") {
-            Some(h) => PathBuf::from(h).join(".docker/config.json"),
-            None => return RegistryAuth::Anonymous,
-        },
-    };
-    match std::fs::read(&path) {
+    match docker_config_path() {
+        Some(path) => auth_from_file(&path, registry),
+        None => RegistryAuth::Anonymous,
+    }
+}
+
+/// Credentials for `registry` from the docker config file at `path` (anonymous when the
+/// file cannot be read or has none for it).
+pub fn auth_from_file(path: &Path, registry: &str) -> RegistryAuth {
+    match std::fs::read(path) {
         Ok(bytes) => auth_from_config(&bytes, registry),
         Err(_) => RegistryAuth::Anonymous,
     }
@@ -179,7 +190,14 @@ pub struct Pulled {
 }
 
 impl Puller {
+    /// A puller with the credentials of the docker config ([`docker_auth`]).
     pub fn new(pref: PullRef) -> Puller {
+        let auth = docker_auth(pref.reference.registry());
+        Puller::with_auth(pref, auth)
+    }
+
+    /// A puller with explicit credentials (e.g. from [`auth_from_file`]).
+    pub fn with_auth(pref: PullRef, auth: RegistryAuth) -> Puller {
         let registry = pref.reference.resolve_registry().to_string();
         let config = ClientConfig {
             protocol: if pref.insecure {
@@ -194,7 +212,7 @@ impl Puller {
         };
         Puller {
             client: Client::new(config),
-            auth: docker_auth(pref.reference.registry()),
+            auth,
             pref,
         }
     }
