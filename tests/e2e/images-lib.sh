@@ -99,6 +99,7 @@ mk_oci() {
 }
 
 # start_registry: a docker-registry on a free loopback port; sets REG (host:port).
+# With REG_HTPASSWD=FILE (bcrypt htpasswd) it requires basic auth; push then uses REG_CREDS.
 start_registry() {
   _rd=$IMG_WORK/registry
   mkdir -p "$_rd/data"
@@ -117,9 +118,12 @@ storage:
 http:
   addr: 127.0.0.1:$_port
 EOF
+    if [ -n "${REG_HTPASSWD:-}" ]; then
+      printf 'auth:\n  htpasswd:\n    realm: bandsox-test\n    path: %s\n' "$REG_HTPASSWD" >> "$_rd/config.yml"
+    fi
     docker-registry serve "$_rd/config.yml" > "$_rd/log" 2>&1 &
     REG_PID=$!
-    if wait_for 15 curl -sf "http://127.0.0.1:$_port/v2/"; then
+    if wait_for 15 registry_answers "$_port"; then
       REG=127.0.0.1:$_port
       return 0
     fi
@@ -128,9 +132,14 @@ EOF
   fail "the registry did not start: $(tail -n 5 "$_rd/log")"
 }
 
+registry_answers() {
+  case $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$1/v2/") in 200|401) return 0;; esac
+  return 1
+}
+
 # push LAYOUT:TAG REPO:TAG
 push() {
-  skopeo copy -q --dest-tls-verify=false "oci:$1" "docker://$REG/$2" >/dev/null \
+  skopeo copy -q --dest-tls-verify=false ${REG_CREDS:+--dest-creds "$REG_CREDS"} "oci:$1" "docker://$REG/$2" >/dev/null \
     || fail "skopeo copy $1 to $REG/$2 failed"
 }
 

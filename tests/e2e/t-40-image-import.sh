@@ -53,6 +53,17 @@ assert_eq "old" "$(run_in t40a 'cat /etc/replaced')"
 run_in t40a 'test "$(stat -c %i /bin/busybox)" = "$(stat -c %i /bin/hardbb)" && echo same' | grep -q same \
   || fail "hard link lost"
 
+# disk=MiB grows the VM's own copy (offline resize2fs); the image itself keeps its size.
+img_mib=$(( $(stat -c %s "$STATE/images/t40-tar/disk.ext4") >> 20 ))
+create_vm t40c image=t40-tar disk=$((img_mib + 300))
+fs_mib=$(run_in t40c 'df -m / | tail -n1' | awk '{print $2}')
+[ "$fs_mib" -gt $((img_mib + 200)) ] || fail "disk=$((img_mib + 300)) gave a ${fs_mib} MiB filesystem (image ${img_mib} MiB)"
+assert_eq "$img_mib" "$(( $(stat -c %s "$STATE/images/t40-tar/disk.ext4") >> 20 ))" "image size unchanged"
+run_in t40c 'head -c 100000000 /dev/zero > /big && sync && echo wrote' | grep -qx wrote || fail "cannot use the grown disk"
+rmdir "$MNT/t40c"
+write_expect_error "$MNT/ctl" "create t40d image=t40-tar disk=1" "Invalid argument"
+[ ! -e "$MNT/t40d" ] || fail "a VM with a too small disk was created"
+
 # The docker-save image: config applied, layers merged with whiteouts.
 create_vm t40b image=t40-save
 out=$(run_in t40b 'echo uid=$(id -u) gid=$(id -g) groups="$(id -G)" pwd=$(pwd) g=$GREETING home=$HOME')
