@@ -28,7 +28,7 @@ impl CtlResults {
     }
 }
 
-pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] | import IMAGE SOURCE [size=MiB] [headroom=MiB] [tag=NAME] | pull IMAGE REFERENCE [size=MiB] [headroom=MiB]";
+pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] | import IMAGE SOURCE [size=MiB] [headroom=MiB] [tag=NAME] | pull IMAGE REFERENCE [size=MiB] [headroom=MiB] | build IMAGE DIR [file=DOCKERFILE] [size=MiB] [headroom=MiB]";
 pub const VM_HELP: &str =
     "accepted: start | stop | kill | pause | resume | restart | snapshot NAME | reconnect";
 pub const RUN_HELP: &str = "accepted: kill [SIGNAL] | close-stdin";
@@ -49,6 +49,13 @@ pub enum GlobalCmd {
     Import {
         image: String,
         source: String,
+        options: crate::images::ImageOptions,
+    },
+    Build {
+        image: String,
+        context: String,
+        /// `file=`: the Dockerfile, relative to the context unless absolute.
+        file: Option<String>,
         options: crate::images::ImageOptions,
     },
     Pull {
@@ -130,15 +137,39 @@ pub fn parse_global(line: &str) -> Result<GlobalCmd> {
             source: source.to_string(),
             options: image_options(rest)?,
         }),
+        ["build", image, context, rest @ ..] => {
+            let file = rest
+                .iter()
+                .find_map(|w| w.strip_prefix("file="))
+                .filter(|f| !f.is_empty())
+                .map(str::to_string);
+            let others: Vec<&str> = rest
+                .iter()
+                .copied()
+                .filter(|w| !w.starts_with("file="))
+                .collect();
+            let options = image_options(&others)?;
+            if options.tag.is_some() {
+                return Err(Error::invalid(
+                    "build: tag= selects an image of an OCI layout; build makes exactly one",
+                ));
+            }
+            Ok(GlobalCmd::Build {
+                image: image.to_string(),
+                context: context.to_string(),
+                file,
+                options,
+            })
+        }
         ["pull", image, reference, rest @ ..] => Ok(GlobalCmd::Pull {
             image: image.to_string(),
             reference: reference.to_string(),
             options: image_options(rest)?,
         }),
         [] => Err(Error::invalid(format!("empty command; {GLOBAL_HELP}"))),
-        [cmd @ ("create" | "clone" | "import" | "pull"), ..] => Err(Error::invalid(format!(
-            "{cmd}: wrong number of arguments; {GLOBAL_HELP}"
-        ))),
+        [cmd @ ("create" | "clone" | "import" | "pull" | "build"), ..] => Err(Error::invalid(
+            format!("{cmd}: wrong number of arguments; {GLOBAL_HELP}"),
+        )),
         [cmd, ..] => Err(Error::invalid(format!(
             "unknown command {cmd:?}; {GLOBAL_HELP}"
         ))),
@@ -268,12 +299,28 @@ mod tests {
             parse_global("import x /tmp/a.tar").unwrap(),
             GlobalCmd::Import { .. }
         ));
+        match parse_global("build app /src file=alt.df headroom=8").unwrap() {
+            GlobalCmd::Build {
+                image,
+                context,
+                file,
+                options,
+            } => {
+                assert_eq!((image.as_str(), context.as_str()), ("app", "/src"));
+                assert_eq!(file.as_deref(), Some("alt.df"));
+                assert_eq!(options.headroom_mib, Some(8));
+            }
+            other => panic!("{other:?}"),
+        }
         for bad in [
             "",
             "bogus",
             "create",
             "import x",
             "import x /a bogus=1",
+            "build x",
+            "build x /src bogus=1",
+            "build x /src tag=v1",
             "pull x ref size=abc",
             "clone s",
             "clone s b count=0",

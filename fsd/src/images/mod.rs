@@ -16,6 +16,7 @@
 //!   inside its root; sizes from manifests and headers are never trusted (see [`Budget`]).
 //! - Long work runs on blocking threads (never on FUSE threads) and is bounded by a
 //!   deadline ([`IMAGE_TIMEOUT`]); progress is reported as events.
+pub mod build;
 pub mod layers;
 pub mod oci;
 pub mod registry;

@@ -1,4 +1,4 @@
-//! The manager's image operations: `import`, `pull`, `rmdir images/NAME`, and the
+//! The manager's image operations: `import`, `pull`, `build`, `rmdir images/NAME`, and the
 //! image entrypoint run (`autostart=1` → `runs/main`).
 //!
 //! Invariants:
@@ -146,6 +146,70 @@ impl Manager {
         .map_err(|e| Error::io(format!("import task failed: {e}")))
         .and_then(|r| r);
         self.conclude(name, "import", &dir, &progress, t0, result)
+    }
+
+    /// `build NAME DIR [file=F]`: build DIR's Dockerfile with the host's builder
+    /// (buildah or docker), then import its archive (root only, like `import`).
+    pub async fn build_image(
+        self: &Arc<Self>,
+        name: &str,
+        context: &str,
+        file: Option<&str>,
+        opts: ImageOptions,
+        uid: u32,
+    ) -> Result<String> {
+        if uid != 0 {
+            return Err(Error::new(
+                libc::EPERM,
+                "build runs a builder on host paths with the daemon's privileges, so only \
+                 root may build; other users can pull from a registry",
+            ));
+        }
+        let (ctx, dockerfile) = images::build::resolve(context, file)?;
+        let builder = images::build::Builder::detect()?;
+        let _reservation = self.reserve_image(name)?;
+        let progress = Arc::new(Progress::new(
+            self.events.clone(),
+            name,
+            Instant::now() + images::image_timeout(),
+        ));
+        progress.event(
+            "build-start",
+            &format!("builder={} context={context}", builder.name()),
+        );
+        let work = self.new_work(name)?;
+        let t0 = Instant::now();
+        let (p, final_dir, n) = (
+            progress.clone(),
+            self.layout.image_dir(name),
+            name.to_string(),
+        );
+        let dir = work.dir.clone();
+        let source = format!("build:{}", ctx.display());
+        let result = tokio::task::spawn_blocking(move || -> Result<images::ImageInfo> {
+            let archive = work.dir.join("build.tar");
+            // Builders want lowercase repository names.
+            let tag = format!(
+                "localhost/bandsox-build-{}-{:08x}",
+                n.to_ascii_lowercase(),
+                rand::random::<u32>()
+            );
+            let log = work.dir.join("build.log");
+            images::build::run(&builder, &ctx, &dockerfile, &tag, &archive, &log, &p)?;
+            p.event("build-finished", &format!("builder={}", builder.name()));
+            let kind = images::source::detect(&archive)?;
+            let mut unpacked = images::unpack_local(&archive, kind, &work, None, &p)?;
+            std::fs::remove_file(&archive)?;
+            unpacked.kind = "build".into();
+            unpacked.reference = Some(source.clone());
+            let info = images::finish(&work, unpacked, &n, &source, &opts, uid, &p)?;
+            images::commit(&work, &final_dir)?;
+            Ok(info)
+        })
+        .await
+        .map_err(|e| Error::io(format!("build task failed: {e}")))
+        .and_then(|r| r);
+        self.conclude(name, "build", &dir, &progress, t0, result)
     }
 
     /// `pull NAME REFERENCE`: fetch from a registry (through the blob cache) and build.

@@ -439,6 +439,15 @@ impl Manager {
                 reference,
                 options,
             } => self.pull_image(&image, &reference, options, uid).await,
+            GlobalCmd::Build {
+                image,
+                context,
+                file,
+                options,
+            } => {
+                self.build_image(&image, &context, file.as_deref(), options, uid)
+                    .await
+            }
         }
     }
 
