@@ -60,7 +60,9 @@ for t in "$here"/t-*.sh; do
   # Every test starts with a mounted daemon (a test may restart it).
   mountpoint -q "$MNT" || start_daemon
   start=$(date +%s)
-  if timeout -k 5 300 bash "$t" > "$work/$name.log" 2>&1; then
+  # A test may ask for more than the default 300 s with a "# timeout: SECONDS" line.
+  limit=$(sed -n 's/^# timeout: \([0-9][0-9]*\)$/\1/p' "$t" | head -n1)
+  if timeout -k 5 "${limit:-300}" bash "$t" > "$work/$name.log" 2>&1; then
     passed=$((passed+1)); echo "ok   $name ($(( $(date +%s) - start ))s)"
   else
     failed=$((failed+1)); failed_names="$failed_names $name"

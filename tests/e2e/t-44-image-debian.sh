@@ -3,6 +3,7 @@
 # debootstrap needs a Debian mirror (BANDSOX_DEBIAN_MIRROR) and about a minute, so the
 # rootfs is built on the first run and cached as $BANDSOX_CACHE/debian-minbase-bookworm.tar.zst
 # (delete it to rebuild). Run alone: tests/e2e/run.sh t-44
+# timeout: 600
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/images-lib.sh"
 cache=${BANDSOX_CACHE:-/var/cache/bandsox}/debian-minbase-bookworm.tar.zst
