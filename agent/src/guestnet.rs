@@ -140,19 +140,46 @@ pub fn apply(cfg: Option<&GuestNetConfig>) {
     }
 }
 
+/// Give a running guest (a restored clone) a new address: the first non-`lo` interface
+/// gets `cfg`'s address and netmask in place of its old ones, the default route points
+/// at `cfg`'s gateway, and resolv.conf names `cfg`'s resolvers.
+pub fn reapply(cfg: &GuestNetConfig) -> std::io::Result<()> {
+    let iface = first_interface()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no network interface"))?;
+    // The old default route goes first: its gateway is not on the new subnet.
+    sys::del_default_route()?;
+    sys::set_addr(&iface, cfg.addr, cfg.netmask())?;
+    sys::set_up(&iface)?;
+    sys::add_default_route(cfg.gateway)?;
+    if !cfg.dns.is_empty() {
+        write_resolv_conf(&cfg.dns);
+    }
+    tracing::info!(
+        "network re-addressed: {iface} {}/{} via {}",
+        cfg.addr,
+        cfg.prefix,
+        cfg.gateway
+    );
+    Ok(())
+}
+
+fn first_interface() -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n != "lo")
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.into_iter().next()
+}
+
 fn wait_for_interface() -> Option<String> {
     let deadline = std::time::Instant::now() + IFACE_WAIT;
     loop {
-        let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| n != "lo")
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        if let Some(n) = names.into_iter().next() {
+        if let Some(n) = first_interface() {
             return Some(n);
         }
         if std::time::Instant::now() >= deadline {
@@ -250,6 +277,19 @@ mod sys {
         let mut r = ifreq(name)?;
         r.ifr_ifru.ifru_netmask = sockaddr(mask);
         ioctl(&s, libc::SIOCSIFNETMASK, &mut r)
+    }
+
+    /// Remove the IPv4 default route, if there is one.
+    pub fn del_default_route() -> io::Result<()> {
+        let s = socket()?;
+        // SAFETY: rtentry is plain old data; all-zero is a valid value (null rt_dev).
+        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr(Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
+        match ioctl(&s, libc::SIOCDELRT, &mut rt) {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            r => r,
+        }
     }
 
     pub fn add_default_route(gateway: Ipv4Addr) -> io::Result<()> {

@@ -50,7 +50,7 @@ pub use codec::{
 };
 
 /// Bumped on any incompatible change to [`Message`] or framing.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Marks the start of a session in both directions (see module docs).
 pub const SYNC_MAGIC: [u8; 8] = *b"BSXSYNC\x01";
@@ -221,6 +221,10 @@ pub struct Identity {
     pub entropy: Vec<u8>,
     /// 32 lowercase hex digits; written only where `/etc/machine-id` exists.
     pub machine_id: Option<String>,
+    /// The clone's own network (`net=tap`): a `bandsox.net=` value
+    /// ([`crate::guestnet::GuestNetConfig`]) that replaces the address, netmask, default
+    /// route and resolvers the snapshot's guest had.
+    pub net: Option<String>,
 }
 
 /// agent → host responses.

@@ -1,5 +1,5 @@
 //! Whole-machine requests used around snapshots: freezing the root filesystem and giving
-//! a restored clone its own identity.
+//! a restored clone its own identity (hostname, entropy, machine id, network address).
 //!
 //! Invariants:
 //! - At most one freeze is outstanding; it is tracked by an *epoch* that every freeze and
@@ -214,6 +214,17 @@ fn apply_identity(id: &Identity, machine_id_path: &Path) -> Result<(), Failed> {
             errno_response(
                 e.raw_os_error().unwrap_or(libc::EIO),
                 format!("cannot add entropy: {e}"),
+            )
+        })?;
+    }
+    if let Some(net) = &id.net {
+        let cfg: crate::guestnet::GuestNetConfig = net.parse().map_err(|e| {
+            errno_response(libc::EINVAL, format!("bad network config {net:?}: {e}"))
+        })?;
+        crate::guestnet::reapply(&cfg).map_err(|e| {
+            errno_response(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                format!("cannot re-address the network: {e}"),
             )
         })?;
     }

@@ -206,15 +206,8 @@ impl Manager {
             ));
         }
         if info.config.net == crate::vmm::NetMode::Tap {
-            // The restored guest keeps the source's address and the saved VMM state names
-            // the source's TAP device; giving each clone its own would need both rewritten.
-            return Err(Error::new(
-                libc::EOPNOTSUPP,
-                format!(
-                    "snapshot {snap:?} is of a net=tap VM; clones of net=tap VMs are not \
-                     supported yet (snapshot a net=none or net=user VM)"
-                ),
-            ));
+            // Each clone gets its own TAP device and /30; the agent re-addresses the guest.
+            crate::net::check_tap_possible()?;
         }
         let names = clone_names(name, count);
         for n in &names {
@@ -344,6 +337,18 @@ impl Manager {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
+        let net_slot = match info.config.net {
+            crate::vmm::NetMode::Tap => match crate::net::TapPool::from_env()
+                .and_then(|pool| self.net_slots.allocate(&pool))
+            {
+                Ok(slot) => Some(slot),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            },
+            _ => None,
+        };
         let record = VmRecord {
             id,
             name: name.to_string(),
@@ -355,7 +360,7 @@ impl Manager {
             disk_mib: info.disk_mib,
             boot_ms: None,
             desired: Desired::Running,
-            net_slot: None,
+            net_slot,
         };
         let vm = Vm::new(
             record,
@@ -366,6 +371,9 @@ impl Manager {
         );
         if let Err(e) = vm.save_record() {
             let _ = std::fs::remove_dir_all(&dir);
+            if let Some(slot) = net_slot {
+                self.net_slots.release(slot);
+            }
             return Err(e);
         }
         self.vms.write().insert(name.to_string(), vm.clone());

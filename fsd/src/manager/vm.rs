@@ -504,7 +504,7 @@ impl Vm {
 
     /// Delete the VM's TAP device, if it has one. Synchronous on purpose: a restart
     /// creates the device again right after, and must not race a late removal.
-    fn release_network(&self) {
+    pub(super) fn release_network(&self) {
         let rec = self.record();
         if rec.config.net == crate::vmm::NetMode::Tap {
             crate::net::remove_tap(&crate::net::tap_name(&self.id));
@@ -783,7 +783,7 @@ impl Vm {
 }
 
 /// Create the host side of the VM's network (the TAP device for `net=tap`).
-async fn prepare_network(spec: &VmSpec) -> Result<()> {
+pub(super) async fn prepare_network(spec: &VmSpec) -> Result<()> {
     let Some(tap) = spec.net.as_ref().and_then(|n| n.tap.clone()) else {
         return Ok(());
     };

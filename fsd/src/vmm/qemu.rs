@@ -418,23 +418,27 @@ pub fn build_argv(
         ]);
     }
     if let Some(net) = &spec.net {
-        let netdev = match &net.tap {
-            // slirp's defaults are the addresses `net::user_mode_config` gives the guest.
-            None => "user,id=net0".to_string(),
-            Some(tap) => format!(
-                "tap,id=net0,ifname={},script=no,downscript=no",
-                opt_escape(&tap.ifname)
-            ),
-        };
         push(&[
             "-netdev",
-            &netdev,
+            &netdev_arg(net),
             "-device",
             &format!("virtio-net-device,netdev=net0,mac={}", net.mac),
         ]);
     }
     push(&["-pidfile", &s(&spec.pid_path())?]);
     Ok(a)
+}
+
+/// The `-netdev` value for the VM's network (also what a restored clone is given).
+pub fn netdev_arg(net: &crate::net::NetPlan) -> String {
+    match &net.tap {
+        // slirp's defaults are the addresses `net::user_mode_config` gives the guest.
+        None => "user,id=net0".to_string(),
+        Some(tap) => format!(
+            "tap,id=net0,ifname={},script=no,downscript=no",
+            opt_escape(&tap.ifname)
+        ),
+    }
 }
 
 /// The guest kernel command line.

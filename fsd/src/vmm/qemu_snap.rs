@@ -112,12 +112,14 @@ fn flag_value<'a>(argv: &'a [String], flag: &str) -> Option<&'a str> {
 /// The command line that restores a snapshot taken of the VM in `source_dir` into the VM
 /// directory `new_dir` named `new_name`: every path under `source_dir` moves to `new_dir`
 /// (plain and QEMU-option-escaped spellings), `-name` is the new name, an earlier
-/// `-incoming` is dropped and `-incoming defer` is appended.
+/// `-incoming` is dropped and `-incoming defer` is appended. With `netdev`, the
+/// `-netdev` value is replaced (a clone's own TAP device).
 pub fn restore_argv(
     saved: &[String],
     source_dir: &Path,
     new_dir: &Path,
     new_name: &str,
+    netdev: Option<&str>,
 ) -> Result<Vec<String>, VmmError> {
     if saved.is_empty() {
         return Err(VmmError::StartFailed(
@@ -139,6 +141,12 @@ pub fn restore_argv(
                 it.next();
                 out.push(arg.clone());
                 out.push(format!("bandsox-{new_name}"));
+                continue;
+            }
+            "-netdev" if netdev.is_some() => {
+                it.next();
+                out.push(arg.clone());
+                out.extend(netdev.map(str::to_string));
                 continue;
             }
             _ => {}
@@ -177,7 +185,14 @@ pub async fn restore(
         .get("source_dir")
         .and_then(Value::as_str)
         .ok_or_else(|| bad("no source directory recorded"))?;
-    let argv = restore_argv(&argv, Path::new(source_dir), &spec.dir, &spec.name)?;
+    let netdev = spec.net.as_ref().map(super::qemu::netdev_arg);
+    let argv = restore_argv(
+        &argv,
+        Path::new(source_dir),
+        &spec.dir,
+        &spec.name,
+        netdev.as_deref(),
+    )?;
     let state = snap_dir.join(&saved.state_file);
     if !state.is_file() {
         return Err(bad(&format!("{} is missing", state.display())));
@@ -273,6 +288,7 @@ mod tests {
             Path::new("/st/vms/aaa"),
             Path::new("/st/vms/bbb"),
             "b-1",
+            None,
         )
         .unwrap();
         assert_eq!(out.len(), src.len() + 2);
@@ -294,8 +310,15 @@ mod tests {
 
     #[test]
     fn restore_argv_of_a_clone_replaces_its_incoming() {
-        let first = restore_argv(&argv("/v/a"), Path::new("/v/a"), Path::new("/v/b"), "b").unwrap();
-        let second = restore_argv(&first, Path::new("/v/b"), Path::new("/v/c"), "c").unwrap();
+        let first = restore_argv(
+            &argv("/v/a"),
+            Path::new("/v/a"),
+            Path::new("/v/b"),
+            "b",
+            None,
+        )
+        .unwrap();
+        let second = restore_argv(&first, Path::new("/v/b"), Path::new("/v/c"), "c", None).unwrap();
         assert_eq!(second.iter().filter(|a| *a == "-incoming").count(), 1);
         assert_eq!(flag_value(&second, "-pidfile"), Some("/v/c/vmm.pid"));
     }
@@ -312,13 +335,35 @@ mod tests {
                 *a = a.replace("/v/a,x/", "/v/a,,x/");
             }
         }
-        let out = restore_argv(&src, Path::new("/v/a,x"), Path::new("/v/n"), "n").unwrap();
+        let out = restore_argv(&src, Path::new("/v/a,x"), Path::new("/v/n"), "n", None).unwrap();
         assert_eq!(flag_value(&out, "-pidfile"), Some("/v/n/vmm.pid"));
         assert!(out
             .iter()
             .any(|a| a == "socket,id=qmp,path=/v/n/qmp.sock,server=on,wait=off"));
         assert!(out.iter().any(|a| a == "file=/v/a,,xy/other.img"));
-        assert!(restore_argv(&[], Path::new("/a"), Path::new("/b"), "b").is_err());
+        assert!(restore_argv(&[], Path::new("/a"), Path::new("/b"), "b", None).is_err());
+    }
+
+    #[test]
+    fn restore_argv_gives_a_clone_its_own_tap() {
+        let mut src = argv("/v/a");
+        src.extend(
+            [
+                "-netdev",
+                "tap,id=net0,ifname=bsxaaaa,script=no,downscript=no",
+                "-device",
+                "virtio-net-device,netdev=net0,mac=02:bd:00:00:00:01",
+            ]
+            .map(String::from),
+        );
+        let new = "tap,id=net0,ifname=bsxbbbb,script=no,downscript=no";
+        let out = restore_argv(&src, Path::new("/v/a"), Path::new("/v/b"), "b", Some(new)).unwrap();
+        assert_eq!(flag_value(&out, "-netdev"), Some(new));
+        // The NIC (and its MAC, part of the saved device state) stays as it was.
+        assert!(out
+            .iter()
+            .any(|a| a == "virtio-net-device,netdev=net0,mac=02:bd:00:00:00:01"));
+        assert!(!out.iter().any(|a| a.contains("bsxaaaa")));
     }
 
     #[test]

@@ -206,10 +206,15 @@ impl Vm {
                 return Err(e);
             }
         };
+        if let Err(e) = super::prepare_network(&spec).await {
+            self.fail(&e.message);
+            return Err(e);
+        }
         let inst: Arc<dyn VmmInstance> = match self.backend.restore(&spec, snap_dir, saved).await {
             Ok(i) => Arc::from(i),
             Err(e) => {
                 let err = Error::from(e).with_context("restore");
+                self.release_network();
                 self.fail(&err.message);
                 return Err(err);
             }
@@ -229,6 +234,12 @@ impl Vm {
                     rand::random::<u64>(),
                     rand::random::<u64>()
                 )),
+                // A clone on its own TAP device must leave the source's address behind.
+                net: spec
+                    .net
+                    .as_ref()
+                    .filter(|n| n.tap.is_some())
+                    .map(|n| n.guest.to_string()),
             };
             client
                 .request(Request::SetIdentity(identity), THAW_RPC)
@@ -257,6 +268,7 @@ impl Vm {
             Err(e) => {
                 let _ = inst.kill().await;
                 *self.vmm.lock() = None;
+                self.release_network();
                 self.fail(&e.message);
                 Err(e)
             }

@@ -16,6 +16,9 @@
 //!   configured with paths relative to the VM directory, Firecracker's working directory,
 //!   so the restored VM uses *its* directory's disk copy and socket; from 1.16 the vsock
 //!   socket is also named explicitly with `vsock_override`.
+//! - A clone of a `net=tap` VM gets its own TAP device through `network_overrides`
+//!   (Firecracker 1.12+; refused with that reason on older releases); the agent then
+//!   re-addresses the guest (`SetIdentity`).
 //! - A failed load ends the process (Firecracker's documented behaviour); we kill it in any
 //!   case and report Firecracker's `fault_message` verbatim.
 use std::path::Path;
@@ -24,12 +27,13 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::json;
 
 use super::model::{
-    MemBackendType, MemoryBackend, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
-    VsockOverride,
+    MemBackendType, MemoryBackend, NetworkOverride, SnapshotCreateParams, SnapshotLoadParams,
+    SnapshotType, VsockOverride,
 };
 use super::{
     configure_logging, load_record, prepare_dir, spawn, validate, FcInstance, FcRecord, FcVersion,
-    FirecrackerBackend, Runtime, API_READY_DEADLINE, RECORD_FILE, VMM_LOG, VSOCK_SOCK,
+    FirecrackerBackend, Runtime, API_READY_DEADLINE, NET_IFACE_ID, RECORD_FILE, VMM_LOG,
+    VSOCK_SOCK,
 };
 use crate::vmm::process::write_atomic;
 use crate::vmm::qemu::log_tail;
@@ -60,15 +64,31 @@ pub fn create_params(dir: &Path) -> Result<SnapshotCreateParams, VmmError> {
     })
 }
 
-/// The body of `PUT /snapshot/load` restoring `snap_dir` on Firecracker `version`.
+/// The body of `PUT /snapshot/load` restoring `snap_dir` on Firecracker `version`;
+/// `tap` is the clone's own TAP device (`net=tap`), passed as a `network_overrides`
+/// entry for the snapshot's one interface.
 pub fn load_params(
     snap_dir: &Path,
     saved: &SavedState,
     version: FcVersion,
+    tap: Option<&str>,
 ) -> Result<SnapshotLoadParams, VmmError> {
     let memory = saved.memory_file.as_deref().ok_or_else(|| {
         VmmError::StartFailed("snapshot: no Firecracker memory file recorded".into())
     })?;
+    let network_overrides = match tap {
+        None => None,
+        Some(_) if !version.has_network_overrides() => {
+            return Err(VmmError::StartFailed(format!(
+                "a clone of a net=tap VM needs its own TAP device, which Firecracker \
+                 accepts on snapshot load (network_overrides) from 1.12; this is {version}"
+            )))
+        }
+        Some(dev) => Some(vec![NetworkOverride {
+            iface_id: NET_IFACE_ID.into(),
+            host_dev_name: dev.into(),
+        }]),
+    };
     Ok(SnapshotLoadParams {
         snapshot_path: abs(&snap_dir.join(&saved.state_file))?,
         mem_backend: MemoryBackend {
@@ -78,8 +98,7 @@ pub fn load_params(
         enable_diff_snapshots: None,
         track_dirty_pages: None,
         resume_vm: Some(true),
-        // Only net=none VMs exist on Firecracker so far (net=tap is refused at create).
-        network_overrides: None,
+        network_overrides,
         vsock_override: version.has_vsock_override().then(|| VsockOverride {
             uds_path: VSOCK_SOCK.into(),
         }),
@@ -121,7 +140,12 @@ pub async fn restore(
     saved: &SavedState,
 ) -> Result<FcInstance, VmmError> {
     validate(spec)?;
-    let params = load_params(snap_dir, saved, backend.version())?;
+    let tap = spec
+        .net
+        .as_ref()
+        .and_then(|n| n.tap.as_ref())
+        .map(|t| t.ifname.as_str());
+    let params = load_params(snap_dir, saved, backend.version(), tap)?;
     for f in [
         Some(saved.state_file.as_str()),
         saved.memory_file.as_deref(),

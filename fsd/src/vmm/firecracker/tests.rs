@@ -762,10 +762,25 @@ async fn refused_snapshot_load_fails_clearly_and_kills() {
         }
         other => panic!("{other:?}"),
     }
+    let saved_ok = saved.clone();
     // No memory file recorded: a clear error, nothing started.
     let bad = crate::vmm::SavedState {
         memory_file: None,
         ..saved
     };
-    assert!(snapshot::load_params(&snap, &bad, FcVersion::new(1, 16, 0)).is_err());
+    assert!(snapshot::load_params(&snap, &bad, FcVersion::new(1, 16, 0), None).is_err());
+    // A clone of a net=tap VM: its own TAP device replaces the snapshot's (1.12+).
+    let with_tap =
+        snapshot::load_params(&snap, &saved_ok, FcVersion::new(1, 12, 0), Some("bsxc")).unwrap();
+    let j = serde_json::to_value(&with_tap).unwrap();
+    assert_eq!(
+        j["network_overrides"],
+        serde_json::json!([{"iface_id": "eth0", "host_dev_name": "bsxc"}])
+    );
+    assert!(j.get("vsock_override").is_none(), "vsock_override is 1.16+");
+    let old = snapshot::load_params(&snap, &saved_ok, FcVersion::new(1, 11, 0), Some("bsxc"));
+    match old {
+        Err(VmmError::StartFailed(m)) => assert!(m.contains("network_overrides"), "{m}"),
+        other => panic!("{other:?}"),
+    }
 }
