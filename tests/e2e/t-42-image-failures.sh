@@ -52,11 +52,22 @@ tar -C "$W/evil" -cf "$W/evil.tar" --transform 's,^\./f$,../../escaped,' ./f
 expect_fail t42g "import t42g $W/evil.tar" "Invalid argument" "escapes"
 [ ! -e "$STATE/images/escaped" ] && [ ! -e "$STATE/escaped" ] || fail "traversal wrote outside"
 
-# Registry failures: unknown reference, unknown tag, registry down.
+# Registry failures: unknown reference, unknown tag, tampered blob, registry down.
 start_registry
 push "$W/oci:v1" t/app:v1
 expect_fail t42h "pull t42h $REG/t/nosuch:v1" "No such file" "error: pull t42h"
 expect_fail t42i "pull t42i $REG/t/app:nosuchtag" "No such file" "error: pull t42i"
+# A registry that serves a tampered layer (its storage edited behind its back, same size):
+# the download fails its digest check and nothing enters the blob cache.
+push "$W/oci:v1" t/tampered:v1
+layer=$(find "$IMG_WORK/registry/data" -path '*/blobs/sha256/*/data' -size +100k | head -n1)
+[ -n "$layer" ] || fail "no layer blob in the registry's storage"
+printf 'X' | dd of="$layer" bs=1 seek=5000 conv=notrunc status=none
+rm -rf "$STATE/cache"
+expect_fail t42m "pull t42m $REG/t/tampered:v1" "Invalid argument" "digest"
+tail -n 20 "$MNT/events" | grep -q "images/t42m pull-failed" || fail "no pull-failed event"
+ldigest=$(basename "$(dirname "$layer")")
+! find "$STATE/cache" -name "*$ldigest*" 2>/dev/null | grep -q . || fail "the tampered blob entered the cache"
 kill "$REG_PID"; wait "$REG_PID" 2>/dev/null || true; REG_PID=""
 expect_fail t42j "pull t42j $REG/t/app:v1" "No route to host" "cannot be reached"
 tail -n 20 "$MNT/events" | grep -q "images/t42j pull-failed" || fail "no pull-failed event"
