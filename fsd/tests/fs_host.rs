@@ -99,6 +99,11 @@ fn paused_and_killed_vms_fail_promptly() {
 }
 
 #[test]
+fn posix_semantics_match_ext4() {
+    scenario("posix", &[]);
+}
+
+#[test]
 fn lost_agent_connections_are_reestablished_transparently() {
     scenario("reconnect", &[]);
 }

@@ -157,7 +157,13 @@ fn valid_attr(a: &Attr) -> bool {
 }
 
 fn check_name(name: &[u8]) -> Result<()> {
-    if valid_name(name) {
+    if name.len() > bandsox_agent::proto::fs::MAX_NAME {
+        // What the kernel answers for a component longer than NAME_MAX.
+        Err(Error::new(
+            libc::ENAMETOOLONG,
+            format!("name of {} bytes (at most 255)", name.len()),
+        ))
+    } else if valid_name(name) {
         Ok(())
     } else {
         Err(Error::invalid(format!(

@@ -26,8 +26,12 @@ use crate::proto::fs::{
 
 const O_NODE: i32 = libc::O_PATH | libc::O_NOFOLLOW;
 
-/// A validated name as a C string (`EINVAL` for anything but one path component).
+/// A validated name as a C string (`ENAMETOOLONG` past 255 bytes, as the kernel answers;
+/// `EINVAL` for anything else that is not one path component).
 pub(super) fn check_name(name: &[u8]) -> Result<std::ffi::CString, Errno> {
+    if name.len() > crate::proto::fs::MAX_NAME {
+        return Err(Errno::ENAMETOOLONG);
+    }
     if !valid_name(name) {
         return Err(Errno::EINVAL);
     }
