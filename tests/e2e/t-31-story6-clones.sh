@@ -4,7 +4,8 @@
 . "$(dirname "$0")/lib.sh"
 echo 'create s6 memory=128' > "$MNT/ctl" || fail "create s6: $(cat "$MNT/ctl")"
 VMS="s6"; trap 'cleanup_vms; rmdir "$MNT/snapshots/snap6" 2>/dev/null || true' EXIT
-printf 'i=0\nwhile true; do i=$((i+1)); echo $i > /root/counter; sleep 0.1; done\n' > "$MNT/s6/fs/root/count.sh"
+# Written to a temporary name and renamed, so a reader never sees a half-written file.
+printf 'i=0\nwhile true; do i=$((i+1)); echo $i > /root/counter.new; mv /root/counter.new /root/counter; sleep 0.1; done\n' > "$MNT/s6/fs/root/count.sh"
 echo 'sleep 10000 >/dev/null 2>&1 &
 sh /root/count.sh >/dev/null 2>&1 &
 echo started' > "$MNT/s6/exec"
