@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::Progress;
 use crate::error::{Error, Result};
+use crate::vmm::qemu::{find_in_path, log_tail};
 
 /// A builder found on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,10 +51,10 @@ impl Builder {
         {
             Some(choice) => Self::from_choice(&choice),
             None => {
-                if let Some(p) = on_path("buildah") {
+                if let Some(p) = find_in_path("buildah") {
                     return Ok(Builder::Buildah(p));
                 }
-                if let Some(p) = on_path("docker") {
+                if let Some(p) = find_in_path("docker") {
                     if docker_answers(&p) {
                         return Ok(Builder::Docker(p));
                     }
@@ -72,7 +73,7 @@ impl Builder {
         let path = if choice.contains('/') {
             Some(PathBuf::from(choice))
         } else {
-            on_path(choice)
+            find_in_path(choice)
         };
         let Some(path) = path.filter(|p| p.is_file()) else {
             return Err(Error::new(
@@ -132,14 +133,6 @@ impl Builder {
             }
         }
     }
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
 }
 
 fn docker_answers(docker: &Path) -> bool {
@@ -260,10 +253,14 @@ fn run_logged(builder: &Builder, mut cmd: Command, log: &Path, progress: &Progre
     if status.success() {
         return Ok(());
     }
+    // The builder's own words go into ctl: no terminal control sequences.
+    let tail: String = log_tail(log, 0, TAIL_LINES)
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect();
     Err(Error::invalid(format!(
-        "{} failed ({status}): {}",
-        builder.name(),
-        last_lines(log, TAIL_LINES)
+        "{} failed ({status}): {tail}",
+        builder.name()
     )))
 }
 
@@ -301,18 +298,6 @@ impl LogFollower {
             }
         }
     }
-}
-
-/// The last `n` non-empty lines of `path`, joined with " | ", control characters removed.
-fn last_lines(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<String> = text
-        .lines()
-        .map(|l| l.chars().filter(|c| !c.is_control()).collect::<String>())
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
 #[cfg(test)]
@@ -393,6 +378,6 @@ mod tests {
         std::fs::write(&p, "old\nSTEP 1/2: FROM x\nSTEP 2/2: COPY\n").unwrap();
         f.poll(|l| seen.push(l.to_string()));
         assert_eq!(seen, ["STEP 1/2: FROM x", "STEP 2/2: COPY"]);
-        assert_eq!(last_lines(&p, 1), "STEP 2/2: COPY");
+        assert_eq!(log_tail(&p, 0, 1), "STEP 2/2: COPY");
     }
 }

@@ -38,6 +38,15 @@ impl Drop for Reservation<'_> {
     }
 }
 
+/// EPERM with `why` for anyone but root.
+fn root_only(uid: u32, why: &'static str) -> Result<()> {
+    if uid == 0 {
+        Ok(())
+    } else {
+        Err(Error::new(libc::EPERM, why))
+    }
+}
+
 /// The run `runs/main` names, if the VM has one.
 pub fn main_run(vm: &Vm) -> Option<u64> {
     std::fs::read_to_string(vm.dir.join(MAIN_RUN_FILE))
@@ -103,13 +112,11 @@ impl Manager {
         opts: ImageOptions,
         uid: u32,
     ) -> Result<String> {
-        if uid != 0 {
-            return Err(Error::new(
-                libc::EPERM,
-                "import reads host paths with the daemon's privileges, so only root may \
-                 import; other users can pull from a registry",
-            ));
-        }
+        root_only(
+            uid,
+            "import reads host paths with the daemon's privileges, so only root may \
+             import; other users can pull from a registry",
+        )?;
         let path = PathBuf::from(source);
         if !path.is_absolute() {
             return Err(Error::invalid(format!(
@@ -117,35 +124,13 @@ impl Manager {
             )));
         }
         let kind = images::source::detect(&path)?;
-        let _reservation = self.reserve_image(name)?;
-        let progress = Arc::new(Progress::new(
-            self.events.clone(),
-            name,
-            Instant::now() + images::image_timeout(),
-        ));
-        progress.event(
-            "import-start",
-            &format!("kind={} source={source}", kind.name()),
-        );
-        let work = self.new_work(name)?;
-        let t0 = Instant::now();
-        let (p, final_dir, n, src) = (
-            progress.clone(),
-            self.layout.image_dir(name),
-            name.to_string(),
-            source.to_string(),
-        );
-        let dir = work.dir.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<images::ImageInfo> {
-            let unpacked = images::unpack_local(&path, kind, &work, opts.tag.as_deref(), &p)?;
-            let info = images::finish(&work, unpacked, &n, &src, &opts, uid, &p)?;
-            images::commit(&work, &final_dir)?;
-            Ok(info)
+        let (n, src) = (name.to_string(), source.to_string());
+        let detail = format!("kind={} source={source}", kind.name());
+        self.build_locally(name, "import", &detail, move |work, p| {
+            let unpacked = images::unpack_local(&path, kind, work, opts.tag.as_deref(), p)?;
+            images::finish(work, unpacked, &n, &src, &opts, uid, p)
         })
         .await
-        .map_err(|e| Error::io(format!("import task failed: {e}")))
-        .and_then(|r| r);
-        self.conclude(name, "import", &dir, &progress, t0, result)
     }
 
     /// `build NAME DIR [file=F]`: build DIR's Dockerfile with the host's builder
@@ -158,35 +143,17 @@ impl Manager {
         opts: ImageOptions,
         uid: u32,
     ) -> Result<String> {
-        if uid != 0 {
-            return Err(Error::new(
-                libc::EPERM,
-                "build runs a builder on host paths with the daemon's privileges, so only \
-                 root may build; other users can pull from a registry",
-            ));
-        }
+        root_only(
+            uid,
+            "build runs a builder on host paths with the daemon's privileges, so only \
+             root may build; other users can pull from a registry",
+        )?;
         let (ctx, dockerfile) = images::build::resolve(context, file)?;
         let builder = images::build::Builder::detect()?;
-        let _reservation = self.reserve_image(name)?;
-        let progress = Arc::new(Progress::new(
-            self.events.clone(),
-            name,
-            Instant::now() + images::image_timeout(),
-        ));
-        progress.event(
-            "build-start",
-            &format!("builder={} context={context}", builder.name()),
-        );
-        let work = self.new_work(name)?;
-        let t0 = Instant::now();
-        let (p, final_dir, n) = (
-            progress.clone(),
-            self.layout.image_dir(name),
-            name.to_string(),
-        );
-        let dir = work.dir.clone();
+        let n = name.to_string();
         let source = format!("build:{}", ctx.display());
-        let result = tokio::task::spawn_blocking(move || -> Result<images::ImageInfo> {
+        let detail = format!("builder={} context={context}", builder.name());
+        self.build_locally(name, "build", &detail, move |work, p| {
             let archive = work.dir.join("build.tar");
             // Builders want lowercase repository names.
             let tag = format!(
@@ -195,21 +162,51 @@ impl Manager {
                 rand::random::<u32>()
             );
             let log = work.dir.join("build.log");
-            images::build::run(&builder, &ctx, &dockerfile, &tag, &archive, &log, &p)?;
+            images::build::run(&builder, &ctx, &dockerfile, &tag, &archive, &log, p)?;
             p.event("build-finished", &format!("builder={}", builder.name()));
             let kind = images::source::detect(&archive)?;
-            let mut unpacked = images::unpack_local(&archive, kind, &work, None, &p)?;
+            let mut unpacked = images::unpack_local(&archive, kind, work, None, p)?;
             std::fs::remove_file(&archive)?;
             unpacked.kind = "build".into();
             unpacked.reference = Some(source.clone());
-            let info = images::finish(&work, unpacked, &n, &source, &opts, uid, &p)?;
+            images::finish(work, unpacked, &n, &source, &opts, uid, p)
+        })
+        .await
+    }
+
+    /// The frame of an image built on this host (`import`, `build`): reserve the name,
+    /// report `{op}-start`, run `job` in a fresh work directory on a blocking thread,
+    /// move the result into place, and conclude.
+    async fn build_locally<F>(
+        self: &Arc<Self>,
+        name: &str,
+        op: &str,
+        detail: &str,
+        job: F,
+    ) -> Result<String>
+    where
+        F: FnOnce(&Work, &Progress) -> Result<images::ImageInfo> + Send + 'static,
+    {
+        let _reservation = self.reserve_image(name)?;
+        let progress = Arc::new(Progress::new(
+            self.events.clone(),
+            name,
+            Instant::now() + images::image_timeout(),
+        ));
+        progress.event(&format!("{op}-start"), detail);
+        let work = self.new_work(name)?;
+        let t0 = Instant::now();
+        let (p, final_dir) = (progress.clone(), self.layout.image_dir(name));
+        let dir = work.dir.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<images::ImageInfo> {
+            let info = job(&work, &p)?;
             images::commit(&work, &final_dir)?;
             Ok(info)
         })
         .await
-        .map_err(|e| Error::io(format!("build task failed: {e}")))
+        .map_err(|e| Error::io(format!("{op} task failed: {e}")))
         .and_then(|r| r);
-        self.conclude(name, "build", &dir, &progress, t0, result)
+        self.conclude(name, op, &dir, &progress, t0, result)
     }
 
     /// `pull NAME REFERENCE`: fetch from a registry (through the blob cache) and build.

@@ -339,17 +339,12 @@ impl Manager {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
-        let net_slot = match config.net {
-            NetMode::Tap => match crate::net::TapPool::from_env()
-                .and_then(|pool| self.net_slots.allocate(&pool))
-            {
-                Ok(slot) => Some(slot),
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(&dir);
-                    return Err(e);
-                }
-            },
-            _ => None,
+        let net_slot = match self.allocate_net_slot(config.net) {
+            Ok(slot) => slot,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
         };
         let record = VmRecord {
             net_slot,
@@ -396,6 +391,16 @@ impl Manager {
             ),
         );
         Ok(vm)
+    }
+
+    /// A slot of the TAP pool for a new `net=tap` VM (`None` for other modes).
+    fn allocate_net_slot(&self, mode: NetMode) -> Result<Option<u32>> {
+        match mode {
+            NetMode::Tap => crate::net::TapPool::from_env()
+                .and_then(|pool| self.net_slots.allocate(&pool))
+                .map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// Stop and delete a VM and its whole state directory.

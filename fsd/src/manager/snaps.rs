@@ -337,17 +337,12 @@ impl Manager {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
-        let net_slot = match info.config.net {
-            crate::vmm::NetMode::Tap => match crate::net::TapPool::from_env()
-                .and_then(|pool| self.net_slots.allocate(&pool))
-            {
-                Ok(slot) => Some(slot),
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(&dir);
-                    return Err(e);
-                }
-            },
-            _ => None,
+        let net_slot = match self.allocate_net_slot(info.config.net) {
+            Ok(slot) => slot,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
         };
         let record = VmRecord {
             id,
