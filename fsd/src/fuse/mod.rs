@@ -495,7 +495,7 @@ impl fuser::Filesystem for BandsoxFs {
         let files = self.files.clone();
         let data = data.to_vec();
         self.rt.spawn(async move {
-            match files.write(fh.0, &data, c).await {
+            match files.write(fh.0, offset, &data, c).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(&e)),
             }

@@ -73,6 +73,8 @@ impl RunStatus {
 
 struct RunInner {
     status: RunStatus,
+    /// For `Lost`: the errno a waiting `close()` reports (EHOSTDOWN, ENOSPC, EIO).
+    lost_errno: i32,
     pid: Option<u32>,
     lens: [u64; 3],
     control: Option<ExecControl>,
@@ -87,6 +89,33 @@ pub struct Run {
     pub started: SystemTime,
     inner: Mutex<RunInner>,
     changed: watch::Sender<u64>,
+}
+
+/// Create a run's `status` file with `running` and room reserved for its final text, so
+/// the final status can be written even when the host disk has filled up meanwhile.
+fn reserve_status(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)?;
+    f.write_all_at(RunStatus::Running.render().as_bytes(), 0)?;
+    // SAFETY: fallocate on an open descriptor we own; no memory is passed. Best effort:
+    // filesystems without fallocate still get the (usually block-sized) first write.
+    unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, 4096) };
+    Ok(())
+}
+
+/// Overwrite `status` in place (no truncate-then-allocate: see [`reserve_status`]).
+fn write_status(path: &Path, text: &str) -> std::io::Result<()> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    f.write_all_at(text.as_bytes(), 0)?;
+    f.set_len(text.len() as u64)
 }
 
 fn status_from_file(text: &str) -> RunStatus {
@@ -119,6 +148,7 @@ impl Run {
                 .open(dir.join(name))?)
         };
         let files = [open("stdout")?, open("stderr")?, open("output")?];
+        reserve_status(&dir.join("status"))?;
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Run {
             n,
@@ -127,6 +157,7 @@ impl Run {
             started: SystemTime::now(),
             inner: Mutex::new(RunInner {
                 status: RunStatus::Running,
+                lost_errno: 0,
                 pid: None,
                 lens: [0; 3],
                 control: None,
@@ -165,6 +196,7 @@ impl Run {
             started,
             inner: Mutex::new(RunInner {
                 status,
+                lost_errno: libc::EIO,
                 pid,
                 lens: [len("stdout"), len("stderr"), len("output")],
                 control: None,
@@ -192,19 +224,48 @@ impl Run {
     }
 
     fn finish(&self, status: RunStatus) {
+        self.finish_with(status, 0)
+    }
+
+    /// The command's fate is unknown; a waiting `close()` reports `errno`.
+    fn finish_lost(&self, errno: i32, why: &str) {
+        self.finish_with(RunStatus::Lost(why.to_string()), errno)
+    }
+
+    fn finish_with(&self, status: RunStatus, lost_errno: i32) {
         {
             let mut inner = self.inner.lock();
             if !inner.status.is_running() {
                 return;
             }
             inner.status = status.clone();
+            inner.lost_errno = lost_errno;
             inner.control = None;
             inner.files = None;
         }
-        if let Err(e) = std::fs::write(self.dir.join("status"), status.render()) {
+        if let Err(e) = write_status(&self.dir.join("status"), &status.render()) {
             tracing::warn!("cannot write status of run {}: {e}", self.dir.display());
         }
         self.bump();
+    }
+
+    /// Why the run was lost, as the error a write-only `exec`'s `close()` returns:
+    /// `EHOSTDOWN` (the VM or its agent went away), `ENOSPC` or another host errno
+    /// (its output could not be stored), `EIO` (anything else). `None` while running
+    /// and for commands that exited.
+    pub fn failure(&self) -> Option<Error> {
+        let inner = self.inner.lock();
+        match &inner.status {
+            RunStatus::Lost(why) => Some(Error::new(
+                if inner.lost_errno > 0 {
+                    inner.lost_errno
+                } else {
+                    libc::EIO
+                },
+                format!("run {}: the command was lost: {why}", self.n),
+            )),
+            _ => None,
+        }
     }
 
     fn append(&self, stream: OutStream, data: &[u8]) -> std::io::Result<()> {
@@ -240,7 +301,11 @@ impl Run {
                         if let Some(c) = self.control() {
                             let _ = c.signal(libc::SIGKILL).await;
                         }
-                        self.finish(RunStatus::Lost(format!("cannot store output: {e}")));
+                        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                        self.finish_lost(
+                            errno,
+                            &format!("cannot store output on the host (command killed): {e}"),
+                        );
                         return;
                     }
                     self.bump();
@@ -250,32 +315,33 @@ impl Run {
                     return;
                 }
                 ExecEvent::Lost => {
-                    self.finish(RunStatus::Lost(
-                        "the connection to the guest was lost (VM stopped or died)".into(),
-                    ));
+                    self.finish_lost(
+                        libc::EHOSTDOWN,
+                        "the connection to the guest was lost (VM stopped or died)",
+                    );
                     return;
                 }
             }
         }
-        self.finish(RunStatus::Lost("the guest agent ended the stream".into()));
+        self.finish_lost(libc::EIO, "the guest agent ended the stream");
     }
 
     /// The guest refused to start the command: say why in its output (so `cat exec`
     /// shows it) and mark it lost.
-    pub fn failed_to_start(&self, why: &str) {
-        let line = format!("bandsox: cannot start the command: {why}\n");
+    pub fn failed_to_start(&self, err: &Error) {
+        let line = format!("bandsox: cannot start the command: {}\n", err.message);
         if let Err(e) = self.append(OutStream::Stderr, line.as_bytes()) {
             tracing::warn!(
                 "run {}: cannot record the start error: {e}",
                 self.dir.display()
             );
         }
-        self.finish(RunStatus::Lost(why.to_string()));
+        self.finish_lost(err.errno, &err.message);
     }
 
-    /// Mark a still-running run as lost (VM killed or stopped, or the exec request failed).
+    /// Mark a still-running run as lost because its VM stopped, was killed or deleted.
     pub fn abandon(&self, why: &str) {
-        self.finish(RunStatus::Lost(why.to_string()));
+        self.finish_lost(libc::EHOSTDOWN, why);
     }
 
     /// Read up to `size` bytes of `stream` at `offset` from the spool file, without waiting.

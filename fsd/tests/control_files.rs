@@ -1,0 +1,178 @@
+//! Control files keep the promises of files (issue 12), through the real mount with the
+//! host test backend: whole-line `ctl` writes, all-or-nothing `exec`, positional writes,
+//! bounded error messages. Writes are made with perl's `syswrite`, so each is exactly
+//! one `write(2)`.
+mod common;
+
+use common::Mounted;
+
+/// VM names under the mount (without the fixed entries).
+fn vms(m: &Mounted) -> Vec<String> {
+    let out = m.ok("ls $M");
+    out.lines()
+        .filter(|l| {
+            !matches!(
+                *l,
+                "README" | "ctl" | "defaults" | "events" | "images" | "snapshots"
+            )
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn ctl_runs_whole_lines_only() {
+    let Some(m) = Mounted::new() else { return };
+
+    // A command split over two writes runs once, whole.
+    m.ok(r#"perl -e 'syswrite STDOUT, "create spl"; select undef,undef,undef,0.2; syswrite STDOUT, "it1\n"' > $M/ctl"#);
+    assert_eq!(vms(&m), ["split1"]);
+
+    // `cat` of a file whose line crosses cat's 128 KiB write boundary: the line is whole.
+    m.ok(r#"perl -e 'print "\n" x 131064, "create zzs1\n"' > /tmp/bsx-ctl-$$; cat /tmp/bsx-ctl-$$ > $M/ctl; rm /tmp/bsx-ctl-$$"#);
+    assert_eq!(vms(&m), ["split1", "zzs1"]);
+
+    // A final line without a newline runs at close.
+    m.ok("printf 'create fin' > $M/ctl");
+    assert!(vms(&m).contains(&"fin".to_string()));
+
+    // A child that inherited the descriptor and never wrote does not end the line by
+    // exiting; the writer's own close does.
+    m.ok("{ printf 'create ch'; sleep 0.3; printf 'ild\\n'; } > $M/ctl");
+    let v = vms(&m);
+    assert!(
+        v.contains(&"child".to_string()) && !v.contains(&"ch".to_string()),
+        "{v:?}"
+    );
+
+    // A writer killed in the middle of a line runs nothing.
+    m.sh(r#"perl -e 'syswrite STDOUT, "create kil"; kill 9, $$' > $M/ctl"#);
+    assert!(!vms(&m).contains(&"kil".to_string()));
+
+    // A line longer than 64 KiB fails with E2BIG and runs nothing.
+    let (code, _, err) = m
+        .sh(r#"perl -e 'syswrite STDOUT, "create big" . ("g" x 70000) . "\n" or exit 7' > $M/ctl"#);
+    assert_eq!(code, 7, "{err}");
+    let (code, _, err) = m.sh(
+        r#"perl -e 'print "create big", "g" x 70000, "\n"' > /tmp/bsx-g-$$; cat /tmp/bsx-g-$$ > $M/ctl; rc=$?; rm /tmp/bsx-g-$$; exit $rc"#,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("Argument list too long"), "{err}");
+    assert!(m.ok("cat $M/ctl").contains("longer than 65536 bytes"));
+    assert!(!vms(&m).iter().any(|v| v.starts_with("big")));
+
+    // A multi-line write with a malformed line runs nothing.
+    let (_, _, err) = m
+        .sh(r#"perl -e 'syswrite STDOUT, "create m1\nbogus\ncreate m2\n" or die "$!\n"' > $M/ctl"#);
+    assert!(err.contains("Invalid argument"), "{err}");
+    let res = m.ok("cat $M/ctl");
+    assert!(
+        res.contains("line 2 of 3") && res.contains("nothing was run"),
+        "{res}"
+    );
+    assert!(!vms(&m).contains(&"m1".to_string()));
+    // One whose second line fails at run time keeps the first and skips the rest.
+    let (_, _, err) = m.sh(
+        r#"perl -e 'syswrite STDOUT, "create m1\ncreate m1\ncreate m2\n" or die "$!\n"' > $M/ctl"#,
+    );
+    assert!(err.contains("File exists"), "{err}");
+    let res = m.ok("cat $M/ctl");
+    assert!(
+        res.contains("line 2 of 3") && res.contains("line 1 was applied"),
+        "{res}"
+    );
+    let v = vms(&m);
+    assert!(
+        v.contains(&"m1".to_string()) && !v.contains(&"m2".to_string()),
+        "{v:?}"
+    );
+
+    // VM ctl: the same line discipline (pause split in two writes).
+    m.ok(r#"perl -e 'syswrite STDOUT, "pau"; syswrite STDOUT, "se\n"' > $M/m1/ctl; test "$(cat $M/m1/state)" = paused"#);
+    m.ok("printf resume > $M/m1/ctl; test \"$(cat $M/m1/state)\" = running");
+}
+
+#[test]
+fn ctl_and_exec_accept_only_appending_positional_writes() {
+    let Some(m) = Mounted::new() else { return };
+    m.ok("mkdir $M/a");
+    // A write that goes back is refused with ESPIPE; the first line stays applied.
+    let (code, _, err) = m.sh(
+        r#"perl -e 'syswrite STDOUT, "create p1\n" or exit 2; sysseek STDOUT, 0, 0; syswrite STDOUT, "create p2\n" and exit 0; print STDERR "$!\n"; exit 3' > $M/ctl"#,
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("Illegal seek"), "{err}");
+    let v = vms(&m);
+    assert!(
+        v.contains(&"p1".to_string()) && !v.contains(&"p2".to_string()),
+        "{v:?}"
+    );
+
+    // exec: a positional write at the end of what was written is an append.
+    m.ok(r#"perl -e 'syswrite STDOUT, "echo po" or exit 2; sysseek STDOUT, 7, 0 or exit 3; syswrite STDOUT, "s\n" or exit 4' > $M/a/exec"#);
+    assert_eq!(m.ok("cat $M/a/exec"), "pos\n");
+    let (code, _, err) = m.sh(
+        r#"perl -e 'syswrite STDOUT, "echo one\n" or exit 2; sysseek STDOUT, 2, 0; syswrite STDOUT, "x" and exit 0; print STDERR "$!\n"; exit 3' > $M/a/exec"#,
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("Illegal seek"), "{err}");
+    // The refused write changed nothing: the script that ran is the first write.
+    assert_eq!(m.ok("cat $M/a/exec"), "one\n");
+}
+
+#[test]
+fn exec_is_all_or_nothing() {
+    let Some(m) = Mounted::new() else { return };
+    m.ok("mkdir $M/a && echo 'echo first' > $M/a/exec");
+    let runs = || m.ok("ls $M/a/runs | grep -c '^[0-9]'");
+    assert_eq!(runs(), "1\n");
+
+    // A 1.1 MB script: E2BIG, and nothing runs (not even its first MiB).
+    let (code, _, err) = m.sh(
+        r#"f=/tmp/bsx-big-$$; { echo 'echo RAN'; perl -e 'print ": ", "x" x 70, "\n" for 1..15500'; } > $f; cat $f > $M/a/exec; rc=$?; rm -f $f; exit $rc"#,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("Argument list too long"), "{err}");
+    assert_eq!(runs(), "1\n");
+
+    // A script over 128 KiB without #! runs whole (it is not passed as one argument).
+    let out = m.ok(
+        r#"f=/tmp/bsx-mid-$$; { perl -e 'print ": ", "x" x 70, "\n" for 1..3000'; echo 'echo done $((1+2))'; } > $f; cat $f > $M/a/exec; rm -f $f; cat $M/a/exec; cat $M/a/runs/last/status"#,
+    );
+    assert_eq!(out, "done 3\n0\n");
+
+    // A writer killed before it closed runs nothing.
+    m.sh(r#"perl -e 'syswrite STDOUT, "echo KILLED\n"; kill 9, $$' > $M/a/exec"#);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(runs(), "2\n");
+    // A child of the writing shell exiting (it never wrote) does not start the script.
+    let out = m.ok("{ echo 'echo a'; sleep 0.2; echo 'echo b'; } > $M/a/exec; cat $M/a/exec");
+    assert_eq!(out, "a\nb\n");
+}
+
+#[test]
+fn bad_ctl_input_is_refused_briefly() {
+    let Some(m) = Mounted::new() else { return };
+    // A key given twice.
+    let (_, _, err) = m.sh("echo 'create x vcpus=1 vcpus=3' > $M/ctl");
+    assert!(err.contains("Invalid argument"), "{err}");
+    assert_eq!(m.ok("cat $M/ctl"), "error: vcpus given twice\n");
+    assert!(vms(&m).is_empty());
+    // A huge unknown command is quoted briefly.
+    let (_, _, err) = m.sh(
+        r#"perl -e 'print "q" x 60000, "\n"' > /tmp/bsx-q-$$; cat /tmp/bsx-q-$$ > $M/ctl; rc=$?; rm /tmp/bsx-q-$$; exit $rc"#,
+    );
+    assert!(err.contains("Invalid argument"), "{err}");
+    let res = m.ok("cat $M/ctl");
+    assert!(
+        res.len() < 800 && res.contains("60000 bytes"),
+        "{}",
+        res.len()
+    );
+    // A defaults write with a key twice changes nothing.
+    let before = m.ok("cat $M/defaults");
+    let (_, _, err) =
+        m.sh(r#"perl -e 'syswrite STDOUT, "vcpus=2\nvcpus=3\n" or die "$!\n"' > $M/defaults"#);
+    assert!(err.contains("Invalid argument"), "{err}");
+    assert_eq!(m.ok("cat $M/defaults"), before);
+}
