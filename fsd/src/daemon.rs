@@ -2,8 +2,10 @@
 //!
 //! Order of `mount`: fork into the background (before any thread exists), start the
 //! tokio runtime, open the state directory, re-adopt VMs left running by an earlier
-//! daemon, clear a stale mount left by a killed daemon, mount, and only then tell the
-//! waiting parent that the tree is up. SIGTERM/SIGINT unmount cleanly; VMs keep running.
+//! daemon, clear a stale mount left by a killed daemon (found in the mount table, its
+//! connection aborted: see [`crate::watchdog`]), start the watchdog, mount, and only then
+//! tell the waiting parent that the tree is up. SIGTERM/SIGINT unmount cleanly; VMs keep
+//! running.
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -35,21 +37,6 @@ pub fn init_logging(default: Option<&str>) {
         .try_init();
 }
 
-/// Is `path` a mount point whose FUSE daemon is gone ("Transport endpoint is not connected")?
-fn is_stale_mount(path: &Path) -> bool {
-    matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let Ok(canon) = std::fs::canonicalize(path) else {
-        return is_stale_mount(path);
-    };
-    std::fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(&*canon.to_string_lossy()))
-}
-
 fn lazy_unmount(path: &Path) -> Result<(), String> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| "mount point contains a NUL byte".to_string())?;
@@ -65,11 +52,14 @@ fn lazy_unmount(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// `bandsox unmount`: detach the tree (found in the mount table, never `stat`ed, so a
+/// mount whose daemon died cannot block this).
 pub fn unmount(mountpoint: &Path) -> Result<(), String> {
-    if !is_mounted(mountpoint) {
-        return Err(format!("{} is not mounted", mountpoint.display()));
+    let mp = crate::watchdog::absolute(mountpoint);
+    match crate::watchdog::mount_at(&mp) {
+        None => Err(format!("{} is not mounted", mountpoint.display())),
+        Some(_) => lazy_unmount(&mp),
     }
-    lazy_unmount(mountpoint)
 }
 
 /// Fork; the parent waits until the child reports the mount is up. Returns in the child
@@ -140,12 +130,15 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         .emit("", "daemon-start", &format!("pid={}", std::process::id()));
     rt.block_on(mgr.reload());
 
-    if is_stale_mount(&opts.mountpoint) || is_mounted(&opts.mountpoint) {
-        tracing::warn!("clearing an earlier mount at {}", opts.mountpoint.display());
-        lazy_unmount(&opts.mountpoint)?;
+    // Never stat the mount point before an earlier mount is gone: if its daemon died,
+    // the stat would wait forever.
+    let mountpoint = crate::watchdog::absolute(&opts.mountpoint);
+    let dead = !crate::watchdog::recorded_daemon_alive(&opts.state_dir);
+    if crate::watchdog::clear_mount(&mountpoint, dead)? {
+        tracing::warn!("cleared an earlier mount at {}", mountpoint.display());
     }
-    std::fs::create_dir_all(&opts.mountpoint)
-        .map_err(|e| format!("{}: {e}", opts.mountpoint.display()))?;
+    std::fs::create_dir_all(&mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    let mut watchdog = crate::watchdog::spawn();
 
     let files = Arc::new(Files::new(Tree::new(mgr.clone())));
     let guest = GuestFs::new(mgr.clone(), rt.handle().clone());
@@ -161,14 +154,23 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     config.acl = SessionACL::All;
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let session = fuser::Session::new(fs, &opts.mountpoint, &config)
-        .map_err(|e| format!("mount {}: {e}", opts.mountpoint.display()))?;
-    tracing::info!("mounted {}", opts.mountpoint.display());
+    let session = fuser::Session::new(fs, &mountpoint, &config)
+        .map_err(|e| format!("mount {}: {e}", mountpoint.display()))?;
+    tracing::info!("mounted {}", mountpoint.display());
+    crate::watchdog::write_pid_file(&opts.state_dir);
+    if let Some((_, stdin)) = watchdog.as_mut() {
+        match crate::watchdog::mount_at(&mountpoint) {
+            Some(entry) => {
+                let _ = writeln!(stdin, "{}", entry.connection());
+            }
+            None => tracing::warn!("the new mount is not in the mount table; no watchdog"),
+        }
+    }
     guest.set_invalidator(Arc::new(crate::fuse::KernelInvalidator(session.notifier())));
     {
         // stat(2) of the mount point is a FUSE request: it can only be answered once the
         // session below runs, so ask from another thread.
-        let mp = opts.mountpoint.clone();
+        let mp = mountpoint.clone();
         std::thread::spawn(move || raise_readahead(&mp, 1024));
     }
     {
@@ -176,7 +178,7 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         crate::fuse::invalidate_vm_entries(files, session.notifier());
     }
 
-    let mp = opts.mountpoint.clone();
+    let mp = mountpoint.clone();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
@@ -197,6 +199,12 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         let _ = f.write_all(b"1");
     }
     let res = session.run().map_err(|e| format!("FUSE session: {e}"));
+    if let Some((mut child, stdin)) = watchdog.take() {
+        drop(stdin);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    crate::watchdog::remove_pid_file(&opts.state_dir);
     mgr.events.emit("", "daemon-stop", "unmounted");
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     res

@@ -25,3 +25,4 @@ pub mod names;
 pub mod net;
 pub mod snapshots;
 pub mod vmm;
+pub mod watchdog;

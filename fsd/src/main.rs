@@ -34,6 +34,12 @@ enum Cmd {
     },
     /// Unmount the tree (VMs keep running and are re-adopted by the next mount).
     Unmount { mountpoint: PathBuf },
+    /// Internal: started by `mount`; aborts the daemon's FUSE connection if it dies.
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long)]
+        pid: u32,
+    },
     /// Benchmark baseline: boot one VM without the daemon, print ms to the agent's answer.
     BenchBoot {
         #[arg(long, env = "BANDSOX_STATE_DIR", default_value = "/var/lib/bandsox")]
@@ -91,6 +97,7 @@ fn main() -> ExitCode {
             threads,
         }),
         Cmd::Unmount { mountpoint } => daemon::unmount(&mountpoint),
+        Cmd::Watchdog { pid } => bandsox_fsd::watchdog::run(pid),
         Cmd::Fslat { dir, n } => bandsox_fsd::fslat::run(&dir, n).map(|line| println!("{line}")),
         Cmd::Fsx {
             file,

@@ -129,6 +129,8 @@ pub enum OpenFile {
 
 pub struct Files {
     pub tree: Tree,
+    /// Root `mkdir`/`rmdir` in flight (root-name invalidations wait for them).
+    pub root_ops: Arc<super::rootops::RootOps>,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
 }
@@ -152,6 +154,7 @@ impl Files {
     pub fn new(tree: Tree) -> Self {
         Files {
             tree,
+            root_ops: Default::default(),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }

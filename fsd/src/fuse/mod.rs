@@ -9,6 +9,7 @@
 //! the reply; everything else answers inline from memory or local files.
 pub mod files;
 pub mod guest;
+pub mod rootops;
 pub mod tree;
 
 use std::ffi::OsStr;
@@ -272,7 +273,9 @@ impl fuser::Filesystem for BandsoxFs {
         };
         let c = caller(req);
         let files = self.files.clone();
+        let busy = files.root_ops.begin();
         self.rt.spawn(async move {
+            let _busy = busy;
             let mgr = files.tree.mgr.clone();
             let res = mgr.create(&name, &[], c.uid, c.gid).await;
             match res {
@@ -348,7 +351,9 @@ impl fuser::Filesystem for BandsoxFs {
             return reply.error(Errno::from_i32(libc::EPERM));
         }
         let files = self.files.clone();
+        let busy = files.root_ops.begin();
         self.rt.spawn(async move {
+            let _busy = busy;
             match files.tree.mgr.delete(&name).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
@@ -784,9 +789,27 @@ impl crate::guestfs::Invalidate for KernelInvalidator {
 
 /// Keep the cached VM-directory and `fs/` names right: after any event of a VM (boot,
 /// exit, delete, ...) drop the kernel's entries for its name and for its `fs/`, whose
-/// inode changes with every boot. Runs until the event log goes away.
+/// inode changes with every boot. Runs until the event log goes away. Root names are
+/// deferred while a root `mkdir`/`rmdir` is in flight (see [`rootops`]).
 pub fn invalidate_vm_entries(files: Arc<Files>, notifier: fuser::Notifier) {
     let mut rx = files.tree.mgr.events.subscribe();
+    {
+        let (files, notifier) = (files.clone(), notifier.clone());
+        tokio::spawn(async move {
+            loop {
+                let names = files.root_ops.take_deferred_when_idle().await;
+                let n = notifier.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    use crate::guestfs::Invalidate;
+                    let inv = KernelInvalidator(n);
+                    for name in names {
+                        inv.entry(tree::ROOT_INO, name.as_bytes());
+                    }
+                })
+                .await;
+            }
+        });
+    }
     tokio::spawn(async move {
         loop {
             let name = match rx.recv().await {
@@ -799,11 +822,14 @@ pub fn invalidate_vm_entries(files: Arc<Files>, notifier: fuser::Notifier) {
                 .mgr
                 .get(&name)
                 .map(|vm| files.tree.ino(&Node::Vm(vm.id.clone())));
+            let root_names = files.root_ops.invalidate_now(&name).unwrap_or_default();
             let n = notifier.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 let inv = KernelInvalidator(n);
                 use crate::guestfs::Invalidate;
-                inv.entry(tree::ROOT_INO, name.as_bytes());
+                for name in root_names {
+                    inv.entry(tree::ROOT_INO, name.as_bytes());
+                }
                 if let Some(ino) = vm_ino {
                     inv.entry(ino, b"fs");
                 }

@@ -148,6 +148,12 @@ impl Manager {
         let mut adopt = Vec::new();
         for e in entries.flatten() {
             let dir = e.path();
+            if !dir.join("vm.json").exists() && !vmm_running_in(&dir) {
+                // A creation (or deletion) the daemon died in: no record, no VMM.
+                tracing::warn!("removing {}: a VM without a record", dir.display());
+                let _ = std::fs::remove_dir_all(&dir);
+                continue;
+            }
             let rec: VmRecord = match std::fs::read(dir.join("vm.json"))
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
@@ -501,6 +507,22 @@ impl Manager {
             VmCmd::Snapshot(name) => self.snapshot(vm, &name).await,
         }
     }
+}
+
+/// Whether `<dir>/vmm.pid` names a live process started in that directory.
+fn vmm_running_in(dir: &std::path::Path) -> bool {
+    let Some(pid) = std::fs::read_to_string(dir.join("vmm.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return false;
+    };
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let dir = dir.as_os_str().as_encoded_bytes();
+            c.windows(dir.len().max(1)).any(|w| w == dir)
+        })
+        .unwrap_or(false)
 }
 
 /// Give a new VM its own copy of the image disk (reflink or sparse), grown to `disk_mib`.
