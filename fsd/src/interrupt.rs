@@ -96,10 +96,14 @@ pub fn killed_by_signal(pid: u32) -> bool {
 }
 
 /// Run `fut` until it completes or `pid` has a watched signal pending (then EINTR).
-/// A `pid` of 0 (kernel-internal request) is never interrupted.
+/// A `pid` of 0 (kernel-internal request) is never interrupted. The first look at the
+/// process is after [`POLL`], so short waits cost no `/proc` read.
 pub async fn interruptible<T>(pid: u32, fut: impl Future<Output = Result<T>>) -> Result<T> {
     tokio::pin!(fut);
-    let mut tick = tokio::time::interval(POLL);
+    if pid == 0 {
+        return fut.await;
+    }
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + POLL, POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -112,6 +116,31 @@ pub async fn interruptible<T>(pid: u32, fut: impl Future<Output = Result<T>>) ->
             }
         }
     }
+}
+
+/// Run `fut` as a task of its own and wait for it like [`interruptible`]. When the
+/// waiting process is interrupted it gets EINTR at once while the task goes on (an
+/// operation half done is not cut off), and `on_abandon` receives the task's output.
+pub async fn detachable<T, F, A>(pid: u32, fut: F, on_abandon: A) -> Result<T>
+where
+    T: Send + 'static,
+    F: Future<Output = T> + Send + 'static,
+    A: FnOnce(T) + Send + 'static,
+{
+    if pid == 0 {
+        return Ok(fut.await);
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Err(out) = tx.send(fut.await) {
+            on_abandon(out);
+        }
+    });
+    interruptible(pid, async {
+        rx.await
+            .map_err(|_| Error::io("the operation ended without an answer"))
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -176,3 +176,131 @@ fn bad_ctl_input_is_refused_briefly() {
     assert!(err.contains("Invalid argument"), "{err}");
     assert_eq!(m.ok("cat $M/defaults"), before);
 }
+
+/// `close` of a write-only exec whose run was lost: the errno says why, and `status`
+/// holds a readable reason.
+#[test]
+fn close_reports_a_lost_run() {
+    let Some(m) = Mounted::with(common::MountOpts {
+        state_tmpfs_mib: Some(24),
+        image_bytes: Some(1 << 20),
+    }) else {
+        return;
+    };
+    m.ok("mkdir $M/a");
+    // The agent (the host backend's "VMM") dies while the command runs.
+    let (code, _, err) = m.sh(
+        r#"(sleep 1; kill -9 $(cat $S/vms/*/vmm.pid)) &
+           perl -e 'open F, ">", "$ENV{M}/a/exec" or die "open: $!\n"; syswrite F, "sleep 100\n"; close F or die "close: $!\n"'"#
+            .replace("$S", &m.state.display().to_string())
+            .as_str(),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("close: Host is down"), "{err}");
+    let status = m.ok("cat $M/a/runs/last/status");
+    assert!(status.starts_with("lost: "), "{status}");
+
+    // A full state directory: the output cannot be stored.
+    m.ok("for i in $(seq 50); do [ \"$(cat $M/a/state)\" = stopped ] && break; sleep 0.1; done; echo start > $M/a/ctl");
+    let (code, _, err) = m.sh(
+        r#"perl -e 'open F, ">", "$ENV{M}/a/exec" or die "open: $!\n"; syswrite F, "head -c 100000000 /dev/zero\n"; close F or die "close: $!\n"'"#,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("close: No space left on device"), "{err}");
+    let status = m.ok("cat $M/a/runs/last/status");
+    assert!(status.starts_with("lost: cannot store output"), "{status}");
+    // The status file on disk says so too (it survives a daemon restart).
+    let n = m.ok("readlink $M/a/runs/last");
+    let on_disk = m.ok(&format!(
+        "cat {}/vms/*/runs/{}/status",
+        m.state.display(),
+        n.trim()
+    ));
+    assert_eq!(on_disk, status);
+}
+
+/// `mkdir` on a full state-dir disk: ENOSPC, the reason in `ctl`, nothing half-made.
+#[test]
+fn mkdir_on_a_full_disk() {
+    let Some(m) = Mounted::with(common::MountOpts {
+        state_tmpfs_mib: Some(8),
+        image_bytes: Some(3 << 20),
+    }) else {
+        return;
+    };
+    m.ok("mkdir $M/a && rmdir $M/a");
+    let s = m.state.display().to_string();
+    m.ok(&format!("head -c 3000000 /dev/urandom > {s}/filler"));
+    let (code, _, err) = m.sh("mkdir $M/b");
+    assert_ne!(code, 0);
+    assert!(err.contains("No space left on device"), "{err}");
+    let res = m.ok("cat $M/ctl");
+    assert!(
+        res.contains("mkdir b") && res.contains("No space left"),
+        "{res}"
+    );
+    assert!(vms(&m).is_empty());
+    assert_eq!(m.ok(&format!("ls -A {s}/vms")), "");
+    std::fs::remove_file(m.state.join("filler")).unwrap();
+    m.ok("mkdir $M/b && test \"$(cat $M/b/state)\" = running");
+}
+
+/// Ctrl-C works while the guest does not answer (its agent stopped with SIGSTOP): a read
+/// under `fs/`, the close of a write-only exec and a ctl command all end with EINTR
+/// within a fraction of a second of SIGINT (or SIGKILL).
+#[test]
+fn signals_end_waits_on_a_silent_guest() {
+    let Some(m) = Mounted::new() else { return };
+    m.ok("mkdir $M/a && echo hi > $M/a/fs/x && cat $M/a/fs/x >/dev/null");
+    let s = m.state.display().to_string();
+    // interrupted SIG CMD: start CMD, send SIG after 0.5 s, print its status and the ms
+    // it took to go away.
+    let script = format!(
+        r#"agent=$(cat {s}/vms/*/vmm.pid)
+        interrupted() {{
+          sig=$1; shift
+          perl -e '$SIG{{INT}}="DEFAULT"; exec @ARGV' "$@" >/dev/null 2>/tmp/bsx-int-err.$$ & p=$!
+          sleep 0.5
+          t=$(date +%s%N); kill -$sig $p; rc=0; wait $p || rc=$?
+          echo "$rc $(( ($(date +%s%N) - t) / 1000000 )) $(tr '\n' ' ' < /tmp/bsx-int-err.$$)"
+        }}
+        kill -STOP $agent
+        interrupted INT cat $M/a/fs/x
+        interrupted KILL cat $M/a/fs/x
+        interrupted INT sh -c 'echo true > $M/a/exec'
+        interrupted INT perl -MPOSIX -e '$SIG{{INT}}=sub {{}}; $fd = POSIX::open("$ENV{{M}}/a/exec", O_WRONLY) // die; POSIX::write($fd, "true\n", 5); POSIX::close($fd) // die "close: $!\n"'
+        interrupted INT perl -e '$SIG{{INT}}=sub {{}}; open F, "<", "$ENV{{M}}/a/fs/x" or die "open: $!\n"; sysread F, $b, 10; die "read: $!\n"'
+        interrupted INT sh -c 'echo ping > $M/a/ctl'
+        interrupted TERM sh -c 'echo ping > $M/a/ctl'
+        kill -CONT $agent
+        rm -f /tmp/bsx-int-err.$$"#
+    );
+    let out = m.ok(&script);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 7, "{out}");
+    for (i, l) in lines.iter().enumerate() {
+        let mut w = l.split_whitespace();
+        let rc: i32 = w.next().unwrap().parse().unwrap();
+        let ms: u64 = w.next().unwrap().parse().unwrap();
+        eprintln!("case {i}: status {rc} after {ms} ms: {l}");
+        assert!(ms < 1000, "case {i} took {ms} ms: {l}");
+        assert_ne!(rc, 0, "case {i}: {l}");
+    }
+    // A process that handles SIGINT sees the errno: close of the exec, open under fs/.
+    assert!(
+        lines[3].contains("close: Interrupted system call"),
+        "{}",
+        lines[3]
+    );
+    assert!(
+        lines[4].contains("open: Interrupted system call"),
+        "{}",
+        lines[4]
+    );
+    // The guest answers again afterwards.
+    assert_eq!(m.ok("cat $M/a/fs/x"), "hi\n");
+    assert_eq!(
+        m.ok("echo 'echo back' > $M/a/exec; cat $M/a/exec"),
+        "back\n"
+    );
+}

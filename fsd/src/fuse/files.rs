@@ -323,7 +323,7 @@ impl Files {
                 }
                 if tx.run.is_none() && !tx.script.is_empty() {
                     let script = std::mem::take(&mut tx.script);
-                    let run = tx.vm.start_run(script, tx.session).await?;
+                    let run = start_run(&tx.vm, script, tx.session, caller.pid).await?;
                     tx.run = Some(run);
                 }
                 let Some(run) = tx.run.clone() else {
@@ -356,9 +356,14 @@ impl Files {
                 Ok(len)
             }
             OpenFile::Stdin(run) => {
-                for chunk in data.chunks(bandsox_agent::proto::MAX_CHUNK) {
-                    run.write_stdin(chunk.to_vec()).await?;
-                }
+                // Waits like a pipe while the command does not read; Ctrl-C ends the wait.
+                interruptible(caller.pid, async {
+                    for chunk in data.chunks(bandsox_agent::proto::MAX_CHUNK) {
+                        run.write_stdin(chunk.to_vec()).await?;
+                    }
+                    Ok(())
+                })
+                .await?;
                 Ok(len)
             }
             OpenFile::Exec(tx) => {
@@ -482,17 +487,20 @@ impl Files {
         }
         for (i, line) in texts.iter().enumerate() {
             let outcome = match &ctl.target {
-                CtlTarget::Root => {
-                    let mgr = self.tree.mgr.clone();
-                    mgr.global_ctl(line, caller.uid, caller.gid).await
+                CtlTarget::Root | CtlTarget::Vm(_) => {
+                    self.run_interruptible(ctl, line, caller).await
                 }
-                CtlTarget::Vm(vm) => self.tree.mgr.vm_ctl(vm, line).await,
-                CtlTarget::Run(run) => match crate::ctl::parse_run(line)? {
-                    crate::ctl::RunCmd::Kill(sig) => run.signal(sig).await.map(|()| String::new()),
-                    crate::ctl::RunCmd::CloseStdin => {
-                        run.close_stdin().await.map(|()| String::new())
-                    }
-                },
+                CtlTarget::Run(run) => {
+                    let cmd = crate::ctl::parse_run(line)?;
+                    interruptible(caller.pid, async {
+                        match cmd {
+                            crate::ctl::RunCmd::Kill(sig) => run.signal(sig).await,
+                            crate::ctl::RunCmd::CloseStdin => run.close_stdin().await,
+                        }
+                    })
+                    .await
+                    .map(|()| String::new())
+                }
                 CtlTarget::Defaults => Ok(String::new()),
             };
             match outcome {
@@ -509,6 +517,40 @@ impl Files {
             }
         }
         Ok(())
+    }
+
+    /// One root or VM command, run as a task of its own: an interrupted writer gets
+    /// EINTR at once, the command goes on (a boot or a pull is not cut in half) and its
+    /// result replaces the writer's `ctl` result when it ends.
+    async fn run_interruptible(&self, ctl: &CtlFile, line: &str, caller: Caller) -> Result<String> {
+        let mgr = self.tree.mgr.clone();
+        let line = line.to_string();
+        let (session, target_vm) = match &ctl.target {
+            CtlTarget::Vm(vm) => (caller.session, Some(vm.clone())),
+            _ => (caller.session, None),
+        };
+        let results_vm = target_vm.clone();
+        let results_mgr = mgr.clone();
+        let op = async move {
+            match &target_vm {
+                Some(vm) => mgr.vm_ctl(vm, &line).await,
+                None => mgr.global_ctl(&line, caller.uid, caller.gid).await,
+            }
+        };
+        let abandoned = move |outcome: Result<String>| {
+            let _ = match &results_vm {
+                Some(vm) => vm.ctl_results().record(session, outcome),
+                None => results_mgr.ctl_results().record(session, outcome),
+            };
+        };
+        match crate::interrupt::detachable(caller.pid, op, abandoned).await {
+            Ok(outcome) => outcome,
+            Err(e) if e.errno == libc::EINTR => Err(Error::new(
+                libc::EINTR,
+                "interrupted; the command goes on, and reading ctl shows its result when it ends",
+            )),
+            Err(e) => Err(e),
+        }
     }
 
     fn record_ok(&self, ctl: &CtlFile, session: u32, msg: String) -> Result<String> {
@@ -575,7 +617,7 @@ impl Files {
                 return Ok(());
             }
             let script = std::mem::take(&mut tx.script);
-            let run = tx.vm.start_run(script, tx.session).await?;
+            let run = start_run(&tx.vm, script, tx.session, caller.pid).await?;
             tx.run = Some(run);
         }
         // Only a write-only descriptor's close waits for its command.
@@ -638,6 +680,25 @@ impl Files {
             _ => {}
         }
     }
+}
+
+/// Start `script` as a run; the starting process may be interrupted (EINTR at once),
+/// in which case the command, once started, gets SIGINT as if typed Ctrl-C.
+async fn start_run(vm: &Arc<Vm>, script: Vec<u8>, session: u32, pid: u32) -> Result<Arc<Run>> {
+    let v = vm.clone();
+    let started = crate::interrupt::detachable(
+        pid,
+        async move { v.start_run(script, session).await },
+        |res: Result<Arc<Run>>| {
+            if let Ok(run) = res {
+                tokio::spawn(async move {
+                    let _ = run.signal(libc::SIGINT).await;
+                });
+            }
+        },
+    )
+    .await?;
+    started
 }
 
 /// Wait like a pipe for a run's stream, answering EINTR (and sending the command

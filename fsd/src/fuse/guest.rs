@@ -130,6 +130,17 @@ fn reply_xattr(reply: ReplyXattr, res: Result<XattrReply, Error>) {
     }
 }
 
+thread_local! {
+    /// The pid of the FUSE request this worker thread is dispatching (0: none).
+    static REQUEST_PID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Remember the caller of the request being dispatched on this thread, for the next
+/// [`BandsoxFs::spawn`].
+pub fn note_caller(req: &Request) {
+    REQUEST_PID.with(|p| p.set(req.pid()));
+}
+
 /// The ino the kernel knows a target by.
 fn target_ino(t: &Target) -> u64 {
     match t {
@@ -143,12 +154,15 @@ impl BandsoxFs {
         self.guest.clone()
     }
 
-    /// Run `f` on the runtime; it owns the reply.
+    /// Run `f` on the runtime; it owns the reply. It runs as the request's caller
+    /// (see [`note_caller`]), so a wait on the guest can be interrupted.
     fn spawn<F>(&self, f: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(f);
+        let pid = REQUEST_PID.with(|p| p.replace(0));
+        self.rt
+            .spawn(crate::guestfs::interrupt::CALLER.scope(pid, f));
     }
 
     pub(super) fn g_lookup(&self, parent: Target, name: &OsStr, reply: ReplyEntry) {

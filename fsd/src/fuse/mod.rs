@@ -173,7 +173,8 @@ impl fuser::Filesystem for BandsoxFs {
         }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        guest::note_caller(req);
         if let Some(t) = self.target(parent) {
             return self.g_lookup(t, name, reply);
         }
@@ -187,7 +188,8 @@ impl fuser::Filesystem for BandsoxFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_getattr(t, fh, reply);
         }
@@ -199,7 +201,7 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -215,6 +217,7 @@ impl fuser::Filesystem for BandsoxFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_setattr(t, mode, uid, gid, size, atime, mtime, fh, reply);
         }
@@ -231,6 +234,7 @@ impl fuser::Filesystem for BandsoxFs {
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_readlink(t, reply);
         }
@@ -257,6 +261,7 @@ impl fuser::Filesystem for BandsoxFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(parent) {
             return self.g_mkdir(req, t, name, mode, reply);
         }
@@ -277,7 +282,19 @@ impl fuser::Filesystem for BandsoxFs {
         self.rt.spawn(async move {
             let _busy = busy;
             let mgr = files.tree.mgr.clone();
-            let res = mgr.create(&name, &[], c.uid, c.gid).await;
+            // Interruptible: the boot goes on, its failure lands in the caller's ctl result.
+            let (m, n) = (mgr.clone(), name.clone());
+            let boot = async move { m.create(&n, &[], c.uid, c.gid).await };
+            let (m, n) = (mgr.clone(), name.clone());
+            let abandoned = move |res: Result<_, Error>| {
+                if let Err(e) = res {
+                    let e = e.with_context(&format!("mkdir {n}"));
+                    let _ = m.ctl_results().record(c.session, Err(e));
+                }
+            };
+            let res = crate::interrupt::detachable(c.pid, boot, abandoned)
+                .await
+                .and_then(|r| r);
             match res {
                 Ok(vm) => match files.tree.attr(&Node::Vm(vm.id.clone())) {
                     Ok(a) => reply.entry(&TTL, &to_fuse_attr(&a), Generation(0)),
@@ -293,6 +310,7 @@ impl fuser::Filesystem for BandsoxFs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guest::note_caller(req);
         if let Some(t) = self.target(parent) {
             return self.g_unlink(t, name, true, reply);
         }
@@ -326,9 +344,13 @@ impl fuser::Filesystem for BandsoxFs {
                 if c.uid != 0 && c.uid != owner {
                     return reply.error(Errno::from_i32(libc::EPERM));
                 }
-                let files = self.files.clone();
+                let mgr = self.files.tree.mgr.clone();
                 self.rt.spawn(async move {
-                    match files.tree.mgr.delete_snapshot(&name).await {
+                    let delete = async move { mgr.delete_snapshot(&name).await };
+                    match crate::interrupt::detachable(c.pid, delete, drop)
+                        .await
+                        .and_then(|r| r)
+                    {
                         Ok(()) => reply.ok(),
                         Err(e) => reply.error(errno(&e)),
                     }
@@ -354,14 +376,20 @@ impl fuser::Filesystem for BandsoxFs {
         let busy = files.root_ops.begin();
         self.rt.spawn(async move {
             let _busy = busy;
-            match files.tree.mgr.delete(&name).await {
+            let mgr = files.tree.mgr.clone();
+            let delete = async move { mgr.delete(&name).await };
+            match crate::interrupt::detachable(c.pid, delete, drop)
+                .await
+                .and_then(|r| r)
+            {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
             }
         });
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guest::note_caller(req);
         if let Some(t) = self.target(parent) {
             return self.g_unlink(t, name, false, reply);
         }
@@ -378,6 +406,7 @@ impl fuser::Filesystem for BandsoxFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        guest::note_caller(req);
         match self.target(parent) {
             Some(t) => self.g_mknod(req, t, name, mode, rdev, reply),
             None => reply.error(Errno::from_i32(libc::EPERM)),
@@ -392,6 +421,7 @@ impl fuser::Filesystem for BandsoxFs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
+        guest::note_caller(req);
         match self.target(parent) {
             Some(t) => self.g_symlink(req, t, link_name, target, reply),
             None => reply.error(Errno::from_i32(libc::EPERM)),
@@ -400,12 +430,13 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        guest::note_caller(req);
         match (self.target(ino), self.target(newparent)) {
             (Some(t), Some(p)) => self.g_link(t, p, newname, reply),
             (None, None) => reply.error(Errno::from_i32(libc::EPERM)),
@@ -415,7 +446,7 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -423,6 +454,7 @@ impl fuser::Filesystem for BandsoxFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         match (self.target(parent), self.target(newparent)) {
             (Some(p), Some(np)) => self.g_rename(p, name, np, newname, flags.bits(), reply),
             (None, None) => reply.error(Errno::from_i32(libc::EPERM)),
@@ -431,6 +463,7 @@ impl fuser::Filesystem for BandsoxFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_open(t, flags.0, reply);
         }
@@ -468,6 +501,7 @@ impl fuser::Filesystem for BandsoxFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_read(t, fh, offset, size, reply);
         }
@@ -493,6 +527,7 @@ impl fuser::Filesystem for BandsoxFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_write(t, fh, offset, data, reply);
         }
@@ -515,6 +550,7 @@ impl fuser::Filesystem for BandsoxFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         // Guest files buffer nothing on the host: close has nothing to flush.
         if self.target(ino).is_some() {
             return reply.ok();
@@ -531,7 +567,7 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -539,6 +575,7 @@ impl fuser::Filesystem for BandsoxFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_release(t, fh, false, reply);
         }
@@ -549,12 +586,13 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_fsync(t, fh, datasync, reply),
             None => reply.ok(),
@@ -563,12 +601,13 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn fsyncdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_fsync(t, fh, datasync, reply),
             None => reply.ok(),
@@ -577,19 +616,21 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn releasedir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_release(t, fh, true, reply),
             None => reply.ok(),
         }
     }
 
-    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_statfs(t, reply),
             None => reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096),
@@ -598,7 +639,7 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -606,13 +647,15 @@ impl fuser::Filesystem for BandsoxFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_setxattr(t, name, value, flags, reply),
             None => reply.error(Errno::from_i32(libc::ENOTSUP)),
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_removexattr(t, name, reply),
             None => reply.error(Errno::from_i32(libc::ENODATA)),
@@ -621,7 +664,7 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -629,6 +672,7 @@ impl fuser::Filesystem for BandsoxFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_fallocate(t, fh, offset, length, mode, reply),
             None => reply.error(Errno::from_i32(libc::EOPNOTSUPP)),
@@ -637,13 +681,14 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn lseek(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_lseek(t, fh, offset, whence, reply),
             None => reply.error(Errno::from_i32(libc::EINVAL)),
@@ -652,12 +697,13 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_readdirplus(t, fh, offset, reply);
         }
@@ -693,7 +739,8 @@ impl fuser::Filesystem for BandsoxFs {
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_opendir(t, reply);
         }
@@ -705,12 +752,13 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_readdir(t, fh, offset, reply);
         }
@@ -726,7 +774,8 @@ impl fuser::Filesystem for BandsoxFs {
         reply.ok();
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_getxattr(t, name, size, reply);
         }
@@ -734,7 +783,8 @@ impl fuser::Filesystem for BandsoxFs {
         reply.error(Errno::from_i32(libc::ENODATA));
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_listxattr(t, size, reply);
         }
@@ -755,6 +805,7 @@ impl fuser::Filesystem for BandsoxFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(parent) {
             return self.g_create(req, t, name, mode, flags, reply);
         }

@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod events;
 pub mod inodes;
+pub mod interrupt;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -238,7 +239,7 @@ impl GuestFs {
     async fn client_for(&self, vm: &Vm, inc: &Incarnation, reconnect: bool) -> Result<AgentClient> {
         let (client, generation) = match vm.fs_agent() {
             Err(e) if reconnect && e.errno == libc::EHOSTDOWN => {
-                vm.live_agent().await?;
+                crate::interrupt::interruptible(interrupt::caller(), vm.live_agent()).await?;
                 vm.fs_agent()?
             }
             r => r?,
@@ -287,14 +288,16 @@ impl GuestFs {
             _ => FS_DEADLINE,
         };
         let retry = req.retry_safe().then(|| req.clone());
-        match (r.client.fs(req, deadline).await, retry) {
+        match (interrupt::fs(&r.client, req, deadline).await?, retry) {
             (Err(ClientError::Closed), Some(req)) => {
                 let vm = self
                     .mgr
                     .get_by_id(&r.inc.vm_id)
                     .ok_or_else(|| Error::new(libc::ESTALE, "the VM was deleted"))?;
                 let client = self.client_for(&vm, &r.inc, true).await?;
-                client.fs(req, deadline).await.map_err(guest_error)
+                interrupt::fs(&client, req, deadline)
+                    .await?
+                    .map_err(guest_error)
             }
             (other, _) => other.map_err(guest_error),
         }

@@ -534,8 +534,13 @@ async fn prepare_disk(
 ) -> Result<()> {
     let (image, dst) = (image.to_path_buf(), dst.to_path_buf());
     tokio::task::spawn_blocking(move || -> Result<()> {
-        crate::disk::clone_disk(&image, &dst)
-            .map_err(|e| Error::io(format!("cannot copy the image disk: {e}")))?;
+        crate::disk::clone_disk(&image, &dst).map_err(|e| {
+            // Keep the errno: a full disk is ENOSPC, not a generic I/O error.
+            Error::new(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                format!("cannot copy the image disk: {e}"),
+            )
+        })?;
         if disk_mib > image_mib {
             let f = std::fs::OpenOptions::new().write(true).open(&dst)?;
             f.set_len(disk_mib * 1024 * 1024)?;

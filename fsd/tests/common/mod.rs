@@ -10,6 +10,17 @@ pub struct Mounted {
     pub mnt: PathBuf,
     pub state: PathBuf,
     daemon: Child,
+    /// The state directory is a tmpfs of this harness (unmounted on drop).
+    state_tmpfs: bool,
+}
+
+/// Options of a [`Mounted`] daemon.
+#[derive(Default)]
+pub struct MountOpts {
+    /// Put the state directory on a tmpfs of this many MiB (to fill it up).
+    pub state_tmpfs_mib: Option<u32>,
+    /// Size of the `base` image's disk (non-zero data, so copies take space).
+    pub image_bytes: Option<usize>,
 }
 
 pub fn agent_binary() -> PathBuf {
@@ -36,6 +47,10 @@ pub fn is_mounted(p: &Path) -> bool {
 
 impl Mounted {
     pub fn new() -> Option<Mounted> {
+        Self::with(MountOpts::default())
+    }
+
+    pub fn with(opts: MountOpts) -> Option<Mounted> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
             eprintln!("!!!!! SKIPPING mount tests: they need root and /dev/fuse !!!!!");
@@ -48,8 +63,21 @@ impl Mounted {
             .unwrap();
         let mnt = tmp.path().join("mnt");
         let state = tmp.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        if let Some(mib) = opts.state_tmpfs_mib {
+            let st = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "bandsox-test"])
+                .arg(&state)
+                .status()
+                .unwrap();
+            assert!(st.success(), "mount tmpfs on {}", state.display());
+        }
         std::fs::create_dir_all(state.join("images/base")).unwrap();
-        std::fs::write(state.join("images/base/disk.ext4"), vec![0u8; 65536]).unwrap();
+        let disk = match opts.image_bytes {
+            Some(n) => (0..n).map(|i| (i % 251) as u8 | 1).collect(),
+            None => vec![0u8; 65536],
+        };
+        std::fs::write(state.join("images/base/disk.ext4"), disk).unwrap();
         std::fs::create_dir_all(&mnt).unwrap();
         let daemon = Command::new(env!("CARGO_BIN_EXE_bandsox"))
             .arg("mount")
@@ -68,6 +96,7 @@ impl Mounted {
             mnt,
             state,
             daemon,
+            state_tmpfs: opts.state_tmpfs_mib.is_some(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !is_mounted(&m.mnt) {
@@ -125,6 +154,10 @@ impl Drop for Mounted {
                     }
                 }
             }
+        }
+        if self.state_tmpfs {
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = Command::new("umount").arg("-l").arg(&self.state).status();
         }
     }
 }
