@@ -209,6 +209,15 @@ fn close_reports_a_lost_run() {
     assert!(err.contains("close: No space left on device"), "{err}");
     let status = m.ok("cat $M/a/runs/last/status");
     assert!(status.starts_with("lost: cannot store output"), "{status}");
+    // fsync of a read-write exec descriptor whose run was lost says so too (after
+    // freeing the space the last run's spool took, so this one can start).
+    let (code, _, err) = m.sh(
+        &(format!("rm -f {0}/vms/*/runs/*/stdout {0}/vms/*/runs/*/output; ", m.state.display()) + r#"perl -MIO::Handle -e 'open F, "+<", "$ENV{M}/a/exec" or die "open: $!\n"; syswrite F, "head -c 100000000 /dev/zero\n"; 1 while sysread F, $b, 1 << 20; F->sync or die "fsync: $!\n"'"#),
+    );
+    let status = m.ok("cat $M/a/runs/last/status");
+    assert!(status.starts_with("lost: cannot store output"), "{status}");
+    assert_ne!(code, 0);
+    assert!(err.contains("fsync: No space left on device"), "{err}");
     // The status file on disk says so too (it survives a daemon restart).
     let n = m.ok("readlink $M/a/runs/last");
     let on_disk = m.ok(&format!(

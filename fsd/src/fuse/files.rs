@@ -643,6 +643,22 @@ impl Files {
         }
     }
 
+    /// `fsync` of a control file: for an exec whose run was lost, the same errno its
+    /// close reports; otherwise nothing to do.
+    pub async fn fsync(&self, fh: u64) -> Result<()> {
+        let file = self.handle(fh)?;
+        if let OpenFile::Exec(tx) = &*file {
+            let tx = tx.lock().await;
+            if let Some(e) = &tx.refused {
+                return Err(e.clone());
+            }
+            if let Some(e) = tx.run.as_ref().and_then(|r| r.failure()) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Last close: forget the handle. An exec never flushed still runs (unless it was
     /// refused); a control file's unterminated line that no writer's close ran is
     /// dropped, and the caller's `ctl` result says so.

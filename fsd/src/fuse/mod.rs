@@ -595,7 +595,15 @@ impl fuser::Filesystem for BandsoxFs {
         guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_fsync(t, fh, datasync, reply),
-            None => reply.ok(),
+            None => {
+                let files = self.files.clone();
+                self.rt.spawn(async move {
+                    match files.fsync(fh.0).await {
+                        Ok(()) => reply.ok(),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
+            }
         }
     }
 
