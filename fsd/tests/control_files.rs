@@ -313,3 +313,74 @@ fn signals_end_waits_on_a_silent_guest() {
         "back\n"
     );
 }
+
+/// A snapshot (or image) belongs to the user who made it: that user may `rmdir` it,
+/// others get EPERM, as in a sticky directory like /tmp.
+#[test]
+fn owners_remove_their_snapshots_and_images() {
+    use bandsox_fsd::snapshots::{FileIdentity, Sizes, SnapshotInfo};
+    let Some(m) = Mounted::new() else { return };
+    let snap = |name: &str, uid: u32| {
+        let id = FileIdentity {
+            path: "/dev/null".into(),
+            size: 0,
+            sha256: String::new(),
+        };
+        let info = SnapshotInfo {
+            name: name.into(),
+            source_vm: "a".into(),
+            source_id: "0123456789ab".into(),
+            created: "2026-12-01T00:00:00Z".into(),
+            backend: bandsox_fsd::vmm::BackendKind::Qemu,
+            vcpus: 1,
+            memory_mib: 256,
+            disk_mib: 512,
+            image: "base".into(),
+            config: Default::default(),
+            kernel: id.clone(),
+            initrd: id,
+            sizes: Sizes::default(),
+            disk_copy: "sparse copy".into(),
+            create_ms: 1,
+            paused_ms: 1,
+            owner_uid: uid,
+            owner_gid: uid,
+            saved: bandsox_fsd::vmm::SavedState {
+                state_file: "state".into(),
+                memory_file: None,
+                restore: serde_json::json!({}),
+            },
+        };
+        let dir = m.state.join("snapshots").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("info.json"), serde_json::to_vec(&info).unwrap()).unwrap();
+    };
+    let image = |name: &str, uid: u32| {
+        let dir = m.state.join("images").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("disk.ext4"), b"").unwrap();
+        std::fs::write(dir.join("info.json"), format!("{{\"owner_uid\": {uid}}}")).unwrap();
+    };
+    snap("mine", 65534);
+    snap("theirs", 1234);
+    image("myimg", 65534);
+    image("theirimg", 1234);
+    // Let the unprivileged user reach the mount.
+    m.ok("chmod 755 $M/..");
+    let out = m.ok("stat -c '%a %U' $M/snapshots $M/images $M/snapshots/mine $M/images/myimg");
+    assert_eq!(out, "1777 root\n1777 root\n700 nobody\n755 nobody\n");
+    let as_nobody = |cmd: &str| m.sh(&format!("su nobody -s /bin/sh -c \"{cmd}\""));
+    let (code, _, err) = as_nobody("rmdir $M/snapshots/theirs");
+    assert_ne!(code, 0);
+    assert!(err.contains("Operation not permitted"), "{err}");
+    let (code, _, err) = as_nobody("rmdir $M/images/theirimg");
+    assert_ne!(code, 0);
+    assert!(err.contains("Operation not permitted"), "{err}");
+    let (code, _, err) = as_nobody("rmdir $M/snapshots/mine && rmdir $M/images/myimg");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(m.ok("ls $M/snapshots"), "theirs\n");
+    assert!(!m.ok("ls $M/images").contains("myimg"));
+    // Nobody can make entries there by hand.
+    let (code, _, err) = as_nobody("mkdir $M/snapshots/x");
+    assert_ne!(code, 0, "{err}");
+}

@@ -419,6 +419,7 @@ impl Tree {
             Node::Snapshot(s) | Node::SnapshotInfo(s) => {
                 return self.mgr.snapshot_owner(s).unwrap_or((0, 0))
             }
+            Node::Image(i) | Node::ImageInfo(i) => return (self.mgr.image_owner(i), 0),
             _ => return (0, 0),
         };
         self.vm(id).map(|v| (v.uid, v.gid)).unwrap_or((0, 0))
@@ -431,8 +432,10 @@ impl Tree {
         let dir = |perm| (Kind::Dir, perm, 0u64);
         let (kind, perm, size) = match node {
             // Sticky like /tmp: anyone may mkdir a VM, only its owner may rmdir it.
-            Node::Root => dir(0o1777),
-            Node::Images | Node::Image(_) | Node::Snapshots => dir(0o755),
+            // `images/` and `snapshots/` likewise: entries belong to whoever made them,
+            // and the kernel lets only that user (or root) remove them.
+            Node::Root | Node::Images | Node::Snapshots => dir(0o1777),
+            Node::Image(_) => dir(0o755),
             Node::Snapshot(_) => dir(0o700),
             Node::Vm(_) => dir(0o700),
             // Shown while the guest is unreachable; a running guest's root attributes
