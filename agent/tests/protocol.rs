@@ -191,6 +191,7 @@ async fn stale_acks_with_another_nonce_are_ignored() {
             hostname: "stale".into(),
             kernel: String::new(),
             uptime_ms: 0,
+            instance: 7,
         };
         let stale = HelloAck {
             nonce: hello.nonce ^ 0xffff,

@@ -103,7 +103,7 @@ impl WatchSet {
                     tracing::warn!("inotify watch limit reached ({} watches)", self.by_wd.len());
                     self.exhausted = true;
                 } else {
-                    tracing::debug!(node, "cannot watch directory: {e}");
+                    tracing::debug!(%node, "cannot watch directory: {e}");
                 }
                 None
             }
@@ -235,9 +235,9 @@ struct EventSet {
 }
 
 impl EventSet {
-    fn entry(&mut self, parent: NodeId, name: Vec<u8>) {
+    fn entry(&mut self, parent: NodeId, name: Vec<u8>, now: Option<NodeId>) {
         if self.entries.insert((parent, name.clone())) {
-            self.events.push(FsEvent::Entry { parent, name });
+            self.events.push(FsEvent::Entry { parent, name, now });
         }
     }
     fn node(&mut self, node: NodeId, data: bool) {
@@ -386,10 +386,19 @@ impl Watcher {
         for r in raws {
             match r {
                 Raw::Overflow => set.overflow = true,
-                Raw::Ignored { wd } => core.nodes.watch_gone(wd),
+                Raw::Ignored { wd } => {
+                    if let Some(node) = core.nodes.watch_gone(wd) {
+                        set.events.push(FsEvent::Unwatched { node });
+                    }
+                }
                 Raw::Entry { wd, name } => {
                     if let Some(p) = core.nodes.watched_dir(wd) {
-                        set.entry(p.id, name);
+                        // What the name names now, so the host keeps what is still true.
+                        let now = sys::cstring(&name)
+                            .and_then(|c| sys::stat_at(p.fd(), &c))
+                            .ok()
+                            .map(|st| core.nodes.reported(st.st_dev, st.st_ino));
+                        set.entry(p.id, name, now);
                     }
                 }
                 Raw::SelfAttr { wd } => {
@@ -405,9 +414,7 @@ impl Watcher {
                         continue;
                     };
                     if let Ok(st) = sys::stat_at(p.fd(), &cname) {
-                        if let Some(id) = core.nodes.find_inode(st.st_dev, st.st_ino) {
-                            set.node(id, data);
-                        }
+                        set.node(core.nodes.reported(st.st_dev, st.st_ino), data);
                     }
                 }
             }
@@ -612,21 +619,23 @@ mod tests {
 
     #[test]
     fn event_set_merges_node_events() {
+        let id = |ino| NodeId { dev: 1, ino };
         let mut s = EventSet::default();
-        s.node(5, false);
-        s.node(5, true);
-        s.entry(1, b"x".to_vec());
-        s.entry(1, b"x".to_vec());
+        s.node(id(5), false);
+        s.node(id(5), true);
+        s.entry(id(1), b"x".to_vec(), None);
+        s.entry(id(1), b"x".to_vec(), Some(id(3)));
         assert_eq!(
             s.finish(),
             vec![
                 FsEvent::Node {
-                    node: 5,
+                    node: id(5),
                     data: true
                 },
                 FsEvent::Entry {
-                    parent: 1,
-                    name: b"x".to_vec()
+                    parent: id(1),
+                    name: b"x".to_vec(),
+                    now: None,
                 }
             ]
         );

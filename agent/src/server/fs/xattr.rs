@@ -12,7 +12,7 @@
 use nix::errno::Errno;
 
 use super::{sys, FsCore};
-use crate::proto::fs::{FsResponse, NodeId, MAX_XATTR};
+use crate::proto::fs::{FsResponse, NodeRef, MAX_XATTR};
 
 /// Longest xattr name Linux accepts (`XATTR_NAME_MAX`).
 const XATTR_NAME_MAX: usize = 255;
@@ -27,7 +27,7 @@ fn xattr_name(name: &[u8]) -> Result<std::ffi::CString, Errno> {
 impl FsCore {
     pub(super) fn getxattr(
         &self,
-        node: NodeId,
+        node: &NodeRef,
         name: &[u8],
         size: u32,
     ) -> Result<FsResponse, Errno> {
@@ -44,7 +44,7 @@ impl FsCore {
         Ok(FsResponse::Data(buf))
     }
 
-    pub(super) fn listxattr(&self, node: NodeId, size: u32) -> Result<FsResponse, Errno> {
+    pub(super) fn listxattr(&self, node: &NodeRef, size: u32) -> Result<FsResponse, Errno> {
         let n = self.nodes.get(node)?;
         let path = sys::ProcFd::path(n.fd());
         if size == 0 {
@@ -59,7 +59,7 @@ impl FsCore {
 
     pub(super) fn setxattr(
         &self,
-        node: NodeId,
+        node: &NodeRef,
         name: &[u8],
         value: &[u8],
         flags: i32,
@@ -75,7 +75,7 @@ impl FsCore {
         sys::setxattr(&sys::ProcFd::path(n.fd()), &name, value, flags)
     }
 
-    pub(super) fn removexattr(&self, node: NodeId, name: &[u8]) -> Result<(), Errno> {
+    pub(super) fn removexattr(&self, node: &NodeRef, name: &[u8]) -> Result<(), Errno> {
         let n = self.nodes.get(node)?;
         if n.opaque {
             return Err(Errno::EACCES);
