@@ -20,8 +20,8 @@
 //!   to a node it holds and never follows a symlink while doing so, so no request can
 //!   reach outside the served root.
 //! * Errors are `Response::Error { errno, message }` with the guest's errno. A node that
-//!   cannot be reopened (deleted and gone, or a forgotten counted node) is `ESTALE`, an
-//!   unknown (e.g. released) handle id `EBADF`.
+//!   cannot be reopened (deleted and let go of, or a forgotten node on a filesystem
+//!   without file handles) is `ESTALE`, an unknown (e.g. released) handle id `EBADF`.
 //!   Only regular files and directories are opened (a symlink is `ELOOP`; fifos,
 //!   sockets and devices are `ENXIO`: the host's kernel serves those itself).
 //! * Mount points of pseudo filesystems (proc, sysfs, devtmpfs, devpts, cgroup, ...)
@@ -135,6 +135,26 @@ pub struct Entry {
     pub counted: bool,
     /// The node is a directory the agent watches (so entries in it are `coherent`).
     pub watched: bool,
+    /// The node's extended attribute names when they fit in [`ENTRY_XATTR_NAMES`] bytes:
+    /// lets the host answer "no such attribute" without asking (`ls -l` asks for the
+    /// ACLs of every file).
+    pub xattrs: Option<XattrNames>,
+}
+
+/// Most bytes of xattr names an [`Entry`] carries.
+pub const ENTRY_XATTR_NAMES: usize = 1024;
+
+/// NUL-terminated extended attribute names, as `listxattr` gives them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct XattrNames(#[serde(with = "serde_bytes_vec")] pub Vec<u8>);
+
+impl XattrNames {
+    /// Is `name` one of them?
+    pub fn contains(&self, name: &[u8]) -> bool {
+        self.0
+            .split(|&b| b == 0)
+            .any(|n| !n.is_empty() && n == name)
+    }
 }
 
 /// A time to set.

@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bandsox_agent::proto::fs::{Attr, Owner, SetAttrs, SetTime, Timespec};
+use bandsox_agent::proto::fs::{fuse_dirent_size, Attr, Owner, SetAttrs, SetTime, Timespec};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, ReplyAttr, ReplyCreate,
     ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
@@ -338,19 +338,32 @@ impl BandsoxFs {
 
     pub(super) fn g_opendir(&self, t: Target, reply: ReplyOpen) {
         self.guest().opendir(t, move |r| match r {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(o) => {
+                let flags = if o.keep_cache {
+                    // The kernel keeps the listing: events drop it when it changes.
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(o.fh), flags)
+            }
             Err(e) => reply.error(errno(&e)),
         });
     }
 
     pub(super) fn g_readdir(&self, t: Target, fh: FileHandle, off: u64, mut reply: ReplyDirectory) {
-        self.guest().readdir(t, fh.0, off, false, move |r| match r {
+        let g = self.guest();
+        g.clone().readdir(t, fh.0, off, false, move |r| match r {
             Ok(items) => {
+                let mut used = 0;
                 for it in items {
                     let name = OsStr::from_bytes(&it.name);
+                    let size = fuse_dirent_size(it.name.len(), false);
                     if reply.add(INodeNo(it.ino), it.next_offset, file_type(it.kind), name) {
+                        g.readdir_filled(used, size);
                         break;
                     }
+                    used += size;
                 }
                 reply.ok()
             }
@@ -370,6 +383,7 @@ impl BandsoxFs {
             Ok(items) => {
                 let mut rest: Vec<DirItem> = Vec::new();
                 let mut full = false;
+                let mut used = 0;
                 for it in items {
                     if full {
                         rest.push(it);
@@ -384,6 +398,7 @@ impl BandsoxFs {
                             (Duration::ZERO, a, 0)
                         }
                     };
+                    let size = fuse_dirent_size(it.name.len(), true);
                     if reply.add(
                         INodeNo(attr.ino.0),
                         it.next_offset,
@@ -393,8 +408,10 @@ impl BandsoxFs {
                         Generation(generation),
                     ) {
                         full = true;
+                        g.readdir_filled(used, size);
                         rest.push(it);
                     }
+                    used += size;
                 }
                 // Entries the kernel never received must not keep references.
                 g.unused_entries(&rest);

@@ -160,8 +160,9 @@ impl fuser::Filesystem for BandsoxFs {
         let _ = config.set_max_background(64);
         // Each capability is optional: ask for every one the kernel offers.
         for cap in [
+            // Always plus (no FUSE_READDIRPLUS_AUTO): a listing's attributes come in
+            // bulk, where the kernel's heuristic would often send one lookup per entry.
             InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_AUTO_INVAL_DATA,

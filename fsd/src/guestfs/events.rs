@@ -8,6 +8,9 @@
 //! - The agent sends a command's events before its exit, so they are on their way before
 //!   the host learns that the command ended.
 //! - Events naming nodes the kernel does not hold are dropped: nothing is cached for them.
+//! - When a connection ends and its VM incarnation is gone (stopped, rebooted, deleted),
+//!   everything the kernel caches of that incarnation is invalidated, so nothing cached
+//!   is served as live data: the next use asks, and gets ESTALE or EHOSTDOWN.
 //! - A name event whose outcome the host itself made ([`Recent`]: the host's create,
 //!   rename, unlink ... answered before the event arrived, on the same connection) and
 //!   that still names what the host made is dropped: the kernel already knows, and
@@ -22,6 +25,7 @@ use bandsox_agent::proto::fs::{FsEvent, NodeId};
 use parking_lot::Mutex;
 
 use super::inodes::{Incarnation, Inodes, VmNumbers};
+use crate::manager::vm::{Vm, VmState};
 
 /// Where invalidations go (the FUSE notifier in the daemon; a recorder in tests).
 /// Calls may block until the kernel has applied them.
@@ -38,10 +42,13 @@ const RECENT_MAX: usize = 16_384;
 /// How long a host change waits for its event.
 const RECENT_TTL: Duration = Duration::from_secs(10);
 
-/// Names the host itself changed recently, and what they name since.
+/// A directory's number and a name in it.
+type NameKey = (u64, Vec<u8>);
+
+/// Names the host itself changed recently, what they name since, and when.
 #[derive(Default)]
 pub struct Recent {
-    map: Mutex<HashMap<(u64, Vec<u8>), (Option<NodeId>, Instant)>>,
+    map: Mutex<HashMap<NameKey, (Option<NodeId>, Instant)>>,
 }
 
 impl Recent {
@@ -104,8 +111,14 @@ impl Pumps {
         let _ = self.inval.set(inv);
     }
 
-    /// Start the pump for `client` unless one runs already.
-    pub fn ensure(&self, inc: &Incarnation, client: &AgentClient, rt: &tokio::runtime::Handle) {
+    /// Start the pump for `client` (of `vm`) unless one runs already.
+    pub fn ensure(
+        &self,
+        inc: &Incarnation,
+        vm: &Arc<Vm>,
+        client: &AgentClient,
+        rt: &tokio::runtime::Handle,
+    ) {
         let Some(events) = client.take_fs_events() else {
             return;
         };
@@ -115,28 +128,46 @@ impl Pumps {
         };
         let (vms, inodes, recent) = (self.vms.clone(), self.inodes.clone(), self.recent.clone());
         let inval = self.inval.get().cloned();
-        rt.spawn(pump(events, src, vms, inodes, recent, inval));
+        let vm = Arc::downgrade(vm);
+        rt.spawn(async move {
+            pump(events, &src, &vms, &inodes, &recent, inval.as_ref()).await;
+            let live = vm.upgrade().is_some_and(|vm| {
+                vm.generation() == src.inc.generation
+                    && matches!(vm.state(), VmState::Running | VmState::Paused)
+            });
+            if !live {
+                let inos = inodes.lock().inos_of(&src.inc);
+                if let (Some(inval), false) = (inval, inos.is_empty()) {
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for ino in inos {
+                            inval.inode(ino, true);
+                        }
+                    })
+                    .await;
+                }
+            }
+        });
     }
 }
 
 async fn pump(
     mut events: FsEvents,
-    src: Source,
-    vms: VmMap,
-    inodes: Arc<Mutex<Inodes>>,
-    recent: Arc<Recent>,
-    inval: Option<Arc<dyn Invalidate>>,
+    src: &Source,
+    vms: &VmMap,
+    inodes: &Mutex<Inodes>,
+    recent: &Recent,
+    inval: Option<&Arc<dyn Invalidate>>,
 ) {
     while let Some(batch) = events.next().await {
         let actions = {
             let vms = vms.lock();
             let mut inodes = inodes.lock();
             match vms.get(&src.inc.vm_id) {
-                Some(v) => translate(&batch, &src, v, &mut inodes, &recent),
+                Some(v) => translate(&batch, src, v, &mut inodes, recent),
                 None => Vec::new(),
             }
         };
-        if let (Some(inval), false) = (&inval, actions.is_empty()) {
+        if let (Some(inval), false) = (inval, actions.is_empty()) {
             let inval = inval.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 for a in actions {
@@ -181,11 +212,18 @@ fn translate(
                 if let Some(p) = held(src, v, inodes, *parent) {
                     if !recent.echoes(p, name, *now) {
                         out.push(Action::Entry(p, name.clone()));
+                        // The kernel's cached listing of the directory goes too (it may
+                        // hold no entry for the name, and then only this tells it).
+                        let listing = Action::Inode(p, true);
+                        if !out.contains(&listing) {
+                            out.push(listing);
+                        }
                     }
                 }
             }
             FsEvent::Node { node, data } => {
                 if let Some(ino) = held(src, v, inodes, *node) {
+                    inodes.forget_xattrs(ino);
                     out.push(Action::Inode(ino, *data));
                 }
             }
@@ -246,6 +284,7 @@ mod tests {
                 coherent: true,
                 counted: false,
                 watched: false,
+                xattrs: None,
             },
         );
         let recent = Recent::default();
@@ -286,7 +325,11 @@ mod tests {
         let acts = translate(&batch, &src, &v, &mut t, &recent);
         assert_eq!(
             acts,
-            vec![Action::Entry(99, b"x".to_vec()), Action::Inode(f, true)]
+            vec![
+                Action::Entry(99, b"x".to_vec()),
+                Action::Inode(99, true),
+                Action::Inode(f, true)
+            ]
         );
         // A host change the guest changed again afterwards is not an echo.
         recent.note(99, b"made", Some(f_id));
@@ -301,7 +344,10 @@ mod tests {
             &mut t,
             &recent,
         );
-        assert_eq!(acts, vec![Action::Entry(99, b"made".to_vec())]);
+        assert_eq!(
+            acts,
+            vec![Action::Entry(99, b"made".to_vec()), Action::Inode(99, true)]
+        );
         let acts = translate(&[FsEvent::Overflow], &src, &v, &mut t, &recent);
         assert_eq!(acts.len(), 2);
     }

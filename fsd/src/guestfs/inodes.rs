@@ -35,7 +35,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bandsox_agent::proto::fs::{HandleId, NodeId, NodeRef, ROOT_ID};
+use bandsox_agent::proto::fs::{HandleId, NodeId, NodeRef, XattrNames, ROOT_ID};
 use serde::{Deserialize, Serialize};
 
 /// Bit 62: a guest file.
@@ -201,6 +201,9 @@ pub struct InodeInfo {
     pub coherent: bool,
     /// A directory the agent watches: entries in it are coherent.
     pub watched: bool,
+    /// Its xattr names, while known to be current (coherent entries only; a change
+    /// event or the host's own xattr change forgets them).
+    pub xattrs: Option<XattrNames>,
     nlookup: u64,
     counted: u64,
 }
@@ -227,6 +230,7 @@ pub struct EntryFacts {
     pub coherent: bool,
     pub counted: bool,
     pub watched: bool,
+    pub xattrs: Option<XattrNames>,
 }
 
 impl Inodes {
@@ -292,6 +296,7 @@ impl Inodes {
                 info.counted += u64::from(facts.counted);
                 info.coherent = facts.coherent;
                 info.watched = facts.watched;
+                info.xattrs = facts.xattrs.clone().filter(|_| facts.coherent);
                 if info.node.fh.0.is_empty() {
                     info.node.fh = node.fh.clone();
                 }
@@ -312,6 +317,7 @@ impl Inodes {
                         kind: facts.kind,
                         coherent: facts.coherent,
                         watched: facts.watched,
+                        xattrs: facts.xattrs.clone().filter(|_| facts.coherent),
                         nlookup: 1,
                         counted: u64::from(facts.counted),
                     },
@@ -346,6 +352,13 @@ impl Inodes {
             }
         }
         Some(out)
+    }
+
+    /// The xattr names of `ino` may have changed.
+    pub fn forget_xattrs(&mut self, ino: u64) {
+        if let Some(info) = self.by_ino.get_mut(&ino) {
+            info.xattrs = None;
+        }
     }
 
     /// The agent stopped watching directory `ino` (it no longer counts it either).
@@ -431,6 +444,7 @@ mod tests {
             coherent: true,
             counted,
             watched: false,
+            xattrs: None,
         }
     }
 

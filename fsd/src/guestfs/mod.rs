@@ -36,7 +36,7 @@ use std::time::Duration;
 use bandsox_agent::client::{AgentClient, ClientError};
 use bandsox_agent::proto::fs::{
     valid_name, Attr, DirEntry, Entry, FsRequest, FsResponse, HandleId, NodeId, NodeRef, Owner,
-    SetAttrs, StatFs, MAX_CHUNK, MAX_FILE_HANDLE, MAX_XATTR, ROOT_ID, ROOT_NODE,
+    SetAttrs, StatFs, XattrNames, MAX_CHUNK, MAX_FILE_HANDLE, MAX_XATTR, ROOT_ID, ROOT_NODE,
 };
 use parking_lot::Mutex;
 
@@ -58,8 +58,9 @@ pub const FSYNC_DEADLINE: Duration = Duration::from_secs(120);
 pub const TTL_COHERENT: Duration = Duration::from_secs(60);
 /// Entry and attribute lifetime when it does not (watch limit reached).
 pub const TTL_UNWATCHED: Duration = Duration::from_millis(200);
-/// Size of the kernel's readdir buffer we fill (one page).
-pub const READDIR_BYTES: u32 = 4096;
+/// The kernel's readdir buffer as assumed until a full reply shows its real size (one
+/// page on older kernels; newer ones take more, see [`GuestFs::readdir_filled`]).
+pub const READDIR_BYTES: u32 = 65536;
 /// Longest symlink target we accept from a guest.
 const MAX_LINK: usize = 4096;
 
@@ -149,6 +150,8 @@ pub struct GuestFs {
     recent: Arc<Recent>,
     events: events::Pumps,
     rt: tokio::runtime::Handle,
+    /// Bytes of entries asked of the agent per readdir: the kernel's buffer size.
+    readdir_bytes: std::sync::atomic::AtomicU32,
 }
 
 /// Check a guest errno and keep it only when it is one a host program can understand.
@@ -267,6 +270,7 @@ impl GuestFs {
             recent,
             handles: Mutex::new(Handles::default()),
             rt,
+            readdir_bytes: std::sync::atomic::AtomicU32::new(READDIR_BYTES),
         })
     }
 
@@ -335,6 +339,7 @@ impl GuestFs {
                 coherent: e.coherent,
                 counted: e.counted,
                 watched: e.watched,
+                xattrs: e.xattrs.clone(),
             },
         );
         Ok(Looked {
@@ -424,7 +429,7 @@ impl GuestFs {
         client: AgentClient,
     ) -> Resolved {
         let (inc, node, coherent, watched, vm) = loc;
-        self.events.ensure(&inc, &client, &self.rt);
+        self.events.ensure(&inc, &vm, &client, &self.rt);
         Resolved {
             boot: client.info().instance,
             inc,
@@ -1144,9 +1149,11 @@ impl GuestFs {
 
     // ---- directories -----------------------------------------------------------------
 
+    /// Open a directory; `keep_cache` when the agent watches it (its listing may be
+    /// cached: events invalidate it).
     pub fn opendir<D>(self: &Arc<Self>, t: Target, done: D)
     where
-        D: FnOnce(Result<u64>) + Send + 'static,
+        D: FnOnce(Result<Opened>) + Send + 'static,
     {
         self.op(
             t,
@@ -1156,7 +1163,10 @@ impl GuestFs {
                 })
             },
             |g, r, resp| match resp {
-                FsResponse::Opened { handle } => Ok(g.register(r, handle)),
+                FsResponse::Opened { handle } => Ok(Opened {
+                    fh: g.register(r, handle),
+                    keep_cache: r.watched,
+                }),
                 other => Err(protocol("opendir", &other)),
             },
             done,
@@ -1175,7 +1185,7 @@ impl GuestFs {
                     handle: g.handle(r, fh)?,
                     offset,
                     plus,
-                    max_bytes: READDIR_BYTES,
+                    max_bytes: g.readdir_bytes.load(std::sync::atomic::Ordering::Relaxed),
                 })
             },
             |g, r, resp| match resp {
@@ -1186,8 +1196,17 @@ impl GuestFs {
         )
     }
 
+    /// A readdir reply filled the kernel's buffer after `used` bytes, the next entry
+    /// needing `next` more: the buffer is that size, rounded up to pages.
+    pub fn readdir_filled(&self, used: usize, next: usize) {
+        let size = (used + next).div_ceil(4096) * 4096;
+        let size = u32::try_from(size.clamp(4096, READDIR_BYTES as usize)).unwrap_or(4096);
+        self.readdir_bytes
+            .store(size, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn dir_items(&self, r: &Resolved, entries: Vec<DirEntry>) -> Vec<DirItem> {
-        // A hostile agent could send more than a page holds; nothing beyond fits anyway.
+        // A hostile agent could send more than was asked for; nothing beyond fits anyway.
         let max = (READDIR_BYTES as usize / 24).max(1);
         let mut out = Vec::with_capacity(entries.len().min(max));
         for (i, e) in entries.into_iter().enumerate() {
@@ -1286,9 +1305,26 @@ impl GuestFs {
                     flags,
                 })
             },
-            |_, _, resp| expect_ok(resp, "setxattr"),
+            |g, r, resp| {
+                g.xattrs_changed(&Target::Node(r.ino));
+                expect_ok(resp, "setxattr")
+            },
             done,
         )
+    }
+
+    /// The xattr names of `t` when they are known to be current and its VM is live.
+    fn cached_xattrs(&self, t: &Target) -> Option<XattrNames> {
+        let Target::Node(ino) = t else { return None };
+        let names = self.inodes.lock().get(*ino)?.xattrs.clone()?;
+        self.resolve_now(t).ok().map(|_| names)
+    }
+
+    /// After a change of `t`'s xattrs, its cached names are stale.
+    fn xattrs_changed(&self, t: &Target) {
+        if let Target::Node(ino) = t {
+            self.inodes.lock().forget_xattrs(*ino);
+        }
     }
 
     /// `size` 0: the value's size; else the value (ERANGE when longer than `size`).
@@ -1298,6 +1334,9 @@ impl GuestFs {
     {
         if let Err(e) = xattr_name(&name) {
             return done(Err(e));
+        }
+        if self.cached_xattrs(&t).is_some_and(|n| !n.contains(&name)) {
+            return done(Err(Error::new(libc::ENODATA, "no such attribute")));
         }
         self.op(
             t,
@@ -1317,6 +1356,14 @@ impl GuestFs {
     where
         D: FnOnce(Result<XattrReply>) + Send + 'static,
     {
+        if let Some(names) = self.cached_xattrs(&t) {
+            let len = names.0.len() as u32;
+            return done(match size {
+                0 => Ok(XattrReply::Size(len)),
+                s if s < len => Err(Error::new(libc::ERANGE, "xattr list too large")),
+                _ => Ok(XattrReply::Data(names.0)),
+            });
+        }
         self.op(
             t,
             move |_, r| {
@@ -1342,7 +1389,10 @@ impl GuestFs {
                     name,
                 })
             },
-            |_, _, resp| expect_ok(resp, "removexattr"),
+            |g, r, resp| {
+                g.xattrs_changed(&Target::Node(r.ino));
+                expect_ok(resp, "removexattr")
+            },
             done,
         )
     }

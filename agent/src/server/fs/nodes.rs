@@ -11,7 +11,10 @@
 //!   host remembers.
 //! * Any other node is reopened from its handle (`open_by_handle_at`), and what opens
 //!   must have the identity asked for, else `ESTALE`: a handle never yields another file.
-//! * The root is always reported as [`ROOT_ID`]; nothing else ever is.
+//! * The root is always reported as [`ROOT_ID`]; nothing else ever is (listings' `.`
+//!   and `..` carry the numbers `getdents` gives, see `proto::fs::DirEntry`).
+//! * Deleted inodes are let go of: after names disappear, [`NodeTable::sweep_deleted`]
+//!   closes cached nodes whose link count is 0 and unwatches deleted directories.
 //! * A counted node's references mirror the host's: each `Entry` answer with `counted`
 //!   added one, `forget` subtracts, and at zero the node is dropped (its watch removed).
 //!   Watches are added and removed under the table's lock (see [`WatchSet`]), so a
@@ -346,6 +349,41 @@ impl NodeTable {
         } else {
             id
         }
+    }
+
+    /// Let go of deleted inodes: cached nodes whose link count is 0 are closed, and
+    /// watched directories that were deleted lose their watch and descriptor (returned,
+    /// for `Unwatched` events). Nodes without handles stay (nothing else could reopen
+    /// them). Runs the `fstat`s without the lock.
+    pub fn sweep_deleted(&self) -> Vec<NodeId> {
+        let (cached, held): (Vec<Arc<Node>>, Vec<Arc<Node>>) = {
+            let g = lock(&self.inner);
+            (
+                g.cache.iter().map(|(_, n)| n.clone()).collect(),
+                g.held
+                    .values()
+                    .filter(|h| h.wd.is_some() && !h.node.fh.0.is_empty())
+                    .map(|h| h.node.clone())
+                    .collect(),
+            )
+        };
+        let gone = |n: &Arc<Node>| sys::stat_fd(n.fd()).is_ok_and(|st| st.st_nlink == 0);
+        let dead_cached: Vec<NodeId> = cached.iter().filter(|n| gone(n)).map(|n| n.id).collect();
+        let dead_held: Vec<NodeId> = held.iter().filter(|n| gone(n)).map(|n| n.id).collect();
+        drop((cached, held));
+        let mut g = lock(&self.inner);
+        let inner = &mut *g;
+        for id in &dead_cached {
+            inner.cache.pop(id);
+        }
+        for id in &dead_held {
+            if let Some(h) = inner.held.remove(id) {
+                if let Some(wd) = h.wd {
+                    inner.watches.remove(wd);
+                }
+            }
+        }
+        dead_held
     }
 
     /// Is directory `id` watched (its entries coherent)?

@@ -59,6 +59,7 @@ impl FsCore {
             coherent: self.nodes.is_watched(parent.id),
             counted: r.counted,
             watched: r.watched,
+            xattrs: super::xattr::entry_names(&r.node),
         })
     }
 

@@ -49,6 +49,8 @@ pub(super) const COALESCE: Duration = Duration::from_millis(5);
 pub(super) const SEND_WAIT: Duration = Duration::from_millis(50);
 /// How often a session that missed events is offered its `Overflow` again.
 const OVERFLOW_RETRY: Duration = Duration::from_millis(100);
+/// Least time between two sweeps for deleted nodes (see [`super::nodes::NodeTable::sweep_deleted`]).
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
 fn watch_mask() -> WatchMask {
     WatchMask::CREATE
@@ -278,6 +280,8 @@ pub(super) struct Watcher {
     sessions: Mutex<HashMap<u64, Sink>>,
     next_session: AtomicU64,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Names disappeared since the last sweep for deleted nodes, and when it ran.
+    sweep: Mutex<(bool, Option<std::time::Instant>)>,
 }
 
 impl Watcher {
@@ -310,6 +314,7 @@ impl Watcher {
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 task: Mutex::new(None),
+                sweep: Mutex::new((false, None)),
             },
             WatchSet::new(watches, limit),
         )
@@ -379,6 +384,29 @@ impl Watcher {
         }
     }
 
+    /// A sweep is owed (names disappeared) but was held back by [`SWEEP_INTERVAL`].
+    fn sweep_owed(&self) -> bool {
+        lock(&self.sweep).0
+    }
+
+    /// Drop what the node table keeps open of deleted inodes, at most every
+    /// [`SWEEP_INTERVAL`] after names disappeared: a deleted file's space is freed and a
+    /// deleted watched directory is reported `Unwatched` (a held descriptor would keep
+    /// the kernel from ever saying so).
+    fn sweep_if_due(&self, core: &FsCore, set: &mut EventSet) {
+        {
+            let mut sw = lock(&self.sweep);
+            let due = sw.0 && sw.1.is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL);
+            if !due {
+                return;
+            }
+            *sw = (false, Some(std::time::Instant::now()));
+        }
+        for node in core.nodes.sweep_deleted() {
+            set.events.push(FsEvent::Unwatched { node });
+        }
+    }
+
     /// Take the pending events and translate them into `FsEvent`s.
     fn translate(&self, core: &FsCore) -> Vec<FsEvent> {
         let raws = lock(&self.pending).take();
@@ -398,6 +426,9 @@ impl Watcher {
                             .and_then(|c| sys::stat_at(p.fd(), &c))
                             .ok()
                             .map(|st| core.nodes.reported(st.st_dev, st.st_ino));
+                        if now.is_none() {
+                            lock(&self.sweep).0 = true;
+                        }
                         set.entry(p.id, name, now);
                     }
                 }
@@ -419,6 +450,7 @@ impl Watcher {
                 }
             }
         }
+        self.sweep_if_due(core, &mut set);
         set.finish()
     }
 
@@ -528,7 +560,7 @@ async fn run(core: Weak<FsCore>, fd: OwnedFd) {
     };
     loop {
         let owed = match core.upgrade() {
-            Some(c) => c.watcher.overflow_owed(),
+            Some(c) => c.watcher.overflow_owed() || c.watcher.sweep_owed(),
             None => return,
         };
         let ready = if owed {

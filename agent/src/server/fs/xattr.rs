@@ -11,8 +11,9 @@
 //! * Changing attributes of an opaque node is `EACCES`.
 use nix::errno::Errno;
 
+use super::nodes::Node;
 use super::{sys, FsCore};
-use crate::proto::fs::{FsResponse, NodeRef, MAX_XATTR};
+use crate::proto::fs::{FsResponse, NodeRef, XattrNames, ENTRY_XATTR_NAMES, MAX_XATTR};
 
 /// Longest xattr name Linux accepts (`XATTR_NAME_MAX`).
 const XATTR_NAME_MAX: usize = 255;
@@ -22,6 +23,16 @@ fn xattr_name(name: &[u8]) -> Result<std::ffi::CString, Errno> {
         return Err(Errno::ERANGE);
     }
     sys::cstring(name)
+}
+
+/// The names of `n`'s extended attributes when they fit in an entry (`None`: unknown).
+pub(super) fn entry_names(n: &Node) -> Option<XattrNames> {
+    if n.opaque {
+        return None;
+    }
+    let mut buf = [0u8; ENTRY_XATTR_NAMES];
+    let len = sys::listxattr(&sys::ProcFd::path(n.fd()), &mut buf).ok()?;
+    Some(XattrNames(buf[..len.min(buf.len())].to_vec()))
 }
 
 impl FsCore {
