@@ -543,6 +543,9 @@ impl AgentClient {
         for t in &self.inner.tasks {
             t.abort();
         }
+        // The write half goes now, whoever still holds this client.
+        let w = self.inner.outbox.lock().w.take();
+        drop(w);
     }
 
     pub fn is_closed(&self) -> bool {
@@ -770,7 +773,10 @@ enum PushError {
 }
 
 struct OutboxState {
-    w: BoxWrite,
+    /// `None` once the connection is closed: dropping it (with the reader's half)
+    /// closes the stream, so the peer sees the end at once (a virtio-serial port
+    /// takes one connection at a time).
+    w: Option<BoxWrite>,
     buf: Vec<u8>,
     /// First byte of `buf` not yet written.
     pos: usize,
@@ -780,7 +786,7 @@ impl Outbox {
     fn new(w: BoxWrite) -> Outbox {
         Outbox {
             state: Mutex::new(OutboxState {
-                w,
+                w: Some(w),
                 buf: Vec::with_capacity(64 * 1024),
                 pos: 0,
             }),
@@ -866,6 +872,9 @@ impl Outbox {
     fn write_some(st: &mut OutboxState, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         while st.pos < st.buf.len() {
             let OutboxState { w, buf, pos } = &mut *st;
+            let Some(w) = w.as_mut() else {
+                return Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()));
+            };
             match w.as_mut().poll_write(cx, &buf[*pos..]) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
@@ -880,7 +889,10 @@ impl Outbox {
         if st.buf.capacity() > 1024 * 1024 {
             st.buf.shrink_to(64 * 1024);
         }
-        st.w.as_mut().poll_flush(cx)
+        match st.w.as_mut() {
+            Some(w) => w.as_mut().poll_flush(cx),
+            None => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
     }
 }
 
@@ -919,8 +931,15 @@ async fn deadline_task(shared: Arc<Shared>, changed: Arc<Notify>) {
     }
 }
 
-/// Writes what senders could not write themselves.
+/// Writes what senders could not write themselves; closes the stream's write half when
+/// the connection ends.
 async fn writer_task(outbox: Arc<Outbox>, shared: Arc<Shared>) {
+    writer_loop(&outbox, &shared).await;
+    let w = outbox.lock().w.take();
+    drop(w);
+}
+
+async fn writer_loop(outbox: &Outbox, shared: &Shared) {
     let mut closed = shared.closed_tx.subscribe();
     loop {
         tokio::select! {
