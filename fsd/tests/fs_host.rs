@@ -122,3 +122,18 @@ fn the_working_directory_never_breaks() {
 fn large_directories_and_trees_stay_within_bounds() {
     scenario("scale", &[]);
 }
+
+#[test]
+fn inode_numbers_survive_a_daemon_restart() {
+    let Some(mut m) = Mounted::new() else { return };
+    m.ok("mkdir $M/a && test \"$(cat $M/a/state)\" = running");
+    let before = m.ok("echo x > $M/a/fs/f && ln $M/a/fs/f $M/a/fs/g && mkdir $M/a/fs/d && stat -c '%i %n' $M/a/fs/f $M/a/fs/g $M/a/fs/d");
+    m.restart();
+    assert_eq!(
+        m.ok(
+            "test \"$(cat $M/a/state)\" = running && stat -c '%i %n' $M/a/fs/f $M/a/fs/g $M/a/fs/d"
+        ),
+        before,
+        "st_ino after a daemon restart"
+    );
+}
