@@ -19,6 +19,7 @@ pub mod guestfs;
 pub mod images;
 pub mod interrupt;
 pub mod layout;
+pub mod limits;
 pub mod manager;
 pub mod names;
 pub mod net;

@@ -31,6 +31,16 @@ enum Cmd {
         /// FUSE worker threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// Only the mounting user may use the mount (no FUSE allow_other; the default lets
+        /// every user create VMs, each seeing only their own).
+        #[arg(long)]
+        private: bool,
+        /// Read-only mount: every write answers EROFS.
+        #[arg(long)]
+        read_only: bool,
+        /// The limits file (default /etc/bandsox/limits).
+        #[arg(long, env = "BANDSOX_LIMITS")]
+        limits: Option<PathBuf>,
     },
     /// Unmount the tree (VMs keep running and are re-adopted by the next mount).
     Unmount { mountpoint: PathBuf },
@@ -84,12 +94,23 @@ fn main() -> ExitCode {
             state_dir,
             foreground,
             threads,
-        } => daemon::mount(MountOptions {
-            mountpoint,
-            state_dir,
-            foreground,
-            threads,
-        }),
+            private,
+            read_only,
+            limits,
+        } => {
+            if let Some(l) = limits {
+                // SAFETY (set_var): no other thread exists yet.
+                std::env::set_var(bandsox_fsd::limits::ENV, l);
+            }
+            daemon::mount(MountOptions {
+                mountpoint,
+                state_dir,
+                foreground,
+                threads,
+                allow_other: !private,
+                read_only,
+            })
+        }
         Cmd::Unmount { mountpoint } => daemon::unmount(&mountpoint),
         Cmd::Fslat { dir, n } => bandsox_fsd::fslat::run(&dir, n).map(|line| println!("{line}")),
         Cmd::Fsx {

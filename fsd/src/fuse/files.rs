@@ -143,6 +143,11 @@ impl Files {
                     direct,
                 )
             }
+            Node::Usage => {
+                ro("usage")?;
+                let text = self.tree.mgr.usage_text(caller.uid);
+                (OpenFile::Generated(text.into_bytes()), direct)
+            }
             Node::VmFile(id, VmFile::Console) => {
                 ro("console")?;
                 (OpenFile::Log(self.tree.vm(id)?.console_path()), direct)

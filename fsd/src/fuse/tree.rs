@@ -64,6 +64,8 @@ pub enum Node {
     Ctl,
     Defaults,
     Events,
+    /// `usage`: the caller's use against the limits (generated per caller at open).
+    Usage,
     Images,
     Image(String),
     ImageInfo(String),
@@ -131,6 +133,7 @@ BandSox-FS: microVMs as files.
   cat NAME/state                  booting | running | paused | stopped | failed: why
   cat NAME/info                   JSON description
   tail -f NAME/console            serial console;   tail -f events   lifecycle events
+  cat usage                       what you use, against the limits root set
   rmdir NAME                      stop and delete the VM
   echo 'pull NAME alpine:3.20' > ctl          image from a registry (import NAME /path: local)
   echo 'create vm image=NAME autostart=1' > ctl   boot it; its entrypoint runs as runs/main
@@ -220,6 +223,7 @@ impl Tree {
                 "ctl" => Node::Ctl,
                 "defaults" => Node::Defaults,
                 "events" => Node::Events,
+                "usage" => Node::Usage,
                 "images" => Node::Images,
                 "snapshots" => Node::Snapshots,
                 _ => Node::Vm(self.vm_by_name(name).ok_or_else(nf)?.id.clone()),
@@ -322,6 +326,7 @@ impl Tree {
                     ("ctl", Node::Ctl),
                     ("defaults", Node::Defaults),
                     ("events", Node::Events),
+                    ("usage", Node::Usage),
                     ("images", Node::Images),
                     ("snapshots", Node::Snapshots),
                 ] {
@@ -447,6 +452,8 @@ impl Tree {
                 self.generated(node)?.map_or(0, |c| c.len() as u64),
             ),
             Node::Events => (Kind::File, 0o444, file_len(self.mgr.events.path())),
+            // Per caller: generated at open; the size is not known before.
+            Node::Usage => (Kind::File, 0o444, 0),
             Node::Readme | Node::ImageInfo(_) | Node::SnapshotInfo(_) => (
                 Kind::File,
                 0o444,

@@ -8,6 +8,7 @@
 //! - Each VM's state directory holds its whole record; `reload` rebuilds the manager
 //!   from the state directory alone.
 pub mod images;
+mod quota;
 pub mod runs;
 pub mod snaps;
 pub mod vm;
@@ -63,6 +64,8 @@ impl Backends {
         match kind {
             BackendKind::Qemu => self.qemu.clone(),
             BackendKind::Firecracker => self.firecracker.clone(),
+            // The test backend sits in the `qemu` slot (`backends::detect`).
+            BackendKind::Host => self.qemu.clone().filter(|b| b.kind() == BackendKind::Host),
         }
     }
 }
@@ -85,6 +88,8 @@ pub struct Manager {
     snap_creating: Mutex<HashSet<String>>,
     /// Snapshot name → number of clone operations restoring from it.
     snap_busy: Mutex<HashMap<String, usize>>,
+    /// Resource limits (see `crate::limits` and `quota`).
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 fn new_id() -> String {
@@ -119,7 +124,13 @@ impl Manager {
             .and_then(|s| s.parse().ok())
             .map(Duration::from_secs)
             .unwrap_or(Duration::from_secs(90));
+        let limits = crate::limits::Limits::new(
+            crate::limits::Limits::path_from_env(),
+            crate::limits::HostFacts::detect(layout.root()),
+        );
+        limits.install_global();
         Ok(Arc::new(Manager {
+            limits,
             boot_files: BootFiles {
                 kernel: layout.kernel(),
                 initrd: layout.initrd(),
@@ -296,6 +307,8 @@ impl Manager {
                 )));
             }
         }
+        let disk_mib = config.disk_mib.map(u64::from).unwrap_or(image_mib);
+        let quota = self.admit_vms(uid, 1, config.vcpus, config.memory_mib, disk_mib)?;
         // Reserve the name.
         {
             let vms = self.vms.read();
@@ -309,6 +322,8 @@ impl Manager {
             .create_reserved(name, config, backend, uid, gid, &image_disk, image_mib)
             .await;
         self.creating.lock().remove(name);
+        // From here the VM is in `vms` (and counted there) or gone.
+        drop(quota);
         let vm = result?;
         if let Err(e) = self.save_autostart(&vm) {
             self.events.emit(&vm.name, "autostart-failed", &e.message);

@@ -71,6 +71,11 @@ impl Manager {
         let _reserved = Release(|| {
             self.snap_creating.lock().remove(name);
         });
+        let _quota = self.admit_snapshot(
+            vm.uid,
+            vm.record().config.memory_mib,
+            snapshots::allocated(&vm.dir.join("disk.ext4")),
+        )?;
         let state = vm.state();
         if state != super::vm::VmState::Running {
             return Err(Error::busy(format!(
@@ -238,6 +243,13 @@ impl Manager {
                 return Err(Error::invalid(why));
             }
         }
+        let _quota = self.admit_vms(
+            uid,
+            names.len() as u64,
+            info.vcpus,
+            info.memory_mib,
+            info.disk_mib,
+        )?;
         // Reserve every name, or none.
         {
             let vms = self.vms.read();

@@ -37,6 +37,8 @@ pub type BoxedAgentStream = Pin<Box<dyn AgentStream>>;
 pub enum BackendKind {
     Qemu,
     Firecracker,
+    /// The test backend (`BANDSOX_HOST_AGENT`): the agent as a host process, no VM.
+    Host,
 }
 
 impl std::fmt::Display for BackendKind {
@@ -44,6 +46,7 @@ impl std::fmt::Display for BackendKind {
         f.write_str(match self {
             BackendKind::Qemu => "qemu",
             BackendKind::Firecracker => "firecracker",
+            BackendKind::Host => "host",
         })
     }
 }

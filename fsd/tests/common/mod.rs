@@ -36,6 +36,11 @@ pub fn is_mounted(p: &Path) -> bool {
 
 impl Mounted {
     pub fn new() -> Option<Mounted> {
+        Self::with_env(&[])
+    }
+
+    /// A mount whose daemon gets extra environment variables (e.g. `BANDSOX_LIMITS`).
+    pub fn with_env(env: &[(&str, &str)]) -> Option<Mounted> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
             eprintln!("!!!!! SKIPPING mount tests: they need root and /dev/fuse !!!!!");
@@ -59,6 +64,7 @@ impl Mounted {
             .arg("-f")
             .env("BANDSOX_HOST_AGENT", agent_binary())
             .env("BANDSOX_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(tmp.path().join("daemon.log")).unwrap())
             .spawn()
@@ -97,6 +103,44 @@ impl Mounted {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// Run a `bash` script as `uid` (gid the same, no supplementary groups), with `M` set.
+    pub fn sh_as(&self, uid: u32, script: &str) -> (i32, String, String) {
+        let id = uid.to_string();
+        let out = Command::new("timeout")
+            .args([
+                "60",
+                "setpriv",
+                "--reuid",
+                &id,
+                "--regid",
+                &id,
+                "--clear-groups",
+            ])
+            .args(["bash", "-c", script])
+            .env("M", &self.mnt)
+            .env("HOME", "/")
+            .current_dir("/")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// [`Self::sh_as`] that must succeed; returns stdout.
+    pub fn ok_as(&self, uid: u32, script: &str) -> String {
+        let (code, out, err) = self.sh_as(uid, script);
+        assert_eq!(
+            code,
+            0,
+            "script as uid {uid} failed: {script}\nstdout: {out}\nstderr: {err}\nlog: {}",
+            self.log()
+        );
+        out
     }
 
     pub fn ok(&self, script: &str) -> String {

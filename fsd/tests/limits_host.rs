@@ -1,0 +1,176 @@
+//! Limits, `usage` and the host backend's safety through a real mount (host test backend:
+//! the agent as a host process, no VM). Non-root users are played with `setpriv`.
+//!
+//! For each limit a user hits it, gets the documented errno and a message naming the
+//! limit, its value and the use, and nothing changes; root then raises the limit in the
+//! file (no restart) and the same request passes. Snapshots cannot be taken on the host
+//! backend, so for them "passes" means the request gets past the limit (to EOPNOTSUPP);
+//! tests/e2e/t-50-limits.sh takes a real snapshot.
+mod common;
+
+use std::path::Path;
+
+use common::Mounted;
+
+const ALICE: u32 = 1501;
+const BOB: u32 = 1502;
+
+fn write_limits(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// The VM directories in the state dir (to show a refusal left nothing behind).
+fn vm_dirs(m: &Mounted) -> usize {
+    std::fs::read_dir(m.state.join("vms"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn every_limit_refuses_then_a_raise_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = dir.path().join("limits");
+    write_limits(&limits, "per_user.vms = 1\n");
+    let Some(m) = Mounted::with_env(&[("BANDSOX_LIMITS", limits.to_str().unwrap())]) else {
+        return;
+    };
+
+    // One VM is allowed; the second is EDQUOT, with the limit, value and use named.
+    m.ok_as(
+        ALICE,
+        "mkdir $M/a1 && echo 'id -u' > $M/a1/exec && cat $M/a1/exec",
+    );
+    assert_eq!(
+        m.ok_as(ALICE, "cat $M/a1/exec").trim(),
+        ALICE.to_string(),
+        "the host backend runs a user's commands as that user"
+    );
+    let before = vm_dirs(&m);
+    let (code, _, err) = m.sh_as(ALICE, "mkdir $M/a2");
+    assert_ne!(code, 0);
+    assert!(err.contains("Disk quota exceeded"), "{err}");
+    let why = m.ok_as(ALICE, "cat $M/ctl");
+    assert!(
+        why.contains("per_user.vms=1") && why.contains("uid 1501 has 1 VMs"),
+        "{why}"
+    );
+    let (code, _, err) = m.sh_as(ALICE, "echo 'create a2' > $M/ctl");
+    assert_ne!(code, 0);
+    assert!(err.contains("Disk quota exceeded"), "{err}");
+    assert_eq!(vm_dirs(&m), before, "a refused create left a directory");
+    assert!(!m.mnt.join("a2").exists());
+
+    // Every other per-user resource, one at a time, with the VM count out of the way.
+    for (key, limit, request) in [
+        ("vcpus", "2", "create a2 vcpus=2"),
+        ("memory_mib", "300", "create a2 memory=128"),
+        ("disk_mib", "1", "create a2"),
+    ] {
+        write_limits(
+            &limits,
+            &format!("per_user.vms = 10\nper_user.{key} = {limit}\n"),
+        );
+        let (code, _, err) = m.sh_as(ALICE, &format!("echo '{request}' > $M/ctl"));
+        assert_ne!(code, 0, "{request} passed over per_user.{key}={limit}");
+        assert!(err.contains("Disk quota exceeded"), "{key}: {err}");
+        let why = m.ok_as(ALICE, "cat $M/ctl");
+        assert!(
+            why.contains(&format!("per_user.{key}={limit}")),
+            "{key}: {why}"
+        );
+        assert_eq!(vm_dirs(&m), before);
+        // Root raises it (no restart); the same request passes.
+        write_limits(&limits, "per_user.vms = 10\n");
+        m.ok_as(ALICE, &format!("echo '{request}' > $M/ctl"));
+        m.ok_as(ALICE, "rmdir $M/a2");
+    }
+
+    // Snapshots: refused at the limit before anything happens; past it, the host
+    // backend's own answer (it cannot snapshot).
+    for key in ["snapshots", "snapshot_mib"] {
+        write_limits(&limits, &format!("per_user.{key} = 0\n"));
+        let (code, _, err) = m.sh_as(ALICE, "echo 'snapshot s1' > $M/a1/ctl");
+        assert_ne!(code, 0);
+        assert!(err.contains("Disk quota exceeded"), "{key}: {err}");
+        let why = m.ok_as(ALICE, "cat $M/a1/ctl");
+        assert!(why.contains(&format!("per_user.{key}=0")), "{why}");
+        write_limits(&limits, "");
+        let (_, _, err) = m.sh_as(ALICE, "echo 'snapshot s1' > $M/a1/ctl");
+        assert!(err.contains("Operation not supported"), "{key}: {err}");
+    }
+
+    // Host-wide limits: EAGAIN for VMs/vCPUs/memory, ENOSPC for disk; root included.
+    write_limits(&limits, "host.vms = 1\n");
+    let (_, _, err) = m.sh_as(BOB, "mkdir $M/b1");
+    assert!(err.contains("Resource temporarily unavailable"), "{err}");
+    let why = m.ok_as(BOB, "cat $M/ctl");
+    assert!(
+        why.contains("host.vms=1") && why.contains("all users have 1 VMs"),
+        "{why}"
+    );
+    let (_, _, err) = m.sh("mkdir $M/r1");
+    assert!(err.contains("Resource temporarily unavailable"), "{err}");
+    write_limits(&limits, "host.disk_mib = 1\n");
+    let (_, _, err) = m.sh_as(BOB, "mkdir $M/b1");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(vm_dirs(&m), before);
+
+    // A user-specific override beats per_user.
+    write_limits(&limits, "per_user.vms = 1\nuser.1502.vms = 2\n");
+    m.ok_as(BOB, "mkdir $M/b1 && mkdir $M/b2");
+    let (_, _, err) = m.sh_as(BOB, "mkdir $M/b3");
+    assert!(err.contains("Disk quota exceeded"), "{err}");
+    assert!(m.ok_as(BOB, "cat $M/ctl").contains("user.1502.vms=2"));
+
+    // usage: own line plus the host line for users; everyone's for root.
+    let mine = m.ok_as(ALICE, "cat $M/usage");
+    assert!(mine.contains("user uid=1501 name="), "{mine}");
+    assert!(mine.contains(" vms=1/1 "), "{mine}");
+    assert!(!mine.contains("uid=1502"), "{mine}");
+    assert!(mine.contains("\nhost vms=3/"), "{mine}");
+    let all = m.ok("cat $M/usage");
+    assert!(
+        all.contains("uid=1501") && all.contains("uid=1502 name=- vms=2/2 "),
+        "{all}"
+    );
+
+    // A broken file is ignored whole; usage says so; the previous limits stay.
+    write_limits(&limits, "per_user.vms = lots\n");
+    let all = m.ok("cat $M/usage");
+    assert!(all.contains("error ") && all.contains("line 1"), "{all}");
+    let (_, _, err) = m.sh_as(ALICE, "mkdir $M/a2");
+    assert!(err.contains("Disk quota exceeded"), "{err}");
+    m.ok("rmdir $M/a1 $M/b1 $M/b2");
+}
+
+#[test]
+fn host_backend_refuses_allow_other_without_root() {
+    let Some(m) = Mounted::new() else { return };
+    // The daemon as a non-root user, asked for a shared mount: refused before mounting.
+    let mnt = m.state.parent().unwrap().join("mnt-nobody");
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::os::unix::fs::chown(&mnt, Some(ALICE), Some(ALICE)).unwrap();
+    let state = m.state.parent().unwrap().join("state-nobody");
+    std::fs::create_dir_all(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(ALICE), Some(ALICE)).unwrap();
+    let script = format!(
+        "BANDSOX_HOST_AGENT={} {} mount {} --state-dir {} -f",
+        common::agent_binary().display(),
+        env!("CARGO_BIN_EXE_bandsox"),
+        mnt.display(),
+        state.display()
+    );
+    let (code, _, err) = m.sh_as(ALICE, &script);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("refuses a mount other users can use (allow_other)"),
+        "{err}"
+    );
+    assert!(err.contains("TEST BACKEND"), "the start warning: {err}");
+    assert!(!common::is_mounted(&mnt));
+    // info says what runs the VM.
+    m.ok("mkdir $M/h");
+    let info = m.ok("cat $M/h/info");
+    assert!(info.contains("\"backend\": \"host\""), "{info}");
+    m.ok("rmdir $M/h");
+}
