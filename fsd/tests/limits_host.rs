@@ -174,3 +174,77 @@ fn host_backend_refuses_allow_other_without_root() {
     assert!(info.contains("\"backend\": \"host\""), "{info}");
     m.ok("rmdir $M/h");
 }
+
+#[test]
+fn run_output_is_stored_once_pruned_and_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = dir.path().join("limits");
+    write_limits(&limits, "");
+    let Some(m) = Mounted::with_env(&[("BANDSOX_LIMITS", limits.to_str().unwrap())]) else {
+        return;
+    };
+    let runs_du = |vm: &str| -> u64 {
+        let info = m.ok(&format!("cat $M/{vm}/info"));
+        let id = info
+            .split("\"id\": \"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap()
+            .to_string();
+        m.ok(&format!(
+            "du -sk --apparent-size {}/vms/{id}/runs | cut -f1",
+            m.state.display()
+        ))
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+            * 1024
+    };
+
+    // 20 MB of output costs 20 MB on disk, not twice that; stdout and output agree.
+    m.ok("echo 'create o keep_runs=3 output_mib=64' > $M/ctl");
+    m.ok("echo 'head -c 20000000 /dev/zero; echo done >&2' > $M/o/exec");
+    let used = runs_du("o");
+    assert!(
+        (20_000_000..21_000_000).contains(&used),
+        "20 MB of output uses {used} bytes"
+    );
+    assert_eq!(m.ok("cat $M/o/runs/last/output | wc -c").trim(), "20000005");
+    assert_eq!(m.ok("cat $M/o/runs/last/output | tail -c 5"), "done\n");
+    assert_eq!(m.ok("cat $M/o/runs/last/stdout | wc -c").trim(), "20000000");
+
+    // keep_runs=3: only the last three runs stay.
+    for i in 0..4 {
+        m.ok(&format!("echo 'echo run{i}' > $M/o/exec"));
+    }
+    let listed = m.ok("ls $M/o/runs | grep -v last | sort -n | tr '\\n' ' '");
+    assert_eq!(listed, "3 4 5 ", "keep_runs=3");
+
+    // The byte budget: older finished runs go first, and a run that alone does not fit
+    // stops with `output limit reached`; nothing grows past the cap.
+    write_limits(&limits, "vm.run_output_mib = 1\n");
+    m.ok("echo 'create c' > $M/ctl");
+    for _ in 0..3 {
+        m.ok("echo 'head -c 400000 /dev/zero' > $M/c/exec");
+    }
+    let listed = m.ok("ls $M/c/runs | grep -v last | sort -n | tr '\\n' ' '");
+    assert_eq!(listed, "2 3 ", "the oldest run was pruned for room");
+    m.ok("echo 'yes | head -c 50000000; echo never' > $M/c/exec");
+    assert_eq!(m.ok("cat $M/c/runs/last/status"), "output limit reached\n");
+    let kept: u64 = m
+        .ok("cat $M/c/runs/last/output | wc -c")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(kept > 900_000 && kept <= 1024 * 1024, "kept {kept} bytes");
+    assert!(
+        runs_du("c") <= 1024 * 1024 + 64 * 1024,
+        "spool above the cap"
+    );
+    // Root raises the cap: the same command completes.
+    write_limits(&limits, "vm.run_output_mib = 100\n");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    m.ok("echo 'yes | head -c 50000000 >/dev/null; echo fine' > $M/c/exec");
+    assert_eq!(m.ok("cat $M/c/runs/last/status"), "0\n");
+    m.ok("rmdir $M/o $M/c");
+}

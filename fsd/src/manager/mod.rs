@@ -11,6 +11,7 @@ pub mod images;
 mod quota;
 pub mod runs;
 pub mod snaps;
+pub mod spool;
 pub mod vm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

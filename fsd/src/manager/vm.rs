@@ -8,6 +8,7 @@
 //!   at once.
 //! - The on-disk record (`vm.json`) is rewritten after every state change that must
 //!   survive a daemon restart (desired state, boot time).
+mod retention;
 mod snapshot;
 pub use snapshot::{Taken, FREEZE_TIMEOUT};
 
@@ -120,6 +121,8 @@ pub struct Vm {
     session_last: Mutex<HashMap<u32, u64>>,
     /// Session id → last `ctl` result text.
     ctl_results: crate::ctl::CtlResults,
+    /// The bytes all runs' output may keep (see `spool` and `retention`).
+    output: Arc<super::spool::OutputBudget>,
 }
 
 fn console_tail(dir: &std::path::Path, lines: usize) -> String {
@@ -137,9 +140,12 @@ impl Vm {
         boot_files: BootFiles,
         events: Arc<EventLog>,
     ) -> Arc<Vm> {
-        let runs = load_runs(&dir.join("runs"));
+        let output = Arc::new(super::spool::OutputBudget::new(
+            record.config.output_mib.into(),
+        ));
+        let runs = load_runs(&dir.join("runs"), &output);
         let next = runs.keys().next_back().copied().unwrap_or(0) + 1;
-        Arc::new(Vm {
+        let vm = Arc::new(Vm {
             id: record.id.clone(),
             name: record.name.clone(),
             uid: record.uid,
@@ -159,7 +165,11 @@ impl Vm {
             next_run: AtomicU64::new(next),
             session_last: Mutex::new(HashMap::new()),
             ctl_results: Default::default(),
-        })
+            output,
+        });
+        let pruner: std::sync::Weak<dyn super::spool::Prune> = Arc::downgrade(&vm) as _;
+        vm.output.set_pruner(pruner);
+        vm
     }
 
     pub fn record(&self) -> VmRecord {
@@ -759,8 +769,14 @@ impl Vm {
         }
         let agent = self.live_agent().await?;
         let n = self.next_run.fetch_add(1, Ordering::SeqCst);
-        let run = Run::create(&self.dir.join("runs"), n, script.clone())?;
+        let run = Run::create(
+            &self.dir.join("runs"),
+            n,
+            script.clone(),
+            self.output.clone(),
+        )?;
         self.runs.lock().insert(n, run.clone());
+        self.prune_runs();
         self.session_last.lock().insert(session, n);
         let spec = ExecSpec {
             program,
@@ -792,7 +808,10 @@ pub(super) async fn prepare_network(spec: &VmSpec) -> Result<()> {
         .map_err(|e| Error::io(format!("network setup task failed: {e}")))?
 }
 
-fn load_runs(dir: &std::path::Path) -> BTreeMap<u64, Arc<Run>> {
+fn load_runs(
+    dir: &std::path::Path,
+    budget: &Arc<super::spool::OutputBudget>,
+) -> BTreeMap<u64, Arc<Run>> {
     let mut out = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return out;
@@ -801,7 +820,7 @@ fn load_runs(dir: &std::path::Path) -> BTreeMap<u64, Arc<Run>> {
         let Some(n) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else {
             continue;
         };
-        match Run::load(&e.path(), n) {
+        match Run::load(&e.path(), n, budget.clone()) {
             Ok(run) => {
                 out.insert(n, run);
             }
