@@ -166,6 +166,10 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     mgr.events
         .emit("", "daemon-start", &format!("pid={}", std::process::id()));
     rt.block_on(mgr.reload());
+    {
+        let _rt = rt.enter();
+        crate::logcap::spawn(Arc::downgrade(&mgr));
+    }
 
     if is_stale_mount(&opts.mountpoint) || is_mounted(&opts.mountpoint) {
         tracing::warn!("clearing an earlier mount at {}", opts.mountpoint.display());

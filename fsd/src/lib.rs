@@ -20,6 +20,7 @@ pub mod images;
 pub mod interrupt;
 pub mod layout;
 pub mod limits;
+pub mod logcap;
 pub mod manager;
 pub mod names;
 pub mod net;

@@ -248,3 +248,62 @@ fn run_output_is_stored_once_pruned_and_capped() {
     assert_eq!(m.ok("cat $M/c/runs/last/status"), "0\n");
     m.ok("rmdir $M/o $M/c");
 }
+
+#[test]
+fn console_flood_is_capped_and_tail_follows_across_the_wrap() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = dir.path().join("limits");
+    write_limits(&limits, "vm.console_mib = 1\n");
+    let Some(m) = Mounted::with_env(&[("BANDSOX_LIMITS", limits.to_str().unwrap())]) else {
+        return;
+    };
+    m.ok("mkdir $M/f");
+    let info = m.ok("cat $M/f/info");
+    let id = info
+        .split("\"id\": \"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap()
+        .to_string();
+    let log = m.state.join(format!("vms/{id}/console.log"));
+    // tail -f follows while the "guest" (the host agent: its stdout is the console)
+    // floods 30 MB, then writes a last line.
+    let out = m.state.parent().unwrap().join("tail.out");
+    let script = format!(
+        "tail -s 0.1 -f $M/f/console > {out} 2>&1 & t=$!; sleep 0.3; \
+         echo 'yes flooding-the-console | head -c 30000000 >> /proc/$PPID/fd/1; \
+               sleep 1.2; echo THE-END >> /proc/$PPID/fd/1' > $M/f/exec; \
+         for i in $(seq 1 50); do grep -q THE-END {out} && break; sleep 0.1; done; kill $t",
+        out = out.display()
+    );
+    m.ok(&script);
+    let followed = std::fs::read(&out).unwrap();
+    assert!(
+        followed.ends_with(b"THE-END\n"),
+        "tail -f did not follow across the wrap: ...{:?}",
+        String::from_utf8_lossy(&followed[followed.len().saturating_sub(200)..])
+    );
+    assert!(!followed.contains(&0u8), "tail -f saw the punched zeros");
+    assert!(!String::from_utf8_lossy(&followed).contains("truncated"));
+    // The host keeps about 1 MiB, while the file's size says what was written.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&log).unwrap();
+    assert!(meta.len() > 30_000_000, "size {}", meta.len());
+    assert!(
+        meta.blocks() * 512 <= 1024 * 1024 + 320 * 1024,
+        "console.log holds {} bytes",
+        meta.blocks() * 512
+    );
+    // cat reads what is kept, saying first what was dropped.
+    let text = m.ok("cat $M/f/console");
+    assert!(
+        text.starts_with("[bandsox: "),
+        "{}",
+        &text[..100.min(text.len())]
+    );
+    assert!(text.contains("earlier bytes were dropped"));
+    assert!(text.ends_with("THE-END\n"));
+    assert!(!text.contains('\0'));
+    assert!(text.len() < 2 * 1024 * 1024);
+    m.ok("rmdir $M/f");
+}

@@ -58,6 +58,8 @@ pub struct ExecTx {
 pub enum OpenFile {
     Generated(Vec<u8>),
     Log(PathBuf),
+    /// A capped log (`console`): offsets below the kept part are moved past it.
+    CappedLog(PathBuf, crate::logcap::LogReader),
     RootCtl,
     VmCtl(Arc<Vm>),
     RunCtl(Arc<Run>),
@@ -150,7 +152,10 @@ impl Files {
             }
             Node::VmFile(id, VmFile::Console) => {
                 ro("console")?;
-                (OpenFile::Log(self.tree.vm(id)?.console_path()), direct)
+                (
+                    OpenFile::CappedLog(self.tree.vm(id)?.console_path(), Default::default()),
+                    direct,
+                )
             }
             Node::VmFile(id, VmFile::Ctl) => (OpenFile::VmCtl(self.tree.vm(id)?), direct),
             Node::VmFile(id, VmFile::Exec) => {
@@ -225,6 +230,15 @@ impl Files {
         match &*file {
             OpenFile::Generated(c) => Ok(slice_at(c, offset, size)),
             OpenFile::Log(p) => read_file_at(p, offset, size),
+            OpenFile::CappedLog(p, reader) => {
+                let mib = crate::limits::vm_caps().console_mib;
+                reader.read(
+                    p,
+                    offset,
+                    size,
+                    &crate::logcap::cap_note(mib, "vm.console_mib"),
+                )
+            }
             OpenFile::RootCtl => Ok(slice_at(
                 self.tree.mgr.ctl_results().get(caller.session).as_bytes(),
                 offset,
@@ -322,9 +336,10 @@ impl Files {
                 tx.script.extend_from_slice(data);
                 Ok(len)
             }
-            OpenFile::Generated(_) | OpenFile::Log(_) | OpenFile::Stream { .. } => {
-                Err(Error::read_only("this file"))
-            }
+            OpenFile::Generated(_)
+            | OpenFile::Log(_)
+            | OpenFile::CappedLog(..)
+            | OpenFile::Stream { .. } => Err(Error::read_only("this file")),
         }
     }
 
