@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod disk;
 pub mod error;
 pub mod events;
+pub mod eventview;
 pub mod fslat;
 pub mod fsx;
 pub mod fuse;

@@ -71,10 +71,13 @@ pub enum OpenFile {
     },
     Stdin(Arc<Run>),
     Exec(tokio::sync::Mutex<ExecTx>),
+    /// `events` or `<vm>/events`: the caller's view of the event log.
+    Events(crate::eventview::EventsHandle),
 }
 
 pub struct Files {
     pub tree: Tree,
+    events: crate::eventview::EventViews,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
 }
@@ -97,9 +100,20 @@ fn read_file_at(path: &std::path::Path, offset: u64, size: u32) -> Result<Vec<u8
 impl Files {
     pub fn new(tree: Tree) -> Self {
         Files {
+            events: crate::eventview::EventViews::new(tree.mgr.events.path().to_path_buf()),
             tree,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// The size of an `events` file as `uid` sees it (None: not an events file).
+    pub fn events_len(&self, node: &Node, uid: u32) -> Option<u64> {
+        use crate::eventview::Filter;
+        match node {
+            Node::Events => Some(self.events.len(&Filter::for_uid(uid))),
+            Node::VmFile(id, VmFile::Events) => Some(self.events.len(&Filter::Vm(id.clone()))),
+            _ => None,
         }
     }
 
@@ -140,10 +154,13 @@ impl Files {
             Node::Defaults => (OpenFile::Defaults, direct),
             Node::Events => {
                 ro("events")?;
-                (
-                    OpenFile::Log(self.tree.mgr.events.path().to_path_buf()),
-                    direct,
-                )
+                let f = crate::eventview::Filter::for_uid(caller.uid);
+                (OpenFile::Events(self.events.open(&f)), direct)
+            }
+            Node::VmFile(id, VmFile::Events) => {
+                ro("events")?;
+                let f = crate::eventview::Filter::Vm(self.tree.vm(id)?.id.clone());
+                (OpenFile::Events(self.events.open(&f)), direct)
             }
             Node::Usage => {
                 ro("usage")?;
@@ -230,6 +247,7 @@ impl Files {
         match &*file {
             OpenFile::Generated(c) => Ok(slice_at(c, offset, size)),
             OpenFile::Log(p) => read_file_at(p, offset, size),
+            OpenFile::Events(h) => h.read(offset, size),
             OpenFile::CappedLog(p, reader) => {
                 let mib = crate::limits::vm_caps().console_mib;
                 reader.read(
@@ -339,6 +357,7 @@ impl Files {
             OpenFile::Generated(_)
             | OpenFile::Log(_)
             | OpenFile::CappedLog(..)
+            | OpenFile::Events(_)
             | OpenFile::Stream { .. } => Err(Error::read_only("this file")),
         }
     }

@@ -27,6 +27,8 @@ pub enum VmFile {
     Info,
     Exec,
     Console,
+    /// The VM's own lines of the event log.
+    Events,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -120,6 +122,7 @@ const VM_FILES: &[(&str, VmFile)] = &[
     ("info", VmFile::Info),
     ("exec", VmFile::Exec),
     ("console", VmFile::Console),
+    ("events", VmFile::Events),
 ];
 
 pub const README: &str = "\
@@ -132,7 +135,7 @@ BandSox-FS: microVMs as files.
   echo pause|resume|stop|start|kill|restart > NAME/ctl
   cat NAME/state                  booting | running | paused | stopped | failed: why
   cat NAME/info                   JSON description
-  tail -f NAME/console            serial console;   tail -f events   lifecycle events
+  tail -f NAME/console            serial console;   tail -f events   your VMs' events
   cat usage                       what you use, against the limits root set
   rmdir NAME                      stop and delete the VM
   echo 'pull NAME alpine:3.20' > ctl          image from a registry (import NAME /path: local)
@@ -451,7 +454,8 @@ impl Tree {
                 0o644,
                 self.generated(node)?.map_or(0, |c| c.len() as u64),
             ),
-            Node::Events => (Kind::File, 0o444, file_len(self.mgr.events.path())),
+            // The size is the caller's view (see `Files::events_len`).
+            Node::Events => (Kind::File, 0o444, 0),
             // Per caller: generated at open; the size is not known before.
             Node::Usage => (Kind::File, 0o444, 0),
             Node::Readme | Node::ImageInfo(_) | Node::SnapshotInfo(_) => (
@@ -462,6 +466,8 @@ impl Tree {
             Node::VmFile(id, f) => match f {
                 VmFile::Ctl | VmFile::Exec => (Kind::File, 0o600, 0),
                 VmFile::Console => (Kind::File, 0o400, file_len(&self.vm(id)?.console_path())),
+                // The size is the caller's view (see `Files::events_len`).
+                VmFile::Events => (Kind::File, 0o400, 0),
                 VmFile::State | VmFile::Info => (
                     Kind::File,
                     0o400,

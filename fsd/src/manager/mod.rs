@@ -149,7 +149,11 @@ impl Manager {
             snap_creating: Mutex::new(HashSet::new()),
             snap_busy: Mutex::new(HashMap::new()),
         }))
-        .inspect(|m: &Arc<Manager>| m.clean_image_leftovers())
+        .inspect(|m: &Arc<Manager>| {
+            m.clean_image_leftovers();
+            let scopes: std::sync::Weak<dyn crate::events::Scopes> = Arc::downgrade(m) as _;
+            m.events.set_scopes(scopes);
+        })
     }
 
     /// Load every VM record; re-adopt live VMMs concurrently.
@@ -516,6 +520,12 @@ impl Manager {
             }
             VmCmd::Snapshot(name) => self.snapshot(vm, &name).await,
         }
+    }
+}
+
+impl crate::events::Scopes for Manager {
+    fn vm_scope(&self, name: &str) -> Option<(u32, String)> {
+        self.get(name).map(|vm| (vm.uid, vm.id.clone()))
     }
 }
 

@@ -158,7 +158,7 @@ impl Manager {
         crate::names::validate("snapshot", name)
             .map_err(|_| Error::not_found("no such snapshot"))?;
         let root = self.layout.snapshots();
-        snapshots::load(&root, name)?;
+        let owner = snapshots::load(&root, name)?.owner_uid;
         let doomed = {
             let creating = self.snap_creating.lock();
             let busy = self.snap_busy.lock();
@@ -176,7 +176,7 @@ impl Manager {
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(doomed))
             .await
             .map_err(|e| Error::io(e.to_string()))??;
-        self.events.emit("-", "snapshot-deleted", name);
+        self.events.emit_for(owner, "-", "snapshot-deleted", name);
         Ok(())
     }
 

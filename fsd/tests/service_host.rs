@@ -1,5 +1,6 @@
-//! Limits, `usage` and the host backend's safety through a real mount (host test backend:
-//! the agent as a host process, no VM). Non-root users are played with `setpriv`.
+//! Running as a shared service, through a real mount (host test backend: the agent as a
+//! host process, no VM): limits, usage, output and console caps, events privacy and the
+//! host backend's safety. Non-root users are played with `setpriv`.
 //!
 //! For each limit a user hits it, gets the documented errno and a message naming the
 //! limit, its value and the use, and nothing changes; root then raises the limit in the
@@ -306,4 +307,63 @@ fn console_flood_is_capped_and_tail_follows_across_the_wrap() {
     assert!(!text.contains('\0'));
     assert!(text.len() < 2 * 1024 * 1024);
     m.ok("rmdir $M/f");
+}
+
+#[test]
+fn events_show_each_user_only_their_own() {
+    let Some(m) = Mounted::new() else { return };
+    m.ok_as(ALICE, "mkdir $M/alice-vm");
+    m.ok_as(BOB, "mkdir $M/bob-vm");
+    // Follow as alice while both users act.
+    let out = m.state.parent().unwrap().join("alice-tail.out");
+    let out_s = out.display().to_string();
+    std::fs::write(&out, "").unwrap();
+    std::os::unix::fs::chown(&out, Some(ALICE), None).unwrap();
+    m.ok_as(
+        ALICE,
+        &format!(
+            "tail -s 0.1 -n 0 -f $M/events > {out_s} & t=$!; sleep 0.3; \
+             echo pause > $M/alice-vm/ctl; echo resume > $M/alice-vm/ctl; sleep 0.5; kill $t"
+        ),
+    );
+    m.ok_as(
+        BOB,
+        "echo pause > $M/bob-vm/ctl; echo resume > $M/bob-vm/ctl",
+    );
+    let followed = std::fs::read_to_string(&out).unwrap();
+    assert!(followed.contains(" alice-vm paused"), "{followed}");
+
+    let alice = m.ok_as(ALICE, "cat $M/events");
+    let bob = m.ok_as(BOB, "cat $M/events");
+    let root = m.ok("cat $M/events");
+    assert!(alice.contains(" alice-vm created") && alice.contains(" alice-vm resumed"));
+    assert!(!alice.contains("bob-vm"), "alice sees bob's VM: {alice}");
+    assert!(bob.contains(" bob-vm created") && bob.contains(" bob-vm paused"));
+    assert!(!bob.contains("alice-vm"), "{bob}");
+    assert!(root.contains("alice-vm") && root.contains("bob-vm"));
+    // Daemon-wide lines are everyone's.
+    assert!(alice.contains(" - daemon-start") && bob.contains(" - daemon-start"));
+    // stat shows each reader the size of their own view (tail -f follows by it).
+    let size: usize = m
+        .ok_as(ALICE, "stat -c %s $M/events")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(size, alice.len());
+
+    // Per-VM events: the owner's, that VM's lines only; others cannot open it.
+    let own = m.ok_as(ALICE, "cat $M/alice-vm/events");
+    assert!(own.lines().all(|l| l.contains(" alice-vm ")), "{own}");
+    assert!(own.contains(" alice-vm paused"));
+    let (code, _, _) = m.sh_as(BOB, "cat $M/alice-vm/events");
+    assert_ne!(code, 0);
+    // A deleted VM's lines stay its owner's, even when another user reuses the name.
+    m.ok_as(ALICE, "rmdir $M/alice-vm");
+    m.ok_as(BOB, "mkdir $M/alice-vm && rmdir $M/alice-vm");
+    let alice = m.ok_as(ALICE, "cat $M/events");
+    assert_eq!(alice.matches(" alice-vm deleted").count(), 1, "{alice}");
+    let bob = m.ok_as(BOB, "cat $M/events");
+    assert_eq!(bob.matches(" alice-vm deleted").count(), 1, "{bob}");
+    assert!(!bob.contains(" alice-vm paused"));
+    m.ok("rmdir $M/bob-vm");
 }
