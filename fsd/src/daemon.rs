@@ -162,6 +162,8 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
     let backends = crate::backends::detect();
+    // Decide (and log) once whether VMMs get cgroups.
+    let _ = crate::cgroup::support();
     let mgr = Manager::open(opts.state_dir.clone(), backends).map_err(|e| e.to_string())?;
     mgr.events
         .emit("", "daemon-start", &format!("pid={}", std::process::id()));

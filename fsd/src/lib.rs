@@ -5,6 +5,7 @@
 //! from `bandsox_agent::client`. `error` is the one error type, with explicit errnos.
 pub mod backends;
 pub mod bench;
+pub mod cgroup;
 pub mod config;
 pub mod ctl;
 pub mod daemon;

@@ -433,6 +433,7 @@ impl Manager {
         if let Some(slot) = vm.record().net_slot {
             self.net_slots.release(slot);
         }
+        crate::cgroup::remove(&vm.id);
         if let Err(e) = tokio::fs::remove_dir_all(&vm.dir).await {
             tracing::warn!(vm = name, "cannot remove {}: {e}", vm.dir.display());
         }

@@ -260,6 +260,10 @@ impl Vm {
             "vmm_pid": pid,
             "state": self.state().render(),
             "owner_uid": rec.uid,
+            "cgroup": match self.backend.vmm_overhead_mib(rec.config.memory_mib) {
+                Some(_) => crate::cgroup::describe(&self.id),
+                None => "none: the host test backend runs no VM".to_string(),
+            },
         });
         let mut s = serde_json::to_string_pretty(&info).unwrap_or_else(|_| "{}".into());
         s.push('\n');
@@ -393,6 +397,7 @@ impl Vm {
             }
         };
         *self.vmm.lock() = Some(inst.clone());
+        self.confine(inst.pid());
         match self.connect_agent(&inst, timeout).await {
             Ok(client) => {
                 let ms = t0.elapsed().as_millis() as u64;
@@ -501,6 +506,20 @@ impl Vm {
         });
     }
 
+    /// Put the VMM `pid` into the VM's own cgroup (where the host has cgroup v2).
+    pub(super) fn confine(&self, pid: u32) {
+        let rec = self.record();
+        if let Some(overhead) = self.backend.vmm_overhead_mib(rec.config.memory_mib) {
+            crate::cgroup::confine(
+                &self.id,
+                pid,
+                rec.config.vcpus,
+                rec.config.memory_mib,
+                overhead,
+            );
+        }
+    }
+
     /// Forget the VMM and agent, mark live runs lost, remove the host side of the network.
     fn cleanup_after_exit(&self, why: &str) {
         self.generation.fetch_add(1, Ordering::SeqCst);
@@ -510,6 +529,7 @@ impl Vm {
             run.abandon(why);
         }
         self.release_network();
+        crate::cgroup::remove(&self.id);
     }
 
     /// Delete the VM's TAP device, if it has one. Synchronous on purpose: a restart

@@ -105,6 +105,11 @@ impl Backend for HostBackend {
         false
     }
 
+    /// Test backend: its processes run as the VM's owner, not confined.
+    fn vmm_overhead_mib(&self, _memory_mib: u32) -> Option<u64> {
+        None
+    }
+
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
         let host_dir = spec.dir.join(HOST_DIR);
         // As root: the agent runs as the VM's owner. Otherwise it runs as we do.

@@ -149,6 +149,15 @@ pub trait Backend: Send + Sync {
     fn needs_boot_files(&self) -> bool {
         true
     }
+    /// Host memory the VMM process needs beyond the guest's (MiB), for its cgroup's
+    /// `memory.max` (see `crate::cgroup`); `None`: its processes are not confined.
+    fn vmm_overhead_mib(&self, memory_mib: u32) -> Option<u64> {
+        Some(crate::cgroup::overhead_mib(
+            &self.kind().to_string(),
+            false,
+            memory_mib,
+        ))
+    }
     /// Start the VMM for `spec`; returns once the process runs and its control channel
     /// answers (not when the guest has booted).
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn VmmInstance>, VmmError>;
