@@ -10,6 +10,7 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod disk;
+pub mod doctor;
 pub mod error;
 pub mod events;
 pub mod eventview;

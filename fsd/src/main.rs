@@ -44,6 +44,17 @@ enum Cmd {
     },
     /// Unmount the tree (VMs keep running and are re-adopted by the next mount).
     Unmount { mountpoint: PathBuf },
+    /// Check this host (KVM, Firecracker, QEMU, FUSE, cgroup v2, net=tap tools, space, guest
+    /// artefacts) and say how to fix each problem; exits non-zero when the default backend
+    /// cannot boot a VM.
+    Doctor {
+        #[arg(long, env = "BANDSOX_STATE_DIR", default_value = "/var/lib/bandsox")]
+        state_dir: PathBuf,
+        /// The static agent the initramfs should have been built from (default: the
+        /// packaged /usr/lib/bandsox/bandsox-agent when installed).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+    },
     /// Benchmark baseline: boot one VM without the daemon, print ms to the agent's answer.
     BenchBoot {
         #[arg(long, env = "BANDSOX_STATE_DIR", default_value = "/var/lib/bandsox")]
@@ -112,6 +123,17 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Unmount { mountpoint } => daemon::unmount(&mountpoint),
+        Cmd::Doctor { state_dir, agent } => {
+            daemon::init_logging(Some("error"));
+            let agent = agent.or_else(bandsox_fsd::doctor::default_agent);
+            let (report, bootable) = bandsox_fsd::doctor::run(&state_dir, agent.as_deref());
+            print!("{report}");
+            if bootable {
+                Ok(())
+            } else {
+                return ExitCode::FAILURE;
+            }
+        }
         Cmd::Fslat { dir, n } => bandsox_fsd::fslat::run(&dir, n).map(|line| println!("{line}")),
         Cmd::Fsx {
             file,
