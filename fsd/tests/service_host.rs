@@ -367,3 +367,70 @@ fn events_show_each_user_only_their_own() {
     assert!(!bob.contains(" alice-vm paused"));
     m.ok("rmdir $M/bob-vm");
 }
+
+#[test]
+fn mount_helper_options() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../mount-helpers/mount.fuse.bandsox");
+    let tmp = tempfile::Builder::new()
+        .prefix("bandsox-helper")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let (mnt, state) = (tmp.path().join("mnt"), tmp.path().join("state"));
+    std::fs::create_dir_all(state.join("images/base")).unwrap();
+    std::fs::write(state.join("images/base/disk.ext4"), vec![0u8; 65536]).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let run = |opts: &str| {
+        std::process::Command::new(&helper)
+            .args(["bandsox", mnt.to_str().unwrap(), "-o", opts])
+            .env("BANDSOX", env!("CARGO_BIN_EXE_bandsox"))
+            .env("BANDSOX_HOST_AGENT", common::agent_binary())
+            .output()
+            .unwrap()
+    };
+    // Unknown options: refused with a message, nothing mounted.
+    let out = run(&format!("allow_other,state_dir={},colour=blue", state.display()));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown mount option(s): colour=blue"), "{err}");
+    assert!(!common::is_mounted(&mnt));
+
+    // ro: reads work, every write answers EROFS. No allow_other: private to root.
+    let out = run(&format!(
+        "ro,default_permissions,nosuid,nodev,noauto,state_dir={}",
+        state.display()
+    ));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(common::is_mounted(&mnt));
+    let sh = |uid: u32, script: &str| {
+        let id = uid.to_string();
+        let o = std::process::Command::new("setpriv")
+            .args(["--reuid", &id, "--regid", &id, "--clear-groups", "bash", "-c", script])
+            .env("M", &mnt)
+            .current_dir("/")
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    assert!(sh(0, "grep -q BandSox $M/README").0);
+    let (ok, err) = sh(0, "echo 'create x' > $M/ctl");
+    assert!(!ok && err.contains("Read-only file system"), "{err}");
+    let (ok, err) = sh(0, "mkdir $M/x");
+    assert!(!ok && err.contains("Read-only file system"), "{err}");
+    let (ok, err) = sh(ALICE, "ls $M");
+    assert!(!ok && err.contains("Permission denied"), "private mount: {err}");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_bandsox"))
+        .arg("unmount")
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while common::is_mounted(&mnt) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!common::is_mounted(&mnt));
+}
