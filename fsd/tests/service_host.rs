@@ -392,10 +392,16 @@ fn mount_helper_options() {
             .unwrap()
     };
     // Unknown options: refused with a message, nothing mounted.
-    let out = run(&format!("allow_other,state_dir={},colour=blue", state.display()));
+    let out = run(&format!(
+        "allow_other,state_dir={},colour=blue",
+        state.display()
+    ));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unknown mount option(s): colour=blue"), "{err}");
+    assert!(
+        err.contains("unknown mount option(s): colour=blue"),
+        "{err}"
+    );
     assert!(!common::is_mounted(&mnt));
 
     // ro: reads work, every write answers EROFS. No allow_other: private to root.
@@ -403,17 +409,33 @@ fn mount_helper_options() {
         "ro,default_permissions,nosuid,nodev,noauto,state_dir={}",
         state.display()
     ));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(common::is_mounted(&mnt));
     let sh = |uid: u32, script: &str| {
         let id = uid.to_string();
         let o = std::process::Command::new("setpriv")
-            .args(["--reuid", &id, "--regid", &id, "--clear-groups", "bash", "-c", script])
+            .args([
+                "--reuid",
+                &id,
+                "--regid",
+                &id,
+                "--clear-groups",
+                "bash",
+                "-c",
+                script,
+            ])
             .env("M", &mnt)
             .current_dir("/")
             .output()
             .unwrap();
-        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     assert!(sh(0, "grep -q BandSox $M/README").0);
     let (ok, err) = sh(0, "echo 'create x' > $M/ctl");
@@ -421,7 +443,10 @@ fn mount_helper_options() {
     let (ok, err) = sh(0, "mkdir $M/x");
     assert!(!ok && err.contains("Read-only file system"), "{err}");
     let (ok, err) = sh(ALICE, "ls $M");
-    assert!(!ok && err.contains("Permission denied"), "private mount: {err}");
+    assert!(
+        !ok && err.contains("Permission denied"),
+        "private mount: {err}"
+    );
     let st = std::process::Command::new(env!("CARGO_BIN_EXE_bandsox"))
         .arg("unmount")
         .arg(&mnt)

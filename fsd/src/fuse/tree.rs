@@ -440,7 +440,10 @@ impl Tree {
         let (kind, perm, size) = match node {
             // Sticky like /tmp: anyone may mkdir a VM, only its owner may rmdir it.
             Node::Root => dir(0o1777),
-            Node::Images | Node::Image(_) | Node::Snapshots => dir(0o755),
+            // Sticky like the root: the kernel lets each user rmdir only their own
+            // images and snapshots (the daemon checks ownership again).
+            Node::Images | Node::Snapshots => dir(0o1777),
+            Node::Image(_) => dir(0o755),
             Node::Snapshot(_) => dir(0o700),
             Node::Vm(_) => dir(0o700),
             // Shown while the guest is unreachable; a running guest's root attributes
