@@ -28,8 +28,10 @@ cleanup() {
 
 # The limits file of the test daemon (empty: the host-derived defaults); tests that
 # change limits write it and restore it. Never the host's /etc/bandsox/limits.
+# Exported as BANDSOX_LIMITS too, so a daemon a test restarts by itself reads it as well.
 LIMITS=$work/limits
-export LIMITS
+BANDSOX_LIMITS=$LIMITS
+export LIMITS BANDSOX_LIMITS
 start_daemon() {
   BANDSOX_LOG=${BANDSOX_LOG:-info} "$BANDSOX" mount "$MNT" --state-dir "$STATE" --limits "$LIMITS"
 }
