@@ -47,7 +47,7 @@ mkdir -p "$FS"
 targets=(native bindfs fs)
 declare -A DIR=([native]=$work/native [bindfs]=$BIND [fs]=$FS)
 # Where each target's files really live (to populate large listings without timing it).
-fs_backing=$(ls -d "$STATE"/vms/*/root)/bench
+fs_backing=$(ls -d "$STATE"/vms/*/host/root)/bench
 declare -A BACK=([native]=$work/native [bindfs]=$work/backing [fs]=$fs_backing)
 declare -A R
 

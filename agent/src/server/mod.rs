@@ -88,7 +88,10 @@ impl AgentConfig {
 
     /// Host-mode configuration rooted at `root`.
     pub fn host(root: PathBuf) -> Self {
-        let home = root.to_string_lossy().into_owned();
+        let home = std::path::absolute(&root)
+            .unwrap_or_else(|_| root.clone())
+            .to_string_lossy()
+            .into_owned();
         let default_cwd = root.clone();
         let mut env = Self::default_env(&home);
         env.retain(|(k, _)| k != "USER" && k != "LOGNAME");

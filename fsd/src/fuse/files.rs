@@ -58,6 +58,8 @@ pub struct ExecTx {
 pub enum OpenFile {
     Generated(Vec<u8>),
     Log(PathBuf),
+    /// A capped log (`console`): offsets below the kept part are moved past it.
+    CappedLog(PathBuf, crate::logcap::LogReader),
     RootCtl,
     VmCtl(Arc<Vm>),
     RunCtl(Arc<Run>),
@@ -69,10 +71,13 @@ pub enum OpenFile {
     },
     Stdin(Arc<Run>),
     Exec(tokio::sync::Mutex<ExecTx>),
+    /// `events` or `<vm>/events`: the caller's view of the event log.
+    Events(crate::eventview::EventsHandle),
 }
 
 pub struct Files {
     pub tree: Tree,
+    events: crate::eventview::EventViews,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
 }
@@ -95,9 +100,20 @@ fn read_file_at(path: &std::path::Path, offset: u64, size: u32) -> Result<Vec<u8
 impl Files {
     pub fn new(tree: Tree) -> Self {
         Files {
+            events: crate::eventview::EventViews::new(tree.mgr.events.path().to_path_buf()),
             tree,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// The size of an `events` file as `uid` sees it (None: not an events file).
+    pub fn events_len(&self, node: &Node, uid: u32) -> Option<u64> {
+        use crate::eventview::Filter;
+        match node {
+            Node::Events => Some(self.events.len(&Filter::for_uid(uid))),
+            Node::VmFile(id, VmFile::Events) => Some(self.events.len(&Filter::Vm(id.clone()))),
+            _ => None,
         }
     }
 
@@ -138,14 +154,25 @@ impl Files {
             Node::Defaults => (OpenFile::Defaults, direct),
             Node::Events => {
                 ro("events")?;
-                (
-                    OpenFile::Log(self.tree.mgr.events.path().to_path_buf()),
-                    direct,
-                )
+                let f = crate::eventview::Filter::for_uid(caller.uid);
+                (OpenFile::Events(self.events.open(&f)), direct)
+            }
+            Node::VmFile(id, VmFile::Events) => {
+                ro("events")?;
+                let f = crate::eventview::Filter::Vm(self.tree.vm(id)?.id.clone());
+                (OpenFile::Events(self.events.open(&f)), direct)
+            }
+            Node::Usage => {
+                ro("usage")?;
+                let text = self.tree.mgr.usage_text(caller.uid);
+                (OpenFile::Generated(text.into_bytes()), direct)
             }
             Node::VmFile(id, VmFile::Console) => {
                 ro("console")?;
-                (OpenFile::Log(self.tree.vm(id)?.console_path()), direct)
+                (
+                    OpenFile::CappedLog(self.tree.vm(id)?.console_path(), Default::default()),
+                    direct,
+                )
             }
             Node::VmFile(id, VmFile::Ctl) => (OpenFile::VmCtl(self.tree.vm(id)?), direct),
             Node::VmFile(id, VmFile::Exec) => {
@@ -220,6 +247,16 @@ impl Files {
         match &*file {
             OpenFile::Generated(c) => Ok(slice_at(c, offset, size)),
             OpenFile::Log(p) => read_file_at(p, offset, size),
+            OpenFile::Events(h) => h.read(offset, size),
+            OpenFile::CappedLog(p, reader) => {
+                let mib = crate::limits::vm_caps().console_mib;
+                reader.read(
+                    p,
+                    offset,
+                    size,
+                    &crate::logcap::cap_note(mib, "vm.console_mib"),
+                )
+            }
             OpenFile::RootCtl => Ok(slice_at(
                 self.tree.mgr.ctl_results().get(caller.session).as_bytes(),
                 offset,
@@ -317,9 +354,11 @@ impl Files {
                 tx.script.extend_from_slice(data);
                 Ok(len)
             }
-            OpenFile::Generated(_) | OpenFile::Log(_) | OpenFile::Stream { .. } => {
-                Err(Error::read_only("this file"))
-            }
+            OpenFile::Generated(_)
+            | OpenFile::Log(_)
+            | OpenFile::CappedLog(..)
+            | OpenFile::Events(_)
+            | OpenFile::Stream { .. } => Err(Error::read_only("this file")),
         }
     }
 

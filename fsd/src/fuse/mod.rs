@@ -192,11 +192,19 @@ impl fuser::Filesystem for BandsoxFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         if let Some(t) = self.target(ino) {
             return self.g_getattr(t, fh, reply);
         }
-        match self.node(ino).and_then(|n| self.files.tree.attr(&n)) {
+        let res = self.node(ino).and_then(|n| {
+            let mut a = self.files.tree.attr(&n)?;
+            // `events` files are per reader: their size is the caller's view.
+            if let Some(len) = self.files.events_len(&n, req.uid()) {
+                a.size = len;
+            }
+            Ok(a)
+        });
+        match res {
             Ok(a) => reply.attr(&TTL, &to_fuse_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }

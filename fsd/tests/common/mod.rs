@@ -10,6 +10,8 @@ pub struct Mounted {
     pub mnt: PathBuf,
     pub state: PathBuf,
     daemon: Child,
+    /// Extra environment of the daemon (kept for restarts).
+    env: Vec<(String, String)>,
 }
 
 pub fn agent_binary() -> PathBuf {
@@ -36,6 +38,11 @@ pub fn is_mounted(p: &Path) -> bool {
 
 impl Mounted {
     pub fn new() -> Option<Mounted> {
+        Self::with_env(&[])
+    }
+
+    /// A mount whose daemon gets extra environment variables (e.g. `BANDSOX_LIMITS`).
+    pub fn with_env(env: &[(&str, &str)]) -> Option<Mounted> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
             eprintln!("!!!!! SKIPPING mount tests: they need root and /dev/fuse !!!!!");
@@ -51,12 +58,17 @@ impl Mounted {
         std::fs::create_dir_all(state.join("images/base")).unwrap();
         std::fs::write(state.join("images/base/disk.ext4"), vec![0u8; 65536]).unwrap();
         std::fs::create_dir_all(&mnt).unwrap();
-        let daemon = spawn_daemon(&mnt, &state, tmp.path());
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let daemon = spawn_daemon(&mnt, &state, tmp.path(), &env);
         let m = Mounted {
             _tmp: tmp,
             mnt,
             state,
             daemon,
+            env,
         };
         m.wait_mounted();
         Some(m)
@@ -78,7 +90,7 @@ impl Mounted {
     pub fn restart(&mut self) {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
-        self.daemon = spawn_daemon(&self.mnt, &self.state, self._tmp.path());
+        self.daemon = spawn_daemon(&self.mnt, &self.state, self._tmp.path(), &self.env);
         // The dead mount is still listed until the new daemon replaced it.
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.sh("ls $M >/dev/null").0 != 0 {
@@ -109,6 +121,44 @@ impl Mounted {
         )
     }
 
+    /// Run a `bash` script as `uid` (gid the same, no supplementary groups), with `M` set.
+    pub fn sh_as(&self, uid: u32, script: &str) -> (i32, String, String) {
+        let id = uid.to_string();
+        let out = Command::new("timeout")
+            .args([
+                "60",
+                "setpriv",
+                "--reuid",
+                &id,
+                "--regid",
+                &id,
+                "--clear-groups",
+            ])
+            .args(["bash", "-c", script])
+            .env("M", &self.mnt)
+            .env("HOME", "/")
+            .current_dir("/")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// [`Self::sh_as`] that must succeed; returns stdout.
+    pub fn ok_as(&self, uid: u32, script: &str) -> String {
+        let (code, out, err) = self.sh_as(uid, script);
+        assert_eq!(
+            code,
+            0,
+            "script as uid {uid} failed: {script}\nstdout: {out}\nstderr: {err}\nlog: {}",
+            self.log()
+        );
+        out
+    }
+
     pub fn ok(&self, script: &str) -> String {
         let (code, out, err) = self.sh(script);
         assert_eq!(
@@ -121,7 +171,7 @@ impl Mounted {
     }
 }
 
-fn spawn_daemon(mnt: &Path, state: &Path, dir: &Path) -> Child {
+fn spawn_daemon(mnt: &Path, state: &Path, dir: &Path, env: &[(String, String)]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -135,6 +185,7 @@ fn spawn_daemon(mnt: &Path, state: &Path, dir: &Path) -> Child {
         .arg("-f")
         .env("BANDSOX_HOST_AGENT", agent_binary())
         .env("BANDSOX_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stderr(log)
         .spawn()
