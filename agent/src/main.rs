@@ -115,10 +115,16 @@ fn host_main(listen: &str, root: Option<PathBuf>) {
         eprintln!("bandsox-agent: --listen takes unix:PATH, got {listen:?}");
         std::process::exit(2);
     };
-    let root = match root
-        .map_or_else(std::env::current_dir, Ok)
-        .and_then(|r| r.canonicalize())
-    {
+    // A relative --root stays relative to our working directory: the daemon starts an
+    // agent that runs as an unprivileged user inside a directory whose ancestors that
+    // user cannot traverse, so absolute paths there would not open.
+    let root = match root.map_or_else(std::env::current_dir, Ok).and_then(|r| {
+        if r.is_relative() && r.is_dir() {
+            Ok(r)
+        } else {
+            r.canonicalize()
+        }
+    }) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("bandsox-agent: bad --root: {e}");

@@ -35,6 +35,25 @@ pub struct VmConfig {
     /// Run the image's Entrypoint+Cmd as `runs/main` after every boot.
     #[serde(default)]
     pub autostart: bool,
+    /// Runs kept in `runs/` (the oldest finished ones are pruned beyond this).
+    #[serde(default = "default_keep_runs")]
+    pub keep_runs: u32,
+    /// MiB of run output kept for all runs together (bounded by the limits'
+    /// `vm.run_output_mib`); the oldest finished runs are pruned to make room.
+    #[serde(default = "default_output_mib")]
+    pub output_mib: u32,
+}
+
+pub const DEFAULT_KEEP_RUNS: u32 = 100;
+pub const MAX_KEEP_RUNS: u32 = 100_000;
+pub const DEFAULT_OUTPUT_MIB: u32 = 256;
+pub const MAX_OUTPUT_MIB: u32 = 1024 * 1024;
+
+fn default_keep_runs() -> u32 {
+    DEFAULT_KEEP_RUNS
+}
+fn default_output_mib() -> u32 {
+    DEFAULT_OUTPUT_MIB
 }
 
 impl Default for VmConfig {
@@ -47,12 +66,14 @@ impl Default for VmConfig {
             net: NetMode::None,
             backend: BackendChoice::Auto,
             autostart: false,
+            keep_runs: DEFAULT_KEEP_RUNS,
+            output_mib: DEFAULT_OUTPUT_MIB,
         }
     }
 }
 
 pub const KEYS_HELP: &str =
-    "image=NAME vcpus=1..32 memory=64..65536 (MiB) disk=MiB net=none|user|tap backend=auto|qemu|firecracker autostart=0|1";
+    "image=NAME vcpus=1..32 memory=64..65536 (MiB) disk=MiB net=none|user|tap backend=auto|qemu|firecracker autostart=0|1 keep_runs=1..100000 output_mib=1..1048576";
 
 fn parse_num(key: &str, value: &str, min: u32, max: u32) -> Result<u32> {
     let n: u32 = value
@@ -132,6 +153,8 @@ impl VmConfig {
                     }
                 }
             }
+            "keep_runs" => self.keep_runs = parse_num(key, value, 1, MAX_KEEP_RUNS)?,
+            "output_mib" => self.output_mib = parse_num(key, value, 1, MAX_OUTPUT_MIB)?,
             _ => {
                 return Err(Error::invalid(format!(
                     "unknown option {}; accepted: {KEYS_HELP}",
@@ -195,14 +218,16 @@ impl VmConfig {
             .map(|d| d.to_string())
             .unwrap_or_else(|| "auto".into());
         format!(
-            "image={}\nvcpus={}\nmemory={}\ndisk={}\nnet={}\nbackend={}\nautostart={}\n",
+            "image={}\nvcpus={}\nmemory={}\ndisk={}\nnet={}\nbackend={}\nautostart={}\nkeep_runs={}\noutput_mib={}\n",
             self.image,
             self.vcpus,
             self.memory_mib,
             disk,
             net,
             backend,
-            u8::from(self.autostart)
+            u8::from(self.autostart),
+            self.keep_runs,
+            self.output_mib
         )
     }
 }
@@ -220,6 +245,8 @@ mod tests {
                 "disk=1024",
                 "net=user",
                 "autostart=1",
+                "keep_runs=5",
+                "output_mib=64",
             ])
             .unwrap();
         let back = VmConfig::default()

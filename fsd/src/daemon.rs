@@ -3,9 +3,10 @@
 //! Order of `mount`: fork into the background (before any thread exists), start the
 //! tokio runtime, open the state directory, re-adopt VMs left running by an earlier
 //! daemon, clear a stale mount left by a killed daemon (found in the mount table, its
-//! connection aborted: see [`crate::watchdog`]), start the watchdog, mount, and only then
-//! tell the waiting parent that the tree is up. SIGTERM/SIGINT unmount cleanly; VMs keep
-//! running.
+//! connection aborted: see [`crate::watchdog`]), start the watchdog, mount, and only once the mount
+//! answers a request (`README` stats through FUSE) tell the waiting parent, and systemd
+//! (`READY=1` on `$NOTIFY_SOCKET`, for `Type=notify`), that the tree is up.
+//! SIGTERM/SIGINT send `STOPPING=1` and unmount cleanly; VMs keep running.
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,22 @@ pub struct MountOptions {
     pub state_dir: PathBuf,
     pub foreground: bool,
     pub threads: usize,
+    /// Let every user use the mount (FUSE `allow_other`); false = the mounting user only.
+    pub allow_other: bool,
+    /// Mount read-only: every write answers EROFS.
+    pub read_only: bool,
+}
+
+/// How long the daemon waits for its own mount to answer before giving up on readiness.
+const READY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Tell systemd (when it started us with `NOTIFY_SOCKET`) how we are; a no-op otherwise.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(states) {
+            tracing::warn!("sd_notify: {e}");
+        }
+    }
 }
 
 /// Logs go to stderr (the daemon log file when daemonized), filtered by `BANDSOX_LOG`.
@@ -118,6 +135,15 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         }
     };
     init_logging(None);
+    let host_backend = std::env::var_os("BANDSOX_HOST_AGENT").is_some();
+    if host_backend {
+        tracing::warn!(
+            "TEST BACKEND: BANDSOX_HOST_AGENT is set, so VMs are host processes, not virtual \
+             machines; every command runs on this host (as the VM's owner when the daemon \
+             is root). Never use it for a shared service."
+        );
+        crate::vmm::host::check_mount(opts.allow_other, nix::unistd::geteuid().is_root())?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -125,10 +151,16 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
     let backends = crate::backends::detect();
+    // Decide (and log) once whether VMMs get cgroups.
+    let _ = crate::cgroup::support();
     let mgr = Manager::open(opts.state_dir.clone(), backends).map_err(|e| e.to_string())?;
     mgr.events
         .emit("", "daemon-start", &format!("pid={}", std::process::id()));
     rt.block_on(mgr.reload());
+    {
+        let _rt = rt.enter();
+        crate::logcap::spawn(Arc::downgrade(&mgr));
+    }
 
     // Never stat the mount point before an earlier mount is gone: if its daemon died,
     // the stat would wait forever.
@@ -151,27 +183,61 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         MountOption::NoSuid,
         MountOption::NoDev,
     ];
-    config.acl = SessionACL::All;
+    if opts.read_only {
+        // The kernel answers EROFS to every write, mkdir, rmdir and open for writing.
+        config.mount_options.push(MountOption::RO);
+    }
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
     let session = fuser::Session::new(fs, &mountpoint, &config)
         .map_err(|e| format!("mount {}: {e}", mountpoint.display()))?;
     tracing::info!("mounted {}", mountpoint.display());
-    crate::watchdog::write_pid_file(&opts.state_dir);
+    crate::watchdog::write_pid_file(&opts.state_dir, watchdog.as_ref().map(|(c, _)| c.id()));
     if let Some((_, stdin)) = watchdog.as_mut() {
         match crate::watchdog::mount_at(&mountpoint) {
             Some(entry) => {
-                let _ = writeln!(stdin, "{}", entry.connection());
+                let _ = writeln!(stdin, "{} {}", entry.connection(), mountpoint.display());
             }
             None => tracing::warn!("the new mount is not in the mount table; no watchdog"),
         }
     }
-    guest.set_invalidator(Arc::new(crate::fuse::KernelInvalidator(session.notifier())));
+    let dev = std::os::fd::AsFd::as_fd(&session)
+        .try_clone_to_owned()
+        .inspect_err(|e| tracing::warn!("cannot duplicate the FUSE descriptor: {e}"))
+        .ok();
+    guest.set_invalidator(Arc::new(crate::fuse::KernelInvalidator {
+        notifier: session.notifier(),
+        dev,
+    }));
     {
         // stat(2) of the mount point is a FUSE request: it can only be answered once the
-        // session below runs, so ask from another thread.
+        // session below runs, so ask from another thread; the first answer means ready.
         let mp = mountpoint.clone();
-        std::thread::spawn(move || raise_readahead(&mp, 1024));
+        let mut ready = ready.map(std::fs::File::from);
+        std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            while std::fs::metadata(mp.join("README")).is_err() {
+                if t0.elapsed() > READY_DEADLINE {
+                    tracing::error!("{} did not answer within {READY_DEADLINE:?}", mp.display());
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            tracing::info!("{} answers: ready", mp.display());
+            if let Some(f) = ready.as_mut() {
+                let _ = f.write_all(b"1");
+            }
+            notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&format!("serving {}", mp.display())),
+            ]);
+            raise_readahead(&mp, 1024);
+        });
     }
     {
         let _rt = rt.enter();
@@ -189,15 +255,12 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::info!("signal received; unmounting {}", mp.display());
+        notify(&[sd_notify::NotifyState::Stopping]);
         if let Err(e) = lazy_unmount(&mp) {
             tracing::error!("{e}");
         }
     });
 
-    if let Some(w) = ready {
-        let mut f = std::fs::File::from(w);
-        let _ = f.write_all(b"1");
-    }
     let res = session.run().map_err(|e| format!("FUSE session: {e}"));
     if let Some((mut child, stdin)) = watchdog.take() {
         drop(stdin);

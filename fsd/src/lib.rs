@@ -5,12 +5,15 @@
 //! from `bandsox_agent::client`. `error` is the one error type, with explicit errnos.
 pub mod backends;
 pub mod bench;
+pub mod cgroup;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod disk;
+pub mod doctor;
 pub mod error;
 pub mod events;
+pub mod eventview;
 pub mod fslat;
 pub mod fsx;
 pub mod fuse;
@@ -19,7 +22,9 @@ pub mod guestfs;
 pub mod images;
 pub mod interrupt;
 pub mod layout;
+pub mod limits;
 pub mod lines;
+pub mod logcap;
 pub mod manager;
 pub mod names;
 pub mod net;

@@ -31,6 +31,16 @@ enum Cmd {
         /// FUSE worker threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// Only the mounting user may use the mount (no FUSE allow_other; the default lets
+        /// every user create VMs, each seeing only their own).
+        #[arg(long)]
+        private: bool,
+        /// Read-only mount: every write answers EROFS.
+        #[arg(long)]
+        read_only: bool,
+        /// The limits file (default /etc/bandsox/limits).
+        #[arg(long, env = "BANDSOX_LIMITS")]
+        limits: Option<PathBuf>,
     },
     /// Unmount the tree (VMs keep running and are re-adopted by the next mount).
     Unmount { mountpoint: PathBuf },
@@ -39,6 +49,17 @@ enum Cmd {
     Watchdog {
         #[arg(long)]
         pid: u32,
+    },
+    /// Check this host (KVM, Firecracker, QEMU, FUSE, cgroup v2, net=tap tools, space, guest
+    /// artefacts) and say how to fix each problem; exits non-zero when the default backend
+    /// cannot boot a VM.
+    Doctor {
+        #[arg(long, env = "BANDSOX_STATE_DIR", default_value = "/var/lib/bandsox")]
+        state_dir: PathBuf,
+        /// The static agent the initramfs should have been built from (default: the
+        /// packaged /usr/lib/bandsox/bandsox-agent when installed).
+        #[arg(long)]
+        agent: Option<PathBuf>,
     },
     /// Benchmark baseline: boot one VM without the daemon, print ms to the agent's answer.
     BenchBoot {
@@ -90,14 +111,36 @@ fn main() -> ExitCode {
             state_dir,
             foreground,
             threads,
-        } => daemon::mount(MountOptions {
-            mountpoint,
-            state_dir,
-            foreground,
-            threads,
-        }),
+            private,
+            read_only,
+            limits,
+        } => {
+            if let Some(l) = limits {
+                // SAFETY (set_var): no other thread exists yet.
+                std::env::set_var(bandsox_fsd::limits::ENV, l);
+            }
+            daemon::mount(MountOptions {
+                mountpoint,
+                state_dir,
+                foreground,
+                threads,
+                allow_other: !private,
+                read_only,
+            })
+        }
         Cmd::Unmount { mountpoint } => daemon::unmount(&mountpoint),
         Cmd::Watchdog { pid } => bandsox_fsd::watchdog::run(pid),
+        Cmd::Doctor { state_dir, agent } => {
+            daemon::init_logging(Some("error"));
+            let agent = agent.or_else(bandsox_fsd::doctor::default_agent);
+            let (report, bootable) = bandsox_fsd::doctor::run(&state_dir, agent.as_deref());
+            print!("{report}");
+            if bootable {
+                Ok(())
+            } else {
+                return ExitCode::FAILURE;
+            }
+        }
         Cmd::Fslat { dir, n } => bandsox_fsd::fslat::run(&dir, n).map(|line| println!("{line}")),
         Cmd::Fsx {
             file,

@@ -14,6 +14,7 @@ pub const RESERVED: &[&str] = &[
     "ctl",
     "defaults",
     "events",
+    "usage",
     "images",
     "snapshots",
     "fs",

@@ -19,8 +19,10 @@
 //!   its daemon is not alive, and detaches it.
 //!
 //! Invariants: the watchdog aborts only the connection it was told about, and only while
-//! that connection is still mounted (its device is still in the mount table); after a
-//! clean unmount it simply exits.
+//! that connection is still mounted where it was (same device number and mount point);
+//! after a clean unmount it simply exits. Device numbers are reused at once, so a new
+//! daemon taking over a dead mount first ends the old daemon's watchdog (recorded in
+//! `daemon.pid`), which could otherwise mistake the new mount for its own.
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -189,16 +191,18 @@ pub fn start_time(pid: u32) -> Option<u64> {
     proc_stat(pid).map(|(_, _, s)| s)
 }
 
-/// `daemon.pid` in the state directory: `<pid> <starttime>` of the daemon serving it.
+/// `daemon.pid` in the state directory: `<pid> <starttime> <watchdog pid>` of the daemon
+/// serving it.
 pub fn pid_file(state_dir: &Path) -> PathBuf {
     state_dir.join("daemon.pid")
 }
 
-/// Record this daemon in `daemon.pid`.
-pub fn write_pid_file(state_dir: &Path) {
+/// Record this daemon (and its watchdog) in `daemon.pid`.
+pub fn write_pid_file(state_dir: &Path, watchdog: Option<u32>) {
     let pid = std::process::id();
     let start = start_time(pid).unwrap_or(0);
-    if let Err(e) = std::fs::write(pid_file(state_dir), format!("{pid} {start}\n")) {
+    let wd = watchdog.unwrap_or(0);
+    if let Err(e) = std::fs::write(pid_file(state_dir), format!("{pid} {start} {wd}\n")) {
         tracing::warn!("cannot write {}: {e}", pid_file(state_dir).display());
     }
 }
@@ -216,17 +220,54 @@ pub fn remove_pid_file(state_dir: &Path) {
     }
 }
 
-/// Whether the daemon recorded in `state_dir` is alive.
+/// Whether the daemon recorded in `state_dir` is alive. When it is not, its watchdog
+/// (if still there) is ended first, so it cannot act on a mount made after this.
 pub fn recorded_daemon_alive(state_dir: &Path) -> bool {
     let Ok(text) = std::fs::read_to_string(pid_file(state_dir)) else {
         return false;
     };
     let mut it = text.split_whitespace().map(|w| w.parse::<u64>().ok());
-    match (it.next().flatten(), it.next().flatten()) {
-        (Some(pid), start) if pid != u64::from(std::process::id()) => {
-            alive(pid as u32, start.filter(|&s| s != 0))
+    let (pid, start, wd) = (
+        it.next().flatten(),
+        it.next().flatten(),
+        it.next().flatten(),
+    );
+    match pid {
+        Some(pid) if pid != u64::from(std::process::id()) => {
+            if alive(pid as u32, start.filter(|&s| s != 0)) {
+                return true;
+            }
+            if let Some(wd) = wd.filter(|&w| w != 0) {
+                end_watchdog(wd as u32, pid as u32);
+            }
+            false
         }
         _ => false,
+    }
+}
+
+/// SIGKILL the watchdog `wd` of daemon `daemon` (checked by its command line) and wait
+/// (at most a second) until it is gone.
+fn end_watchdog(wd: u32, daemon: u32) {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{wd}/cmdline")) else {
+        return;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let ours = args.contains(&&b"watchdog"[..])
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"--pid" && w[1] == daemon.to_string().as_bytes());
+    if !ours {
+        return;
+    }
+    tracing::info!("ending watchdog {wd} of the dead daemon {daemon}");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(wd as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let t0 = std::time::Instant::now();
+    while alive(wd, None) && t0.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -249,9 +290,10 @@ pub fn clear_mount(mountpoint: &Path, dead: bool) -> Result<bool, String> {
     Ok(true)
 }
 
-/// The watchdog process (`bandsox watchdog --pid P`). Reads `<dev>` (the connection's
-/// device number, decimal) from stdin, then watches `pid` and aborts that connection
-/// when the daemon dies. Exits when the daemon is gone or the connection unmounted.
+/// The watchdog process (`bandsox watchdog --pid P`). Reads `<dev> <mountpoint>` (the
+/// connection's device number, decimal, and where it is mounted) from stdin, then
+/// watches `pid` and aborts that connection when the daemon dies. Exits when the daemon
+/// is gone or the connection unmounted.
 pub fn run(pid: u32) -> Result<(), String> {
     let start = start_time(pid);
     let mut line = String::new();
@@ -259,11 +301,17 @@ pub fn run(pid: u32) -> Result<(), String> {
         .lock()
         .read_line(&mut line)
         .map_err(|e| format!("watchdog: {e}"))?;
-    let Ok(dev) = line.trim().parse::<u64>() else {
+    let line = line.trim_end_matches('\n');
+    let Some((dev, mountpoint)) = line
+        .split_once(' ')
+        .and_then(|(d, m)| Some((d.parse::<u64>().ok()?, PathBuf::from(m))))
+    else {
         // The daemon exited before mounting: nothing to watch.
         return Ok(());
     };
-    let mine = |m: &MountEntry| m.fstype.starts_with("fuse") && m.connection() == dev;
+    let mine = |m: &MountEntry| {
+        m.fstype.starts_with("fuse") && m.connection() == dev && m.mountpoint == mountpoint
+    };
     loop {
         std::thread::sleep(POLL);
         if alive(pid, start) {

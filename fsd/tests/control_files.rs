@@ -13,7 +13,7 @@ fn vms(m: &Mounted) -> Vec<String> {
         .filter(|l| {
             !matches!(
                 *l,
-                "README" | "ctl" | "defaults" | "events" | "images" | "snapshots"
+                "README" | "ctl" | "defaults" | "events" | "images" | "snapshots" | "usage"
             )
         })
         .map(str::to_string)
@@ -184,6 +184,7 @@ fn close_reports_a_lost_run() {
     let Some(m) = Mounted::with(common::MountOpts {
         state_tmpfs_mib: Some(24),
         image_bytes: Some(1 << 20),
+        ..Default::default()
     }) else {
         return;
     };
@@ -234,6 +235,7 @@ fn mkdir_on_a_full_disk() {
     let Some(m) = Mounted::with(common::MountOpts {
         state_tmpfs_mib: Some(8),
         image_bytes: Some(3 << 20),
+        ..Default::default()
     }) else {
         return;
     };

@@ -35,7 +35,7 @@ fn exec_runs_and_ctl_through_the_mount() {
         "echo 'head -c 3000000 /dev/urandom > blob; cat blob' > $M/a/exec; cat $M/a/exec | md5sum",
     );
     let guest = m.ok(&format!(
-        "cat {}/vms/*/root/blob | md5sum",
+        "cat {}/vms/*/host/root/blob | md5sum",
         m.state.display()
     ));
     assert_eq!(sum, guest);

@@ -26,14 +26,21 @@ cleanup() {
   pkill -f "bandsox mount $MNT" 2>/dev/null || true
 }
 
+# The limits file of the test daemon (empty: the host-derived defaults); tests that
+# change limits write it and restore it. Never the host's /etc/bandsox/limits.
+# Exported as BANDSOX_LIMITS too, so a daemon a test restarts by itself reads it as well.
+LIMITS=$work/limits
+BANDSOX_LIMITS=$LIMITS
+export LIMITS BANDSOX_LIMITS
 start_daemon() {
-  BANDSOX_LOG=${BANDSOX_LOG:-info} "$BANDSOX" mount "$MNT" --state-dir "$STATE"
+  BANDSOX_LOG=${BANDSOX_LOG:-info} "$BANDSOX" mount "$MNT" --state-dir "$STATE" --limits "$LIMITS"
 }
 export -f start_daemon 2>/dev/null || true
 
 cleanup
 rm -rf "$work"
 mkdir -p "$MNT" "$STATE/images" "$STATE/boot"
+: > "$LIMITS"
 # Share the guest artefacts built by setup (copies are reflinked/sparse where possible).
 cp -a --reflink=auto "$MAIN_STATE/boot/." "$STATE/boot/" || { echo "no guest artefacts in $MAIN_STATE; run mount-helpers/setup"; exit 1; }
 cp -a --reflink=auto --sparse=always "$MAIN_STATE/images/base" "$STATE/images/" || exit 1

@@ -53,10 +53,10 @@ killed_during() {
   # A new mount cleans up and re-adopts.
   timeout 30 "$BANDSOX" mount "$MNT" --state-dir "$STATE" || fail "$what: remount failed"
   ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-  for v in $(ls "$MNT" | grep -vxE 'README|ctl|defaults|events|images|snapshots'); do
+  for v in $(ls "$MNT" | grep -vxE 'README|ctl|defaults|events|images|snapshots|usage'); do
     wait_for 30 state_is "$v" running || fail "$what: VM $v is $(cat "$MNT/$v/state") after the restart"
   done
-  note "$what: remounted and re-adopted $(ls "$MNT" | grep -cvxE 'README|ctl|defaults|events|images|snapshots') VMs ${ms} ms after the kill"
+  note "$what: remounted and re-adopted $(ls "$MNT" | grep -cvxE 'README|ctl|defaults|events|images|snapshots|usage') VMs ${ms} ms after the kill"
 }
 
 out=$(mktemp /var/tmp/bsx-t50.XXXXXX)

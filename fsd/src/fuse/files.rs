@@ -118,6 +118,8 @@ pub enum OpenFile {
     Generated(Vec<u8>),
     Log(PathBuf),
     Ctl(CtlFile),
+    /// A capped log (`console`): offsets below the kept part are moved past it.
+    CappedLog(PathBuf, crate::logcap::LogReader),
     Stream {
         run: Arc<Run>,
         stream: RunStream,
@@ -125,12 +127,15 @@ pub enum OpenFile {
     },
     Stdin(Arc<Run>),
     Exec(tokio::sync::Mutex<ExecTx>),
+    /// `events` or `<vm>/events`: the caller's view of the event log.
+    Events(crate::eventview::EventsHandle),
 }
 
 pub struct Files {
     pub tree: Tree,
     /// Root `mkdir`/`rmdir` in flight (root-name invalidations wait for them).
     pub root_ops: Arc<super::rootops::RootOps>,
+    events: crate::eventview::EventViews,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
 }
@@ -153,10 +158,21 @@ fn read_file_at(path: &std::path::Path, offset: u64, size: u32) -> Result<Vec<u8
 impl Files {
     pub fn new(tree: Tree) -> Self {
         Files {
+            events: crate::eventview::EventViews::new(tree.mgr.events.path().to_path_buf()),
             tree,
             root_ops: Default::default(),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// The size of an `events` file as `uid` sees it (None: not an events file).
+    pub fn events_len(&self, node: &Node, uid: u32) -> Option<u64> {
+        use crate::eventview::Filter;
+        match node {
+            Node::Events => Some(self.events.len(&Filter::for_uid(uid))),
+            Node::VmFile(id, VmFile::Events) => Some(self.events.len(&Filter::Vm(id.clone()))),
+            _ => None,
         }
     }
 
@@ -204,14 +220,25 @@ impl Files {
             Node::Defaults => (ctl(CtlTarget::Defaults), direct),
             Node::Events => {
                 ro("events")?;
-                (
-                    OpenFile::Log(self.tree.mgr.events.path().to_path_buf()),
-                    direct,
-                )
+                let f = crate::eventview::Filter::for_uid(caller.uid);
+                (OpenFile::Events(self.events.open(&f)), direct)
+            }
+            Node::VmFile(id, VmFile::Events) => {
+                ro("events")?;
+                let f = crate::eventview::Filter::Vm(self.tree.vm(id)?.id.clone());
+                (OpenFile::Events(self.events.open(&f)), direct)
+            }
+            Node::Usage => {
+                ro("usage")?;
+                let text = self.tree.mgr.usage_text(caller.uid);
+                (OpenFile::Generated(text.into_bytes()), direct)
             }
             Node::VmFile(id, VmFile::Console) => {
                 ro("console")?;
-                (OpenFile::Log(self.tree.vm(id)?.console_path()), direct)
+                (
+                    OpenFile::CappedLog(self.tree.vm(id)?.console_path(), Default::default()),
+                    direct,
+                )
             }
             Node::VmFile(id, VmFile::Ctl) => (ctl(CtlTarget::Vm(self.tree.vm(id)?)), direct),
             Node::VmFile(id, VmFile::Exec) => {
@@ -310,6 +337,16 @@ impl Files {
                 )),
             },
             OpenFile::Stdin(_) => Ok(Vec::new()),
+            OpenFile::Events(h) => h.read(offset, size),
+            OpenFile::CappedLog(p, reader) => {
+                let mib = crate::limits::vm_caps().console_mib;
+                reader.read(
+                    p,
+                    offset,
+                    size,
+                    &crate::logcap::cap_note(mib, "vm.console_mib"),
+                )
+            }
             OpenFile::Stream { run, stream, pos } => {
                 let at = *pos.lock();
                 let data = read_run(run, *stream, at, size, caller.pid).await?;
@@ -400,9 +437,11 @@ impl Files {
                 tx.next_offset = Some(offset + data.len() as u64);
                 Ok(len)
             }
-            OpenFile::Generated(_) | OpenFile::Log(_) | OpenFile::Stream { .. } => {
-                Err(Error::read_only("this file"))
-            }
+            OpenFile::Generated(_)
+            | OpenFile::Log(_)
+            | OpenFile::CappedLog(..)
+            | OpenFile::Events(_)
+            | OpenFile::Stream { .. } => Err(Error::read_only("this file")),
         }
     }
 

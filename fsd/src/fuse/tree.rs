@@ -27,6 +27,8 @@ pub enum VmFile {
     Info,
     Exec,
     Console,
+    /// The VM's own lines of the event log.
+    Events,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,6 +66,8 @@ pub enum Node {
     Ctl,
     Defaults,
     Events,
+    /// `usage`: the caller's use against the limits (generated per caller at open).
+    Usage,
     Images,
     Image(String),
     ImageInfo(String),
@@ -118,6 +122,7 @@ const VM_FILES: &[(&str, VmFile)] = &[
     ("info", VmFile::Info),
     ("exec", VmFile::Exec),
     ("console", VmFile::Console),
+    ("events", VmFile::Events),
 ];
 
 pub const README: &str = "\
@@ -130,7 +135,8 @@ BandSox-FS: microVMs as files.
   echo pause|resume|stop|start|kill|restart > NAME/ctl
   cat NAME/state                  booting | running | paused | stopped | failed: why
   cat NAME/info                   JSON description
-  tail -f NAME/console            serial console;   tail -f events   lifecycle events
+  tail -f NAME/console            serial console;   tail -f events   your VMs' events
+  cat usage                       what you use, against the limits root set
   rmdir NAME                      stop and delete the VM
   echo 'pull NAME alpine:3.20' > ctl          image from a registry (import NAME /path: local)
   echo 'create vm image=NAME autostart=1' > ctl   boot it; its entrypoint runs as runs/main
@@ -220,6 +226,7 @@ impl Tree {
                 "ctl" => Node::Ctl,
                 "defaults" => Node::Defaults,
                 "events" => Node::Events,
+                "usage" => Node::Usage,
                 "images" => Node::Images,
                 "snapshots" => Node::Snapshots,
                 _ => Node::Vm(self.vm_by_name(name).ok_or_else(nf)?.id.clone()),
@@ -322,6 +329,7 @@ impl Tree {
                     ("ctl", Node::Ctl),
                     ("defaults", Node::Defaults),
                     ("events", Node::Events),
+                    ("usage", Node::Usage),
                     ("images", Node::Images),
                     ("snapshots", Node::Snapshots),
                 ] {
@@ -432,9 +440,10 @@ impl Tree {
         let dir = |perm| (Kind::Dir, perm, 0u64);
         let (kind, perm, size) = match node {
             // Sticky like /tmp: anyone may mkdir a VM, only its owner may rmdir it.
-            // `images/` and `snapshots/` likewise: entries belong to whoever made them,
-            // and the kernel lets only that user (or root) remove them.
-            Node::Root | Node::Images | Node::Snapshots => dir(0o1777),
+            Node::Root => dir(0o1777),
+            // Sticky like the root: the kernel lets each user rmdir only their own
+            // images and snapshots (the daemon checks ownership again).
+            Node::Images | Node::Snapshots => dir(0o1777),
             Node::Image(_) => dir(0o755),
             Node::Snapshot(_) => dir(0o700),
             Node::Vm(_) => dir(0o700),
@@ -449,7 +458,10 @@ impl Tree {
                 0o644,
                 self.generated(node)?.map_or(0, |c| c.len() as u64),
             ),
-            Node::Events => (Kind::File, 0o444, file_len(self.mgr.events.path())),
+            // The size is the caller's view (see `Files::events_len`).
+            Node::Events => (Kind::File, 0o444, 0),
+            // Per caller: generated at open; the size is not known before.
+            Node::Usage => (Kind::File, 0o444, 0),
             Node::Readme | Node::ImageInfo(_) | Node::SnapshotInfo(_) => (
                 Kind::File,
                 0o444,
@@ -458,6 +470,8 @@ impl Tree {
             Node::VmFile(id, f) => match f {
                 VmFile::Ctl | VmFile::Exec => (Kind::File, 0o600, 0),
                 VmFile::Console => (Kind::File, 0o400, file_len(&self.vm(id)?.console_path())),
+                // The size is the caller's view (see `Files::events_len`).
+                VmFile::Events => (Kind::File, 0o400, 0),
                 VmFile::State | VmFile::Info => (
                     Kind::File,
                     0o400,

@@ -8,8 +8,10 @@
 //! - Each VM's state directory holds its whole record; `reload` rebuilds the manager
 //!   from the state directory alone.
 pub mod images;
+mod quota;
 pub mod runs;
 pub mod snaps;
+pub mod spool;
 pub mod vm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -63,6 +65,8 @@ impl Backends {
         match kind {
             BackendKind::Qemu => self.qemu.clone(),
             BackendKind::Firecracker => self.firecracker.clone(),
+            // The test backend sits in the `qemu` slot (`backends::detect`).
+            BackendKind::Host => self.qemu.clone().filter(|b| b.kind() == BackendKind::Host),
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct Manager {
     snap_creating: Mutex<HashSet<String>>,
     /// Snapshot name → number of clone operations restoring from it.
     snap_busy: Mutex<HashMap<String, usize>>,
+    /// Resource limits (see `crate::limits` and `quota`).
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 fn new_id() -> String {
@@ -119,7 +125,13 @@ impl Manager {
             .and_then(|s| s.parse().ok())
             .map(Duration::from_secs)
             .unwrap_or(Duration::from_secs(90));
+        let limits = crate::limits::Limits::new(
+            crate::limits::Limits::path_from_env(),
+            crate::limits::HostFacts::detect(layout.root()),
+        );
+        limits.install_global();
         Ok(Arc::new(Manager {
+            limits,
             boot_files: BootFiles {
                 kernel: layout.kernel(),
                 initrd: layout.initrd(),
@@ -137,7 +149,11 @@ impl Manager {
             snap_creating: Mutex::new(HashSet::new()),
             snap_busy: Mutex::new(HashMap::new()),
         }))
-        .inspect(|m: &Arc<Manager>| m.clean_image_leftovers())
+        .inspect(|m: &Arc<Manager>| {
+            m.clean_image_leftovers();
+            let scopes: std::sync::Weak<dyn crate::events::Scopes> = Arc::downgrade(m) as _;
+            m.events.set_scopes(scopes);
+        })
     }
 
     /// Load every VM record; re-adopt live VMMs concurrently.
@@ -302,6 +318,8 @@ impl Manager {
                 )));
             }
         }
+        let disk_mib = config.disk_mib.map(u64::from).unwrap_or(image_mib);
+        let quota = self.admit_vms(uid, 1, config.vcpus, config.memory_mib, disk_mib)?;
         // Reserve the name.
         {
             let vms = self.vms.read();
@@ -315,6 +333,8 @@ impl Manager {
             .create_reserved(name, config, backend, uid, gid, &image_disk, image_mib)
             .await;
         self.creating.lock().remove(name);
+        // From here the VM is in `vms` (and counted there) or gone.
+        drop(quota);
         let vm = result?;
         if let Err(e) = self.save_autostart(&vm) {
             self.events.emit(&vm.name, "autostart-failed", &e.message);
@@ -353,6 +373,7 @@ impl Manager {
             }
         };
         let record = VmRecord {
+            fs_slot: None,
             net_slot,
             id,
             name: name.to_string(),
@@ -419,6 +440,7 @@ impl Manager {
         if let Some(slot) = vm.record().net_slot {
             self.net_slots.release(slot);
         }
+        crate::cgroup::remove(&vm.id);
         if let Err(e) = tokio::fs::remove_dir_all(&vm.dir).await {
             tracing::warn!(vm = name, "cannot remove {}: {e}", vm.dir.display());
         }
@@ -523,6 +545,12 @@ fn vmm_running_in(dir: &std::path::Path) -> bool {
             c.windows(dir.len().max(1)).any(|w| w == dir)
         })
         .unwrap_or(false)
+}
+
+impl crate::events::Scopes for Manager {
+    fn vm_scope(&self, name: &str) -> Option<(u32, String)> {
+        self.get(name).map(|vm| (vm.uid, vm.id.clone()))
+    }
 }
 
 /// Give a new VM its own copy of the image disk (reflink or sparse), grown to `disk_mib`.

@@ -1,14 +1,15 @@
 //! Runs: one per command executed in a VM, mirrored on disk as `<vm-dir>/runs/<n>/`.
 //!
-//! Output is spooled to files (`stdout`, `stderr`, and `output` with both interleaved in
-//! arrival order) as it arrives, so the daemon's memory stays bounded no matter how much
-//! a command prints and nothing is ever truncated: the agent client grants flow-control
-//! credit only as the pump takes chunks, and the pump takes a chunk only after writing the
-//! previous one to disk. Readers wait on a `watch` channel that is bumped on every append
-//! and on exit; a run's byte counters only grow, and once `status` leaves `Running` it
-//! never changes again.
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+//! Output is spooled to files as it arrives (each stream once, `output` served from them
+//! through an index: see `spool`), so the daemon's memory stays bounded no matter how much
+//! a command prints: the agent client grants flow-control credit only as the pump takes
+//! chunks, and the pump takes a chunk only after writing the previous one to disk.
+//! Output is never cut silently: the VM's [`OutputBudget`] first prunes its oldest
+//! finished runs, and a run that still does not fit is killed with the status
+//! `output limit reached`. Readers wait on a `watch` channel that is bumped on every
+//! append and on exit; a run's byte counters only grow, and once `status` leaves
+//! `Running` it never changes again.
+use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +20,11 @@ use bandsox_agent::proto::{ExitStatus, OutStream};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use super::spool::{self, OutputBudget};
 use crate::error::{Error, Result};
+
+/// The `status` text of a run stopped because its VM's output budget was full.
+pub const OUTPUT_LIMIT: &str = "output limit reached";
 
 /// How long stdin/signal requests wait for a just-created run's command to start.
 pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -55,6 +60,8 @@ pub enum RunStatus {
     Exited(ExitStatus),
     /// The command's fate is unknown (VM died, daemon restarted while it ran).
     Lost(String),
+    /// The VM's output budget was full: the command was killed (see [`OUTPUT_LIMIT`]).
+    OutputLimit,
 }
 
 impl RunStatus {
@@ -64,6 +71,7 @@ impl RunStatus {
             RunStatus::Running => "running\n".into(),
             RunStatus::Exited(s) => format!("{s}\n"),
             RunStatus::Lost(why) => format!("lost: {why}\n"),
+            RunStatus::OutputLimit => format!("{OUTPUT_LIMIT}\n"),
         }
     }
     pub fn is_running(&self) -> bool {
@@ -78,8 +86,10 @@ struct RunInner {
     pid: Option<u32>,
     lens: [u64; 3],
     control: Option<ExecControl>,
-    /// Spool files, open while the run is live.
-    files: Option<[File; 3]>,
+    /// The spool, open while the run is live.
+    writer: Option<spool::Writer>,
+    /// Bytes charged to the budget for this run.
+    stored: u64,
 }
 
 pub struct Run {
@@ -89,6 +99,9 @@ pub struct Run {
     pub started: SystemTime,
     inner: Mutex<RunInner>,
     changed: watch::Sender<u64>,
+    budget: Arc<OutputBudget>,
+    /// Spooled by an earlier daemon with a separate `output` file.
+    legacy: bool,
 }
 
 /// Create a run's `status` file with `running` and room reserved for its final text, so
@@ -120,6 +133,9 @@ fn write_status(path: &Path, text: &str) -> std::io::Result<()> {
 
 fn status_from_file(text: &str) -> RunStatus {
     let t = text.trim();
+    if t == OUTPUT_LIMIT {
+        return RunStatus::OutputLimit;
+    }
     if let Some(sig) = t.strip_prefix("signal ") {
         if let Ok(s) = sig.parse() {
             return RunStatus::Exited(ExitStatus::Signal(s));
@@ -136,18 +152,16 @@ fn status_from_file(text: &str) -> RunStatus {
 
 impl Run {
     /// Create the run's directory and spool files; the command has not started yet.
-    pub fn create(runs_dir: &Path, n: u64, cmd: Vec<u8>) -> Result<Arc<Run>> {
+    pub fn create(
+        runs_dir: &Path,
+        n: u64,
+        cmd: Vec<u8>,
+        budget: Arc<OutputBudget>,
+    ) -> Result<Arc<Run>> {
         let dir = runs_dir.join(n.to_string());
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("cmd"), &cmd)?;
-        let open = |name: &str| -> Result<File> {
-            Ok(OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(dir.join(name))?)
-        };
-        let files = [open("stdout")?, open("stderr")?, open("output")?];
+        let writer = spool::Writer::create(&dir)?;
         reserve_status(&dir.join("status"))?;
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Run {
@@ -161,14 +175,17 @@ impl Run {
                 pid: None,
                 lens: [0; 3],
                 control: None,
-                files: Some(files),
+                writer: Some(writer),
+                stored: 0,
             }),
             changed,
+            budget,
+            legacy: false,
         }))
     }
 
     /// Reload a finished (or interrupted) run from disk after a daemon restart.
-    pub fn load(dir: &Path, n: u64) -> Result<Arc<Run>> {
+    pub fn load(dir: &Path, n: u64, budget: Arc<OutputBudget>) -> Result<Arc<Run>> {
         let cmd = std::fs::read(dir.join("cmd"))?;
         let status = match std::fs::read_to_string(dir.join("status")) {
             Ok(text) => status_from_file(&text),
@@ -188,6 +205,15 @@ impl Run {
         let started = std::fs::metadata(dir.join("cmd"))
             .and_then(|m| m.modified())
             .unwrap_or(SystemTime::UNIX_EPOCH);
+        let legacy = dir.join(spool::LEGACY_OUTPUT).exists() && !dir.join(spool::INDEX).exists();
+        let (out, err) = (len(spool::STDOUT), len(spool::STDERR));
+        let output = if legacy {
+            len(spool::LEGACY_OUTPUT)
+        } else {
+            out + err
+        };
+        let stored = spool::stored_bytes(dir);
+        budget.charge_existing(stored);
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Run {
             n,
@@ -198,11 +224,14 @@ impl Run {
                 status,
                 lost_errno: libc::EIO,
                 pid,
-                lens: [len("stdout"), len("stderr"), len("output")],
+                lens: [out, err, output],
                 control: None,
-                files: None,
+                writer: None,
+                stored,
             }),
             changed,
+            budget,
+            legacy,
         }))
     }
 
@@ -241,7 +270,7 @@ impl Run {
             inner.status = status.clone();
             inner.lost_errno = lost_errno;
             inner.control = None;
-            inner.files = None;
+            inner.writer = None;
         }
         if let Err(e) = write_status(&self.dir.join("status"), &status.render()) {
             tracing::warn!("cannot write status of run {}: {e}", self.dir.display());
@@ -251,7 +280,8 @@ impl Run {
 
     /// Why the run was lost, as the error a write-only `exec`'s `close()` returns:
     /// `EHOSTDOWN` (the VM or its agent went away), `ENOSPC` or another host errno
-    /// (its output could not be stored), `EIO` (anything else). `None` while running
+    /// (its output could not be stored; also the VM's output budget), `EIO` (anything
+    /// else). `None` while running
     /// and for commands that exited.
     pub fn failure(&self) -> Option<Error> {
         let inner = self.inner.lock();
@@ -264,23 +294,64 @@ impl Run {
                 },
                 format!("run {}: the command was lost: {why}", self.n),
             )),
+            RunStatus::OutputLimit => Some(Error::new(
+                libc::ENOSPC,
+                format!(
+                    "run {}: {OUTPUT_LIMIT}; the command was killed (see limits)",
+                    self.n
+                ),
+            )),
             _ => None,
         }
     }
 
-    fn append(&self, stream: OutStream, data: &[u8]) -> std::io::Result<()> {
-        let mut inner = self.inner.lock();
+    /// Spool a chunk. `Ok(false)`: the VM's output budget was full, so only a part (or
+    /// nothing) was kept and the run must stop.
+    fn append(&self, stream: OutStream, data: &[u8]) -> std::io::Result<bool> {
         let idx = match stream {
             OutStream::Stdout => 0,
             OutStream::Stderr => 1,
         };
-        if let Some(files) = inner.files.as_mut() {
-            files[idx].write_all(data)?;
-            files[2].write_all(data)?;
+        let cost = match self.inner.lock().writer.as_ref() {
+            Some(w) => w.cost(idx, data.len() as u64),
+            None => return Ok(true),
+        };
+        // Charged outside the run's lock: a full budget prunes other runs.
+        let granted = self.budget.charge(cost, self.n);
+        let keep = if granted == cost {
+            data.len()
+        } else {
+            (granted.saturating_sub(cost - data.len() as u64)) as usize
+        };
+        let mut inner = self.inner.lock();
+        let lens = inner.lens;
+        let Some(w) = inner.writer.as_mut() else {
+            self.budget.release(granted);
+            return Ok(true);
+        };
+        if keep > 0 {
+            w.append(idx, &data[..keep], lens)?;
+            inner.lens[idx] += keep as u64;
+            inner.lens[2] += keep as u64;
+            inner.stored += granted;
+        } else {
+            self.budget.release(granted);
         }
-        inner.lens[idx] += data.len() as u64;
-        inner.lens[2] += data.len() as u64;
-        Ok(())
+        Ok(keep == data.len())
+    }
+
+    /// Bytes this run's output occupies.
+    pub fn stored(&self) -> u64 {
+        self.inner.lock().stored
+    }
+
+    /// Delete the run's directory and return its bytes to the budget (pruning).
+    pub fn delete(&self) {
+        let stored = std::mem::take(&mut self.inner.lock().stored);
+        self.budget.release(stored);
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!("cannot remove run {}: {e}", self.dir.display());
+        }
     }
 
     /// Attach the started command and pump its events to disk until it ends.
@@ -294,8 +365,21 @@ impl Run {
         self.bump();
         while let Some(ev) = exec.next().await {
             match ev {
-                ExecEvent::Output(stream, data) => {
-                    if let Err(e) = self.append(stream, &data) {
+                ExecEvent::Output(stream, data) => match self.append(stream, &data) {
+                    Ok(true) => self.bump(),
+                    Ok(false) => {
+                        tracing::warn!(
+                            "run {}: {OUTPUT_LIMIT} ({} bytes kept for the VM's runs); killing the command",
+                            self.dir.display(),
+                            self.budget.cap()
+                        );
+                        if let Some(c) = self.control() {
+                            let _ = c.signal(libc::SIGKILL).await;
+                        }
+                        self.finish(RunStatus::OutputLimit);
+                        return;
+                    }
+                    Err(e) => {
                         // Spool failure (e.g. host disk full): say so rather than drop bytes.
                         tracing::error!("run {}: cannot spool output: {e}", self.dir.display());
                         if let Some(c) = self.control() {
@@ -308,8 +392,7 @@ impl Run {
                         );
                         return;
                     }
-                    self.bump();
-                }
+                },
                 ExecEvent::Exited(status) => {
                     self.finish(RunStatus::Exited(status));
                     return;
@@ -347,22 +430,11 @@ impl Run {
     /// Read up to `size` bytes of `stream` at `offset` from the spool file, without waiting.
     pub fn read_at(&self, stream: RunStream, offset: u64, size: u32) -> Result<Vec<u8>> {
         let len = self.len(stream);
-        if offset >= len {
-            return Ok(Vec::new());
-        }
-        let want = (len - offset).min(size as u64) as usize;
-        let file = File::open(self.dir.join(stream.file_name()))?;
-        let mut buf = vec![0u8; want];
-        let mut done = 0;
-        while done < want {
-            let n = file.read_at(&mut buf[done..], offset + done as u64)?;
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
-        buf.truncate(done);
-        Ok(buf)
+        let size = u64::from(size);
+        Ok(match stream {
+            RunStream::Output if !self.legacy => spool::read_output(&self.dir, offset, size, len)?,
+            _ => spool::read_file(&self.dir.join(stream.file_name()), offset, size, len)?,
+        })
     }
 
     /// Wait until `stream` has bytes beyond `offset` or the run has ended.
@@ -457,6 +529,7 @@ mod tests {
             RunStatus::Exited(ExitStatus::Code(3)),
             RunStatus::Exited(ExitStatus::Signal(9)),
             RunStatus::Lost("vm died".into()),
+            RunStatus::OutputLimit,
         ] {
             assert_eq!(status_from_file(&s.render()), s);
         }
@@ -469,7 +542,8 @@ mod tests {
     #[tokio::test]
     async fn spool_and_wait() {
         let dir = tempfile::tempdir().unwrap();
-        let run = Run::create(dir.path(), 1, b"echo hi".to_vec()).unwrap();
+        let budget = Arc::new(OutputBudget::new(1));
+        let run = Run::create(dir.path(), 1, b"echo hi".to_vec(), budget.clone()).unwrap();
         run.append(OutStream::Stdout, b"hello ").unwrap();
         run.append(OutStream::Stderr, b"oops ").unwrap();
         assert_eq!(
@@ -488,8 +562,35 @@ mod tests {
             run.read_stream(RunStream::Stdout, 11, 100).await.unwrap(),
             b""
         );
-        let loaded = Run::load(&dir.path().join("1"), 1).unwrap();
+        assert_eq!(run.stored(), 16 + 3 * spool::ENTRY);
+        let again = Arc::new(OutputBudget::new(1));
+        let loaded = Run::load(&dir.path().join("1"), 1, again.clone()).unwrap();
         assert_eq!(loaded.status(), RunStatus::Exited(ExitStatus::Code(0)));
         assert_eq!(loaded.len(RunStream::Output), 16);
+        assert_eq!(
+            loaded.read_at(RunStream::Output, 0, 100).unwrap(),
+            b"hello oops world"
+        );
+        assert_eq!(again.used(), run.stored());
+        loaded.delete();
+        assert_eq!(again.used(), 0);
+        assert!(!dir.path().join("1").exists());
+    }
+
+    #[test]
+    fn a_full_budget_keeps_what_fits_and_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = Arc::new(OutputBudget::new(1));
+        let run = Run::create(dir.path(), 1, b"yes".to_vec(), budget.clone()).unwrap();
+        let chunk = vec![b'y'; 400 * 1024];
+        assert!(run.append(OutStream::Stdout, &chunk).unwrap());
+        assert!(run.append(OutStream::Stdout, &chunk).unwrap());
+        // The third chunk does not fit in 1 MiB: the part that does is kept.
+        assert!(!run.append(OutStream::Stdout, &chunk).unwrap());
+        assert_eq!(budget.used(), 1024 * 1024);
+        assert_eq!(run.len(RunStream::Stdout), 1024 * 1024 - spool::ENTRY);
+        assert_eq!(run.len(RunStream::Output), run.len(RunStream::Stdout));
+        run.finish(RunStatus::OutputLimit);
+        assert_eq!(run.status().render(), "output limit reached\n");
     }
 }

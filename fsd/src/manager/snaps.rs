@@ -71,6 +71,11 @@ impl Manager {
         let _reserved = Release(|| {
             self.snap_creating.lock().remove(name);
         });
+        let _quota = self.admit_snapshot(
+            vm.uid,
+            vm.record().config.memory_mib,
+            snapshots::allocated(&vm.dir.join("disk.ext4")),
+        )?;
         let state = vm.state();
         if state != super::vm::VmState::Running {
             return Err(Error::busy(format!(
@@ -153,7 +158,7 @@ impl Manager {
         crate::names::validate("snapshot", name)
             .map_err(|_| Error::not_found("no such snapshot"))?;
         let root = self.layout.snapshots();
-        snapshots::load(&root, name)?;
+        let owner = snapshots::load(&root, name)?.owner_uid;
         let doomed = {
             let creating = self.snap_creating.lock();
             let busy = self.snap_busy.lock();
@@ -171,7 +176,7 @@ impl Manager {
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(doomed))
             .await
             .map_err(|e| Error::io(e.to_string()))??;
-        self.events.emit("-", "snapshot-deleted", name);
+        self.events.emit_for(owner, "-", "snapshot-deleted", name);
         Ok(())
     }
 
@@ -238,6 +243,13 @@ impl Manager {
                 return Err(Error::invalid(why));
             }
         }
+        let _quota = self.admit_vms(
+            uid,
+            names.len() as u64,
+            info.vcpus,
+            info.memory_mib,
+            info.disk_mib,
+        )?;
         // Reserve every name, or none.
         {
             let vms = self.vms.read();
@@ -345,6 +357,7 @@ impl Manager {
             }
         };
         let record = VmRecord {
+            fs_slot: None,
             id,
             name: name.to_string(),
             uid,

@@ -8,6 +8,7 @@
 //!   at once.
 //! - The on-disk record (`vm.json`) is rewritten after every state change that must
 //!   survive a daemon restart (desired state, boot time).
+mod retention;
 mod snapshot;
 pub use snapshot::{Taken, FREEZE_TIMEOUT};
 
@@ -87,6 +88,10 @@ pub struct VmRecord {
     /// `net=tap`: the VM's /30 in the TAP pool (see `crate::net`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_slot: Option<u32>,
+    /// The VM's slot in `fs/` inode numbers (see `crate::guestfs::inodes`); given on
+    /// first use of `fs/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_slot: Option<u16>,
 }
 
 /// Kernel and initramfs every VM boots.
@@ -120,6 +125,8 @@ pub struct Vm {
     session_last: Mutex<HashMap<u32, u64>>,
     /// Session id → last `ctl` result text.
     ctl_results: crate::ctl::CtlResults,
+    /// The bytes all runs' output may keep (see `spool` and `retention`).
+    output: Arc<super::spool::OutputBudget>,
 }
 
 fn console_tail(dir: &std::path::Path, lines: usize) -> String {
@@ -137,9 +144,12 @@ impl Vm {
         boot_files: BootFiles,
         events: Arc<EventLog>,
     ) -> Arc<Vm> {
-        let runs = load_runs(&dir.join("runs"));
+        let output = Arc::new(super::spool::OutputBudget::new(
+            record.config.output_mib.into(),
+        ));
+        let runs = load_runs(&dir.join("runs"), &output);
         let next = runs.keys().next_back().copied().unwrap_or(0) + 1;
-        Arc::new(Vm {
+        let vm = Arc::new(Vm {
             id: record.id.clone(),
             name: record.name.clone(),
             uid: record.uid,
@@ -159,7 +169,11 @@ impl Vm {
             next_run: AtomicU64::new(next),
             session_last: Mutex::new(HashMap::new()),
             ctl_results: Default::default(),
-        })
+            output,
+        });
+        let pruner: std::sync::Weak<dyn super::spool::Prune> = Arc::downgrade(&vm) as _;
+        vm.output.set_pruner(pruner);
+        vm
     }
 
     pub fn record(&self) -> VmRecord {
@@ -250,6 +264,10 @@ impl Vm {
             "vmm_pid": pid,
             "state": self.state().render(),
             "owner_uid": rec.uid,
+            "cgroup": match self.backend.vmm_overhead_mib(rec.config.memory_mib) {
+                Some(_) => crate::cgroup::describe(&self.id),
+                None => "none: the host test backend runs no VM".to_string(),
+            },
         });
         let mut s = serde_json::to_string_pretty(&info).unwrap_or_else(|_| "{}".into());
         s.push('\n');
@@ -338,6 +356,17 @@ impl Vm {
         self.reconnect_agent_with(why, false).await
     }
 
+    /// The VM's `fs/` inode-number slot, if it has one.
+    pub fn fs_slot(&self) -> Option<u16> {
+        self.record.lock().fs_slot
+    }
+
+    /// Give the VM its `fs/` slot (kept in `vm.json`).
+    pub fn set_fs_slot(&self, slot: u16) -> Result<()> {
+        self.record.lock().fs_slot = Some(slot);
+        self.save_record()
+    }
+
     /// The live agent and the boot generation it belongs to (file service numbers are
     /// only valid within one generation).
     pub fn fs_agent(&self) -> Result<(AgentClient, u64)> {
@@ -383,6 +412,7 @@ impl Vm {
             }
         };
         *self.vmm.lock() = Some(inst.clone());
+        self.confine(inst.pid());
         match self.connect_agent(&inst, timeout).await {
             Ok(client) => {
                 let ms = t0.elapsed().as_millis() as u64;
@@ -491,6 +521,20 @@ impl Vm {
         });
     }
 
+    /// Put the VMM `pid` into the VM's own cgroup (where the host has cgroup v2).
+    pub(super) fn confine(&self, pid: u32) {
+        let rec = self.record();
+        if let Some(overhead) = self.backend.vmm_overhead_mib(rec.config.memory_mib) {
+            crate::cgroup::confine(
+                &self.id,
+                pid,
+                rec.config.vcpus,
+                rec.config.memory_mib,
+                overhead,
+            );
+        }
+    }
+
     /// Forget the VMM and agent, mark live runs lost, remove the host side of the network.
     fn cleanup_after_exit(&self, why: &str) {
         self.generation.fetch_add(1, Ordering::SeqCst);
@@ -500,6 +544,7 @@ impl Vm {
             run.abandon(why);
         }
         self.release_network();
+        crate::cgroup::remove(&self.id);
     }
 
     /// Delete the VM's TAP device, if it has one. Synchronous on purpose: a restart
@@ -759,8 +804,14 @@ impl Vm {
         }
         let agent = self.live_agent().await?;
         let n = self.next_run.fetch_add(1, Ordering::SeqCst);
-        let run = Run::create(&self.dir.join("runs"), n, script.clone())?;
+        let run = Run::create(
+            &self.dir.join("runs"),
+            n,
+            script.clone(),
+            self.output.clone(),
+        )?;
         self.runs.lock().insert(n, run.clone());
+        self.prune_runs();
         self.session_last.lock().insert(session, n);
         let spec = ExecSpec {
             program,
@@ -792,7 +843,10 @@ pub(super) async fn prepare_network(spec: &VmSpec) -> Result<()> {
         .map_err(|e| Error::io(format!("network setup task failed: {e}")))?
 }
 
-fn load_runs(dir: &std::path::Path) -> BTreeMap<u64, Arc<Run>> {
+fn load_runs(
+    dir: &std::path::Path,
+    budget: &Arc<super::spool::OutputBudget>,
+) -> BTreeMap<u64, Arc<Run>> {
     let mut out = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return out;
@@ -801,7 +855,7 @@ fn load_runs(dir: &std::path::Path) -> BTreeMap<u64, Arc<Run>> {
         let Some(n) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else {
             continue;
         };
-        match Run::load(&e.path(), n) {
+        match Run::load(&e.path(), n, budget.clone()) {
             Ok(run) => {
                 out.insert(n, run);
             }

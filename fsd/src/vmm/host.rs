@@ -6,7 +6,20 @@
 //! `auto` on its own. Pause and resume are SIGSTOP/SIGCONT of the agent process; shutdown
 //! is SIGTERM. Like a real VMM, the process runs in its own session and is re-adopted
 //! from `vmm.pid` after a daemon restart.
-use std::path::PathBuf;
+//!
+//! Safety: a "guest" command here is a host process. So that no user ever runs commands
+//! as anyone but themselves:
+//! - when the daemon is root, each VM's agent runs as the VM's owner (uid and gid from
+//!   `vm.json`, no supplementary groups); its files live in `<vm>/host/` (owned by that
+//!   user: `agent.sock`, and `root/`, the "guest" filesystem), and it is started with
+//!   that directory as its working directory and relative paths, because the user cannot
+//!   traverse the root-only state directory above it;
+//! - a daemon that is not root runs every agent as itself, so it refuses to mount with
+//!   `allow_other` ([`check_mount`]): only the mounting user can use that mount.
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,6 +38,51 @@ impl HostBackend {
     }
 }
 
+/// The host backend's own directory inside a VM directory.
+pub const HOST_DIR: &str = "host";
+
+/// May a daemon with the host backend mount this way? Refused when the mount would be
+/// shared (`allow_other`) but the daemon cannot run each VM's commands as its owner.
+pub fn check_mount(allow_other: bool, daemon_is_root: bool) -> Result<(), String> {
+    if allow_other && !daemon_is_root {
+        return Err(
+            "BANDSOX_HOST_AGENT selects the host test backend, whose commands run as host \
+             processes of the daemon's user; a daemon that is not root cannot run them as \
+             each VM's owner, so it refuses a mount other users can use (allow_other). \
+             Mount with --private (mount option: no allow_other), or run the daemon as root"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// The owner (uid, gid) recorded in `<dir>/vm.json`.
+fn owner_of(dir: &Path) -> Option<(u32, u32)> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("vm.json")).ok()?).ok()?;
+    let uid = u32::try_from(v.get("uid")?.as_u64()?).ok()?;
+    let gid = u32::try_from(v.get("gid")?.as_u64()?).ok()?;
+    Some((uid, gid))
+}
+
+/// Make `dir` (and its `root/`) exist and belong to `owner`.
+fn prepare_host_dir(dir: &Path, owner: Option<(u32, u32)>) -> Result<(), VmmError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let root = dir.join("root");
+    for d in [dir, &root] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)
+            .map_err(|e| VmmError::Io(format!("create {}", d.display()), e))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(d, Some(uid), Some(gid))
+                .map_err(|e| VmmError::Io(format!("chown {}", d.display()), e))?;
+        }
+    }
+    Ok(())
+}
+
 struct HostInstance {
     proc: VmmProcess,
     sock: PathBuf,
@@ -33,7 +91,7 @@ struct HostInstance {
 #[async_trait]
 impl Backend for HostBackend {
     fn kind(&self) -> BackendKind {
-        BackendKind::Qemu
+        BackendKind::Host
     }
 
     fn describe(&self) -> String {
@@ -47,10 +105,26 @@ impl Backend for HostBackend {
         false
     }
 
+    /// Test backend: its processes run as the VM's owner, not confined.
+    fn vmm_overhead_mib(&self, _memory_mib: u32) -> Option<u64> {
+        None
+    }
+
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
-        let root = spec.dir.join("root");
-        std::fs::create_dir_all(&root).map_err(|e| VmmError::Io("root dir".into(), e))?;
-        let sock = spec.dir.join("agent.sock");
+        let host_dir = spec.dir.join(HOST_DIR);
+        // As root: the agent runs as the VM's owner. Otherwise it runs as we do.
+        let owner = if nix::unistd::geteuid().is_root() {
+            Some(owner_of(&spec.dir).ok_or_else(|| {
+                VmmError::StartFailed(format!(
+                    "no owner in {}/vm.json: the host backend will not run commands as root for an unknown user",
+                    spec.dir.display()
+                ))
+            })?)
+        } else {
+            None
+        };
+        prepare_host_dir(&host_dir, owner)?;
+        let sock = host_dir.join("agent.sock");
         let _ = std::fs::remove_file(&sock);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -62,12 +136,33 @@ impl Backend for HostBackend {
             .map_err(|e| VmmError::Io("console log".into(), e))?;
         let mut cmd = Command::new(&self.agent);
         cmd.arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
+            .arg("unix:agent.sock")
             .arg("--root")
-            .arg(&root)
+            .arg("root")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
+        let cwd = CString::new(host_dir.as_os_str().as_bytes())
+            .map_err(|_| VmmError::StartFailed("VM directory path contains NUL".into()))?;
+        let ids = owner.filter(|(uid, _)| *uid != 0);
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+        // syscalls (chdir, setgroups, setgid, setuid) on data prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::chdir(cwd.as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some((uid, gid)) = ids {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
         let proc = VmmProcess::spawn(cmd, "host agent", spec.pid_path(), true)?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while !sock.exists() {
@@ -89,14 +184,17 @@ impl Backend for HostBackend {
         let Some((proc, argv)) = VmmProcess::adopt(spec.pid_path(), "host agent") else {
             return Ok(None);
         };
-        // Ours only if its command line names this VM's directory.
-        let dir = spec.dir.to_string_lossy();
-        if !argv.iter().any(|a| a.contains(&*dir)) {
+        // Ours only if it is an agent listening on agent.sock in this VM's host directory.
+        let host_dir = spec.dir.join(HOST_DIR);
+        let cwd = std::fs::read_link(format!("/proc/{}/cwd", proc.pid())).ok();
+        if cwd.as_deref() != Some(host_dir.as_path())
+            || !argv.iter().any(|a| a == "unix:agent.sock")
+        {
             return Ok(None);
         }
         Ok(Some(Box::new(HostInstance {
             proc,
-            sock: spec.dir.join("agent.sock"),
+            sock: host_dir.join("agent.sock"),
         })))
     }
 }
@@ -135,5 +233,26 @@ impl VmmInstance for HostInstance {
             "the host test backend runs no VM, so it cannot take snapshots (use backend=qemu)"
                 .into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_mounts_need_a_root_daemon() {
+        assert!(check_mount(true, false).is_err());
+        assert!(check_mount(true, true).is_ok());
+        assert!(check_mount(false, false).is_ok());
+        assert!(check_mount(false, true).is_ok());
+    }
+
+    #[test]
+    fn owner_comes_from_the_record() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(owner_of(d.path()), None);
+        std::fs::write(d.path().join("vm.json"), r#"{"uid": 1000, "gid": 100}"#).unwrap();
+        assert_eq!(owner_of(d.path()), Some((1000, 100)));
     }
 }

@@ -37,6 +37,8 @@ pub type BoxedAgentStream = Pin<Box<dyn AgentStream>>;
 pub enum BackendKind {
     Qemu,
     Firecracker,
+    /// The test backend (`BANDSOX_HOST_AGENT`): the agent as a host process, no VM.
+    Host,
 }
 
 impl std::fmt::Display for BackendKind {
@@ -44,6 +46,7 @@ impl std::fmt::Display for BackendKind {
         f.write_str(match self {
             BackendKind::Qemu => "qemu",
             BackendKind::Firecracker => "firecracker",
+            BackendKind::Host => "host",
         })
     }
 }
@@ -145,6 +148,15 @@ pub trait Backend: Send + Sync {
     /// Whether VMs need the guest kernel and initramfs (false only for test backends).
     fn needs_boot_files(&self) -> bool {
         true
+    }
+    /// Host memory the VMM process needs beyond the guest's (MiB), for its cgroup's
+    /// `memory.max` (see `crate::cgroup`); `None`: its processes are not confined.
+    fn vmm_overhead_mib(&self, memory_mib: u32) -> Option<u64> {
+        Some(crate::cgroup::overhead_mib(
+            &self.kind().to_string(),
+            false,
+            memory_mib,
+        ))
     }
     /// Start the VMM for `spec`; returns once the process runs and its control channel
     /// answers (not when the guest has booted).

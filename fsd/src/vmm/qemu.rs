@@ -260,6 +260,14 @@ impl Backend for QemuBackend {
         )
     }
 
+    fn vmm_overhead_mib(&self, memory_mib: u32) -> Option<u64> {
+        Some(crate::cgroup::overhead_mib(
+            "qemu",
+            self.accel.kind == AccelKind::Tcg,
+            memory_mib,
+        ))
+    }
+
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
         for (what, p) in [("kernel", &spec.kernel), ("initramfs", &spec.initrd)] {
             if !p.is_file() {

@@ -12,6 +12,8 @@ pub struct Mounted {
     daemon: Child,
     /// The state directory is a tmpfs of this harness (unmounted on drop).
     state_tmpfs: bool,
+    /// Extra environment of the daemon (kept for restarts).
+    env: Vec<(String, String)>,
 }
 
 /// Options of a [`Mounted`] daemon.
@@ -21,6 +23,8 @@ pub struct MountOpts {
     pub state_tmpfs_mib: Option<u32>,
     /// Size of the `base` image's disk (non-zero data, so copies take space).
     pub image_bytes: Option<usize>,
+    /// Extra environment of the daemon.
+    pub env: Vec<(String, String)>,
 }
 
 pub fn agent_binary() -> PathBuf {
@@ -48,6 +52,17 @@ pub fn is_mounted(p: &Path) -> bool {
 impl Mounted {
     pub fn new() -> Option<Mounted> {
         Self::with(MountOpts::default())
+    }
+
+    /// A mount whose daemon gets extra environment variables (e.g. `BANDSOX_LIMITS`).
+    pub fn with_env(env: &[(&str, &str)]) -> Option<Mounted> {
+        Self::with(MountOpts {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        })
     }
 
     pub fn with(opts: MountOpts) -> Option<Mounted> {
@@ -79,35 +94,47 @@ impl Mounted {
         };
         std::fs::write(state.join("images/base/disk.ext4"), disk).unwrap();
         std::fs::create_dir_all(&mnt).unwrap();
-        let daemon = Command::new(env!("CARGO_BIN_EXE_bandsox"))
-            .arg("mount")
-            .arg(&mnt)
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("-f")
-            .env("BANDSOX_HOST_AGENT", agent_binary())
-            .env("BANDSOX_LOG", "info")
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(tmp.path().join("daemon.log")).unwrap())
-            .spawn()
-            .unwrap();
+        let env = opts.env.clone();
+        let daemon = spawn_daemon(&mnt, &state, tmp.path(), &env);
         let m = Mounted {
             _tmp: tmp,
             mnt,
             state,
             daemon,
             state_tmpfs: opts.state_tmpfs_mib.is_some(),
+            env,
         };
+        m.wait_mounted();
+        Some(m)
+    }
+
+    fn wait_mounted(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !is_mounted(&m.mnt) {
+        while !is_mounted(&self.mnt) {
             assert!(
                 Instant::now() < deadline,
                 "mount did not appear: {}",
-                m.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(m)
+    }
+
+    /// SIGKILL the daemon and start it again on the same mount point and state.
+    pub fn restart(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        self.daemon = spawn_daemon(&self.mnt, &self.state, self._tmp.path(), &self.env);
+        // The dead mount is still listed until the new daemon replaced it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.sh("ls $M >/dev/null").0 != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no mount after restart: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn log(&self) -> String {
@@ -128,6 +155,44 @@ impl Mounted {
         )
     }
 
+    /// Run a `bash` script as `uid` (gid the same, no supplementary groups), with `M` set.
+    pub fn sh_as(&self, uid: u32, script: &str) -> (i32, String, String) {
+        let id = uid.to_string();
+        let out = Command::new("timeout")
+            .args([
+                "60",
+                "setpriv",
+                "--reuid",
+                &id,
+                "--regid",
+                &id,
+                "--clear-groups",
+            ])
+            .args(["bash", "-c", script])
+            .env("M", &self.mnt)
+            .env("HOME", "/")
+            .current_dir("/")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// [`Self::sh_as`] that must succeed; returns stdout.
+    pub fn ok_as(&self, uid: u32, script: &str) -> String {
+        let (code, out, err) = self.sh_as(uid, script);
+        assert_eq!(
+            code,
+            0,
+            "script as uid {uid} failed: {script}\nstdout: {out}\nstderr: {err}\nlog: {}",
+            self.log()
+        );
+        out
+    }
+
     pub fn ok(&self, script: &str) -> String {
         let (code, out, err) = self.sh(script);
         assert_eq!(
@@ -138,6 +203,27 @@ impl Mounted {
         );
         out
     }
+}
+
+fn spawn_daemon(mnt: &Path, state: &Path, dir: &Path, env: &[(String, String)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_bandsox"))
+        .arg("mount")
+        .arg(mnt)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("-f")
+        .env("BANDSOX_HOST_AGENT", agent_binary())
+        .env("BANDSOX_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
 
 impl Drop for Mounted {

@@ -220,6 +220,7 @@ impl Vm {
             }
         };
         *self.vmm.lock() = Some(inst.clone());
+        self.confine(inst.pid());
         let ready = async {
             let client = self.connect_agent(&inst, timeout).await?;
             client
