@@ -104,20 +104,45 @@ pub struct Run {
     legacy: bool,
 }
 
-/// Create a run's `status` file with `running` and room reserved for its final text, so
-/// the final status can be written even when the host disk has filled up meanwhile.
+/// Remove directories on one background thread, in order.
+fn remove_in_background(dir: PathBuf) {
+    use std::sync::mpsc::{channel, Sender};
+    static REMOVER: std::sync::OnceLock<Mutex<Sender<PathBuf>>> = std::sync::OnceLock::new();
+    let tx = REMOVER.get_or_init(|| {
+        let (tx, rx) = channel::<PathBuf>();
+        let spawned = std::thread::Builder::new()
+            .name("bandsox-run-rm".into())
+            .spawn(move || {
+                for dir in rx {
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        tracing::warn!("cannot remove run {}: {e}", dir.display());
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the run remover thread: {e}");
+        }
+        Mutex::new(tx)
+    });
+    if let Err(e) = tx.lock().send(dir) {
+        // No remover thread: remove here.
+        let dir = e.0;
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!("cannot remove run {}: {e}", dir.display());
+        }
+    }
+}
+
+/// Create a run's `status` file with `running`. Its first block is allocated by this
+/// write, so the final status (always shorter than a block) is written into it in
+/// place ([`write_status`]) even when the host disk has filled up meanwhile.
 fn reserve_status(path: &Path) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     let f = OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
         .open(path)?;
-    f.write_all_at(RunStatus::Running.render().as_bytes(), 0)?;
-    // SAFETY: fallocate on an open descriptor we own; no memory is passed. Best effort:
-    // filesystems without fallocate still get the (usually block-sized) first write.
-    unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, 4096) };
-    Ok(())
+    f.write_all_at(RunStatus::Running.render().as_bytes(), 0)
 }
 
 /// Overwrite `status` in place (no truncate-then-allocate: see [`reserve_status`]).
@@ -345,13 +370,13 @@ impl Run {
         self.inner.lock().stored
     }
 
-    /// Delete the run's directory and return its bytes to the budget (pruning).
+    /// Return the run's bytes to the budget (at once) and delete its directory (in the
+    /// background: unlinking a run's files costs milliseconds on some disks, and pruning
+    /// happens on the path of a new `exec`; see docs/benchmarks.md, "exec soak").
     pub fn delete(&self) {
         let stored = std::mem::take(&mut self.inner.lock().stored);
         self.budget.release(stored);
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!("cannot remove run {}: {e}", self.dir.display());
-        }
+        remove_in_background(self.dir.clone());
     }
 
     /// Attach the started command and pump its events to disk until it ends.
@@ -574,6 +599,11 @@ mod tests {
         assert_eq!(again.used(), run.stored());
         loaded.delete();
         assert_eq!(again.used(), 0);
+        // The directory goes in the background.
+        let t0 = std::time::Instant::now();
+        while dir.path().join("1").exists() && t0.elapsed().as_secs() < 5 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert!(!dir.path().join("1").exists());
     }
 
