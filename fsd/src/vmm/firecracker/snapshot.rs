@@ -161,6 +161,16 @@ pub async fn save(inst: &FcInstance, dir: &Path) -> Result<SavedState, VmmError>
         moved?;
     }
     created?;
+    if jailed.is_none() {
+        // Readable like the boot files, whatever the daemon's umask: a jailed clone gets
+        // them as hard links (the snapshot directory itself is owner-only).
+        use std::os::unix::fs::PermissionsExt;
+        for f in [STATE_FILE, MEMORY_FILE] {
+            let p = dir.join(f);
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| VmmError::Io(p.display().to_string(), e))?;
+        }
+    }
     let record = load_record(inst.dir());
     Ok(SavedState {
         state_file: STATE_FILE.into(),

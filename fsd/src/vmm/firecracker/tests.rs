@@ -1,6 +1,7 @@
 //! Backend tests without a Firecracker binary: a plain process (`sleep`, `sh`) stands in
 //! for Firecracker while a fake API server (hyper) and a fake vsock peer answer on its
 //! sockets, so launch, configuration, control, adoption and every error path run.
+use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -782,7 +783,17 @@ async fn snapshot_create_and_restore_send_the_documented_requests() {
     let s = spec(&src);
     let argv = vec!["/bin/sleep".to_string(), "30".into()];
     let d2 = src.clone();
-    let server = tokio::spawn(async move { serve_later(&d2, all_ok(), false).await });
+    // Like Firecracker, the fake writes the files it is asked for (absolute paths here).
+    let writes: Arc<Responder> = Arc::new(|method: &str, path: &str, body: &Value| {
+        if (method, path) == ("PUT", "/snapshot/create") {
+            for k in ["snapshot_path", "mem_file_path"] {
+                std::fs::write(body[k].as_str().unwrap(), k).unwrap();
+            }
+            return (204, String::new());
+        }
+        all_ok()(method, path, body)
+    });
+    let server = tokio::spawn(async move { serve_later(&d2, writes, false).await });
     let inst = b
         .launch_argv(&s, argv, Path::new("/s/boot/vmlinux"))
         .await
@@ -804,12 +815,15 @@ async fn snapshot_create_and_restore_send_the_documented_requests() {
                "snapshot_path": snap.join("state").to_str().unwrap(),
                "mem_file_path": snap.join("memory").to_str().unwrap()})
     );
+    for f in ["state", "memory"] {
+        let mode = std::fs::metadata(snap.join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644, "{f}: readable for jailed clones");
+    }
     inst.kill().await.unwrap();
     api_task.abort();
-
-    // Restore needs the files; the fake API does not write them.
-    std::fs::write(snap.join("state"), b"s").unwrap();
-    std::fs::write(snap.join("memory"), b"m").unwrap();
     for (version, with_override) in [
         (FcVersion::new(1, 10, 1), false),
         (FcVersion::new(1, 16, 0), true),
