@@ -21,7 +21,7 @@
 //!
 //! Every API call is journaled; the test prints each request with the status codes seen.
 //!
-//! Where the binaries are: `firecracker` (and `jailer`) on PATH, else
+//! Where the binaries are: `$BANDSOX_FIRECRACKER`, else `firecracker` (and `jailer`) on PATH, else
 //! `../shared/firecracker/bin/firecracker-*` (and `jailer-*`) relative to the repository's
 //! parent directory, else `$BANDSOX_FC_BIN_DIR`; without any, a loud SKIPPED line.
 //! Needs root (jailer, TAP devices, network namespace) and an extractable guest kernel
@@ -65,6 +65,11 @@ fn on_path(name: &str) -> Option<PathBuf> {
 
 /// The Firecracker binaries to test and the jailer, as described in the module docs.
 pub fn find_binaries() -> (Vec<PathBuf>, Option<PathBuf>, String) {
+    if let Some(fc) = std::env::var_os("BANDSOX_FIRECRACKER").map(PathBuf::from) {
+        let jailer =
+            on_path("jailer").or_else(|| bandsox_fsd::vmm::firecracker::jailer::find_beside(&fc));
+        return (vec![fc], jailer, "BANDSOX_FIRECRACKER".into());
+    }
     if let Some(fc) = on_path("firecracker") {
         return (vec![fc], on_path("jailer"), "PATH".into());
     }

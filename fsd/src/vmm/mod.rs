@@ -24,6 +24,7 @@ pub mod host;
 pub mod process;
 pub mod qemu;
 pub mod qemu_snap;
+pub mod qemu_vsock;
 pub mod qmp;
 
 /// A duplex byte stream to the guest agent.
