@@ -237,7 +237,7 @@ impl Vm {
     pub fn info_json(&self) -> String {
         let rec = self.record();
         let pid = self.vmm.lock().as_ref().map(|v| v.pid());
-        let info = serde_json::json!({
+        let mut info = serde_json::json!({
             "name": self.name,
             "id": self.id,
             "backend": rec.backend,
@@ -256,7 +256,6 @@ impl Vm {
             "state": self.state().render(),
             "owner_uid": rec.uid,
         });
-        let mut info = info;
         if let Some(why) = self.backend.forced() {
             // Test-only switches are never silent.
             info["backend_forced"] = serde_json::Value::String(why);
