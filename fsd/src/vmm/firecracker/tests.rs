@@ -948,3 +948,39 @@ async fn refused_snapshot_load_fails_clearly_and_kills() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn the_last_error_line_is_the_telling_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join(FC_LOG);
+    assert_eq!(last_error_line(&log), None, "no log");
+    std::fs::write(
+        &log,
+        "2026-12-01T07:40:34.02 [bx-1:main:INFO] Running Firecracker v1.16.1\n\
+         2026-12-01T07:40:34.02 [bx-1:main:INFO] Listening on API socket (\"api.sock\").\n",
+    )
+    .unwrap();
+    assert_eq!(last_error_line(&log), None, "the banner is no error");
+    std::fs::write(
+        &log,
+        "2026-12-01T07:40:34.02 [bx-1:main:INFO] Listening on API socket (\"api.sock\").\n\
+         2026-12-01T07:41:50.10 [bx-1:fc_vcpu 0:ERROR] Unexpected exit reason on vcpu run: \
+         KVM_EXIT_INTERNAL_ERROR\n\
+         2026-12-01T07:41:50.11 [bx-1:main:ERROR] Firecracker exiting with error. exit_code=1\n",
+    )
+    .unwrap();
+    assert_eq!(
+        last_error_line(&log).as_deref(),
+        Some("[bx-1:fc_vcpu 0:ERROR] Unexpected exit reason on vcpu run: KVM_EXIT_INTERNAL_ERROR")
+    );
+    std::fs::write(
+        &log,
+        "2026-12-01T07:41:50.11 [bx-1:main:ERROR] Firecracker exiting with error. exit_code=1\n",
+    )
+    .unwrap();
+    assert_eq!(
+        last_error_line(&log).as_deref(),
+        Some("[bx-1:main:ERROR] Firecracker exiting with error. exit_code=1"),
+        "the generic line when it is all there is"
+    );
+}
