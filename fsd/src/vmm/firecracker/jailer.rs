@@ -117,13 +117,29 @@ impl JailCgroups {
         mount.join(PARENT_CGROUP).join(id)
     }
 
+    /// Where cgroup v2 is mounted (as the jailer finds it: the first `cgroup2` entry of
+    /// `/proc/mounts`; `/sys/fs/cgroup` on a pure v2 host, `/sys/fs/cgroup/unified` on a
+    /// hybrid one).
+    pub fn mount_point() -> PathBuf {
+        std::fs::read_to_string("/proc/self/mounts")
+            .ok()
+            .and_then(|m| {
+                m.lines().find_map(|l| {
+                    let mut f = l.split_whitespace();
+                    let (_, at, fstype) = (f.next()?, f.next()?, f.next()?);
+                    (fstype == "cgroup2").then(|| PathBuf::from(at))
+                })
+            })
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+    }
+
     /// Remove the (empty, process gone) cgroup of jail `id`, if the jailer made one.
     /// Best effort: a cgroup still holding a process cannot be removed and is left.
     pub fn remove(&self, id: &str) {
         if self.settings.is_empty() {
             return;
         }
-        let d = Self::dir(Path::new("/sys/fs/cgroup"), id);
+        let d = Self::dir(&Self::mount_point(), id);
         match std::fs::remove_dir(&d) {
             Ok(()) => tracing::debug!(cgroup = %d.display(), "removed the jail's cgroup"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
