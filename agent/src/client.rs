@@ -1,8 +1,12 @@
 //! The host side of the protocol: one multiplexed connection to an agent.
 //!
 //! Invariants:
-//! * All frames go through one writer task fed by a bounded channel, so frames never
-//!   interleave; one reader task routes everything that arrives.
+//! * All frames go through one [`Outbox`]: a byte buffer behind a lock, appended to in
+//!   send order, so frames never interleave. The sender writes it to the stream at once
+//!   when it can (a non-blocking write from whatever thread sends, so a request costs no
+//!   hand-off to another task); whatever the stream does not take now is written by the
+//!   writer task. Senders wait only while more than [`OUTBOX_LIMIT`] bytes are queued.
+//!   One reader task routes everything that arrives.
 //! * The reader never waits for a consumer: output is queued per command in an unbounded
 //!   queue that is nevertheless bounded by the stream's credit window, because credit is
 //!   granted back only as [`ExecHandle::next`] hands output to the consumer. A slow
@@ -19,6 +23,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -109,10 +114,61 @@ struct FsEventQueue {
 /// Batches of file events queued for the consumer before new ones are dropped.
 pub const FS_EVENT_BATCHES: usize = 256;
 
+/// The completion of an [`AgentClient::fs_then`] request. Called exactly once: with the
+/// answer on the connection's reader task, or with an error (`Closed`, `Timeout`, or what
+/// [`AgentClient::cancel`] gave) wherever the request ended.
+pub type FsDone = Box<dyn FnOnce(Result<FsResponse, ClientError>) + Send>;
+
+/// Who waits for an answer.
+enum Waiter {
+    /// A task awaiting [`AgentClient::request`].
+    Task(oneshot::Sender<Response>),
+    /// A completion, due to fail with `Timeout` at `expires`.
+    Then { done: FsDone, expires: Instant },
+}
+
+impl Waiter {
+    /// Deliver an outcome (outside any lock: a completion may do real work).
+    fn finish(self, res: Result<Response, ClientError>) {
+        match self {
+            Waiter::Task(tx) => {
+                if let Ok(resp) = res {
+                    let _ = tx.send(resp);
+                } // else: dropping `tx` tells the task Closed
+            }
+            Waiter::Then { done, .. } => done(res.and_then(fs_answer)),
+        }
+    }
+}
+
+/// A file-service answer out of a response.
+fn fs_answer(resp: Response) -> Result<FsResponse, ClientError> {
+    match resp {
+        Response::Fs(r) => Ok(r),
+        Response::Error { errno, message } => Err(ClientError::Remote { errno, message }),
+        other => Err(ClientError::Protocol(format!(
+            "unexpected answer to a file request: {other:?}"
+        ))),
+    }
+}
+
 #[derive(Default)]
 struct Tables {
-    pending: HashMap<Id, oneshot::Sender<Response>>,
+    pending: HashMap<Id, Waiter>,
+    /// `Waiter::Then` entries by when they expire (see [`deadline_task`]).
+    deadlines: std::collections::BTreeSet<(Instant, Id)>,
     streams: HashMap<Id, Arc<StreamState>>,
+}
+
+impl Tables {
+    /// Take the waiter of `id` (and its deadline).
+    fn take(&mut self, id: Id) -> Option<Waiter> {
+        let w = self.pending.remove(&id)?;
+        if let Waiter::Then { expires, .. } = &w {
+            self.deadlines.remove(&(*expires, id));
+        }
+        Some(w)
+    }
 }
 
 impl Shared {
@@ -127,13 +183,16 @@ impl Shared {
             if self.closed.swap(true, Ordering::SeqCst) {
                 return;
             }
+            t.deadlines.clear();
             (
                 std::mem::take(&mut t.pending),
                 std::mem::take(&mut t.streams),
             )
         };
         tracing::debug!("agent connection closed: {why}");
-        drop(pending); // receivers see Closed
+        for (_, w) in pending {
+            w.finish(Err(ClientError::Closed));
+        }
         for (_, s) in streams {
             let _ = s.events.send(ExecEvent::Lost);
             s.stdin_lock().finished = true;
@@ -145,7 +204,11 @@ impl Shared {
 
 struct Inner {
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Message>,
+    outbox: Arc<Outbox>,
+    /// A request with an earlier deadline than any before was registered.
+    deadline_changed: Arc<Notify>,
+    /// What the agent said in the handshake.
+    info: AgentInfo,
     next_id: AtomicU64,
     tasks: Vec<tokio::task::AbortHandle>,
 }
@@ -164,7 +227,7 @@ impl Inner {
         if self.shared.closed.load(Ordering::SeqCst) {
             return Err(ClientError::Closed);
         }
-        self.tx.send(m).await.map_err(|_| ClientError::Closed)
+        self.outbox.send(&m, &self.shared).await
     }
 }
 
@@ -196,7 +259,8 @@ impl AgentClient {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let (r, mut w) = tokio::io::split(stream);
+        let (r, w) = tokio::io::split(stream);
+        let mut w: BoxWrite = Box::pin(w);
         let mut reader = FrameReader::new(r);
         let nonce = random_nonce();
         let mut hello = SYNC_MAGIC.to_vec();
@@ -260,18 +324,22 @@ impl AgentClient {
                 lost: Arc::new(AtomicBool::new(false)),
             },
         });
-        let (tx, rx) = mpsc::channel::<Message>(1024);
-        // Credits the reader gives back itself: unbounded so the reader never blocks (it
-        // must always drain the agent, or both sides could wait on each other). Bounded
-        // in practice by the output the agent may send.
-        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel::<Message>();
-        let writer = tokio::spawn(writer_task(w, rx, ctl_rx, shared.clone()));
-        let reader = tokio::spawn(reader_task(reader, shared.clone(), ctl_tx));
+        let outbox = Arc::new(Outbox::new(w));
+        let writer = tokio::spawn(writer_task(outbox.clone(), shared.clone()));
+        let reader = tokio::spawn(reader_task(reader, shared.clone(), outbox.clone()));
+        let deadline_changed = Arc::new(Notify::new());
+        let deadlines = tokio::spawn(deadline_task(shared.clone(), deadline_changed.clone()));
         let inner = Inner {
             shared,
-            tx,
+            outbox,
+            deadline_changed,
+            info: info.clone(),
             next_id: AtomicU64::new(1),
-            tasks: vec![writer.abort_handle(), reader.abort_handle()],
+            tasks: vec![
+                writer.abort_handle(),
+                reader.abort_handle(),
+                deadlines.abort_handle(),
+            ],
         };
         Ok((
             AgentClient {
@@ -279,6 +347,11 @@ impl AgentClient {
             },
             info,
         ))
+    }
+
+    /// What the agent said when the connection was made.
+    pub fn info(&self) -> &AgentInfo {
+        &self.inner.info
     }
 
     /// Round-trip time of a `Ping`.
@@ -310,14 +383,15 @@ impl AgentClient {
             if self.inner.shared.closed.load(Ordering::SeqCst) {
                 return Err(ClientError::Closed);
             }
-            t.pending.insert(id, tx);
+            t.pending.insert(id, Waiter::Task(tx));
         }
         // Removes the pending entry however this future ends (timeout, error, or the
         // caller dropping it), so abandoned requests do not accumulate.
         struct Unregister<'a>(&'a Shared, Id);
         impl Drop for Unregister<'_> {
             fn drop(&mut self) {
-                self.0.tables().pending.remove(&self.1);
+                let w = self.0.tables().take(self.1);
+                drop(w);
             }
         }
         let _unregister = Unregister(&self.inner.shared, id);
@@ -401,6 +475,49 @@ impl AgentClient {
         }
     }
 
+    /// Send a file-service request without waiting: `done` is called with the answer on
+    /// the connection's reader task, with `Timeout` after `timeout`, or with `Closed`
+    /// (possibly at once, on this thread). Costs no task: the request is written from
+    /// this thread when the stream takes it. Returns the request id (for [`Self::cancel`]).
+    pub fn fs_then(&self, req: FsRequest, timeout: Duration, done: FsDone) -> Id {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let expires = Instant::now() + timeout;
+        let shared = &self.inner.shared;
+        let earliest = {
+            let mut t = shared.tables();
+            if shared.closed.load(Ordering::SeqCst) {
+                drop(t);
+                done(Err(ClientError::Closed));
+                return id;
+            }
+            t.pending.insert(id, Waiter::Then { done, expires });
+            t.deadlines.insert((expires, id));
+            t.deadlines.first() == Some(&(expires, id))
+        };
+        if earliest {
+            self.inner.deadline_changed.notify_one();
+        }
+        let msg = Message::Request {
+            id,
+            req: Request::Fs(req),
+        };
+        self.inner.outbox.push_now(&msg, shared);
+        id
+    }
+
+    /// End request `id` now with `err` (its completion runs here) unless it has already
+    /// ended. A late answer is then ignored. Returns whether it was still pending.
+    pub fn cancel(&self, id: Id, err: ClientError) -> bool {
+        let w = self.inner.shared.tables().take(id);
+        match w {
+            Some(w) => {
+                w.finish(Err(err));
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Drop file-service node references (no answer). Waits only for queue space.
     pub async fn forget(&self, nodes: Vec<(NodeId, u64)>) -> Result<(), ClientError> {
         if nodes.is_empty() {
@@ -426,6 +543,9 @@ impl AgentClient {
         for t in &self.inner.tasks {
             t.abort();
         }
+        // The write half goes now, whoever still holds this client.
+        let w = self.inner.outbox.lock().w.take();
+        drop(w);
     }
 
     pub fn is_closed(&self) -> bool {
@@ -546,14 +666,7 @@ impl Drop for ExecHandle {
         }
         if bytes > 0 {
             let msg = Message::Credit { id: self.id, bytes };
-            if let Err(mpsc::error::TrySendError::Full(msg)) = self.inner.tx.try_send(msg) {
-                let tx = self.inner.tx.clone();
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        let _ = tx.send(msg).await;
-                    });
-                }
-            }
+            self.inner.outbox.push_now(&msg, &self.inner.shared);
         }
     }
 }
@@ -640,40 +753,210 @@ impl ExecControl {
     }
 }
 
-async fn writer_task<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::Receiver<Message>,
-    mut ctl_rx: mpsc::UnboundedReceiver<Message>,
-    shared: Arc<Shared>,
-) {
-    let mut closed = shared.closed_tx.subscribe();
-    let mut buf = Vec::with_capacity(256 * 1024);
-    loop {
-        let first = tokio::select! {
-            biased;
-            m = ctl_rx.recv() => m,
-            m = rx.recv() => m,
-            _ = closed.wait_for(|c| *c) => None,
-        };
-        let Some(first) = first else { break };
-        let mut next = Some(first);
-        while let Some(m) = next.take() {
-            if let Err(e) = append_frame(&mut buf, &m) {
-                tracing::error!("cannot encode message for the agent: {e}");
+/// Bytes queued in the [`Outbox`] beyond which senders wait for the stream.
+pub const OUTBOX_LIMIT: usize = 4 * 1024 * 1024;
+
+type BoxWrite = std::pin::Pin<Box<dyn AsyncWrite + Send>>;
+
+/// Frames on their way to the agent (see the module docs).
+struct Outbox {
+    state: Mutex<OutboxState>,
+    /// Bytes are left for the writer task.
+    pending: Notify,
+    /// The queue shrank (senders waiting at [`OUTBOX_LIMIT`]).
+    drained: Notify,
+}
+
+enum PushError {
+    Encode(String),
+    Write(std::io::Error),
+}
+
+struct OutboxState {
+    /// `None` once the connection is closed: dropping it (with the reader's half)
+    /// closes the stream, so the peer sees the end at once (a virtio-serial port
+    /// takes one connection at a time).
+    w: Option<BoxWrite>,
+    buf: Vec<u8>,
+    /// First byte of `buf` not yet written.
+    pos: usize,
+}
+
+impl Outbox {
+    fn new(w: BoxWrite) -> Outbox {
+        Outbox {
+            state: Mutex::new(OutboxState {
+                w: Some(w),
+                buf: Vec::with_capacity(64 * 1024),
+                pos: 0,
+            }),
+            pending: Notify::new(),
+            drained: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue `m`, waiting first while more than [`OUTBOX_LIMIT`] bytes are queued.
+    async fn send(&self, m: &Message, shared: &Shared) -> Result<(), ClientError> {
+        let mut closed = shared.closed_tx.subscribe();
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let res = {
+                let mut st = self.lock();
+                if shared.closed.load(Ordering::SeqCst) {
+                    return Err(ClientError::Closed);
+                }
+                (st.buf.len() - st.pos <= OUTBOX_LIMIT).then(|| self.push(&mut st, m))
+            };
+            match res {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) => return Err(Self::failed(shared, e)),
+                None => {}
             }
-            if buf.len() < 1024 * 1024 {
-                next = ctl_rx.try_recv().or_else(|_| rx.try_recv()).ok();
+            tokio::select! {
+                _ = notified => {}
+                _ = closed.wait_for(|c| *c) => return Err(ClientError::Closed),
             }
         }
-        let res = async {
-            w.write_all(&buf).await?;
-            w.flush().await
+    }
+
+    /// Queue `m` whatever the queue's size (small frames: credits, metadata requests).
+    fn push_now(&self, m: &Message, shared: &Shared) {
+        let res = {
+            let mut st = self.lock();
+            self.push(&mut st, m)
         };
+        if let Err(e) = res {
+            Self::failed(shared, e);
+        }
+    }
+
+    /// A failed push: the connection is dead when the stream failed (called without the
+    /// outbox lock, because shutting down runs completions that may send again).
+    fn failed(shared: &Shared, e: PushError) -> ClientError {
+        match e {
+            PushError::Encode(msg) => ClientError::Protocol(msg),
+            PushError::Write(e) => {
+                shared.shutdown(&format!("write failed: {e}"));
+                ClientError::Closed
+            }
+        }
+    }
+
+    /// Append one frame; when nothing was queued before it, write at once what the
+    /// stream takes without waiting, and leave the rest to the writer task.
+    fn push(&self, st: &mut OutboxState, m: &Message) -> Result<(), PushError> {
+        let idle = st.pos == st.buf.len();
+        append_frame(&mut st.buf, m).map_err(|e| PushError::Encode(e.to_string()))?;
+        if !idle {
+            // A write is outstanding and the writer task knows.
+            return Ok(());
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match Self::write_some(st, &mut cx) {
+            Poll::Ready(Ok(())) => Ok(()),
+            Poll::Pending => {
+                self.pending.notify_one();
+                Ok(())
+            }
+            Poll::Ready(Err(e)) => Err(PushError::Write(e)),
+        }
+    }
+
+    /// Write queued bytes until none are left (then flush) or the stream would block.
+    fn write_some(st: &mut OutboxState, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while st.pos < st.buf.len() {
+            let OutboxState { w, buf, pos } = &mut *st;
+            let Some(w) = w.as_mut() else {
+                return Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()));
+            };
+            match w.as_mut().poll_write(cx, &buf[*pos..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => *pos += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        st.buf.clear();
+        st.pos = 0;
+        if st.buf.capacity() > 1024 * 1024 {
+            st.buf.shrink_to(64 * 1024);
+        }
+        match st.w.as_mut() {
+            Some(w) => w.as_mut().poll_flush(cx),
+            None => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+}
+
+/// Fails `fs_then` requests whose time is up, in deadline order.
+async fn deadline_task(shared: Arc<Shared>, changed: Arc<Notify>) {
+    let mut closed = shared.closed_tx.subscribe();
+    loop {
+        let (first, expired) = {
+            let mut t = shared.tables();
+            let now = Instant::now();
+            let mut expired = Vec::new();
+            while let Some(&(at, id)) = t.deadlines.first() {
+                if at > now {
+                    break;
+                }
+                if let Some(w) = t.take(id) {
+                    expired.push(w);
+                }
+            }
+            (t.deadlines.first().map(|&(at, _)| at), expired)
+        };
+        for w in expired {
+            w.finish(Err(ClientError::Timeout));
+        }
+        let sleep = async {
+            match first {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {}
+            _ = changed.notified() => {}
+            _ = closed.wait_for(|c| *c) => return,
+        }
+    }
+}
+
+/// Writes what senders could not write themselves; closes the stream's write half when
+/// the connection ends.
+async fn writer_task(outbox: Arc<Outbox>, shared: Arc<Shared>) {
+    writer_loop(&outbox, &shared).await;
+    let w = outbox.lock().w.take();
+    drop(w);
+}
+
+async fn writer_loop(outbox: &Outbox, shared: &Shared) {
+    let mut closed = shared.closed_tx.subscribe();
+    loop {
+        tokio::select! {
+            _ = outbox.pending.notified() => {}
+            _ = closed.wait_for(|c| *c) => break,
+        }
+        let res = std::future::poll_fn(|cx| {
+            let mut st = outbox.lock();
+            let r = Outbox::write_some(&mut st, cx);
+            drop(st);
+            outbox.drained.notify_waiters();
+            r
+        });
         let res = tokio::select! {
             r = res => r,
             _ = closed.wait_for(|c| *c) => break,
         };
-        buf.clear();
         if let Err(e) = res {
             shared.shutdown(&format!("write failed: {e}"));
             break;
@@ -684,7 +967,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
 async fn reader_task<R: AsyncRead + Unpin>(
     mut reader: FrameReader<R>,
     shared: Arc<Shared>,
-    ctl_tx: mpsc::UnboundedSender<Message>,
+    outbox: Arc<Outbox>,
 ) {
     let mut closed = shared.closed_tx.subscribe();
     let why = loop {
@@ -699,11 +982,9 @@ async fn reader_task<R: AsyncRead + Unpin>(
         };
         match msg {
             Message::Response { id, resp } => {
-                let tx = shared.tables().pending.remove(&id);
-                match tx {
-                    Some(tx) => {
-                        let _ = tx.send(resp);
-                    }
+                let w = shared.tables().take(id);
+                match w {
+                    Some(w) => w.finish(Ok(resp)),
                     None => tracing::debug!("late answer for request {id}: {resp:?}"),
                 }
             }
@@ -728,9 +1009,7 @@ async fn reader_task<R: AsyncRead + Unpin>(
                         id,
                         bytes: give_back,
                     };
-                    if ctl_tx.send(credit).is_err() {
-                        break "writer gone".to_string();
-                    }
+                    outbox.push_now(&credit, &shared);
                 }
             }
             Message::Exited { id, status } => {

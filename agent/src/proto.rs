@@ -50,7 +50,7 @@ pub use codec::{
 };
 
 /// Bumped on any incompatible change to [`Message`] or framing.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Marks the start of a session in both directions (see module docs).
 pub const SYNC_MAGIC: [u8; 8] = *b"BSXSYNC\x01";
@@ -133,6 +133,9 @@ pub struct AgentInfo {
     pub kernel: String,
     /// Milliseconds since the guest booted (from /proc/uptime; host mode: agent start).
     pub uptime_ms: u64,
+    /// Random, chosen when the agent process started: the same across sessions (and in
+    /// clones of a snapshot), another after a reboot.
+    pub instance: u64,
 }
 
 /// Which pipe an `Output` chunk came from.

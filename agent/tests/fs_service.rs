@@ -45,7 +45,7 @@ impl Agent {
     }
 
     async fn connect(&self) -> Conn {
-        let s = tokio::net::UnixStream::connect(&self.sock).await.unwrap();
+        let s = self.stream().await;
         let (r, mut w) = s.into_split();
         let mut reader = FrameReader::new(r);
         let mut hello = SYNC_MAGIC.to_vec();
@@ -139,10 +139,10 @@ impl Conn {
 
     // ---- helpers: each panics on an unexpected answer ----
 
-    async fn lookup(&mut self, parent: NodeId, name: &[u8]) -> Result<Entry, i32> {
+    async fn lookup(&mut self, parent: &NodeRef, name: &[u8]) -> Result<Entry, i32> {
         match self
             .fs(FsRequest::Lookup {
-                parent,
+                parent: parent.clone(),
                 name: name.to_vec(),
             })
             .await
@@ -153,7 +153,8 @@ impl Conn {
         }
     }
 
-    async fn getattr(&mut self, node: NodeId) -> Result<Attr, i32> {
+    async fn getattr(&mut self, node: &NodeRef) -> Result<Attr, i32> {
+        let node = node.clone();
         match self.fs(FsRequest::GetAttr { node, handle: None }).await {
             Ok(FsResponse::Attr(a)) => Ok(a),
             Ok(other) => panic!("unexpected {other:?}"),
@@ -161,10 +162,10 @@ impl Conn {
         }
     }
 
-    async fn setattr(&mut self, node: NodeId, set: SetAttrs) -> Result<Attr, i32> {
+    async fn setattr(&mut self, node: &NodeRef, set: SetAttrs) -> Result<Attr, i32> {
         match self
             .fs(FsRequest::SetAttr {
-                node,
+                node: node.clone(),
                 handle: None,
                 set,
             })
@@ -176,10 +177,10 @@ impl Conn {
         }
     }
 
-    async fn create(&mut self, parent: NodeId, name: &[u8], mode: u32) -> (Entry, HandleId) {
+    async fn create(&mut self, parent: &NodeRef, name: &[u8], mode: u32) -> (Entry, HandleId) {
         match self
             .fs(FsRequest::Create {
-                parent,
+                parent: parent.clone(),
                 name: name.to_vec(),
                 mode,
                 flags: libc::O_RDWR,
@@ -192,14 +193,14 @@ impl Conn {
         }
     }
 
-    async fn mkdir(&mut self, parent: NodeId, name: &[u8], mode: u32) -> Result<Entry, i32> {
+    async fn mkdir(&mut self, parent: &NodeRef, name: &[u8], mode: u32) -> Result<Entry, i32> {
         let owner = Owner {
             uid: nix::unistd::geteuid().as_raw(),
             gid: nix::unistd::getegid().as_raw(),
         };
         match self
             .fs(FsRequest::Mkdir {
-                parent,
+                parent: parent.clone(),
                 name: name.to_vec(),
                 mode,
                 owner,
@@ -212,7 +213,8 @@ impl Conn {
         }
     }
 
-    async fn open(&mut self, node: NodeId, flags: i32) -> Result<HandleId, i32> {
+    async fn open(&mut self, node: &NodeRef, flags: i32) -> Result<HandleId, i32> {
+        let node = node.clone();
         match self.fs(FsRequest::Open { node, flags }).await {
             Ok(FsResponse::Opened { handle }) => Ok(handle),
             Ok(other) => panic!("unexpected {other:?}"),
@@ -256,7 +258,16 @@ impl Conn {
         }
     }
 
-    async fn opendir(&mut self, node: NodeId) -> HandleId {
+    async fn rename(&mut self, req: FsRequest) -> Result<NodeId, i32> {
+        match self.fs(req).await {
+            Ok(FsResponse::Moved(id)) => Ok(id),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err((errno, _)) => Err(errno),
+        }
+    }
+
+    async fn opendir(&mut self, node: &NodeRef) -> HandleId {
+        let node = node.clone();
         match self.fs(FsRequest::OpenDir { node }).await {
             Ok(FsResponse::Opened { handle }) => handle,
             other => panic!("opendir failed: {other:?}"),
@@ -286,7 +297,7 @@ impl Conn {
     }
 
     /// All names of a directory, paging with `max_bytes`; checks every page's size.
-    async fn list_all(&mut self, node: NodeId, plus: bool, max_bytes: u32) -> Vec<DirEntry> {
+    async fn list_all(&mut self, node: &NodeRef, plus: bool, max_bytes: u32) -> Vec<DirEntry> {
         let h = self.opendir(node).await;
         let mut all = Vec::new();
         let mut off = 0;
@@ -327,11 +338,37 @@ impl Conn {
     }
 }
 
-fn entry_event(parent: NodeId, name: &[u8]) -> FsEvent {
-    FsEvent::Entry {
-        parent,
-        name: name.to_vec(),
+/// The `now` of the last `Entry` event for `name` in `parent` (`None`: no such event).
+fn entry_now(ev: &[FsEvent], parent: NodeId, name: &[u8]) -> Option<Option<NodeId>> {
+    ev.iter().rev().find_map(|e| match e {
+        FsEvent::Entry {
+            parent: p,
+            name: n,
+            now,
+        } if *p == parent && n == name => Some(*now),
+        _ => None,
+    })
+}
+
+/// Is there an `Entry` event for `name` in `parent`?
+fn has_entry(ev: &[FsEvent], parent: NodeId, name: &[u8]) -> bool {
+    entry_now(ev, parent, name).is_some()
+}
+
+/// The identity `lstat` shows for `path`.
+fn lstat_id(path: &Path) -> NodeId {
+    let md = std::fs::symlink_metadata(path).unwrap();
+    NodeId {
+        dev: md.dev(),
+        ino: md.ino(),
     }
+}
+
+/// Descriptors open in process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 fn ts(sec: i64, nsec: u32) -> Timespec {
@@ -343,16 +380,22 @@ async fn lookup_getattr_links_forget() {
     let a = Agent::start();
     std::fs::write(a.path("file"), b"hello").unwrap();
     std::fs::create_dir(a.path("dir")).unwrap();
+    std::fs::write(a.path("dir/inner"), b"").unwrap();
     std::os::unix::fs::symlink("file", a.path("sym")).unwrap();
     std::fs::hard_link(a.path("file"), a.path("hard")).unwrap();
     let mut c = a.connect().await;
 
-    let root = c.getattr(ROOT_NODE).await.unwrap();
+    let root = c.getattr(&ROOT_NODE).await.unwrap();
     assert_eq!(root.mode & libc::S_IFMT, libc::S_IFDIR);
     assert_eq!(root.ino, std::fs::metadata(a.root.path()).unwrap().ino());
 
-    let f = c.lookup(ROOT_NODE, b"file").await.unwrap();
-    assert!(f.node >= 2);
+    // Identities are what lstat shows; files are not counted, the root is watched.
+    let f = c.lookup(&ROOT_NODE, b"file").await.unwrap();
+    assert_eq!(f.node.id, lstat_id(&a.path("file")));
+    assert_ne!(f.node.id, ROOT_ID);
+    assert!(!f.node.fh.0.is_empty(), "ext4 has file handles");
+    assert!(f.node.fh.0.len() <= MAX_FILE_HANDLE);
+    assert!(!f.counted && !f.watched, "{f:?}");
     assert!(f.coherent, "root is watched");
     assert_eq!(f.attr.mode & libc::S_IFMT, libc::S_IFREG);
     assert_eq!(f.attr.size, 5);
@@ -360,45 +403,62 @@ async fn lookup_getattr_links_forget() {
     let md = std::fs::metadata(a.path("file")).unwrap();
     assert_eq!(f.attr.ino, md.ino());
     assert_eq!(f.attr.mtime, ts(md.mtime(), md.mtime_nsec() as u32));
-    assert_eq!(c.getattr(f.node).await.unwrap(), f.attr);
+    assert_eq!(c.getattr(&f.node).await.unwrap(), f.attr);
 
-    let d = c.lookup(ROOT_NODE, b"dir").await.unwrap();
+    // A directory is counted and watched.
+    let d = c.lookup(&ROOT_NODE, b"dir").await.unwrap();
     assert_eq!(d.attr.mode & libc::S_IFMT, libc::S_IFDIR);
-    let s = c.lookup(ROOT_NODE, b"sym").await.unwrap();
+    assert_eq!(d.node.id, lstat_id(&a.path("dir")));
+    assert!(d.counted && d.watched, "{d:?}");
+    assert!(c.lookup(&d.node, b"inner").await.unwrap().coherent);
+    let s = c.lookup(&ROOT_NODE, b"sym").await.unwrap();
+    assert_eq!(s.node.id, lstat_id(&a.path("sym")));
+    assert!(!s.counted);
     assert_eq!(s.attr.mode & libc::S_IFMT, libc::S_IFLNK);
     assert_eq!(s.attr.size, 4);
-    match c.fs(FsRequest::ReadLink { node: s.node }).await {
+    match c
+        .fs(FsRequest::ReadLink {
+            node: s.node.clone(),
+        })
+        .await
+    {
         Ok(FsResponse::Data(t)) => assert_eq!(t, b"file"),
         other => panic!("{other:?}"),
     }
     // readlink of a non-symlink
     let e = c
-        .fs(FsRequest::ReadLink { node: f.node })
+        .fs(FsRequest::ReadLink {
+            node: f.node.clone(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.0, libc::EINVAL);
 
-    // Hard links share one node; the same name twice too.
-    let h = c.lookup(ROOT_NODE, b"hard").await.unwrap();
-    assert_eq!(h.node, f.node);
-    let f2 = c.lookup(ROOT_NODE, b"file").await.unwrap();
-    assert_eq!(f2.node, f.node);
+    // Hard links share one identity; the same name twice too.
+    let h = c.lookup(&ROOT_NODE, b"hard").await.unwrap();
+    assert_eq!(h.node.id, f.node.id);
+    let f2 = c.lookup(&ROOT_NODE, b"file").await.unwrap();
+    assert_eq!(f2.node.id, f.node.id);
 
     // Errors: missing name, bad names, lookup in a non-directory.
-    assert_eq!(c.lookup(ROOT_NODE, b"missing").await, Err(libc::ENOENT));
+    assert_eq!(c.lookup(&ROOT_NODE, b"missing").await, Err(libc::ENOENT));
     for bad in [&b"a/b"[..], b"..", b".", b"", b"x\0y"] {
-        assert_eq!(c.lookup(ROOT_NODE, bad).await, Err(libc::EINVAL), "{bad:?}");
+        assert_eq!(
+            c.lookup(&ROOT_NODE, bad).await,
+            Err(libc::EINVAL),
+            "{bad:?}"
+        );
     }
     // A name longer than NAME_MAX is what the kernel calls it.
     assert_eq!(
-        c.lookup(ROOT_NODE, &[b'a'; 256]).await,
+        c.lookup(&ROOT_NODE, &[b'a'; 256]).await,
         Err(libc::ENAMETOOLONG)
     );
     assert_eq!(
-        c.mkdir(ROOT_NODE, &[b'a'; 256], 0o755).await.map(|_| ()),
+        c.mkdir(&ROOT_NODE, &[b'a'; 256], 0o755).await.map(|_| ()),
         Err(libc::ENAMETOOLONG)
     );
-    assert_eq!(c.lookup(f.node, b"x").await, Err(libc::ENOTDIR));
+    assert_eq!(c.lookup(&f.node, b"x").await, Err(libc::ENOTDIR));
     let e = c
         .fs(FsRequest::Lookup {
             parent: ROOT_NODE,
@@ -408,19 +468,88 @@ async fn lookup_getattr_links_forget() {
         .unwrap_err();
     assert!(e.1.contains("lookup") && e.1.contains("missing"), "{}", e.1);
 
-    // Forget: three references to the file node (file, hard, file).
-    c.forget(vec![(f.node, 2)]).await;
-    assert!(c.getattr(f.node).await.is_ok());
-    c.forget(vec![(f.node, 1), (d.node, 1), (s.node, 1)]).await;
-    assert_eq!(c.getattr(f.node).await, Err(libc::ESTALE));
-    assert_eq!(c.getattr(d.node).await, Err(libc::ESTALE));
-    assert_eq!(c.lookup(d.node, b"x").await, Err(libc::ESTALE));
-    // A new lookup gets a new id (never reused).
-    let f3 = c.lookup(ROOT_NODE, b"file").await.unwrap();
-    assert!(f3.node > s.node);
+    // A handle never yields another file; nodes the agent cannot reopen are ESTALE.
+    let bogus_id = NodeId {
+        dev: f.node.id.dev,
+        ino: 999_999_999,
+    };
+    let other_dev = NodeId {
+        dev: f.node.id.dev ^ 0x5a5a_0000,
+        ino: f.node.id.ino + 1_000_000,
+    };
+    let mut bad_type = f.node.fh.0.clone();
+    bad_type[..4].copy_from_slice(&0x7fu32.to_le_bytes());
+    for bad in [
+        NodeRef {
+            id: bogus_id,
+            fh: f.node.fh.clone(),
+        },
+        NodeRef {
+            id: bogus_id,
+            fh: FileHandle::default(),
+        },
+        NodeRef {
+            id: other_dev,
+            fh: f.node.fh.clone(),
+        },
+        NodeRef {
+            id: bogus_id,
+            fh: FileHandle(vec![1, 2, 3]),
+        },
+        NodeRef {
+            id: bogus_id,
+            fh: FileHandle(vec![0; MAX_FILE_HANDLE + 1]),
+        },
+        NodeRef {
+            id: bogus_id,
+            fh: FileHandle(bad_type),
+        },
+    ] {
+        assert_eq!(c.getattr(&bad).await, Err(libc::ESTALE), "{bad:?}");
+        assert_eq!(c.lookup(&bad, b"x").await, Err(libc::ESTALE), "{bad:?}");
+    }
+
+    // Forgetting an uncounted node changes nothing (file, hard, file: any count).
+    c.forget(vec![(f.node.id, 3), (s.node.id, 1)]).await;
+    assert_eq!(c.getattr(&f.node).await.unwrap().size, 5);
+    match c
+        .fs(FsRequest::ReadLink {
+            node: s.node.clone(),
+        })
+        .await
+    {
+        Ok(FsResponse::Data(t)) => assert_eq!(t, b"file"),
+        other => panic!("{other:?}"),
+    }
+    // A new lookup gets the same identity.
+    let f3 = c.lookup(&ROOT_NODE, b"file").await.unwrap();
+    assert_eq!(f3.node.id, f.node.id);
+
+    // A counted directory: one reference per counted answer; the watch (and so the
+    // coherence of entries in it) lasts until the last one is forgotten.
+    let d2 = c.lookup(&ROOT_NODE, b"dir").await.unwrap();
+    assert_eq!(d2.node.id, d.node.id);
+    assert!(d2.counted && d2.watched);
+    c.forget(vec![(d.node.id, 1)]).await;
+    let inner = c.lookup(&d.node, b"inner").await.unwrap();
+    assert!(inner.coherent, "one reference left: still watched");
+    c.forget(vec![(d.node.id, 1)]).await;
+    // Forgotten, the directory is still usable by its handle, but no longer watched.
+    assert!(c.getattr(&d.node).await.is_ok());
+    let inner = c.lookup(&d.node, b"inner").await.unwrap();
+    assert!(!inner.coherent, "forgotten: no longer watched");
+    // Extra forgets of a forgotten node are ignored.
+    c.forget(vec![(d.node.id, 5), (bogus_id, 1)]).await;
+    // Looking it up again counts and watches it again.
+    let d3 = c.lookup(&ROOT_NODE, b"dir").await.unwrap();
+    assert_eq!(d3.node.id, d.node.id);
+    assert!(d3.counted && d3.watched);
+    assert!(c.lookup(&d.node, b"inner").await.unwrap().coherent);
+
     // Root is never forgotten.
-    c.forget(vec![(ROOT_NODE, 100)]).await;
-    assert!(c.getattr(ROOT_NODE).await.is_ok());
+    c.forget(vec![(ROOT_ID, 100)]).await;
+    assert!(c.getattr(&ROOT_NODE).await.is_ok());
+    assert!(c.lookup(&ROOT_NODE, b"file").await.unwrap().coherent);
     // Unknown handles.
     let e = c.fs(FsRequest::Read {
         handle: 999,
@@ -440,18 +569,20 @@ async fn symlink_escape_is_never_followed() {
     std::os::unix::fs::symlink("/etc", a.path("etc")).unwrap();
     std::os::unix::fs::symlink("/etc/passwd", a.path("pw")).unwrap();
     let mut c = a.connect().await;
-    let e = c.lookup(ROOT_NODE, b"etc").await.unwrap();
+    let e = c.lookup(&ROOT_NODE, b"etc").await.unwrap();
     assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFLNK);
-    assert_eq!(c.lookup(e.node, b"passwd").await, Err(libc::ENOTDIR));
+    assert_eq!(c.lookup(&e.node, b"passwd").await, Err(libc::ENOTDIR));
     assert_eq!(
-        c.fs(FsRequest::OpenDir { node: e.node })
-            .await
-            .unwrap_err()
-            .0,
+        c.fs(FsRequest::OpenDir {
+            node: e.node.clone()
+        })
+        .await
+        .unwrap_err()
+        .0,
         libc::ENOTDIR
     );
-    let pw = c.lookup(ROOT_NODE, b"pw").await.unwrap();
-    assert_eq!(c.open(pw.node, libc::O_RDONLY).await, Err(libc::ELOOP));
+    let pw = c.lookup(&ROOT_NODE, b"pw").await.unwrap();
+    assert_eq!(c.open(&pw.node, libc::O_RDONLY).await, Err(libc::ELOOP));
     // Creating through a dangling or escaping symlink never follows it.
     std::os::unix::fs::symlink("/tmp/bandsox-should-not-exist", a.path("dangle")).unwrap();
     let r = c
@@ -507,7 +638,7 @@ fn random_io_matches_a_reference() {
             let name = format!("f{}", case.get());
             rt.block_on(async {
                 let mut c = c.lock().await;
-                let (e, h) = c.create(ROOT_NODE, name.as_bytes(), 0o644).await;
+                let (e, h) = c.create(&ROOT_NODE, name.as_bytes(), 0o644).await;
                 let mut reference: Vec<u8> = Vec::new();
                 for op in &ops {
                     match op {
@@ -534,7 +665,7 @@ fn random_io_matches_a_reference() {
                             };
                             let attr = match c
                                 .fs(FsRequest::SetAttr {
-                                    node: e.node,
+                                    node: e.node.clone(),
                                     handle: Some(h),
                                     set,
                                 })
@@ -549,11 +680,11 @@ fn random_io_matches_a_reference() {
                     }
                 }
                 assert_eq!(
-                    c.getattr(e.node).await.unwrap().size,
+                    c.getattr(&e.node).await.unwrap().size,
                     reference.len() as u64
                 );
                 c.ok(FsRequest::Release { handle: h }).await.unwrap();
-                c.forget(vec![(e.node, 1)]).await;
+                c.forget(vec![(e.node.id, 1)]).await;
                 let on_disk = std::fs::read(a.path(&name)).unwrap();
                 assert_eq!(on_disk, reference);
             });
@@ -566,7 +697,7 @@ fn random_io_matches_a_reference() {
 async fn read_write_truncate_append_and_limits() {
     let a = Agent::start();
     let mut c = a.connect().await;
-    let (e, h) = c.create(ROOT_NODE, b"data", 0o600).await;
+    let (e, h) = c.create(&ROOT_NODE, b"data", 0o600).await;
     assert_eq!(e.attr.mode, libc::S_IFREG | 0o600, "mode applied exactly");
     assert_eq!(c.write(h, 0, b"0123456789").await, 10);
     // Past EOF: empty; across EOF: short.
@@ -580,7 +711,7 @@ async fn read_write_truncate_append_and_limits() {
     // Truncate down and up without a handle.
     let a1 = c
         .setattr(
-            e.node,
+            &e.node,
             SetAttrs {
                 size: Some(3),
                 ..Default::default()
@@ -591,7 +722,7 @@ async fn read_write_truncate_append_and_limits() {
     assert_eq!(a1.size, 3);
     let a2 = c
         .setattr(
-            e.node,
+            &e.node,
             SetAttrs {
                 size: Some(5000),
                 ..Default::default()
@@ -613,7 +744,7 @@ async fn read_write_truncate_append_and_limits() {
     .unwrap();
     match c
         .fs(FsRequest::GetAttr {
-            node: e.node,
+            node: e.node.clone(),
             handle: Some(h),
         })
         .await
@@ -638,10 +769,10 @@ async fn read_write_truncate_append_and_limits() {
 
     // O_APPEND is honoured; O_CREAT/O_EXCL in Open are ignored.
     std::fs::write(a.path("log"), b"abc").unwrap();
-    let l = c.lookup(ROOT_NODE, b"log").await.unwrap();
+    let l = c.lookup(&ROOT_NODE, b"log").await.unwrap();
     let h = c
         .open(
-            l.node,
+            &l.node,
             libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_EXCL,
         )
         .await
@@ -651,7 +782,7 @@ async fn read_write_truncate_append_and_limits() {
     assert_eq!(std::fs::read(a.path("log")).unwrap(), b"abcdef");
     // O_TRUNC works.
     let h = c
-        .open(l.node, libc::O_WRONLY | libc::O_TRUNC)
+        .open(&l.node, libc::O_WRONLY | libc::O_TRUNC)
         .await
         .unwrap();
     c.ok(FsRequest::Release { handle: h }).await.unwrap();
@@ -667,12 +798,12 @@ async fn read_write_truncate_append_and_limits() {
         })
         .await;
     assert_eq!(r.unwrap_err().0, libc::EEXIST);
-    let (e2, h2) = c.create(ROOT_NODE, b"log", 0o600).await;
-    assert_eq!(e2.node, l.node);
+    let (e2, h2) = c.create(&ROOT_NODE, b"log", 0o600).await;
+    assert_eq!(e2.node.id, l.node.id);
     assert_eq!(e2.attr.mode & 0o777, 0o644, "existing file keeps its mode");
     c.ok(FsRequest::Release { handle: h2 }).await.unwrap();
     // Reading a directory handle / a read on a write-only handle.
-    let hd = c.opendir(ROOT_NODE).await;
+    let hd = c.opendir(&ROOT_NODE).await;
     let r = c
         .fs(FsRequest::Read {
             handle: hd,
@@ -693,15 +824,15 @@ async fn namespace_operations() {
     };
 
     // mkdir with an exact mode (umask 0), rmdir.
-    let d = c.mkdir(ROOT_NODE, b"d", 0o750).await.unwrap();
+    let d = c.mkdir(&ROOT_NODE, b"d", 0o750).await.unwrap();
     assert_eq!(d.attr.mode, libc::S_IFDIR | 0o750);
     assert!(d.coherent);
     assert_eq!(
         std::fs::metadata(a.path("d")).unwrap().permissions().mode() & 0o7777,
         0o750
     );
-    assert_eq!(c.mkdir(ROOT_NODE, b"d", 0o755).await, Err(libc::EEXIST));
-    let sub = c.mkdir(d.node, b"sub", 0o700).await.unwrap();
+    assert_eq!(c.mkdir(&ROOT_NODE, b"d", 0o755).await, Err(libc::EEXIST));
+    let sub = c.mkdir(&d.node, b"sub", 0o700).await.unwrap();
     assert!(sub.coherent, "d is watched");
     assert_eq!(
         c.ok(FsRequest::Rmdir {
@@ -712,7 +843,7 @@ async fn namespace_operations() {
         Err(libc::ENOTEMPTY)
     );
     c.ok(FsRequest::Rmdir {
-        parent: d.node,
+        parent: d.node.clone(),
         name: b"sub".to_vec(),
     })
     .await
@@ -721,19 +852,19 @@ async fn namespace_operations() {
 
     // Non-UTF-8 names.
     let name = b"caf\xe9".to_vec();
-    let (f, h) = c.create(d.node, &name, 0o640).await;
+    let (f, h) = c.create(&d.node, &name, 0o640).await;
     c.ok(FsRequest::Release { handle: h }).await.unwrap();
     let p = a.path("d").join(OsStr::from_bytes(&name));
     assert!(p.exists());
-    assert_eq!(c.lookup(d.node, &name).await.unwrap().node, f.node);
-    let list = c.list_all(d.node, false, 4096).await;
+    assert_eq!(c.lookup(&d.node, &name).await.unwrap().node.id, f.node.id);
+    let list = c.list_all(&d.node, false, 4096).await;
     assert!(list.iter().any(|e| e.name == name));
 
     // Symlink with a non-UTF-8 target.
     let target = b"/nowhere/\xff\xfe".to_vec();
     let s = match c
         .fs(FsRequest::Symlink {
-            parent: d.node,
+            parent: d.node.clone(),
             name: b"link".to_vec(),
             target: target.clone(),
             owner: me,
@@ -744,7 +875,12 @@ async fn namespace_operations() {
         other => panic!("{other:?}"),
     };
     assert_eq!(s.attr.mode & libc::S_IFMT, libc::S_IFLNK);
-    match c.fs(FsRequest::ReadLink { node: s.node }).await {
+    match c
+        .fs(FsRequest::ReadLink {
+            node: s.node.clone(),
+        })
+        .await
+    {
         Ok(FsResponse::Data(t)) => assert_eq!(t, target),
         other => panic!("{other:?}"),
     }
@@ -759,7 +895,7 @@ async fn namespace_operations() {
     // mknod fifo.
     let fifo = match c
         .fs(FsRequest::Mknod {
-            parent: d.node,
+            parent: d.node.clone(),
             name: b"fifo".to_vec(),
             mode: libc::S_IFIFO | 0o640,
             rdev: 0,
@@ -771,12 +907,12 @@ async fn namespace_operations() {
         other => panic!("{other:?}"),
     };
     assert_eq!(fifo.attr.mode, libc::S_IFIFO | 0o640);
-    assert_eq!(c.open(fifo.node, libc::O_RDONLY).await, Err(libc::ENXIO));
+    assert_eq!(c.open(&fifo.node, libc::O_RDONLY).await, Err(libc::ENXIO));
 
     // link: same node, nlink 2.
     let l = match c
         .fs(FsRequest::Link {
-            node: f.node,
+            node: f.node.clone(),
             new_parent: ROOT_NODE,
             new_name: b"hard".to_vec(),
         })
@@ -785,18 +921,19 @@ async fn namespace_operations() {
         Ok(FsResponse::Entry(e)) => e,
         other => panic!("{other:?}"),
     };
-    assert_eq!(l.node, f.node);
+    assert_eq!(l.node.id, f.node.id);
+    assert_eq!(l.node.id, lstat_id(&a.path("hard")));
     assert_eq!(l.attr.nlink, 2);
     // Link of a symlink links the symlink itself.
     match c
         .fs(FsRequest::Link {
-            node: s.node,
+            node: s.node.clone(),
             new_parent: ROOT_NODE,
             new_name: b"link2".to_vec(),
         })
         .await
     {
-        Ok(FsResponse::Entry(e)) => assert_eq!(e.node, s.node),
+        Ok(FsResponse::Entry(e)) => assert_eq!(e.node.id, s.node.id),
         other => panic!("{other:?}"),
     }
     assert!(std::fs::symlink_metadata(a.path("link2"))
@@ -827,27 +964,44 @@ async fn namespace_operations() {
     let rename = |name: &[u8], new_name: &[u8], flags: u32| FsRequest::Rename {
         parent: ROOT_NODE,
         name: name.to_vec(),
-        new_parent: d.node,
+        new_parent: d.node.clone(),
         new_name: new_name.to_vec(),
         flags,
     };
-    c.ok(rename(b"x", b"x2", 0)).await.unwrap();
+    // Rename answers the identity now at the new name: the file that moved.
+    let x_id = lstat_id(&a.path("x"));
+    let y_id = lstat_id(&a.path("y"));
+    assert_eq!(c.rename(rename(b"x", b"x2", 0)).await, Ok(x_id));
+    assert_eq!(lstat_id(&a.path("d/x2")), x_id);
     assert_eq!(std::fs::read(a.path("d/x2")).unwrap(), b"x");
     std::fs::write(a.path("x"), b"new x").unwrap();
     assert_eq!(
-        c.ok(rename(b"x", b"x2", libc::RENAME_NOREPLACE)).await,
+        c.rename(rename(b"x", b"x2", libc::RENAME_NOREPLACE)).await,
         Err(libc::EEXIST)
     );
-    c.ok(rename(b"y", b"x2", libc::RENAME_EXCHANGE))
-        .await
-        .unwrap();
+    // EXCHANGE: y is now at x2 (and x2's file at y).
+    assert_eq!(
+        c.rename(rename(b"y", b"x2", libc::RENAME_EXCHANGE)).await,
+        Ok(y_id)
+    );
     assert_eq!(std::fs::read(a.path("d/x2")).unwrap(), b"y");
     assert_eq!(std::fs::read(a.path("y")).unwrap(), b"x");
-    assert_eq!(c.ok(rename(b"y", b"a/b", 0)).await, Err(libc::EINVAL));
-    assert_eq!(c.ok(rename(b"..", b"z", 0)).await, Err(libc::EINVAL));
+    assert_eq!(lstat_id(&a.path("y")), x_id);
+    // Replacing an existing name: the moved file's identity, not the replaced one's.
+    let new_x_id = lstat_id(&a.path("x"));
+    assert_eq!(c.rename(rename(b"x", b"x2", 0)).await, Ok(new_x_id));
+    assert_eq!(std::fs::read(a.path("d/x2")).unwrap(), b"new x");
+    assert_eq!(c.rename(rename(b"y", b"a/b", 0)).await, Err(libc::EINVAL));
+    assert_eq!(c.rename(rename(b"..", b"z", 0)).await, Err(libc::EINVAL));
+    assert_eq!(c.rename(rename(b"nope", b"z", 0)).await, Err(libc::ENOENT));
 
     // statfs.
-    match c.fs(FsRequest::StatFs { node: d.node }).await {
+    match c
+        .fs(FsRequest::StatFs {
+            node: d.node.clone(),
+        })
+        .await
+    {
         Ok(FsResponse::StatFs(st)) => {
             let v = nix::sys::statvfs::statvfs(a.root.path()).unwrap();
             assert_eq!(st.blocks, v.blocks());
@@ -864,13 +1018,13 @@ async fn attributes_modes_owners_times() {
     let mut c = a.connect().await;
     std::fs::write(a.path("f"), b"data").unwrap();
     std::os::unix::fs::symlink("f", a.path("s")).unwrap();
-    let f = c.lookup(ROOT_NODE, b"f").await.unwrap();
-    let s = c.lookup(ROOT_NODE, b"s").await.unwrap();
+    let f = c.lookup(&ROOT_NODE, b"f").await.unwrap();
+    let s = c.lookup(&ROOT_NODE, b"s").await.unwrap();
 
     // chmod, including setuid on a root-owned file.
     let at = c
         .setattr(
-            f.node,
+            &f.node,
             SetAttrs {
                 mode: Some(0o4755),
                 ..Default::default()
@@ -886,7 +1040,7 @@ async fn attributes_modes_owners_times() {
     // chmod of a symlink is not supported.
     assert_eq!(
         c.setattr(
-            s.node,
+            &s.node,
             SetAttrs {
                 mode: Some(0o600),
                 ..Default::default()
@@ -900,7 +1054,7 @@ async fn attributes_modes_owners_times() {
         // chown numeric (also of the symlink itself).
         let at = c
             .setattr(
-                f.node,
+                &f.node,
                 SetAttrs {
                     uid: Some(1234),
                     gid: Some(5678),
@@ -914,7 +1068,7 @@ async fn attributes_modes_owners_times() {
         assert_eq!((md.uid(), md.gid()), (1234, 5678));
         let at = c
             .setattr(
-                s.node,
+                &s.node,
                 SetAttrs {
                     uid: Some(42),
                     ..Default::default()
@@ -965,7 +1119,7 @@ async fn attributes_modes_owners_times() {
     // utimens: explicit nanoseconds.
     let at = c
         .setattr(
-            f.node,
+            &f.node,
             SetAttrs {
                 atime: Some(SetTime::At(ts(1_000_000_000, 123_456_789))),
                 mtime: Some(SetTime::At(ts(1_500_000_000, 987_654_321))),
@@ -985,7 +1139,7 @@ async fn attributes_modes_owners_times() {
         .as_secs() as i64;
     let at = c
         .setattr(
-            f.node,
+            &f.node,
             SetAttrs {
                 mtime: Some(SetTime::Now),
                 ..Default::default()
@@ -998,7 +1152,7 @@ async fn attributes_modes_owners_times() {
     // Invalid nanoseconds.
     assert_eq!(
         c.setattr(
-            f.node,
+            &f.node,
             SetAttrs {
                 atime: Some(SetTime::At(ts(1, 1_000_000_000))),
                 ..Default::default()
@@ -1011,7 +1165,7 @@ async fn attributes_modes_owners_times() {
     let target_before = std::fs::metadata(a.path("f")).unwrap().mtime();
     let at = c
         .setattr(
-            s.node,
+            &s.node,
             SetAttrs {
                 atime: Some(SetTime::At(ts(200, 5))),
                 mtime: Some(SetTime::At(ts(300, 7))),
@@ -1030,7 +1184,7 @@ async fn attributes_modes_owners_times() {
     // Truncate of a directory.
     assert_eq!(
         c.setattr(
-            ROOT_NODE,
+            &ROOT_NODE,
             SetAttrs {
                 size: Some(0),
                 ..Default::default()
@@ -1046,10 +1200,10 @@ async fn xattrs_fallocate_and_holes() {
     let a = Agent::start();
     let mut c = a.connect().await;
     std::fs::write(a.path("f"), b"x").unwrap();
-    let f = c.lookup(ROOT_NODE, b"f").await.unwrap();
+    let f = c.lookup(&ROOT_NODE, b"f").await.unwrap();
 
     let set = |name: &[u8], value: &[u8], flags: i32| FsRequest::SetXattr {
-        node: f.node,
+        node: f.node.clone(),
         name: name.to_vec(),
         value: value.to_vec(),
         flags,
@@ -1069,7 +1223,7 @@ async fn xattrs_fallocate_and_holes() {
             Err(libc::ENODATA)
         );
         let get = |name: &[u8], size: u32| FsRequest::GetXattr {
-            node: f.node,
+            node: f.node.clone(),
             name: name.to_vec(),
             size,
         };
@@ -1089,7 +1243,10 @@ async fn xattrs_fallocate_and_holes() {
             c.fs(get(b"user.nope", 5)).await.unwrap_err().0,
             libc::ENODATA
         );
-        let list = |size: u32| FsRequest::ListXattr { node: f.node, size };
+        let list = |size: u32| FsRequest::ListXattr {
+            node: f.node.clone(),
+            size,
+        };
         let n = match c.fs(list(0)).await.unwrap() {
             FsResponse::XattrSize(n) => n,
             other => panic!("{other:?}"),
@@ -1106,7 +1263,7 @@ async fn xattrs_fallocate_and_holes() {
         }
         assert_eq!(c.fs(list(3)).await.unwrap_err().0, libc::ERANGE);
         c.ok(FsRequest::RemoveXattr {
-            node: f.node,
+            node: f.node.clone(),
             name: b"user.test".to_vec(),
         })
         .await
@@ -1128,10 +1285,10 @@ async fn xattrs_fallocate_and_holes() {
 
         // Symlinks: xattr calls act on the link itself, never on its target.
         std::os::unix::fs::symlink("f", a.path("s")).unwrap();
-        let s = c.lookup(ROOT_NODE, b"s").await.unwrap();
+        let s = c.lookup(&ROOT_NODE, b"s").await.unwrap();
         assert_eq!(
             c.ok(FsRequest::SetXattr {
-                node: s.node,
+                node: s.node.clone(),
                 name: b"user.x".to_vec(),
                 value: b"1".to_vec(),
                 flags: 0
@@ -1142,7 +1299,7 @@ async fn xattrs_fallocate_and_holes() {
         );
         if is_root() {
             c.ok(FsRequest::SetXattr {
-                node: s.node,
+                node: s.node.clone(),
                 name: b"trusted.x".to_vec(),
                 value: b"on-link".to_vec(),
                 flags: 0,
@@ -1151,7 +1308,7 @@ async fn xattrs_fallocate_and_holes() {
             .unwrap();
             let on_target = c
                 .fs(FsRequest::GetXattr {
-                    node: f.node,
+                    node: f.node.clone(),
                     name: b"trusted.x".to_vec(),
                     size: 100,
                 })
@@ -1159,7 +1316,7 @@ async fn xattrs_fallocate_and_holes() {
             assert_eq!(on_target.unwrap_err().0, libc::ENODATA);
             assert_eq!(
                 c.fs(FsRequest::GetXattr {
-                    node: s.node,
+                    node: s.node.clone(),
                     name: b"trusted.x".to_vec(),
                     size: 100
                 })
@@ -1171,7 +1328,7 @@ async fn xattrs_fallocate_and_holes() {
     }
 
     // fallocate + SEEK_DATA/SEEK_HOLE on a sparse file.
-    let (e, h) = c.create(ROOT_NODE, b"sparse", 0o644).await;
+    let (e, h) = c.create(&ROOT_NODE, b"sparse", 0o644).await;
     const MB: u64 = 1 << 20;
     c.write(h, 4 * MB, b"data").await;
     let fa = c
@@ -1191,7 +1348,7 @@ async fn xattrs_fallocate_and_holes() {
         Err(libc::EOPNOTSUPP) => eprintln!("skipping fallocate checks: unsupported"),
         r => {
             r.unwrap();
-            assert_eq!(c.getattr(e.node).await.unwrap().size, 9 * MB);
+            assert_eq!(c.getattr(&e.node).await.unwrap().size, 9 * MB);
             // KEEP_SIZE beyond the end.
             c.ok(FsRequest::Fallocate {
                 handle: h,
@@ -1201,7 +1358,7 @@ async fn xattrs_fallocate_and_holes() {
             })
             .await
             .unwrap();
-            assert_eq!(c.getattr(e.node).await.unwrap().size, 9 * MB);
+            assert_eq!(c.getattr(&e.node).await.unwrap().size, 9 * MB);
             let data = match c.fs(seek(0, libc::SEEK_DATA)).await.unwrap() {
                 FsResponse::Offset(o) => o,
                 other => panic!("{other:?}"),
@@ -1235,11 +1392,20 @@ async fn readdir_pages_large_directories() {
         std::fs::write(a.path("big").join(&name), b"").unwrap();
         expect.insert(name.into_bytes());
     }
+    // A few directories (counted when looked up) and a symlink among them.
+    for i in 0..5 {
+        let name = format!("sub-{i}");
+        std::fs::create_dir(a.path("big").join(&name)).unwrap();
+        std::fs::write(a.path("big").join(&name).join("in"), b"").unwrap();
+        expect.insert(name.into_bytes());
+    }
+    std::os::unix::fs::symlink("entry-0000-", a.path("big/link")).unwrap();
+    expect.insert(b"link".to_vec());
     let mut c = a.connect().await;
-    let big = c.lookup(ROOT_NODE, b"big").await.unwrap();
+    let big = c.lookup(&ROOT_NODE, b"big").await.unwrap();
 
     for (plus, max) in [(false, 4096), (false, 300), (true, 4096), (true, 1000)] {
-        let all = c.list_all(big.node, plus, max).await;
+        let all = c.list_all(&big.node, plus, max).await;
         let mut names: Vec<Vec<u8>> = all.iter().map(|e| e.name.clone()).collect();
         let n = names.len();
         names.sort();
@@ -1252,36 +1418,55 @@ async fn readdir_pages_large_directories() {
         assert_eq!(got, expect, "plus={plus}, max={max}");
         assert!(all.iter().any(|e| e.name == b"." && e.entry.is_none()));
         for e in &all {
+            let path = a.path("big").join(OsStr::from_bytes(&e.name));
             if e.name == b"." || e.name == b".." {
                 assert_eq!(e.kind, libc::S_IFDIR);
+                assert!(e.entry.is_none());
+                // The numbers getdents gave (the real ones, also for the root).
+                assert_eq!(e.node, lstat_id(&path), "{:?}", e.name);
                 continue;
             }
-            assert_eq!(e.kind, libc::S_IFREG);
+            // Every entry carries the identity lstat shows.
+            let md = std::fs::symlink_metadata(&path).unwrap();
+            assert_eq!(e.node, lstat_id(&path), "{:?}", e.name);
+            assert_eq!(e.kind, md.mode() & libc::S_IFMT, "{:?}", e.name);
             if plus {
-                let en = e.entry.expect("plus entries carry an Entry");
-                assert_eq!(en.attr.ino, e.ino);
+                let en = e.entry.as_ref().expect("plus entries carry an Entry");
+                assert_eq!(en.node.id, e.node);
+                assert_eq!(en.attr.ino, e.node.ino);
                 assert!(en.coherent);
+                let dir = e.kind == libc::S_IFDIR;
+                assert_eq!(en.counted, dir, "{:?}", e.name);
+                assert_eq!(en.watched, dir, "{:?}", e.name);
             } else {
                 assert!(e.entry.is_none());
             }
         }
         if plus {
-            // Each plus entry added one reference: forget them all; the nodes go away.
+            // Counted (directory) entries added one reference each: forget them all,
+            // and the directories are no longer watched. Forgetting the uncounted ones
+            // too changes nothing: they stay usable.
             let nodes: HashMap<NodeId, u64> =
                 all.iter()
-                    .filter_map(|e| e.entry)
+                    .filter_map(|e| e.entry.as_ref())
                     .fold(HashMap::new(), |mut m, en| {
-                        *m.entry(en.node).or_default() += 1;
+                        *m.entry(en.node.id).or_default() += 1;
                         m
                     });
-            let some = *nodes.keys().next().unwrap();
+            assert_eq!(nodes.len(), expect.len());
             c.forget(nodes.into_iter().collect()).await;
-            assert_eq!(c.getattr(some).await, Err(libc::ESTALE));
+            for e in all.iter().filter_map(|e| e.entry.as_ref()) {
+                assert_eq!(c.getattr(&e.node).await.unwrap().ino, e.node.id.ino);
+                if e.watched {
+                    let inner = c.lookup(&e.node, b"in").await.unwrap();
+                    assert!(!inner.coherent, "forgotten directory still watched");
+                }
+            }
         }
     }
 
     // Rewind and seek to a cookie on one handle.
-    let h = c.opendir(big.node).await;
+    let h = c.opendir(&big.node).await;
     let first = c.readdir(h, 0, false, 2000).await.unwrap();
     let again = c.readdir(h, 0, false, 2000).await.unwrap();
     assert_eq!(first, again);
@@ -1291,7 +1476,7 @@ async fn readdir_pages_large_directories() {
     // A buffer too small for one entry.
     assert_eq!(c.readdir(h, 0, false, 10).await, Err(libc::EINVAL));
     // At the end: empty.
-    let last = c.list_all(big.node, false, 65536).await;
+    let last = c.list_all(&big.node, false, 65536).await;
     let end = c
         .readdir(h, last.last().unwrap().next_offset, false, 4096)
         .await
@@ -1305,26 +1490,29 @@ async fn inotify_events_for_outside_changes() {
     std::fs::create_dir(a.path("w")).unwrap();
     std::fs::write(a.path("w/existing"), b"1").unwrap();
     let mut c = a.connect().await;
-    let w = c.lookup(ROOT_NODE, b"w").await.unwrap();
+    let w = c.lookup(&ROOT_NODE, b"w").await.unwrap();
     assert!(w.coherent);
-    let ex = c.lookup(w.node, b"existing").await.unwrap();
+    assert!(w.counted && w.watched);
+    let wid = w.node.id;
+    let ex = c.lookup(&w.node, b"existing").await.unwrap();
     assert!(ex.coherent, "w is watched");
     let within = Duration::from_secs(1);
 
-    // Create.
+    // Create: `now` is the new file's identity.
     std::fs::write(a.path("w/new"), b"n").unwrap();
+    let new_id = lstat_id(&a.path("w/new"));
     assert!(
-        c.wait_events(within, |ev| ev.contains(&entry_event(w.node, b"new")))
-            .await,
+        c.wait_events(within, |ev| has_entry(ev, wid, b"new")).await,
         "create: {:?}",
         c.events
     );
+    assert_eq!(entry_now(&c.events, wid, b"new"), Some(Some(new_id)));
     // Modify a file the host holds: a data event for its node.
     c.events.clear();
     std::fs::write(a.path("w/existing"), b"changed").unwrap();
     assert!(
         c.wait_events(within, |ev| ev.contains(&FsEvent::Node {
-            node: ex.node,
+            node: ex.node.id,
             data: true
         }))
         .await,
@@ -1335,53 +1523,97 @@ async fn inotify_events_for_outside_changes() {
     c.events.clear();
     std::fs::set_permissions(a.path("w/existing"), std::fs::Permissions::from_mode(0o600)).unwrap();
     assert!(
-        c.wait_events(within, |ev| ev
-            .iter()
-            .any(|e| matches!(e, FsEvent::Node { node, .. } if *node == ex.node)))
-            .await,
+        c.wait_events(within, |ev| ev.iter().any(
+            |e| matches!(e, FsEvent::Node { node, .. } if *node == ex.node.id)
+        ))
+        .await,
         "attrib: {:?}",
         c.events
     );
-    // Rename: both names.
+    // Rename: both names; the old one names nothing, the new one the same inode.
     c.events.clear();
     std::fs::rename(a.path("w/new"), a.path("w/renamed")).unwrap();
     assert!(
-        c.wait_events(within, |ev| ev.contains(&entry_event(w.node, b"new"))
-            && ev.contains(&entry_event(w.node, b"renamed")))
+        c.wait_events(within, |ev| has_entry(ev, wid, b"new")
+            && has_entry(ev, wid, b"renamed"))
             .await,
         "rename: {:?}",
         c.events
     );
+    assert_eq!(entry_now(&c.events, wid, b"new"), Some(None));
+    assert_eq!(entry_now(&c.events, wid, b"renamed"), Some(Some(new_id)));
     // Delete.
     c.events.clear();
     std::fs::remove_file(a.path("w/renamed")).unwrap();
     assert!(
-        c.wait_events(within, |ev| ev.contains(&entry_event(w.node, b"renamed")))
+        c.wait_events(within, |ev| has_entry(ev, wid, b"renamed"))
             .await,
         "delete: {:?}",
         c.events
     );
-    // The root is watched too; a second session also gets events.
+    assert_eq!(entry_now(&c.events, wid, b"renamed"), Some(None));
+    // The root is watched too (events name it ROOT_ID); a second session also gets events.
     let mut c2 = a.connect().await;
     c.events.clear();
     std::fs::write(a.path("top"), b"").unwrap();
     assert!(
-        c.wait_events(within, |ev| ev.contains(&entry_event(ROOT_NODE, b"top")))
+        c.wait_events(within, |ev| has_entry(ev, ROOT_ID, b"top"))
             .await
     );
     assert!(
-        c2.wait_events(within, |ev| ev.contains(&entry_event(ROOT_NODE, b"top")))
+        c2.wait_events(within, |ev| has_entry(ev, ROOT_ID, b"top"))
             .await
     );
-    // A forgotten directory is no longer watched.
-    c.forget(vec![(w.node, 1)]).await;
-    assert_eq!(c.getattr(w.node).await, Err(libc::ESTALE));
+
+    // A watched directory removed from outside: the agent says it stopped watching it.
+    std::fs::create_dir(a.path("w/gone")).unwrap();
+    let gone = c.lookup(&w.node, b"gone").await.unwrap();
+    assert!(gone.counted && gone.watched);
+    c.events.clear();
+    std::fs::remove_dir(a.path("w/gone")).unwrap();
+    assert!(
+        c.wait_events(within, |ev| has_entry(ev, wid, b"gone"))
+            .await,
+        "rmdir: {:?}",
+        c.events
+    );
+    assert_eq!(entry_now(&c.events, wid, b"gone"), Some(None));
+    // (No `Unwatched` is asserted: the kernel drops the watch of a removed directory
+    // only once its last reference goes, and the agent holds one until it is forgotten.)
+    for e in &c.events {
+        if let FsEvent::Unwatched { node } = e {
+            assert_eq!(*node, gone.node.id, "{:?}", c.events);
+        }
+    }
+    // Forgetting it afterwards is fine.
+    c.forget(vec![(gone.node.id, 1)]).await;
+    assert_eq!(c.lookup(&w.node, b"gone").await, Err(libc::ENOENT));
+
+    // A forgotten directory is no longer watched: no more events for it (and no
+    // `Unwatched` either: the host asked for it). Its node still works.
+    c.forget(vec![(wid, 1)]).await;
+    assert!(c.getattr(&w.node).await.is_ok());
     c.events.clear();
     std::fs::write(a.path("w/after"), b"").unwrap();
+    std::fs::write(a.path("w/existing"), b"changed again").unwrap();
     assert!(
-        !c.wait_events(Duration::from_millis(300), |ev| ev
-            .iter()
-            .any(|e| matches!(e, FsEvent::Entry { name, .. } if name == b"after")))
+        !c.wait_events(Duration::from_millis(300), |ev| ev.iter().any(
+            |e| match e {
+                FsEvent::Entry { parent, .. } => *parent == wid,
+                FsEvent::Node { node, .. } => *node == ex.node.id,
+                FsEvent::Unwatched { node } => *node == wid,
+                FsEvent::Overflow => false,
+            }
+        ))
+        .await,
+        "{:?}",
+        c.events
+    );
+    assert!(!c.lookup(&w.node, b"after").await.unwrap().coherent);
+    // The root is still watched.
+    std::fs::write(a.path("top2"), b"").unwrap();
+    assert!(
+        c.wait_events(within, |ev| has_entry(ev, ROOT_ID, b"top2"))
             .await
     );
 }
@@ -1421,7 +1653,7 @@ async fn exec_changes_arrive_before_exited() {
             let m = c.recv(T).await.expect("no exit");
             n += 1;
             match m {
-                Message::FsEvents(ev) if ev.contains(&entry_event(ROOT_NODE, name.as_bytes())) => {
+                Message::FsEvents(ev) if has_entry(&ev, ROOT_ID, name.as_bytes()) => {
                     saw_event_at.get_or_insert(n);
                 }
                 Message::Output { data, .. } => out.extend(data),
@@ -1485,24 +1717,24 @@ async fn pseudo_filesystems_are_opaque() {
     std::fs::write(a.path("run/inside"), b"hi").unwrap();
 
     let mut c = a.connect().await;
-    let p = c.lookup(ROOT_NODE, b"proc").await.unwrap();
+    let p = c.lookup(&ROOT_NODE, b"proc").await.unwrap();
     assert_eq!(p.attr.mode & libc::S_IFMT, libc::S_IFDIR);
     assert_eq!(p.attr.ino, 1, "proc's root inode: real attributes");
-    assert_eq!(c.lookup(p.node, b"self").await, Err(libc::ENOENT));
-    assert_eq!(c.lookup(p.node, b"1").await, Err(libc::ENOENT));
+    assert_eq!(c.lookup(&p.node, b"self").await, Err(libc::ENOENT));
+    assert_eq!(c.lookup(&p.node, b"1").await, Err(libc::ENOENT));
     let names: Vec<Vec<u8>> = c
-        .list_all(p.node, false, 4096)
+        .list_all(&p.node, false, 4096)
         .await
         .into_iter()
         .map(|e| e.name)
         .collect();
     assert_eq!(names, vec![b".".to_vec(), b"..".to_vec()]);
-    let plus = c.list_all(p.node, true, 4096).await;
+    let plus = c.list_all(&p.node, true, 4096).await;
     assert_eq!(plus.len(), 2);
-    assert_eq!(c.mkdir(p.node, b"x", 0o755).await, Err(libc::EACCES));
+    assert_eq!(c.mkdir(&p.node, b"x", 0o755).await, Err(libc::EACCES));
     let r = c
         .fs(FsRequest::Create {
-            parent: p.node,
+            parent: p.node.clone(),
             name: b"x".to_vec(),
             mode: 0o644,
             flags: libc::O_RDWR,
@@ -1510,28 +1742,278 @@ async fn pseudo_filesystems_are_opaque() {
         })
         .await;
     assert_eq!(r.unwrap_err().0, libc::EACCES);
-    assert_eq!(c.open(p.node, libc::O_RDONLY).await, Err(libc::EACCES));
+    assert_eq!(c.open(&p.node, libc::O_RDONLY).await, Err(libc::EACCES));
     assert_eq!(
         c.ok(FsRequest::Unlink {
-            parent: p.node,
+            parent: p.node.clone(),
             name: b"self".to_vec()
         })
         .await,
         Err(libc::EACCES)
     );
-    assert!(c.getattr(p.node).await.is_ok());
+    assert!(c.getattr(&p.node).await.is_ok());
+
+    // Mount points are listed with the mounted root's identity (what lstat shows), not
+    // the covered directory's (what getdents gives).
+    for plus in [false, true] {
+        let root_list = c.list_all(&ROOT_NODE, plus, 4096).await;
+        for name in [&b"proc"[..], b"run"] {
+            let e = root_list.iter().find(|e| e.name == name).unwrap();
+            let id = lstat_id(&a.path(std::str::from_utf8(name).unwrap()));
+            assert_eq!(e.node, id, "{name:?} plus={plus}");
+            if let Some(en) = &e.entry {
+                assert_eq!(en.node.id, id);
+            }
+        }
+    }
+    assert_eq!(p.node.id, lstat_id(&a.path("proc")));
 
     // An ordinary mount (tmpfs) is served normally.
-    let r = c.lookup(ROOT_NODE, b"run").await.unwrap();
-    let inside = c.lookup(r.node, b"inside").await.unwrap();
+    let r = c.lookup(&ROOT_NODE, b"run").await.unwrap();
+    assert_eq!(r.node.id, lstat_id(&a.path("run")));
+    assert_ne!(r.node.id.dev, lstat_id(a.root.path()).dev);
+    let inside = c.lookup(&r.node, b"inside").await.unwrap();
     assert_eq!(inside.attr.size, 2);
     let names: Vec<Vec<u8>> = c
-        .list_all(r.node, false, 4096)
+        .list_all(&r.node, false, 4096)
         .await
         .into_iter()
         .map(|e| e.name)
         .collect();
     assert!(names.contains(&b"inside".to_vec()));
-    c.mkdir(r.node, b"newdir", 0o700).await.unwrap();
+    c.mkdir(&r.node, b"newdir", 0o700).await.unwrap();
     assert!(a.path("run/newdir").is_dir());
+}
+
+#[tokio::test]
+async fn identities_are_stable_across_rename_and_links() {
+    let a = Agent::start();
+    std::fs::write(a.path("f"), b"data").unwrap();
+    std::fs::create_dir(a.path("d")).unwrap();
+    std::fs::create_dir(a.path("e")).unwrap();
+    let mut c = a.connect().await;
+    let f = c.lookup(&ROOT_NODE, b"f").await.unwrap();
+    let id = f.node.id;
+    assert_eq!(id, lstat_id(&a.path("f")));
+    let d = c.lookup(&ROOT_NODE, b"d").await.unwrap();
+    let e = c.lookup(&ROOT_NODE, b"e").await.unwrap();
+    let rename =
+        |parent: &NodeRef, name: &[u8], new_parent: &NodeRef, new_name: &[u8]| FsRequest::Rename {
+            parent: parent.clone(),
+            name: name.to_vec(),
+            new_parent: new_parent.clone(),
+            new_name: new_name.to_vec(),
+            flags: 0,
+        };
+
+    // Renamed by the agent: Moved names the file, its new name has the same identity
+    // and the old NodeRef keeps working.
+    assert_eq!(
+        c.rename(rename(&ROOT_NODE, b"f", &d.node, b"g")).await,
+        Ok(id)
+    );
+    assert_eq!(c.lookup(&ROOT_NODE, b"f").await, Err(libc::ENOENT));
+    let g = c.lookup(&d.node, b"g").await.unwrap();
+    assert_eq!(g.node.id, id);
+    assert_eq!(c.getattr(&f.node).await.unwrap().ino, id.ino);
+
+    // Renamed from outside: same identity under the new name.
+    std::fs::rename(a.path("d/g"), a.path("e/h")).unwrap();
+    let h = c.lookup(&e.node, b"h").await.unwrap();
+    assert_eq!(h.node.id, id);
+    assert_eq!(lstat_id(&a.path("e/h")), id);
+
+    // Hard links, made outside and by the agent, share it.
+    std::fs::hard_link(a.path("e/h"), a.path("outside-link")).unwrap();
+    let l1 = c.lookup(&ROOT_NODE, b"outside-link").await.unwrap();
+    assert_eq!(l1.node.id, id);
+    assert_eq!(l1.attr.nlink, 2);
+    let l2 = match c
+        .fs(FsRequest::Link {
+            node: f.node.clone(),
+            new_parent: d.node.clone(),
+            new_name: b"agent-link".to_vec(),
+        })
+        .await
+    {
+        Ok(FsResponse::Entry(e)) => e,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(l2.node.id, id);
+    assert_eq!(l2.attr.nlink, 3);
+    assert_eq!(lstat_id(&a.path("d/agent-link")), id);
+    // Removing names leaves the identity of the others alone.
+    c.ok(FsRequest::Unlink {
+        parent: e.node.clone(),
+        name: b"h".to_vec(),
+    })
+    .await
+    .unwrap();
+    std::fs::remove_file(a.path("outside-link")).unwrap();
+    let last = c.lookup(&d.node, b"agent-link").await.unwrap();
+    assert_eq!(last.node.id, id);
+    assert_eq!(last.attr.nlink, 1);
+    // The data is reachable through the very first NodeRef.
+    let fh = c.open(&f.node, libc::O_RDONLY).await.unwrap();
+    assert_eq!(c.read(fh, 0, 100).await, b"data");
+    c.ok(FsRequest::Release { handle: fh }).await.unwrap();
+
+    // A watched directory moves with its watch: events keep naming its identity.
+    let eid = e.node.id;
+    assert!(e.watched);
+    assert_eq!(
+        c.rename(rename(&ROOT_NODE, b"e", &d.node, b"e2")).await,
+        Ok(eid)
+    );
+    assert_eq!(lstat_id(&a.path("d/e2")), eid);
+    assert_eq!(c.lookup(&d.node, b"e2").await.unwrap().node.id, eid);
+    c.events.clear();
+    std::fs::write(a.path("d/e2/inside"), b"").unwrap();
+    assert!(
+        c.wait_events(Duration::from_secs(1), |ev| has_entry(ev, eid, b"inside"))
+            .await,
+        "{:?}",
+        c.events
+    );
+    assert_eq!(
+        entry_now(&c.events, eid, b"inside"),
+        Some(Some(lstat_id(&a.path("d/e2/inside"))))
+    );
+}
+
+/// The agent's cache of open uncounted nodes (`CACHE_SIZE` in agent/src/server/fs/nodes.rs).
+const AGENT_CACHE_SIZE: usize = 4096;
+
+#[tokio::test]
+async fn nodes_reopen_from_handles_beyond_the_cache() {
+    if !is_root() {
+        eprintln!("skipping: open_by_handle_at needs CAP_DAC_READ_SEARCH");
+        return;
+    }
+    let a = Agent::start();
+    let n = 3 * AGENT_CACHE_SIZE;
+    std::fs::create_dir(a.path("many")).unwrap();
+    for i in 0..n {
+        std::fs::write(a.path(&format!("many/f{i}")), i.to_string()).unwrap();
+    }
+    std::fs::write(a.path("doomed"), b"soon gone").unwrap();
+    let mut c = a.connect().await;
+    let pid = a.child.id();
+    let many = c.lookup(&ROOT_NODE, b"many").await.unwrap();
+    let doomed = c.lookup(&ROOT_NODE, b"doomed").await.unwrap();
+    assert!(!doomed.counted);
+    // Deleted while the agent still has it open (in its cache); the lookups below
+    // evict it.
+    std::fs::remove_file(a.path("doomed")).unwrap();
+    let base = open_fds(pid);
+
+    let bound = base + AGENT_CACHE_SIZE + 32;
+    let mut entries = Vec::with_capacity(n);
+    for i in 0..n {
+        let e = c
+            .lookup(&many.node, format!("f{i}").as_bytes())
+            .await
+            .unwrap();
+        assert!(!e.counted, "{e:?}");
+        assert!(!e.node.fh.0.is_empty());
+        entries.push(e);
+        if i % 1024 == 0 {
+            let fds = open_fds(pid);
+            assert!(fds <= bound, "{fds} descriptors after {i} lookups");
+        }
+    }
+    let fds = open_fds(pid);
+    assert!(
+        fds <= bound && fds < n / 2,
+        "{fds} descriptors after {n} lookups (base {base})"
+    );
+    // Forgetting uncounted nodes does nothing; they stay usable.
+    c.forget(entries.iter().map(|e| (e.node.id, 1)).collect())
+        .await;
+
+    // The first nodes were evicted long ago: reopened from their handles, with their
+    // identity and contents.
+    for (i, e) in entries.iter().enumerate().take(200) {
+        let at = c.getattr(&e.node).await.unwrap();
+        assert_eq!(at.ino, e.node.id.ino);
+        assert_eq!(at.size, i.to_string().len() as u64);
+        assert_eq!(lstat_id(&a.path(&format!("many/f{i}"))), e.node.id);
+    }
+    let h = c.open(&entries[7].node, libc::O_RDONLY).await.unwrap();
+    assert_eq!(c.read(h, 0, 100).await, b"7");
+    c.ok(FsRequest::Release { handle: h }).await.unwrap();
+    let fds = open_fds(pid);
+    assert!(fds <= bound, "{fds} descriptors after reopening");
+
+    // The deleted file was evicted: the agent no longer keeps it open...
+    let deleted_open: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .filter(|p| p.as_os_str().as_bytes().ends_with(b" (deleted)"))
+        .collect();
+    assert!(deleted_open.is_empty(), "{deleted_open:?}");
+    // ...and an inode whose last name and descriptor are gone cannot be reopened.
+    assert_eq!(c.getattr(&doomed.node).await, Err(libc::ESTALE));
+    assert_eq!(
+        c.open(&doomed.node, libc::O_RDONLY).await,
+        Err(libc::ESTALE)
+    );
+    // Even once a new file exists (ext4 may reuse the inode number: the handle's
+    // generation tells them apart).
+    std::fs::write(a.path("reborn"), b"new").unwrap();
+    assert_eq!(c.getattr(&doomed.node).await, Err(libc::ESTALE));
+    if lstat_id(&a.path("reborn")) == doomed.node.id {
+        eprintln!("note: the inode number was reused");
+    }
+}
+
+#[tokio::test]
+async fn plain_readdir_nodes_are_lstat_identities() {
+    let a = Agent::start();
+    std::fs::create_dir(a.path("d")).unwrap();
+    std::fs::write(a.path("d/file"), b"x").unwrap();
+    std::fs::hard_link(a.path("d/file"), a.path("d/hard")).unwrap();
+    std::fs::create_dir(a.path("d/sub")).unwrap();
+    std::os::unix::fs::symlink("file", a.path("d/sym")).unwrap();
+    std::os::unix::fs::symlink("/nowhere", a.path("d/dangling")).unwrap();
+    nix::unistd::mkfifo(
+        &a.path("d/fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    std::fs::write(a.path("top"), b"").unwrap();
+    let mut c = a.connect().await;
+    let d = c.lookup(&ROOT_NODE, b"d").await.unwrap();
+
+    for (dir, node) in [
+        (a.path("d"), &d.node),
+        (a.root.path().to_path_buf(), &ROOT_NODE),
+    ] {
+        let all = c.list_all(node, false, 4096).await;
+        let names: BTreeSet<Vec<u8>> = all.iter().map(|e| e.name.clone()).collect();
+        let on_disk: BTreeSet<Vec<u8>> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+            .chain([b".".to_vec(), b"..".to_vec()])
+            .collect();
+        assert_eq!(names, on_disk);
+        for e in &all {
+            let path = dir.join(OsStr::from_bytes(&e.name));
+            let md = std::fs::symlink_metadata(&path).unwrap();
+            assert!(e.entry.is_none());
+            assert_eq!(e.node, lstat_id(&path), "{:?} in {}", e.name, dir.display());
+            assert_eq!(e.kind, md.mode() & libc::S_IFMT, "{:?}", e.name);
+        }
+        let by_name = |n: &[u8]| all.iter().find(|e| e.name == n).map(|e| e.node);
+        if node == &d.node {
+            assert_eq!(by_name(b"file"), by_name(b"hard"));
+            assert_eq!(by_name(b"."), Some(d.node.id));
+        }
+    }
+    // What a lookup answers agrees with the listing.
+    let list = c.list_all(&d.node, false, 4096).await;
+    for e in list.iter().filter(|e| e.name != b"." && e.name != b"..") {
+        let en = c.lookup(&d.node, &e.name).await.unwrap();
+        assert_eq!(en.node.id, e.node, "{:?}", e.name);
+    }
 }

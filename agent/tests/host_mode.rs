@@ -12,18 +12,7 @@ const T: Duration = Duration::from_secs(10);
 
 impl Agent {
     async fn connect(&self) -> AgentClient {
-        // The socket file appears at bind(), a moment before listen(): retry a refusal.
-        let deadline = Instant::now() + T;
-        let s = loop {
-            match tokio::net::UnixStream::connect(&self.sock).await {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(e) => panic!("cannot connect to the agent: {e}"),
-            }
-        };
+        let s = self.stream().await;
         let (c, info) = AgentClient::connect(s, T).await.unwrap();
         assert_eq!(info.version, bandsox_agent::proto::PROTOCOL_VERSION);
         c

@@ -12,7 +12,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream};
 const T: Duration = Duration::from_secs(10);
 
 fn agent() -> Arc<Agent> {
-    let mut cfg = AgentConfig::host(std::env::temp_dir());
+    // A private root: the file service watches it, and other processes' files in the
+    // shared temporary directory would otherwise show up as events in these sessions.
+    let root = tempfile::tempdir().expect("temp dir").keep();
+    let mut cfg = AgentConfig::host(root);
     cfg.power_off = PowerOffAction::Ignore;
     Agent::new(cfg)
 }
@@ -191,6 +194,7 @@ async fn stale_acks_with_another_nonce_are_ignored() {
             hostname: "stale".into(),
             kernel: String::new(),
             uptime_ms: 0,
+            instance: 7,
         };
         let stale = HelloAck {
             nonce: hello.nonce ^ 0xffff,

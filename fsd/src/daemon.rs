@@ -164,7 +164,14 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     let session = fuser::Session::new(fs, &opts.mountpoint, &config)
         .map_err(|e| format!("mount {}: {e}", opts.mountpoint.display()))?;
     tracing::info!("mounted {}", opts.mountpoint.display());
-    guest.set_invalidator(Arc::new(crate::fuse::KernelInvalidator(session.notifier())));
+    let dev = std::os::fd::AsFd::as_fd(&session)
+        .try_clone_to_owned()
+        .inspect_err(|e| tracing::warn!("cannot duplicate the FUSE descriptor: {e}"))
+        .ok();
+    guest.set_invalidator(Arc::new(crate::fuse::KernelInvalidator {
+        notifier: session.notifier(),
+        dev,
+    }));
     {
         // stat(2) of the mount point is a FUSE request: it can only be answered once the
         // session below runs, so ask from another thread.

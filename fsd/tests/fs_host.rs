@@ -28,7 +28,7 @@ fn scenario(name: &str, extra_env: &[(&str, &str)]) {
         .join("../tests/fs")
         .join(format!("{name}.sh"));
     let mut cmd = Command::new("timeout");
-    cmd.arg("300")
+    cmd.arg("600")
         .arg("bash")
         .arg(&script)
         .env("FSDIR", &fsdir)
@@ -106,4 +106,34 @@ fn posix_semantics_match_ext4() {
 #[test]
 fn lost_agent_connections_are_reestablished_transparently() {
     scenario("reconnect", &[]);
+}
+
+#[test]
+fn inode_numbers_are_stable_and_rename_is_posix() {
+    scenario("identity", &[]);
+}
+
+#[test]
+fn the_working_directory_never_breaks() {
+    scenario("cwd", &[]);
+}
+
+#[test]
+fn large_directories_and_trees_stay_within_bounds() {
+    scenario("scale", &[]);
+}
+
+#[test]
+fn inode_numbers_survive_a_daemon_restart() {
+    let Some(mut m) = Mounted::new() else { return };
+    m.ok("mkdir $M/a && test \"$(cat $M/a/state)\" = running");
+    let before = m.ok("echo x > $M/a/fs/f && ln $M/a/fs/f $M/a/fs/g && mkdir $M/a/fs/d && stat -c '%i %n' $M/a/fs/f $M/a/fs/g $M/a/fs/d");
+    m.restart();
+    assert_eq!(
+        m.ok(
+            "test \"$(cat $M/a/state)\" = running && stat -c '%i %n' $M/a/fs/f $M/a/fs/g $M/a/fs/d"
+        ),
+        before,
+        "st_ino after a daemon restart"
+    );
 }

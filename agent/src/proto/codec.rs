@@ -255,6 +255,7 @@ mod tests {
                     hostname: "vm".into(),
                     kernel: "6.1".into(),
                     uptime_ms: 5,
+                    instance: 7,
                 }),
             }),
             Message::HelloAck(HelloAck {

@@ -2,20 +2,26 @@
 //!
 //! The model follows FUSE's low-level API so the host can translate one kernel request
 //! into one agent request:
-//! * A **node** names a guest inode the host has looked up. Every reply that carries an
-//!   [`Entry`] (lookup, create, mkdir, mknod, symlink, link, and every `plus` entry of
-//!   [`FsRequest::ReadDir`]) adds one reference to that node; [`crate::proto::Message::Forget`]
-//!   drops references, and a node with none left is closed. Node ids are never reused
-//!   within one agent process. [`ROOT_NODE`] always exists and is never forgotten.
-//!   Hard links of one inode (same device and inode number) share one node.
+//! * A **node** is a guest inode, named by its identity [`NodeId`] (the guest's device and
+//!   inode number: stable for the inode's life, shared by its hard links) together with a
+//!   [`FileHandle`] the agent issued for it ([`NodeRef`]). Requests carry both; the agent
+//!   reopens a node it no longer has open from its handle (`open_by_handle_at`), so it
+//!   keeps no state per node the host knows and its descriptors and memory stay bounded
+//!   however many nodes the host remembers. [`ROOT_NODE`] names the served root.
+//! * Some nodes are *counted*: directories the agent watches, and nodes on filesystems
+//!   without file handles (their handle is empty and the agent keeps them open). An
+//!   [`Entry`] with `counted` added one reference; [`crate::proto::Message::Forget`] drops
+//!   references, and at zero the agent stops watching or closes the node. Forgetting an
+//!   uncounted node does nothing.
 //! * A **handle** is an open file or directory (`Open`/`Create`/`OpenDir`) until its
 //!   `Release`/`ReleaseDir`.
 //! * Names are single path components as raw bytes (no `/`, no NUL, not `.` or `..`,
 //!   at most 255 bytes); anything else is `EINVAL`. The agent resolves names only relative
 //!   to a node it holds and never follows a symlink while doing so, so no request can
 //!   reach outside the served root.
-//! * Errors are `Response::Error { errno, message }` with the guest's errno. An unknown
-//!   (e.g. forgotten) node id is `ESTALE`, an unknown (e.g. released) handle id `EBADF`.
+//! * Errors are `Response::Error { errno, message }` with the guest's errno. A node that
+//!   cannot be reopened (deleted and let go of, or a forgotten node on a filesystem
+//!   without file handles) is `ESTALE`, an unknown (e.g. released) handle id `EBADF`.
 //!   Only regular files and directories are opened (a symlink is `ELOOP`; fifos,
 //!   sockets and devices are `ENXIO`: the host's kernel serves those itself).
 //! * Mount points of pseudo filesystems (proc, sysfs, devtmpfs, devpts, cgroup, ...)
@@ -36,13 +42,55 @@ use serde::{Deserialize, Serialize};
 use super::serde_bytes_vec;
 pub use super::MAX_CHUNK;
 
-/// An agent-side node id (see module docs).
-pub type NodeId = u64;
+/// A guest inode's identity (see module docs): its `st_dev` and `st_ino`. The served root
+/// is always [`ROOT_ID`], whatever its real numbers.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+pub struct NodeId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}:{}", self.dev, self.ino)
+    }
+}
+
+/// An opaque kernel file handle the agent issued for a node: handle type (4 bytes,
+/// little endian) then the handle's bytes, at most [`MAX_FILE_HANDLE`] in all. Empty when
+/// the node's filesystem has none.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct FileHandle(#[serde(with = "serde_bytes_vec")] pub Vec<u8>);
+
+/// Longest [`FileHandle`]: the type plus Linux's `MAX_HANDLE_SZ` (128) bytes.
+pub const MAX_FILE_HANDLE: usize = 4 + 128;
+
+/// How requests name a node: its identity and the handle to reopen it by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeRef {
+    pub id: NodeId,
+    pub fh: FileHandle,
+}
+
+impl std::fmt::Display for NodeRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.id.fmt(f)
+    }
+}
+
 /// An agent-side open file or directory.
 pub type HandleId = u64;
 
-/// The served root directory (`/` in the guest, `--root` in host mode).
-pub const ROOT_NODE: NodeId = 1;
+/// The identity by which the served root is always known (`/` in the guest, `--root` in
+/// host mode).
+pub const ROOT_ID: NodeId = NodeId { dev: 0, ino: 0 };
+/// The served root.
+pub const ROOT_NODE: NodeRef = NodeRef {
+    id: ROOT_ID,
+    fh: FileHandle(Vec::new()),
+};
 /// Largest xattr value or list the agent returns (Linux's own limit).
 pub const MAX_XATTR: u32 = 64 * 1024;
 /// Longest name component.
@@ -58,7 +106,7 @@ pub struct Timespec {
 /// `stat` of a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Attr {
-    /// The guest's inode number (informational; the host numbers inodes itself).
+    /// The guest's inode number (the host derives its own numbers from [`NodeId`]s).
     pub ino: u64,
     pub size: u64,
     /// 512-byte blocks allocated.
@@ -75,14 +123,38 @@ pub struct Attr {
     pub blksize: u32,
 }
 
-/// A looked-up name: one new reference to `node`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A looked-up name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    pub node: NodeId,
+    pub node: NodeRef,
     pub attr: Attr,
     /// The parent directory is watched, so changes to this entry and to the node's data
     /// and attributes will be announced by [`FsEvent`]s.
     pub coherent: bool,
+    /// This answer added one reference to a counted node (see module docs).
+    pub counted: bool,
+    /// The node is a directory the agent watches (so entries in it are `coherent`).
+    pub watched: bool,
+    /// The node's extended attribute names when they fit in [`ENTRY_XATTR_NAMES`] bytes:
+    /// lets the host answer "no such attribute" without asking (`ls -l` asks for the
+    /// ACLs of every file).
+    pub xattrs: Option<XattrNames>,
+}
+
+/// Most bytes of xattr names an [`Entry`] carries.
+pub const ENTRY_XATTR_NAMES: usize = 1024;
+
+/// NUL-terminated extended attribute names, as `listxattr` gives them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct XattrNames(#[serde(with = "serde_bytes_vec")] pub Vec<u8>);
+
+impl XattrNames {
+    /// Is `name` one of them?
+    pub fn contains(&self, name: &[u8]) -> bool {
+        self.0
+            .split(|&b| b == 0)
+            .any(|n| !n.is_empty() && n == name)
+    }
 }
 
 /// A time to set.
@@ -123,10 +195,12 @@ pub struct DirEntry {
     pub next_offset: u64,
     /// File type as in `st_mode` (`S_IFDIR`, `S_IFREG`, ...; 0 when unknown).
     pub kind: u32,
-    /// The guest's inode number.
-    pub ino: u64,
-    /// `plus` listings: the looked-up entry (one reference), except for `.` and `..`,
-    /// which are never looked up and carry `None`.
+    /// The entry's identity, as `lstat` of it would show (a mount point shows the
+    /// mounted root, not the directory it covers). For `.` and `..`, the numbers
+    /// `getdents` gave.
+    pub node: NodeId,
+    /// `plus` listings: the looked-up entry, except for `.` and `..`, which are never
+    /// looked up and carry `None`.
     pub entry: Option<Entry>,
 }
 
@@ -147,28 +221,28 @@ pub struct StatFs {
 pub enum FsRequest {
     /// → `Entry`.
     Lookup {
-        parent: NodeId,
+        parent: NodeRef,
         #[serde(with = "serde_bytes_vec")]
         name: Vec<u8>,
     },
     /// → `Attr`. Uses the open handle when given (works for unlinked files).
     GetAttr {
-        node: NodeId,
+        node: NodeRef,
         handle: Option<HandleId>,
     },
     /// → `Attr` (the attributes after the change).
     SetAttr {
-        node: NodeId,
+        node: NodeRef,
         handle: Option<HandleId>,
         set: SetAttrs,
     },
     /// → `Data` (the link target).
-    ReadLink { node: NodeId },
+    ReadLink { node: NodeRef },
     /// Regular files, fifos, sockets and (when privileged) device nodes; `mode` includes
     /// the type bits and is applied exactly (the agent's umask is 0; the host has already
     /// applied the caller's umask). → `Entry`.
     Mknod {
-        parent: NodeId,
+        parent: NodeRef,
         #[serde(with = "serde_bytes_vec")]
         name: Vec<u8>,
         mode: u32,
@@ -177,7 +251,7 @@ pub enum FsRequest {
     },
     /// → `Entry`.
     Mkdir {
-        parent: NodeId,
+        parent: NodeRef,
         #[serde(with = "serde_bytes_vec")]
         name: Vec<u8>,
         mode: u32,
@@ -185,7 +259,7 @@ pub enum FsRequest {
     },
     /// → `Entry`.
     Symlink {
-        parent: NodeId,
+        parent: NodeRef,
         #[serde(with = "serde_bytes_vec")]
         name: Vec<u8>,
         #[serde(with = "serde_bytes_vec")]
@@ -194,39 +268,39 @@ pub enum FsRequest {
     },
     /// A new name for `node`. → `Entry`.
     Link {
-        node: NodeId,
-        new_parent: NodeId,
+        node: NodeRef,
+        new_parent: NodeRef,
         #[serde(with = "serde_bytes_vec")]
         new_name: Vec<u8>,
     },
     /// → `Ok`.
     Unlink {
-        parent: NodeId,
+        parent: NodeRef,
         #[serde(with = "serde_bytes_vec")]
         name: Vec<u8>,
     },
     /// → `Ok`.
     Rmdir {
-        parent: NodeId,
+        parent: NodeRef,
         #[serde(with = "serde_bytes_vec")]
         name: Vec<u8>,
     },
-    /// `flags` are `renameat2` flags (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`). → `Ok`.
+    /// `flags` are `renameat2` flags (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`). → `Moved`.
     Rename {
-        parent: NodeId,
+        parent: NodeRef,
         #[serde(with = "serde_bytes_vec")]
         name: Vec<u8>,
-        new_parent: NodeId,
+        new_parent: NodeRef,
         #[serde(with = "serde_bytes_vec")]
         new_name: Vec<u8>,
         flags: u32,
     },
     /// `flags` are `open(2)` flags; `O_CREAT`, `O_EXCL` and `O_NOFOLLOW` are ignored
     /// (the node exists; it is never a symlink to follow). → `Opened`.
-    Open { node: NodeId, flags: i32 },
+    Open { node: NodeRef, flags: i32 },
     /// Create and open `name` (`O_CREAT` implied; `O_EXCL` honoured). → `Created`.
     Create {
-        parent: NodeId,
+        parent: NodeRef,
         #[serde(with = "serde_bytes_vec")]
         name: Vec<u8>,
         mode: u32,
@@ -251,7 +325,7 @@ pub enum FsRequest {
     /// `fsync`/`fdatasync` of an open file or directory handle. → `Ok`.
     Fsync { handle: HandleId, datasync: bool },
     /// → `Opened`.
-    OpenDir { node: NodeId },
+    OpenDir { node: NodeRef },
     /// Entries starting at `offset` (0 = the beginning, else a `next_offset` cookie), at
     /// most as many as fit in `max_bytes` of a FUSE reply buffer (`fuse_dirent` or, with
     /// `plus`, `fuse_direntplus` sizes), so the host never has to drop one. → `DirEntries`
@@ -265,10 +339,10 @@ pub enum FsRequest {
     /// → `Ok`.
     ReleaseDir { handle: HandleId },
     /// → `StatFs` of the filesystem holding `node`.
-    StatFs { node: NodeId },
+    StatFs { node: NodeRef },
     /// `flags`: `XATTR_CREATE`/`XATTR_REPLACE`. → `Ok`.
     SetXattr {
-        node: NodeId,
+        node: NodeRef,
         #[serde(with = "serde_bytes_vec")]
         name: Vec<u8>,
         #[serde(with = "serde_bytes_vec")]
@@ -278,16 +352,16 @@ pub enum FsRequest {
     /// `size` 0 → `XattrSize` (the value's length); else `Data`, or `ERANGE` when the
     /// value is longer than `size`.
     GetXattr {
-        node: NodeId,
+        node: NodeRef,
         #[serde(with = "serde_bytes_vec")]
         name: Vec<u8>,
         size: u32,
     },
     /// NUL-separated names, same `size` rules as `GetXattr`.
-    ListXattr { node: NodeId, size: u32 },
+    ListXattr { node: NodeRef, size: u32 },
     /// → `Ok`.
     RemoveXattr {
-        node: NodeId,
+        node: NodeRef,
         #[serde(with = "serde_bytes_vec")]
         name: Vec<u8>,
     },
@@ -337,8 +411,15 @@ pub enum FsResponse {
     Attr(Attr),
     Data(#[serde(with = "serde_bytes_vec")] Vec<u8>),
     Written(u32),
-    Opened { handle: HandleId },
-    Created { entry: Entry, handle: HandleId },
+    Opened {
+        handle: HandleId,
+    },
+    Created {
+        entry: Entry,
+        handle: HandleId,
+    },
+    /// The identity now named by the rename's new name.
+    Moved(NodeId),
     DirEntries(Vec<DirEntry>),
     StatFs(StatFs),
     XattrSize(u32),
@@ -349,14 +430,19 @@ pub enum FsResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FsEvent {
     /// The name `name` in directory `parent` appeared, disappeared or now names another
-    /// inode (create, unlink, rename from or to).
+    /// inode (create, unlink, rename from or to). `now` is what it names when the event
+    /// was sent (`None`: nothing), so the host can keep what it already knows.
     Entry {
         parent: NodeId,
         #[serde(with = "serde_bytes_vec")]
         name: Vec<u8>,
+        now: Option<NodeId>,
     },
     /// A node's attributes changed; `data` also when its contents changed.
     Node { node: NodeId, data: bool },
+    /// The agent stopped watching directory `node` (it was deleted, or its filesystem
+    /// unmounted): entries in it are no longer coherent.
+    Unwatched { node: NodeId },
     /// Events were lost (inotify queue overflow): forget every cached entry and page.
     Overflow,
 }

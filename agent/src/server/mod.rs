@@ -112,10 +112,30 @@ pub struct Agent {
     started: Instant,
     pub(crate) script_seq: AtomicU64,
     powering_off: AtomicBool,
+    /// See [`AgentInfo::instance`].
+    instance: u64,
     /// The file service (shared by all sessions).
     pub(crate) fs: fs::FsService,
     /// Freeze state of the root filesystem (snapshots).
     pub(crate) freezer: machine::Freezer,
+}
+
+/// A random agent instance id (see [`AgentInfo::instance`]).
+fn random_instance() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), libc::GRND_NONBLOCK) };
+    if n == buf.len() as isize {
+        return u64::from_le_bytes(buf);
+    }
+    // Early boot without entropy yet: the process id, the clock and std's keyed hasher.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    if let Ok(d) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(d.as_nanos());
+    }
+    h.finish()
 }
 
 /// Why a session ended.
@@ -188,6 +208,7 @@ impl Agent {
             started: Instant::now(),
             script_seq: AtomicU64::new(0),
             powering_off: AtomicBool::new(false),
+            instance: random_instance(),
             fs,
             freezer: Default::default(),
         })
@@ -224,6 +245,7 @@ impl Agent {
             hostname,
             kernel,
             uptime_ms,
+            instance: self.instance,
         }
     }
 
@@ -482,6 +504,10 @@ impl Agent {
                 });
                 Ok(())
             }
+            Request::Fs(req) if fs::runs_inline(&req) => out
+                .send(reply(fs::answer(self, &req)))
+                .await
+                .map_err(|_| SessionEnd::Eof),
             Request::Fs(req) => {
                 fs::spawn_request(self, id, req, out.clone());
                 Ok(())

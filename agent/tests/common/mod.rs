@@ -40,6 +40,24 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// A connection to the agent's socket. The socket file appears at bind(), a moment
+    /// before listen(): a refusal is retried for a while.
+    pub async fn stream(&self) -> tokio::net::UnixStream {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::net::UnixStream::connect(&self.sock).await {
+                Ok(s) => return s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("cannot connect to the agent: {e}"),
+            }
+        }
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bandsox_agent::proto::fs::{Attr, Owner, SetAttrs, SetTime, Timespec};
+use bandsox_agent::proto::fs::{fuse_dirent_size, Attr, Owner, SetAttrs, SetTime, Timespec};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, ReplyAttr, ReplyCreate,
     ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
@@ -130,51 +130,32 @@ fn reply_xattr(reply: ReplyXattr, res: Result<XattrReply, Error>) {
     }
 }
 
-/// The ino the kernel knows a target by.
-fn target_ino(t: &Target) -> u64 {
-    match t {
-        Target::Root { ino, .. } => *ino,
-        Target::Node(ino) => *ino,
-    }
-}
-
 impl BandsoxFs {
     fn guest(&self) -> Arc<GuestFs> {
         self.guest.clone()
     }
 
-    /// Run `f` on the runtime; it owns the reply.
-    fn spawn<F>(&self, f: F)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        self.rt.spawn(f);
-    }
-
     pub(super) fn g_lookup(&self, parent: Target, name: &OsStr, reply: ReplyEntry) {
-        let (g, name) = (self.guest(), name.as_bytes().to_vec());
-        self.spawn(async move { reply_entry(reply, g.lookup(&parent, &name).await) });
+        self.guest()
+            .lookup(parent, name.as_bytes().to_vec(), move |r| {
+                reply_entry(reply, r)
+            });
     }
 
     pub(super) fn g_getattr(&self, t: Target, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let g = self.guest();
-        let tree = self.files.clone();
-        self.spawn(async move {
-            match g.getattr(&t, fh.map(|f| f.0)).await {
-                Ok((a, ttl)) => reply.attr(&ttl, &file_attr(target_ino(&t), &a)),
-                // An unreachable guest's `fs/` still shows as an empty directory.
-                Err(e) if e.errno == libc::EHOSTDOWN && matches!(t, Target::Root { .. }) => {
-                    match tree
-                        .tree
-                        .node(target_ino(&t))
-                        .and_then(|n| tree.tree.attr(&n))
-                    {
-                        Ok(a) => reply.attr(&Duration::ZERO, &super::to_fuse_attr(&a)),
-                        Err(e) => reply.error(errno(&e)),
-                    }
+        let files = self.files.clone();
+        let ino = t.ino();
+        let root = matches!(t, Target::Root { .. });
+        self.guest().getattr(t, fh.map(|f| f.0), move |r| match r {
+            Ok((a, ttl)) => reply.attr(&ttl, &file_attr(ino, &a)),
+            // An unreachable guest's `fs/` still shows as an empty directory.
+            Err(e) if e.errno == libc::EHOSTDOWN && root => {
+                match files.tree.node(ino).and_then(|n| files.tree.attr(&n)) {
+                    Ok(a) => reply.attr(&Duration::ZERO, &super::to_fuse_attr(&a)),
+                    Err(e) => reply.error(errno(&e)),
                 }
-                Err(e) => reply.error(errno(&e)),
             }
+            Err(e) => reply.error(errno(&e)),
         });
     }
 
@@ -199,22 +180,18 @@ impl BandsoxFs {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
-        let g = self.guest();
-        self.spawn(async move {
-            match g.setattr(&t, fh.map(|f| f.0), set).await {
-                Ok((a, ttl)) => reply.attr(&ttl, &file_attr(target_ino(&t), &a)),
+        let ino = t.ino();
+        self.guest()
+            .setattr(t, fh.map(|f| f.0), set, move |r| match r {
+                Ok((a, ttl)) => reply.attr(&ttl, &file_attr(ino, &a)),
                 Err(e) => reply.error(errno(&e)),
-            }
-        });
+            });
     }
 
     pub(super) fn g_readlink(&self, t: Target, reply: ReplyData) {
-        let g = self.guest();
-        self.spawn(async move {
-            match g.readlink(&t).await {
-                Ok(d) => reply.data(&d),
-                Err(e) => reply.error(errno(&e)),
-            }
+        self.guest().readlink(t, move |r| match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
         });
     }
 
@@ -227,10 +204,11 @@ impl BandsoxFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let (g, name, o) = (self.guest(), name.as_bytes().to_vec(), owner(req));
-        self.spawn(async move {
-            reply_entry(reply, g.mknod(&parent, &name, mode, rdev.into(), o).await)
-        });
+        let name = name.as_bytes().to_vec();
+        self.guest()
+            .mknod(parent, name, mode, rdev.into(), owner(req), move |r| {
+                reply_entry(reply, r)
+            });
     }
 
     pub(super) fn g_mkdir(
@@ -241,8 +219,11 @@ impl BandsoxFs {
         mode: u32,
         reply: ReplyEntry,
     ) {
-        let (g, name, o) = (self.guest(), name.as_bytes().to_vec(), owner(req));
-        self.spawn(async move { reply_entry(reply, g.mkdir(&parent, &name, mode, o).await) });
+        let name = name.as_bytes().to_vec();
+        self.guest()
+            .mkdir(parent, name, mode, owner(req), move |r| {
+                reply_entry(reply, r)
+            });
     }
 
     pub(super) fn g_symlink(
@@ -253,26 +234,24 @@ impl BandsoxFs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        let (g, name, o) = (self.guest(), name.as_bytes().to_vec(), owner(req));
+        let name = name.as_bytes().to_vec();
         let target = target.as_os_str().as_bytes().to_vec();
-        self.spawn(async move { reply_entry(reply, g.symlink(&parent, &name, &target, o).await) });
+        self.guest()
+            .symlink(parent, name, target, owner(req), move |r| {
+                reply_entry(reply, r)
+            });
     }
 
     pub(super) fn g_link(&self, t: Target, new_parent: Target, name: &OsStr, reply: ReplyEntry) {
-        let (g, name) = (self.guest(), name.as_bytes().to_vec());
-        self.spawn(async move { reply_entry(reply, g.link(&t, &new_parent, &name).await) });
+        let name = name.as_bytes().to_vec();
+        self.guest()
+            .link(t, new_parent, name, move |r| reply_entry(reply, r));
     }
 
     pub(super) fn g_unlink(&self, parent: Target, name: &OsStr, dir: bool, reply: ReplyEmpty) {
-        let (g, name) = (self.guest(), name.as_bytes().to_vec());
-        self.spawn(async move {
-            let res = if dir {
-                g.rmdir(&parent, &name).await
-            } else {
-                g.unlink(&parent, &name).await
-            };
-            reply_empty(reply, res)
-        });
+        let name = name.as_bytes().to_vec();
+        self.guest()
+            .unlink(parent, name, dir, move |r| reply_empty(reply, r));
     }
 
     pub(super) fn g_rename(
@@ -284,24 +263,17 @@ impl BandsoxFs {
         flags: u32,
         reply: ReplyEmpty,
     ) {
-        let g = self.guest();
         let (name, new_name) = (name.as_bytes().to_vec(), new_name.as_bytes().to_vec());
-        self.spawn(async move {
-            reply_empty(
-                reply,
-                g.rename(&parent, &name, &new_parent, &new_name, flags)
-                    .await,
-            )
-        });
+        self.guest()
+            .rename(parent, name, new_parent, new_name, flags, move |r| {
+                reply_empty(reply, r)
+            });
     }
 
     pub(super) fn g_open(&self, t: Target, flags: i32, reply: ReplyOpen) {
-        let g = self.guest();
-        self.spawn(async move {
-            match g.open(&t, flags).await {
-                Ok(o) => reply.opened(FileHandle(o.fh), fopen_flags(&o)),
-                Err(e) => reply.error(errno(&e)),
-            }
+        self.guest().open(t, flags, move |r| match r {
+            Ok(o) => reply.opened(FileHandle(o.fh), fopen_flags(&o)),
+            Err(e) => reply.error(errno(&e)),
         });
     }
 
@@ -314,9 +286,9 @@ impl BandsoxFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let (g, name, o) = (self.guest(), name.as_bytes().to_vec(), owner(req));
-        self.spawn(async move {
-            match g.create(&parent, &name, mode, flags, o).await {
+        let name = name.as_bytes().to_vec();
+        self.guest()
+            .create(parent, name, mode, flags, owner(req), move |r| match r {
                 Ok((l, opened)) => {
                     let f = fopen_flags(&opened);
                     reply.created(
@@ -328,17 +300,13 @@ impl BandsoxFs {
                     )
                 }
                 Err(e) => reply.error(errno(&e)),
-            }
-        });
+            });
     }
 
     pub(super) fn g_read(&self, t: Target, fh: FileHandle, off: u64, size: u32, reply: ReplyData) {
-        let g = self.guest();
-        self.spawn(async move {
-            match g.read(&t, fh.0, off, size).await {
-                Ok(d) => reply.data(&d),
-                Err(e) => reply.error(errno(&e)),
-            }
+        self.guest().read(t, fh.0, off, size, move |r| match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
         });
     }
 
@@ -350,13 +318,11 @@ impl BandsoxFs {
         data: &[u8],
         reply: ReplyWrite,
     ) {
-        let (g, data) = (self.guest(), data.to_vec());
-        self.spawn(async move {
-            match g.write(&t, fh.0, off, &data).await {
+        self.guest()
+            .write(t, fh.0, off, data.to_vec(), move |r| match r {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(&e)),
-            }
-        });
+            });
     }
 
     pub(super) fn g_release(&self, t: Target, fh: FileHandle, dir: bool, reply: ReplyEmpty) {
@@ -366,36 +332,42 @@ impl BandsoxFs {
     }
 
     pub(super) fn g_fsync(&self, t: Target, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        let g = self.guest();
-        self.spawn(async move { reply_empty(reply, g.fsync(&t, fh.0, datasync).await) });
+        self.guest()
+            .fsync(t, fh.0, datasync, move |r| reply_empty(reply, r));
     }
 
     pub(super) fn g_opendir(&self, t: Target, reply: ReplyOpen) {
-        let g = self.guest();
-        self.spawn(async move {
-            match g.opendir(&t).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => reply.error(errno(&e)),
+        self.guest().opendir(t, move |r| match r {
+            Ok(o) => {
+                let flags = if o.keep_cache {
+                    // The kernel keeps the listing: events drop it when it changes.
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(o.fh), flags)
             }
+            Err(e) => reply.error(errno(&e)),
         });
     }
 
     pub(super) fn g_readdir(&self, t: Target, fh: FileHandle, off: u64, mut reply: ReplyDirectory) {
         let g = self.guest();
-        self.spawn(async move {
-            let ino = target_ino(&t);
-            match g.readdir(&t, fh.0, off, false, ino).await {
-                Ok(items) => {
-                    for it in items {
-                        let name = OsStr::from_bytes(&it.name);
-                        if reply.add(INodeNo(it.ino), it.next_offset, file_type(it.kind), name) {
-                            break;
-                        }
+        g.clone().readdir(t, fh.0, off, false, move |r| match r {
+            Ok(items) => {
+                let mut used = 0;
+                for it in items {
+                    let name = OsStr::from_bytes(&it.name);
+                    let size = fuse_dirent_size(it.name.len(), false);
+                    if reply.add(INodeNo(it.ino), it.next_offset, file_type(it.kind), name) {
+                        g.readdir_filled(used, size);
+                        break;
                     }
-                    reply.ok()
+                    used += size;
                 }
-                Err(e) => reply.error(errno(&e)),
+                reply.ok()
             }
+            Err(e) => reply.error(errno(&e)),
         });
     }
 
@@ -407,56 +379,54 @@ impl BandsoxFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let g = self.guest();
-        self.spawn(async move {
-            let ino = target_ino(&t);
-            match g.readdir(&t, fh.0, off, true, ino).await {
-                Ok(items) => {
-                    let mut rest: Vec<DirItem> = Vec::new();
-                    let mut full = false;
-                    for it in items {
-                        if full {
-                            rest.push(it);
-                            continue;
-                        }
-                        let name = OsStr::from_bytes(&it.name);
-                        let (ttl, attr, generation) = match &it.looked {
-                            Some(l) => (l.ttl, file_attr(l.ino, &l.attr), l.generation),
-                            None => {
-                                let mut a = file_attr(it.ino, &Attr::default());
-                                a.kind = file_type(it.kind);
-                                (Duration::ZERO, a, 0)
-                            }
-                        };
-                        if reply.add(
-                            INodeNo(attr.ino.0),
-                            it.next_offset,
-                            name,
-                            &ttl,
-                            &attr,
-                            Generation(generation),
-                        ) {
-                            full = true;
-                            rest.push(it);
-                        }
+        g.clone().readdir(t, fh.0, off, true, move |r| match r {
+            Ok(items) => {
+                let mut rest: Vec<DirItem> = Vec::new();
+                let mut full = false;
+                let mut used = 0;
+                for it in items {
+                    if full {
+                        rest.push(it);
+                        continue;
                     }
-                    // Entries the kernel never received must not keep references.
-                    g.unused_entries(&rest);
-                    reply.ok()
+                    let name = OsStr::from_bytes(&it.name);
+                    let (ttl, attr, generation) = match &it.looked {
+                        Some(l) => (l.ttl, file_attr(l.ino, &l.attr), l.generation),
+                        None => {
+                            let mut a = file_attr(it.ino, &Attr::default());
+                            a.kind = file_type(it.kind);
+                            (Duration::ZERO, a, 0)
+                        }
+                    };
+                    let size = fuse_dirent_size(it.name.len(), true);
+                    if reply.add(
+                        INodeNo(attr.ino.0),
+                        it.next_offset,
+                        name,
+                        &ttl,
+                        &attr,
+                        Generation(generation),
+                    ) {
+                        full = true;
+                        g.readdir_filled(used, size);
+                        rest.push(it);
+                    }
+                    used += size;
                 }
-                Err(e) => reply.error(errno(&e)),
+                // Entries the kernel never received must not keep references.
+                g.unused_entries(&rest);
+                reply.ok()
             }
+            Err(e) => reply.error(errno(&e)),
         });
     }
 
     pub(super) fn g_statfs(&self, t: Target, reply: ReplyStatfs) {
-        let g = self.guest();
-        self.spawn(async move {
-            match g.statfs(&t).await {
-                Ok(s) => reply.statfs(
-                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
-                ),
-                Err(e) => reply.error(errno(&e)),
-            }
+        self.guest().statfs(t, move |r| match r {
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
+            Err(e) => reply.error(errno(&e)),
         });
     }
 
@@ -468,23 +438,26 @@ impl BandsoxFs {
         flags: i32,
         reply: ReplyEmpty,
     ) {
-        let (g, name, value) = (self.guest(), name.as_bytes().to_vec(), value.to_vec());
-        self.spawn(async move { reply_empty(reply, g.setxattr(&t, &name, &value, flags).await) });
+        let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
+        self.guest()
+            .setxattr(t, name, value, flags, move |r| reply_empty(reply, r));
     }
 
     pub(super) fn g_getxattr(&self, t: Target, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let (g, name) = (self.guest(), name.as_bytes().to_vec());
-        self.spawn(async move { reply_xattr(reply, g.getxattr(&t, &name, size).await) });
+        let name = name.as_bytes().to_vec();
+        self.guest()
+            .getxattr(t, name, size, move |r| reply_xattr(reply, r));
     }
 
     pub(super) fn g_listxattr(&self, t: Target, size: u32, reply: ReplyXattr) {
-        let g = self.guest();
-        self.spawn(async move { reply_xattr(reply, g.listxattr(&t, size).await) });
+        self.guest()
+            .listxattr(t, size, move |r| reply_xattr(reply, r));
     }
 
     pub(super) fn g_removexattr(&self, t: Target, name: &OsStr, reply: ReplyEmpty) {
-        let (g, name) = (self.guest(), name.as_bytes().to_vec());
-        self.spawn(async move { reply_empty(reply, g.removexattr(&t, &name).await) });
+        let name = name.as_bytes().to_vec();
+        self.guest()
+            .removexattr(t, name, move |r| reply_empty(reply, r));
     }
 
     pub(super) fn g_fallocate(
@@ -496,10 +469,10 @@ impl BandsoxFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let g = self.guest();
-        self.spawn(
-            async move { reply_empty(reply, g.fallocate(&t, fh.0, offset, length, mode).await) },
-        );
+        self.guest()
+            .fallocate(t, fh.0, offset, length, mode, move |r| {
+                reply_empty(reply, r)
+            });
     }
 
     pub(super) fn g_lseek(
@@ -513,13 +486,11 @@ impl BandsoxFs {
         if offset < 0 {
             return reply.error(Errno::from_i32(libc::ENXIO));
         }
-        let g = self.guest();
-        self.spawn(async move {
-            match g.lseek(&t, fh.0, offset as u64, whence).await {
+        self.guest()
+            .lseek(t, fh.0, offset as u64, whence, move |r| match r {
                 Ok(o) => reply.offset(o as i64),
                 Err(e) => reply.error(errno(&e)),
-            }
-        });
+            });
     }
 }
 

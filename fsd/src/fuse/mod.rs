@@ -150,13 +150,19 @@ impl BandsoxFs {
 
 impl fuser::Filesystem for BandsoxFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let abi = config.kernel_abi();
+        EXPIRE_ONLY.store(
+            abi.0 > 7 || (abi.0 == 7 && abi.1 >= 38),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let _ = config.set_max_write(1024 * 1024);
         let _ = config.set_max_readahead(1024 * 1024);
         let _ = config.set_max_background(64);
         // Each capability is optional: ask for every one the kernel offers.
         for cap in [
+            // Always plus (no FUSE_READDIRPLUS_AUTO): a listing's attributes come in
+            // bulk, where the kernel's heuristic would often send one lookup per entry.
             InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_AUTO_INVAL_DATA,
@@ -757,14 +763,61 @@ impl fuser::Filesystem for BandsoxFs {
     }
 }
 
+/// The kernel expires entries on request (`FUSE_EXPIRE_ONLY`, FUSE 7.38, Linux 6.2):
+/// set at INIT from the version the kernel speaks.
+static EXPIRE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Guest change events → the kernel's caches, through the FUSE notify channel.
-pub struct KernelInvalidator(pub fuser::Notifier);
+///
+/// A name event *expires* the kernel's entry where the kernel can do that: its next use
+/// looks the name up again and keeps the dentry when the answer is the same inode, so a
+/// directory that is someone's working directory is never unhashed while it still
+/// exists. Older kernels get a plain invalidation.
+pub struct KernelInvalidator {
+    pub notifier: fuser::Notifier,
+    /// A duplicate of the session's `/dev/fuse` descriptor, for the notification fuser
+    /// has no call for.
+    pub dev: Option<std::os::fd::OwnedFd>,
+}
+
+/// `FUSE_NOTIFY_INVAL_ENTRY` with `FUSE_EXPIRE_ONLY`, written as one message.
+fn expire_entry(dev: std::os::fd::BorrowedFd<'_>, parent: u64, name: &[u8]) -> std::io::Result<()> {
+    const FUSE_NOTIFY_INVAL_ENTRY: i32 = 3;
+    const FUSE_EXPIRE_ONLY: u32 = 1;
+    let namelen = u32::try_from(name.len()).map_err(std::io::Error::other)?;
+    // fuse_out_header (len, error = notify code, unique = 0), then
+    // fuse_notify_inval_entry_out (parent, namelen, flags), then the name and a NUL.
+    let len = 16 + 16 + name.len() + 1;
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(&(len as u32).to_ne_bytes());
+    msg.extend_from_slice(&FUSE_NOTIFY_INVAL_ENTRY.to_ne_bytes());
+    msg.extend_from_slice(&0u64.to_ne_bytes());
+    msg.extend_from_slice(&parent.to_ne_bytes());
+    msg.extend_from_slice(&namelen.to_ne_bytes());
+    msg.extend_from_slice(&FUSE_EXPIRE_ONLY.to_ne_bytes());
+    msg.extend_from_slice(name);
+    msg.push(0);
+    let n = nix::unistd::write(dev, &msg).map_err(std::io::Error::from)?;
+    if n != len {
+        return Err(std::io::Error::other("short notification write"));
+    }
+    Ok(())
+}
 
 impl crate::guestfs::Invalidate for KernelInvalidator {
     fn entry(&self, parent: u64, name: &[u8]) {
+        use std::os::fd::AsFd;
         use std::os::unix::ffi::OsStrExt;
+        let res = match &self.dev {
+            Some(dev) if EXPIRE_ONLY.load(std::sync::atomic::Ordering::Relaxed) => {
+                expire_entry(dev.as_fd(), parent, name)
+            }
+            _ => self
+                .notifier
+                .inval_entry(INodeNo(parent), OsStr::from_bytes(name)),
+        };
         // ENOENT: the kernel holds no such entry, which is fine.
-        if let Err(e) = self.0.inval_entry(INodeNo(parent), OsStr::from_bytes(name)) {
+        if let Err(e) = res {
             if e.raw_os_error() != Some(libc::ENOENT) {
                 tracing::debug!("invalidate entry {parent}/{name:?}: {e}");
             }
@@ -774,7 +827,7 @@ impl crate::guestfs::Invalidate for KernelInvalidator {
     fn inode(&self, ino: u64, data: bool) {
         // offset -1: attributes only; 0 with length 0: attributes and all pages.
         let offset = if data { 0 } else { -1 };
-        if let Err(e) = self.0.inval_inode(INodeNo(ino), offset, 0) {
+        if let Err(e) = self.notifier.inval_inode(INodeNo(ino), offset, 0) {
             if e.raw_os_error() != Some(libc::ENOENT) {
                 tracing::debug!("invalidate inode {ino}: {e}");
             }
@@ -801,7 +854,10 @@ pub fn invalidate_vm_entries(files: Arc<Files>, notifier: fuser::Notifier) {
                 .map(|vm| files.tree.ino(&Node::Vm(vm.id.clone())));
             let n = notifier.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                let inv = KernelInvalidator(n);
+                let inv = KernelInvalidator {
+                    notifier: n,
+                    dev: None,
+                };
                 use crate::guestfs::Invalidate;
                 inv.entry(tree::ROOT_INO, name.as_bytes());
                 if let Some(ino) = vm_ino {

@@ -2,13 +2,15 @@
 //! VM's agent connection, with no FUSE and no kernel in between. The benchmark script
 //! compares `fs/` against these figures, measured in the same run.
 //!
-//! Invariants: every node it looks up is forgotten and every handle released before it
+//! Invariants: every counted node it looks up is forgotten and every handle released before it
 //! answers, so it leaves the agent's tables as it found them; paths are split into
 //! validated components and resolved from the root node, like the kernel would.
 use std::time::{Duration, Instant};
 
 use bandsox_agent::client::AgentClient;
-use bandsox_agent::proto::fs::{valid_name, FsRequest, FsResponse, NodeId, Owner, ROOT_NODE};
+use bandsox_agent::proto::fs::{
+    valid_name, Entry, FsRequest, FsResponse, NodeId, NodeRef, Owner, ROOT_NODE,
+};
 
 use super::FS_DEADLINE;
 use crate::error::{Error, Result};
@@ -64,8 +66,15 @@ impl Raw<'_> {
         Ok(self.c.fs(req, FS_DEADLINE).await?)
     }
 
+    /// Remember a counted entry for [`Self::finish`].
+    fn keep(&mut self, e: &Entry) {
+        if e.counted {
+            self.looked.push(e.node.id);
+        }
+    }
+
     /// Resolve a guest path from the root, one lookup per component.
-    async fn resolve(&mut self, path: &str) -> Result<NodeId> {
+    async fn resolve(&mut self, path: &str) -> Result<NodeRef> {
         let mut node = ROOT_NODE;
         for comp in path.split('/').filter(|c| !c.is_empty()) {
             if !valid_name(comp.as_bytes()) {
@@ -78,15 +87,17 @@ impl Raw<'_> {
                 })
                 .await?
             {
-                FsResponse::Entry(e) => e.node,
+                FsResponse::Entry(e) => {
+                    self.keep(&e);
+                    e.node
+                }
                 other => return Err(unexpected("lookup", &other)),
             };
-            self.looked.push(node);
         }
         Ok(node)
     }
 
-    async fn open(&self, node: NodeId, flags: i32) -> Result<u64> {
+    async fn open(&self, node: NodeRef, flags: i32) -> Result<u64> {
         match self.call(FsRequest::Open { node, flags }).await? {
             FsResponse::Opened { handle } => Ok(handle),
             other => Err(unexpected("open", &other)),
@@ -173,7 +184,7 @@ async fn run_inner(raw: &mut Raw<'_>, what: &FsBench) -> Result<String> {
             };
             let h = match raw.call(req).await? {
                 FsResponse::Created { entry, handle } => {
-                    raw.looked.push(entry.node);
+                    raw.keep(&entry);
                     handle
                 }
                 other => return Err(unexpected("create", &other)),
@@ -199,6 +210,7 @@ async fn run_inner(raw: &mut Raw<'_>, what: &FsBench) -> Result<String> {
             let mut times = Vec::with_capacity(*n as usize);
             for _ in 0..*n {
                 let t0 = Instant::now();
+                let node = node.clone();
                 raw.call(FsRequest::GetAttr { node, handle: None }).await?;
                 times.push(t0.elapsed());
             }
@@ -234,7 +246,7 @@ async fn run_inner(raw: &mut Raw<'_>, what: &FsBench) -> Result<String> {
                 let name = format!(".fsbench-{i}").into_bytes();
                 let t0 = Instant::now();
                 let req = FsRequest::Create {
-                    parent,
+                    parent: parent.clone(),
                     name: name.clone(),
                     mode: libc::S_IFREG | 0o644,
                     flags: libc::O_WRONLY,
@@ -242,11 +254,12 @@ async fn run_inner(raw: &mut Raw<'_>, what: &FsBench) -> Result<String> {
                 };
                 match raw.call(req).await? {
                     FsResponse::Created { entry, handle } => {
-                        raw.looked.push(entry.node);
+                        raw.keep(&entry);
                         raw.release(handle).await?;
                     }
                     other => return Err(unexpected("create", &other)),
                 }
+                let parent = parent.clone();
                 raw.call(FsRequest::Unlink { parent, name }).await?;
                 times.push(t0.elapsed());
             }

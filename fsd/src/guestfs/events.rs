@@ -8,38 +8,101 @@
 //! - The agent sends a command's events before its exit, so they are on their way before
 //!   the host learns that the command ended.
 //! - Events naming nodes the kernel does not hold are dropped: nothing is cached for them.
+//! - When a connection ends and its VM incarnation is gone (stopped, rebooted, deleted),
+//!   everything the kernel caches of that incarnation is invalidated, so nothing cached
+//!   is served as live data: the next use asks, and gets ESTALE or EHOSTDOWN.
+//! - A name event whose outcome the host itself made ([`Recent`]: the host's create,
+//!   rename, unlink ... answered before the event arrived, on the same connection) and
+//!   that still names what the host made is dropped: the kernel already knows, and
+//!   invalidating would throw away a dentry that may be someone's working directory.
+//!   Any other outcome invalidates the name.
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bandsox_agent::client::{AgentClient, FsEvents};
-use bandsox_agent::proto::fs::FsEvent;
+use bandsox_agent::proto::fs::{FsEvent, NodeId};
 use parking_lot::Mutex;
 
-use super::inodes::{Incarnation, Inodes};
+use super::inodes::{Incarnation, Inodes, VmNumbers};
+use crate::manager::vm::{Vm, VmState};
 
 /// Where invalidations go (the FUSE notifier in the daemon; a recorder in tests).
 /// Calls may block until the kernel has applied them.
 pub trait Invalidate: Send + Sync {
-    /// Forget the cached entry `name` in directory `parent`.
+    /// The cached entry `name` in directory `parent` may be stale: the kernel checks it
+    /// again before its next use (or forgets it).
     fn entry(&self, parent: u64, name: &[u8]);
     /// Forget the attributes of `ino`, and its cached pages when `data`.
     fn inode(&self, ino: u64, data: bool);
 }
 
+/// Most remembered host changes; older ones are dropped first.
+const RECENT_MAX: usize = 16_384;
+/// How long a host change waits for its event.
+const RECENT_TTL: Duration = Duration::from_secs(10);
+
+/// A directory's number and a name in it.
+type NameKey = (u64, Vec<u8>);
+
+/// Names the host itself changed recently, what they name since, and when.
+#[derive(Default)]
+pub struct Recent {
+    map: Mutex<HashMap<NameKey, (Option<NodeId>, Instant)>>,
+}
+
+impl Recent {
+    /// The host made `name` in directory `parent` name `now`.
+    pub fn note(&self, parent: u64, name: &[u8], now: Option<NodeId>) {
+        let mut m = self.map.lock();
+        if m.len() >= RECENT_MAX {
+            m.retain(|_, (_, at)| at.elapsed() < RECENT_TTL);
+            if m.len() >= RECENT_MAX {
+                m.clear();
+            }
+        }
+        m.insert((parent, name.to_vec()), (now, Instant::now()));
+    }
+
+    /// Is an event saying `name` in `parent` names `now` the echo of a host change?
+    pub fn echoes(&self, parent: u64, name: &[u8], now: Option<NodeId>) -> bool {
+        let key = (parent, name.to_vec());
+        let mut m = self.map.lock();
+        match m.remove(&key) {
+            Some((made, at)) => made == now && at.elapsed() < RECENT_TTL,
+            None => false,
+        }
+    }
+}
+
+type VmMap = Arc<Mutex<HashMap<Arc<str>, VmNumbers>>>;
+
 pub struct Pumps {
+    vms: VmMap,
     inodes: Arc<Mutex<Inodes>>,
+    recent: Arc<Recent>,
     inval: OnceLock<Arc<dyn Invalidate>>,
 }
 
 /// What one event means for the kernel's caches.
+#[derive(Debug, PartialEq, Eq)]
 enum Action {
     Entry(u64, Vec<u8>),
     Inode(u64, bool),
 }
 
+/// What translation needs to know about one connection.
+struct Source {
+    inc: Incarnation,
+    boot: u64,
+}
+
 impl Pumps {
-    pub fn new(inodes: Arc<Mutex<Inodes>>) -> Self {
+    pub fn new(vms: VmMap, inodes: Arc<Mutex<Inodes>>, recent: Arc<Recent>) -> Self {
         Pumps {
+            vms,
             inodes,
+            recent,
             inval: OnceLock::new(),
         }
     }
@@ -48,28 +111,63 @@ impl Pumps {
         let _ = self.inval.set(inv);
     }
 
-    /// Start the pump for `client` unless one runs already.
-    pub fn ensure(&self, inc: &Incarnation, client: &AgentClient, rt: &tokio::runtime::Handle) {
+    /// Start the pump for `client` (of `vm`) unless one runs already.
+    pub fn ensure(
+        &self,
+        inc: &Incarnation,
+        vm: &Arc<Vm>,
+        client: &AgentClient,
+        rt: &tokio::runtime::Handle,
+    ) {
         let Some(events) = client.take_fs_events() else {
             return;
         };
-        self.inodes.lock().drop_stale(&inc.vm_id, inc.generation);
-        let inodes = self.inodes.clone();
+        let src = Source {
+            inc: inc.clone(),
+            boot: client.info().instance,
+        };
+        let (vms, inodes, recent) = (self.vms.clone(), self.inodes.clone(), self.recent.clone());
         let inval = self.inval.get().cloned();
-        let inc = inc.clone();
-        rt.spawn(pump(events, inc, inodes, inval));
+        let vm = Arc::downgrade(vm);
+        rt.spawn(async move {
+            pump(events, &src, &vms, &inodes, &recent, inval.as_ref()).await;
+            let live = vm.upgrade().is_some_and(|vm| {
+                vm.generation() == src.inc.generation
+                    && matches!(vm.state(), VmState::Running | VmState::Paused)
+            });
+            if !live {
+                let inos = inodes.lock().inos_of(&src.inc);
+                if let (Some(inval), false) = (inval, inos.is_empty()) {
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for ino in inos {
+                            inval.inode(ino, true);
+                        }
+                    })
+                    .await;
+                }
+            }
+        });
     }
 }
 
 async fn pump(
     mut events: FsEvents,
-    inc: Incarnation,
-    inodes: Arc<Mutex<Inodes>>,
-    inval: Option<Arc<dyn Invalidate>>,
+    src: &Source,
+    vms: &VmMap,
+    inodes: &Mutex<Inodes>,
+    recent: &Recent,
+    inval: Option<&Arc<dyn Invalidate>>,
 ) {
     while let Some(batch) = events.next().await {
-        let actions = translate(&batch, &inc, &inodes.lock());
-        if let (Some(inval), false) = (&inval, actions.is_empty()) {
+        let actions = {
+            let vms = vms.lock();
+            let mut inodes = inodes.lock();
+            match vms.get(&src.inc.vm_id) {
+                Some(v) => translate(&batch, src, v, &mut inodes, recent),
+                None => Vec::new(),
+            }
+        };
+        if let (Some(inval), false) = (inval, actions.is_empty()) {
             let inval = inval.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 for a in actions {
@@ -82,27 +180,68 @@ async fn pump(
             .await;
         }
     }
-    tracing::debug!(vm = %inc.vm_id, "file event pump ended");
+    tracing::debug!(vm = %src.inc.vm_id, "file event pump ended");
 }
 
-fn translate(batch: &[FsEvent], inc: &Incarnation, inodes: &Inodes) -> Vec<Action> {
+/// The host number of `id` if the kernel holds it for this incarnation.
+fn held(src: &Source, v: &VmNumbers, inodes: &Inodes, id: NodeId) -> Option<u64> {
+    if id == bandsox_agent::proto::fs::ROOT_ID {
+        return match v.root {
+            Some((generation, ino)) if generation == src.inc.generation => Some(ino),
+            _ => None,
+        };
+    }
+    let ino = Inodes::known_number(v, src.boot, id)?;
+    inodes
+        .get(ino)
+        .filter(|i| i.inc == src.inc && i.node.id == id)
+        .map(|_| ino)
+}
+
+fn translate(
+    batch: &[FsEvent],
+    src: &Source,
+    v: &VmNumbers,
+    inodes: &mut Inodes,
+    recent: &Recent,
+) -> Vec<Action> {
     let mut out = Vec::new();
     for ev in batch {
         match ev {
-            FsEvent::Entry { parent, name } => {
-                if let Some(p) = inodes.ino_of(inc, *parent) {
-                    out.push(Action::Entry(p, name.clone()));
+            FsEvent::Entry { parent, name, now } => {
+                if let Some(p) = held(src, v, inodes, *parent) {
+                    if !recent.echoes(p, name, *now) {
+                        out.push(Action::Entry(p, name.clone()));
+                        // The kernel's cached listing of the directory goes too (it may
+                        // hold no entry for the name, and then only this tells it).
+                        let listing = Action::Inode(p, true);
+                        if !out.contains(&listing) {
+                            out.push(listing);
+                        }
+                    }
                 }
             }
             FsEvent::Node { node, data } => {
-                if let Some(ino) = inodes.ino_of(inc, *node) {
+                if let Some(ino) = held(src, v, inodes, *node) {
+                    inodes.forget_xattrs(ino);
                     out.push(Action::Inode(ino, *data));
                 }
             }
-            FsEvent::Overflow => {
-                tracing::warn!(vm = %inc.vm_id, "guest file events were lost; dropping cached pages");
-                for ino in inodes.inos_of(inc) {
+            FsEvent::Unwatched { node } => {
+                if let Some(ino) = held(src, v, inodes, *node) {
+                    inodes.unwatched(ino);
                     out.push(Action::Inode(ino, true));
+                }
+            }
+            FsEvent::Overflow => {
+                tracing::warn!(vm = %src.inc.vm_id, "guest file events were lost; dropping cached pages");
+                for ino in inodes.inos_of(&src.inc) {
+                    out.push(Action::Inode(ino, true));
+                }
+                if let Some((generation, ino)) = v.root {
+                    if generation == src.inc.generation {
+                        out.push(Action::Inode(ino, true));
+                    }
                 }
             }
         }
@@ -113,39 +252,103 @@ fn translate(batch: &[FsEvent], inc: &Incarnation, inodes: &Inodes) -> Vec<Actio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guestfs::inodes::EntryFacts;
+    use bandsox_agent::proto::fs::{FileHandle, NodeRef, ROOT_ID};
 
     #[test]
-    fn events_for_unknown_nodes_are_dropped() {
+    fn events_become_invalidations_except_echoes_of_host_changes() {
+        let dir = tempfile::tempdir().unwrap();
         let inc = Incarnation {
             vm_id: Arc::from("v"),
             generation: 1,
         };
+        let src = Source {
+            inc: inc.clone(),
+            boot: 9,
+        };
+        let mut v = VmNumbers::new(2, dir.path().to_path_buf());
+        v.root = Some((1, 99));
         let mut t = Inodes::new();
-        t.set_root(&inc, 1, 99);
-        let f = t.intern(&inc, 5, true);
+        let disk = (254u64 << 8) | 1;
+        let f_id = NodeId { dev: disk, ino: 5 };
+        let f = t.number(&mut v, 9, f_id).unwrap();
+        t.intern(
+            f,
+            &inc,
+            &NodeRef {
+                id: f_id,
+                fh: FileHandle(vec![0; 8]),
+            },
+            &EntryFacts {
+                kind: libc::S_IFREG,
+                coherent: true,
+                counted: false,
+                watched: false,
+                xattrs: None,
+            },
+        );
+        let recent = Recent::default();
+        recent.note(99, b"made", Some(f_id));
+        recent.note(99, b"gone", None);
         let batch = vec![
             FsEvent::Entry {
-                parent: 1,
+                parent: ROOT_ID,
                 name: b"x".to_vec(),
+                now: None,
+            },
+            // Echoes of the host's own changes: dropped.
+            FsEvent::Entry {
+                parent: ROOT_ID,
+                name: b"made".to_vec(),
+                now: Some(f_id),
             },
             FsEvent::Entry {
-                parent: 77,
+                parent: ROOT_ID,
+                name: b"gone".to_vec(),
+                now: None,
+            },
+            // A parent the kernel does not hold.
+            FsEvent::Entry {
+                parent: NodeId { dev: disk, ino: 77 },
                 name: b"y".to_vec(),
+                now: None,
             },
             FsEvent::Node {
-                node: 5,
+                node: f_id,
                 data: true,
             },
             FsEvent::Node {
-                node: 6,
+                node: NodeId { dev: disk, ino: 6 },
                 data: true,
             },
         ];
-        let acts = translate(&batch, &inc, &t);
+        let acts = translate(&batch, &src, &v, &mut t, &recent);
+        assert_eq!(
+            acts,
+            vec![
+                Action::Entry(99, b"x".to_vec()),
+                Action::Inode(99, true),
+                Action::Inode(f, true)
+            ]
+        );
+        // A host change the guest changed again afterwards is not an echo.
+        recent.note(99, b"made", Some(f_id));
+        let acts = translate(
+            &[FsEvent::Entry {
+                parent: ROOT_ID,
+                name: b"made".to_vec(),
+                now: Some(NodeId { dev: disk, ino: 8 }),
+            }],
+            &src,
+            &v,
+            &mut t,
+            &recent,
+        );
+        assert_eq!(
+            acts,
+            vec![Action::Entry(99, b"made".to_vec()), Action::Inode(99, true)]
+        );
+        let acts = translate(&[FsEvent::Overflow], &src, &v, &mut t, &recent);
         assert_eq!(acts.len(), 2);
-        assert!(matches!(&acts[0], Action::Entry(99, n) if n == b"x"));
-        assert!(matches!(acts[1], Action::Inode(i, true) if i == f));
-        let acts = translate(&[FsEvent::Overflow], &inc, &t);
-        assert_eq!(acts.len(), 1);
     }
 }

@@ -1,24 +1,55 @@
-//! Host inode and handle numbers for `fs/` and what they stand for in the guest.
+//! Host inode numbers for `fs/`, derived from guest identities, and what the kernel holds.
+//!
+//! A host inode number is a pure function of *which VM* and *which guest inode*:
+//!
+//! ```text
+//!  63  62 61          48 47      40 39                        0
+//! | 0 | 1 |  VM slot    | device   |  guest inode number        |
+//! ```
 //!
 //! Invariants:
-//! - A host inode number names one `(VM id, boot generation, agent node)` triple; numbers
-//!   start at [`FS_INO_BASE`] (disjoint from the control tree's) and are never reused,
-//!   so a number the kernel still holds can never come to mean another file.
+//! - Bit 62 is set and bit 63 clear in every number, so they are disjoint from the
+//!   control tree's (small counters) and never negative as a signed 64-bit value.
+//! - The VM slot is unique among VMs (kept in `vm.json`), and a slot is not given to a
+//!   new VM while the kernel still holds numbers of the VM that had it, so no number ever
+//!   names files of two VMs.
+//! - The device index is the VM's own table of guest devices ([`DeviceTable`], kept in
+//!   the VM directory). A device with a real major number (the VM's disk) keeps its index
+//!   across boots; an anonymous one (tmpfs, ...; major 0) is indexed per guest boot
+//!   (agent instance), because the guest may give the same number to another filesystem
+//!   next time. Index [`OVERFLOW_DEV`] is for inodes whose numbers do not fit in 40 bits
+//!   or whose device found no free index: those get numbers from a counter, stable only
+//!   while the daemon runs.
+//! - So a file keeps its number across renames, hard links, the kernel forgetting it,
+//!   pause/resume, agent reconnects and daemon restarts; a file on the VM's disk also
+//!   across reboots. Hard links share it.
 //! - `nlookup` mirrors the kernel's lookup count: every entry handed to the kernel adds
-//!   one, `forget` subtracts; at zero the number is dropped. The agent keeps one
-//!   reference per entry it answered, so the counts forwarded to it match.
+//!   one, `forget` subtracts; at zero the number is dropped. `counted` mirrors the
+//!   agent's count of the node (see `bandsox_agent::proto::fs`); it never exceeds
+//!   `nlookup`, and what `forget` takes from it is forwarded to the agent.
 //! - The `fs/` directory of a VM is not in this table: it is a control-tree inode per
-//!   boot generation, registered here as a pinned alias of the agent's root node so
-//!   events about the root can be translated.
-//! - Handles likewise map a host `fh` to `(VM id, generation, agent handle)`; an agent
-//!   handle is only ever used with the VM incarnation that issued it.
+//!   boot generation, known here only as the alias of the agent's root.
+//! - Handles map a host `fh` to `(VM id, generation, agent handle)`; an agent handle is
+//!   only ever used with the VM incarnation that issued it.
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bandsox_agent::proto::fs::{HandleId, NodeId};
+use bandsox_agent::proto::fs::{HandleId, NodeId, NodeRef, XattrNames, ROOT_ID};
+use serde::{Deserialize, Serialize};
 
-/// First host inode number used for guest files.
-pub const FS_INO_BASE: u64 = 1 << 40;
+/// Bit 62: a guest file.
+pub const FS_INO_BASE: u64 = 1 << 62;
+/// VM slots: 14 bits.
+pub const MAX_SLOTS: u16 = 1 << 14;
+const SLOT_SHIFT: u32 = 48;
+const DEV_SHIFT: u32 = 40;
+/// Guest inode numbers below this map directly.
+const INO_LIMIT: u64 = 1 << DEV_SHIFT;
+/// Device index of numbers handed out by counter.
+pub const OVERFLOW_DEV: u8 = 255;
+/// The file of a VM's device table.
+const DEVICES_FILE: &str = "fs-devices.json";
 
 /// Which VM incarnation a number belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -27,80 +58,315 @@ pub struct Incarnation {
     pub generation: u64,
 }
 
+/// One guest device as the table knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceKey {
+    pub dev: u64,
+    /// The agent instance (guest boot) for anonymous devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<u64>,
+}
+
+impl DeviceKey {
+    pub fn new(dev: u64, boot: u64) -> DeviceKey {
+        // Linux's encoding of the major number (glibc gnu_dev_major).
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+        DeviceKey {
+            dev,
+            boot: (major == 0).then_some(boot),
+        }
+    }
+}
+
+/// A VM's device indices (index = position; `None` = free).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeviceTable {
+    devices: Vec<Option<DeviceKey>>,
+}
+
+impl DeviceTable {
+    /// The table kept in `dir` (empty when there is none or it cannot be read).
+    pub fn load(dir: &Path) -> DeviceTable {
+        std::fs::read(dir.join(DEVICES_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<DeviceTable>(&b).ok())
+            .map(|mut t| {
+                t.devices.truncate(OVERFLOW_DEV as usize);
+                t
+            })
+            .unwrap_or_default()
+    }
+
+    fn save(&self, dir: &Path) {
+        let tmp = dir.join(format!("{DEVICES_FILE}.tmp"));
+        let res = serde_json::to_vec(self)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, dir.join(DEVICES_FILE)));
+        if let Err(e) = res {
+            tracing::warn!("cannot save {}: {e}", dir.join(DEVICES_FILE).display());
+        }
+    }
+
+    pub fn find(&self, key: &DeviceKey) -> Option<u8> {
+        self.devices
+            .iter()
+            .position(|d| d.as_ref() == Some(key))
+            .map(|i| i as u8)
+    }
+
+    /// The index of `key`, adding it (and saving the table in `dir`) when new. A full
+    /// table reuses the index of a device of an earlier boot that `in_use` says no live
+    /// number refers to; `None` when there is none.
+    pub fn index(
+        &mut self,
+        key: &DeviceKey,
+        dir: &Path,
+        in_use: impl Fn(u8) -> bool,
+    ) -> Option<u8> {
+        if let Some(i) = self.find(key) {
+            return Some(i);
+        }
+        let free = self.devices.iter().position(Option::is_none);
+        let slot = match free {
+            Some(i) => i,
+            None if self.devices.len() < OVERFLOW_DEV as usize => {
+                self.devices.push(None);
+                self.devices.len() - 1
+            }
+            None => self.devices.iter().position(|d| {
+                d.as_ref()
+                    .is_some_and(|d| d.boot.is_some() && d.boot != key.boot)
+            })?,
+        };
+        if in_use(slot as u8) && self.devices[slot].is_some() {
+            return None;
+        }
+        self.devices[slot] = Some(key.clone());
+        self.save(dir);
+        Some(slot as u8)
+    }
+}
+
+/// The number of guest inode `ino` on device index `dev` of VM slot `slot`.
+pub fn compose(slot: u16, dev: u8, ino: u64) -> u64 {
+    FS_INO_BASE
+        | (u64::from(slot & (MAX_SLOTS - 1)) << SLOT_SHIFT)
+        | (u64::from(dev) << DEV_SHIFT)
+        | (ino & (INO_LIMIT - 1))
+}
+
+/// The VM slot and device index of a host number.
+pub fn slot_of(ino: u64) -> u16 {
+    ((ino >> SLOT_SHIFT) & u64::from(MAX_SLOTS - 1)) as u16
+}
+
+fn dev_index_of(ino: u64) -> u8 {
+    ((ino >> DEV_SHIFT) & 0xff) as u8
+}
+
+/// What `fs/` knows of one VM: its slot, devices, agent instance and root alias.
+#[derive(Debug)]
+pub struct VmNumbers {
+    pub slot: u16,
+    pub dir: PathBuf,
+    pub devices: DeviceTable,
+    /// Numbers given by counter (see [`OVERFLOW_DEV`]).
+    overflow: HashMap<NodeId, u64>,
+    next_overflow: u64,
+    /// The root alias: generation → control-tree inode of `fs/`.
+    pub root: Option<(u64, u64)>,
+}
+
+impl VmNumbers {
+    pub fn new(slot: u16, dir: PathBuf) -> VmNumbers {
+        VmNumbers {
+            slot,
+            devices: DeviceTable::load(&dir),
+            dir,
+            overflow: HashMap::new(),
+            next_overflow: 1,
+            root: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct InodeInfo {
     pub inc: Incarnation,
-    pub node: NodeId,
-    /// The entry's parent directory is watched by the agent (see `proto::fs::Entry`).
+    pub node: NodeRef,
+    /// `S_IFMT` bits.
+    pub kind: u32,
+    /// Changes to this entry and its data are announced (its parent is watched).
     pub coherent: bool,
+    /// A directory the agent watches: entries in it are coherent.
+    pub watched: bool,
+    /// Its xattr names, while known to be current (coherent entries only; a change
+    /// event or the host's own xattr change forgets them).
+    pub xattrs: Option<XattrNames>,
     nlookup: u64,
+    counted: u64,
+}
+
+/// What a forget gives back to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    pub inc: Incarnation,
+    pub node: NodeId,
+    pub count: u64,
 }
 
 #[derive(Default)]
 pub struct Inodes {
     by_ino: HashMap<u64, InodeInfo>,
-    by_node: HashMap<(Incarnation, NodeId), u64>,
-    next: u64,
+    /// Live numbers per VM slot (a slot is reused only at zero).
+    per_slot: HashMap<u16, usize>,
+}
+
+/// What a new entry says about its node.
+#[derive(Debug, Clone)]
+pub struct EntryFacts {
+    pub kind: u32,
+    pub coherent: bool,
+    pub counted: bool,
+    pub watched: bool,
+    pub xattrs: Option<XattrNames>,
 }
 
 impl Inodes {
     pub fn new() -> Self {
-        Inodes {
-            next: FS_INO_BASE,
-            ..Default::default()
-        }
+        Self::default()
     }
 
-    /// Record one more kernel reference to `node` and return its host number.
-    pub fn intern(&mut self, inc: &Incarnation, node: NodeId, coherent: bool) -> u64 {
-        if let Some(&ino) = self.by_node.get(&(inc.clone(), node)) {
-            if let Some(info) = self.by_ino.get_mut(&ino) {
-                info.nlookup += 1;
-                info.coherent = coherent;
-                return ino;
+    /// The host number of `id` in VM `v` for the agent instance `boot`, assigning a
+    /// device index when needed (`None`: the root alias is not known yet).
+    pub fn number(&self, v: &mut VmNumbers, boot: u64, id: NodeId) -> Option<u64> {
+        if id == ROOT_ID {
+            return v.root.map(|(_, ino)| ino);
+        }
+        let key = DeviceKey::new(id.dev, boot);
+        let slot = v.slot;
+        let dev = if id.ino < INO_LIMIT {
+            let dir = v.dir.clone();
+            v.devices.index(&key, &dir, |i| {
+                self.by_ino
+                    .keys()
+                    .any(|&ino| slot_of(ino) == slot && dev_index_of(ino) == i)
+            })
+        } else {
+            None
+        };
+        Some(match dev {
+            Some(d) => compose(slot, d, id.ino),
+            None => {
+                let n = match v.overflow.get(&id) {
+                    Some(&n) => n,
+                    None => {
+                        let n = v.next_overflow;
+                        v.next_overflow += 1;
+                        v.overflow.insert(id, n);
+                        n
+                    }
+                };
+                compose(slot, OVERFLOW_DEV, n)
+            }
+        })
+    }
+
+    /// The host number of `id` only if one is known (no index is assigned).
+    pub fn known_number(v: &VmNumbers, boot: u64, id: NodeId) -> Option<u64> {
+        if id == ROOT_ID {
+            return v.root.map(|(_, ino)| ino);
+        }
+        if id.ino < INO_LIMIT {
+            if let Some(d) = v.devices.find(&DeviceKey::new(id.dev, boot)) {
+                return Some(compose(v.slot, d, id.ino));
             }
         }
-        let ino = self.next;
-        self.next += 1;
-        self.by_ino.insert(
-            ino,
-            InodeInfo {
-                inc: inc.clone(),
-                node,
-                coherent,
-                nlookup: 1,
-            },
-        );
-        self.by_node.insert((inc.clone(), node), ino);
-        ino
+        v.overflow
+            .get(&id)
+            .map(|&n| compose(v.slot, OVERFLOW_DEV, n))
     }
 
-    /// Register the pinned root alias (the VM's `fs/` directory inode).
-    pub fn set_root(&mut self, inc: &Incarnation, root_node: NodeId, ino: u64) {
-        self.by_node.insert((inc.clone(), root_node), ino);
+    /// Record one more kernel reference to `ino` (node `node` of `inc`).
+    pub fn intern(&mut self, ino: u64, inc: &Incarnation, node: &NodeRef, facts: &EntryFacts) {
+        match self.by_ino.get_mut(&ino) {
+            Some(info) if info.inc == *inc => {
+                info.nlookup += 1;
+                info.counted += u64::from(facts.counted);
+                info.coherent = facts.coherent;
+                info.watched = facts.watched;
+                info.xattrs = facts.xattrs.clone().filter(|_| facts.coherent);
+                if info.node.fh.0.is_empty() {
+                    info.node.fh = node.fh.clone();
+                }
+            }
+            _ => {
+                // New, or left over from an earlier boot (which the kernel may still hold
+                // under the same number): the entry now names this incarnation's node.
+                if self.by_ino.contains_key(&ino) {
+                    self.by_ino.remove(&ino);
+                } else {
+                    *self.per_slot.entry(slot_of(ino)).or_default() += 1;
+                }
+                self.by_ino.insert(
+                    ino,
+                    InodeInfo {
+                        inc: inc.clone(),
+                        node: node.clone(),
+                        kind: facts.kind,
+                        coherent: facts.coherent,
+                        watched: facts.watched,
+                        xattrs: facts.xattrs.clone().filter(|_| facts.coherent),
+                        nlookup: 1,
+                        counted: u64::from(facts.counted),
+                    },
+                );
+            }
+        }
     }
 
     pub fn get(&self, ino: u64) -> Option<&InodeInfo> {
         self.by_ino.get(&ino)
     }
 
-    /// The host number of an agent node, if the kernel holds one.
-    pub fn ino_of(&self, inc: &Incarnation, node: NodeId) -> Option<u64> {
-        self.by_node.get(&(inc.clone(), node)).copied()
-    }
-
     /// Drop `n` kernel references. Returns what to forward to the agent.
-    pub fn forget(&mut self, ino: u64, n: u64) -> Option<(Incarnation, NodeId, u64)> {
+    pub fn forget(&mut self, ino: u64, n: u64) -> Option<Release> {
         let info = self.by_ino.get_mut(&ino)?;
-        let n = n.min(info.nlookup);
-        info.nlookup -= n;
-        let out = (info.inc.clone(), info.node, n);
+        info.nlookup = info.nlookup.saturating_sub(n);
+        let give = info.counted.saturating_sub(info.nlookup);
+        info.counted -= give;
+        let out = Release {
+            inc: info.inc.clone(),
+            node: info.node.id,
+            count: give,
+        };
         if info.nlookup == 0 {
-            let key = (info.inc.clone(), info.node);
             self.by_ino.remove(&ino);
-            self.by_node.remove(&key);
+            let slot = slot_of(ino);
+            if let Some(c) = self.per_slot.get_mut(&slot) {
+                *c = c.saturating_sub(1);
+                if *c == 0 {
+                    self.per_slot.remove(&slot);
+                }
+            }
         }
         Some(out)
+    }
+
+    /// The xattr names of `ino` may have changed.
+    pub fn forget_xattrs(&mut self, ino: u64) {
+        if let Some(info) = self.by_ino.get_mut(&ino) {
+            info.xattrs = None;
+        }
+    }
+
+    /// The agent stopped watching directory `ino` (it no longer counts it either).
+    pub fn unwatched(&mut self, ino: u64) {
+        if let Some(info) = self.by_ino.get_mut(&ino) {
+            info.watched = false;
+            info.counted = 0;
+        }
     }
 
     /// All host numbers of one incarnation (for overflow invalidation).
@@ -112,13 +378,9 @@ impl Inodes {
             .collect()
     }
 
-    /// Drop every number of VM incarnations other than `keep` for `vm_id` (after a
-    /// reboot the agent's nodes are gone; the kernel's later forgets find nothing).
-    pub fn drop_stale(&mut self, vm_id: &str, keep: u64) {
-        self.by_ino
-            .retain(|_, i| &*i.inc.vm_id != vm_id || i.inc.generation == keep);
-        self.by_node
-            .retain(|(inc, _), _| &*inc.vm_id != vm_id || inc.generation == keep);
+    /// Does the kernel hold numbers of VM slot `slot`?
+    pub fn slot_in_use(&self, slot: u16) -> bool {
+        self.per_slot.contains_key(&slot)
     }
 
     pub fn len(&self) -> usize {
@@ -135,7 +397,6 @@ impl Inodes {
 pub struct OpenHandle {
     pub inc: Incarnation,
     pub handle: HandleId,
-    pub node: NodeId,
 }
 
 #[derive(Default)]
@@ -161,6 +422,7 @@ impl Handles {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bandsox_agent::proto::fs::FileHandle;
 
     fn inc(g: u64) -> Incarnation {
         Incarnation {
@@ -169,38 +431,107 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lookup_counts_mirror_the_kernel() {
-        let mut t = Inodes::new();
-        let a = t.intern(&inc(1), 7, true);
-        assert!(a >= FS_INO_BASE);
-        assert_eq!(t.intern(&inc(1), 7, true), a);
-        assert_eq!(t.forget(a, 1), Some((inc(1), 7, 1)));
-        assert!(t.get(a).is_some());
-        assert_eq!(t.forget(a, 5), Some((inc(1), 7, 1)), "clamped to the count");
-        assert!(t.get(a).is_none());
-        assert_eq!(t.forget(a, 1), None);
-        let b = t.intern(&inc(1), 7, false);
-        assert_ne!(a, b, "numbers are never reused");
+    fn node(dev: u64, ino: u64) -> NodeRef {
+        NodeRef {
+            id: NodeId { dev, ino },
+            fh: FileHandle(vec![1, 0, 0, 0, 9]),
+        }
+    }
+
+    fn facts(counted: bool) -> EntryFacts {
+        EntryFacts {
+            kind: libc::S_IFREG,
+            coherent: true,
+            counted,
+            watched: false,
+            xattrs: None,
+        }
+    }
+
+    /// `makedev` as glibc encodes it.
+    fn makedev(major: u64, minor: u64) -> u64 {
+        ((major & 0xfff) << 8) | ((major & !0xfff) << 32) | (minor & 0xff) | ((minor & !0xff) << 12)
     }
 
     #[test]
-    fn generations_are_separate() {
-        let mut t = Inodes::new();
-        let a = t.intern(&inc(1), 7, true);
-        let b = t.intern(&inc(2), 7, true);
-        assert_ne!(a, b);
-        t.drop_stale("vm1", 2);
-        assert!(t.get(a).is_none());
-        assert!(t.get(b).is_some());
-        assert_eq!(t.ino_of(&inc(2), 7), Some(b));
+    fn numbers_are_a_function_of_vm_device_and_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Inodes::new();
+        let mut v = VmNumbers::new(3, dir.path().to_path_buf());
+        let disk = makedev(254, 0);
+        let a = t.number(&mut v, 1, NodeId { dev: disk, ino: 12 }).unwrap();
+        assert_eq!(a, compose(3, 0, 12));
+        assert!(a & FS_INO_BASE != 0 && (a as i64) > 0);
+        assert_eq!(slot_of(a), 3);
+        // Same again, and the disk keeps its index on another boot and after a reload.
+        assert_eq!(t.number(&mut v, 1, NodeId { dev: disk, ino: 12 }), Some(a));
+        let mut v2 = VmNumbers::new(3, dir.path().to_path_buf());
+        assert_eq!(t.number(&mut v2, 2, NodeId { dev: disk, ino: 12 }), Some(a));
+        // An anonymous device is indexed per boot: another boot gets another index.
+        let tmpfs = makedev(0, 25);
+        let b1 = t.number(&mut v2, 1, NodeId { dev: tmpfs, ino: 5 }).unwrap();
+        let b2 = t.number(&mut v2, 2, NodeId { dev: tmpfs, ino: 5 }).unwrap();
+        assert_ne!(b1, b2);
+        // Other VMs (slots) never collide.
+        let mut w = VmNumbers::new(4, tempfile::tempdir().unwrap().path().to_path_buf());
+        assert_ne!(t.number(&mut w, 1, NodeId { dev: disk, ino: 12 }), Some(a));
+        // Inode numbers beyond 40 bits get counter numbers, stable while kept.
+        let big = NodeId {
+            dev: disk,
+            ino: 1 << 45,
+        };
+        let c = t.number(&mut v2, 2, big).unwrap();
+        assert_eq!(dev_index_of(c), OVERFLOW_DEV);
+        assert_eq!(t.number(&mut v2, 2, big), Some(c));
+        assert_eq!(Inodes::known_number(&v2, 2, big), Some(c));
     }
 
     #[test]
-    fn root_alias_translates_but_is_not_counted() {
+    fn lookup_counts_mirror_the_kernel_and_the_agent() {
         let mut t = Inodes::new();
-        t.set_root(&inc(1), 1, 42);
-        assert_eq!(t.ino_of(&inc(1), 1), Some(42));
+        let n = node(1, 7);
+        t.intern(100 | FS_INO_BASE, &inc(1), &n, &facts(true));
+        t.intern(100 | FS_INO_BASE, &inc(1), &n, &facts(false));
+        t.intern(100 | FS_INO_BASE, &inc(1), &n, &facts(true));
+        // nlookup 3, counted 2: forgetting 1 leaves counted ≤ nlookup (nothing to give).
+        let r = t.forget(100 | FS_INO_BASE, 1).unwrap();
+        assert_eq!(r.count, 0);
+        let r = t.forget(100 | FS_INO_BASE, 1).unwrap();
+        assert_eq!(r.count, 1);
+        assert!(t.slot_in_use(0));
+        let r = t.forget(100 | FS_INO_BASE, 5).unwrap();
+        assert_eq!(r.count, 1);
+        assert!(t.get(100 | FS_INO_BASE).is_none());
+        assert!(!t.slot_in_use(0));
+        assert_eq!(t.forget(100 | FS_INO_BASE, 1), None);
+    }
+
+    #[test]
+    fn a_new_boot_takes_over_a_number() {
+        let mut t = Inodes::new();
+        let ino = compose(1, 0, 5);
+        t.intern(ino, &inc(1), &node(1, 5), &facts(false));
+        t.intern(ino, &inc(2), &node(1, 5), &facts(false));
+        assert_eq!(t.get(ino).unwrap().inc, inc(2));
+        assert_eq!(t.len(), 1);
+        assert!(t.forget(ino, 1).is_some());
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_full_device_table_reuses_only_free_earlier_boot_indices() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = DeviceTable::default();
+        for i in 0..255u64 {
+            d.index(&DeviceKey::new(makedev(0, i), 1), dir.path(), |_| false);
+        }
+        // Full; boot 1's devices are reusable for boot 2 only when unused.
+        assert_eq!(
+            d.index(&DeviceKey::new(makedev(0, 999), 2), dir.path(), |_| true),
+            None
+        );
+        assert!(d
+            .index(&DeviceKey::new(makedev(0, 999), 2), dir.path(), |_| false)
+            .is_some());
     }
 }

@@ -2,30 +2,41 @@
 //!
 //! This is the filesystem logic; `fuse::guest` only translates kernel requests into these
 //! calls. Invariants:
+//! - Operations complete through a callback (`done`), called exactly once: on the agent
+//!   connection's reader when the answer arrives, or at once on error. A request costs
+//!   no task and no thread hand-off: it is written from the calling thread, and the
+//!   answer is turned into the kernel's reply where it is read. Only a VM whose agent
+//!   connection must first be re-established, and a retry, run in a task.
 //! - Every call that talks to a guest has a deadline ([`FS_DEADLINE`], longer for
 //!   `fsync`) and fails with an errno; a VM that is not running fails at once with
 //!   EHOSTDOWN, a VM whose agent connection dies fails pending calls with EHOSTDOWN.
-//! - Numbers are per VM incarnation (see [`inodes`]): after the VM reboots, inodes and
-//!   handles of the earlier boot answer ESTALE. The VM's `fs/` directory itself gets a
-//!   new control-tree inode per boot, so the kernel drops the old boot's cached subtree.
+//! - Host inode numbers are derived from guest identities (see [`inodes`]): stable
+//!   across renames, hard links, forgetting, pause/resume, reconnects and daemon
+//!   restarts. Handles and lookups of an earlier boot answer ESTALE; the VM's `fs/`
+//!   directory gets a new control-tree inode per boot, so the kernel drops the old
+//!   boot's cached subtree.
 //! - Nothing the guest answers is trusted: data longer than requested, counts larger
-//!   than sent, invalid names or file types, and out-of-range errnos become EIO (or are
-//!   skipped, for directory entries), never a host allocation or a path.
-//! - Cache policy: an entry whose parent the agent watches is cached for
-//!   [`TTL_COHERENT`] and its pages are kept across opens, because change events
-//!   invalidate them ([`events`]); other entries live [`TTL_UNWATCHED`] and their pages
-//!   are dropped at every open.
+//!   than sent, invalid names, handles or file types, identities claiming the root, and
+//!   out-of-range errnos become EIO (or are skipped, for directory entries), never a host
+//!   allocation or a path.
+//! - Cache policy: entries in directories the agent watches are cached for
+//!   [`TTL_COHERENT`] (missing names too: negative entries), attributes likewise, and
+//!   file pages are kept across opens, because change events invalidate them
+//!   ([`events`]); the host's own changes are remembered so that their events do not
+//!   throw away what the kernel already knows. Other entries live [`TTL_UNWATCHED`] and
+//!   their pages are dropped at every open.
 pub mod bench;
 pub mod events;
 pub mod inodes;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bandsox_agent::client::{AgentClient, ClientError};
 use bandsox_agent::proto::fs::{
-    valid_name, Attr, DirEntry, Entry, FsRequest, FsResponse, HandleId, NodeId, Owner, SetAttrs,
-    StatFs, MAX_CHUNK, MAX_XATTR, ROOT_NODE,
+    valid_name, Attr, DirEntry, Entry, FsRequest, FsResponse, HandleId, NodeId, NodeRef, Owner,
+    SetAttrs, StatFs, XattrNames, MAX_CHUNK, MAX_FILE_HANDLE, MAX_XATTR, ROOT_ID, ROOT_NODE,
 };
 use parking_lot::Mutex;
 
@@ -33,21 +44,23 @@ use crate::error::{Error, Result};
 use crate::manager::vm::Vm;
 use crate::manager::Manager;
 pub use events::Invalidate;
+use events::Recent;
 pub use inodes::FS_INO_BASE;
-use inodes::{Handles, Incarnation, Inodes, OpenHandle};
+use inodes::{EntryFacts, Handles, Incarnation, Inodes, OpenHandle, VmNumbers, MAX_SLOTS};
 
 /// Deadline of one file request to the guest.
 pub const FS_DEADLINE: Duration = Duration::from_secs(20);
 /// Deadline of `fsync` (may flush a lot of guest page cache).
 pub const FSYNC_DEADLINE: Duration = Duration::from_secs(120);
-/// Entry and attribute lifetime when the agent announces changes.
-pub const TTL_COHERENT: Duration = Duration::from_secs(10);
+/// Entry and attribute lifetime when the agent announces changes. Events keep the cache
+/// true; the lifetime only bounds how long a name can stay stale after events were lost
+/// (an inotify queue overflow in the guest, which also drops every cached attribute).
+pub const TTL_COHERENT: Duration = Duration::from_secs(60);
 /// Entry and attribute lifetime when it does not (watch limit reached).
 pub const TTL_UNWATCHED: Duration = Duration::from_millis(200);
-/// Size of the kernel's readdir buffer we fill (one page).
-pub const READDIR_BYTES: u32 = 4096;
-/// `d_ino` of entries in plain (not plus) listings, which are not looked up.
-const PLAIN_DIRENT_INO: u64 = FS_INO_BASE - 1;
+/// The kernel's readdir buffer as assumed until a full reply shows its real size (one
+/// page on older kernels; newer ones take more, see [`GuestFs::readdir_filled`]).
+pub const READDIR_BYTES: u32 = 65536;
 /// Longest symlink target we accept from a guest.
 const MAX_LINK: usize = 4096;
 
@@ -64,7 +77,18 @@ pub enum Target {
     Node(u64),
 }
 
-/// A looked-up entry as the kernel needs it.
+impl Target {
+    /// The number the kernel knows the target by.
+    pub fn ino(&self) -> u64 {
+        match self {
+            Target::Root { ino, .. } => *ino,
+            Target::Node(ino) => *ino,
+        }
+    }
+}
+
+/// A looked-up entry as the kernel needs it; `ino` 0 is a negative entry (the name does
+/// not exist, and the kernel may remember that for `ttl`).
 #[derive(Debug, Clone)]
 pub struct Looked {
     pub ino: u64,
@@ -80,7 +104,7 @@ pub struct DirItem {
     pub next_offset: u64,
     /// `S_IFMT` bits (0 = unknown).
     pub kind: u32,
-    /// Host inode number to report (for plain listings a best effort).
+    /// Host inode number: what `lstat` of the entry shows.
     pub ino: u64,
     /// `plus` listings: the looked-up entry (`None` for `.` and `..`).
     pub looked: Option<Looked>,
@@ -94,24 +118,44 @@ pub struct Opened {
     pub keep_cache: bool,
 }
 
+/// An xattr answer for the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XattrReply {
+    Size(u32),
+    Data(Vec<u8>),
+}
+
 /// A resolved target: the VM incarnation, its live agent and the agent node.
 struct Resolved {
     inc: Incarnation,
+    vm: Arc<Vm>,
     client: AgentClient,
-    node: NodeId,
+    /// The agent instance (guest boot) the connection belongs to.
+    boot: u64,
+    node: NodeRef,
+    /// The target's own entry is coherent (its pages may be kept).
     coherent: bool,
+    /// The target is a directory the agent watches (names in it may be cached).
+    watched: bool,
+    /// The number the kernel knows the target by.
+    ino: u64,
 }
 
 pub struct GuestFs {
     mgr: Arc<Manager>,
+    /// Lock order: `vms` before `inodes`.
+    vms: Arc<Mutex<HashMap<Arc<str>, VmNumbers>>>,
     inodes: Arc<Mutex<Inodes>>,
     handles: Mutex<Handles>,
+    recent: Arc<Recent>,
     events: events::Pumps,
     rt: tokio::runtime::Handle,
+    /// Bytes of entries asked of the agent per readdir: the kernel's buffer size.
+    readdir_bytes: std::sync::atomic::AtomicU32,
 }
 
 /// Check a guest errno and keep it only when it is one a host program can understand.
-fn guest_error(e: bandsox_agent::client::ClientError) -> Error {
+fn guest_error(e: ClientError) -> Error {
     let err = Error::from(e);
     if err.errno <= 0 || err.errno > 4095 {
         return Error::io(format!("guest: {}", err.message));
@@ -135,6 +179,7 @@ fn response_name(r: &FsResponse) -> &'static str {
         FsResponse::Written(_) => "Written",
         FsResponse::Opened { .. } => "Opened",
         FsResponse::Created { .. } => "Created",
+        FsResponse::Moved(_) => "Moved",
         FsResponse::DirEntries(_) => "DirEntries",
         FsResponse::StatFs(_) => "StatFs",
         FsResponse::XattrSize(_) => "XattrSize",
@@ -181,15 +226,51 @@ fn ttl(coherent: bool) -> Duration {
     }
 }
 
+fn xattr_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name.len() > 255 || name.contains(&0) {
+        return Err(Error::new(libc::ERANGE, "invalid xattr name"));
+    }
+    Ok(())
+}
+
+fn xattr_reply(resp: FsResponse, size: u32, what: &str) -> Result<XattrReply> {
+    match resp {
+        FsResponse::XattrSize(n) if size == 0 => Ok(XattrReply::Size(n)),
+        FsResponse::Data(d) if size > 0 && d.len() <= size as usize => Ok(XattrReply::Data(d)),
+        FsResponse::Data(_) if size > 0 => Err(Error::new(libc::ERANGE, "xattr too large")),
+        other => Err(protocol(what, &other)),
+    }
+}
+
+fn expect_ok(resp: FsResponse, what: &str) -> Result<()> {
+    match resp {
+        FsResponse::Ok => Ok(()),
+        other => Err(protocol(what, &other)),
+    }
+}
+
+fn attr_from(resp: FsResponse, what: &str) -> Result<Attr> {
+    match resp {
+        FsResponse::Attr(a) if valid_attr(&a) => Ok(a),
+        FsResponse::Attr(_) => Err(Error::io("the guest agent sent an invalid file type")),
+        other => Err(protocol(what, &other)),
+    }
+}
+
 impl GuestFs {
     pub fn new(mgr: Arc<Manager>, rt: tokio::runtime::Handle) -> Arc<Self> {
         let inodes = Arc::new(Mutex::new(Inodes::new()));
+        let vms = Arc::new(Mutex::new(HashMap::new()));
+        let recent = Arc::new(Recent::default());
         Arc::new(GuestFs {
             mgr,
-            events: events::Pumps::new(inodes.clone()),
+            events: events::Pumps::new(vms.clone(), inodes.clone(), recent.clone()),
+            vms,
             inodes,
+            recent,
             handles: Mutex::new(Handles::default()),
             rt,
+            readdir_bytes: std::sync::atomic::AtomicU32::new(READDIR_BYTES),
         })
     }
 
@@ -203,41 +284,182 @@ impl GuestFs {
         self.inodes.lock().len()
     }
 
+    // ---- numbers ---------------------------------------------------------------------
+
+    /// The numbering state of `vm`, made on first use (giving the VM its slot).
+    fn numbers<'a>(
+        &self,
+        vms: &'a mut HashMap<Arc<str>, VmNumbers>,
+        vm: &Vm,
+    ) -> Result<&'a mut VmNumbers> {
+        let key: Arc<str> = Arc::from(vm.id.as_str());
+        if !vms.contains_key(&key) {
+            let slot = match vm.fs_slot() {
+                Some(s) => s,
+                None => {
+                    let slot = self.free_slot(vms)?;
+                    vm.set_fs_slot(slot)?;
+                    slot
+                }
+            };
+            vms.insert(key.clone(), VmNumbers::new(slot, vm.dir.clone()));
+        }
+        vms.get_mut(&key)
+            .ok_or_else(|| Error::io("fs/ numbering state vanished"))
+    }
+
+    /// A slot no VM has and the kernel holds no numbers of.
+    fn free_slot(&self, vms: &HashMap<Arc<str>, VmNumbers>) -> Result<u16> {
+        let mut used: std::collections::HashSet<u16> =
+            self.mgr.list().iter().filter_map(|v| v.fs_slot()).collect();
+        used.extend(vms.values().map(|v| v.slot));
+        let inodes = self.inodes.lock();
+        (0..MAX_SLOTS)
+            .find(|s| !used.contains(s) && !inodes.slot_in_use(*s))
+            .ok_or_else(|| Error::new(libc::ENFILE, "no free fs/ inode slot (16384 VMs)"))
+    }
+
+    /// Turn an agent `Entry` into a kernel entry, counting the kernel's new reference.
+    fn entry(&self, r: &Resolved, e: &Entry) -> Result<Looked> {
+        if !valid_attr(&e.attr) || e.node.fh.0.len() > MAX_FILE_HANDLE || e.node.id == ROOT_ID {
+            return Err(Error::io("the guest agent sent an invalid entry"));
+        }
+        let mut vms = self.vms.lock();
+        let v = self.numbers(&mut vms, &r.vm)?;
+        let mut inodes = self.inodes.lock();
+        let ino = inodes
+            .number(v, r.boot, e.node.id)
+            .ok_or_else(|| Error::io("no number for a guest inode"))?;
+        inodes.intern(
+            ino,
+            &r.inc,
+            &e.node,
+            &EntryFacts {
+                kind: e.attr.mode & libc::S_IFMT,
+                coherent: e.coherent,
+                counted: e.counted,
+                watched: e.watched,
+                xattrs: e.xattrs.clone(),
+            },
+        );
+        Ok(Looked {
+            ino,
+            attr: e.attr,
+            ttl: ttl(e.coherent),
+            generation: r.inc.generation,
+        })
+    }
+
+    /// An entry the kernel will never see: give back the agent's reference.
+    fn unused_entry(&self, r: &Resolved, e: &Entry) {
+        if e.counted {
+            let client = r.client.clone();
+            let id = e.node.id;
+            self.rt.spawn(async move {
+                let _ = client.forget(vec![(id, 1)]).await;
+            });
+        }
+    }
+
+    /// The number `id` has (assigning a device index if needed), for listings.
+    fn number_of(&self, r: &Resolved, id: NodeId) -> Option<u64> {
+        let mut vms = self.vms.lock();
+        let v = self.numbers(&mut vms, &r.vm).ok()?;
+        let inodes = self.inodes.lock();
+        inodes.number(v, r.boot, id)
+    }
+
+    fn looked_from(&self, r: &Resolved, resp: FsResponse, what: &str) -> Result<Looked> {
+        match resp {
+            FsResponse::Entry(e) => self.entry(r, &e).inspect_err(|_| self.unused_entry(r, &e)),
+            other => Err(protocol(what, &other)),
+        }
+    }
+
+    // ---- resolution ------------------------------------------------------------------
+
     /// The incarnation, node and VM a target names.
-    fn locate(&self, t: &Target) -> Result<(Incarnation, NodeId, bool, Arc<Vm>)> {
-        let (inc, node, coherent) = match t {
+    fn locate(&self, t: &Target) -> Result<(Incarnation, NodeRef, bool, bool, Arc<Vm>)> {
+        match t {
             Target::Root {
                 vm_id,
                 generation,
                 ino,
             } => {
+                let vm = self
+                    .mgr
+                    .get_by_id(vm_id)
+                    .ok_or_else(|| Error::new(libc::ESTALE, "the VM was deleted"))?;
+                {
+                    let mut vms = self.vms.lock();
+                    self.numbers(&mut vms, &vm)?.root = Some((*generation, *ino));
+                }
                 let inc = Incarnation {
                     vm_id: Arc::from(vm_id.as_str()),
                     generation: *generation,
                 };
-                self.inodes.lock().set_root(&inc, ROOT_NODE, *ino);
-                (inc, ROOT_NODE, true)
+                Ok((inc, ROOT_NODE, true, true, vm))
             }
             Target::Node(ino) => {
-                let i = self.inodes.lock();
-                let info = i.get(*ino).ok_or_else(|| {
-                    Error::new(libc::ESTALE, "this guest file is no longer known")
-                })?;
-                (info.inc.clone(), info.node, info.coherent)
+                let (inc, node, coherent, watched) = {
+                    let i = self.inodes.lock();
+                    let info = i.get(*ino).ok_or_else(|| {
+                        Error::new(libc::ESTALE, "this guest file is no longer known")
+                    })?;
+                    (
+                        info.inc.clone(),
+                        info.node.clone(),
+                        info.coherent,
+                        info.watched,
+                    )
+                };
+                let vm = self
+                    .mgr
+                    .get_by_id(&inc.vm_id)
+                    .ok_or_else(|| Error::new(libc::ESTALE, "the VM was deleted"))?;
+                Ok((inc, node, coherent, watched, vm))
             }
-        };
-        let vm = self
-            .mgr
-            .get_by_id(&inc.vm_id)
-            .ok_or_else(|| Error::new(libc::ESTALE, "the VM was deleted"))?;
-        Ok((inc, node, coherent, vm))
+        }
     }
 
-    /// The live connection of `vm` for incarnation `inc`; with `reconnect`, a running VM
-    /// whose connection died is reconnected first (the request is slower, not failed).
-    async fn client_for(&self, vm: &Vm, inc: &Incarnation, reconnect: bool) -> Result<AgentClient> {
+    fn resolved(
+        &self,
+        t: &Target,
+        loc: (Incarnation, NodeRef, bool, bool, Arc<Vm>),
+        client: AgentClient,
+    ) -> Resolved {
+        let (inc, node, coherent, watched, vm) = loc;
+        self.events.ensure(&inc, &vm, &client, &self.rt);
+        Resolved {
+            boot: client.info().instance,
+            inc,
+            vm,
+            client,
+            node,
+            coherent,
+            watched,
+            ino: t.ino(),
+        }
+    }
+
+    /// Resolve without waiting (EHOSTDOWN when the connection must be made first).
+    fn resolve_now(&self, t: &Target) -> Result<Resolved> {
+        let loc = self.locate(t)?;
+        let (client, generation) = loc.4.fs_agent()?;
+        if generation != loc.0.generation {
+            return Err(Error::new(
+                libc::ESTALE,
+                format!("VM {} restarted since this file was looked up", loc.4.name),
+            ));
+        }
+        Ok(self.resolved(t, loc, client))
+    }
+
+    /// The live connection of `vm` for incarnation `inc`; a running VM whose connection
+    /// died is reconnected first (the request is slower, not failed).
+    async fn client_for(&self, vm: &Vm, inc: &Incarnation) -> Result<AgentClient> {
         let (client, generation) = match vm.fs_agent() {
-            Err(e) if reconnect && e.errno == libc::EHOSTDOWN => {
+            Err(e) if e.errno == libc::EHOSTDOWN => {
                 vm.live_agent().await?;
                 vm.fs_agent()?
             }
@@ -249,121 +471,162 @@ impl GuestFs {
                 format!("VM {} restarted since this file was looked up", vm.name),
             ));
         }
-        self.events.ensure(inc, &client, &self.rt);
         Ok(client)
     }
 
-    /// Resolve without waiting for anything (for paths that must not block).
-    fn resolve_now(&self, t: &Target) -> Result<Resolved> {
-        let (inc, node, coherent, vm) = self.locate(t)?;
-        let (client, generation) = vm.fs_agent()?;
-        if generation != inc.generation {
-            return Err(Error::new(libc::ESTALE, "the VM restarted"));
-        }
-        Ok(Resolved {
-            inc,
-            client,
-            node,
-            coherent,
-        })
-    }
-
     async fn resolve(&self, t: &Target) -> Result<Resolved> {
-        let (inc, node, coherent, vm) = self.locate(t)?;
-        let client = self.client_for(&vm, &inc, true).await?;
-        Ok(Resolved {
-            inc,
-            client,
-            node,
-            coherent,
-        })
+        let loc = self.locate(t)?;
+        let client = self.client_for(&loc.4, &loc.0).await?;
+        Ok(self.resolved(t, loc, client))
     }
 
-    /// One request with its deadline. A retry-safe request is sent once more over a
-    /// fresh connection when the connection died under it.
-    async fn call(&self, r: &Resolved, req: FsRequest) -> Result<FsResponse> {
+    /// Run `go` with `t` resolved: at once when the VM's connection is live, else in a
+    /// task after reconnecting (or with the error).
+    fn with<F>(self: &Arc<Self>, t: Target, go: F)
+    where
+        F: FnOnce(&Arc<Self>, Result<Resolved>) + Send + 'static,
+    {
+        match self.resolve_now(&t) {
+            Err(e) if e.errno == libc::EHOSTDOWN => {
+                let g = self.clone();
+                self.rt.spawn(async move {
+                    let r = g.resolve(&t).await;
+                    go(&g, r)
+                });
+            }
+            r => go(self, r),
+        }
+    }
+
+    /// Send `req` for `r`. `finish` turns the answer into the result (on the connection's
+    /// reader); `done` gets it. A retry-safe request is sent once more over a fresh
+    /// connection when the connection died under it.
+    fn send<T, F, D>(self: &Arc<Self>, r: Resolved, req: FsRequest, finish: F, done: D)
+    where
+        T: Send + 'static,
+        F: FnOnce(&GuestFs, &Resolved, FsResponse) -> Result<T> + Send + 'static,
+        D: FnOnce(Result<T>) + Send + 'static,
+    {
         let deadline = match req {
             FsRequest::Fsync { .. } => FSYNC_DEADLINE,
             _ => FS_DEADLINE,
         };
         let retry = req.retry_safe().then(|| req.clone());
-        match (r.client.fs(req, deadline).await, retry) {
-            (Err(ClientError::Closed), Some(req)) => {
-                let vm = self
-                    .mgr
-                    .get_by_id(&r.inc.vm_id)
-                    .ok_or_else(|| Error::new(libc::ESTALE, "the VM was deleted"))?;
-                let client = self.client_for(&vm, &r.inc, true).await?;
-                client.fs(req, deadline).await.map_err(guest_error)
-            }
-            (other, _) => other.map_err(guest_error),
-        }
+        let client = r.client.clone();
+        let g = self.clone();
+        client.fs_then(
+            req,
+            deadline,
+            Box::new(move |res| match (res, retry) {
+                (Ok(resp), _) => done(finish(&g, &r, resp)),
+                (Err(ClientError::Closed), Some(req)) => {
+                    let rt = g.rt.clone();
+                    rt.spawn(async move {
+                        let res = g.resend(&r, req, deadline).await;
+                        done(res.and_then(|resp| finish(&g, &r, resp)))
+                    });
+                }
+                (Err(e), _) => done(Err(guest_error(e))),
+            }),
+        );
     }
 
-    fn entry(&self, inc: &Incarnation, e: &Entry) -> Result<Looked> {
-        if !valid_attr(&e.attr) {
-            return Err(Error::io("the guest agent sent an invalid file type"));
-        }
-        let ino = self.inodes.lock().intern(inc, e.node, e.coherent);
-        Ok(Looked {
-            ino,
-            attr: e.attr,
-            ttl: ttl(e.coherent),
-            generation: inc.generation,
+    async fn resend(&self, r: &Resolved, req: FsRequest, deadline: Duration) -> Result<FsResponse> {
+        let client = self.client_for(&r.vm, &r.inc).await?;
+        client.fs(req, deadline).await.map_err(guest_error)
+    }
+
+    /// The common shape: resolve `t`, build the request, send it, finish the answer.
+    fn op<T, B, F, D>(self: &Arc<Self>, t: Target, build: B, finish: F, done: D)
+    where
+        T: Send + 'static,
+        B: FnOnce(&GuestFs, &Resolved) -> Result<FsRequest> + Send + 'static,
+        F: FnOnce(&GuestFs, &Resolved, FsResponse) -> Result<T> + Send + 'static,
+        D: FnOnce(Result<T>) + Send + 'static,
+    {
+        self.with(t, move |g, r| {
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => return done(Err(e)),
+            };
+            match build(g, &r) {
+                Ok(req) => g.send(r, req, finish, done),
+                Err(e) => done(Err(e)),
+            }
         })
     }
 
-    /// Answer the agent's reference for an entry the kernel will never see.
-    fn forget_unused(&self, r: &Resolved, node: NodeId) {
+    /// The agent handle behind `fh`, checked against the target's incarnation.
+    fn handle(&self, r: &Resolved, fh: u64) -> Result<HandleId> {
+        let h = self.handles.lock();
+        let h = h
+            .get(fh)
+            .ok_or_else(|| Error::new(libc::EBADF, "unknown file handle"))?;
+        if h.inc != r.inc {
+            return Err(Error::new(
+                libc::ESTALE,
+                "the file handle is from another boot",
+            ));
+        }
+        Ok(h.handle)
+    }
+
+    fn register(&self, r: &Resolved, handle: HandleId) -> u64 {
+        self.handles.lock().insert(OpenHandle {
+            inc: r.inc.clone(),
+            handle,
+        })
+    }
+
+    /// Close an agent handle we could not hand to the kernel.
+    fn release_unused(&self, r: &Resolved, handle: HandleId) {
         let client = r.client.clone();
         self.rt.spawn(async move {
-            let _ = client.forget(vec![(node, 1)]).await;
+            let _ = client.fs(FsRequest::Release { handle }, FS_DEADLINE).await;
         });
     }
 
-    fn looked_from(&self, r: &Resolved, resp: FsResponse, what: &str) -> Result<Looked> {
-        match resp {
-            FsResponse::Entry(e) => self.entry(&r.inc, &e).inspect_err(|_| {
-                self.forget_unused(r, e.node);
-            }),
-            other => Err(protocol(what, &other)),
+    /// Remember that the host itself made `name` in `parent` name `now`.
+    fn made(&self, parent: u64, name: &[u8], now: Option<NodeId>) {
+        self.recent.note(parent, name, now);
+    }
+
+    // ---- names -----------------------------------------------------------------------
+
+    /// Look `name` up in `parent`. In a watched directory a missing name is a negative
+    /// entry (`ino` 0) the kernel may remember: an event drops it when the name appears.
+    pub fn lookup<D>(self: &Arc<Self>, parent: Target, name: Vec<u8>, done: D)
+    where
+        D: FnOnce(Result<Looked>) + Send + 'static,
+    {
+        if let Err(e) = check_name(&name) {
+            return done(Err(e));
         }
-    }
-
-    /// Resolve `parent`, send the request `make(parent node, name)` builds and turn its
-    /// `Entry` answer into a kernel entry: the shape of lookup, mknod, mkdir and symlink.
-    async fn new_entry(
-        &self,
-        parent: &Target,
-        name: &[u8],
-        what: &str,
-        make: impl FnOnce(NodeId, Vec<u8>) -> FsRequest,
-    ) -> Result<Looked> {
-        check_name(name)?;
-        let r = self.resolve(parent).await?;
-        let resp = self.call(&r, make(r.node, name.to_vec())).await?;
-        self.looked_from(&r, resp, what)
-    }
-
-    /// Resolve `parent` and send a name operation answered by `Ok` (unlink, rmdir).
-    async fn name_op(
-        &self,
-        parent: &Target,
-        name: &[u8],
-        what: &str,
-        make: impl FnOnce(NodeId, Vec<u8>) -> FsRequest,
-    ) -> Result<()> {
-        check_name(name)?;
-        let r = self.resolve(parent).await?;
-        self.expect_ok(&r, make(r.node, name.to_vec()), what).await
-    }
-
-    pub async fn lookup(&self, parent: &Target, name: &[u8]) -> Result<Looked> {
-        self.new_entry(parent, name, "lookup", |parent, name| FsRequest::Lookup {
-            parent,
-            name,
+        self.with(parent, move |g, r| {
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => return done(Err(e)),
+            };
+            let negative = r.watched.then_some(r.inc.generation);
+            let req = FsRequest::Lookup {
+                parent: r.node.clone(),
+                name,
+            };
+            g.send(
+                r,
+                req,
+                |g, r, resp| g.looked_from(r, resp, "lookup"),
+                move |res| match (res, negative) {
+                    (Err(e), Some(generation)) if e.errno == libc::ENOENT => done(Ok(Looked {
+                        ino: 0,
+                        attr: Attr::default(),
+                        ttl: TTL_COHERENT,
+                        generation,
+                    })),
+                    (res, _) => done(res),
+                },
+            )
         })
-        .await
     }
 
     /// The kernel dropped `n` references to `ino` (called on a FUSE thread; never waits).
@@ -372,14 +635,16 @@ impl GuestFs {
     }
 
     pub fn forget_many(&self, items: &[(u64, u64)]) {
-        let mut per_vm: std::collections::HashMap<Incarnation, Vec<(NodeId, u64)>> =
-            Default::default();
+        let mut per_vm: HashMap<Incarnation, Vec<(NodeId, u64)>> = HashMap::new();
         {
             let mut i = self.inodes.lock();
             for &(ino, n) in items {
-                if let Some((inc, node, count)) = i.forget(ino, n) {
-                    if count > 0 {
-                        per_vm.entry(inc).or_default().push((node, count));
+                if let Some(rel) = i.forget(ino, n) {
+                    if rel.count > 0 {
+                        per_vm
+                            .entry(rel.inc)
+                            .or_default()
+                            .push((rel.node, rel.count));
                     }
                 }
             }
@@ -400,336 +665,404 @@ impl GuestFs {
         }
     }
 
-    fn attr_from(resp: FsResponse, what: &str) -> Result<Attr> {
-        match resp {
-            FsResponse::Attr(a) if valid_attr(&a) => Ok(a),
-            FsResponse::Attr(_) => Err(Error::io("the guest agent sent an invalid file type")),
-            other => Err(protocol(what, &other)),
-        }
+    pub fn getattr<D>(self: &Arc<Self>, t: Target, fh: Option<u64>, done: D)
+    where
+        D: FnOnce(Result<(Attr, Duration)>) + Send + 'static,
+    {
+        self.op(
+            t,
+            move |g, r| {
+                Ok(FsRequest::GetAttr {
+                    node: r.node.clone(),
+                    handle: fh.and_then(|fh| g.handle(r, fh).ok()),
+                })
+            },
+            |_, r, resp| Ok((attr_from(resp, "getattr")?, ttl(r.coherent))),
+            done,
+        )
     }
 
-    /// The agent handle behind `fh`, checked against the target's incarnation.
-    fn handle(&self, r: &Resolved, fh: u64) -> Result<HandleId> {
-        let h = self.handles.lock();
-        let h = h
-            .get(fh)
-            .ok_or_else(|| Error::new(libc::EBADF, "unknown file handle"))?;
-        if h.inc != r.inc {
-            return Err(Error::new(
-                libc::ESTALE,
-                "the file handle is from another boot",
-            ));
-        }
-        Ok(h.handle)
-    }
-
-    pub async fn getattr(&self, t: &Target, fh: Option<u64>) -> Result<(Attr, Duration)> {
-        let r = self.resolve(t).await?;
-        let handle = match fh {
-            Some(fh) => self.handle(&r, fh).ok(),
-            None => None,
-        };
-        let resp = self
-            .call(
-                &r,
-                FsRequest::GetAttr {
-                    node: r.node,
-                    handle,
-                },
-            )
-            .await?;
-        Ok((Self::attr_from(resp, "getattr")?, ttl(r.coherent)))
-    }
-
-    pub async fn setattr(
-        &self,
-        t: &Target,
-        fh: Option<u64>,
-        set: SetAttrs,
-    ) -> Result<(Attr, Duration)> {
-        let r = self.resolve(t).await?;
-        let handle = match fh {
-            Some(fh) => self.handle(&r, fh).ok(),
-            None => None,
-        };
-        let resp = self
-            .call(
-                &r,
-                FsRequest::SetAttr {
-                    node: r.node,
-                    handle,
+    pub fn setattr<D>(self: &Arc<Self>, t: Target, fh: Option<u64>, set: SetAttrs, done: D)
+    where
+        D: FnOnce(Result<(Attr, Duration)>) + Send + 'static,
+    {
+        self.op(
+            t,
+            move |g, r| {
+                Ok(FsRequest::SetAttr {
+                    node: r.node.clone(),
+                    handle: fh.and_then(|fh| g.handle(r, fh).ok()),
                     set,
-                },
-            )
-            .await?;
-        Ok((Self::attr_from(resp, "setattr")?, ttl(r.coherent)))
+                })
+            },
+            |_, r, resp| Ok((attr_from(resp, "setattr")?, ttl(r.coherent))),
+            done,
+        )
     }
 
-    pub async fn readlink(&self, t: &Target) -> Result<Vec<u8>> {
-        let r = self.resolve(t).await?;
-        match self.call(&r, FsRequest::ReadLink { node: r.node }).await? {
-            FsResponse::Data(d) if d.len() <= MAX_LINK && !d.is_empty() => Ok(d),
-            FsResponse::Data(_) => Err(Error::io("the guest sent an invalid symlink target")),
-            other => Err(protocol("readlink", &other)),
+    pub fn readlink<D>(self: &Arc<Self>, t: Target, done: D)
+    where
+        D: FnOnce(Result<Vec<u8>>) + Send + 'static,
+    {
+        self.op(
+            t,
+            |_, r| {
+                Ok(FsRequest::ReadLink {
+                    node: r.node.clone(),
+                })
+            },
+            |_, _, resp| match resp {
+                FsResponse::Data(d) if d.len() <= MAX_LINK && !d.is_empty() => Ok(d),
+                FsResponse::Data(_) => Err(Error::io("the guest sent an invalid symlink target")),
+                other => Err(protocol("readlink", &other)),
+            },
+            done,
+        )
+    }
+
+    /// Create something named `name` in `parent` (`make` builds the request from the
+    /// parent node and the name): the shape of mknod, mkdir and symlink.
+    fn new_entry<M, D>(
+        self: &Arc<Self>,
+        parent: Target,
+        name: Vec<u8>,
+        what: &'static str,
+        make: M,
+        done: D,
+    ) where
+        M: FnOnce(NodeRef, Vec<u8>) -> FsRequest + Send + 'static,
+        D: FnOnce(Result<Looked>) + Send + 'static,
+    {
+        if let Err(e) = check_name(&name) {
+            return done(Err(e));
         }
+        let kept = name.clone();
+        self.op(
+            parent,
+            move |_, r| Ok(make(r.node.clone(), name)),
+            move |g, r, resp| {
+                if let FsResponse::Entry(e) = &resp {
+                    g.made(r.ino, &kept, Some(e.node.id));
+                }
+                g.looked_from(r, resp, what)
+            },
+            done,
+        )
     }
 
-    pub async fn mknod(
-        &self,
-        parent: &Target,
-        name: &[u8],
+    pub fn mknod<D>(
+        self: &Arc<Self>,
+        parent: Target,
+        name: Vec<u8>,
         mode: u32,
         rdev: u64,
         owner: Owner,
-    ) -> Result<Looked> {
-        self.new_entry(parent, name, "mknod", |parent, name| FsRequest::Mknod {
+        done: D,
+    ) where
+        D: FnOnce(Result<Looked>) + Send + 'static,
+    {
+        self.new_entry(
             parent,
             name,
-            mode,
-            rdev,
-            owner,
-        })
-        .await
+            "mknod",
+            move |parent, name| FsRequest::Mknod {
+                parent,
+                name,
+                mode,
+                rdev,
+                owner,
+            },
+            done,
+        )
     }
 
-    pub async fn mkdir(
-        &self,
-        parent: &Target,
-        name: &[u8],
+    pub fn mkdir<D>(
+        self: &Arc<Self>,
+        parent: Target,
+        name: Vec<u8>,
         mode: u32,
         owner: Owner,
-    ) -> Result<Looked> {
-        self.new_entry(parent, name, "mkdir", |parent, name| FsRequest::Mkdir {
+        done: D,
+    ) where
+        D: FnOnce(Result<Looked>) + Send + 'static,
+    {
+        self.new_entry(
             parent,
             name,
-            mode,
-            owner,
-        })
-        .await
+            "mkdir",
+            move |parent, name| FsRequest::Mkdir {
+                parent,
+                name,
+                mode,
+                owner,
+            },
+            done,
+        )
     }
 
-    pub async fn symlink(
-        &self,
-        parent: &Target,
-        name: &[u8],
-        target: &[u8],
+    pub fn symlink<D>(
+        self: &Arc<Self>,
+        parent: Target,
+        name: Vec<u8>,
+        target: Vec<u8>,
         owner: Owner,
-    ) -> Result<Looked> {
+        done: D,
+    ) where
+        D: FnOnce(Result<Looked>) + Send + 'static,
+    {
         if target.is_empty() || target.len() > MAX_LINK || target.contains(&0) {
-            return Err(Error::invalid("invalid symlink target"));
+            return done(Err(Error::invalid("invalid symlink target")));
         }
-        let target = target.to_vec();
-        self.new_entry(parent, name, "symlink", |parent, name| FsRequest::Symlink {
+        self.new_entry(
             parent,
             name,
-            target,
-            owner,
-        })
-        .await
+            "symlink",
+            move |parent, name| FsRequest::Symlink {
+                parent,
+                name,
+                target,
+                owner,
+            },
+            done,
+        )
     }
 
-    pub async fn link(&self, t: &Target, new_parent: &Target, new_name: &[u8]) -> Result<Looked> {
-        check_name(new_name)?;
-        let r = self.resolve(t).await?;
-        let p = self.resolve(new_parent).await?;
-        if p.inc != r.inc {
-            return Err(Error::new(libc::EXDEV, "hard links cannot cross VMs"));
+    /// The second target of a two-target operation, in the same VM incarnation as `r`.
+    fn same_vm(&self, r: &Resolved, t: &Target, what: &str) -> Result<(NodeRef, u64)> {
+        let other = self.resolve_now(t)?;
+        if other.inc != r.inc {
+            return Err(Error::new(libc::EXDEV, format!("{what} cannot cross VMs")));
         }
-        let resp = self
-            .call(
-                &r,
-                FsRequest::Link {
-                    node: r.node,
-                    new_parent: p.node,
-                    new_name: new_name.to_vec(),
-                },
-            )
-            .await?;
-        self.looked_from(&r, resp, "link")
+        Ok((other.node, other.ino))
     }
 
-    async fn expect_ok(&self, r: &Resolved, req: FsRequest, what: &str) -> Result<()> {
-        match self.call(r, req).await? {
-            FsResponse::Ok => Ok(()),
-            other => Err(protocol(what, &other)),
+    pub fn link<D>(self: &Arc<Self>, t: Target, new_parent: Target, new_name: Vec<u8>, done: D)
+    where
+        D: FnOnce(Result<Looked>) + Send + 'static,
+    {
+        if let Err(e) = check_name(&new_name) {
+            return done(Err(e));
         }
+        let kept = new_name.clone();
+        let np_ino = new_parent.ino();
+        self.op(
+            t,
+            move |g, r| {
+                let (np, _) = g.same_vm(r, &new_parent, "hard links")?;
+                Ok(FsRequest::Link {
+                    node: r.node.clone(),
+                    new_parent: np,
+                    new_name,
+                })
+            },
+            move |g, r, resp| {
+                if let FsResponse::Entry(e) = &resp {
+                    g.made(np_ino, &kept, Some(e.node.id));
+                }
+                g.looked_from(r, resp, "link")
+            },
+            done,
+        )
     }
 
-    pub async fn unlink(&self, parent: &Target, name: &[u8]) -> Result<()> {
-        self.name_op(parent, name, "unlink", |parent, name| FsRequest::Unlink {
+    pub fn unlink<D>(self: &Arc<Self>, parent: Target, name: Vec<u8>, dir: bool, done: D)
+    where
+        D: FnOnce(Result<()>) + Send + 'static,
+    {
+        if let Err(e) = check_name(&name) {
+            return done(Err(e));
+        }
+        let kept = name.clone();
+        self.op(
             parent,
-            name,
-        })
-        .await
+            move |_, r| {
+                let parent = r.node.clone();
+                Ok(if dir {
+                    FsRequest::Rmdir { parent, name }
+                } else {
+                    FsRequest::Unlink { parent, name }
+                })
+            },
+            move |g, r, resp| {
+                expect_ok(resp, if dir { "rmdir" } else { "unlink" })?;
+                g.made(r.ino, &kept, None);
+                Ok(())
+            },
+            done,
+        )
     }
 
-    pub async fn rmdir(&self, parent: &Target, name: &[u8]) -> Result<()> {
-        self.name_op(parent, name, "rmdir", |parent, name| FsRequest::Rmdir {
-            parent,
-            name,
-        })
-        .await
-    }
-
-    pub async fn rename(
-        &self,
-        parent: &Target,
-        name: &[u8],
-        new_parent: &Target,
-        new_name: &[u8],
+    pub fn rename<D>(
+        self: &Arc<Self>,
+        parent: Target,
+        name: Vec<u8>,
+        new_parent: Target,
+        new_name: Vec<u8>,
         flags: u32,
-    ) -> Result<()> {
-        check_name(name)?;
-        check_name(new_name)?;
-        let r = self.resolve(parent).await?;
-        let p = self.resolve(new_parent).await?;
-        if p.inc != r.inc {
-            return Err(Error::new(libc::EXDEV, "cannot rename across VMs"));
+        done: D,
+    ) where
+        D: FnOnce(Result<()>) + Send + 'static,
+    {
+        if let Err(e) = check_name(&name).and_then(|()| check_name(&new_name)) {
+            return done(Err(e));
         }
-        let req = FsRequest::Rename {
-            parent: r.node,
-            name: name.to_vec(),
-            new_parent: p.node,
-            new_name: new_name.to_vec(),
-            flags,
-        };
-        self.expect_ok(&r, req, "rename").await
-    }
-
-    fn register(&self, r: &Resolved, handle: HandleId) -> u64 {
-        self.handles.lock().insert(OpenHandle {
-            inc: r.inc.clone(),
-            handle,
-            node: r.node,
-        })
-    }
-
-    /// Close an agent handle we could not hand to the kernel.
-    fn release_unused(&self, r: &Resolved, handle: HandleId) {
-        let client = r.client.clone();
-        self.rt.spawn(async move {
-            let _ = client.fs(FsRequest::Release { handle }, FS_DEADLINE).await;
-        });
-    }
-
-    pub async fn open(&self, t: &Target, flags: i32) -> Result<Opened> {
-        let r = self.resolve(t).await?;
-        match self
-            .call(
-                &r,
-                FsRequest::Open {
-                    node: r.node,
+        let (kept, kept_new) = (name.clone(), new_name.clone());
+        let np_ino = new_parent.ino();
+        self.op(
+            parent,
+            move |g, r| {
+                let (np, _) = g.same_vm(r, &new_parent, "rename")?;
+                Ok(FsRequest::Rename {
+                    parent: r.node.clone(),
+                    name,
+                    new_parent: np,
+                    new_name,
                     flags,
-                },
-            )
-            .await?
-        {
-            FsResponse::Opened { handle } => Ok(Opened {
-                fh: self.register(&r, handle),
-                keep_cache: r.coherent,
-            }),
-            other => Err(protocol("open", &other)),
-        }
+                })
+            },
+            move |g, r, resp| match resp {
+                FsResponse::Moved(id) => {
+                    g.made(np_ino, &kept_new, Some(id));
+                    // After an exchange the old name names the other file; let its event
+                    // refresh it.
+                    if flags & libc::RENAME_EXCHANGE == 0 {
+                        g.made(r.ino, &kept, None);
+                    }
+                    Ok(())
+                }
+                other => Err(protocol("rename", &other)),
+            },
+            done,
+        )
     }
 
-    pub async fn create(
-        &self,
-        parent: &Target,
-        name: &[u8],
+    // ---- files -----------------------------------------------------------------------
+
+    pub fn open<D>(self: &Arc<Self>, t: Target, flags: i32, done: D)
+    where
+        D: FnOnce(Result<Opened>) + Send + 'static,
+    {
+        self.op(
+            t,
+            move |_, r| {
+                Ok(FsRequest::Open {
+                    node: r.node.clone(),
+                    flags,
+                })
+            },
+            |g, r, resp| match resp {
+                FsResponse::Opened { handle } => Ok(Opened {
+                    fh: g.register(r, handle),
+                    keep_cache: r.coherent,
+                }),
+                other => Err(protocol("open", &other)),
+            },
+            done,
+        )
+    }
+
+    pub fn create<D>(
+        self: &Arc<Self>,
+        parent: Target,
+        name: Vec<u8>,
         mode: u32,
         flags: i32,
         owner: Owner,
-    ) -> Result<(Looked, Opened)> {
-        check_name(name)?;
-        let r = self.resolve(parent).await?;
-        let req = FsRequest::Create {
-            parent: r.node,
-            name: name.to_vec(),
-            mode,
-            flags,
-            owner,
-        };
-        match self.call(&r, req).await? {
-            FsResponse::Created { entry, handle } => {
-                let looked = match self.entry(&r.inc, &entry) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        self.forget_unused(&r, entry.node);
-                        self.release_unused(&r, handle);
-                        return Err(e);
-                    }
-                };
-                let opened = Opened {
-                    fh: self.register(&r, handle),
-                    keep_cache: entry.coherent,
-                };
-                Ok((looked, opened))
-            }
-            other => Err(protocol("create", &other)),
+        done: D,
+    ) where
+        D: FnOnce(Result<(Looked, Opened)>) + Send + 'static,
+    {
+        if let Err(e) = check_name(&name) {
+            return done(Err(e));
         }
+        let kept = name.clone();
+        self.op(
+            parent,
+            move |_, r| {
+                Ok(FsRequest::Create {
+                    parent: r.node.clone(),
+                    name,
+                    mode,
+                    flags,
+                    owner,
+                })
+            },
+            move |g, r, resp| match resp {
+                FsResponse::Created { entry, handle } => {
+                    let looked = match g.entry(r, &entry) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            g.unused_entry(r, &entry);
+                            g.release_unused(r, handle);
+                            return Err(e);
+                        }
+                    };
+                    g.made(r.ino, &kept, Some(entry.node.id));
+                    let opened = Opened {
+                        fh: g.register(r, handle),
+                        keep_cache: entry.coherent,
+                    };
+                    Ok((looked, opened))
+                }
+                other => Err(protocol("create", &other)),
+            },
+            done,
+        )
     }
 
-    /// Read up to `size` bytes; split into agent-sized requests.
-    pub async fn read(&self, t: &Target, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let r = self.resolve(t).await?;
-        let handle = self.handle(&r, fh)?;
-        let mut out = Vec::new();
-        let mut pos = offset;
-        let want = size as usize;
-        while out.len() < want {
-            let chunk = (want - out.len()).min(MAX_CHUNK) as u32;
-            let req = FsRequest::Read {
-                handle,
-                offset: pos,
-                size: chunk,
-            };
-            match self.call(&r, req).await? {
-                FsResponse::Data(d) if d.len() <= chunk as usize => {
-                    let short = d.len() < chunk as usize;
-                    pos += d.len() as u64;
-                    if out.is_empty() {
-                        out = d;
-                    } else {
-                        out.extend_from_slice(&d);
-                    }
-                    if short {
-                        break;
-                    }
-                }
+    /// Read up to `size` bytes (at most one agent chunk: the kernel asks for less).
+    pub fn read<D>(self: &Arc<Self>, t: Target, fh: u64, offset: u64, size: u32, done: D)
+    where
+        D: FnOnce(Result<Vec<u8>>) + Send + 'static,
+    {
+        let size = size.min(MAX_CHUNK as u32);
+        self.op(
+            t,
+            move |g, r| {
+                Ok(FsRequest::Read {
+                    handle: g.handle(r, fh)?,
+                    offset,
+                    size,
+                })
+            },
+            move |_, _, resp| match resp {
+                FsResponse::Data(d) if d.len() <= size as usize => Ok(d),
                 FsResponse::Data(_) => {
-                    return Err(Error::io("the guest agent sent more data than asked for"))
+                    Err(Error::io("the guest agent sent more data than asked for"))
                 }
-                other => return Err(protocol("read", &other)),
-            }
-        }
-        Ok(out)
+                other => Err(protocol("read", &other)),
+            },
+            done,
+        )
     }
 
-    pub async fn write(&self, t: &Target, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        let r = self.resolve(t).await?;
-        let handle = self.handle(&r, fh)?;
-        let mut done = 0usize;
-        while done < data.len() {
-            let chunk = &data[done..(done + MAX_CHUNK).min(data.len())];
-            let req = FsRequest::Write {
-                handle,
-                offset: offset + done as u64,
-                data: chunk.to_vec(),
-            };
-            match self.call(&r, req).await? {
-                FsResponse::Written(n) if (n as usize) <= chunk.len() => {
-                    done += n as usize;
-                    if (n as usize) < chunk.len() {
-                        break;
-                    }
-                }
-                FsResponse::Written(_) => {
-                    return Err(Error::io("the guest agent claims to have written too much"))
-                }
-                other => return Err(protocol("write", &other)),
-            }
+    /// Write `data` (at most one agent chunk: the kernel's writes are smaller).
+    pub fn write<D>(self: &Arc<Self>, t: Target, fh: u64, offset: u64, data: Vec<u8>, done: D)
+    where
+        D: FnOnce(Result<u32>) + Send + 'static,
+    {
+        if data.len() > MAX_CHUNK {
+            return done(Err(Error::invalid("write larger than the agent's chunk")));
         }
-        Ok(done as u32)
+        let len = data.len();
+        self.op(
+            t,
+            move |g, r| {
+                Ok(FsRequest::Write {
+                    handle: g.handle(r, fh)?,
+                    offset,
+                    data,
+                })
+            },
+            move |_, _, resp| match resp {
+                FsResponse::Written(n) if (n as usize) <= len => Ok(n),
+                FsResponse::Written(_) => {
+                    Err(Error::io("the guest agent claims to have written too much"))
+                }
+                other => Err(protocol("write", &other)),
+            },
+            done,
+        )
     }
 
     /// Close a file or directory handle. Never waits for the guest (the agent closes
@@ -742,84 +1075,168 @@ impl GuestFs {
         if r.inc != h.inc {
             return;
         }
-        let client = r.client;
         let req = if dir {
             FsRequest::ReleaseDir { handle: h.handle }
         } else {
             FsRequest::Release { handle: h.handle }
         };
-        self.rt.spawn(async move {
-            let _ = client.fs(req, FS_DEADLINE).await;
-        });
+        r.client.fs_then(req, FS_DEADLINE, Box::new(|_| {}));
     }
 
-    pub async fn fsync(&self, t: &Target, fh: u64, datasync: bool) -> Result<()> {
-        let r = self.resolve(t).await?;
-        let handle = self.handle(&r, fh)?;
-        self.expect_ok(&r, FsRequest::Fsync { handle, datasync }, "fsync")
-            .await
+    pub fn fsync<D>(self: &Arc<Self>, t: Target, fh: u64, datasync: bool, done: D)
+    where
+        D: FnOnce(Result<()>) + Send + 'static,
+    {
+        self.op(
+            t,
+            move |g, r| {
+                Ok(FsRequest::Fsync {
+                    handle: g.handle(r, fh)?,
+                    datasync,
+                })
+            },
+            |_, _, resp| expect_ok(resp, "fsync"),
+            done,
+        )
     }
 
-    pub async fn opendir(&self, t: &Target) -> Result<u64> {
-        let r = self.resolve(t).await?;
-        match self.call(&r, FsRequest::OpenDir { node: r.node }).await? {
-            FsResponse::Opened { handle } => Ok(self.register(&r, handle)),
-            other => Err(protocol("opendir", &other)),
-        }
-    }
-
-    /// One page of entries from `offset`. `self_ino` is reported for `.`.
-    pub async fn readdir(
-        &self,
-        t: &Target,
+    pub fn fallocate<D>(
+        self: &Arc<Self>,
+        t: Target,
         fh: u64,
         offset: u64,
-        plus: bool,
-        self_ino: u64,
-    ) -> Result<Vec<DirItem>> {
-        let r = self.resolve(t).await?;
-        let handle = self.handle(&r, fh)?;
-        let req = FsRequest::ReadDir {
-            handle,
-            offset,
-            plus,
-            max_bytes: READDIR_BYTES,
-        };
-        let entries: Vec<DirEntry> = match self.call(&r, req).await? {
-            FsResponse::DirEntries(e) => e,
-            other => return Err(protocol("readdir", &other)),
-        };
-        // A hostile agent could send more than a page holds; nothing beyond fits anyway.
+        length: u64,
+        mode: i32,
+        done: D,
+    ) where
+        D: FnOnce(Result<()>) + Send + 'static,
+    {
+        self.op(
+            t,
+            move |g, r| {
+                Ok(FsRequest::Fallocate {
+                    handle: g.handle(r, fh)?,
+                    offset,
+                    length,
+                    mode,
+                })
+            },
+            |_, _, resp| expect_ok(resp, "fallocate"),
+            done,
+        )
+    }
+
+    pub fn lseek<D>(self: &Arc<Self>, t: Target, fh: u64, offset: u64, whence: i32, done: D)
+    where
+        D: FnOnce(Result<u64>) + Send + 'static,
+    {
+        self.op(
+            t,
+            move |g, r| {
+                Ok(FsRequest::Lseek {
+                    handle: g.handle(r, fh)?,
+                    offset,
+                    whence,
+                })
+            },
+            |_, _, resp| match resp {
+                FsResponse::Offset(o) => Ok(o),
+                other => Err(protocol("lseek", &other)),
+            },
+            done,
+        )
+    }
+
+    // ---- directories -----------------------------------------------------------------
+
+    /// Open a directory; `keep_cache` when the agent watches it (its listing may be
+    /// cached: events invalidate it).
+    pub fn opendir<D>(self: &Arc<Self>, t: Target, done: D)
+    where
+        D: FnOnce(Result<Opened>) + Send + 'static,
+    {
+        self.op(
+            t,
+            |_, r| {
+                Ok(FsRequest::OpenDir {
+                    node: r.node.clone(),
+                })
+            },
+            |g, r, resp| match resp {
+                FsResponse::Opened { handle } => Ok(Opened {
+                    fh: g.register(r, handle),
+                    keep_cache: r.watched,
+                }),
+                other => Err(protocol("opendir", &other)),
+            },
+            done,
+        )
+    }
+
+    /// One page of entries from `offset`; `.` is reported with the target's own number.
+    pub fn readdir<D>(self: &Arc<Self>, t: Target, fh: u64, offset: u64, plus: bool, done: D)
+    where
+        D: FnOnce(Result<Vec<DirItem>>) + Send + 'static,
+    {
+        self.op(
+            t,
+            move |g, r| {
+                Ok(FsRequest::ReadDir {
+                    handle: g.handle(r, fh)?,
+                    offset,
+                    plus,
+                    max_bytes: g.readdir_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                })
+            },
+            |g, r, resp| match resp {
+                FsResponse::DirEntries(e) => Ok(g.dir_items(r, e)),
+                other => Err(protocol("readdir", &other)),
+            },
+            done,
+        )
+    }
+
+    /// A readdir reply filled the kernel's buffer after `used` bytes, the next entry
+    /// needing `next` more: the buffer is that size, rounded up to pages.
+    pub fn readdir_filled(&self, used: usize, next: usize) {
+        let size = (used + next).div_ceil(4096) * 4096;
+        let size = u32::try_from(size.clamp(4096, READDIR_BYTES as usize)).unwrap_or(4096);
+        self.readdir_bytes
+            .store(size, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn dir_items(&self, r: &Resolved, entries: Vec<DirEntry>) -> Vec<DirItem> {
+        // A hostile agent could send more than was asked for; nothing beyond fits anyway.
         let max = (READDIR_BYTES as usize / 24).max(1);
         let mut out = Vec::with_capacity(entries.len().min(max));
         for (i, e) in entries.into_iter().enumerate() {
             let dot = e.name == b"." || e.name == b"..";
             if i >= max || !(dot || valid_name(&e.name)) {
-                if let Some(en) = e.entry {
-                    self.forget_unused(&r, en.node);
+                if let Some(en) = &e.entry {
+                    self.unused_entry(r, en);
                 }
                 continue;
             }
-            let looked = match (e.entry, dot) {
-                (Some(en), false) => match self.entry(&r.inc, &en) {
+            let looked = match (&e.entry, dot) {
+                (Some(en), false) => match self.entry(r, en) {
                     Ok(l) => Some(l),
                     Err(_) => {
-                        self.forget_unused(&r, en.node);
+                        self.unused_entry(r, en);
                         continue;
                     }
                 },
                 (Some(en), true) => {
-                    self.forget_unused(&r, en.node);
+                    self.unused_entry(r, en);
                     None
                 }
                 (None, _) => None,
             };
             let ino = match &looked {
                 Some(l) => l.ino,
-                None if e.name == b"." => self_ino,
-                // Plain listings do not look entries up: report a number the kernel
-                // only passes on as d_ino (any nonzero one; lookup brings the real one).
-                None => PLAIN_DIRENT_INO,
+                None if e.name == b"." => r.ino,
+                // What `lstat` of the entry would show (0 only if no number can be made;
+                // the kernel then looks the entry up itself).
+                None => self.number_of(r, e.node).unwrap_or(0),
             };
             out.push(DirItem {
                 name: e.name,
@@ -829,7 +1246,7 @@ impl GuestFs {
                 looked,
             });
         }
-        Ok(out)
+        out
     }
 
     /// Give back the kernel references of plus entries that did not fit in its buffer.
@@ -841,111 +1258,142 @@ impl GuestFs {
         self.forget_many(&v);
     }
 
-    pub async fn statfs(&self, t: &Target) -> Result<StatFs> {
-        let r = self.resolve(t).await?;
-        match self.call(&r, FsRequest::StatFs { node: r.node }).await? {
-            FsResponse::StatFs(s) => Ok(s),
-            other => Err(protocol("statfs", &other)),
-        }
+    pub fn statfs<D>(self: &Arc<Self>, t: Target, done: D)
+    where
+        D: FnOnce(Result<StatFs>) + Send + 'static,
+    {
+        self.op(
+            t,
+            |_, r| {
+                Ok(FsRequest::StatFs {
+                    node: r.node.clone(),
+                })
+            },
+            |_, _, resp| match resp {
+                FsResponse::StatFs(s) => Ok(s),
+                other => Err(protocol("statfs", &other)),
+            },
+            done,
+        )
     }
 
-    pub async fn setxattr(&self, t: &Target, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
-        if name.is_empty() || name.len() > 255 || name.contains(&0) {
-            return Err(Error::new(libc::ERANGE, "invalid xattr name"));
+    // ---- xattrs ----------------------------------------------------------------------
+
+    pub fn setxattr<D>(
+        self: &Arc<Self>,
+        t: Target,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: i32,
+        done: D,
+    ) where
+        D: FnOnce(Result<()>) + Send + 'static,
+    {
+        if let Err(e) = xattr_name(&name) {
+            return done(Err(e));
         }
         if value.len() > MAX_XATTR as usize {
-            return Err(Error::new(libc::E2BIG, "xattr value too large"));
+            return done(Err(Error::new(libc::E2BIG, "xattr value too large")));
         }
-        let r = self.resolve(t).await?;
-        let req = FsRequest::SetXattr {
-            node: r.node,
-            name: name.to_vec(),
-            value: value.to_vec(),
-            flags,
-        };
-        self.expect_ok(&r, req, "setxattr").await
+        self.op(
+            t,
+            move |_, r| {
+                Ok(FsRequest::SetXattr {
+                    node: r.node.clone(),
+                    name,
+                    value,
+                    flags,
+                })
+            },
+            |g, r, resp| {
+                g.xattrs_changed(&Target::Node(r.ino));
+                expect_ok(resp, "setxattr")
+            },
+            done,
+        )
+    }
+
+    /// The xattr names of `t` when they are known to be current and its VM is live.
+    fn cached_xattrs(&self, t: &Target) -> Option<XattrNames> {
+        let Target::Node(ino) = t else { return None };
+        let names = self.inodes.lock().get(*ino)?.xattrs.clone()?;
+        self.resolve_now(t).ok().map(|_| names)
+    }
+
+    /// After a change of `t`'s xattrs, its cached names are stale.
+    fn xattrs_changed(&self, t: &Target) {
+        if let Target::Node(ino) = t {
+            self.inodes.lock().forget_xattrs(*ino);
+        }
     }
 
     /// `size` 0: the value's size; else the value (ERANGE when longer than `size`).
-    pub async fn getxattr(&self, t: &Target, name: &[u8], size: u32) -> Result<XattrReply> {
-        if name.is_empty() || name.len() > 255 || name.contains(&0) {
-            return Err(Error::new(libc::ERANGE, "invalid xattr name"));
+    pub fn getxattr<D>(self: &Arc<Self>, t: Target, name: Vec<u8>, size: u32, done: D)
+    where
+        D: FnOnce(Result<XattrReply>) + Send + 'static,
+    {
+        if let Err(e) = xattr_name(&name) {
+            return done(Err(e));
         }
-        let r = self.resolve(t).await?;
-        let req = FsRequest::GetXattr {
-            node: r.node,
-            name: name.to_vec(),
-            size: size.min(MAX_XATTR),
-        };
-        let resp = self.call(&r, req).await?;
-        xattr_reply(resp, size, "getxattr")
-    }
-
-    pub async fn listxattr(&self, t: &Target, size: u32) -> Result<XattrReply> {
-        let r = self.resolve(t).await?;
-        let req = FsRequest::ListXattr {
-            node: r.node,
-            size: size.min(MAX_XATTR),
-        };
-        let resp = self.call(&r, req).await?;
-        xattr_reply(resp, size, "listxattr")
-    }
-
-    pub async fn removexattr(&self, t: &Target, name: &[u8]) -> Result<()> {
-        let r = self.resolve(t).await?;
-        let req = FsRequest::RemoveXattr {
-            node: r.node,
-            name: name.to_vec(),
-        };
-        self.expect_ok(&r, req, "removexattr").await
-    }
-
-    pub async fn fallocate(
-        &self,
-        t: &Target,
-        fh: u64,
-        offset: u64,
-        length: u64,
-        mode: i32,
-    ) -> Result<()> {
-        let r = self.resolve(t).await?;
-        let handle = self.handle(&r, fh)?;
-        let req = FsRequest::Fallocate {
-            handle,
-            offset,
-            length,
-            mode,
-        };
-        self.expect_ok(&r, req, "fallocate").await
-    }
-
-    pub async fn lseek(&self, t: &Target, fh: u64, offset: u64, whence: i32) -> Result<u64> {
-        let r = self.resolve(t).await?;
-        let handle = self.handle(&r, fh)?;
-        let req = FsRequest::Lseek {
-            handle,
-            offset,
-            whence,
-        };
-        match self.call(&r, req).await? {
-            FsResponse::Offset(o) => Ok(o),
-            other => Err(protocol("lseek", &other)),
+        if self.cached_xattrs(&t).is_some_and(|n| !n.contains(&name)) {
+            return done(Err(Error::new(libc::ENODATA, "no such attribute")));
         }
+        self.op(
+            t,
+            move |_, r| {
+                Ok(FsRequest::GetXattr {
+                    node: r.node.clone(),
+                    name,
+                    size: size.min(MAX_XATTR),
+                })
+            },
+            move |_, _, resp| xattr_reply(resp, size, "getxattr"),
+            done,
+        )
     }
-}
 
-/// An xattr answer for the kernel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum XattrReply {
-    Size(u32),
-    Data(Vec<u8>),
-}
+    pub fn listxattr<D>(self: &Arc<Self>, t: Target, size: u32, done: D)
+    where
+        D: FnOnce(Result<XattrReply>) + Send + 'static,
+    {
+        if let Some(names) = self.cached_xattrs(&t) {
+            let len = names.0.len() as u32;
+            return done(match size {
+                0 => Ok(XattrReply::Size(len)),
+                s if s < len => Err(Error::new(libc::ERANGE, "xattr list too large")),
+                _ => Ok(XattrReply::Data(names.0)),
+            });
+        }
+        self.op(
+            t,
+            move |_, r| {
+                Ok(FsRequest::ListXattr {
+                    node: r.node.clone(),
+                    size: size.min(MAX_XATTR),
+                })
+            },
+            move |_, _, resp| xattr_reply(resp, size, "listxattr"),
+            done,
+        )
+    }
 
-fn xattr_reply(resp: FsResponse, size: u32, what: &str) -> Result<XattrReply> {
-    match resp {
-        FsResponse::XattrSize(n) if size == 0 => Ok(XattrReply::Size(n)),
-        FsResponse::Data(d) if size > 0 && d.len() <= size as usize => Ok(XattrReply::Data(d)),
-        FsResponse::Data(_) if size > 0 => Err(Error::new(libc::ERANGE, "xattr too large")),
-        other => Err(protocol(what, &other)),
+    pub fn removexattr<D>(self: &Arc<Self>, t: Target, name: Vec<u8>, done: D)
+    where
+        D: FnOnce(Result<()>) + Send + 'static,
+    {
+        self.op(
+            t,
+            move |_, r| {
+                Ok(FsRequest::RemoveXattr {
+                    node: r.node.clone(),
+                    name,
+                })
+            },
+            |g, r, resp| {
+                g.xattrs_changed(&Target::Node(r.ino));
+                expect_ok(resp, "removexattr")
+            },
+            done,
+        )
     }
 }

@@ -347,6 +347,7 @@ impl Manager {
             }
         };
         let record = VmRecord {
+            fs_slot: None,
             net_slot,
             id,
             name: name.to_string(),

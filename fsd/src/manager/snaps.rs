@@ -350,6 +350,7 @@ impl Manager {
             }
         };
         let record = VmRecord {
+            fs_slot: None,
             id,
             name: name.to_string(),
             uid,

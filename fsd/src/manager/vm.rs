@@ -87,6 +87,10 @@ pub struct VmRecord {
     /// `net=tap`: the VM's /30 in the TAP pool (see `crate::net`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_slot: Option<u32>,
+    /// The VM's slot in `fs/` inode numbers (see `crate::guestfs::inodes`); given on
+    /// first use of `fs/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_slot: Option<u16>,
 }
 
 /// Kernel and initramfs every VM boots.
@@ -345,6 +349,17 @@ impl Vm {
 
     async fn reconnect_agent(&self, why: &str) -> Result<AgentClient> {
         self.reconnect_agent_with(why, false).await
+    }
+
+    /// The VM's `fs/` inode-number slot, if it has one.
+    pub fn fs_slot(&self) -> Option<u16> {
+        self.record.lock().fs_slot
+    }
+
+    /// Give the VM its `fs/` slot (kept in `vm.json`).
+    pub fn set_fs_slot(&self, slot: u16) -> Result<()> {
+        self.record.lock().fs_slot = Some(slot);
+        self.save_record()
     }
 
     /// The live agent and the boot generation it belongs to (file service numbers are

@@ -51,34 +51,44 @@ impl Mounted {
         std::fs::create_dir_all(state.join("images/base")).unwrap();
         std::fs::write(state.join("images/base/disk.ext4"), vec![0u8; 65536]).unwrap();
         std::fs::create_dir_all(&mnt).unwrap();
-        let daemon = Command::new(env!("CARGO_BIN_EXE_bandsox"))
-            .arg("mount")
-            .arg(&mnt)
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("-f")
-            .env("BANDSOX_HOST_AGENT", agent_binary())
-            .env("BANDSOX_LOG", "info")
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(tmp.path().join("daemon.log")).unwrap())
-            .spawn()
-            .unwrap();
+        let daemon = spawn_daemon(&mnt, &state, tmp.path());
         let m = Mounted {
             _tmp: tmp,
             mnt,
             state,
             daemon,
         };
+        m.wait_mounted();
+        Some(m)
+    }
+
+    fn wait_mounted(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !is_mounted(&m.mnt) {
+        while !is_mounted(&self.mnt) {
             assert!(
                 Instant::now() < deadline,
                 "mount did not appear: {}",
-                m.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(m)
+    }
+
+    /// SIGKILL the daemon and start it again on the same mount point and state.
+    pub fn restart(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        self.daemon = spawn_daemon(&self.mnt, &self.state, self._tmp.path());
+        // The dead mount is still listed until the new daemon replaced it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.sh("ls $M >/dev/null").0 != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no mount after restart: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn log(&self) -> String {
@@ -109,6 +119,26 @@ impl Mounted {
         );
         out
     }
+}
+
+fn spawn_daemon(mnt: &Path, state: &Path, dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_bandsox"))
+        .arg("mount")
+        .arg(mnt)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("-f")
+        .env("BANDSOX_HOST_AGENT", agent_binary())
+        .env("BANDSOX_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
 
 impl Drop for Mounted {

@@ -7,10 +7,12 @@
 //!   position (`DirState::pos`); a request at another offset seeks first (0 rewinds),
 //!   and when `getdents64` returned more than fit, the descriptor is seeked back to just
 //!   after the last entry returned, so the next page starts exactly there.
-//! * `plus` entries other than `.`/`..` are looked up (one reference each). An entry
-//!   that vanished meanwhile (`ENOENT`) is skipped; another lookup error ends the page
-//!   before that entry (or fails the request when it is the first), so no reference is
-//!   ever handed out for an entry that is not returned.
+//! * `plus` entries other than `.`/`..` are looked up (counted ones add a reference). An
+//!   entry that vanished meanwhile (`ENOENT`) is skipped; another lookup error ends the
+//!   page before that entry (or fails the request when it is the first), so no
+//!   reference is ever handed out for an entry that is not returned.
+//! * Every entry carries the identity `lstat` shows: directories are stat'ed, because a
+//!   mount point's `d_ino` is the covered directory's, not the mounted root's.
 //! * An opaque directory lists only `.` and `..`.
 use std::os::fd::{AsFd, BorrowedFd};
 
@@ -19,7 +21,7 @@ use nix::errno::Errno;
 use super::handles::{lock, Handle};
 use super::nodes::Node;
 use super::{sys, FsCore};
-use crate::proto::fs::{fuse_dirent_size, DirEntry, HandleId};
+use crate::proto::fs::{fuse_dirent_size, DirEntry, HandleId, NodeId};
 
 /// Largest `getdents64` buffer.
 const MAX_BUF: usize = 128 * 1024;
@@ -97,13 +99,29 @@ impl FsCore {
                 } else {
                     None
                 };
+                let id = match &entry {
+                    Some(en) => en.node.id,
+                    None if !dot && (e.dtype == libc::DT_DIR || e.dtype == libc::DT_UNKNOWN) => {
+                        sys::cstring(e.name)
+                            .and_then(|c| sys::stat_at(node.fd(), &c))
+                            .map(|st| self.nodes.reported(st.st_dev, st.st_ino))
+                            .unwrap_or(NodeId {
+                                dev: node.dev,
+                                ino: e.ino,
+                            })
+                    }
+                    None => NodeId {
+                        dev: node.dev,
+                        ino: e.ino,
+                    },
+                };
                 used += size;
                 pos = Some(e.off);
                 out.push(DirEntry {
                     name: e.name.to_vec(),
                     next_offset: e.off,
                     kind: (e.dtype as u32) << 12,
-                    ino: e.ino,
+                    node: id,
                     entry,
                 });
             }
@@ -130,8 +148,13 @@ fn opaque_listing(
     plus: bool,
     max: usize,
 ) -> Result<Vec<DirEntry>, Errno> {
-    let ino_of = |fd: BorrowedFd<'_>, name: &std::ffi::CStr| {
-        sys::stat_at(fd, name).map(|s| s.st_ino).unwrap_or(0)
+    let id_of = |fd: BorrowedFd<'_>, name: &std::ffi::CStr| {
+        sys::stat_at(fd, name)
+            .map(|s| NodeId {
+                dev: s.st_dev,
+                ino: s.st_ino,
+            })
+            .unwrap_or_default()
     };
     let mut out = Vec::new();
     let mut used = 0;
@@ -147,16 +170,16 @@ fn opaque_listing(
             break;
         }
         used += size;
-        let ino = if i == 1 {
-            node.ino
+        let id = if i == 1 {
+            node.id
         } else {
-            ino_of(node.fd(), c"..")
+            id_of(node.fd(), c"..")
         };
         out.push(DirEntry {
             name: name.to_vec(),
             next_offset: i,
             kind: libc::S_IFDIR,
-            ino,
+            node: id,
             entry: None,
         });
     }

@@ -18,14 +18,14 @@ use nix::errno::Errno;
 
 use super::handles::{DirState, Handle};
 use super::{sys, FsCore};
-use crate::proto::fs::{HandleId, NodeId, MAX_CHUNK};
+use crate::proto::fs::{HandleId, NodeRef, MAX_CHUNK};
 
 fn io_errno(e: &std::io::Error) -> Errno {
     Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 impl FsCore {
-    pub(super) fn open(&self, node: NodeId, flags: i32) -> Result<HandleId, Errno> {
+    pub(super) fn open(&self, node: &NodeRef, flags: i32) -> Result<HandleId, Errno> {
         let n = self.nodes.get(node)?;
         if n.opaque {
             return Err(Errno::EACCES);
@@ -48,7 +48,7 @@ impl FsCore {
         self.handles.insert(Handle::File(std::fs::File::from(fd)))
     }
 
-    pub(super) fn opendir(&self, node: NodeId) -> Result<HandleId, Errno> {
+    pub(super) fn opendir(&self, node: &NodeRef) -> Result<HandleId, Errno> {
         let n = self.nodes.get(node)?;
         if !n.is_dir() {
             return Err(Errno::ENOTDIR);

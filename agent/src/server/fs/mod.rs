@@ -2,7 +2,7 @@
 //! handle ids.
 //!
 //! Modules, one concept each:
-//! * [`nodes`]: the node table (ids ↔ `O_PATH` descriptors, reference counts).
+//! * [`nodes`]: the node table (identities and handles ↔ `O_PATH` descriptors, bounded).
 //! * [`handles`]: open files and directories.
 //! * [`ops`]: names, attributes and the namespace (lookup, setattr, mkdir, rename, ...).
 //! * [`io`]: open/read/write/fsync/fallocate/lseek on handles.
@@ -19,7 +19,7 @@
 //! * The service state ([`FsCore`]) is shared by all sessions of an [`Agent`]; it is
 //!   built once in [`FsService::new`], which also sets the process umask to 0 (so modes
 //!   are applied exactly; commands get umask 022 in `exec`) and raises `RLIMIT_NOFILE`.
-//! * Unknown node ids are `ESTALE`, unknown handle ids `EBADF`.
+//! * Nodes that cannot be reopened are `ESTALE`, unknown handle ids `EBADF`.
 mod dir;
 mod handles;
 mod io;
@@ -131,7 +131,7 @@ impl FsCore {
             .map_err(|e| fail(e, &format!("cannot stat root {}", root.display())))?;
         let (watcher, watches) = Watcher::new(watch_limit);
         Ok(Arc::new(FsCore {
-            nodes: NodeTable::new(root_fd, &st, watches),
+            nodes: NodeTable::new(root_fd, &st, &proc, watches),
             handles: HandleTable::new(),
             proc,
             watcher,
@@ -145,57 +145,67 @@ impl FsCore {
         use FsRequest as R;
         use FsResponse as A;
         Ok(match *req {
-            R::Lookup { parent, ref name } => A::Entry(self.lookup(parent, name)?),
-            R::GetAttr { node, handle } => A::Attr(self.getattr(node, handle)?),
-            R::SetAttr { node, handle, set } => A::Attr(self.setattr(node, handle, &set)?),
-            R::ReadLink { node } => A::Data(self.readlink(node)?),
+            R::Lookup {
+                ref parent,
+                ref name,
+            } => A::Entry(self.lookup(parent, name)?),
+            R::GetAttr { ref node, handle } => A::Attr(self.getattr(node, handle)?),
+            R::SetAttr {
+                ref node,
+                handle,
+                set,
+            } => A::Attr(self.setattr(node, handle, &set)?),
+            R::ReadLink { ref node } => A::Data(self.readlink(node)?),
             R::Mknod {
-                parent,
+                ref parent,
                 ref name,
                 mode,
                 rdev,
                 owner,
             } => A::Entry(self.mknod(parent, name, mode, rdev, owner)?),
             R::Mkdir {
-                parent,
+                ref parent,
                 ref name,
                 mode,
                 owner,
             } => A::Entry(self.mkdir(parent, name, mode, owner)?),
             R::Symlink {
-                parent,
+                ref parent,
                 ref name,
                 ref target,
                 owner,
             } => A::Entry(self.symlink(parent, name, target, owner)?),
             R::Link {
-                node,
-                new_parent,
+                ref node,
+                ref new_parent,
                 ref new_name,
             } => A::Entry(self.link(node, new_parent, new_name)?),
-            R::Unlink { parent, ref name } => {
+            R::Unlink {
+                ref parent,
+                ref name,
+            } => {
                 self.unlink(parent, name, 0)?;
                 A::Ok
             }
-            R::Rmdir { parent, ref name } => {
+            R::Rmdir {
+                ref parent,
+                ref name,
+            } => {
                 self.unlink(parent, name, libc::AT_REMOVEDIR)?;
                 A::Ok
             }
             R::Rename {
-                parent,
+                ref parent,
                 ref name,
-                new_parent,
+                ref new_parent,
                 ref new_name,
                 flags,
-            } => {
-                self.rename(parent, name, new_parent, new_name, flags)?;
-                A::Ok
-            }
-            R::Open { node, flags } => A::Opened {
+            } => A::Moved(self.rename(parent, name, new_parent, new_name, flags)?),
+            R::Open { ref node, flags } => A::Opened {
                 handle: self.open(node, flags)?,
             },
             R::Create {
-                parent,
+                ref parent,
                 ref name,
                 mode,
                 flags,
@@ -222,7 +232,7 @@ impl FsCore {
                 self.fsync(handle, datasync)?;
                 A::Ok
             }
-            R::OpenDir { node } => A::Opened {
+            R::OpenDir { ref node } => A::Opened {
                 handle: self.opendir(node)?,
             },
             R::ReadDir {
@@ -231,9 +241,9 @@ impl FsCore {
                 plus,
                 max_bytes,
             } => A::DirEntries(self.readdir(handle, offset, plus, max_bytes)?),
-            R::StatFs { node } => A::StatFs(self.statfs(node)?),
+            R::StatFs { ref node } => A::StatFs(self.statfs(node)?),
             R::SetXattr {
-                node,
+                ref node,
                 ref name,
                 ref value,
                 flags,
@@ -242,12 +252,12 @@ impl FsCore {
                 A::Ok
             }
             R::GetXattr {
-                node,
+                ref node,
                 ref name,
                 size,
             } => self.getxattr(node, name, size)?,
-            R::ListXattr { node, size } => self.listxattr(node, size)?,
-            R::RemoveXattr { node, ref name } => {
+            R::ListXattr { ref node, size } => self.listxattr(node, size)?,
+            R::RemoveXattr { ref node, ref name } => {
                 self.removexattr(node, name)?;
                 A::Ok
             }
@@ -327,33 +337,63 @@ fn describe(req: &FsRequest) -> String {
     }
 }
 
-/// Run one file request off the session reader; the answer goes to `out`.
-pub(crate) fn spawn_request(agent: &Arc<Agent>, id: Id, req: FsRequest, out: OutTx) {
-    let core = agent.fs.core.clone();
-    tokio::spawn(async move {
-        let resp = match core {
-            Err((errno, message)) => Response::Error {
-                errno: errno as i32,
-                message: format!("file service unavailable: {message}"),
-            },
-            Ok(core) => {
-                let res = tokio::task::spawn_blocking(move || {
-                    core.handle(&req).map_err(|e| (e, describe(&req)))
-                })
-                .await;
-                match res {
-                    Ok(Ok(r)) => Response::Fs(r),
-                    Ok(Err((errno, what))) => Response::Error {
-                        errno: errno as i32,
-                        message: format!("{what}: {}", errno.desc()),
-                    },
-                    Err(e) => {
-                        tracing::error!("file request failed: {e}");
-                        Response::Error {
-                            errno: libc::EIO,
-                            message: format!("file request failed: {e}"),
-                        }
+/// Is `req` answered on the session task itself? Metadata operations on one inode or
+/// name, which never wait for data I/O, run inline: handing them to another thread would
+/// cost more than the syscalls. Data transfers, listings, fsync and truncation run on the
+/// blocking pool so that a slow disk never stalls the session.
+pub(crate) fn runs_inline(req: &FsRequest) -> bool {
+    use FsRequest as R;
+    match req {
+        R::SetAttr { set, .. } => set.size.is_none(),
+        R::Open { flags, .. } | R::Create { flags, .. } => flags & libc::O_TRUNC == 0,
+        R::Read { .. }
+        | R::Write { .. }
+        | R::Fsync { .. }
+        | R::ReadDir { .. }
+        | R::Fallocate { .. } => false,
+        _ => true,
+    }
+}
+
+/// Run one file request and make its answer.
+pub(crate) fn answer(agent: &Agent, req: &FsRequest) -> Response {
+    match &agent.fs.core {
+        Err((errno, message)) => Response::Error {
+            errno: *errno as i32,
+            message: format!("file service unavailable: {message}"),
+        },
+        // A panic answers EIO instead of ending the session (the service stays
+        // consistent, see `FsService`'s unwind-safety note).
+        Ok(core) => {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.handle(req))) {
+                Ok(Ok(r)) => Response::Fs(r),
+                Ok(Err(errno)) => Response::Error {
+                    errno: errno as i32,
+                    message: format!("{}: {}", describe(req), errno.desc()),
+                },
+                Err(_) => {
+                    tracing::error!("file request panicked: {}", describe(req));
+                    Response::Error {
+                        errno: libc::EIO,
+                        message: format!("{}: internal error", describe(req)),
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Run one file request on the blocking pool; the answer goes to `out`.
+pub(crate) fn spawn_request(agent: &Arc<Agent>, id: Id, req: FsRequest, out: OutTx) {
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        let resp = match tokio::task::spawn_blocking(move || answer(&agent, &req)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("file request failed: {e}");
+                Response::Error {
+                    errno: libc::EIO,
+                    message: format!("file request failed: {e}"),
                 }
             }
         };
@@ -361,7 +401,7 @@ pub(crate) fn spawn_request(agent: &Arc<Agent>, id: Id, req: FsRequest, out: Out
     });
 }
 
-/// Drop node references (`Message::Forget`).
+/// Drop references to counted nodes (`Message::Forget`).
 pub(crate) fn forget(agent: &Arc<Agent>, nodes: &[(NodeId, u64)]) {
     if let Ok(core) = &agent.fs.core {
         for &(node, count) in nodes {

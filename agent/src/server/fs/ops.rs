@@ -5,7 +5,8 @@
 //! * Names are checked with [`valid_name`] (`EINVAL` otherwise) and resolved only with
 //!   `openat(parent, name, O_PATH | O_NOFOLLOW)` / `fstatat(.., AT_SYMLINK_NOFOLLOW)`
 //!   relative to a node's descriptor: no symlink is ever followed, no path is built.
-//! * Every returned [`Entry`] added exactly one reference to its node.
+//! * A returned [`Entry`] added one reference to its node exactly when it says
+//!   `counted` (see [`super::nodes`]).
 //! * `Entry::coherent` is true when the parent directory is watched.
 //! * Opaque nodes (see [`super::pseudo`]): lookups in them are `ENOENT`; creating,
 //!   removing, renaming or linking in them, and changing their attributes, is `EACCES`.
@@ -19,9 +20,9 @@ use nix::errno::Errno;
 
 use super::handles::Handle;
 use super::nodes::Node;
-use super::{pseudo, sys, FsCore};
+use super::{sys, FsCore};
 use crate::proto::fs::{
-    valid_name, Attr, Entry, HandleId, NodeId, Owner, SetAttrs, SetTime, StatFs,
+    valid_name, Attr, Entry, HandleId, NodeId, NodeRef, Owner, SetAttrs, SetTime, StatFs,
 };
 
 const O_NODE: i32 = libc::O_PATH | libc::O_NOFOLLOW;
@@ -40,7 +41,7 @@ pub(super) fn check_name(name: &[u8]) -> Result<std::ffi::CString, Errno> {
 
 impl FsCore {
     /// A directory node that may be changed (`EACCES` when opaque).
-    fn writable_dir(&self, id: NodeId) -> Result<std::sync::Arc<Node>, Errno> {
+    fn writable_dir(&self, id: &NodeRef) -> Result<std::sync::Arc<Node>, Errno> {
         let n = self.nodes.get(id)?;
         if n.opaque {
             return Err(Errno::EACCES);
@@ -51,12 +52,14 @@ impl FsCore {
     /// Register the inode `fd` (found in `parent`) and answer its entry.
     pub(super) fn register_entry(&self, parent: &Node, fd: OwnedFd) -> Result<Entry, Errno> {
         let st = sys::stat_fd(fd.as_fd())?;
-        let opaque = parent.opaque || (st.st_dev != parent.dev && pseudo::is_opaque(fd.as_fd()));
-        let node = self.nodes.register(fd, &st, opaque)?;
+        let r = self.nodes.register(parent, fd, &st, &self.proc)?;
         Ok(Entry {
-            node: node.id,
+            node: r.node.node_ref(),
             attr: sys::to_attr(&st),
             coherent: self.nodes.is_watched(parent.id),
+            counted: r.counted,
+            watched: r.watched,
+            xattrs: super::xattr::entry_names(&r.node),
         })
     }
 
@@ -69,13 +72,13 @@ impl FsCore {
         self.register_entry(parent, fd)
     }
 
-    pub(super) fn lookup(&self, parent: NodeId, name: &[u8]) -> Result<Entry, Errno> {
+    pub(super) fn lookup(&self, parent: &NodeRef, name: &[u8]) -> Result<Entry, Errno> {
         let p = self.nodes.get(parent)?;
         let name = check_name(name)?;
         self.lookup_in(&p, &name)
     }
 
-    pub(super) fn getattr(&self, node: NodeId, handle: Option<HandleId>) -> Result<Attr, Errno> {
+    pub(super) fn getattr(&self, node: &NodeRef, handle: Option<HandleId>) -> Result<Attr, Errno> {
         if let Some(h) = handle {
             let h = self.handles.get(h)?;
             let fd = h.stat_fd();
@@ -101,7 +104,7 @@ impl FsCore {
 
     pub(super) fn setattr(
         &self,
-        node: NodeId,
+        node: &NodeRef,
         handle: Option<HandleId>,
         set: &SetAttrs,
     ) -> Result<Attr, Errno> {
@@ -180,7 +183,7 @@ impl FsCore {
         }
     }
 
-    pub(super) fn readlink(&self, node: NodeId) -> Result<Vec<u8>, Errno> {
+    pub(super) fn readlink(&self, node: &NodeRef) -> Result<Vec<u8>, Errno> {
         let n = self.nodes.get(node)?;
         if !n.is_symlink() {
             return Err(Errno::EINVAL);
@@ -234,7 +237,7 @@ impl FsCore {
 
     pub(super) fn mknod(
         &self,
-        parent: NodeId,
+        parent: &NodeRef,
         name: &[u8],
         mode: u32,
         rdev: u64,
@@ -256,7 +259,7 @@ impl FsCore {
 
     pub(super) fn mkdir(
         &self,
-        parent: NodeId,
+        parent: &NodeRef,
         name: &[u8],
         mode: u32,
         owner: Owner,
@@ -273,7 +276,7 @@ impl FsCore {
 
     pub(super) fn symlink(
         &self,
-        parent: NodeId,
+        parent: &NodeRef,
         name: &[u8],
         target: &[u8],
         owner: Owner,
@@ -293,8 +296,8 @@ impl FsCore {
 
     pub(super) fn link(
         &self,
-        node: NodeId,
-        new_parent: NodeId,
+        node: &NodeRef,
+        new_parent: &NodeRef,
         new_name: &[u8],
     ) -> Result<Entry, Errno> {
         let n = self.nodes.get(node)?;
@@ -315,7 +318,7 @@ impl FsCore {
         self.lookup_in(&p, &name)
     }
 
-    pub(super) fn unlink(&self, parent: NodeId, name: &[u8], flags: i32) -> Result<(), Errno> {
+    pub(super) fn unlink(&self, parent: &NodeRef, name: &[u8], flags: i32) -> Result<(), Errno> {
         let p = self.writable_dir(parent)?;
         let name = check_name(name)?;
         // SAFETY: valid C string and a descriptor we hold.
@@ -331,16 +334,18 @@ impl FsCore {
 
     pub(super) fn rename(
         &self,
-        parent: NodeId,
+        parent: &NodeRef,
         name: &[u8],
-        new_parent: NodeId,
+        new_parent: &NodeRef,
         new_name: &[u8],
         flags: u32,
-    ) -> Result<(), Errno> {
+    ) -> Result<NodeId, Errno> {
         let p = self.writable_dir(parent)?;
         let np = self.writable_dir(new_parent)?;
         let name = check_name(name)?;
         let new_name = check_name(new_name)?;
+        // What moves (for the host's own bookkeeping; a race only costs it a refresh).
+        let moved = sys::stat_at(p.fd(), &name)?;
         use std::os::fd::AsRawFd;
         // SAFETY: valid C strings and descriptors we hold; flags are passed to the kernel,
         // which rejects unknown ones.
@@ -352,14 +357,17 @@ impl FsCore {
                 new_name.as_ptr(),
                 flags,
             )
+        })?;
+        Ok(NodeId {
+            dev: moved.st_dev,
+            ino: moved.st_ino,
         })
-        .map(drop)
     }
 
     /// Create and open `name`: (entry, handle).
     pub(super) fn create(
         &self,
-        parent: NodeId,
+        parent: &NodeRef,
         name: &[u8],
         mode: u32,
         flags: i32,
@@ -400,13 +408,15 @@ impl FsCore {
         match self.handles.insert(handle) {
             Ok(h) => Ok((entry, h)),
             Err(e) => {
-                self.nodes.forget(entry.node, 1);
+                if entry.counted {
+                    self.nodes.forget(entry.node.id, 1);
+                }
                 Err(e)
             }
         }
     }
 
-    pub(super) fn statfs(&self, node: NodeId) -> Result<StatFs, Errno> {
+    pub(super) fn statfs(&self, node: &NodeRef) -> Result<StatFs, Errno> {
         let n = self.nodes.get(node)?;
         let st = sys::fstatfs(n.fd())?;
         Ok(StatFs {

@@ -286,6 +286,69 @@ pub(super) fn removexattr(path: &CStr, name: &CStr) -> Result<(), Errno> {
     cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
 }
 
+/// Linux's `MAX_HANDLE_SZ`.
+const MAX_HANDLE_SZ: usize = 128;
+
+/// `struct file_handle` with room for the largest handle.
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: libc::c_uint,
+    handle_type: libc::c_int,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+/// The kernel file handle of what `fd` refers to, as wire bytes (type, then handle; see
+/// `proto::fs::FileHandle`). `EOPNOTSUPP` when its filesystem has none.
+pub(super) fn name_to_handle(fd: BorrowedFd<'_>) -> Result<Vec<u8>, Errno> {
+    let mut h = RawHandle {
+        handle_bytes: MAX_HANDLE_SZ as libc::c_uint,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `h` is a writable file_handle whose f_handle has `handle_bytes` bytes of
+    // room; the path is an empty C string used with AT_EMPTY_PATH on a descriptor we hold.
+    cvt(unsafe {
+        libc::name_to_handle_at(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            (&mut h as *mut RawHandle).cast::<libc::file_handle>(),
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    })?;
+    let n = (h.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    let mut out = Vec::with_capacity(4 + n);
+    out.extend_from_slice(&h.handle_type.to_le_bytes());
+    out.extend_from_slice(&h.f_handle[..n]);
+    Ok(out)
+}
+
+/// Open (`O_PATH`) the inode a handle from [`name_to_handle`] names, on the filesystem of
+/// `mount`. Malformed bytes are `ESTALE` (the caller also checks what it got).
+pub(super) fn open_by_handle(mount: BorrowedFd<'_>, wire: &[u8]) -> Result<OwnedFd, Errno> {
+    if wire.len() < 4 || wire.len() > 4 + MAX_HANDLE_SZ {
+        return Err(Errno::ESTALE);
+    }
+    let mut h = RawHandle {
+        handle_bytes: (wire.len() - 4) as libc::c_uint,
+        handle_type: libc::c_int::from_le_bytes([wire[0], wire[1], wire[2], wire[3]]),
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    h.f_handle[..wire.len() - 4].copy_from_slice(&wire[4..]);
+    // SAFETY: `h` is a valid file_handle with `handle_bytes` initialised bytes; the result
+    // is a new descriptor we take ownership of.
+    let fd = cvt(unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            (&mut h as *mut RawHandle).cast::<libc::file_handle>(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// `/proc/self/fd` opened once, to re-open nodes by descriptor number (like virtiofsd).
 pub(super) struct ProcFd(OwnedFd);
 

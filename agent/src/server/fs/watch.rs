@@ -49,6 +49,8 @@ pub(super) const COALESCE: Duration = Duration::from_millis(5);
 pub(super) const SEND_WAIT: Duration = Duration::from_millis(50);
 /// How often a session that missed events is offered its `Overflow` again.
 const OVERFLOW_RETRY: Duration = Duration::from_millis(100);
+/// Least time between two sweeps for deleted nodes (see [`super::nodes::NodeTable::sweep_deleted`]).
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
 fn watch_mask() -> WatchMask {
     WatchMask::CREATE
@@ -103,7 +105,7 @@ impl WatchSet {
                     tracing::warn!("inotify watch limit reached ({} watches)", self.by_wd.len());
                     self.exhausted = true;
                 } else {
-                    tracing::debug!(node, "cannot watch directory: {e}");
+                    tracing::debug!(%node, "cannot watch directory: {e}");
                 }
                 None
             }
@@ -235,9 +237,9 @@ struct EventSet {
 }
 
 impl EventSet {
-    fn entry(&mut self, parent: NodeId, name: Vec<u8>) {
+    fn entry(&mut self, parent: NodeId, name: Vec<u8>, now: Option<NodeId>) {
         if self.entries.insert((parent, name.clone())) {
-            self.events.push(FsEvent::Entry { parent, name });
+            self.events.push(FsEvent::Entry { parent, name, now });
         }
     }
     fn node(&mut self, node: NodeId, data: bool) {
@@ -278,6 +280,8 @@ pub(super) struct Watcher {
     sessions: Mutex<HashMap<u64, Sink>>,
     next_session: AtomicU64,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Names disappeared since the last sweep for deleted nodes, and when it ran.
+    sweep: Mutex<(bool, Option<std::time::Instant>)>,
 }
 
 impl Watcher {
@@ -310,6 +314,7 @@ impl Watcher {
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 task: Mutex::new(None),
+                sweep: Mutex::new((false, None)),
             },
             WatchSet::new(watches, limit),
         )
@@ -379,6 +384,29 @@ impl Watcher {
         }
     }
 
+    /// A sweep is owed (names disappeared) but was held back by [`SWEEP_INTERVAL`].
+    fn sweep_owed(&self) -> bool {
+        lock(&self.sweep).0
+    }
+
+    /// Drop what the node table keeps open of deleted inodes, at most every
+    /// [`SWEEP_INTERVAL`] after names disappeared: a deleted file's space is freed and a
+    /// deleted watched directory is reported `Unwatched` (a held descriptor would keep
+    /// the kernel from ever saying so).
+    fn sweep_if_due(&self, core: &FsCore, set: &mut EventSet) {
+        {
+            let mut sw = lock(&self.sweep);
+            let due = sw.0 && sw.1.is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL);
+            if !due {
+                return;
+            }
+            *sw = (false, Some(std::time::Instant::now()));
+        }
+        for node in core.nodes.sweep_deleted() {
+            set.events.push(FsEvent::Unwatched { node });
+        }
+    }
+
     /// Take the pending events and translate them into `FsEvent`s.
     fn translate(&self, core: &FsCore) -> Vec<FsEvent> {
         let raws = lock(&self.pending).take();
@@ -386,10 +414,22 @@ impl Watcher {
         for r in raws {
             match r {
                 Raw::Overflow => set.overflow = true,
-                Raw::Ignored { wd } => core.nodes.watch_gone(wd),
+                Raw::Ignored { wd } => {
+                    if let Some(node) = core.nodes.watch_gone(wd) {
+                        set.events.push(FsEvent::Unwatched { node });
+                    }
+                }
                 Raw::Entry { wd, name } => {
                     if let Some(p) = core.nodes.watched_dir(wd) {
-                        set.entry(p.id, name);
+                        // What the name names now, so the host keeps what is still true.
+                        let now = sys::cstring(&name)
+                            .and_then(|c| sys::stat_at(p.fd(), &c))
+                            .ok()
+                            .map(|st| core.nodes.reported(st.st_dev, st.st_ino));
+                        if now.is_none() {
+                            lock(&self.sweep).0 = true;
+                        }
+                        set.entry(p.id, name, now);
                     }
                 }
                 Raw::SelfAttr { wd } => {
@@ -405,13 +445,12 @@ impl Watcher {
                         continue;
                     };
                     if let Ok(st) = sys::stat_at(p.fd(), &cname) {
-                        if let Some(id) = core.nodes.find_inode(st.st_dev, st.st_ino) {
-                            set.node(id, data);
-                        }
+                        set.node(core.nodes.reported(st.st_dev, st.st_ino), data);
                     }
                 }
             }
         }
+        self.sweep_if_due(core, &mut set);
         set.finish()
     }
 
@@ -521,7 +560,7 @@ async fn run(core: Weak<FsCore>, fd: OwnedFd) {
     };
     loop {
         let owed = match core.upgrade() {
-            Some(c) => c.watcher.overflow_owed(),
+            Some(c) => c.watcher.overflow_owed() || c.watcher.sweep_owed(),
             None => return,
         };
         let ready = if owed {
@@ -612,21 +651,23 @@ mod tests {
 
     #[test]
     fn event_set_merges_node_events() {
+        let id = |ino| NodeId { dev: 1, ino };
         let mut s = EventSet::default();
-        s.node(5, false);
-        s.node(5, true);
-        s.entry(1, b"x".to_vec());
-        s.entry(1, b"x".to_vec());
+        s.node(id(5), false);
+        s.node(id(5), true);
+        s.entry(id(1), b"x".to_vec(), None);
+        s.entry(id(1), b"x".to_vec(), Some(id(3)));
         assert_eq!(
             s.finish(),
             vec![
                 FsEvent::Node {
-                    node: 5,
+                    node: id(5),
                     data: true
                 },
                 FsEvent::Entry {
-                    parent: 1,
-                    name: b"x".to_vec()
+                    parent: id(1),
+                    name: b"x".to_vec(),
+                    now: None,
                 }
             ]
         );

@@ -11,8 +11,9 @@
 //! * Changing attributes of an opaque node is `EACCES`.
 use nix::errno::Errno;
 
+use super::nodes::Node;
 use super::{sys, FsCore};
-use crate::proto::fs::{FsResponse, NodeId, MAX_XATTR};
+use crate::proto::fs::{FsResponse, NodeRef, XattrNames, ENTRY_XATTR_NAMES, MAX_XATTR};
 
 /// Longest xattr name Linux accepts (`XATTR_NAME_MAX`).
 const XATTR_NAME_MAX: usize = 255;
@@ -24,10 +25,20 @@ fn xattr_name(name: &[u8]) -> Result<std::ffi::CString, Errno> {
     sys::cstring(name)
 }
 
+/// The names of `n`'s extended attributes when they fit in an entry (`None`: unknown).
+pub(super) fn entry_names(n: &Node) -> Option<XattrNames> {
+    if n.opaque {
+        return None;
+    }
+    let mut buf = [0u8; ENTRY_XATTR_NAMES];
+    let len = sys::listxattr(&sys::ProcFd::path(n.fd()), &mut buf).ok()?;
+    Some(XattrNames(buf[..len.min(buf.len())].to_vec()))
+}
+
 impl FsCore {
     pub(super) fn getxattr(
         &self,
-        node: NodeId,
+        node: &NodeRef,
         name: &[u8],
         size: u32,
     ) -> Result<FsResponse, Errno> {
@@ -44,7 +55,7 @@ impl FsCore {
         Ok(FsResponse::Data(buf))
     }
 
-    pub(super) fn listxattr(&self, node: NodeId, size: u32) -> Result<FsResponse, Errno> {
+    pub(super) fn listxattr(&self, node: &NodeRef, size: u32) -> Result<FsResponse, Errno> {
         let n = self.nodes.get(node)?;
         let path = sys::ProcFd::path(n.fd());
         if size == 0 {
@@ -59,7 +70,7 @@ impl FsCore {
 
     pub(super) fn setxattr(
         &self,
-        node: NodeId,
+        node: &NodeRef,
         name: &[u8],
         value: &[u8],
         flags: i32,
@@ -75,7 +86,7 @@ impl FsCore {
         sys::setxattr(&sys::ProcFd::path(n.fd()), &name, value, flags)
     }
 
-    pub(super) fn removexattr(&self, node: NodeId, name: &[u8]) -> Result<(), Errno> {
+    pub(super) fn removexattr(&self, node: &NodeRef, name: &[u8]) -> Result<(), Errno> {
         let n = self.nodes.get(node)?;
         if n.opaque {
             return Err(Errno::EACCES);

@@ -1,0 +1,18 @@
+#!/bin/bash
+# Issue 11 on a real VM: stable inode numbers (mv, ln, drop_caches, guest mv,
+# pause/resume, and a daemon SIGKILL + restart), d_ino == st_ino, hard links through tar
+# and rsync -aH, POSIX rename for every file type (tests/fs/identity.sh).
+. "$(dirname "$0")/lib.sh"
+new_vm idn
+fs_scenario identity idn
+f=$MNT/idn/fs/root/keep
+echo x > "$f"
+ln "$f" "$f.link"
+before=$(stat -c %i "$f")
+pid=$(daemon_pid); [ -n "$pid" ] || fail "no daemon"
+kill -9 "$pid"
+sleep 0.5
+"$BANDSOX" mount "$MNT" --state-dir "$STATE" || fail "restart failed"
+assert_eq running "$(cat "$MNT/idn/state")" "state after restart"
+assert_eq "$before" "$(stat -c %i "$f")" "st_ino after a daemon restart"
+assert_eq "$before" "$(stat -c %i "$f.link")" "st_ino of the link after a daemon restart"

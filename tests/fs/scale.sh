@@ -1,0 +1,54 @@
+#!/bin/bash
+# Scale (issue 11): one directory of SCALE_DIR (default 100,000) entries and a tree of
+# SCALE_TREE (default 200,000) files are listed and walked through fs/ (ls -l, find, du,
+# ls -lR, rsync -an) with no EMFILE/ENFILE/ENOMEM, and the agent's open descriptors and
+# resident memory stay under the documented bounds (docs/tree.md, "fs/ limits").
+. "$(dirname "$0")/lib.sh"
+d=$FSDIR g=$GREL
+big=${SCALE_DIR:-100000}
+tree=${SCALE_TREE:-200000}
+# Documented bounds: 1 root + 8192 watched directories + 4096 cached nodes + one per
+# device, plus the agent's own few (sockets, inotify, /proc); 96 MiB resident.
+max_fds=${SCALE_MAX_FDS:-12500}
+max_rss_kib=${SCALE_MAX_RSS_KIB:-98304}
+
+# The files are made inside the guest (fast), then everything is read through fs/.
+per_dir=1000
+dirs=$(( (tree + per_dir - 1) / per_dir ))
+guest "mkdir -p $g/big && cd $g/big && i=0 && while [ \$i -lt $big ]; do j=\$((i+1000)); seq \$i \$((j-1)) | sed 's/^/e/' | xargs touch; i=\$j; done" >/dev/null
+guest "mkdir -p $g/tree && cd $g/tree && k=0 && while [ \$k -lt $dirs ]; do mkdir d\$k && (cd d\$k && seq 1 $per_dir | sed 's/^/f/' | xargs touch); k=\$((k+1)); done" >/dev/null
+note "made $big entries in one directory and $((dirs * per_dir)) files in $dirs directories"
+
+errs=$WORK/errs
+run() {
+  local what=$1; shift
+  local t0; t0=$(date +%s%N)
+  if ! "$@" >/dev/null 2>"$errs"; then fail "$what failed: $(tail -n 3 "$errs")"; fi
+  if grep -Eq 'Too many open files|No space|Cannot allocate|Stale' "$errs"; then
+    fail "$what: $(grep -E 'Too many|No space|Cannot allocate|Stale' "$errs" | head -n 3)"
+  fi
+  note "$what: $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+}
+count=$(ls -f "$d/big" | wc -l)
+assert_eq $((big + 2)) "$count" "entries listed in the big directory"
+run "ls -l of $big entries" ls -l "$d/big"
+run "ls -l of $big entries (again)" ls -l "$d/big"
+run "find of the tree" find "$d/tree"
+assert_eq "$((dirs * per_dir))" "$(find "$d/tree" -type f | wc -l)" "files found"
+run "du of the tree" du -s "$d/tree"
+run "ls -lR of the tree" ls -lR "$d/tree"
+run "rsync -an of the tree" rsync -an "$d/tree/" "$WORK/rsync-dry/"
+
+# The agent's descriptors and memory: the guest's PID 1, or the host-mode agent process.
+if [ "$(guest "cat /proc/1/comm" 2>/dev/null)" = bandsox-agent ]; then
+  fds=$(guest "ls /proc/1/fd | wc -l" | tr -d ' ')
+  rss=$(guest "awk '/^VmRSS/ {print \$2}' /proc/1/status")
+else
+  pid=$(cat "$VMM_PID_FILE")
+  fds=$(ls "/proc/$pid/fd" | wc -l)
+  rss=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
+fi
+note "agent: $fds descriptors, $rss KiB resident"
+[ "$fds" -le "$max_fds" ] || fail "the agent holds $fds descriptors (bound $max_fds)"
+[ "$rss" -le "$max_rss_kib" ] || fail "the agent's resident memory is $rss KiB (bound $max_rss_kib)"
+guest "rm -rf $g/big $g/tree" >/dev/null
