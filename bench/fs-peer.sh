@@ -89,7 +89,11 @@ git clone -q --bare "$repo" "$work/repo.git"
 
 if [ "$which" = host ] || [ "$which" = all ]; then
   for t in "${targets[@]}"; do echo "measuring $t ..." >&2; run_target "$t"; done
-  rows=(create_write_close chmod_utime rename lstat_after_rename lstat_warm stat_missing unlink
+  # The agent's own round trip on the same connection, without FUSE (fsbench: raw calls).
+  touch "$FS/rawstat"
+  echo "fsbench stat /bench/rawstat 300" > "$MNT/fb/ctl"
+  R[fs.raw_agent_getattr]=$(sed -n 's/.*median_us=\([0-9]*\).*/\1/p' "$MNT/fb/ctl")
+  rows=(create_write_close chmod_utime rename lstat_after_rename lstat_warm stat_missing getxattr_absent raw_agent_getattr unlink
     readdir_1000 ls_cold_1000 ls_warm_1000 "ls_cold_$BIG" "ls_warm_$BIG"
     rsync rsync_noop tar_x git_clone git_status write_1 write_64 write_256 read_1 read_64 read_256)
   echo "== host mode: per-operation medians (µs), workloads and sequential I/O (ms)"

@@ -297,7 +297,9 @@ async fn serve_guest(agent: Arc<Agent>) {
     let started = std::time::Instant::now();
     loop {
         let Some(dev) = find_virtio_port() else {
-            if !warned && started.elapsed() > Duration::from_secs(3) {
+            // On vsock-only guests (Firecracker) there is no port to wait for: say so only
+            // when nothing serves yet.
+            if !warned && !ready && started.elapsed() > Duration::from_secs(3) {
                 tracing::warn!("no virtio-serial port named org.bandsox.agent (yet)");
                 warned = true;
             }

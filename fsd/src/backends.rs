@@ -2,7 +2,11 @@
 //!
 //! - Firecracker when `firecracker` (or `$BANDSOX_FIRECRACKER`) is 1.8 or newer and
 //!   `/dev/kvm` runs ordinary guests (see `vmm::accel`; not on `kvm_pvm` hosts).
-//! - QEMU when `qemu-system-x86_64` is on PATH (KVM where it really works, TCG otherwise).
+//! - QEMU when `qemu-system-x86_64` is on PATH (KVM where it really works, TCG otherwise);
+//!   with `BANDSOX_QEMU_VSOCK=1` (tests only) in its variant whose agent channel is
+//!   virtio-vsock (`vmm::qemu_vsock`).
+//! - `BANDSOX_FORCE_FIRECRACKER=1` (tests only) offers Firecracker where KVM cannot run
+//!   guests; such a backend says so in `info`, `events` and the log.
 //!
 //! `auto` prefers Firecracker; [`Backends::auto_reason`] says in one line why `auto`
 //! means what it means, and the daemon logs it and puts it in each auto-created VM's
@@ -26,7 +30,18 @@ pub fn detect() -> Backends {
         };
     }
     let qemu = match crate::vmm::qemu::QemuBackend::detect() {
-        Ok(b) => Some(Arc::new(b) as Arc<dyn Backend>),
+        // Test only: the agent over virtio-vsock (BANDSOX_QEMU_VSOCK=1).
+        Ok(b) => match crate::vmm::qemu_vsock::QemuVsockBackend::from_env(b) {
+            Ok(Ok(v)) => {
+                tracing::warn!("qemu backend in its vsock test variant: {}", v.describe());
+                Some(Arc::new(v) as Arc<dyn Backend>)
+            }
+            Ok(Err(plain)) => Some(Arc::new(plain) as Arc<dyn Backend>),
+            Err(e) => {
+                tracing::error!("qemu backend unavailable: {e}");
+                None
+            }
+        },
         Err(e) => {
             tracing::warn!("qemu backend unavailable: {e}");
             None

@@ -91,6 +91,7 @@ impl From<VmmError> for Error {
             VmmError::Timeout(..) => libc::ETIMEDOUT,
             VmmError::Io(_, err) => err.raw_os_error().unwrap_or(libc::EIO),
             VmmError::Unsupported(_) => libc::EOPNOTSUPP,
+            VmmError::Incompatible(_) => libc::EINVAL,
         };
         Error::new(errno, e.to_string())
     }

@@ -357,6 +357,71 @@ pub fn setup_tap(tap: &TapDevice) -> Result<()> {
     Ok(())
 }
 
+/// Let `uid`/`gid` attach to the existing (persistent, unattached) TAP device `ifname`
+/// without CAP_NET_ADMIN, as a jailed Firecracker must: attach to it once as root and set
+/// its owner and group (TUNSETOWNER/TUNSETGROUP); the device keeps them after we let go.
+/// Runs in the calling thread's network namespace.
+pub fn set_tap_owner(ifname: &str, uid: u32, gid: u32) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+    const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
+    const IFF_TAP: libc::c_short = 0x0002;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let ctx = |what: &str, e: std::io::Error| {
+        Error::io(format!(
+            "net=tap: handing {ifname} to uid {uid} gid {gid}: {what}: {e}"
+        ))
+    };
+    if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ {
+        return Err(Error::invalid(format!("bad interface name {ifname:?}")));
+    }
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(|e| ctx("open /dev/net/tun", e))?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        // The flags `ip tuntap add ... mode tap` created the device with.
+        flags: IFF_TAP | IFF_NO_PI,
+        _pad: [0; 22],
+    };
+    req.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
+    let fd = tun.as_raw_fd();
+    // A VMM that just exited may still hold the device for a moment (EBUSY).
+    let deadline = Instant::now() + TAP_BUSY_WAIT;
+    loop {
+        // SAFETY: TUNSETIFF reads and writes one `struct ifreq` (40 bytes, our `IfReq`
+        // has the same layout) that lives across the call; `fd` is open.
+        if unsafe { libc::ioctl(fd, TUNSETIFF as _, &mut req as *mut IfReq) } == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) || Instant::now() >= deadline {
+            return Err(ctx("TUNSETIFF", e));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: TUNSETOWNER/TUNSETGROUP take the id by value; no memory is passed.
+    if unsafe { libc::ioctl(fd, TUNSETOWNER as _, uid as libc::c_ulong) } < 0 {
+        return Err(ctx("TUNSETOWNER", std::io::Error::last_os_error()));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(fd, TUNSETGROUP as _, gid as libc::c_ulong) } < 0 {
+        return Err(ctx("TUNSETGROUP", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Delete a VM's TAP device if it exists (logging failures). Blocking.
 pub fn remove_tap(ifname: &str) {
     if !link_exists(ifname) {

@@ -3,6 +3,8 @@
 # real VMs (QEMU; TCG where KVM cannot run guests). Prints "N passed, N failed".
 # Usage: tests/e2e/run.sh [PATTERN]   (needs root and the artefacts from mount-helpers/setup)
 #        BANDSOX_E2E_BACKEND=firecracker tests/e2e/run.sh   (every VM on that backend)
+#        BANDSOX_E2E_VSOCK=1 tests/e2e/run.sh   (QEMU with the agent on virtio-vsock through
+#          vhost-device-vsock, as on Firecracker; only the tests marked "# vsock: yes")
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -16,12 +18,14 @@ pattern=${1:-}
 
 cleanup() {
   "$BANDSOX" unmount "$MNT" >/dev/null 2>&1 || true
-  # Kill every VMM of the test state dir (VMs outlive the daemon by design).
-  for p in "$STATE"/vms/*/vmm.pid; do
-    # Only a pid whose command line names this VM's directory is ours to kill.
+  # Kill every VMM (and vsock helper) of the test state dir (VMs outlive the daemon).
+  for p in "$STATE"/vms/*/vmm.pid "$STATE"/vms/*/vhost-vsock.pid; do
+    # Only a pid whose command line names this VM's directory (or, jailed, its jail id)
+    # is ours to kill.
     [ -f "$p" ] || continue
     pid=$(cat "$p"); d=$(dirname "$p")
-    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF "$d" && kill -9 "$pid" 2>/dev/null || true
+    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -e "$d" -e "--id bx-$(basename "$d") " \
+      && kill -9 "$pid" 2>/dev/null || true
   done
   pkill -f "bandsox mount $MNT" 2>/dev/null || true
 }
@@ -32,6 +36,8 @@ cleanup() {
 LIMITS=$work/limits
 BANDSOX_LIMITS=$LIMITS
 export LIMITS BANDSOX_LIMITS
+VSOCK=${BANDSOX_E2E_VSOCK:-0}
+if [ "$VSOCK" = 1 ]; then export BANDSOX_QEMU_VSOCK=1; fi
 start_daemon() {
   BANDSOX_LOG=${BANDSOX_LOG:-info} "$BANDSOX" mount "$MNT" --state-dir "$STATE" --limits "$LIMITS"
 }
@@ -57,13 +63,14 @@ fi
 BACKEND=${BANDSOX_E2E_BACKEND:-qemu}
 export BACKEND
 echo "backend=$BACKEND" > "$STATE/defaults"
-echo "e2e backend: $BACKEND"
+echo "e2e backend: $BACKEND$([ "$VSOCK" = 1 ] && echo ' (agent over virtio-vsock: vhost-device-vsock)')"
 start_daemon || { echo "daemon failed to start"; cat "$STATE/daemon.log"; exit 1; }
 
 passed=0; failed=0; failed_names=""
 for t in "$here"/t-*.sh; do
   name=$(basename "$t" .sh)
   if [ -n "$pattern" ] && [[ "$name" != *$pattern* ]]; then continue; fi
+  if [ "$VSOCK" = 1 ] && ! grep -qx '# vsock: yes' "$t"; then continue; fi
   # Every test starts with a mounted daemon (a test may restart it).
   mountpoint -q "$MNT" || start_daemon
   start=$(date +%s)

@@ -1,4 +1,5 @@
 # Story 2: a #! script's exit code appears in runs/last/status.
+# vsock: yes
 . "$(dirname "$0")/lib.sh"
 new_vm s2
 printf '#!/bin/sh\nexit 3\n' > "$MNT/s2/exec"

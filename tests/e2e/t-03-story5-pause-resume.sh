@@ -1,4 +1,5 @@
 # Story 5: pause and resume through ctl.
+# vsock: yes
 . "$(dirname "$0")/lib.sh"
 new_vm s5
 echo pause > "$MNT/s5/ctl"

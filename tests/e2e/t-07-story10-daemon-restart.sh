@@ -1,4 +1,5 @@
 # Story 10: SIGKILL the daemon, start it again: running VMs are still there and usable.
+# vsock: yes
 . "$(dirname "$0")/lib.sh"
 new_vm s10
 echo 'echo before > /root/mark' > "$MNT/s10/exec"

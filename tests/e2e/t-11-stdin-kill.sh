@@ -1,4 +1,5 @@
 # runs/<n>/stdin feeds a running cat; kill TERM ends a sleep with status "signal 15".
+# vsock: yes
 . "$(dirname "$0")/lib.sh"
 new_vm io
 ( echo 'cat' > "$MNT/io/exec" ) &

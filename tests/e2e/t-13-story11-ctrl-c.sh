@@ -1,4 +1,5 @@
 # Story 11: SIGINT to a reader of exec returns within a second and the guest command dies.
+# vsock: yes
 . "$(dirname "$0")/lib.sh"
 new_vm cc
 exec 3<>"$MNT/cc/exec"; echo 'sleep 1000' >&3; exec 3<&-

@@ -175,6 +175,11 @@ fn build_boot(
         && out.initrd.is_file()
         && recorded_inputs(&out.json).as_deref() == Some(inputs.as_str())
     {
+        // Artefacts of earlier builds were owner-only: make them readable (see BOOT_MODE).
+        for f in [&out.kernel, &out.initrd] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(BOOT_MODE))
+                .map_err(|e| GuestError::io(f.to_path_buf(), e))?;
+        }
         tracing::info!(version, "guest kernel and initramfs are up to date");
         return Ok(false);
     }
@@ -188,8 +193,8 @@ fn build_boot(
         },
         Vec::new(),
     )?;
-    write_atomic(&out.kernel, &kernel)?;
-    write_atomic(&out.initrd, &initrd)?;
+    write_atomic(&out.kernel, &kernel, BOOT_MODE)?;
+    write_atomic(&out.initrd, &initrd, BOOT_MODE)?;
     let package = std::fs::read_to_string(opts.kernel_root.join(".bandsox-package"))
         .ok()
         .map(|s| s.trim().to_string());
@@ -394,7 +399,13 @@ fn mkdir_private(d: &Path) -> Result<(), GuestError> {
 }
 
 /// Write `bytes` to `<path>.tmp` (0600), fsync, rename over `path`.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), GuestError> {
+/// Mode of `boot/vmlinuz` and `boot/initrd`: readable by anyone who can reach them. The
+/// state directory and `boot/` are owner-only (0700), so nobody reaches them by path; a
+/// jailed Firecracker (an unprivileged uid) gets them as hard links in its jail, and
+/// this mode lets it read them without anyone changing their owner or mode per launch.
+pub const BOOT_MODE: u32 = 0o644;
+
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), GuestError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -404,7 +415,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), GuestError> {
             .create(true)
             .truncate(true)
             .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -420,7 +431,7 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), GuestError> {
     let mut text =
         serde_json::to_string_pretty(v).map_err(|e| GuestError::Invalid(e.to_string()))?;
     text.push('\n');
-    write_atomic(path, text.as_bytes())
+    write_atomic(path, text.as_bytes(), 0o600)
 }
 
 /// An exclusive `flock` held until dropped.

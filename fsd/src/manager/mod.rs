@@ -405,7 +405,7 @@ impl Manager {
             name,
             "created",
             &format!(
-                "image={} vcpus={} memory={} disk={} backend={}{}",
+                "image={} vcpus={} memory={} disk={} backend={}{}{}",
                 vm.record().config.image,
                 vm.record().config.vcpus,
                 vm.record().config.memory_mib,
@@ -414,7 +414,10 @@ impl Manager {
                 match vm.record().config.backend {
                     BackendChoice::Auto => format!(" (auto: {})", self.backends.auto_reason),
                     _ => String::new(),
-                }
+                },
+                vm.backend_forced()
+                    .map(|why| format!(" (forced: {why})"))
+                    .unwrap_or_default()
             ),
         );
         Ok(vm)

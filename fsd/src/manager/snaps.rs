@@ -237,6 +237,11 @@ impl Manager {
                 ),
             ));
         }
+        // A snapshot this backend's VMM cannot read (e.g. a newer Firecracker's format)
+        // is refused here, before any name is reserved or file created.
+        backend
+            .check_restore(&root.join(snap), &info.saved)
+            .map_err(|e| Error::from(e).with_context(&format!("snapshot {snap:?}")))?;
         if backend.needs_boot_files() {
             let (k, i) = self.boot_identity().await?;
             if let Some(why) = snapshots::boot_mismatch(&info, &k, &i) {

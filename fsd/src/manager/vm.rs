@@ -176,6 +176,11 @@ impl Vm {
         vm
     }
 
+    /// `Some(why)` when this VM's backend was forced by a test-only switch.
+    pub fn backend_forced(&self) -> Option<String> {
+        self.backend.forced()
+    }
+
     pub fn record(&self) -> VmRecord {
         self.record.lock().clone()
     }
@@ -246,7 +251,7 @@ impl Vm {
     pub fn info_json(&self) -> String {
         let rec = self.record();
         let pid = self.vmm.lock().as_ref().map(|v| v.pid());
-        let info = serde_json::json!({
+        let mut info = serde_json::json!({
             "name": self.name,
             "id": self.id,
             "backend": rec.backend,
@@ -269,6 +274,10 @@ impl Vm {
                 None => "none: the host test backend runs no VM".to_string(),
             },
         });
+        if let Some(why) = self.backend.forced() {
+            // Test-only switches are never silent.
+            info["backend_forced"] = serde_json::Value::String(why);
+        }
         let mut s = serde_json::to_string_pretty(&info).unwrap_or_else(|_| "{}".into());
         s.push('\n');
         s
@@ -388,7 +397,14 @@ impl Vm {
         self.events.emit(
             &self.name,
             "booting",
-            &format!("backend={}", self.backend.kind()),
+            &format!(
+                "backend={}{}",
+                self.backend.kind(),
+                self.backend
+                    .forced()
+                    .map(|why| format!(" (forced: {why})"))
+                    .unwrap_or_default()
+            ),
         );
         let t0 = Instant::now();
         let spec = match self.spec() {
@@ -455,10 +471,15 @@ impl Vm {
         let mut last_err = String::from("no answer");
         loop {
             if !inst.is_alive() {
-                return Err(Error::io(format!(
-                    "the VMM exited before the agent answered; console: {}",
-                    console_tail(&self.dir, 5)
-                )));
+                // The VMM's own account (exit status, its last error) when it has one;
+                // the console holds only guest output.
+                return Err(Error::io(match inst.exit_reason() {
+                    Some(why) => format!("the VMM exited before the agent answered: {why}"),
+                    None => format!(
+                        "the VMM exited before the agent answered; console: {}",
+                        console_tail(&self.dir, 5)
+                    ),
+                }));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -506,9 +527,12 @@ impl Vm {
                     if vm.generation.load(Ordering::SeqCst) != gen {
                         return;
                     }
+                    let why = inst
+                        .exit_reason()
+                        .unwrap_or_else(|| "the VMM process exited".into());
                     vm.cleanup_after_exit("the VMM process exited");
                     vm.set_state(VmState::Stopped);
-                    vm.events.emit(&vm.name, "exited", "the VMM process exited");
+                    vm.events.emit(&vm.name, "exited", &why);
                     return;
                 }
                 let closed = vm.agent().map(|a| a.is_closed()).unwrap_or(true);

@@ -24,6 +24,7 @@ pub mod host;
 pub mod process;
 pub mod qemu;
 pub mod qemu_snap;
+pub mod qemu_vsock;
 pub mod qmp;
 
 /// A duplex byte stream to the guest agent.
@@ -125,6 +126,10 @@ pub enum VmmError {
     /// The backend cannot do this at all (e.g. snapshots of the host test backend).
     #[error("{0}")]
     Unsupported(String),
+    /// The input cannot be used by this backend as it is (e.g. a snapshot in a format
+    /// this VMM cannot load); nothing was started.
+    #[error("{0}")]
+    Incompatible(String),
 }
 
 /// What [`VmmInstance::save_snapshot`] wrote (file names relative to the snapshot dir).
@@ -145,6 +150,11 @@ pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
     /// One line describing the backend's configuration (e.g. accelerator and why).
     fn describe(&self) -> String;
+    /// `Some(why)` when this backend was offered only because a test-only switch forced
+    /// it (shown in `info` and `events`).
+    fn forced(&self) -> Option<String> {
+        None
+    }
     /// Whether VMs need the guest kernel and initramfs (false only for test backends).
     fn needs_boot_files(&self) -> bool {
         true
@@ -168,6 +178,16 @@ pub trait Backend: Send + Sync {
     /// backends).
     fn can_snapshot(&self) -> bool {
         false
+    }
+    /// Refuse, before anything is created, a snapshot this backend cannot restore (e.g. a
+    /// VMM version that cannot read its format): [`VmmError::Incompatible`] saying why.
+    fn check_restore(
+        &self,
+        snap_dir: &std::path::Path,
+        saved: &SavedState,
+    ) -> Result<(), VmmError> {
+        let _ = (snap_dir, saved);
+        Ok(())
     }
     /// Start a VMM for `spec` from the snapshot in `snap_dir` (saved by
     /// [`VmmInstance::save_snapshot`]); returns once the guest runs again. Every path the
@@ -193,6 +213,11 @@ pub trait VmmInstance: Send + Sync {
     fn pid(&self) -> u32;
     /// True while the VMM process exists (not a zombie).
     fn is_alive(&self) -> bool;
+    /// Once the process is gone: how it ended and the VMM's own last error, in one line
+    /// (`None` while it runs, or when the backend knows nothing beyond the console).
+    fn exit_reason(&self) -> Option<String> {
+        None
+    }
     /// Open a fresh byte stream to the guest agent. May fail while the guest boots;
     /// callers retry until their own deadline.
     async fn connect_agent(&self) -> Result<BoxedAgentStream, VmmError>;

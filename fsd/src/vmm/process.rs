@@ -7,8 +7,9 @@
 //!   FUSE fd).
 //! - A spawned VMM is reaped by a dedicated thread the moment it exits, so it never
 //!   lingers as a zombie; `is_alive` is that thread's verdict. For an adopted VMM (not our
-//!   child) `is_alive` reads `/proc/<pid>/stat`: not a zombie and the same start time as
-//!   when adopted, so a recycled pid is never mistaken for our VM.
+//!   child) `is_alive` reads `/proc/<pid>/stat`: not a zombie (or a zombie leader whose
+//!   other threads, holding the process's files, are still exiting) and the same start
+//!   time as when adopted, so a recycled pid is never mistaken for our VM.
 //! - When the process is gone, its pid file is removed if it still names it, so a stale
 //!   pid file never points at an unrelated process.
 use std::os::unix::process::CommandExt;
@@ -142,7 +143,9 @@ impl VmmProcess {
             return !r.exited.load(Ordering::SeqCst);
         }
         match proc_stat(self.pid) {
-            Some((state, start)) => state != 'Z' && state != 'X' && Some(start) == self.start_time,
+            Some((_, start)) if Some(start) != self.start_time => false,
+            Some(('Z' | 'X', _)) => threads_left(self.pid),
+            Some(_) => true,
             None => false,
         }
     }
@@ -154,6 +157,30 @@ impl VmmProcess {
             .and_then(|r| *r.status.lock())
             .map(|s| s.to_string())
             .unwrap_or_else(|| "exited".into())
+    }
+
+    /// How the process ended, as a clause for a reason line: `exited with status 1`,
+    /// `was killed by signal 9 (SIGKILL)`; for an adopted process (not our child) the
+    /// status is unknowable, and the clause says so.
+    pub fn exit_description(&self) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        let Some(reaped) = &self.reaped else {
+            return "exited (its exit status is unknown: it was adopted after a daemon restart)"
+                .into();
+        };
+        match *reaped.status.lock() {
+            Some(s) => match (s.code(), s.signal()) {
+                (Some(code), _) => format!("exited with status {code}"),
+                (None, Some(sig)) => {
+                    let name = nix::sys::signal::Signal::try_from(sig)
+                        .map(|s| s.as_str())
+                        .unwrap_or("unknown signal");
+                    format!("was killed by signal {sig} ({name})")
+                }
+                (None, None) => format!("ended ({s})"),
+            },
+            None => "exited".into(),
+        }
     }
 
     pub fn signal(&self, sig: libc::c_int) -> Result<(), VmmError> {
@@ -214,6 +241,15 @@ pub(crate) fn remove_stale_pid_file(path: &Path, pid: u32) {
     }
 }
 
+/// A zombie thread-group leader can outlive its other threads for a moment: they still
+/// hold the process's files (a TAP device, sockets) until the last one is gone. True
+/// while `/proc/<pid>/task` lists more than the leader.
+fn threads_left(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count() > 1)
+        .unwrap_or(false)
+}
+
 /// State char and start time (clock ticks since boot) from `/proc/<pid>/stat`.
 pub(crate) fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -245,5 +281,21 @@ mod tests {
         assert!(state == 'R' || state == 'S', "{state}");
         assert!(start > 0);
         assert!(proc_stat(u32::MAX).is_none());
+    }
+
+    #[tokio::test]
+    async fn exit_descriptions() {
+        for (script, want) in [
+            ("exit 3", "exited with status 3"),
+            ("kill -9 $$", "was killed by signal 9 (SIGKILL)"),
+        ] {
+            let mut cmd = Command::new("/bin/sh");
+            cmd.args(["-c", script]);
+            let dir = tempfile::tempdir().unwrap();
+            let p = VmmProcess::spawn(cmd, "test", dir.path().join("pid"), false).unwrap();
+            assert!(p.wait_exit(Duration::from_secs(5)).await);
+            // The reaper stores the status just before it flags the exit.
+            assert_eq!(p.exit_description(), want);
+        }
     }
 }

@@ -144,6 +144,11 @@ impl QemuBackend {
         &self.accel
     }
 
+    /// The TSC rate given to TCG guests (`tsc_early_khz=`), if any.
+    pub fn tsc_khz(&self) -> Option<u64> {
+        self.tsc_khz
+    }
+
     /// Start QEMU with an explicit argv (argv[0] = binary) in `dir`, e.g. one rebuilt from
     /// `qemu.args.json` plus `-incoming defer` for a snapshot restore. Writes the argv to
     /// `qemu.args.json` first; returns once QMP answers.
@@ -592,6 +597,25 @@ impl VmmInstance for QemuInstance {
 
     fn is_alive(&self) -> bool {
         self.proc.is_alive()
+    }
+
+    fn exit_reason(&self) -> Option<String> {
+        if self.is_alive() {
+            return None;
+        }
+        let tail = |f: &str, n| {
+            let t = log_tail(&self.dir.join(f), 0, n);
+            (!t.starts_with("no output in ")).then_some(t)
+        };
+        let mut why = format!("QEMU {}", self.proc.exit_description());
+        if let Some(l) = tail(VMM_LOG, 1) {
+            why.push_str(&format!("; stderr: {l}"));
+        }
+        // QEMU's own output is in vmm.log; the console is the guest's (a panic shows there).
+        if let Some(c) = tail("console.log", 5) {
+            why.push_str(&format!("; console: {c}"));
+        }
+        Some(why)
     }
 
     /// Connect to the agent's virtio-serial port. QEMU serves one client at a time: while

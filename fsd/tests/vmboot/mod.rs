@@ -56,17 +56,16 @@ pub fn missing_guest_inputs() -> Option<&'static str> {
     None
 }
 
-/// The static agent, built by agent/build-static.sh if it is not there yet.
+/// The static agent of this tree, (re)built by agent/build-static.sh: a stale binary
+/// would speak another protocol version (cargo makes the rebuild a no-op when current).
 pub fn static_agent() -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin = repo.join("target/x86_64-unknown-linux-gnu/release/bandsox-agent");
-    if !bin.is_file() {
-        eprintln!("building the static agent with agent/build-static.sh");
-        let st = Command::new(repo.join("agent/build-static.sh"))
-            .status()
-            .expect("run agent/build-static.sh");
-        assert!(st.success(), "agent/build-static.sh failed");
-    }
+    let st = Command::new(repo.join("agent/build-static.sh"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run agent/build-static.sh");
+    assert!(st.success(), "agent/build-static.sh failed");
     bin
 }
 

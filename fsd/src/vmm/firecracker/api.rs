@@ -72,6 +72,40 @@ impl ApiError {
     }
 }
 
+/// One answered API call: `METHOD /path` and the HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallRecord {
+    pub request: String,
+    pub status: u16,
+}
+
+/// Every call's status, kept only while a test asked for it ([`journal_start`]): the
+/// contract tests against real binaries report which request got which answer.
+static JOURNAL: parking_lot::Mutex<Option<Vec<CallRecord>>> = parking_lot::Mutex::new(None);
+
+/// Start recording every API call of this process (until [`journal_take`]).
+pub fn journal_start() {
+    JOURNAL.lock().get_or_insert_with(Vec::new);
+}
+
+/// The calls recorded since [`journal_start`] (recording goes on).
+pub fn journal_take() -> Vec<CallRecord> {
+    JOURNAL
+        .lock()
+        .as_mut()
+        .map(std::mem::take)
+        .unwrap_or_default()
+}
+
+fn journal(request: &str, status: u16) {
+    if let Some(j) = JOURNAL.lock().as_mut() {
+        j.push(CallRecord {
+            request: request.to_string(),
+            status,
+        });
+    }
+}
+
 /// A client for one Firecracker API socket.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
@@ -124,13 +158,25 @@ impl ApiClient {
                         timeout: self.timeout,
                     })
                 });
+        let us = t0.elapsed().as_micros() as u64;
         match &result {
-            Ok(_) => {
-                tracing::debug!(%request, us = t0.elapsed().as_micros() as u64, "firecracker API ok")
+            Ok((status, _)) => {
+                journal(&request, status.as_u16());
+                tracing::debug!(%request, status = status.as_u16(), us, "firecracker API ok")
             }
-            Err(e) => tracing::debug!(%request, "firecracker API failed: {e}"),
+            Err(e) => {
+                // Only answers are journaled (not "socket not there yet" while waiting).
+                let status = match e {
+                    ApiError::Fault { status, .. } => *status,
+                    _ => 0,
+                };
+                if status != 0 {
+                    journal(&request, status);
+                }
+                tracing::debug!(%request, status, us, "firecracker API failed: {e}")
+            }
         }
-        result
+        result.map(|(_, body)| body)
     }
 
     async fn call_inner(
@@ -139,7 +185,7 @@ impl ApiClient {
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<Bytes, ApiError> {
+    ) -> Result<(StatusCode, Bytes), ApiError> {
         let proto = |e: &dyn std::fmt::Display| ApiError::Protocol {
             request: request.to_string(),
             message: e.to_string(),
@@ -181,7 +227,7 @@ impl ApiClient {
             .map_err(|e| proto(&format_args!("reading the answer: {e}")))?
             .to_bytes();
         if status.is_success() {
-            return Ok(bytes);
+            return Ok((status, bytes));
         }
         Err(ApiError::Fault {
             request: request.to_string(),

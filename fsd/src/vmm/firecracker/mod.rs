@@ -12,33 +12,46 @@
 //!
 //! Files in a VM directory (all created by this backend unless noted):
 //! ```text
-//! firecracker.json  argv (argv[0] = the binary), version and time; written before start;
-//!                   `adopt` compares it with /proc/<pid>/cmdline
+//! firecracker.json  argv (argv[0] = the binary or the jailer), version (as the binary
+//!                   prints it, suffix included), snapshot format, time, jail; written
+//!                   before start; `adopt` compares it with /proc/<pid>/cmdline
 //! vmm.pid           the Firecracker pid (written by us after spawning; removed once the
 //!                   process we reaped or killed is gone)
-//! vmm.log           Firecracker's stderr (appended across restarts)
-//! console.log       the guest serial console = Firecracker's stdout (appended)
-//! firecracker.log   Firecracker's logger (PUT /logger); the previous run's is kept as
-//!                   firecracker.log.1
-//! metrics.json      Firecracker's metrics (PUT /metrics), one JSON object per flush
-//! api.sock          the API socket (server: Firecracker)
+//! vmm.log           Firecracker's stderr (appended across restarts): panics, fatal
+//!                   start-up errors
+//! console.log       the guest serial console = Firecracker's stdout (appended); only
+//!                   guest output, because Firecracker's own log goes to firecracker.log
+//!                   from its first line (`--log-path` on its command line)
+//! firecracker.log   Firecracker's logger (level Info, with levels); the previous run's
+//!                   is kept as firecracker.log.1
+//! metrics.json      Firecracker's metrics, one JSON object per flush
+//! api.sock          the API socket (server: Firecracker)            [jail root if jailed]
 //! vsock.sock        hybrid vsock (server: Firecracker); `CONNECT 52` reaches the agent
+//!                                                                   [jail root if jailed]
 //! disk.ext4         not ours: the VM's disk, from VmSpec::disk (virtio-blk, /dev/vda)
+//! jail/             jailer mode only: the jail, rebuilt at every start (see `jailer.rs`)
 //! ```
 //! Invariants:
-//! - Firecracker runs in its own session (`setsid`), cwd = the VM directory, stdin
-//!   `/dev/null`, every inherited fd above 2 close-on-exec.
+//! - Firecracker runs in its own session (`setsid`), cwd = the VM directory (the jail
+//!   root once jailed), stdin `/dev/null`, every inherited fd above 2 close-on-exec.
 //! - Paths inside the VM directory are given to Firecracker *relative* to its cwd
-//!   (`vsock.sock`, `disk.ext4`, logs), so a snapshot restored into another VM directory
-//!   refers to that directory's own files. The API socket is absolute in argv, which
-//!   makes the command line name its VM (`adopt` relies on it).
+//!   (`vsock.sock`, `disk.ext4`, logs), so a snapshot restored into another VM directory,
+//!   or another jail, refers to that directory's own files. Unjailed, the API socket is
+//!   absolute in argv, which makes the command line name its VM (`adopt` relies on it).
+//! - Logger and metrics are configured on the command line, never through the API: so
+//!   nothing but guest output ever reaches `console.log`, and a snapshot load needs no
+//!   request before `/snapshot/load`.
 //! - A process we spawned is reaped by a dedicated thread; for an adopted one `is_alive`
 //!   reads `/proc/<pid>/stat` and checks the start time, as in the QEMU backend.
 //! - `launch` returns after `InstanceStart` succeeded. Any failure before kills the
 //!   process and reports `StartFailed` with Firecracker's `fault_message` verbatim, or,
-//!   when the process died, the last lines of its stderr, logger and console.
+//!   when the process died, its exit status and its last error line
+//!   ([`FcInstance::exit_reason`]); the same reason is given when it dies later.
 //! - Every API call has a deadline (`api.rs`); `connect_agent` is callable any number of
 //!   times (one fresh vsock connection each).
+//! - A snapshot records the Firecracker version that wrote it and its snapshot data
+//!   format; a restore whose Firecracker cannot read that format is refused before any
+//!   process starts ([`snapshot::check_loadable`]).
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -60,13 +73,17 @@ pub mod vsock;
 
 use api::{ApiClient, ApiError};
 use model::{
-    ActionType, BootSource, CacheType, Drive, EntropyDevice, LogLevel, Logger,
-    MachineConfiguration, Metrics, NetworkInterface, VmStateRequest, Vsock,
+    ActionType, BootSource, CacheType, Drive, EntropyDevice, MachineConfiguration,
+    NetworkInterface, VmStateRequest, Vsock,
 };
 
 pub const FIRECRACKER_BINARY: &str = "firecracker";
 /// Environment variable naming the Firecracker binary to use instead of the one on PATH.
 pub const FIRECRACKER_ENV: &str = "BANDSOX_FIRECRACKER";
+/// Test-only: `1` offers the Firecracker backend even where KVM cannot run ordinary
+/// guests (such a guest never boots; tests pause or kill it at once). Nothing else
+/// changes; `info`, `events` and the daemon log say that it was forced.
+pub const FORCE_ENV: &str = "BANDSOX_FORCE_FIRECRACKER";
 /// Oldest supported release (ACPI device discovery; see the module docs).
 pub const MIN_VERSION: FcVersion = FcVersion {
     major: 1,
@@ -79,6 +96,7 @@ pub const VSOCK_SOCK: &str = "vsock.sock";
 pub const VMM_LOG: &str = "vmm.log";
 pub const FC_LOG: &str = "firecracker.log";
 pub const METRICS_FILE: &str = "metrics.json";
+pub const CONSOLE_LOG: &str = "console.log";
 /// The guest's vsock context id (any value ≥ 3; each VM has its own device).
 pub const GUEST_CID: u32 = 3;
 /// The one network interface's id (`net=tap`); the guest sees it as `eth0`.
@@ -95,7 +113,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Window of one `connect_agent` call (the caller retries until its own deadline).
 const AGENT_CONNECT_WINDOW: Duration = Duration::from_millis(1500);
 
-/// A Firecracker release number.
+/// A Firecracker release number (also used for snapshot data format versions, which
+/// have the same `MAJOR.MINOR.PATCH` shape).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct FcVersion {
     pub major: u32,
@@ -135,9 +154,7 @@ impl FcVersion {
     /// The version in `firecracker --version` output (`Firecracker v1.10.1`, then
     /// possibly more lines).
     pub fn from_version_output(text: &str) -> Option<Self> {
-        text.lines()
-            .filter_map(|l| l.trim().strip_prefix("Firecracker v"))
-            .find_map(FcVersion::parse)
+        version_text(text).as_deref().and_then(FcVersion::parse)
     }
 
     /// `network_overrides` on snapshot load.
@@ -149,21 +166,120 @@ impl FcVersion {
     pub fn has_vsock_override(self) -> bool {
         self >= FcVersion::new(1, 16, 0)
     }
+
+    /// Read as a snapshot data format: can a Firecracker supporting format `self` load a
+    /// snapshot written in format `snap`? Firecracker's rule (its snapshot versioning
+    /// docs and the check in its snapshot loader): the same MAJOR, and a MINOR no newer
+    /// than its own; any PATCH.
+    pub fn can_load_format(self, snap: FcVersion) -> bool {
+        snap.major == self.major && snap.minor <= self.minor
+    }
+}
+
+/// The version as `firecracker --version` prints it, suffix included
+/// (`Firecracker v1.17.0-dev` → `1.17.0-dev`).
+pub fn version_text(output: &str) -> Option<String> {
+    output
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Firecracker v"))
+        .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+        .find(|v| FcVersion::parse(v).is_some())
+}
+
+/// The snapshot data format in `firecracker --snapshot-version` or
+/// `--describe-snapshot` output (`v11.0.0`, then log lines).
+pub fn format_text(output: &str) -> Option<FcVersion> {
+    output.lines().find_map(|l| {
+        let l = l.trim();
+        l.strip_prefix('v')
+            .filter(|rest| rest.split('.').count() == 3)
+            .and_then(FcVersion::parse)
+    })
+}
+
+/// How long a `firecracker --version`-style query may take.
+const QUERY_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Run `binary args` (stdin /dev/null) and return whether it succeeded and its stdout
+/// plus stderr; killed after [`QUERY_DEADLINE`] (a hung binary is an error, not a hang).
+pub fn run_binary(binary: &Path, args: &[&std::ffi::OsStr]) -> std::io::Result<(bool, String)> {
+    use std::io::Read;
+    let mut child = Command::new(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // One reader per pipe, so a chatty stderr never blocks the child.
+    fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut text);
+            }
+            text
+        })
+    }
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let deadline = Instant::now() + QUERY_DEADLINE;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {QUERY_DEADLINE:?}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut text = out.join().unwrap_or_default();
+    text.extend(err.join().unwrap_or_default());
+    Ok((
+        status.success(),
+        String::from_utf8_lossy(&text).into_owned(),
+    ))
 }
 
 /// What `firecracker.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FcRecord {
-    /// Full argv; `argv[0]` is the binary's path.
+    /// Full argv; `argv[0]` is the binary's path (the jailer's in jailer mode).
     pub argv: Vec<String>,
+    /// As the binary prints it (`1.17.0-dev`).
     pub version: String,
-    /// The ELF kernel booted.
+    /// The snapshot data format this Firecracker writes (`11.0.0`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_format: Option<String>,
+    /// The ELF kernel booted (or the snapshot restored).
     pub kernel: String,
     /// RFC 3339.
     pub created: String,
-    /// Jailer mode: the jail root (Firecracker's `/`, holding its sockets and logs).
+    /// Jailer mode: the jail root (Firecracker's `/`, holding its sockets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail_root: Option<String>,
+    /// Jailer mode: the ids Firecracker runs as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail_ids: Option<(u32, u32)>,
+}
+
+impl FcRecord {
+    /// Jailer mode: Firecracker's own arguments (after the jailer's `--`).
+    pub fn firecracker_args(&self) -> &[String] {
+        match self.argv.iter().position(|a| a == "--") {
+            Some(i) => &self.argv[i + 1..],
+            None => &[],
+        }
+    }
+
+    /// Jailer mode: the file name of the binary the jailer exec'd (`--exec-file`).
+    pub fn exec_name(&self) -> Option<&str> {
+        let i = self.argv.iter().position(|a| a == "--exec-file")?;
+        self.argv.get(i + 1)?.rsplit('/').next()
+    }
 }
 
 pub fn load_record(dir: &Path) -> Option<FcRecord> {
@@ -171,28 +287,62 @@ pub fn load_record(dir: &Path) -> Option<FcRecord> {
     serde_json::from_str(&text).ok()
 }
 
+/// Firecracker's own command-line arguments besides `--api-sock` and `--id`: the logger
+/// and metrics files (relative to its cwd), so it never logs to stdout (the console) and
+/// nothing has to be configured through the API before a snapshot load.
+pub fn log_args() -> Vec<String> {
+    [
+        "--log-path",
+        FC_LOG,
+        "--level",
+        "Info",
+        "--show-level",
+        "--metrics-path",
+        METRICS_FILE,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 pub struct FirecrackerBackend {
     binary: PathBuf,
     version: FcVersion,
+    /// As the binary prints it, suffix included.
+    version_text: String,
+    /// The snapshot data format this binary writes and reads (`--snapshot-version`).
+    snapshot_format: Option<FcVersion>,
     accel_reason: String,
+    /// `Some(why)`: offered although KVM cannot run ordinary guests ([`FORCE_ENV`]).
+    forced: Option<String>,
     /// `Some`: start every VM through the jailer ([`jailer`]).
     jailer: Option<jailer::JailerConfig>,
 }
 
+/// A jailed instance's jail (what snapshots and cleanup need).
+#[derive(Debug, Clone)]
+struct Jail {
+    root: PathBuf,
+    uid: u32,
+    gid: u32,
+    id: String,
+    cgroups: jailer::JailCgroups,
+}
+
 /// Where one launch's files are, as Firecracker is told them.
 struct Runtime {
-    /// Firecracker's cwd: sockets, logger and metrics files.
+    /// Firecracker's cwd: its sockets (the VM directory, or the jail root).
     root: PathBuf,
     kernel: String,
     initrd: String,
     disk: Option<String>,
-    /// Jailer mode: files Firecracker opens must belong to this uid/gid.
-    owner: Option<(u32, u32)>,
+    jail: Option<Jail>,
 }
 
 impl FirecrackerBackend {
     /// Find Firecracker (`$BANDSOX_FIRECRACKER`, else `firecracker` on PATH), check its
-    /// version and that KVM can run ordinary guests here.
+    /// version and that KVM can run ordinary guests here (or that [`FORCE_ENV`] forces
+    /// it), and whether to jail it ([`jailer::JailerConfig::from_env`]).
     pub fn detect() -> Result<Self, VmmError> {
         let binary = match std::env::var_os(FIRECRACKER_ENV).filter(|v| !v.is_empty()) {
             Some(p) => PathBuf::from(p),
@@ -202,27 +352,85 @@ impl FirecrackerBackend {
                 ))
             })?,
         };
+        let force = std::env::var(FORCE_ENV).is_ok_and(|v| v == "1");
+        let mut b = Self::probe(binary)?.check_host(&accel::detect(), force)?;
+        b.jailer = jailer::JailerConfig::from_env(&b.binary)?;
+        Ok(b)
+    }
+
+    /// The binary at `binary`: its version (1.8 or later) and snapshot format, without
+    /// looking at KVM (contract tests drive real binaries on hosts whose KVM cannot run
+    /// guests).
+    pub fn probe(binary: PathBuf) -> Result<Self, VmmError> {
         if !binary.is_file() {
             return Err(VmmError::Unavailable(format!(
                 "{} does not exist",
                 binary.display()
             )));
         }
-        let out = Command::new(&binary)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| {
-                VmmError::Unavailable(format!("cannot run {} --version: {e}", binary.display()))
+        let run = |arg: &str| -> Result<String, VmmError> {
+            let (_, out) = run_binary(&binary, &[arg.as_ref()]).map_err(|e| {
+                VmmError::Unavailable(format!("cannot run {} {arg}: {e}", binary.display()))
             })?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut b = Self::evaluate(binary, &text, &accel::detect())?;
-        b.jailer = jailer::JailerConfig::from_env()?;
+            Ok(out)
+        };
+        let text = run("--version")?;
+        // `--snapshot-version` exists in every supported release; an older or odd build
+        // without it just leaves the format unknown (restores then are not pre-checked).
+        let format = run("--snapshot-version").ok().and_then(|t| format_text(&t));
+        let mut b = Self::evaluate(binary, &text)?;
+        b.snapshot_format = format;
         Ok(b)
+    }
+
+    /// The version part of [`probe`](Self::probe), from `--version` output.
+    pub fn evaluate(binary: PathBuf, version_output: &str) -> Result<Self, VmmError> {
+        let (version, version_text) = version_text(version_output)
+            .and_then(|t| FcVersion::parse(&t).map(|v| (v, t)))
+            .ok_or_else(|| {
+                VmmError::Unavailable(format!(
+                    "cannot read the version of {} from {:?}",
+                    binary.display(),
+                    version_output.lines().next().unwrap_or("")
+                ))
+            })?;
+        if version < MIN_VERSION {
+            return Err(VmmError::Unavailable(format!(
+                "Firecracker {version_text} at {} is too old: BandSox needs {MIN_VERSION} or \
+                 later (the guest kernel finds virtio devices only through ACPI, added in 1.8)",
+                binary.display()
+            )));
+        }
+        Ok(FirecrackerBackend {
+            binary,
+            version,
+            version_text,
+            snapshot_format: None,
+            accel_reason: "not checked".into(),
+            forced: None,
+            jailer: None,
+        })
+    }
+
+    /// Accept this host's KVM: it must run ordinary guests, unless `force` (test only).
+    pub fn check_host(mut self, accel: &Accel, force: bool) -> Result<Self, VmmError> {
+        self.accel_reason = accel.reason.clone();
+        if accel.kind != AccelKind::Kvm {
+            if !force {
+                return Err(VmmError::Unavailable(format!(
+                    "Firecracker {} needs KVM that runs ordinary guests, and this host has \
+                     none: {} ({FORCE_ENV}=1 forces it, for tests only)",
+                    self.version_text, accel.reason
+                )));
+            }
+            let why = format!(
+                "{FORCE_ENV}=1 (test only: KVM here cannot run ordinary guests, {})",
+                accel.reason
+            );
+            tracing::warn!("Firecracker backend forced: {why}");
+            self.forced = Some(why);
+        }
+        Ok(self)
     }
 
     /// Start VMs through the jailer (or not, with `None`).
@@ -231,50 +439,29 @@ impl FirecrackerBackend {
         self
     }
 
-    /// The decision of [`detect`](Self::detect), from its inputs.
-    pub fn evaluate(
-        binary: PathBuf,
-        version_output: &str,
-        accel: &Accel,
-    ) -> Result<Self, VmmError> {
-        let version = FcVersion::from_version_output(version_output).ok_or_else(|| {
-            VmmError::Unavailable(format!(
-                "cannot read the version of {} from {:?}",
-                binary.display(),
-                version_output.lines().next().unwrap_or("")
-            ))
-        })?;
-        if version < MIN_VERSION {
-            return Err(VmmError::Unavailable(format!(
-                "Firecracker {version} at {} is too old: BandSox needs {MIN_VERSION} or later \
-                 (the guest kernel finds virtio devices only through ACPI, added in 1.8)",
-                binary.display()
-            )));
-        }
-        if accel.kind != AccelKind::Kvm {
-            return Err(VmmError::Unavailable(format!(
-                "Firecracker {version} needs KVM that runs ordinary guests, and this host has \
-                 none: {}",
-                accel.reason
-            )));
-        }
-        Ok(FirecrackerBackend {
-            binary,
-            version,
-            accel_reason: accel.reason.clone(),
-            jailer: None,
-        })
-    }
-
     pub fn version(&self) -> FcVersion {
         self.version
+    }
+
+    /// The version as the binary prints it (`1.17.0-dev`).
+    pub fn version_text(&self) -> &str {
+        &self.version_text
+    }
+
+    /// The snapshot data format this binary writes and loads, when known.
+    pub fn snapshot_format(&self) -> Option<FcVersion> {
+        self.snapshot_format
     }
 
     pub fn binary(&self) -> &Path {
         &self.binary
     }
 
-    /// Firecracker's argv for the VM in `dir` (argv[0] = the binary).
+    pub fn jailer(&self) -> Option<&jailer::JailerConfig> {
+        self.jailer.as_ref()
+    }
+
+    /// Firecracker's argv for the VM in `dir`, unjailed (argv[0] = the binary).
     pub fn build_argv(&self, dir: &Path) -> Result<Vec<String>, VmmError> {
         let api = dir.join(API_SOCK);
         check_socket_path(&api)?;
@@ -289,7 +476,56 @@ impl FirecrackerBackend {
                 argv.extend(["--id".into(), format!("bx-{id}")]);
             }
         }
+        argv.extend(log_args());
         Ok(argv)
+    }
+
+    /// The jailer's argv for the VM in `dir`.
+    fn jailed_argv(
+        &self,
+        jail: &jailer::JailerConfig,
+        dir: &Path,
+    ) -> Result<Vec<String>, VmmError> {
+        let mut fc_args = vec!["--api-sock".to_string(), API_SOCK.into()];
+        fc_args.extend(log_args());
+        jail.argv(&self.binary, dir, &fc_args)
+    }
+
+    /// An empty jail for the VM in `dir`, with its log and metrics files and (if any) its
+    /// disk linked in; the TAP device of `spec` handed to the jailed ids.
+    fn prepare_jail(
+        &self,
+        spec: &VmSpec,
+        jail: &jailer::JailerConfig,
+    ) -> Result<(Jail, LogStarts), VmmError> {
+        let dir = &spec.dir;
+        let root = jail.root(dir, &self.binary)?;
+        check_socket_path(&root.join(API_SOCK))?;
+        check_socket_path(&root.join(VSOCK_SOCK))?;
+        jail.reset(dir, &root)?;
+        let logs = prepare_dir(dir, &root)?;
+        for f in [FC_LOG, METRICS_FILE] {
+            jail.link_private(&root, &dir.join(f), f)?;
+        }
+        if let Some(d) = &spec.disk {
+            jail.link_private(&root, d, jailer::JAIL_DISK)?;
+        }
+        if let Some(tap) = spec.net.as_ref().and_then(|n| n.tap.as_ref()) {
+            crate::net::set_tap_owner(&tap.ifname, jail.uid, jail.gid)
+                .map_err(|e| VmmError::StartFailed(e.message))?;
+        }
+        let id = jailer::JailerConfig::jail_id(dir)?;
+        jail.cgroups.remove(&id);
+        Ok((
+            Jail {
+                root,
+                uid: jail.uid,
+                gid: jail.gid,
+                id,
+                cgroups: jail.cgroups.clone(),
+            },
+            logs,
+        ))
     }
 
     /// Start Firecracker with `argv` in `spec.dir` and configure and start the VM
@@ -300,43 +536,63 @@ impl FirecrackerBackend {
         argv: Vec<String>,
         vmlinux: &Path,
     ) -> Result<FcInstance, VmmError> {
+        let logs = prepare_dir(&spec.dir, &spec.dir)?;
         let rt = Runtime {
             root: spec.dir.clone(),
             kernel: vmlinux.display().to_string(),
             initrd: spec.initrd.display().to_string(),
             disk: spec.disk.as_ref().map(|d| dir_relative(&spec.dir, d)),
-            owner: None,
+            jail: None,
         };
-        self.launch_runtime(spec, argv, vmlinux, rt).await
+        self.launch_runtime(spec, argv, vmlinux, rt, logs).await
     }
 
-    /// Jailer mode: link the boot files and disk into the jail and start the jailer.
+    /// Jailer mode: build the jail (boot files and disk linked in) and start the jailer.
     pub async fn launch_jailed(
         &self,
         spec: &VmSpec,
         jail: &jailer::JailerConfig,
         vmlinux: &Path,
     ) -> Result<FcInstance, VmmError> {
-        let root = jail.root(&spec.dir, &self.binary)?;
-        check_socket_path(&root.join(API_SOCK))?;
-        check_socket_path(&root.join(VSOCK_SOCK))?;
-        let mut files = vec![
-            (vmlinux, jailer::JAIL_KERNEL),
-            (spec.initrd.as_path(), jailer::JAIL_INITRD),
-        ];
-        if let Some(d) = &spec.disk {
-            files.push((d.as_path(), jailer::JAIL_DISK));
-        }
-        jail.prepare(&root, &files)?;
+        let (j, logs) = self.prepare_jail(spec, jail)?;
+        jail.link_shared(&j.root, vmlinux, jailer::JAIL_KERNEL)?;
+        jail.link_shared(&j.root, &spec.initrd, jailer::JAIL_INITRD)?;
         let rt = Runtime {
-            root,
+            root: j.root.clone(),
             kernel: jailer::JAIL_KERNEL.into(),
             initrd: jailer::JAIL_INITRD.into(),
             disk: spec.disk.as_ref().map(|_| jailer::JAIL_DISK.into()),
-            owner: Some((jail.uid, jail.gid)),
+            jail: Some(j),
         };
-        let argv = jail.argv(&self.binary, &spec.dir)?;
-        self.launch_runtime(spec, argv, vmlinux, rt).await
+        let argv = self.jailed_argv(jail, &spec.dir)?;
+        self.launch_runtime(spec, argv, vmlinux, rt, logs).await
+    }
+
+    /// Write the record and spawn `argv` for a VM whose files `prepare_dir` (and, jailed,
+    /// `prepare_jail`) made ready.
+    fn start_process(
+        &self,
+        dir: &Path,
+        argv: &[String],
+        what: String,
+        root: &Path,
+        jail: Option<Jail>,
+        logs: LogStarts,
+    ) -> Result<FcInstance, VmmError> {
+        let record = FcRecord {
+            argv: argv.to_vec(),
+            version: self.version_text.clone(),
+            snapshot_format: self.snapshot_format.map(|f| f.to_string()),
+            kernel: what,
+            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            jail_root: jail.as_ref().map(|j| j.root.display().to_string()),
+            jail_ids: jail.as_ref().map(|j| (j.uid, j.gid)),
+        };
+        write_atomic(
+            &dir.join(RECORD_FILE),
+            &serde_json::to_vec_pretty(&record).unwrap_or_default(),
+        )?;
+        spawn(dir, root, argv, jail, logs)
     }
 
     async fn launch_runtime(
@@ -345,22 +601,18 @@ impl FirecrackerBackend {
         argv: Vec<String>,
         vmlinux: &Path,
         rt: Runtime,
+        logs: LogStarts,
     ) -> Result<FcInstance, VmmError> {
         let t0 = Instant::now();
         let dir = &spec.dir;
-        let logs = prepare_dir(dir, &rt)?;
-        let record = FcRecord {
-            argv: argv.clone(),
-            version: self.version.to_string(),
-            kernel: vmlinux.display().to_string(),
-            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            jail_root: rt.owner.map(|_| rt.root.display().to_string()),
-        };
-        write_atomic(
-            &dir.join(RECORD_FILE),
-            &serde_json::to_vec_pretty(&record).unwrap_or_default(),
+        let inst = self.start_process(
+            dir,
+            &argv,
+            vmlinux.display().to_string(),
+            &rt.root,
+            rt.jail.clone(),
+            logs,
         )?;
-        let inst = spawn(dir, &rt.root, &argv)?;
         let result = async {
             inst.wait_api(t0 + API_READY_DEADLINE).await?;
             configure(&inst.api, spec, &rt).await?;
@@ -372,23 +624,7 @@ impl FirecrackerBackend {
         }
         .await;
         if let Err(e) = result {
-            // A refusal comes from a living process; any other failure may be its death
-            // (the reaper may need a moment to notice it).
-            let died = !matches!(e, ApiError::Fault { .. })
-                && inst.wait_exit(Duration::from_millis(300)).await;
-            let why = if died {
-                inst.death_report(&logs)
-            } else {
-                match &e {
-                    ApiError::Fault {
-                        request, message, ..
-                    } => format!("Firecracker refused {request}: {message}"),
-                    other => format!(
-                        "Firecracker API: {other}; stderr: {}",
-                        log_tail(&dir.join(VMM_LOG), logs.vmm_log, 5)
-                    ),
-                }
-            };
+            let why = inst.failure_reason(&e).await;
             let _ = inst.kill().await;
             tracing::warn!(dir = %dir.display(), "Firecracker launch failed: {why}");
             return Err(VmmError::StartFailed(why));
@@ -396,7 +632,8 @@ impl FirecrackerBackend {
         tracing::info!(
             pid = inst.pid(),
             dir = %dir.display(),
-            version = %self.version,
+            version = %self.version_text,
+            jailed = inst.jail.is_some(),
             ms = t0.elapsed().as_millis() as u64,
             "Firecracker started"
         );
@@ -404,18 +641,29 @@ impl FirecrackerBackend {
     }
 }
 
-/// Where each log stood before this launch, so errors quote only this run's lines.
+/// Where each log stood before this start, so reasons quote only this run's lines.
 #[derive(Debug, Clone, Default)]
-struct LogStarts {
+pub(crate) struct LogStarts {
     vmm_log: u64,
     console: u64,
 }
 
-/// Create the files Firecracker needs in its root (it opens its logger and metrics
-/// files without creating them; jailed, they must be its own) and remove stale sockets.
-fn prepare_dir(dir: &Path, rt: &Runtime) -> Result<LogStarts, VmmError> {
+impl LogStarts {
+    /// The logs' current ends (for an adopted process: only what it writes from now on).
+    fn now(dir: &Path) -> Self {
+        let len = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
+        LogStarts {
+            vmm_log: len(VMM_LOG),
+            console: len(CONSOLE_LOG),
+        }
+    }
+}
+
+/// Make the VM directory ready for a start: a fresh `firecracker.log` (the previous one
+/// kept as `.1`) and `metrics.json` (Firecracker opens both without creating them), and
+/// no stale sockets in `root`, Firecracker's cwd.
+fn prepare_dir(dir: &Path, root: &Path) -> Result<LogStarts, VmmError> {
     let io = |p: &Path, e| VmmError::Io(p.display().to_string(), e);
-    let root = &rt.root;
     for s in [API_SOCK, VSOCK_SOCK] {
         let p = root.join(s);
         match std::fs::remove_file(&p) {
@@ -424,31 +672,32 @@ fn prepare_dir(dir: &Path, rt: &Runtime) -> Result<LogStarts, VmmError> {
             Err(e) => return Err(io(&p, e)),
         }
     }
-    let fc_log = root.join(FC_LOG);
+    let fc_log = dir.join(FC_LOG);
     if std::fs::metadata(&fc_log)
         .map(|m| m.len() > 0)
         .unwrap_or(false)
     {
-        let old = root.join(format!("{FC_LOG}.1"));
+        let old = dir.join(format!("{FC_LOG}.1"));
         std::fs::rename(&fc_log, &old).map_err(|e| io(&fc_log, e))?;
     }
     for f in [FC_LOG, METRICS_FILE] {
-        let p = root.join(f);
+        let p = dir.join(f);
+        // A new file each time (never truncate one a jailed run still holds open).
+        let _ = std::fs::remove_file(&p);
         std::fs::File::create(&p).map_err(|e| io(&p, e))?;
-        if let Some((uid, gid)) = rt.owner {
-            std::os::unix::fs::chown(&p, Some(uid), Some(gid)).map_err(|e| io(&p, e))?;
-        }
     }
-    let len = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
-    Ok(LogStarts {
-        vmm_log: len(VMM_LOG),
-        console: len("console.log"),
-    })
+    Ok(LogStarts::now(dir))
 }
 
 /// Spawn `argv` in its own session in `dir`, stdout → console.log, stderr → vmm.log; write
 /// the pid file and start the reaper. `root` is where Firecracker's sockets will be.
-fn spawn(dir: &Path, root: &Path, argv: &[String]) -> Result<FcInstance, VmmError> {
+fn spawn(
+    dir: &Path,
+    root: &Path,
+    argv: &[String],
+    jail: Option<Jail>,
+    logs: LogStarts,
+) -> Result<FcInstance, VmmError> {
     let (program, rest) = argv
         .split_first()
         .ok_or_else(|| VmmError::StartFailed("empty Firecracker command line".into()))?;
@@ -459,7 +708,7 @@ fn spawn(dir: &Path, root: &Path, argv: &[String]) -> Result<FcInstance, VmmErro
             .open(&p)
             .map_err(|e| VmmError::Io(p.display().to_string(), e))
     };
-    let console = open_append(dir.join("console.log"))?;
+    let console = open_append(dir.join(CONSOLE_LOG))?;
     let vmm_log = open_append(dir.join(VMM_LOG))?;
     let mut cmd = Command::new(program);
     cmd.args(rest)
@@ -468,27 +717,12 @@ fn spawn(dir: &Path, root: &Path, argv: &[String]) -> Result<FcInstance, VmmErro
         .stdout(console)
         .stderr(vmm_log);
     let proc = VmmProcess::spawn(cmd, "Firecracker", dir.join("vmm.pid"), true)?;
-    Ok(FcInstance::new(proc, dir, root))
+    Ok(FcInstance::new(proc, dir, root, jail, logs))
 }
 
-/// Logger and metrics: the only configuration allowed before a snapshot load.
-async fn configure_logging(api: &ApiClient) -> Result<(), ApiError> {
-    api.put_logger(&Logger {
-        log_path: Some(FC_LOG.into()),
-        level: Some(LogLevel::Info),
-        show_level: Some(true),
-        show_log_origin: Some(false),
-    })
-    .await?;
-    api.put_metrics(&Metrics {
-        metrics_path: METRICS_FILE.into(),
-    })
-    .await
-}
-
-/// The launch-time configuration, in Firecracker's documented order.
+/// The launch-time configuration, in Firecracker's documented order (logger and metrics
+/// are on the command line).
 async fn configure(api: &ApiClient, spec: &VmSpec, rt: &Runtime) -> Result<(), ApiError> {
-    configure_logging(api).await?;
     api.put_boot_source(&BootSource {
         kernel_image_path: rt.kernel.clone(),
         boot_args: Some(kernel_cmdline(spec)),
@@ -592,20 +826,27 @@ impl Backend for FirecrackerBackend {
 
     fn describe(&self) -> String {
         format!(
-            "Firecracker {} ({}) with kvm: {}; guest kernel: ELF vmlinux extracted from the bzImage{}",
-            self.version,
+            "Firecracker {} ({}, snapshot format {}) with kvm: {}; guest kernel: ELF vmlinux \
+             extracted from the bzImage; {}{}",
+            self.version_text,
             self.binary.display(),
+            self.snapshot_format
+                .map(|f| format!("v{f}"))
+                .unwrap_or_else(|| "unknown".into()),
             self.accel_reason,
             match &self.jailer {
-                Some(j) => format!(
-                    "; jailed by {} as {}:{}",
-                    j.binary.display(),
-                    j.uid,
-                    j.gid
-                ),
+                Some(j) => format!("jailed by {} as {}:{}", j.binary.display(), j.uid, j.gid),
+                None => "unjailed".into(),
+            },
+            match &self.forced {
+                Some(why) => format!("; FORCED by {why}"),
                 None => String::new(),
             }
         )
+    }
+
+    fn forced(&self) -> Option<String> {
+        self.forced.clone()
     }
 
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
@@ -644,6 +885,14 @@ impl Backend for FirecrackerBackend {
         true
     }
 
+    fn check_restore(
+        &self,
+        snap_dir: &Path,
+        saved: &crate::vmm::SavedState,
+    ) -> Result<(), VmmError> {
+        snapshot::check_loadable(self, snap_dir, saved)
+    }
+
     async fn restore(
         &self,
         spec: &VmSpec,
@@ -672,61 +921,94 @@ impl Backend for FirecrackerBackend {
     }
 }
 
-/// Re-attach to the Firecracker whose pid is in `<dir>/vmm.pid`, if it is alive, runs
-/// in `dir` and its command line is exactly the one recorded in `firecracker.json`.
+/// Re-attach to the Firecracker whose pid is in `<dir>/vmm.pid`, if it is alive and is
+/// this VM's: unjailed, its command line is exactly the recorded one and its cwd is
+/// `dir`; jailed, it is the recorded binary exec'd by the jailer for this VM's jail id
+/// with our arguments (its cwd is the jail, in another mount namespace).
 pub fn adopt_dir(dir: &Path) -> Option<FcInstance> {
     let (proc, running) = VmmProcess::adopt(dir.join("vmm.pid"), "Firecracker")?;
     let pid = proc.pid();
     let record = load_record(dir)?;
-    let (ours, root) = match &record.jail_root {
-        // Jailed: the jailer exec'd Firecracker with its own argv, in another mount
-        // namespace; the jail id in that argv names the VM.
+    let (ours, root, jail) = match &record.jail_root {
         Some(root) => {
             let id = jailer::JailerConfig::jail_id(dir).ok()?;
-            (
-                jailer::is_jailed_firecracker(&running, &id),
-                PathBuf::from(root),
-            )
+            let ours = record.exec_name().is_some_and(|exec| {
+                jailer::is_jailed_firecracker(&running, exec, &id, record.firecracker_args())
+            });
+            let (uid, gid) = record
+                .jail_ids
+                .unwrap_or((jailer::DEFAULT_ID, jailer::DEFAULT_ID));
+            let jail = Jail {
+                root: PathBuf::from(root),
+                uid,
+                gid,
+                cgroups: jailer::JailCgroups::parse(&cgroup_settings(&record.argv))
+                    .unwrap_or_default(),
+                id,
+            };
+            (ours, PathBuf::from(root), Some(jail))
         }
         None => {
             let cwd_ok = std::fs::read_link(format!("/proc/{pid}/cwd"))
                 .ok()
                 .zip(std::fs::canonicalize(dir).ok())
                 .is_some_and(|(a, b)| a == b);
-            (record.argv == running && cwd_ok, dir.to_path_buf())
+            (record.argv == running && cwd_ok, dir.to_path_buf(), None)
         }
     };
     if !ours {
-        tracing::warn!(pid, dir = %dir.display(), "vmm.pid names a process that is not this VM's Firecracker");
+        tracing::warn!(pid, dir = %dir.display(), ?running, "vmm.pid names a process that is not this VM's Firecracker");
         return None;
     }
-    tracing::info!(pid, dir = %dir.display(), "adopted a running Firecracker");
-    Some(FcInstance::new(proc, dir, &root))
+    tracing::info!(pid, dir = %dir.display(), jailed = jail.is_some(), "adopted a running Firecracker");
+    Some(FcInstance::new(proc, dir, &root, jail, LogStarts::now(dir)))
+}
+
+/// The `--cgroup` values of a recorded jailer argv, comma-joined.
+fn cgroup_settings(argv: &[String]) -> String {
+    argv.windows(2)
+        .filter(|w| w[0] == "--cgroup")
+        .map(|w| w[1].as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// One Firecracker process, spawned by us or adopted.
 pub struct FcInstance {
     proc: VmmProcess,
-    /// The VM directory (pid file, console, stderr).
+    /// The VM directory (pid file, console, stderr, logs).
     dir: PathBuf,
-    /// Firecracker's cwd: its sockets, logger and metrics (the VM directory, or the
-    /// jail root in jailer mode).
+    /// Firecracker's cwd: its sockets (the VM directory, or the jail root).
     root: PathBuf,
+    jail: Option<Jail>,
+    /// Where the logs stood when this process started (or was adopted).
+    logs: LogStarts,
     api: ApiClient,
 }
 
 impl FcInstance {
-    fn new(proc: VmmProcess, dir: &Path, root: &Path) -> Self {
+    fn new(proc: VmmProcess, dir: &Path, root: &Path, jail: Option<Jail>, logs: LogStarts) -> Self {
         FcInstance {
             proc,
             dir: dir.to_path_buf(),
             root: root.to_path_buf(),
+            jail,
+            logs,
             api: ApiClient::new(root.join(API_SOCK)).with_timeout(API_TIMEOUT),
         }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Firecracker's cwd (the jail root when jailed).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn is_jailed(&self) -> bool {
+        self.jail.is_some()
     }
 
     /// The API client of this instance (snapshots, balloon, ...).
@@ -760,15 +1042,38 @@ impl FcInstance {
         }
     }
 
-    /// Why the process died during launch: exit status and the last lines of its logs.
-    fn death_report(&self, starts: &LogStarts) -> String {
-        format!(
-            "Firecracker {}: stderr: {}; log: {}; console: {}",
-            self.proc.exit_status(),
-            log_tail(&self.dir.join(VMM_LOG), starts.vmm_log, 8),
-            log_tail(&self.root.join(FC_LOG), 0, 8),
-            log_tail(&self.dir.join("console.log"), starts.console, 5),
-        )
+    /// Why a start failed with `e`: Firecracker's refusal verbatim, or, when the process
+    /// died (the reaper may need a moment to notice), how it ended and its last error.
+    async fn failure_reason(&self, e: &ApiError) -> String {
+        let died = !matches!(e, ApiError::Fault { .. })
+            && self.proc.wait_exit(Duration::from_millis(300)).await;
+        match e {
+            ApiError::Fault {
+                request, message, ..
+            } => format!("Firecracker refused {request}: {message}"),
+            _ if died => self.exit_report(),
+            other => format!(
+                "Firecracker API: {other}; stderr: {}",
+                log_tail(&self.dir.join(VMM_LOG), self.logs.vmm_log, 5)
+            ),
+        }
+    }
+
+    /// How the (dead) process ended: its exit status, Firecracker's last error line of
+    /// this run (its logger; its stderr), and the guest console's last lines when there
+    /// are any.
+    pub fn exit_report(&self) -> String {
+        let mut why = format!("Firecracker {}", self.proc.exit_description());
+        if let Some(line) = last_error_line(&self.dir.join(FC_LOG)) {
+            why.push_str(&format!("; error: {line}"));
+        }
+        if let Some(line) = last_line(&self.dir.join(VMM_LOG), self.logs.vmm_log) {
+            why.push_str(&format!("; stderr: {line}"));
+        }
+        if let Some(line) = last_line(&self.dir.join(CONSOLE_LOG), self.logs.console) {
+            why.push_str(&format!("; console: {line}"));
+        }
+        why
     }
 
     fn map_api(&self, op: &str, e: ApiError) -> VmmError {
@@ -785,6 +1090,35 @@ impl FcInstance {
     }
 }
 
+/// The last non-empty line of `path` after byte `from` (at most the last 8 KiB read).
+fn last_line(path: &Path, from: u64) -> Option<String> {
+    let tail = log_tail(path, from, 1);
+    (!tail.starts_with("no output in ")).then_some(tail)
+}
+
+/// The most telling error line of Firecracker's log `path` (one run: the log is fresh at
+/// every start): the last `:ERROR]` line other than the generic "exiting with error"
+/// one, else that one; the timestamp is dropped.
+pub fn last_error_line(path: &Path) -> Option<String> {
+    let text = std::fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(&text[text.len().saturating_sub(64 * 1024)..]).into_owned();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(":ERROR]") || l.contains(":ERROR ") || l.contains(":error]"))
+        .collect();
+    let pick = errors
+        .iter()
+        .rev()
+        .find(|l| !l.contains("exiting with error"))
+        .or(errors.last())?;
+    // `2026-12-01T07:45:14.83 [bx-1:main:ERROR] text` → `[bx-1:main:ERROR] text`.
+    let line = match pick.find(" [") {
+        Some(i) if pick[..i].contains('T') && !pick[..i].contains(' ') => &pick[i + 1..],
+        _ => pick,
+    };
+    Some(line.trim().chars().take(300).collect())
+}
+
 #[async_trait]
 impl VmmInstance for FcInstance {
     fn pid(&self) -> u32 {
@@ -793,6 +1127,10 @@ impl VmmInstance for FcInstance {
 
     fn is_alive(&self) -> bool {
         self.proc.is_alive()
+    }
+
+    fn exit_reason(&self) -> Option<String> {
+        (!self.is_alive()).then(|| self.exit_report())
     }
 
     /// A fresh hybrid-vsock connection to the agent's port 52. Retries for a short
@@ -852,7 +1190,11 @@ impl VmmInstance for FcInstance {
     }
 
     async fn kill(&self) -> Result<(), VmmError> {
-        self.proc.kill().await
+        self.proc.kill().await?;
+        if let Some(j) = &self.jail {
+            j.cgroups.remove(&j.id);
+        }
+        Ok(())
     }
 
     async fn wait_exit(&self, timeout: Duration) -> bool {

@@ -1,6 +1,7 @@
 //! Backend tests without a Firecracker binary: a plain process (`sleep`, `sh`) stands in
 //! for Firecracker while a fake API server (hyper) and a fake vsock peer answer on its
 //! sockets, so launch, configuration, control, adoption and every error path run.
+use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -26,7 +27,10 @@ fn backend(binary: &str) -> FirecrackerBackend {
     FirecrackerBackend {
         binary: binary.into(),
         version: FcVersion::new(1, 10, 1),
+        version_text: "1.10.1".into(),
+        snapshot_format: None,
         accel_reason: "test".into(),
+        forced: None,
         jailer: None,
     }
 }
@@ -63,16 +67,33 @@ fn versions_parse_and_compare() {
     assert!(FcVersion::new(1, 12, 0).has_network_overrides());
     assert!(!FcVersion::new(1, 15, 9).has_vsock_override());
     assert!(FcVersion::new(1, 16, 0).has_vsock_override());
+    // The text keeps suffixes; formats come from --snapshot-version/--describe-snapshot.
+    let dev = "Firecracker v1.17.0-dev\n\n2026-12-01T07:37:55.118 [anonymous-instance:main] \
+               Firecracker exiting successfully. exit_code=0\n";
+    assert_eq!(version_text(dev).as_deref(), Some("1.17.0-dev"));
+    assert_eq!(
+        FcVersion::from_version_output(dev),
+        Some(FcVersion::new(1, 17, 0))
+    );
+    assert_eq!(
+        format_text("v11.0.0\n2026-12-01T07:37:58 [anonymous-instance:main] exit_code=0\n"),
+        Some(FcVersion::new(11, 0, 0))
+    );
+    assert_eq!(format_text("Firecracker v1.17.0\n"), None);
+    // Firecracker's load rule: same major, minor no newer, any patch.
+    let v10 = FcVersion::new(10, 2, 0);
+    assert!(v10.can_load_format(FcVersion::new(10, 2, 7)));
+    assert!(v10.can_load_format(FcVersion::new(10, 0, 0)));
+    assert!(!v10.can_load_format(FcVersion::new(10, 3, 0)));
+    assert!(!v10.can_load_format(FcVersion::new(11, 0, 0)));
+    assert!(!v10.can_load_format(FcVersion::new(9, 0, 0)));
 }
 
 #[test]
 fn detection_decides_on_version_and_kvm() {
-    let b = FirecrackerBackend::evaluate(
-        "/usr/bin/firecracker".into(),
-        "Firecracker v1.10.1\n",
-        &kvm(),
-    )
-    .unwrap();
+    let b = FirecrackerBackend::evaluate("/usr/bin/firecracker".into(), "Firecracker v1.10.1\n")
+        .and_then(|b| b.check_host(&kvm(), false))
+        .unwrap();
     assert_eq!(b.version(), FcVersion::new(1, 10, 1));
     assert_eq!(b.kind(), BackendKind::Firecracker);
     assert!(
@@ -82,7 +103,7 @@ fn detection_decides_on_version_and_kvm() {
     );
     assert!(b.describe().contains("hardware virtualisation"));
 
-    let old = FirecrackerBackend::evaluate("/fc".into(), "Firecracker v1.7.0\n", &kvm())
+    let old = FirecrackerBackend::evaluate("/fc".into(), "Firecracker v1.7.0\n")
         .err()
         .unwrap();
     assert!(
@@ -94,15 +115,37 @@ fn detection_decides_on_version_and_kvm() {
         kind: AccelKind::Tcg,
         reason: "the KVM module is kvm_pvm, which cannot run ordinary guests".into(),
     };
-    let no_kvm = FirecrackerBackend::evaluate("/fc".into(), "Firecracker v1.10.1\n", &pvm)
+    let no_kvm = FirecrackerBackend::evaluate("/fc".into(), "Firecracker v1.10.1\n")
+        .and_then(|b| b.check_host(&pvm, false))
         .err()
         .unwrap();
     assert!(
-        matches!(&no_kvm, VmmError::Unavailable(m) if m.contains("kvm_pvm")),
+        matches!(&no_kvm, VmmError::Unavailable(m) if m.contains("kvm_pvm") && m.contains(FORCE_ENV)),
         "{no_kvm}"
     );
+    // Forced (test only): offered, and it says so everywhere it is described.
+    let forced = FirecrackerBackend::evaluate("/fc".into(), "Firecracker v1.17.0-dev\n")
+        .and_then(|b| b.check_host(&pvm, true))
+        .unwrap();
+    let why = forced.forced().expect("marked as forced");
+    assert!(why.contains(FORCE_ENV) && why.contains("kvm_pvm"), "{why}");
+    assert!(
+        forced.describe().contains("FORCED by"),
+        "{}",
+        forced.describe()
+    );
+    assert!(
+        forced.describe().contains("1.17.0-dev"),
+        "{}",
+        forced.describe()
+    );
+    // Forcing where KVM works changes nothing.
+    let real = FirecrackerBackend::evaluate("/fc".into(), "Firecracker v1.10.1\n")
+        .and_then(|b| b.check_host(&kvm(), true))
+        .unwrap();
+    assert_eq!(real.forced(), None);
 
-    let garbage = FirecrackerBackend::evaluate("/fc".into(), "Usage: foo\n", &kvm())
+    let garbage = FirecrackerBackend::evaluate("/fc".into(), "Usage: foo\n")
         .err()
         .unwrap();
     assert!(
@@ -141,11 +184,21 @@ fn argv_cmdline_and_validation() {
             "--api-sock",
             "/var/lib/bandsox/vms/0123abcd4567/api.sock",
             "--id",
-            "bx-0123abcd4567"
+            "bx-0123abcd4567",
+            "--log-path",
+            "firecracker.log",
+            "--level",
+            "Info",
+            "--show-level",
+            "--metrics-path",
+            "metrics.json"
         ]
     );
     let argv = b.build_argv(Path::new("/tmp/.tmp x")).unwrap();
-    assert_eq!(argv.len(), 3, "no --id for a name Firecracker would refuse");
+    assert!(
+        !argv.iter().any(|a| a == "--id"),
+        "no --id for a name Firecracker would refuse"
+    );
     let long = PathBuf::from(format!("/{}", "d".repeat(100)));
     assert!(
         matches!(b.build_argv(&long), Err(VmmError::StartFailed(m)) if m.contains("at most 107"))
@@ -282,11 +335,10 @@ async fn fake_firecracker_lifecycle_and_adopt() {
         .filter(|s| s.path != "/version")
         .map(|s| format!("{} {}", s.method, s.path))
         .collect();
+    // Logger and metrics are on the command line: nothing is logged to the console.
     assert_eq!(
         calls,
         [
-            "PUT /logger",
-            "PUT /metrics",
             "PUT /boot-source",
             "PUT /machine-config",
             "PUT /drives/vda",
@@ -302,11 +354,6 @@ async fn fake_firecracker_lifecycle_and_adopt() {
             .map(|s| s.body.clone())
             .unwrap()
     };
-    assert_eq!(
-        body("/logger"),
-        json!({"log_path": "firecracker.log", "level": "Info", "show_level": true, "show_log_origin": false})
-    );
-    assert_eq!(body("/metrics"), json!({"metrics_path": "metrics.json"}));
     assert_eq!(
         body("/boot-source"),
         json!({"kernel_image_path": "/s/boot/vmlinux", "initrd_path": "/s/boot/initrd",
@@ -446,8 +493,8 @@ async fn early_death_reports_the_logs() {
         .unwrap();
     match err {
         VmmError::StartFailed(m) => {
-            assert!(m.contains("exit status: 1"), "{m}");
-            assert!(m.contains("Arguments parsing error"), "{m}");
+            assert!(m.starts_with("Firecracker exited with status 1"), "{m}");
+            assert!(m.contains("stderr: Error: Arguments parsing error"), "{m}");
             assert!(m.contains("console: Linux version"), "{m}");
         }
         other => panic!("{other:?}"),
@@ -473,7 +520,14 @@ async fn api_that_never_comes_up_times_out() {
     let tmp = tempfile::tempdir().unwrap();
     let b = backend("/bin/sleep");
     let t0 = std::time::Instant::now();
-    let inst = spawn(tmp.path(), tmp.path(), &["/bin/sleep".into(), "30".into()]).unwrap();
+    let inst = spawn(
+        tmp.path(),
+        tmp.path(),
+        &["/bin/sleep".into(), "30".into()],
+        None,
+        LogStarts::default(),
+    )
+    .unwrap();
     let err = inst
         .wait_api(Instant::now() + Duration::from_millis(300))
         .await
@@ -547,8 +601,31 @@ async fn net_tap_puts_the_network_interface_before_start() {
     inst.kill().await.unwrap();
 }
 
+/// A jailer stand-in (stays alive like the jailed Firecracker would) and a file named
+/// like Firecracker (the jailer insists on the name), in `dir`.
+fn fake_jail(dir: &Path) -> (PathBuf, jailer::JailerConfig) {
+    let fc = dir.join("firecracker");
+    let fake_jailer = dir.join("jailer");
+    std::fs::write(&fake_jailer, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    std::fs::set_permissions(
+        &fake_jailer,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(&fc, "").unwrap();
+    let jail = jailer::JailerConfig {
+        binary: fake_jailer,
+        // SAFETY: geteuid/getegid have no preconditions.
+        uid: unsafe { libc::geteuid() },
+        gid: unsafe { libc::getegid() },
+        cgroups: Default::default(),
+    };
+    (fc, jail)
+}
+
 #[tokio::test]
 async fn jailed_launch_links_files_into_the_jail_and_uses_relative_paths() {
+    use std::os::unix::fs::MetadataExt;
     let tmp = tempfile::tempdir().unwrap();
     let vm = tmp.path().join("0123456789ab");
     std::fs::create_dir(&vm).unwrap();
@@ -558,42 +635,40 @@ async fn jailed_launch_links_files_into_the_jail_and_uses_relative_paths() {
         std::fs::write(boot.join(f), f).unwrap();
     }
     std::fs::write(vm.join("disk.ext4"), b"disk").unwrap();
-    // Stand-ins: a "firecracker" (the jailer insists on the name) and a jailer that
-    // just stays alive like the jailed process would.
-    let fc = tmp.path().join("firecracker");
-    let fake_jailer = tmp.path().join("jailer");
-    std::fs::write(&fake_jailer, "#!/bin/sh\nexec sleep 30\n").unwrap();
-    std::fs::set_permissions(
-        &fake_jailer,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    std::fs::write(&fc, "").unwrap();
-    let jail = jailer::JailerConfig {
-        binary: fake_jailer.clone(),
-        // SAFETY: geteuid/getegid have no preconditions.
-        uid: unsafe { libc::geteuid() },
-        gid: unsafe { libc::getegid() },
-        cgroups: vec![],
-    };
+    let (fc, jail) = fake_jail(tmp.path());
     let b = backend(fc.to_str().unwrap()).with_jailer(Some(jail.clone()));
     let mut s = spec(&vm);
     s.initrd = boot.join("initrd");
     let root = jail.root(&vm, &fc).unwrap();
-    std::fs::create_dir_all(&root).unwrap();
+    // Leftovers of an earlier start are wiped (the real jailer refuses to reuse them).
+    std::fs::create_dir_all(root.join("dev/net")).unwrap();
+    std::fs::write(root.join("dev/net/tun"), b"").unwrap();
+    let shared_before = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode(), m.ino())
+    };
+    let kernel0 = shared_before(&boot.join("vmlinux"));
     let (v2, r2) = (vm.clone(), root.clone());
-    let server = tokio::spawn(async move { serve_later_in(&v2, &r2, all_ok(), true).await });
+    let server = tokio::spawn(async move {
+        // The jail is rebuilt by the launch: serve once the record says it started.
+        serve_later_in(&v2, &r2, all_ok(), true).await
+    });
     let inst = b
         .launch_jailed(&s, &jail, &boot.join("vmlinux"))
         .await
         .unwrap();
     let (_api, seen, _peer) = server.await.unwrap();
+    assert!(!root.join("dev").exists(), "the old jail was wiped");
     let seen_now: Vec<Seen> = seen.lock().unwrap().clone();
     let body = |p: &str| seen_now.iter().find(|s| s.path == p).unwrap().body.clone();
     assert_eq!(body("/boot-source")["kernel_image_path"], "vmlinux");
     assert_eq!(body("/boot-source")["initrd_path"], "initrd");
     assert_eq!(body("/drives/vda")["path_on_host"], "disk.ext4");
     assert_eq!(body("/vsock")["uds_path"], "vsock.sock");
+    assert!(
+        !seen_now.iter().any(|s| s.path == "/logger"),
+        "logger is on the command line"
+    );
     for (f, want) in [
         ("vmlinux", "vmlinux"),
         ("initrd", "initrd"),
@@ -605,8 +680,17 @@ async fn jailed_launch_links_files_into_the_jail_and_uses_relative_paths() {
             "{f} in the jail"
         );
     }
+    assert_eq!(
+        shared_before(&boot.join("vmlinux")),
+        kernel0,
+        "the shared kernel keeps owner, mode and inode"
+    );
     for f in [FC_LOG, METRICS_FILE] {
-        assert!(root.join(f).is_file(), "{f} prepared inside the jail");
+        assert_eq!(
+            std::fs::metadata(root.join(f)).unwrap().ino(),
+            std::fs::metadata(vm.join(f)).unwrap().ino(),
+            "{f}: the VM directory's file, linked into the jail"
+        );
     }
     assert!(
         vm.join("console.log").is_file(),
@@ -614,13 +698,66 @@ async fn jailed_launch_links_files_into_the_jail_and_uses_relative_paths() {
     );
     let rec = load_record(&vm).unwrap();
     assert_eq!(rec.jail_root.as_deref(), Some(root.to_str().unwrap()));
-    assert_eq!(rec.argv, jail.argv(&fc, &vm).unwrap());
+    assert_eq!(rec.jail_ids, Some((jail.uid, jail.gid)));
+    assert_eq!(rec.exec_name(), Some("firecracker"));
+    let mut fc_args = vec!["--api-sock".to_string(), "api.sock".into()];
+    fc_args.extend(log_args());
+    assert_eq!(rec.argv, jail.argv(&fc, &vm, &fc_args).unwrap());
+    assert_eq!(rec.firecracker_args(), fc_args.as_slice());
     // The agent channel is the jail's vsock socket.
     let mut a = inst.connect_agent().await.unwrap();
     a.write_all(b"hi").await.unwrap();
     let mut buf = [0u8; 2];
     a.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"hi");
+
+    // A snapshot of a jailed VM is written inside the jail (relative paths) and moved
+    // out into the snapshot directory.
+    let snap = tmp.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let r3 = root.clone();
+    let writes: Arc<Responder> = Arc::new(move |method: &str, path: &str, body: &Value| {
+        if (method, path) == ("PUT", "/snapshot/create") {
+            for k in ["snapshot_path", "mem_file_path"] {
+                let rel = body[k].as_str().unwrap();
+                assert!(!rel.starts_with('/'), "{k} must be jail-relative: {rel}");
+                std::fs::write(r3.join(rel), k).unwrap();
+            }
+        }
+        (204, String::new())
+    });
+    let (t, seen2) = fake_api(&root.join("api2.sock"), writes);
+    let inst2 = FcInstance::new(
+        VmmProcess::adopt(vm.join("vmm.pid"), "Firecracker")
+            .unwrap()
+            .0,
+        &vm,
+        &root,
+        inst.jail.clone(),
+        LogStarts::default(),
+    );
+    let inst2 = FcInstance {
+        api: ApiClient::new(root.join("api2.sock")),
+        ..inst2
+    };
+    let saved = inst2.save_snapshot(&snap).await.unwrap();
+    t.abort();
+    assert_eq!(
+        seen2.lock().unwrap()[0].body,
+        json!({"snapshot_type": "Full", "snapshot_path": "snapshot.state",
+               "mem_file_path": "snapshot.memory"})
+    );
+    assert_eq!(
+        std::fs::read_to_string(snap.join("state")).unwrap(),
+        "snapshot_path"
+    );
+    assert_eq!(
+        std::fs::read_to_string(snap.join("memory")).unwrap(),
+        "mem_file_path"
+    );
+    assert!(!root.join("snapshot.state").exists() && !root.join("snapshot.memory").exists());
+    assert_eq!(saved.restore["jailed"], json!(true));
+    assert_eq!(saved.restore["firecracker_version"], json!("1.10.1"));
     inst.kill().await.unwrap();
 }
 
@@ -646,7 +783,17 @@ async fn snapshot_create_and_restore_send_the_documented_requests() {
     let s = spec(&src);
     let argv = vec!["/bin/sleep".to_string(), "30".into()];
     let d2 = src.clone();
-    let server = tokio::spawn(async move { serve_later(&d2, all_ok(), false).await });
+    // Like Firecracker, the fake writes the files it is asked for (absolute paths here).
+    let writes: Arc<Responder> = Arc::new(|method: &str, path: &str, body: &Value| {
+        if (method, path) == ("PUT", "/snapshot/create") {
+            for k in ["snapshot_path", "mem_file_path"] {
+                std::fs::write(body[k].as_str().unwrap(), k).unwrap();
+            }
+            return (204, String::new());
+        }
+        all_ok()(method, path, body)
+    });
+    let server = tokio::spawn(async move { serve_later(&d2, writes, false).await });
     let inst = b
         .launch_argv(&s, argv, Path::new("/s/boot/vmlinux"))
         .await
@@ -668,12 +815,15 @@ async fn snapshot_create_and_restore_send_the_documented_requests() {
                "snapshot_path": snap.join("state").to_str().unwrap(),
                "mem_file_path": snap.join("memory").to_str().unwrap()})
     );
+    for f in ["state", "memory"] {
+        let mode = std::fs::metadata(snap.join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644, "{f}: readable for jailed clones");
+    }
     inst.kill().await.unwrap();
     api_task.abort();
-
-    // Restore needs the files; the fake API does not write them.
-    std::fs::write(snap.join("state"), b"s").unwrap();
-    std::fs::write(snap.join("memory"), b"m").unwrap();
     for (version, with_override) in [
         (FcVersion::new(1, 10, 1), false),
         (FcVersion::new(1, 16, 0), true),
@@ -699,7 +849,11 @@ async fn snapshot_create_and_restore_send_the_documented_requests() {
             .iter()
             .map(|s| format!("{} {}", s.method, s.path))
             .collect();
-        assert_eq!(names, ["PUT /logger", "PUT /metrics", "PUT /snapshot/load"]);
+        assert_eq!(
+            names,
+            ["PUT /snapshot/load"],
+            "nothing is configured before a load"
+        );
         let mut expected = json!({
             "snapshot_path": snap.join("state").to_str().unwrap(),
             "mem_backend": {"backend_type": "File",
@@ -709,7 +863,7 @@ async fn snapshot_create_and_restore_send_the_documented_requests() {
         if with_override {
             expected["vsock_override"] = json!({"uds_path": "vsock.sock"});
         }
-        assert_eq!(calls[2].body, expected, "version {version}");
+        assert_eq!(calls[0].body, expected, "version {version}");
         assert!(load_record(&dst).is_some());
         inst.kill().await.unwrap();
         api_task.abort();
@@ -768,19 +922,65 @@ async fn refused_snapshot_load_fails_clearly_and_kills() {
         memory_file: None,
         ..saved
     };
-    assert!(snapshot::load_params(&snap, &bad, FcVersion::new(1, 16, 0), None).is_err());
+    assert!(snapshot::load_params(Some(&snap), &bad, FcVersion::new(1, 16, 0), None).is_err());
     // A clone of a net=tap VM: its own TAP device replaces the snapshot's (1.12+).
-    let with_tap =
-        snapshot::load_params(&snap, &saved_ok, FcVersion::new(1, 12, 0), Some("bsxc")).unwrap();
+    let with_tap = snapshot::load_params(
+        Some(&snap),
+        &saved_ok,
+        FcVersion::new(1, 12, 0),
+        Some("bsxc"),
+    )
+    .unwrap();
     let j = serde_json::to_value(&with_tap).unwrap();
     assert_eq!(
         j["network_overrides"],
         serde_json::json!([{"iface_id": "eth0", "host_dev_name": "bsxc"}])
     );
     assert!(j.get("vsock_override").is_none(), "vsock_override is 1.16+");
-    let old = snapshot::load_params(&snap, &saved_ok, FcVersion::new(1, 11, 0), Some("bsxc"));
+    let old = snapshot::load_params(
+        Some(&snap),
+        &saved_ok,
+        FcVersion::new(1, 11, 0),
+        Some("bsxc"),
+    );
     match old {
         Err(VmmError::StartFailed(m)) => assert!(m.contains("network_overrides"), "{m}"),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn the_last_error_line_is_the_telling_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join(FC_LOG);
+    assert_eq!(last_error_line(&log), None, "no log");
+    std::fs::write(
+        &log,
+        "2026-12-01T07:40:34.02 [bx-1:main:INFO] Running Firecracker v1.16.1\n\
+         2026-12-01T07:40:34.02 [bx-1:main:INFO] Listening on API socket (\"api.sock\").\n",
+    )
+    .unwrap();
+    assert_eq!(last_error_line(&log), None, "the banner is no error");
+    std::fs::write(
+        &log,
+        "2026-12-01T07:40:34.02 [bx-1:main:INFO] Listening on API socket (\"api.sock\").\n\
+         2026-12-01T07:41:50.10 [bx-1:fc_vcpu 0:ERROR] Unexpected exit reason on vcpu run: \
+         KVM_EXIT_INTERNAL_ERROR\n\
+         2026-12-01T07:41:50.11 [bx-1:main:ERROR] Firecracker exiting with error. exit_code=1\n",
+    )
+    .unwrap();
+    assert_eq!(
+        last_error_line(&log).as_deref(),
+        Some("[bx-1:fc_vcpu 0:ERROR] Unexpected exit reason on vcpu run: KVM_EXIT_INTERNAL_ERROR")
+    );
+    std::fs::write(
+        &log,
+        "2026-12-01T07:41:50.11 [bx-1:main:ERROR] Firecracker exiting with error. exit_code=1\n",
+    )
+    .unwrap();
+    assert_eq!(
+        last_error_line(&log).as_deref(),
+        Some("[bx-1:main:ERROR] Firecracker exiting with error. exit_code=1"),
+        "the generic line when it is all there is"
+    );
 }
