@@ -7,11 +7,13 @@
 //!   a rejected `create` leaves no trace.
 //! - Each VM's state directory holds its whole record; `reload` rebuilds the manager
 //!   from the state directory alone.
+pub mod execopts;
 pub mod images;
 mod quota;
 pub mod runs;
 pub mod snaps;
 pub mod spool;
+pub mod terminal;
 pub mod vm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -530,6 +532,13 @@ impl Manager {
                 crate::guestfs::bench::run(&agent, &what).await
             }
             VmCmd::Snapshot(name) => self.snapshot(vm, &name).await,
+            VmCmd::ExecTimeout(t) => {
+                vm.set_exec_timeout(t)?;
+                Ok(format!(
+                    "ok: exec_timeout={}",
+                    crate::config::render_timeout(t.map(|d| d.as_millis() as u64))
+                ))
+            }
         }
     }
 }
