@@ -106,7 +106,11 @@ impl VmConfig {
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
         match key {
             "image" => {
-                crate::names::validate("image", value)?;
+                // A local image name, or a registry reference pulled at create time
+                // (see `crate::manager::images::image_ref`).
+                if crate::manager::images::image_ref(value).is_none() {
+                    crate::names::validate("image", value)?;
+                }
                 self.image = value.to_string();
             }
             "vcpus" => self.vcpus = parse_num(key, value, 1, MAX_VCPUS)?,
@@ -289,7 +293,8 @@ mod tests {
             "net=wifi",
             "color=red",
             "novalue",
-            "image=a/b",
+            "image=a//b",
+            "image=a:",
             "vcpus=2",
         ] {
             let e = c.with_options(["vcpus=4", bad]).unwrap_err();

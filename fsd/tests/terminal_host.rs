@@ -196,3 +196,57 @@ fn terminal_run_output_survives_a_daemon_restart() {
     assert_ne!(code, 0);
     assert!(err.contains("Broken pipe"), "{err}");
 }
+
+/// `bandsox exec` with `BANDSOX_MOUNT` pointing at the test mount.
+fn bx(m: &Mounted, args: &str) -> (i32, String, String) {
+    let bin = env!("CARGO_BIN_EXE_bandsox");
+    m.sh(&format!("BANDSOX_MOUNT=$M {bin} {args}"))
+}
+
+#[test]
+fn bandsox_exec_is_a_thin_client() {
+    let Some(m) = Mounted::new() else { return };
+    m.ok("mkdir $M/e");
+    // Exit codes, separate streams.
+    let (code, out, err) = bx(&m, "exec e -- sh -c 'echo out; echo err >&2; exit 3'");
+    assert_eq!((code, out.as_str(), err.as_str()), (3, "out\n", "err\n"));
+    let (code, _, _) = bx(&m, "exec e -- sh -c 'kill -9 $$'");
+    assert_eq!(code, 137);
+    // Arguments arrive as given (no word splitting or expansion on the way).
+    let (code, out, _) = bx(&m, "exec e -- printf '[%s]' 'a b' '$HOME' \"it's\"");
+    assert_eq!((code, out.as_str()), (0, "[a b][$HOME][it's]"));
+    // Stdin is forwarded and closed at EOF.
+    let (code, out, _) = m.sh(&format!(
+        "printf 'l1\\nl2\\n' | BANDSOX_MOUNT=$M {} exec e -- wc -l",
+        env!("CARGO_BIN_EXE_bandsox")
+    ));
+    assert_eq!((code, out.trim()), (0, "2"));
+    // Options.
+    let (code, out, _) = bx(
+        &m,
+        "exec e --env A=1 --env 'B=x y' --cwd /tmp --user 0 -- sh -c 'echo \"$A|$B|$(pwd)|$(id -u)\"'",
+    );
+    assert_eq!((code, out.as_str()), (0, "1|x y|/tmp|0\n"));
+    // A timeout: exit code 124, status `timeout signal 15`.
+    let t0 = std::time::Instant::now();
+    let (code, _, err) = bx(&m, "exec e --timeout 1 -- sleep 10");
+    assert_eq!(code, 124, "{err}");
+    assert!(t0.elapsed().as_secs() < 8);
+    assert!(err.contains("timeout signal 15"), "{err}");
+    // Bad options: refused with the reason, nothing runs.
+    let (code, _, err) = bx(&m, "exec e --timeout=-3 -- touch /tmp/never");
+    assert_eq!(code, 255);
+    assert!(err.contains("Invalid argument") && err.contains("timeout"), "{err}");
+    // Ctrl-C (SIGINT to the client) reaches the command, whose exit code comes back.
+    let (code, out, _) = m.sh(&format!(
+        "BANDSOX_MOUNT=$M {} exec e -- sh -c 'trap \"echo got-int; exit 9\" INT; echo ready; sleep 20 & wait' & \
+         pid=$!; sleep 1.5; kill -INT $pid; wait $pid",
+        env!("CARGO_BIN_EXE_bandsox")
+    ));
+    assert_eq!(code, 9, "{out}");
+    assert!(out.contains("got-int"), "{out}");
+    // An unknown VM.
+    let (code, _, err) = bx(&m, "exec nosuchvm -- true");
+    assert_eq!(code, 255);
+    assert!(err.contains("not a VM directory"), "{err}");
+}
