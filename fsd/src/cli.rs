@@ -136,7 +136,10 @@ pub fn exit_code(status: &str) -> (i32, Option<String>) {
     if let Ok(n) = s.parse::<i32>() {
         return (n, None);
     }
-    if let Some(sig) = s.strip_prefix("signal ").and_then(|n| n.parse::<i32>().ok()) {
+    if let Some(sig) = s
+        .strip_prefix("signal ")
+        .and_then(|n| n.parse::<i32>().ok())
+    {
         return (128 + sig, None);
     }
     if s.starts_with("timeout") {
@@ -167,9 +170,14 @@ fn write_file(path: &Path, text: &[u8]) -> std::io::Result<()> {
 /// started after (see the module docs).
 fn block_signals(extra: &[Signal]) -> SigSet {
     let mut set = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT]
-        .iter()
-        .chain(extra)
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ]
+    .iter()
+    .chain(extra)
     {
         set.add(*s);
     }
@@ -263,9 +271,8 @@ pub fn exec(args: &ExecArgs) -> Res<i32> {
             let _ = write_file(&run.join("ctl"), b"close-stdin\n");
         });
     }
-    let open = |name: &str| {
-        File::open(run.join(name)).map_err(|e| io_err(run.join(name).display(), e))
-    };
+    let open =
+        |name: &str| File::open(run.join(name)).map_err(|e| io_err(run.join(name).display(), e));
     let (out, err) = (open("stdout")?, open("stderr")?);
     let errs = std::thread::spawn(move || pump(err, &mut std::io::stderr()));
     let r1 = pump(out, &mut std::io::stdout());
@@ -349,11 +356,8 @@ static SAVED: std::sync::Mutex<Option<nix::sys::termios::Termios>> = std::sync::
 fn restore_terminal() {
     let saved = SAVED.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(t) = saved {
-        let _ = nix::sys::termios::tcsetattr(
-            std::io::stdin(),
-            nix::sys::termios::SetArg::TCSANOW,
-            &t,
-        );
+        let _ =
+            nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &t);
     }
 }
 
@@ -453,8 +457,8 @@ fn terminal_session(vm: &Path, n: u64, sigs: SigSet, detach: bool) -> Res<i32> {
     if let Some((c, r)) = local_size() {
         let _ = write_file(&run.join("winsize"), format!("{c}x{r}\n").as_bytes());
     }
-    let term = File::open(run.join("terminal"))
-        .map_err(|e| io_err(run.join("terminal").display(), e))?;
+    let term =
+        File::open(run.join("terminal")).map_err(|e| io_err(run.join("terminal").display(), e))?;
     let raw = RawMode::enter();
     {
         let winsize = run.join("winsize");
