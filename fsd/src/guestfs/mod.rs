@@ -28,6 +28,7 @@
 pub mod bench;
 pub mod events;
 pub mod inodes;
+pub mod listings;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub use events::Invalidate;
 use events::Recent;
 pub use inodes::FS_INO_BASE;
 use inodes::{EntryFacts, Handles, Incarnation, Inodes, OpenHandle, VmNumbers, MAX_SLOTS};
+use listings::Listings;
 
 /// Deadline of one file request to the guest.
 pub const FS_DEADLINE: Duration = Duration::from_secs(20);
@@ -148,6 +150,7 @@ pub struct GuestFs {
     inodes: Arc<Mutex<Inodes>>,
     handles: Mutex<Handles>,
     recent: Arc<Recent>,
+    listings: Arc<Listings>,
     events: events::Pumps,
     rt: tokio::runtime::Handle,
     /// Bytes of entries asked of the agent per readdir: the kernel's buffer size.
@@ -262,9 +265,16 @@ impl GuestFs {
         let inodes = Arc::new(Mutex::new(Inodes::new()));
         let vms = Arc::new(Mutex::new(HashMap::new()));
         let recent = Arc::new(Recent::default());
+        let listings = Arc::new(Listings::default());
         Arc::new(GuestFs {
             mgr,
-            events: events::Pumps::new(vms.clone(), inodes.clone(), recent.clone()),
+            events: events::Pumps::new(
+                vms.clone(),
+                inodes.clone(),
+                recent.clone(),
+                listings.clone(),
+            ),
+            listings,
             vms,
             inodes,
             recent,
@@ -589,6 +599,7 @@ impl GuestFs {
     /// Remember that the host itself made `name` in `parent` name `now`.
     fn made(&self, parent: u64, name: &[u8], now: Option<NodeId>) {
         self.recent.note(parent, name, now);
+        self.listings.changed(parent, name, now.is_some());
     }
 
     // ---- names -----------------------------------------------------------------------
@@ -608,6 +619,14 @@ impl GuestFs {
                 Err(e) => return done(Err(e)),
             };
             let negative = r.watched.then_some(r.inc.generation);
+            if r.watched && g.listings.absent(r.ino, &r.inc, &name) {
+                return done(Ok(Looked {
+                    ino: 0,
+                    attr: Attr::default(),
+                    ttl: TTL_COHERENT,
+                    generation: r.inc.generation,
+                }));
+            }
             let req = FsRequest::Lookup {
                 parent: r.node.clone(),
                 name,
@@ -640,6 +659,9 @@ impl GuestFs {
             let mut i = self.inodes.lock();
             for &(ino, n) in items {
                 if let Some(rel) = i.forget(ino, n) {
+                    if i.get(ino).is_none() {
+                        self.listings.forget(ino);
+                    }
                     if rel.count > 0 {
                         per_vm
                             .entry(rel.inc)
@@ -741,10 +763,19 @@ impl GuestFs {
             parent,
             move |_, r| Ok(make(r.node.clone(), name)),
             move |g, r, resp| {
-                if let FsResponse::Entry(e) = &resp {
-                    g.made(r.ino, &kept, Some(e.node.id));
+                let made = match &resp {
+                    FsResponse::Entry(e) => {
+                        g.made(r.ino, &kept, Some(e.node.id));
+                        (what == "mkdir" && e.watched).then_some(())
+                    }
+                    _ => None,
+                };
+                let looked = g.looked_from(r, resp, what)?;
+                if made.is_some() {
+                    // A directory just made is empty: its names are known from now on.
+                    g.listings.made_dir(looked.ino, &r.inc);
                 }
-                g.looked_from(r, resp, what)
+                Ok(looked)
             },
             done,
         )
