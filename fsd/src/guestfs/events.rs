@@ -278,9 +278,16 @@ fn translate(
                     }
                 }
             }
-            FsEvent::Node { node, data } => {
+            FsEvent::Node { node, data, attr } => {
                 if let Some(ino) = held(src, v, inodes, *node) {
-                    inodes.forget_xattrs(ino);
+                    // An attribute change whose outcome an answer already told the kernel
+                    // (the host's own chmod, utime, rename ...) changes nothing it knows.
+                    // Data changes always go: equal attributes do not prove equal bytes.
+                    let known = inodes.get(ino).and_then(|i| i.attr);
+                    if !*data && attr.is_some() && known == *attr {
+                        continue;
+                    }
+                    inodes.changed(ino);
                     out.push(Action::Inode(ino, *data));
                 }
             }
@@ -337,6 +344,7 @@ mod tests {
                 fh: FileHandle(vec![0; 8]),
             },
             &EntryFacts {
+                attr: Default::default(),
                 kind: libc::S_IFREG,
                 coherent: true,
                 counted: false,
@@ -373,13 +381,27 @@ mod tests {
                 name: b"y".to_vec(),
                 now: None,
             },
+            // Attributes an answer already gave: nothing to drop.
+            FsEvent::Node {
+                node: f_id,
+                data: false,
+                attr: Some(Default::default()),
+            },
             FsEvent::Node {
                 node: f_id,
                 data: true,
+                attr: None,
             },
             FsEvent::Node {
                 node: NodeId { dev: disk, ino: 6 },
                 data: true,
+                attr: None,
+            },
+            // After a change no answer told, the same attributes are news.
+            FsEvent::Node {
+                node: f_id,
+                data: false,
+                attr: Some(Default::default()),
             },
         ];
         let acts = translate(&batch, &src, &v, &mut t, &known);
@@ -388,7 +410,8 @@ mod tests {
             vec![
                 Action::Entry(99, b"x".to_vec()),
                 Action::Inode(99, true),
-                Action::Inode(f, true)
+                Action::Inode(f, true),
+                Action::Inode(f, false)
             ]
         );
         // A host change the guest changed again afterwards is not an echo.

@@ -182,7 +182,7 @@ fn response_name(r: &FsResponse) -> &'static str {
         FsResponse::Written(_) => "Written",
         FsResponse::Opened { .. } => "Opened",
         FsResponse::Created { .. } => "Created",
-        FsResponse::Moved(_) => "Moved",
+        FsResponse::Moved { .. } => "Moved",
         FsResponse::DirEntries(_) => "DirEntries",
         FsResponse::StatFs(_) => "StatFs",
         FsResponse::XattrSize(_) => "XattrSize",
@@ -345,6 +345,7 @@ impl GuestFs {
             &r.inc,
             &e.node,
             &EntryFacts {
+                attr: e.attr,
                 kind: e.attr.mode & libc::S_IFMT,
                 coherent: e.coherent,
                 counted: e.counted,
@@ -596,6 +597,21 @@ impl GuestFs {
         });
     }
 
+    /// A rename's moved node has these attributes now (its ctime changed). The kernel
+    /// refreshes them itself; remembering them lets the rename's own event go unheeded.
+    fn renamed(&self, r: &Resolved, id: NodeId, attr: Attr) {
+        let vms = self.vms.lock();
+        let Some(v) = vms.get(&r.inc.vm_id) else {
+            return;
+        };
+        let mut inodes = self.inodes.lock();
+        if let Some(ino) = Inodes::known_number(v, r.boot, id) {
+            if inodes.get(ino).is_some_and(|i| i.inc == r.inc) {
+                inodes.told(ino, attr);
+            }
+        }
+    }
+
     /// Remember that the host itself made `name` in `parent` name `now`.
     fn made(&self, parent: u64, name: &[u8], now: Option<NodeId>) {
         self.recent.note(parent, name, now);
@@ -699,7 +715,11 @@ impl GuestFs {
                     handle: fh.and_then(|fh| g.handle(r, fh).ok()),
                 })
             },
-            |_, r, resp| Ok((attr_from(resp, "getattr")?, ttl(r.coherent))),
+            |g, r, resp| {
+                let a = attr_from(resp, "getattr")?;
+                g.inodes.lock().told(r.ino, a);
+                Ok((a, ttl(r.coherent)))
+            },
             done,
         )
     }
@@ -717,7 +737,11 @@ impl GuestFs {
                     set,
                 })
             },
-            |_, r, resp| Ok((attr_from(resp, "setattr")?, ttl(r.coherent))),
+            |g, r, resp| {
+                let a = attr_from(resp, "setattr")?;
+                g.inodes.lock().told(r.ino, a);
+                Ok((a, ttl(r.coherent)))
+            },
             done,
         )
     }
@@ -952,8 +976,9 @@ impl GuestFs {
                 })
             },
             move |g, r, resp| match resp {
-                FsResponse::Moved(id) => {
+                FsResponse::Moved { node: id, attr } => {
                     g.made(np_ino, &kept_new, Some(id));
+                    g.renamed(r, id, attr);
                     // After an exchange the old name names the other file; let its event
                     // refresh it.
                     if flags & libc::RENAME_EXCHANGE == 0 {
