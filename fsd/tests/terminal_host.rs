@@ -250,3 +250,23 @@ fn bandsox_exec_is_a_thin_client() {
     assert_eq!(code, 255);
     assert!(err.contains("not a VM directory"), "{err}");
 }
+
+#[test]
+fn other_users_cannot_attach() {
+    let Some(m) = Mounted::new() else { return };
+    m.ok("mkdir $M/own");
+    let run = start_tty(&m, "own", "80x24", "sleep 30");
+    let bin = env!("CARGO_BIN_EXE_bandsox");
+    let n = run.rsplit('/').next().unwrap_or("1").to_string();
+    for script in [
+        format!("cat {run}/screen"),
+        format!("printf x > {run}/terminal"),
+        format!("echo 10x10 > {run}/winsize"),
+        format!("BANDSOX_MOUNT=$M {bin} attach own --run {n} < /dev/null"),
+    ] {
+        let (code, _, err) = m.sh_as(4242, &script);
+        assert_ne!(code, 0, "{script}");
+        assert!(err.contains("Permission denied"), "{script}: {err}");
+    }
+    m.ok(&format!("echo kill > {run}/ctl"));
+}
