@@ -213,6 +213,10 @@ pub enum Request {
     /// kernel's pool (`RNDADDENTROPY`, then a CRNG reseed) and, where the image has an
     /// `/etc/machine-id`, the given machine id. Host mode answers `Ok` without change.
     SetIdentity(Identity),
+    /// Set the guest's wall clock (`CLOCK_REALTIME`) to the host's time, in seconds and
+    /// nanoseconds since the Unix epoch: a clone restored from a snapshot wakes up with
+    /// the snapshot's time. Host mode answers `Ok` without change.
+    SetClock { sec: i64, nsec: u32 },
 }
 
 /// A clone's identity (see [`Request::SetIdentity`]).

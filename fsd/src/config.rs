@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::lines::quote;
 use crate::vmm::NetMode;
 
 pub const MAX_VCPUS: u32 = 32;
@@ -77,13 +78,22 @@ pub const KEYS_HELP: &str =
 fn parse_num(key: &str, value: &str, min: u32, max: u32) -> Result<u32> {
     let n: u32 = value
         .parse()
-        .map_err(|_| Error::invalid(format!("{key}={value}: not a number")))?;
+        .map_err(|_| Error::invalid(format!("{key}={}: not a number", quote(value))))?;
     if n < min || n > max {
         return Err(Error::invalid(format!(
             "{key}={value}: out of range {min}..{max}"
         )));
     }
     Ok(n)
+}
+
+/// The key an option sets (`memory_mib` is another spelling of `memory`).
+fn canonical_key(key: &str) -> &str {
+    match key {
+        "memory_mib" => "memory",
+        "disk_mib" => "disk",
+        k => k,
+    }
 }
 
 impl VmConfig {
@@ -112,7 +122,8 @@ impl VmConfig {
                     "tap" => NetMode::Tap,
                     _ => {
                         return Err(Error::invalid(format!(
-                            "net={value}: accepted values are none, user, tap"
+                            "net={}: accepted values are none, user, tap",
+                            quote(value)
                         )))
                     }
                 }
@@ -124,7 +135,8 @@ impl VmConfig {
                     "firecracker" => BackendChoice::Firecracker,
                     _ => {
                         return Err(Error::invalid(format!(
-                            "backend={value}: accepted values are auto, qemu, firecracker"
+                            "backend={}: accepted values are auto, qemu, firecracker",
+                            quote(value)
                         )))
                     }
                 }
@@ -135,7 +147,8 @@ impl VmConfig {
                     "0" | "no" | "false" => false,
                     _ => {
                         return Err(Error::invalid(format!(
-                            "autostart={value}: accepted values are 0 and 1"
+                            "autostart={}: accepted values are 0 and 1",
+                            quote(value)
                         )))
                     }
                 }
@@ -144,7 +157,8 @@ impl VmConfig {
             "output_mib" => self.output_mib = parse_num(key, value, 1, MAX_OUTPUT_MIB)?,
             _ => {
                 return Err(Error::invalid(format!(
-                    "unknown option {key:?}; accepted: {KEYS_HELP}"
+                    "unknown option {}; accepted: {KEYS_HELP}",
+                    quote(key)
                 )))
             }
         }
@@ -152,13 +166,26 @@ impl VmConfig {
     }
 
     /// Apply `key=value` words on a copy; the copy is returned only if all are valid.
+    /// A key given twice is refused (which one was meant is anyone's guess).
     pub fn with_options<'a>(&self, words: impl IntoIterator<Item = &'a str>) -> Result<VmConfig> {
         let mut next = self.clone();
+        let mut seen: Vec<String> = Vec::new();
         for w in words {
             let (k, v) = w.split_once('=').ok_or_else(|| {
-                Error::invalid(format!("{w:?} is not key=value; accepted: {KEYS_HELP}"))
+                Error::invalid(format!(
+                    "{} is not key=value; accepted: {KEYS_HELP}",
+                    quote(w)
+                ))
             })?;
+            let key = canonical_key(k);
+            if seen.iter().any(|s| s == key) {
+                return Err(Error::invalid(format!(
+                    "{} given twice",
+                    quote(key).trim_matches('"')
+                )));
+            }
             next.set(k, v)?;
+            seen.push(key.to_string());
         }
         Ok(next)
     }
@@ -239,10 +266,19 @@ mod tests {
             "color=red",
             "novalue",
             "image=a/b",
+            "vcpus=2",
         ] {
             let e = c.with_options(["vcpus=4", bad]).unwrap_err();
             assert_eq!(e.errno, libc::EINVAL, "{bad}");
         }
         assert_eq!(c, VmConfig::default());
+        let e = c.with_options(["vcpus=1", "vcpus=3"]).unwrap_err();
+        assert_eq!(e.message, "vcpus given twice");
+        let e = c
+            .with_options(["memory=128", "memory_mib=256"])
+            .unwrap_err();
+        assert_eq!(e.message, "memory given twice");
+        let huge = format!("{}=1", "k".repeat(1_000_000));
+        assert!(c.with_options([huge.as_str()]).unwrap_err().message.len() < 600);
     }
 }

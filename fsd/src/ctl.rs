@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
+use crate::lines::quote;
 
 /// The last `ctl` result per caller session (what reading a `ctl` file returns).
 #[derive(Default)]
@@ -17,15 +18,32 @@ impl CtlResults {
         self.0.lock().get(&session).cloned().unwrap_or_default()
     }
 
-    /// Remember the outcome of one command for `session` and pass it on.
+    /// Remember the outcome of one command for `session` and pass it on. The text kept
+    /// is one line of at most [`MAX_RESULT`] bytes, whatever the message.
     pub fn record(&self, session: u32, outcome: Result<String>) -> Result<String> {
         let text = match &outcome {
-            Ok(msg) => format!("{msg}\n"),
-            Err(e) => format!("error: {}\n", e.message),
+            Ok(msg) => format!("{}\n", one_line(msg)),
+            Err(e) => format!("error: {}\n", one_line(&e.message)),
         };
         self.0.lock().insert(session, text);
         outcome
     }
+}
+
+/// Longest result line kept for `cat ctl`.
+pub const MAX_RESULT: usize = 4096;
+
+fn one_line(msg: &str) -> String {
+    let mut s: String = msg.replace('\n', " ");
+    if s.len() > MAX_RESULT {
+        let mut end = MAX_RESULT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
 }
 
 pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] | import IMAGE SOURCE [size=MiB] [headroom=MiB] [tag=NAME] | pull IMAGE REFERENCE [size=MiB] [headroom=MiB] | build IMAGE DIR [file=DOCKERFILE] [size=MiB] [headroom=MiB]";
@@ -115,13 +133,17 @@ pub fn parse_global(line: &str) -> Result<GlobalCmd> {
                             .ok()
                             .filter(|n| (1..=MAX_CLONES).contains(n))
                             .ok_or_else(|| {
-                                Error::invalid(format!("count={v}: expected 1..{MAX_CLONES}"))
+                                Error::invalid(format!(
+                                    "count={}: expected 1..{MAX_CLONES}",
+                                    quote(v)
+                                ))
                             })?;
                         count = Some(n);
                     }
                     _ => {
                         return Err(Error::invalid(format!(
-                            "clone: unknown option {opt:?}; accepted: count=N"
+                            "clone: unknown option {}; accepted: count=N",
+                            quote(opt)
                         )))
                     }
                 }
@@ -171,7 +193,8 @@ pub fn parse_global(line: &str) -> Result<GlobalCmd> {
             format!("{cmd}: wrong number of arguments; {GLOBAL_HELP}"),
         )),
         [cmd, ..] => Err(Error::invalid(format!(
-            "unknown command {cmd:?}; {GLOBAL_HELP}"
+            "unknown command {}; {GLOBAL_HELP}",
+            quote(cmd)
         ))),
     }
 }
@@ -200,7 +223,8 @@ pub fn parse_vm(line: &str) -> Result<VmCmd> {
              onto that full snapshot's memory); take a full snapshot: snapshot NAME",
         )),
         ["snapshot", _, opt, ..] => Err(Error::invalid(format!(
-            "snapshot: unknown option {opt:?}; accepted: snapshot NAME"
+            "snapshot: unknown option {}; accepted: snapshot NAME",
+            quote(opt)
         ))),
         ["ping"] => Ok(VmCmd::Ping(1)),
         ["ping", n] => n
@@ -208,7 +232,7 @@ pub fn parse_vm(line: &str) -> Result<VmCmd> {
             .ok()
             .filter(|n| (1..=10_000).contains(n))
             .map(VmCmd::Ping)
-            .ok_or_else(|| Error::invalid(format!("ping {n}: expected a count 1..10000"))),
+            .ok_or_else(|| Error::invalid(format!("ping {}: expected a count 1..10000", quote(n)))),
         ["fsbench", rest @ ..] => crate::guestfs::bench::FsBench::parse(rest).map(VmCmd::FsBench),
         [] => Err(Error::invalid(format!("empty command; {VM_HELP}"))),
         [cmd @ ("start" | "stop" | "kill" | "pause" | "resume" | "restart" | "snapshot" | "ping"
@@ -216,7 +240,8 @@ pub fn parse_vm(line: &str) -> Result<VmCmd> {
             "{cmd}: wrong number of arguments; {VM_HELP}"
         ))),
         [cmd, ..] => Err(Error::invalid(format!(
-            "unknown command {cmd:?}; {VM_HELP}"
+            "unknown command {}; {VM_HELP}",
+            quote(cmd)
         ))),
     }
 }
@@ -245,7 +270,7 @@ pub fn parse_signal(s: &str) -> Result<i32> {
         "PIPE" => libc::SIGPIPE,
         "WINCH" => libc::SIGWINCH,
         "ABRT" => libc::SIGABRT,
-        _ => return Err(Error::invalid(format!("unknown signal {s:?}"))),
+        _ => return Err(Error::invalid(format!("unknown signal {}", quote(s)))),
     };
     Ok(n)
 }
@@ -257,7 +282,8 @@ pub fn parse_run(line: &str) -> Result<RunCmd> {
         ["close-stdin"] => Ok(RunCmd::CloseStdin),
         [] => Err(Error::invalid(format!("empty command; {RUN_HELP}"))),
         [cmd, ..] => Err(Error::invalid(format!(
-            "unknown command {cmd:?}; {RUN_HELP}"
+            "unknown command {}; {RUN_HELP}",
+            quote(cmd)
         ))),
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Order of `mount`: fork into the background (before any thread exists), start the
 //! tokio runtime, open the state directory, re-adopt VMs left running by an earlier
-//! daemon, clear a stale mount left by a killed daemon, mount, and only once the mount
+//! daemon, clear a stale mount left by a killed daemon (found in the mount table, its
+//! connection aborted: see [`crate::watchdog`]), start the watchdog, mount, and only once the mount
 //! answers a request (`README` stats through FUSE) tell the waiting parent, and systemd
 //! (`READY=1` on `$NOTIFY_SOCKET`, for `Type=notify`), that the tree is up.
 //! SIGTERM/SIGINT send `STOPPING=1` and unmount cleanly; VMs keep running.
@@ -53,21 +54,6 @@ pub fn init_logging(default: Option<&str>) {
         .try_init();
 }
 
-/// Is `path` a mount point whose FUSE daemon is gone ("Transport endpoint is not connected")?
-fn is_stale_mount(path: &Path) -> bool {
-    matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let Ok(canon) = std::fs::canonicalize(path) else {
-        return is_stale_mount(path);
-    };
-    std::fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(&*canon.to_string_lossy()))
-}
-
 fn lazy_unmount(path: &Path) -> Result<(), String> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| "mount point contains a NUL byte".to_string())?;
@@ -83,11 +69,14 @@ fn lazy_unmount(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// `bandsox unmount`: detach the tree (found in the mount table, never `stat`ed, so a
+/// mount whose daemon died cannot block this).
 pub fn unmount(mountpoint: &Path) -> Result<(), String> {
-    if !is_mounted(mountpoint) {
-        return Err(format!("{} is not mounted", mountpoint.display()));
+    let mp = crate::watchdog::absolute(mountpoint);
+    match crate::watchdog::mount_at(&mp) {
+        None => Err(format!("{} is not mounted", mountpoint.display())),
+        Some(_) => lazy_unmount(&mp),
     }
-    lazy_unmount(mountpoint)
 }
 
 /// Fork; the parent waits until the child reports the mount is up. Returns in the child
@@ -173,12 +162,15 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         crate::logcap::spawn(Arc::downgrade(&mgr));
     }
 
-    if is_stale_mount(&opts.mountpoint) || is_mounted(&opts.mountpoint) {
-        tracing::warn!("clearing an earlier mount at {}", opts.mountpoint.display());
-        lazy_unmount(&opts.mountpoint)?;
+    // Never stat the mount point before an earlier mount is gone: if its daemon died,
+    // the stat would wait forever.
+    let mountpoint = crate::watchdog::absolute(&opts.mountpoint);
+    let dead = !crate::watchdog::recorded_daemon_alive(&opts.state_dir);
+    if crate::watchdog::clear_mount(&mountpoint, dead)? {
+        tracing::warn!("cleared an earlier mount at {}", mountpoint.display());
     }
-    std::fs::create_dir_all(&opts.mountpoint)
-        .map_err(|e| format!("{}: {e}", opts.mountpoint.display()))?;
+    std::fs::create_dir_all(&mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    let mut watchdog = crate::watchdog::spawn();
 
     let files = Arc::new(Files::new(Tree::new(mgr.clone())));
     let guest = GuestFs::new(mgr.clone(), rt.handle().clone());
@@ -202,9 +194,18 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let session = fuser::Session::new(fs, &opts.mountpoint, &config)
-        .map_err(|e| format!("mount {}: {e}", opts.mountpoint.display()))?;
-    tracing::info!("mounted {}", opts.mountpoint.display());
+    let session = fuser::Session::new(fs, &mountpoint, &config)
+        .map_err(|e| format!("mount {}: {e}", mountpoint.display()))?;
+    tracing::info!("mounted {}", mountpoint.display());
+    crate::watchdog::write_pid_file(&opts.state_dir, watchdog.as_ref().map(|(c, _)| c.id()));
+    if let Some((_, stdin)) = watchdog.as_mut() {
+        match crate::watchdog::mount_at(&mountpoint) {
+            Some(entry) => {
+                let _ = writeln!(stdin, "{} {}", entry.connection(), mountpoint.display());
+            }
+            None => tracing::warn!("the new mount is not in the mount table; no watchdog"),
+        }
+    }
     let dev = std::os::fd::AsFd::as_fd(&session)
         .try_clone_to_owned()
         .inspect_err(|e| tracing::warn!("cannot duplicate the FUSE descriptor: {e}"))
@@ -216,7 +217,7 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     {
         // stat(2) of the mount point is a FUSE request: it can only be answered once the
         // session below runs, so ask from another thread; the first answer means ready.
-        let mp = opts.mountpoint.clone();
+        let mp = mountpoint.clone();
         let mut ready = ready.map(std::fs::File::from);
         std::thread::spawn(move || {
             let t0 = std::time::Instant::now();
@@ -243,7 +244,7 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         crate::fuse::invalidate_vm_entries(files, session.notifier());
     }
 
-    let mp = opts.mountpoint.clone();
+    let mp = mountpoint.clone();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
@@ -261,6 +262,12 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     });
 
     let res = session.run().map_err(|e| format!("FUSE session: {e}"));
+    if let Some((mut child, stdin)) = watchdog.take() {
+        drop(stdin);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    crate::watchdog::remove_pid_file(&opts.state_dir);
     mgr.events.emit("", "daemon-stop", "unmounted");
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     res

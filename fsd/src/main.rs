@@ -44,6 +44,12 @@ enum Cmd {
     },
     /// Unmount the tree (VMs keep running and are re-adopted by the next mount).
     Unmount { mountpoint: PathBuf },
+    /// Internal: started by `mount`; aborts the daemon's FUSE connection if it dies.
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long)]
+        pid: u32,
+    },
     /// Check this host (KVM, Firecracker, QEMU, FUSE, cgroup v2, net=tap tools, space, guest
     /// artefacts) and say how to fix each problem; exits non-zero when the default backend
     /// cannot boot a VM.
@@ -123,6 +129,7 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Unmount { mountpoint } => daemon::unmount(&mountpoint),
+        Cmd::Watchdog { pid } => bandsox_fsd::watchdog::run(pid),
         Cmd::Doctor { state_dir, agent } => {
             daemon::init_logging(Some("error"));
             let agent = agent.or_else(bandsox_fsd::doctor::default_agent);

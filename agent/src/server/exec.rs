@@ -51,6 +51,10 @@ pub const MAX_AFTER_EXIT: u64 = 16 * 1024 * 1024;
 pub const MAX_TIME_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// Largest single pipe read.
 const READ_BUF: usize = 128 * 1024;
+/// Scripts without `#!` up to this size run as `/bin/sh -c SCRIPT`; longer ones are
+/// written to a file and run as `/bin/sh FILE`, because Linux limits one argument to
+/// 128 KiB (`MAX_ARG_STRLEN`).
+pub const MAX_SH_C: usize = 64 * 1024;
 
 pub(crate) enum StdinOp {
     Data(Vec<u8>),
@@ -165,6 +169,20 @@ fn write_script(agent: &Agent, script: &[u8]) -> Result<ScriptFile, ExecError> {
     }
 }
 
+/// `script` in a file the command (running as the image's user, if any) can read.
+fn script_for(
+    agent: &Agent,
+    script: &[u8],
+    ident: Option<&crate::image::Identity>,
+) -> Result<ScriptFile, ExecError> {
+    let f = write_script(agent, script)?;
+    if let Some(id) = ident.filter(|i| i.uid != 0) {
+        std::os::unix::fs::chown(&f.0, Some(id.uid), Some(id.gid))
+            .map_err(|e| ExecError::io("cannot hand the script to the image user", &e))?;
+    }
+    Ok(f)
+}
+
 /// Start a command for stream `id`: answers `Started` (queued before any output) and
 /// spawns its pump; an error is returned for the caller to answer.
 pub(crate) async fn start(
@@ -232,13 +250,7 @@ pub(crate) async fn start(
                 if interp.is_empty() {
                     return Err(ExecError::new(libc::ENOEXEC, "empty #! interpreter line"));
                 }
-                let f = write_script(agent, script)?;
-                if let Some(id) = ident.as_ref().filter(|i| i.uid != 0) {
-                    // The command runs as the image's user: it must be able to read it.
-                    std::os::unix::fs::chown(&f.0, Some(id.uid), Some(id.gid)).map_err(|e| {
-                        ExecError::io("cannot hand the script to the image user", &e)
-                    })?;
-                }
+                let f = script_for(agent, script, ident.as_ref())?;
                 let mut c = Command::new(os(&interp));
                 if let Some(a) = &arg {
                     no_nul("interpreter argument", a)?;
@@ -265,7 +277,13 @@ pub(crate) async fn start(
                     ));
                 }
                 let mut c = Command::new("/bin/sh");
-                c.arg("-c").arg(os(script));
+                if script.len() <= MAX_SH_C {
+                    c.arg("-c").arg(os(script));
+                } else {
+                    let f = script_for(agent, script, ident.as_ref())?;
+                    c.arg(&f.0);
+                    script_file = Some(f);
+                }
                 (c, "cannot run /bin/sh".to_string())
             }
         },

@@ -11,7 +11,7 @@
 //!   machine incarnation: a clone restored from a snapshot resumes with the filesystem
 //!   frozen and a different host connection thaws it.
 //! - Only PID 1 of a VM (`AgentConfig::machine`) touches the machine; host mode refuses
-//!   `Freeze` and ignores `SetIdentity`.
+//!   `Freeze` and ignores `SetIdentity` and `SetClock`.
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -184,6 +184,35 @@ pub(crate) async fn thaw(agent: &Arc<Agent>) -> Response {
         Ok(r) => respond(r),
         Err(e) => respond(Err(errno_response(libc::EIO, format!("thaw failed: {e}")))),
     }
+}
+
+/// `Request::SetClock`: set `CLOCK_REALTIME` (init mode only; host mode leaves the
+/// host's clock alone).
+pub(crate) fn set_clock(agent: &Arc<Agent>, sec: i64, nsec: u32) -> Response {
+    if !agent.cfg.machine {
+        return Response::Ok;
+    }
+    if nsec >= 1_000_000_000 || sec < 0 {
+        return respond(Err(errno_response(
+            libc::EINVAL,
+            format!("invalid time {sec}.{nsec:09}"),
+        )));
+    }
+    let ts = libc::timespec {
+        tv_sec: sec as libc::time_t,
+        tv_nsec: libc::c_long::from(nsec as i32),
+    };
+    // SAFETY: clock_settime reads the timespec we pass by reference for the duration of
+    // the call; no other memory is involved.
+    let rc = unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return respond(Err(errno_response(
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!("clock_settime: {e}"),
+        )));
+    }
+    Response::Ok
 }
 
 /// `Request::SetIdentity`.

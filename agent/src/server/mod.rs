@@ -532,6 +532,11 @@ impl Agent {
                 });
                 Ok(())
             }
+            Request::SetClock { sec, nsec } => {
+                let resp = machine::set_clock(&self.clone(), sec, nsec);
+                let _ = out.send(reply(resp)).await;
+                Ok(())
+            }
             Request::SetIdentity(identity) => {
                 let (agent, out) = (self.clone(), out.clone());
                 tokio::spawn(async move {

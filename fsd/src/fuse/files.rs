@@ -5,15 +5,24 @@
 //!   honour the kernel's offset.
 //! - *logs* (`console`, `events`): read at the kernel's offset from a growing file, so
 //!   `cat` ends at the current end and `tail -f` follows by size.
-//! - *ctl*: every write line is one command, executed before `write` returns so a bad
-//!   command fails the write with its errno; reading gives the caller session's last
-//!   result.
+//! - *ctl* (`ctl`, `<vm>/ctl`, `runs/<n>/ctl`, `defaults`): bytes are assembled into
+//!   lines per open file description ([`crate::lines`]); each complete line is one
+//!   command, executed before the `write` that completed it returns, so a bad command
+//!   fails that write with its errno. A final line without a newline runs at `close`
+//!   (the flush of a process that wrote to the description, unless a signal is killing
+//!   it). Reading gives the caller session's last result.
 //! - *streams* (`runs/<n>/stdout|stderr|output`, and `exec` once it has a run): a private
 //!   read position; reads wait like a pipe until data or the end of the command.
 //! - *exec*: a transaction. Writes collect the script; it starts on the first flush
-//!   (close) or the first read of the same descriptor. A write-only descriptor's flush
-//!   waits for the command to finish (so `echo cmd > exec` returns when it is done); a
-//!   read-write descriptor streams the output instead.
+//!   (close) by a process that wrote to the descriptor, or the first read of the same
+//!   descriptor. A write-only descriptor's flush waits for the command to finish (so
+//!   `echo cmd > exec` returns when it is done) and fails with the run's errno when it
+//!   was lost; a read-write descriptor streams the output instead. All or nothing: a
+//!   script that grew past [`MAX_SCRIPT`], or whose writer is being killed, never runs.
+//!
+//! Writes to ctl files and exec must continue where the previous write on the same
+//! descriptor ended (any offset for the first one): `write(2)`, `O_APPEND` and an
+//! appending `pwrite` (sftp-server, NFS servers) work; any other offset is `ESPIPE`.
 //!
 //! Every wait is interruptible (see `interrupt`); an interrupted wait on a command sends
 //! it SIGINT, like a terminal would.
@@ -27,6 +36,7 @@ use parking_lot::Mutex;
 use super::tree::{Node, RunFile, Tree, VmFile};
 use crate::error::{Error, Result};
 use crate::interrupt::interruptible;
+use crate::lines::LineBuffer;
 use crate::manager::runs::{Run, RunStream};
 use crate::manager::vm::{Vm, MAX_SCRIPT};
 
@@ -53,17 +63,63 @@ pub struct ExecTx {
     pos: u64,
     write_only: bool,
     session: u32,
+    /// Where the next write must start (`None` before the first).
+    next_offset: Option<u64>,
+    /// Threads that wrote the script (only their close starts it).
+    writers: Writers,
+    /// The script will never run: why (E2BIG past the cap, writer killed).
+    refused: Option<Error>,
+}
+
+/// The threads that wrote to one open file description (a few; more are folded).
+#[derive(Default)]
+struct Writers(Vec<u32>);
+
+impl Writers {
+    fn note(&mut self, pid: u32) {
+        if !self.0.contains(&pid) && self.0.len() < 16 {
+            self.0.push(pid);
+        }
+    }
+    /// Whether `pid` belongs to a process that wrote (every closer counts once more
+    /// than 16 threads wrote).
+    fn includes(&self, pid: u32) -> bool {
+        self.0.len() >= 16
+            || self.0.contains(&pid)
+            || self
+                .0
+                .iter()
+                .any(|&w| crate::interrupt::same_process(w, pid))
+    }
+}
+
+/// What a control file's lines are commands for.
+pub enum CtlTarget {
+    Root,
+    Vm(Arc<Vm>),
+    Run(Arc<Run>),
+    Defaults,
+}
+
+/// One open control file: its target and the line assembly of this description.
+pub struct CtlFile {
+    target: CtlTarget,
+    session: u32,
+    state: tokio::sync::Mutex<CtlState>,
+}
+
+#[derive(Default)]
+struct CtlState {
+    lines: LineBuffer,
+    writers: Writers,
 }
 
 pub enum OpenFile {
     Generated(Vec<u8>),
     Log(PathBuf),
+    Ctl(CtlFile),
     /// A capped log (`console`): offsets below the kept part are moved past it.
     CappedLog(PathBuf, crate::logcap::LogReader),
-    RootCtl,
-    VmCtl(Arc<Vm>),
-    RunCtl(Arc<Run>),
-    Defaults,
     Stream {
         run: Arc<Run>,
         stream: RunStream,
@@ -77,6 +133,8 @@ pub enum OpenFile {
 
 pub struct Files {
     pub tree: Tree,
+    /// Root `mkdir`/`rmdir` in flight (root-name invalidations wait for them).
+    pub root_ops: Arc<super::rootops::RootOps>,
     events: crate::eventview::EventViews,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
@@ -102,6 +160,7 @@ impl Files {
         Files {
             events: crate::eventview::EventViews::new(tree.mgr.events.path().to_path_buf()),
             tree,
+            root_ops: Default::default(),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
@@ -149,9 +208,16 @@ impl Files {
                 Ok(())
             }
         };
+        let ctl = |target| {
+            OpenFile::Ctl(CtlFile {
+                target,
+                session: caller.session,
+                state: Default::default(),
+            })
+        };
         let (file, mode) = match node {
-            Node::Ctl => (OpenFile::RootCtl, direct),
-            Node::Defaults => (OpenFile::Defaults, direct),
+            Node::Ctl => (ctl(CtlTarget::Root), direct),
+            Node::Defaults => (ctl(CtlTarget::Defaults), direct),
             Node::Events => {
                 ro("events")?;
                 let f = crate::eventview::Filter::for_uid(caller.uid);
@@ -174,7 +240,7 @@ impl Files {
                     direct,
                 )
             }
-            Node::VmFile(id, VmFile::Ctl) => (OpenFile::VmCtl(self.tree.vm(id)?), direct),
+            Node::VmFile(id, VmFile::Ctl) => (ctl(CtlTarget::Vm(self.tree.vm(id)?)), direct),
             Node::VmFile(id, VmFile::Exec) => {
                 let vm = self.tree.vm(id)?;
                 let mut run = None;
@@ -191,8 +257,13 @@ impl Files {
                     pos: 0,
                     write_only: write && !read,
                     session: caller.session,
+                    next_offset: None,
+                    writers: Writers::default(),
+                    refused: None,
                 };
-                (OpenFile::Exec(tokio::sync::Mutex::new(tx)), stream)
+                // Seekable (not a stream) so that an appending pwrite reaches us; reads
+                // keep their own position whatever the offset.
+                (OpenFile::Exec(tokio::sync::Mutex::new(tx)), direct)
             }
             Node::RunFile(id, n, f) => {
                 let run = self
@@ -222,7 +293,7 @@ impl Files {
                         }
                         (OpenFile::Stdin(run), stream)
                     }
-                    RunFile::Ctl => (OpenFile::RunCtl(run), direct),
+                    RunFile::Ctl => (ctl(CtlTarget::Run(run)), direct),
                     _ => {
                         ro("this file")?;
                         let content = self.tree.generated(node)?.unwrap_or_default();
@@ -247,6 +318,25 @@ impl Files {
         match &*file {
             OpenFile::Generated(c) => Ok(slice_at(c, offset, size)),
             OpenFile::Log(p) => read_file_at(p, offset, size),
+            OpenFile::Ctl(ctl) => match &ctl.target {
+                CtlTarget::Root => Ok(slice_at(
+                    self.tree.mgr.ctl_results().get(caller.session).as_bytes(),
+                    offset,
+                    size,
+                )),
+                CtlTarget::Vm(vm) => Ok(slice_at(
+                    vm.ctl_results().get(caller.session).as_bytes(),
+                    offset,
+                    size,
+                )),
+                CtlTarget::Run(_) => Ok(Vec::new()),
+                CtlTarget::Defaults => Ok(slice_at(
+                    self.tree.mgr.defaults().to_defaults().as_bytes(),
+                    offset,
+                    size,
+                )),
+            },
+            OpenFile::Stdin(_) => Ok(Vec::new()),
             OpenFile::Events(h) => h.read(offset, size),
             OpenFile::CappedLog(p, reader) => {
                 let mib = crate::limits::vm_caps().console_mib;
@@ -257,22 +347,6 @@ impl Files {
                     &crate::logcap::cap_note(mib, "vm.console_mib"),
                 )
             }
-            OpenFile::RootCtl => Ok(slice_at(
-                self.tree.mgr.ctl_results().get(caller.session).as_bytes(),
-                offset,
-                size,
-            )),
-            OpenFile::VmCtl(vm) => Ok(slice_at(
-                vm.ctl_results().get(caller.session).as_bytes(),
-                offset,
-                size,
-            )),
-            OpenFile::RunCtl(_) | OpenFile::Stdin(_) => Ok(Vec::new()),
-            OpenFile::Defaults => Ok(slice_at(
-                self.tree.mgr.defaults().to_defaults().as_bytes(),
-                offset,
-                size,
-            )),
             OpenFile::Stream { run, stream, pos } => {
                 let at = *pos.lock();
                 let data = read_run(run, *stream, at, size, caller.pid).await?;
@@ -281,9 +355,12 @@ impl Files {
             }
             OpenFile::Exec(tx) => {
                 let mut tx = tx.lock().await;
+                if let Some(e) = &tx.refused {
+                    return Err(e.clone());
+                }
                 if tx.run.is_none() && !tx.script.is_empty() {
                     let script = std::mem::take(&mut tx.script);
-                    let run = tx.vm.start_run(script, tx.session).await?;
+                    let run = start_run(&tx.vm, script, tx.session, caller.pid).await?;
                     tx.run = Some(run);
                 }
                 let Some(run) = tx.run.clone() else {
@@ -296,46 +373,34 @@ impl Files {
         }
     }
 
-    pub async fn write(&self, fh: u64, data: &[u8], caller: Caller) -> Result<u32> {
+    /// A write at `offset` (see the module docs for what each kind of file does).
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8], caller: Caller) -> Result<u32> {
         let file = self.handle(fh)?;
         let len = data.len() as u32;
         match &*file {
-            OpenFile::RootCtl => {
-                let mgr = self.tree.mgr.clone();
-                let text = ctl_text(data)?;
-                for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    let outcome = mgr.global_ctl(line, caller.uid, caller.gid).await;
-                    mgr.ctl_results().record(caller.session, outcome)?;
+            OpenFile::Ctl(ctl) => {
+                let mut st = ctl.state.lock().await;
+                if let Err(e) = st.lines.check_offset(offset) {
+                    return Err(self.record(ctl, caller.session, e));
                 }
-                Ok(len)
-            }
-            OpenFile::VmCtl(vm) => {
-                let text = ctl_text(data)?;
-                for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    let outcome = self.tree.mgr.vm_ctl(vm, line).await;
-                    vm.ctl_results().record(caller.session, outcome)?;
-                }
-                Ok(len)
-            }
-            OpenFile::RunCtl(run) => {
-                let text = ctl_text(data)?;
-                for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    match crate::ctl::parse_run(line)? {
-                        crate::ctl::RunCmd::Kill(sig) => run.signal(sig).await?,
-                        crate::ctl::RunCmd::CloseStdin => run.close_stdin().await?,
-                    }
-                }
-                Ok(len)
-            }
-            OpenFile::Defaults => {
-                // Each write is validated and applied on its own, so its error reaches it.
-                self.tree.mgr.update_defaults(&ctl_text(data)?)?;
+                st.writers.note(caller.pid);
+                let lines = match st.lines.push(data) {
+                    Ok(l) => l,
+                    Err(e) => return Err(self.record(ctl, caller.session, e)),
+                };
+                self.run_lines(ctl, &mut st.lines, lines, caller).await?;
+                st.lines.advance(offset, data.len());
                 Ok(len)
             }
             OpenFile::Stdin(run) => {
-                for chunk in data.chunks(bandsox_agent::proto::MAX_CHUNK) {
-                    run.write_stdin(chunk.to_vec()).await?;
-                }
+                // Waits like a pipe while the command does not read; Ctrl-C ends the wait.
+                interruptible(caller.pid, async {
+                    for chunk in data.chunks(bandsox_agent::proto::MAX_CHUNK) {
+                        run.write_stdin(chunk.to_vec()).await?;
+                    }
+                    Ok(())
+                })
+                .await?;
                 Ok(len)
             }
             OpenFile::Exec(tx) => {
@@ -345,13 +410,31 @@ impl Files {
                         "this exec descriptor already ran its command; open exec again",
                     ));
                 }
-                if tx.script.len() + data.len() > MAX_SCRIPT {
+                if let Some(next) = tx.next_offset.filter(|&n| n != offset) {
                     return Err(Error::new(
-                        libc::E2BIG,
-                        format!("commands are limited to {MAX_SCRIPT} bytes"),
+                        libc::ESPIPE,
+                        format!(
+                            "exec is written in sequence: this write is at offset {offset}, \
+                             but the previous one ended at {next}"
+                        ),
                     ));
                 }
+                if let Some(e) = &tx.refused {
+                    return Err(e.clone());
+                }
+                tx.writers.note(caller.pid);
+                if tx.script.len() + data.len() > MAX_SCRIPT {
+                    // All or nothing: the script is dropped and will not run at close.
+                    let e = Error::new(
+                        libc::E2BIG,
+                        format!("the script is longer than {MAX_SCRIPT} bytes; nothing was run"),
+                    );
+                    tx.script = Vec::new();
+                    tx.refused = Some(e.clone());
+                    return Err(e);
+                }
                 tx.script.extend_from_slice(data);
+                tx.next_offset = Some(offset + data.len() as u64);
                 Ok(len)
             }
             OpenFile::Generated(_)
@@ -362,16 +445,218 @@ impl Files {
         }
     }
 
-    /// `close()` of one descriptor. Starts a pending exec; a write-only exec waits for it.
+    /// Remember a failed control-file write in the caller's `ctl` result, pass it on.
+    fn record(&self, ctl: &CtlFile, session: u32, e: Error) -> Error {
+        match &ctl.target {
+            CtlTarget::Root => {
+                let _ = self.tree.mgr.ctl_results().record(session, Err(e.clone()));
+            }
+            CtlTarget::Vm(vm) => {
+                let _ = vm.ctl_results().record(session, Err(e.clone()));
+            }
+            CtlTarget::Run(_) | CtlTarget::Defaults => {}
+        }
+        e
+    }
+
+    /// Run the complete lines one write (or the final close) produced. Every line is
+    /// checked first (UTF-8, syntax), so a write with a malformed line runs nothing;
+    /// then they run in order and the first failing one stops the rest (see
+    /// `docs/tree.md`, "Writing control files").
+    async fn run_lines(
+        &self,
+        ctl: &CtlFile,
+        buf: &mut LineBuffer,
+        lines: Vec<Vec<u8>>,
+        caller: Caller,
+    ) -> Result<()> {
+        let mut texts = Vec::with_capacity(lines.len());
+        for l in &lines {
+            match std::str::from_utf8(l) {
+                Ok(t) if !t.trim().is_empty() && !t.trim_start().starts_with('#') => texts.push(t),
+                Ok(_) => {}
+                Err(_) => {
+                    buf.abandon();
+                    let e = Error::invalid("commands must be UTF-8 text; nothing was run");
+                    return Err(self.record(ctl, caller.session, e));
+                }
+            }
+        }
+        let n = texts.len();
+        let in_context = |i: usize, e: Error, ran: bool| -> Error {
+            if n <= 1 {
+                return e;
+            }
+            let applied = match (ran, i) {
+                (false, _) => "nothing was run".to_string(),
+                (true, 0) => "no line before it was run".to_string(),
+                (true, 1) => "line 1 was applied".to_string(),
+                (true, i) => format!("lines 1-{i} were applied"),
+            };
+            let msg = format!(
+                "line {} of {n}: {} ({applied}; the lines after it were not run)",
+                i + 1,
+                e.message
+            );
+            Error::new(e.errno, msg)
+        };
+        // Syntax first: parsing has no side effects.
+        for (i, t) in texts.iter().enumerate() {
+            let parsed = match &ctl.target {
+                CtlTarget::Root => crate::ctl::parse_global(t).map(drop),
+                CtlTarget::Vm(_) => crate::ctl::parse_vm(t).map(drop),
+                CtlTarget::Run(_) => crate::ctl::parse_run(t).map(drop),
+                CtlTarget::Defaults => Ok(()),
+            };
+            if let Err(e) = parsed {
+                buf.abandon();
+                let e = in_context(i, e, false);
+                return Err(self.record(ctl, caller.session, e));
+            }
+        }
+        if let CtlTarget::Defaults = ctl.target {
+            // The lines of one write are merged together or not at all.
+            if n > 0 {
+                if let Err(e) = self.tree.mgr.update_defaults(&texts.join("\n")) {
+                    buf.abandon();
+                    return Err(e);
+                }
+            }
+            return Ok(());
+        }
+        for (i, line) in texts.iter().enumerate() {
+            let outcome = match &ctl.target {
+                CtlTarget::Root | CtlTarget::Vm(_) => {
+                    self.run_interruptible(ctl, line, caller).await
+                }
+                CtlTarget::Run(run) => {
+                    let cmd = crate::ctl::parse_run(line)?;
+                    interruptible(caller.pid, async {
+                        match cmd {
+                            crate::ctl::RunCmd::Kill(sig) => run.signal(sig).await,
+                            crate::ctl::RunCmd::CloseStdin => run.close_stdin().await,
+                        }
+                    })
+                    .await
+                    .map(|()| String::new())
+                }
+                CtlTarget::Defaults => Ok(String::new()),
+            };
+            match outcome {
+                Ok(msg) => {
+                    if !matches!(ctl.target, CtlTarget::Run(_)) {
+                        let _ = self.record_ok(ctl, caller.session, msg);
+                    }
+                }
+                Err(e) => {
+                    buf.abandon();
+                    let e = in_context(i, e, true);
+                    return Err(self.record(ctl, caller.session, e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One root or VM command, run as a task of its own: an interrupted writer gets
+    /// EINTR at once, the command goes on (a boot or a pull is not cut in half) and its
+    /// result replaces the writer's `ctl` result when it ends.
+    async fn run_interruptible(&self, ctl: &CtlFile, line: &str, caller: Caller) -> Result<String> {
+        let mgr = self.tree.mgr.clone();
+        let line = line.to_string();
+        let (session, target_vm) = match &ctl.target {
+            CtlTarget::Vm(vm) => (caller.session, Some(vm.clone())),
+            _ => (caller.session, None),
+        };
+        let results_vm = target_vm.clone();
+        let results_mgr = mgr.clone();
+        let op = async move {
+            match &target_vm {
+                Some(vm) => mgr.vm_ctl(vm, &line).await,
+                None => mgr.global_ctl(&line, caller.uid, caller.gid).await,
+            }
+        };
+        let abandoned = move |outcome: Result<String>| {
+            let _ = match &results_vm {
+                Some(vm) => vm.ctl_results().record(session, outcome),
+                None => results_mgr.ctl_results().record(session, outcome),
+            };
+        };
+        match crate::interrupt::detachable(caller.pid, op, abandoned).await {
+            Ok(outcome) => outcome,
+            Err(e) if e.errno == libc::EINTR => Err(Error::new(
+                libc::EINTR,
+                "interrupted; the command goes on, and reading ctl shows its result when it ends",
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn record_ok(&self, ctl: &CtlFile, session: u32, msg: String) -> Result<String> {
+        match &ctl.target {
+            CtlTarget::Root => self.tree.mgr.ctl_results().record(session, Ok(msg)),
+            CtlTarget::Vm(vm) => vm.ctl_results().record(session, Ok(msg)),
+            _ => Ok(msg),
+        }
+    }
+
+    /// `close()` of one descriptor. Runs a control file's final unterminated line and
+    /// starts a pending exec, when the closing process wrote to the descriptor and is
+    /// not being killed; a write-only exec waits for its command and reports a lost run.
     pub async fn flush(&self, fh: u64, caller: Caller) -> Result<()> {
         let file = self.handle(fh)?;
-        let OpenFile::Exec(tx) = &*file else {
+        match &*file {
+            OpenFile::Ctl(ctl) => self.flush_ctl(ctl, caller).await,
+            OpenFile::Exec(tx) => self.flush_exec(tx, caller).await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn flush_ctl(&self, ctl: &CtlFile, caller: Caller) -> Result<()> {
+        let mut st = ctl.state.lock().await;
+        if !st.lines.has_partial() || !st.writers.includes(caller.pid) {
+            return Ok(());
+        }
+        if crate::interrupt::killed_by_signal(caller.pid) {
+            if let Some(line) = st.lines.discard_partial() {
+                let e = Error::new(
+                    libc::EINTR,
+                    format!(
+                        "the writer was killed in the middle of the line {}; it was not run",
+                        crate::lines::quote(&String::from_utf8_lossy(&line))
+                    ),
+                );
+                let _ = self.record(ctl, caller.session, e);
+            }
+            return Ok(());
+        }
+        let Some(line) = st.lines.take_final() else {
             return Ok(());
         };
+        self.run_lines(ctl, &mut st.lines, vec![line], caller).await
+    }
+
+    async fn flush_exec(&self, tx: &tokio::sync::Mutex<ExecTx>, caller: Caller) -> Result<()> {
         let mut tx = tx.lock().await;
+        if let Some(e) = &tx.refused {
+            return Err(e.clone());
+        }
         if tx.run.is_none() && !tx.script.is_empty() {
+            if !tx.writers.includes(caller.pid) {
+                // Another process's copy of the descriptor (e.g. a child of the writing
+                // shell) closed: the writer may not be done yet.
+                return Ok(());
+            }
+            if crate::interrupt::killed_by_signal(caller.pid) {
+                tx.script = Vec::new();
+                tx.refused = Some(Error::new(
+                    libc::EINTR,
+                    "the writer was killed before it closed exec; the script was not run",
+                ));
+                return Ok(());
+            }
             let script = std::mem::take(&mut tx.script);
-            let run = tx.vm.start_run(script, tx.session).await?;
+            let run = start_run(&tx.vm, script, tx.session, caller.pid).await?;
             tx.run = Some(run);
         }
         // Only a write-only descriptor's close waits for its command.
@@ -390,29 +675,85 @@ impl Files {
                 let _ = run.signal(libc::SIGINT).await;
             }
         }
-        waited
+        waited?;
+        match run.failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
-    /// Last close: forget the handle; an exec never flushed still runs.
+    /// `fsync` of a control file: for an exec whose run was lost, the same errno its
+    /// close reports; otherwise nothing to do.
+    pub async fn fsync(&self, fh: u64) -> Result<()> {
+        let file = self.handle(fh)?;
+        if let OpenFile::Exec(tx) = &*file {
+            let tx = tx.lock().await;
+            if let Some(e) = &tx.refused {
+                return Err(e.clone());
+            }
+            if let Some(e) = tx.run.as_ref().and_then(|r| r.failure()) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Last close: forget the handle. An exec never flushed still runs (unless it was
+    /// refused); a control file's unterminated line that no writer's close ran is
+    /// dropped, and the caller's `ctl` result says so.
     pub fn release(&self, fh: u64) {
         let Some(file) = self.handles.lock().remove(&fh) else {
             return;
         };
-        if let OpenFile::Exec(tx) = &*file {
-            if let Ok(mut tx) = tx.try_lock() {
-                if tx.run.is_none() && !tx.script.is_empty() {
-                    let script = std::mem::take(&mut tx.script);
-                    let vm = tx.vm.clone();
-                    let session = tx.session;
-                    tokio::spawn(async move {
-                        if let Err(e) = vm.start_run(script, session).await {
-                            tracing::warn!(vm = %vm.name, "exec on release failed: {e}");
-                        }
-                    });
+        match &*file {
+            OpenFile::Exec(tx) => {
+                if let Ok(mut tx) = tx.try_lock() {
+                    if tx.run.is_none() && !tx.script.is_empty() && tx.refused.is_none() {
+                        let script = std::mem::take(&mut tx.script);
+                        let vm = tx.vm.clone();
+                        let session = tx.session;
+                        tokio::spawn(async move {
+                            if let Err(e) = vm.start_run(script, session).await {
+                                tracing::warn!(vm = %vm.name, "exec on release failed: {e}");
+                            }
+                        });
+                    }
                 }
             }
+            OpenFile::Ctl(ctl) => {
+                if let Ok(mut st) = ctl.state.try_lock() {
+                    if let Some(line) = st.lines.discard_partial() {
+                        let e = Error::invalid(format!(
+                            "the unterminated line {} was dropped: no process that wrote it \
+                             closed the file",
+                            crate::lines::quote(&String::from_utf8_lossy(&line))
+                        ));
+                        let _ = self.record(ctl, ctl.session, e);
+                    }
+                }
+            }
+            _ => {}
         }
     }
+}
+
+/// Start `script` as a run; the starting process may be interrupted (EINTR at once),
+/// in which case the command, once started, gets SIGINT as if typed Ctrl-C.
+async fn start_run(vm: &Arc<Vm>, script: Vec<u8>, session: u32, pid: u32) -> Result<Arc<Run>> {
+    let v = vm.clone();
+    let started = crate::interrupt::detachable(
+        pid,
+        async move { v.start_run(script, session).await },
+        |res: Result<Arc<Run>>| {
+            if let Ok(run) = res {
+                tokio::spawn(async move {
+                    let _ = run.signal(libc::SIGINT).await;
+                });
+            }
+        },
+    )
+    .await?;
+    started
 }
 
 /// Wait like a pipe for a run's stream, answering EINTR (and sending the command
@@ -432,8 +773,4 @@ async fn read_run(
         }
     }
     res
-}
-
-fn ctl_text(data: &[u8]) -> Result<String> {
-    String::from_utf8(data.to_vec()).map_err(|_| Error::invalid("commands must be UTF-8 text"))
 }

@@ -130,6 +130,12 @@ fn reply_xattr(reply: ReplyXattr, res: Result<XattrReply, Error>) {
     }
 }
 
+/// Remember the caller of the request being dispatched on this thread: requests sent
+/// for it can then be interrupted (see [`crate::guestfs::interrupt`]).
+pub fn note_caller(req: &Request) {
+    crate::guestfs::interrupt::note_caller(req.pid());
+}
+
 impl BandsoxFs {
     fn guest(&self) -> Arc<GuestFs> {
         self.guest.clone()

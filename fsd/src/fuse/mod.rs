@@ -9,6 +9,7 @@
 //! the reply; everything else answers inline from memory or local files.
 pub mod files;
 pub mod guest;
+pub mod rootops;
 pub mod tree;
 
 use std::ffi::OsStr;
@@ -178,7 +179,8 @@ impl fuser::Filesystem for BandsoxFs {
         }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        guest::note_caller(req);
         if let Some(t) = self.target(parent) {
             return self.g_lookup(t, name, reply);
         }
@@ -193,6 +195,7 @@ impl fuser::Filesystem for BandsoxFs {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_getattr(t, fh, reply);
         }
@@ -212,7 +215,7 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -228,6 +231,7 @@ impl fuser::Filesystem for BandsoxFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_setattr(t, mode, uid, gid, size, atime, mtime, fh, reply);
         }
@@ -244,6 +248,7 @@ impl fuser::Filesystem for BandsoxFs {
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_readlink(t, reply);
         }
@@ -270,6 +275,7 @@ impl fuser::Filesystem for BandsoxFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(parent) {
             return self.g_mkdir(req, t, name, mode, reply);
         }
@@ -286,9 +292,23 @@ impl fuser::Filesystem for BandsoxFs {
         };
         let c = caller(req);
         let files = self.files.clone();
+        let busy = files.root_ops.begin();
         self.rt.spawn(async move {
+            let _busy = busy;
             let mgr = files.tree.mgr.clone();
-            let res = mgr.create(&name, &[], c.uid, c.gid).await;
+            // Interruptible: the boot goes on, its failure lands in the caller's ctl result.
+            let (m, n) = (mgr.clone(), name.clone());
+            let boot = async move { m.create(&n, &[], c.uid, c.gid).await };
+            let (m, n) = (mgr.clone(), name.clone());
+            let abandoned = move |res: Result<_, Error>| {
+                if let Err(e) = res {
+                    let e = e.with_context(&format!("mkdir {n}"));
+                    let _ = m.ctl_results().record(c.session, Err(e));
+                }
+            };
+            let res = crate::interrupt::detachable(c.pid, boot, abandoned)
+                .await
+                .and_then(|r| r);
             match res {
                 Ok(vm) => match files.tree.attr(&Node::Vm(vm.id.clone())) {
                     Ok(a) => reply.entry(&TTL, &to_fuse_attr(&a), Generation(0)),
@@ -304,6 +324,7 @@ impl fuser::Filesystem for BandsoxFs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guest::note_caller(req);
         if let Some(t) = self.target(parent) {
             return self.g_unlink(t, name, true, reply);
         }
@@ -337,9 +358,13 @@ impl fuser::Filesystem for BandsoxFs {
                 if c.uid != 0 && c.uid != owner {
                     return reply.error(Errno::from_i32(libc::EPERM));
                 }
-                let files = self.files.clone();
+                let mgr = self.files.tree.mgr.clone();
                 self.rt.spawn(async move {
-                    match files.tree.mgr.delete_snapshot(&name).await {
+                    let delete = async move { mgr.delete_snapshot(&name).await };
+                    match crate::interrupt::detachable(c.pid, delete, drop)
+                        .await
+                        .and_then(|r| r)
+                    {
                         Ok(()) => reply.ok(),
                         Err(e) => reply.error(errno(&e)),
                     }
@@ -362,15 +387,23 @@ impl fuser::Filesystem for BandsoxFs {
             return reply.error(Errno::from_i32(libc::EPERM));
         }
         let files = self.files.clone();
+        let busy = files.root_ops.begin();
         self.rt.spawn(async move {
-            match files.tree.mgr.delete(&name).await {
+            let _busy = busy;
+            let mgr = files.tree.mgr.clone();
+            let delete = async move { mgr.delete(&name).await };
+            match crate::interrupt::detachable(c.pid, delete, drop)
+                .await
+                .and_then(|r| r)
+            {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
             }
         });
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guest::note_caller(req);
         if let Some(t) = self.target(parent) {
             return self.g_unlink(t, name, false, reply);
         }
@@ -387,6 +420,7 @@ impl fuser::Filesystem for BandsoxFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        guest::note_caller(req);
         match self.target(parent) {
             Some(t) => self.g_mknod(req, t, name, mode, rdev, reply),
             None => reply.error(Errno::from_i32(libc::EPERM)),
@@ -401,6 +435,7 @@ impl fuser::Filesystem for BandsoxFs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
+        guest::note_caller(req);
         match self.target(parent) {
             Some(t) => self.g_symlink(req, t, link_name, target, reply),
             None => reply.error(Errno::from_i32(libc::EPERM)),
@@ -409,12 +444,13 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        guest::note_caller(req);
         match (self.target(ino), self.target(newparent)) {
             (Some(t), Some(p)) => self.g_link(t, p, newname, reply),
             (None, None) => reply.error(Errno::from_i32(libc::EPERM)),
@@ -424,7 +460,7 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -432,6 +468,7 @@ impl fuser::Filesystem for BandsoxFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         match (self.target(parent), self.target(newparent)) {
             (Some(p), Some(np)) => self.g_rename(p, name, np, newname, flags.bits(), reply),
             (None, None) => reply.error(Errno::from_i32(libc::EPERM)),
@@ -440,6 +477,7 @@ impl fuser::Filesystem for BandsoxFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_open(t, flags.0, reply);
         }
@@ -477,6 +515,7 @@ impl fuser::Filesystem for BandsoxFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_read(t, fh, offset, size, reply);
         }
@@ -502,6 +541,7 @@ impl fuser::Filesystem for BandsoxFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_write(t, fh, offset, data, reply);
         }
@@ -509,7 +549,7 @@ impl fuser::Filesystem for BandsoxFs {
         let files = self.files.clone();
         let data = data.to_vec();
         self.rt.spawn(async move {
-            match files.write(fh.0, &data, c).await {
+            match files.write(fh.0, offset, &data, c).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -524,6 +564,7 @@ impl fuser::Filesystem for BandsoxFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         // Guest files buffer nothing on the host: close has nothing to flush.
         if self.target(ino).is_some() {
             return reply.ok();
@@ -540,7 +581,7 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -548,6 +589,7 @@ impl fuser::Filesystem for BandsoxFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_release(t, fh, false, reply);
         }
@@ -558,26 +600,36 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_fsync(t, fh, datasync, reply),
-            None => reply.ok(),
+            None => {
+                let files = self.files.clone();
+                self.rt.spawn(async move {
+                    match files.fsync(fh.0).await {
+                        Ok(()) => reply.ok(),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
+            }
         }
     }
 
     fn fsyncdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_fsync(t, fh, datasync, reply),
             None => reply.ok(),
@@ -586,19 +638,21 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn releasedir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_release(t, fh, true, reply),
             None => reply.ok(),
         }
     }
 
-    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_statfs(t, reply),
             None => reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096),
@@ -607,7 +661,7 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -615,13 +669,15 @@ impl fuser::Filesystem for BandsoxFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_setxattr(t, name, value, flags, reply),
             None => reply.error(Errno::from_i32(libc::ENOTSUP)),
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_removexattr(t, name, reply),
             None => reply.error(Errno::from_i32(libc::ENODATA)),
@@ -630,7 +686,7 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -638,6 +694,7 @@ impl fuser::Filesystem for BandsoxFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_fallocate(t, fh, offset, length, mode, reply),
             None => reply.error(Errno::from_i32(libc::EOPNOTSUPP)),
@@ -646,13 +703,14 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn lseek(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
+        guest::note_caller(req);
         match self.target(ino) {
             Some(t) => self.g_lseek(t, fh, offset, whence, reply),
             None => reply.error(Errno::from_i32(libc::EINVAL)),
@@ -661,12 +719,13 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_readdirplus(t, fh, offset, reply);
         }
@@ -702,7 +761,8 @@ impl fuser::Filesystem for BandsoxFs {
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_opendir(t, reply);
         }
@@ -714,12 +774,13 @@ impl fuser::Filesystem for BandsoxFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_readdir(t, fh, offset, reply);
         }
@@ -735,7 +796,8 @@ impl fuser::Filesystem for BandsoxFs {
         reply.ok();
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_getxattr(t, name, size, reply);
         }
@@ -743,7 +805,8 @@ impl fuser::Filesystem for BandsoxFs {
         reply.error(Errno::from_i32(libc::ENODATA));
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        guest::note_caller(req);
         if let Some(t) = self.target(ino) {
             return self.g_listxattr(t, size, reply);
         }
@@ -764,6 +827,7 @@ impl fuser::Filesystem for BandsoxFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        guest::note_caller(req);
         if let Some(t) = self.target(parent) {
             return self.g_create(req, t, name, mode, flags, reply);
         }
@@ -845,9 +909,30 @@ impl crate::guestfs::Invalidate for KernelInvalidator {
 
 /// Keep the cached VM-directory and `fs/` names right: after any event of a VM (boot,
 /// exit, delete, ...) drop the kernel's entries for its name and for its `fs/`, whose
-/// inode changes with every boot. Runs until the event log goes away.
+/// inode changes with every boot. Runs until the event log goes away. Root names are
+/// deferred while a root `mkdir`/`rmdir` is in flight (see [`rootops`]).
 pub fn invalidate_vm_entries(files: Arc<Files>, notifier: fuser::Notifier) {
     let mut rx = files.tree.mgr.events.subscribe();
+    {
+        let (files, notifier) = (files.clone(), notifier.clone());
+        tokio::spawn(async move {
+            loop {
+                let names = files.root_ops.take_deferred_when_idle().await;
+                let n = notifier.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    use crate::guestfs::Invalidate;
+                    let inv = KernelInvalidator {
+                        notifier: n,
+                        dev: None,
+                    };
+                    for name in names {
+                        inv.entry(tree::ROOT_INO, name.as_bytes());
+                    }
+                })
+                .await;
+            }
+        });
+    }
     tokio::spawn(async move {
         loop {
             let name = match rx.recv().await {
@@ -860,6 +945,7 @@ pub fn invalidate_vm_entries(files: Arc<Files>, notifier: fuser::Notifier) {
                 .mgr
                 .get(&name)
                 .map(|vm| files.tree.ino(&Node::Vm(vm.id.clone())));
+            let root_names = files.root_ops.invalidate_now(&name).unwrap_or_default();
             let n = notifier.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 let inv = KernelInvalidator {
@@ -867,7 +953,9 @@ pub fn invalidate_vm_entries(files: Arc<Files>, notifier: fuser::Notifier) {
                     dev: None,
                 };
                 use crate::guestfs::Invalidate;
-                inv.entry(tree::ROOT_INO, name.as_bytes());
+                for name in root_names {
+                    inv.entry(tree::ROOT_INO, name.as_bytes());
+                }
                 if let Some(ino) = vm_ino {
                     inv.entry(ino, b"fs");
                 }

@@ -427,6 +427,7 @@ impl Tree {
             Node::Snapshot(s) | Node::SnapshotInfo(s) => {
                 return self.mgr.snapshot_owner(s).unwrap_or((0, 0))
             }
+            Node::Image(i) | Node::ImageInfo(i) => return (self.mgr.image_owner(i), 0),
             _ => return (0, 0),
         };
         self.vm(id).map(|v| (v.uid, v.gid)).unwrap_or((0, 0))

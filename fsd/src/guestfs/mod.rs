@@ -28,6 +28,7 @@
 pub mod bench;
 pub mod events;
 pub mod inodes;
+pub mod interrupt;
 pub mod listings;
 
 use std::collections::HashMap;
@@ -155,6 +156,8 @@ pub struct GuestFs {
     rt: tokio::runtime::Handle,
     /// Bytes of entries asked of the agent per readdir: the kernel's buffer size.
     readdir_bytes: std::sync::atomic::AtomicU32,
+    /// Callers of waiting requests, for Ctrl-C ([`interrupt`]).
+    watcher: Arc<interrupt::Watcher>,
 }
 
 /// Check a guest errno and keep it only when it is one a host program can understand.
@@ -267,6 +270,7 @@ impl GuestFs {
         let recent = Arc::new(Recent::default());
         let listings = Arc::new(Listings::default());
         Arc::new(GuestFs {
+            watcher: interrupt::Watcher::start(&rt),
             mgr,
             events: events::Pumps::new(
                 vms.clone(),
@@ -500,10 +504,12 @@ impl GuestFs {
         match self.resolve_now(&t) {
             Err(e) if e.errno == libc::EHOSTDOWN => {
                 let g = self.clone();
-                self.rt.spawn(async move {
-                    let r = g.resolve(&t).await;
+                // The reconnect and the request after it wait for the same caller.
+                let pid = interrupt::caller();
+                self.rt.spawn(interrupt::CALLER.scope(pid, async move {
+                    let r = crate::interrupt::interruptible(pid, g.resolve(&t)).await;
                     go(&g, r)
-                });
+                }));
             }
             r => go(self, r),
         }
@@ -523,21 +529,35 @@ impl GuestFs {
             _ => FS_DEADLINE,
         };
         let retry = req.retry_safe().then(|| req.clone());
+        let dir = matches!(req, FsRequest::OpenDir { .. });
         let client = r.client.clone();
         let g = self.clone();
+        // The answer and an interrupt of the caller race for `done` (see `interrupt`).
+        let pending = interrupt::Pending::new(&self.watcher, done);
         client.fs_then(
             req,
             deadline,
             Box::new(move |res| match (res, retry) {
-                (Ok(resp), _) => done(finish(&g, &r, resp)),
+                (Ok(resp), _) => match pending.take() {
+                    Some(done) => done(finish(&g, &r, resp)),
+                    None => g.give_back(&r, resp, dir),
+                },
                 (Err(ClientError::Closed), Some(req)) => {
                     let rt = g.rt.clone();
                     rt.spawn(async move {
                         let res = g.resend(&r, req, deadline).await;
-                        done(res.and_then(|resp| finish(&g, &r, resp)))
+                        match (res, pending.take()) {
+                            (res, Some(done)) => done(res.and_then(|resp| finish(&g, &r, resp))),
+                            (Ok(resp), None) => g.give_back(&r, resp, dir),
+                            (Err(_), None) => {}
+                        }
                     });
                 }
-                (Err(e), _) => done(Err(guest_error(e))),
+                (Err(e), _) => {
+                    if let Some(done) = pending.take() {
+                        done(Err(guest_error(e)))
+                    }
+                }
             }),
         );
     }

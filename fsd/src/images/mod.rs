@@ -81,7 +81,12 @@ impl ImageOptions {
                 v.parse::<u64>()
                     .ok()
                     .filter(|n| *n <= 1024 * 1024)
-                    .ok_or_else(|| Error::invalid(format!("{w}: expected MiB 0..1048576")))
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "{}: expected MiB 0..1048576",
+                            crate::lines::quote(w)
+                        ))
+                    })
             };
             match w.split_once('=') {
                 Some(("size", v)) => o.size_mib = Some(num(v)?.max(16)),
@@ -89,7 +94,8 @@ impl ImageOptions {
                 Some(("tag", v)) if !v.is_empty() && v.len() <= 128 => o.tag = Some(v.to_string()),
                 _ => {
                     return Err(Error::invalid(format!(
-                        "unknown option {w:?}; accepted: {OPTIONS_HELP}"
+                        "unknown option {}; accepted: {OPTIONS_HELP}",
+                        crate::lines::quote(w)
                     )))
                 }
             }

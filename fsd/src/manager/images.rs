@@ -313,17 +313,23 @@ impl Manager {
         }
     }
 
+    /// The uid that imported or pulled image `name` (0 when unknown: root's).
+    pub fn image_owner(&self, name: &str) -> u32 {
+        std::fs::read(self.layout.image_info(name))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("owner_uid").and_then(|u| u.as_u64()))
+            .and_then(|u| u32::try_from(u).ok())
+            .unwrap_or(0)
+    }
+
     /// `rmdir images/NAME`.
     pub fn remove_image(&self, name: &str, uid: u32) -> Result<()> {
         if !self.images().iter().any(|i| i == name) {
             return Err(Error::not_found(format!("no image {name:?}")));
         }
-        let owner = std::fs::read(self.layout.image_info(name))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v.get("owner_uid").and_then(|u| u.as_u64()))
-            .unwrap_or(0);
-        if uid != 0 && u64::from(uid) != owner {
+        let owner = self.image_owner(name);
+        if uid != 0 && uid != owner {
             return Err(Error::new(
                 libc::EPERM,
                 format!("image {name} belongs to uid {owner}"),

@@ -164,6 +164,12 @@ impl Manager {
         let mut adopt = Vec::new();
         for e in entries.flatten() {
             let dir = e.path();
+            if !dir.join("vm.json").exists() && !vmm_running_in(&dir) {
+                // A creation (or deletion) the daemon died in: no record, no VMM.
+                tracing::warn!("removing {}: a VM without a record", dir.display());
+                let _ = std::fs::remove_dir_all(&dir);
+                continue;
+            }
             let rec: VmRecord = match std::fs::read(dir.join("vm.json"))
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
@@ -528,6 +534,22 @@ impl Manager {
     }
 }
 
+/// Whether `<dir>/vmm.pid` names a live process started in that directory.
+fn vmm_running_in(dir: &std::path::Path) -> bool {
+    let Some(pid) = std::fs::read_to_string(dir.join("vmm.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return false;
+    };
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let dir = dir.as_os_str().as_encoded_bytes();
+            c.windows(dir.len().max(1)).any(|w| w == dir)
+        })
+        .unwrap_or(false)
+}
+
 impl crate::events::Scopes for Manager {
     fn vm_scope(&self, name: &str) -> Option<(u32, String)> {
         self.get(name).map(|vm| (vm.uid, vm.id.clone()))
@@ -543,8 +565,13 @@ async fn prepare_disk(
 ) -> Result<()> {
     let (image, dst) = (image.to_path_buf(), dst.to_path_buf());
     tokio::task::spawn_blocking(move || -> Result<()> {
-        crate::disk::clone_disk(&image, &dst)
-            .map_err(|e| Error::io(format!("cannot copy the image disk: {e}")))?;
+        crate::disk::clone_disk(&image, &dst).map_err(|e| {
+            // Keep the errno: a full disk is ENOSPC, not a generic I/O error.
+            Error::new(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                format!("cannot copy the image disk: {e}"),
+            )
+        })?;
         if disk_mib > image_mib {
             let f = std::fs::OpenOptions::new().write(true).open(&dst)?;
             f.set_len(disk_mib * 1024 * 1024)?;

@@ -9,6 +9,8 @@
 //! `output limit reached`. Readers wait on a `watch` channel that is bumped on every
 //! append and on exit; a run's byte counters only grow, and once `status` leaves
 //! `Running` it never changes again.
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -79,6 +81,8 @@ impl RunStatus {
 
 struct RunInner {
     status: RunStatus,
+    /// For `Lost`: the errno a waiting `close()` reports (EHOSTDOWN, ENOSPC, EIO).
+    lost_errno: i32,
     pid: Option<u32>,
     lens: [u64; 3],
     control: Option<ExecControl>,
@@ -98,6 +102,58 @@ pub struct Run {
     budget: Arc<OutputBudget>,
     /// Spooled by an earlier daemon with a separate `output` file.
     legacy: bool,
+}
+
+/// Remove directories on one background thread, in order.
+fn remove_in_background(dir: PathBuf) {
+    use std::sync::mpsc::{channel, Sender};
+    static REMOVER: std::sync::OnceLock<Mutex<Sender<PathBuf>>> = std::sync::OnceLock::new();
+    let tx = REMOVER.get_or_init(|| {
+        let (tx, rx) = channel::<PathBuf>();
+        let spawned = std::thread::Builder::new()
+            .name("bandsox-run-rm".into())
+            .spawn(move || {
+                for dir in rx {
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        tracing::warn!("cannot remove run {}: {e}", dir.display());
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the run remover thread: {e}");
+        }
+        Mutex::new(tx)
+    });
+    if let Err(e) = tx.lock().send(dir) {
+        // No remover thread: remove here.
+        let dir = e.0;
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!("cannot remove run {}: {e}", dir.display());
+        }
+    }
+}
+
+/// Create a run's `status` file with `running`. Its first block is allocated by this
+/// write, so the final status (always shorter than a block) is written into it in
+/// place ([`write_status`]) even when the host disk has filled up meanwhile.
+fn reserve_status(path: &Path) -> std::io::Result<()> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)?;
+    f.write_all_at(RunStatus::Running.render().as_bytes(), 0)
+}
+
+/// Overwrite `status` in place (no truncate-then-allocate: see [`reserve_status`]).
+fn write_status(path: &Path, text: &str) -> std::io::Result<()> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    f.write_all_at(text.as_bytes(), 0)?;
+    f.set_len(text.len() as u64)
 }
 
 fn status_from_file(text: &str) -> RunStatus {
@@ -131,6 +187,7 @@ impl Run {
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("cmd"), &cmd)?;
         let writer = spool::Writer::create(&dir)?;
+        reserve_status(&dir.join("status"))?;
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Run {
             n,
@@ -139,6 +196,7 @@ impl Run {
             started: SystemTime::now(),
             inner: Mutex::new(RunInner {
                 status: RunStatus::Running,
+                lost_errno: 0,
                 pid: None,
                 lens: [0; 3],
                 control: None,
@@ -189,6 +247,7 @@ impl Run {
             started,
             inner: Mutex::new(RunInner {
                 status,
+                lost_errno: libc::EIO,
                 pid,
                 lens: [out, err, output],
                 control: None,
@@ -219,19 +278,56 @@ impl Run {
     }
 
     fn finish(&self, status: RunStatus) {
+        self.finish_with(status, 0)
+    }
+
+    /// The command's fate is unknown; a waiting `close()` reports `errno`.
+    fn finish_lost(&self, errno: i32, why: &str) {
+        self.finish_with(RunStatus::Lost(why.to_string()), errno)
+    }
+
+    fn finish_with(&self, status: RunStatus, lost_errno: i32) {
         {
             let mut inner = self.inner.lock();
             if !inner.status.is_running() {
                 return;
             }
             inner.status = status.clone();
+            inner.lost_errno = lost_errno;
             inner.control = None;
             inner.writer = None;
         }
-        if let Err(e) = std::fs::write(self.dir.join("status"), status.render()) {
+        if let Err(e) = write_status(&self.dir.join("status"), &status.render()) {
             tracing::warn!("cannot write status of run {}: {e}", self.dir.display());
         }
         self.bump();
+    }
+
+    /// Why the run was lost, as the error a write-only `exec`'s `close()` returns:
+    /// `EHOSTDOWN` (the VM or its agent went away), `ENOSPC` or another host errno
+    /// (its output could not be stored; also the VM's output budget), `EIO` (anything
+    /// else). `None` while running
+    /// and for commands that exited.
+    pub fn failure(&self) -> Option<Error> {
+        let inner = self.inner.lock();
+        match &inner.status {
+            RunStatus::Lost(why) => Some(Error::new(
+                if inner.lost_errno > 0 {
+                    inner.lost_errno
+                } else {
+                    libc::EIO
+                },
+                format!("run {}: the command was lost: {why}", self.n),
+            )),
+            RunStatus::OutputLimit => Some(Error::new(
+                libc::ENOSPC,
+                format!(
+                    "run {}: {OUTPUT_LIMIT}; the command was killed (see limits)",
+                    self.n
+                ),
+            )),
+            _ => None,
+        }
     }
 
     /// Spool a chunk. `Ok(false)`: the VM's output budget was full, so only a part (or
@@ -274,13 +370,13 @@ impl Run {
         self.inner.lock().stored
     }
 
-    /// Delete the run's directory and return its bytes to the budget (pruning).
+    /// Return the run's bytes to the budget (at once) and delete its directory (in the
+    /// background: unlinking a run's files costs milliseconds on some disks, and pruning
+    /// happens on the path of a new `exec`; see docs/benchmarks.md, "exec soak").
     pub fn delete(&self) {
         let stored = std::mem::take(&mut self.inner.lock().stored);
         self.budget.release(stored);
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!("cannot remove run {}: {e}", self.dir.display());
-        }
+        remove_in_background(self.dir.clone());
     }
 
     /// Attach the started command and pump its events to disk until it ends.
@@ -314,7 +410,11 @@ impl Run {
                         if let Some(c) = self.control() {
                             let _ = c.signal(libc::SIGKILL).await;
                         }
-                        self.finish(RunStatus::Lost(format!("cannot store output: {e}")));
+                        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                        self.finish_lost(
+                            errno,
+                            &format!("cannot store output on the host (command killed): {e}"),
+                        );
                         return;
                     }
                 },
@@ -323,32 +423,33 @@ impl Run {
                     return;
                 }
                 ExecEvent::Lost => {
-                    self.finish(RunStatus::Lost(
-                        "the connection to the guest was lost (VM stopped or died)".into(),
-                    ));
+                    self.finish_lost(
+                        libc::EHOSTDOWN,
+                        "the connection to the guest was lost (VM stopped or died)",
+                    );
                     return;
                 }
             }
         }
-        self.finish(RunStatus::Lost("the guest agent ended the stream".into()));
+        self.finish_lost(libc::EIO, "the guest agent ended the stream");
     }
 
     /// The guest refused to start the command: say why in its output (so `cat exec`
     /// shows it) and mark it lost.
-    pub fn failed_to_start(&self, why: &str) {
-        let line = format!("bandsox: cannot start the command: {why}\n");
+    pub fn failed_to_start(&self, err: &Error) {
+        let line = format!("bandsox: cannot start the command: {}\n", err.message);
         if let Err(e) = self.append(OutStream::Stderr, line.as_bytes()) {
             tracing::warn!(
                 "run {}: cannot record the start error: {e}",
                 self.dir.display()
             );
         }
-        self.finish(RunStatus::Lost(why.to_string()));
+        self.finish_lost(err.errno, &err.message);
     }
 
-    /// Mark a still-running run as lost (VM killed or stopped, or the exec request failed).
+    /// Mark a still-running run as lost because its VM stopped, was killed or deleted.
     pub fn abandon(&self, why: &str) {
-        self.finish(RunStatus::Lost(why.to_string()));
+        self.finish_lost(libc::EHOSTDOWN, why);
     }
 
     /// Read up to `size` bytes of `stream` at `offset` from the spool file, without waiting.
@@ -498,6 +599,11 @@ mod tests {
         assert_eq!(again.used(), run.stored());
         loaded.delete();
         assert_eq!(again.used(), 0);
+        // The directory goes in the background.
+        let t0 = std::time::Instant::now();
+        while dir.path().join("1").exists() && t0.elapsed().as_secs() < 5 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert!(!dir.path().join("1").exists());
     }
 

@@ -850,7 +850,7 @@ impl Vm {
             }
             Err(e) => {
                 let err = Error::from(e);
-                run.failed_to_start(&err.message);
+                run.failed_to_start(&err);
                 Err(err)
             }
         }

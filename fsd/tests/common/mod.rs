@@ -10,8 +10,21 @@ pub struct Mounted {
     pub mnt: PathBuf,
     pub state: PathBuf,
     daemon: Child,
+    /// The state directory is a tmpfs of this harness (unmounted on drop).
+    state_tmpfs: bool,
     /// Extra environment of the daemon (kept for restarts).
     env: Vec<(String, String)>,
+}
+
+/// Options of a [`Mounted`] daemon.
+#[derive(Default)]
+pub struct MountOpts {
+    /// Put the state directory on a tmpfs of this many MiB (to fill it up).
+    pub state_tmpfs_mib: Option<u32>,
+    /// Size of the `base` image's disk (non-zero data, so copies take space).
+    pub image_bytes: Option<usize>,
+    /// Extra environment of the daemon.
+    pub env: Vec<(String, String)>,
 }
 
 pub fn agent_binary() -> PathBuf {
@@ -38,11 +51,21 @@ pub fn is_mounted(p: &Path) -> bool {
 
 impl Mounted {
     pub fn new() -> Option<Mounted> {
-        Self::with_env(&[])
+        Self::with(MountOpts::default())
     }
 
     /// A mount whose daemon gets extra environment variables (e.g. `BANDSOX_LIMITS`).
     pub fn with_env(env: &[(&str, &str)]) -> Option<Mounted> {
+        Self::with(MountOpts {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    pub fn with(opts: MountOpts) -> Option<Mounted> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
             eprintln!("!!!!! SKIPPING mount tests: they need root and /dev/fuse !!!!!");
@@ -55,19 +78,30 @@ impl Mounted {
             .unwrap();
         let mnt = tmp.path().join("mnt");
         let state = tmp.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        if let Some(mib) = opts.state_tmpfs_mib {
+            let st = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "bandsox-test"])
+                .arg(&state)
+                .status()
+                .unwrap();
+            assert!(st.success(), "mount tmpfs on {}", state.display());
+        }
         std::fs::create_dir_all(state.join("images/base")).unwrap();
-        std::fs::write(state.join("images/base/disk.ext4"), vec![0u8; 65536]).unwrap();
+        let disk = match opts.image_bytes {
+            Some(n) => (0..n).map(|i| (i % 251) as u8 | 1).collect(),
+            None => vec![0u8; 65536],
+        };
+        std::fs::write(state.join("images/base/disk.ext4"), disk).unwrap();
         std::fs::create_dir_all(&mnt).unwrap();
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env = opts.env.clone();
         let daemon = spawn_daemon(&mnt, &state, tmp.path(), &env);
         let m = Mounted {
             _tmp: tmp,
             mnt,
             state,
             daemon,
+            state_tmpfs: opts.state_tmpfs_mib.is_some(),
             env,
         };
         m.wait_mounted();
@@ -206,6 +240,10 @@ impl Drop for Mounted {
                     }
                 }
             }
+        }
+        if self.state_tmpfs {
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = Command::new("umount").arg("-l").arg(&self.state).status();
         }
     }
 }

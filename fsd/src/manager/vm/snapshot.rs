@@ -246,6 +246,18 @@ impl Vm {
                 .request(Request::SetIdentity(identity), THAW_RPC)
                 .await
                 .map_err(|e| Error::from(e).with_context("cannot set the clone's identity"))?;
+            // The restored guest's clock says when the snapshot was taken.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let clock = Request::SetClock {
+                sec: now.as_secs() as i64,
+                nsec: now.subsec_nanos(),
+            };
+            client
+                .request(clock, THAW_RPC)
+                .await
+                .map_err(|e| Error::from(e).with_context("cannot set the clone's clock"))?;
             Ok::<_, Error>(client)
         }
         .await;
