@@ -32,8 +32,8 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use crate::proto::codec::{append_frame, FrameReader, Incoming, ProtoError};
 use crate::proto::fs::{FsEvent, FsRequest, FsResponse, NodeId};
 use crate::proto::{
-    AgentInfo, ExecSpec, ExitStatus, Hello, Id, Message, OutStream, Request, Response,
-    INITIAL_CREDIT, MAX_CHUNK, PROTOCOL_VERSION, SYNC_MAGIC,
+    AgentInfo, ExecOptions, ExecSpec, ExitStatus, Hello, Id, Message, OutStream, Request, Response,
+    TtySize, INITIAL_CREDIT, MAX_CHUNK, PROTOCOL_VERSION, SYNC_MAGIC,
 };
 
 /// How often the hello is re-sent during [`AgentClient::connect`].
@@ -418,6 +418,29 @@ impl AgentClient {
 
     /// Start a command; returns once the agent answered `Started`.
     pub async fn exec(&self, spec: ExecSpec, timeout: Duration) -> Result<ExecHandle, ClientError> {
+        self.exec_request(Request::Exec(spec), timeout).await
+    }
+
+    /// Start a command with per-command options (user, terminal). Sent as a plain
+    /// `Exec` when no option is set, so agents that predate `ExecWith` still serve it.
+    pub async fn exec_with(
+        &self,
+        opts: ExecOptions,
+        timeout: Duration,
+    ) -> Result<ExecHandle, ClientError> {
+        let req = if opts.user.is_none() && opts.tty.is_none() {
+            Request::Exec(opts.spec)
+        } else {
+            Request::ExecWith(opts)
+        };
+        self.exec_request(req, timeout).await
+    }
+
+    async fn exec_request(
+        &self,
+        req: Request,
+        timeout: Duration,
+    ) -> Result<ExecHandle, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (etx, erx) = mpsc::unbounded_channel();
         let state = Arc::new(StreamState {
@@ -448,10 +471,7 @@ impl AgentClient {
             }
         }
         let mut unregister = Unregister(&self.inner.shared, id, true);
-        match self
-            .request_with_id(id, Request::Exec(spec), timeout)
-            .await?
-        {
+        match self.request_with_id(id, req, timeout).await? {
             Response::Started { pid } => {
                 unregister.2 = false;
                 Ok(ExecHandle {
@@ -744,6 +764,20 @@ impl ExecControl {
             return Ok(());
         }
         self.inner.send(Message::CloseStdin { id: self.id }).await
+    }
+
+    /// Set the window size of a command started with a terminal.
+    pub async fn resize(&self, size: TtySize) -> Result<(), ClientError> {
+        if self.inner.shared.closed.load(Ordering::SeqCst) {
+            return Err(ClientError::Closed);
+        }
+        if self.state.stdin_lock().finished {
+            return Err(ClientError::Remote {
+                errno: libc::EPIPE,
+                message: "the command has already exited".into(),
+            });
+        }
+        self.inner.send(Message::Resize { id: self.id, size }).await
     }
 
     /// Send `sig` to the command's process group.

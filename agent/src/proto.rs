@@ -109,6 +109,11 @@ pub enum Message {
     Forget { nodes: Vec<(fs::NodeId, u64)> },
     /// agent → host: changes in the guest's filesystem (see [`fs`]).
     FsEvents(Vec<fs::FsEvent>),
+    /// host → agent: set the window size of a command started with a terminal
+    /// ([`ExecOptions::tty`]); the guest kernel sends SIGWINCH to the terminal's
+    /// foreground process group. Ignored for other commands. (Appended last so earlier
+    /// variants keep their encoding.)
+    Resize { id: Id, size: TtySize },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +188,36 @@ pub struct ExecSpec {
     pub stdin: bool,
 }
 
+/// A terminal's window size in character cells (both 1..=[`MAX_TTY_DIM`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// Largest accepted terminal width or height.
+pub const MAX_TTY_DIM: u16 = 1000;
+
+impl TtySize {
+    /// Whether both dimensions are within 1..=[`MAX_TTY_DIM`].
+    pub fn is_valid(&self) -> bool {
+        (1..=MAX_TTY_DIM).contains(&self.cols) && (1..=MAX_TTY_DIM).contains(&self.rows)
+    }
+}
+
+/// [`Request::ExecWith`]: a command with per-command options beyond [`ExecSpec`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecOptions {
+    pub spec: ExecSpec,
+    /// Run as this user (`NAME`, `UID`, `NAME:GROUP`, `UID:GID`, resolved through the
+    /// guest's `/etc/passwd` and `/etc/group`) instead of the image's `User`.
+    pub user: Option<String>,
+    /// Give the command a pseudo-terminal of this size as its controlling terminal
+    /// (stdin, stdout and stderr; output arrives as `Stdout`). `TERM` defaults to
+    /// `xterm-256color` unless `spec.env` sets it.
+    pub tty: Option<TtySize>,
+}
+
 /// host → agent requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -217,6 +252,9 @@ pub enum Request {
     /// nanoseconds since the Unix epoch: a clone restored from a snapshot wakes up with
     /// the snapshot's time. Host mode answers `Ok` without change.
     SetClock { sec: i64, nsec: u32 },
+    /// Like `Exec`, with per-command options (user, terminal). Appended last so earlier
+    /// variants keep their encoding; the host sends plain `Exec` when no option is set.
+    ExecWith(ExecOptions),
 }
 
 /// A clone's identity (see [`Request::SetIdentity`]).

@@ -532,3 +532,123 @@ fn sha256_self_check() {
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
 }
+
+/// Read a terminal command's output until `pred` holds (or panic after 10 s).
+async fn read_until(h: &mut ExecHandle, acc: &mut Vec<u8>, pred: impl Fn(&[u8]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pred(acc) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, h.next()).await {
+            Ok(Some(ExecEvent::Output(OutStream::Stdout, d))) => acc.extend_from_slice(&d),
+            Ok(Some(other)) => panic!(
+                "unexpected {other:?}; so far {:?}",
+                String::from_utf8_lossy(acc)
+            ),
+            Ok(None) => panic!("stream ended; so far {:?}", String::from_utf8_lossy(acc)),
+            Err(_) => panic!("timed out; so far {:?}", String::from_utf8_lossy(acc)),
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn tty_commands_get_a_terminal_signals_and_resize() {
+    use bandsox_agent::proto::{ExecOptions, TtySize};
+    let a = Agent::start();
+    let c = a.connect().await;
+    let opts = ExecOptions {
+        spec: script(
+            "trap 'echo WINCH; stty size' WINCH; tty; stty size; echo TERM=$TERM; \
+             while :; do read -r l || continue; printf '%s' \"$l\" | od -c | head -1; \
+             [ \"$l\" = quit ] && exit 5; done",
+        ),
+        user: None,
+        tty: Some(TtySize { cols: 91, rows: 37 }),
+    };
+    let mut h = c.exec_with(opts, T).await.unwrap();
+    let ctl = h.control();
+    let mut acc = Vec::new();
+    read_until(&mut h, &mut acc, |a| contains(a, "TERM=xterm-256color")).await;
+    assert!(
+        contains(&acc, "/dev/pts/"),
+        "{:?}",
+        String::from_utf8_lossy(&acc)
+    );
+    assert!(
+        contains(&acc, "37 91"),
+        "{:?}",
+        String::from_utf8_lossy(&acc)
+    );
+    // A resize reaches the command as SIGWINCH with the new size.
+    ctl.resize(TtySize {
+        cols: 120,
+        rows: 40,
+    })
+    .await
+    .unwrap();
+    read_until(&mut h, &mut acc, |a| contains(a, "40 120")).await;
+    // Escape sequences and control bytes arrive intact.
+    ctl.stdin(b"a\x1b[Ab\r".to_vec()).await.unwrap();
+    read_until(&mut h, &mut acc, |a| contains(a, "033   [   A")).await;
+    ctl.stdin(b"quit\r".to_vec()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, h.next()).await.unwrap() {
+            Some(ExecEvent::Output(..)) => {}
+            Some(ExecEvent::Exited(st)) => {
+                assert_eq!(st, ExitStatus::Code(5));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn tty_ctrl_c_interrupts_the_foreground_job_only() {
+    use bandsox_agent::proto::{ExecOptions, TtySize};
+    let a = Agent::start();
+    let c = a.connect().await;
+    let opts = ExecOptions {
+        spec: script("exec sh -i"),
+        user: None,
+        tty: Some(TtySize { cols: 80, rows: 24 }),
+    };
+    let mut h = c.exec_with(opts, T).await.unwrap();
+    let ctl = h.control();
+    let mut acc = Vec::new();
+    ctl.stdin(b"sleep 100; echo after-$((6*7))\r".to_vec())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ctl.stdin(b"\x03".to_vec()).await.unwrap();
+    ctl.stdin(b"echo alive-$((2*3))\r".to_vec()).await.unwrap();
+    read_until(&mut h, &mut acc, |a| contains(a, "alive-6")).await;
+    ctl.stdin(b"exit 7\r".to_vec()).await.unwrap();
+    loop {
+        match tokio::time::timeout(T, h.next()).await.unwrap() {
+            Some(ExecEvent::Output(..)) => {}
+            Some(ExecEvent::Exited(st)) => {
+                assert_eq!(st, ExitStatus::Code(7));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(!contains(&acc, "after-42"));
+    // Bad sizes are refused before anything runs.
+    let bad = ExecOptions {
+        spec: script("echo never"),
+        user: None,
+        tty: Some(TtySize { cols: 0, rows: 24 }),
+    };
+    match c.exec_with(bad, T).await {
+        Err(ClientError::Remote { errno, .. }) => assert_eq!(errno, libc::EINVAL),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a 0-column terminal was accepted"),
+    }
+}

@@ -42,6 +42,10 @@ pub struct VmConfig {
     /// `vm.run_output_mib`); the oldest finished runs are pruned to make room.
     #[serde(default = "default_output_mib")]
     pub output_mib: u32,
+    /// Default timeout of every command, in milliseconds (`exec_timeout=`; `None`: no
+    /// timeout). A command's own `timeout=` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_timeout_ms: Option<u64>,
 }
 
 pub const DEFAULT_KEEP_RUNS: u32 = 100;
@@ -68,12 +72,13 @@ impl Default for VmConfig {
             autostart: false,
             keep_runs: DEFAULT_KEEP_RUNS,
             output_mib: DEFAULT_OUTPUT_MIB,
+            exec_timeout_ms: None,
         }
     }
 }
 
 pub const KEYS_HELP: &str =
-    "image=NAME vcpus=1..32 memory=64..65536 (MiB) disk=MiB net=none|user|tap backend=auto|qemu|firecracker autostart=0|1 keep_runs=1..100000 output_mib=1..1048576";
+    "image=NAME vcpus=1..32 memory=64..65536 (MiB) disk=MiB net=none|user|tap backend=auto|qemu|firecracker autostart=0|1 keep_runs=1..100000 output_mib=1..1048576 exec_timeout=SECONDS|none";
 
 fn parse_num(key: &str, value: &str, min: u32, max: u32) -> Result<u32> {
     let n: u32 = value
@@ -101,7 +106,11 @@ impl VmConfig {
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
         match key {
             "image" => {
-                crate::names::validate("image", value)?;
+                // A local image name, or a registry reference pulled at create time
+                // (see `crate::manager::images::image_ref`).
+                if crate::manager::images::image_ref(value).is_none() {
+                    crate::names::validate("image", value)?;
+                }
                 self.image = value.to_string();
             }
             "vcpus" => self.vcpus = parse_num(key, value, 1, MAX_VCPUS)?,
@@ -155,6 +164,12 @@ impl VmConfig {
             }
             "keep_runs" => self.keep_runs = parse_num(key, value, 1, MAX_KEEP_RUNS)?,
             "output_mib" => self.output_mib = parse_num(key, value, 1, MAX_OUTPUT_MIB)?,
+            "exec_timeout" => {
+                self.exec_timeout_ms = match crate::manager::execopts::parse_timeout(key, value)? {
+                    crate::manager::execopts::TimeoutOpt::Off => None,
+                    crate::manager::execopts::TimeoutOpt::After(d) => Some(d.as_millis() as u64),
+                }
+            }
             _ => {
                 return Err(Error::invalid(format!(
                     "unknown option {}; accepted: {KEYS_HELP}",
@@ -218,7 +233,7 @@ impl VmConfig {
             .map(|d| d.to_string())
             .unwrap_or_else(|| "auto".into());
         format!(
-            "image={}\nvcpus={}\nmemory={}\ndisk={}\nnet={}\nbackend={}\nautostart={}\nkeep_runs={}\noutput_mib={}\n",
+            "image={}\nvcpus={}\nmemory={}\ndisk={}\nnet={}\nbackend={}\nautostart={}\nkeep_runs={}\noutput_mib={}\nexec_timeout={}\n",
             self.image,
             self.vcpus,
             self.memory_mib,
@@ -227,8 +242,20 @@ impl VmConfig {
             backend,
             u8::from(self.autostart),
             self.keep_runs,
-            self.output_mib
+            self.output_mib,
+            render_timeout(self.exec_timeout_ms)
         )
+    }
+}
+
+/// `exec_timeout`'s value: seconds (`30`, `0.5`) or `none`.
+pub fn render_timeout(ms: Option<u64>) -> String {
+    match ms {
+        None => "none".into(),
+        Some(ms) if ms % 1000 == 0 => (ms / 1000).to_string(),
+        Some(ms) => format!("{}.{:03}", ms / 1000, ms % 1000)
+            .trim_end_matches('0')
+            .to_string(),
     }
 }
 
@@ -247,6 +274,7 @@ mod tests {
                 "autostart=1",
                 "keep_runs=5",
                 "output_mib=64",
+                "exec_timeout=2.5",
             ])
             .unwrap();
         let back = VmConfig::default()
@@ -265,7 +293,8 @@ mod tests {
             "net=wifi",
             "color=red",
             "novalue",
-            "image=a/b",
+            "image=a//b",
+            "image=a:",
             "vcpus=2",
         ] {
             let e = c.with_options(["vcpus=4", bad]).unwrap_err();

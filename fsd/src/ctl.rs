@@ -47,8 +47,7 @@ fn one_line(msg: &str) -> String {
 }
 
 pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] | import IMAGE SOURCE [size=MiB] [headroom=MiB] [tag=NAME] | pull IMAGE REFERENCE [size=MiB] [headroom=MiB] | build IMAGE DIR [file=DOCKERFILE] [size=MiB] [headroom=MiB]";
-pub const VM_HELP: &str =
-    "accepted: start | stop | kill | pause | resume | restart | snapshot NAME | reconnect";
+pub const VM_HELP: &str = "accepted: start | stop | kill | pause | resume | restart | snapshot NAME | reconnect | exec_timeout=SECONDS|none";
 pub const RUN_HELP: &str = "accepted: kill [SIGNAL] | close-stdin";
 
 pub const MAX_CLONES: u32 = 64;
@@ -104,6 +103,8 @@ pub enum VmCmd {
     Ping(u32),
     /// Diagnostic: raw file-service calls over the agent connection (for benchmarks).
     FsBench(crate::guestfs::bench::FsBench),
+    /// `exec_timeout=SECONDS|none`: the VM's default command timeout (`None`: none).
+    ExecTimeout(Option<std::time::Duration>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,6 +235,15 @@ pub fn parse_vm(line: &str) -> Result<VmCmd> {
             .map(VmCmd::Ping)
             .ok_or_else(|| Error::invalid(format!("ping {}: expected a count 1..10000", quote(n)))),
         ["fsbench", rest @ ..] => crate::guestfs::bench::FsBench::parse(rest).map(VmCmd::FsBench),
+        [kv] if kv.starts_with("exec_timeout=") => {
+            let v = &kv["exec_timeout=".len()..];
+            Ok(VmCmd::ExecTimeout(
+                match crate::manager::execopts::parse_timeout("exec_timeout", v)? {
+                    crate::manager::execopts::TimeoutOpt::Off => None,
+                    crate::manager::execopts::TimeoutOpt::After(d) => Some(d),
+                },
+            ))
+        }
         [] => Err(Error::invalid(format!("empty command; {VM_HELP}"))),
         [cmd @ ("start" | "stop" | "kill" | "pause" | "resume" | "restart" | "snapshot" | "ping"
         | "reconnect"), ..] => Err(Error::invalid(format!(

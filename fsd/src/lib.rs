@@ -6,6 +6,7 @@
 pub mod backends;
 pub mod bench;
 pub mod cgroup;
+pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod daemon;

@@ -22,6 +22,12 @@
 //!   never blocks on a full pipe.
 //! * Stdin bytes are written to the pipe in order; each write is acknowledged with
 //!   `StdinCredit` (also when the pipe is gone and the bytes are discarded).
+//! * A command started with a terminal (`ExecOptions::tty`) gets a fresh pseudo-terminal
+//!   as stdin, stdout, stderr and controlling terminal of its new session; the agent
+//!   keeps only the master side (close-on-exec, so no other command inherits it). Its
+//!   output is the master's, sent as `Stdout`; stdin bytes go to the master unchanged
+//!   (the guest's line discipline turns Ctrl-C into SIGINT, echoes, ...). The stream
+//!   ends when every holder of the terminal's slave side has closed it (`EIO`).
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -39,7 +45,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{Agent, Credit, Out, OutTx, SessionCmd, SessionCmds};
 use crate::proto::{
-    ExecSpec, ExitStatus, Id, Message, OutStream, Program, Response, INITIAL_CREDIT,
+    ExecSpec, ExitStatus, Id, Message, OutStream, Program, Response, TtySize, INITIAL_CREDIT,
 };
 
 /// How long the pipes may stay silent after the main process exited.
@@ -185,17 +191,90 @@ fn script_for(
 
 /// Start a command for stream `id`: answers `Started` (queued before any output) and
 /// spawns its pump; an error is returned for the caller to answer.
+/// Per-command options beyond [`ExecSpec`] (see `proto::ExecOptions`).
+#[derive(Debug, Default)]
+pub(crate) struct Extra {
+    pub user: Option<String>,
+    pub tty: Option<TtySize>,
+}
+
+/// A pseudo-terminal: the master (kept by the agent) and the slave's path.
+struct Pty {
+    master: OwnedFd,
+    slave: OwnedFd,
+}
+
+/// Open a pseudo-terminal of `size`, both sides close-on-exec.
+fn open_pty(size: TtySize) -> Result<Pty, ExecError> {
+    use nix::fcntl::OFlag;
+    let err = |what: &str, e: nix::Error| ExecError::new(e as i32, format!("{what}: {}", e.desc()));
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .map_err(|e| err("cannot open a pseudo-terminal (/dev/ptmx)", e))?;
+    nix::pty::grantpt(&master).map_err(|e| err("grantpt", e))?;
+    nix::pty::unlockpt(&master).map_err(|e| err("unlockpt", e))?;
+    let name = nix::pty::ptsname_r(&master).map_err(|e| err("ptsname", e))?;
+    let slave = nix::fcntl::open(
+        name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| err(&format!("cannot open {name}"), e))?;
+    let master: OwnedFd = master.into();
+    set_winsize(&master, size).map_err(|e| ExecError::io("cannot set the window size", &e))?;
+    Ok(Pty { master, slave })
+}
+
+/// `TIOCSWINSZ` on a terminal (the kernel signals SIGWINCH to its foreground group).
+pub(crate) fn set_winsize(fd: &OwnedFd, size: TtySize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(std::io::Error::from)?;
+    Ok(())
+}
+
 pub(crate) async fn start(
     agent: &Arc<Agent>,
     id: Id,
     spec: ExecSpec,
+    extra: Extra,
     out: OutTx,
     cmds: &Arc<SessionCmds>,
 ) -> Result<(), ExecError> {
     let image = agent.cfg.image.as_ref();
-    let ident = match image.filter(|c| !c.user.trim().is_empty()) {
-        Some(c) => Some(resolve_identity(&agent.cfg.fs_root, &c.user)?),
-        None => None,
+    if let Some(size) = extra.tty {
+        if !size.is_valid() {
+            return Err(ExecError::new(
+                libc::EINVAL,
+                format!(
+                    "terminal size {}x{} is out of range 1..{}",
+                    size.cols,
+                    size.rows,
+                    crate::proto::MAX_TTY_DIM
+                ),
+            ));
+        }
+    }
+    let ident = match (&extra.user, image.filter(|c| !c.user.trim().is_empty())) {
+        (Some(u), _) => Some(resolve_identity(&agent.cfg.fs_root, u)?),
+        (None, Some(c)) => Some(resolve_identity(&agent.cfg.fs_root, &c.user)?),
+        (None, None) => None,
     };
     let image_cwd = image
         .map(|c| c.working_dir.as_str())
@@ -303,6 +382,9 @@ pub(crate) async fn start(
             }
         }
     }
+    if extra.tty.is_some() {
+        cmd.env("TERM", "xterm-256color");
+    }
     for (k, v) in &spec.env {
         if k.is_empty() || k.contains(&b'=') || k.contains(&0) || v.contains(&0) {
             return Err(ExecError::new(
@@ -316,13 +398,29 @@ pub(crate) async fn start(
         cmd.env(os(k), os(v));
     }
     cmd.current_dir(&cwd);
-    cmd.stdin(if spec.stdin {
-        Stdio::piped()
+    let pty = match extra.tty {
+        Some(size) => Some(open_pty(size)?),
+        None => None,
+    };
+    if let Some(p) = &pty {
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone()
+                .map(Stdio::from)
+                .map_err(|e| ExecError::io("cannot duplicate the terminal", &e))
+        };
+        cmd.stdin(dup(&p.slave)?);
+        cmd.stdout(dup(&p.slave)?);
+        cmd.stderr(dup(&p.slave)?);
     } else {
-        Stdio::null()
-    });
-    cmd.stdout(Stdio::piped());
-    cmd.stderr(Stdio::piped());
+        cmd.stdin(if spec.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        cmd.stdout(Stdio::piped());
+        cmd.stderr(Stdio::piped());
+    }
+    let ctty = pty.is_some();
     let nofile = super::fs::original_nofile_limit();
     // Resolved before the fork: the child only makes syscalls with these values.
     let creds = ident
@@ -335,6 +433,11 @@ pub(crate) async fn start(
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // fd 0 is the terminal's slave side by now: make it the session's
+            // controlling terminal.
+            if ctty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // The agent itself runs with umask 0 (the file service applies modes
@@ -359,6 +462,8 @@ pub(crate) async fn start(
         .reaper
         .spawn(&mut cmd)
         .map_err(|e| ExecError::io(&what, &e))?;
+    // Our copies of the slave side go now (the stream ends when the command's do).
+    drop(cmd);
     let pid = child.id();
     let stdout = child.stdout.take().map(OwnedFd::from);
     let stderr = child.stderr.take().map(OwnedFd::from);
@@ -366,16 +471,35 @@ pub(crate) async fn start(
     drop(child); // never waited on: the reaper owns that
 
     let to_rx = |fd: Option<OwnedFd>| fd.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok());
-    let stdout = to_rx(stdout);
-    let stderr = to_rx(stderr);
-    let stdin = stdin.and_then(|fd| pipe::Sender::from_owned_fd(fd).ok());
+    let (stdout, stderr, stdin, master) = match pty {
+        Some(Pty { master, slave }) => {
+            drop(slave);
+            let reader = master
+                .try_clone()
+                .and_then(|r| set_nonblocking(&r).map(|()| r))
+                .and_then(pipe::Receiver::from_owned_fd_unchecked)
+                .map_err(|e| ExecError::io("cannot read the terminal", &e))?;
+            let writer = master
+                .try_clone()
+                .and_then(pipe::Sender::from_owned_fd_unchecked)
+                .map_err(|e| ExecError::io("cannot write the terminal", &e))?;
+            (Some(reader), None, Some(writer), Some(Arc::new(master)))
+        }
+        None => (
+            to_rx(stdout),
+            to_rx(stderr),
+            stdin.and_then(|fd| pipe::Sender::from_owned_fd(fd).ok()),
+            None,
+        ),
+    };
+    let wants_stdin = spec.stdin || master.is_some();
 
     let credit = Arc::new(Credit {
         granted: AtomicU64::new(INITIAL_CREDIT),
         detached: AtomicBool::new(false),
         notify: Notify::new(),
     });
-    let (stdin_tx, stdin_task) = if spec.stdin {
+    let (stdin_tx, stdin_task) = if wants_stdin {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(stdin_task(id, stdin, rx, out.clone()));
         (Some(tx), Some(task))
@@ -388,6 +512,7 @@ pub(crate) async fn start(
             credit: credit.clone(),
             stdin: stdin_tx,
             pgid: pid as i32,
+            pty: master,
         },
     );
     tracing::debug!(id, pid, "started command");

@@ -179,6 +179,8 @@ pub(crate) struct SessionCmd {
     pub credit: Arc<Credit>,
     pub stdin: Option<mpsc::UnboundedSender<exec::StdinOp>>,
     pub pgid: i32,
+    /// The master side of the command's terminal, if it has one (for `Resize`).
+    pub pty: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Commands of one session, keyed by request id. Entries are removed when the command's
@@ -450,6 +452,18 @@ impl Agent {
                         None => tracing::debug!("signal for unknown stream {id}"),
                     }
                 }
+                Message::Resize { id, size } => {
+                    let pty = cmds.lock().get(&id).and_then(|c| c.pty.clone());
+                    match pty {
+                        Some(fd) if size.is_valid() => {
+                            if let Err(e) = exec::set_winsize(&fd, size) {
+                                tracing::debug!("resize of stream {id}: {e}");
+                            }
+                        }
+                        Some(_) => tracing::debug!("ignoring invalid size {size:?} for {id}"),
+                        None => tracing::debug!("resize for a stream without a terminal: {id}"),
+                    }
+                }
                 Message::Forget { nodes } => fs::forget(self, &nodes),
                 other => tracing::debug!("ignoring unexpected message {other:?}"),
             }
@@ -470,7 +484,22 @@ impl Agent {
                 .await
                 .map_err(|_| SessionEnd::Eof),
             Request::Exec(spec) => {
-                let resp = match exec::start(self, id, spec, out.clone(), cmds).await {
+                let extra = exec::Extra::default();
+                let resp = match exec::start(self, id, spec, extra, out.clone(), cmds).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => Response::Error {
+                        errno: e.errno,
+                        message: e.message,
+                    },
+                };
+                out.send(reply(resp)).await.map_err(|_| SessionEnd::Eof)
+            }
+            Request::ExecWith(opts) => {
+                let extra = exec::Extra {
+                    user: opts.user,
+                    tty: opts.tty,
+                };
+                let resp = match exec::start(self, id, opts.spec, extra, out.clone(), cmds).await {
                     Ok(()) => return Ok(()),
                     Err(e) => Response::Error {
                         errno: e.errno,

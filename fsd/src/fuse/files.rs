@@ -67,8 +67,10 @@ pub struct ExecTx {
     next_offset: Option<u64>,
     /// Threads that wrote the script (only their close starts it).
     writers: Writers,
-    /// The script will never run: why (E2BIG past the cap, writer killed).
+    /// The script will never run: why (E2BIG past the cap, writer killed, bad options).
     refused: Option<Error>,
+    /// The first line (a possible `#bandsox` options line) was complete and checked.
+    first_line_checked: bool,
 }
 
 /// The threads that wrote to one open file description (a few; more are folded).
@@ -98,7 +100,24 @@ pub enum CtlTarget {
     Root,
     Vm(Arc<Vm>),
     Run(Arc<Run>),
+    /// A terminal run's `winsize`: lines are `COLSxROWS`.
+    Winsize(Arc<Run>),
     Defaults,
+}
+
+/// An open `runs/<n>/terminal`: reads give a redraw of the screen as it was at the
+/// first read, then the terminal's output from exactly that point on.
+pub struct TermFile {
+    run: Arc<Run>,
+    state: tokio::sync::Mutex<Option<TermPos>>,
+}
+
+struct TermPos {
+    redraw: Vec<u8>,
+    /// Bytes of `redraw` already returned.
+    sent: usize,
+    /// Position in the run's `stdout`.
+    offset: u64,
 }
 
 /// One open control file: its target and the line assembly of this description.
@@ -126,6 +145,7 @@ pub enum OpenFile {
         pos: Mutex<u64>,
     },
     Stdin(Arc<Run>),
+    Terminal(TermFile),
     Exec(tokio::sync::Mutex<ExecTx>),
     /// `events` or `<vm>/events`: the caller's view of the event log.
     Events(crate::eventview::EventsHandle),
@@ -260,6 +280,7 @@ impl Files {
                     next_offset: None,
                     writers: Writers::default(),
                     refused: None,
+                    first_line_checked: false,
                 };
                 // Seekable (not a stream) so that an appending pwrite reaches us; reads
                 // keep their own position whatever the offset.
@@ -294,6 +315,14 @@ impl Files {
                         (OpenFile::Stdin(run), stream)
                     }
                     RunFile::Ctl => (ctl(CtlTarget::Run(run)), direct),
+                    RunFile::Winsize => (ctl(CtlTarget::Winsize(run)), direct),
+                    RunFile::Terminal => (
+                        OpenFile::Terminal(TermFile {
+                            run,
+                            state: Default::default(),
+                        }),
+                        stream,
+                    ),
                     _ => {
                         ro("this file")?;
                         let content = self.tree.generated(node)?.unwrap_or_default();
@@ -330,6 +359,14 @@ impl Files {
                     size,
                 )),
                 CtlTarget::Run(_) => Ok(Vec::new()),
+                CtlTarget::Winsize(run) => Ok(slice_at(
+                    run.tty_size()
+                        .map(crate::manager::runs::render_size)
+                        .unwrap_or_default()
+                        .as_bytes(),
+                    offset,
+                    size,
+                )),
                 CtlTarget::Defaults => Ok(slice_at(
                     self.tree.mgr.defaults().to_defaults().as_bytes(),
                     offset,
@@ -337,6 +374,7 @@ impl Files {
                 )),
             },
             OpenFile::Stdin(_) => Ok(Vec::new()),
+            OpenFile::Terminal(t) => read_terminal(t, size, caller.pid).await,
             OpenFile::Events(h) => h.read(offset, size),
             OpenFile::CappedLog(p, reader) => {
                 let mib = crate::limits::vm_caps().console_mib;
@@ -403,6 +441,18 @@ impl Files {
                 .await?;
                 Ok(len)
             }
+            OpenFile::Terminal(t) => {
+                // Keystrokes: wait like a pipe while the guest does not read them;
+                // a finished run answers EPIPE.
+                interruptible(caller.pid, async {
+                    for chunk in data.chunks(bandsox_agent::proto::MAX_CHUNK) {
+                        t.run.write_stdin(chunk.to_vec()).await?;
+                    }
+                    Ok(())
+                })
+                .await?;
+                Ok(len)
+            }
             OpenFile::Exec(tx) => {
                 let mut tx = tx.lock().await;
                 if tx.run.is_some() {
@@ -435,6 +485,19 @@ impl Files {
                 }
                 tx.script.extend_from_slice(data);
                 tx.next_offset = Some(offset + data.len() as u64);
+                if !tx.first_line_checked {
+                    match crate::manager::execopts::check_first_line(&tx.script) {
+                        Ok(done) => tx.first_line_checked = done,
+                        Err(e) => {
+                            // All or nothing: a bad options line runs nothing.
+                            let e = e.with_context("exec");
+                            let _ = tx.vm.ctl_results().record(tx.session, Err(e.clone()));
+                            tx.script = Vec::new();
+                            tx.refused = Some(e.clone());
+                            return Err(e);
+                        }
+                    }
+                }
                 Ok(len)
             }
             OpenFile::Generated(_)
@@ -454,7 +517,7 @@ impl Files {
             CtlTarget::Vm(vm) => {
                 let _ = vm.ctl_results().record(session, Err(e.clone()));
             }
-            CtlTarget::Run(_) | CtlTarget::Defaults => {}
+            CtlTarget::Run(_) | CtlTarget::Winsize(_) | CtlTarget::Defaults => {}
         }
         e
     }
@@ -506,6 +569,7 @@ impl Files {
                 CtlTarget::Root => crate::ctl::parse_global(t).map(drop),
                 CtlTarget::Vm(_) => crate::ctl::parse_vm(t).map(drop),
                 CtlTarget::Run(_) => crate::ctl::parse_run(t).map(drop),
+                CtlTarget::Winsize(_) => crate::manager::execopts::parse_size(t).map(drop),
                 CtlTarget::Defaults => Ok(()),
             };
             if let Err(e) = parsed {
@@ -540,11 +604,17 @@ impl Files {
                     .await
                     .map(|()| String::new())
                 }
+                CtlTarget::Winsize(run) => {
+                    let size = crate::manager::execopts::parse_size(line)?;
+                    interruptible(caller.pid, run.resize(size))
+                        .await
+                        .map(|()| String::new())
+                }
                 CtlTarget::Defaults => Ok(String::new()),
             };
             match outcome {
                 Ok(msg) => {
-                    if !matches!(ctl.target, CtlTarget::Run(_)) {
+                    if !matches!(ctl.target, CtlTarget::Run(_) | CtlTarget::Winsize(_)) {
                         let _ = self.record_ok(ctl, caller.session, msg);
                     }
                 }
@@ -659,9 +729,10 @@ impl Files {
             let run = start_run(&tx.vm, script, tx.session, caller.pid).await?;
             tx.run = Some(run);
         }
-        // Only a write-only descriptor's close waits for its command.
+        // Only a write-only descriptor's close waits for its command (and not for a
+        // terminal run, or with `wait=0`: see `execopts`).
         let run = match (&tx.run, tx.write_only) {
-            (Some(run), true) => run.clone(),
+            (Some(run), true) if run.waits => run.clone(),
             _ => return Ok(()),
         };
         drop(tx);
@@ -754,6 +825,43 @@ async fn start_run(vm: &Arc<Vm>, script: Vec<u8>, session: u32, pid: u32) -> Res
     )
     .await?;
     started
+}
+
+/// A read of `runs/<n>/terminal`: first the redraw of the screen as it was at the first
+/// read, then live output from that offset; EOF once the run ended and all was read.
+/// An interrupted reader gets EINTR; the command is not signalled (on a terminal,
+/// Ctrl-C is a keystroke, written to the terminal).
+async fn read_terminal(t: &TermFile, size: u32, pid: u32) -> Result<Vec<u8>> {
+    let mut st = t.state.lock().await;
+    if st.is_none() {
+        let (_, redraw, offset) = t
+            .run
+            .terminal_snapshot()?
+            .ok_or_else(|| Error::new(libc::ENOTTY, "this run has no terminal"))?;
+        *st = Some(TermPos {
+            redraw,
+            sent: 0,
+            offset,
+        });
+    }
+    let Some(pos) = st.as_mut() else {
+        return Ok(Vec::new());
+    };
+    let size = size.min(4 * 1024 * 1024) as usize;
+    if pos.sent < pos.redraw.len() {
+        let end = (pos.sent + size).min(pos.redraw.len());
+        let out = pos.redraw[pos.sent..end].to_vec();
+        pos.sent = end;
+        return Ok(out);
+    }
+    let data = interruptible(
+        pid,
+        t.run
+            .read_stream(RunStream::Stdout, pos.offset, size as u32),
+    )
+    .await?;
+    pos.offset += data.len() as u64;
+    Ok(data)
 }
 
 /// Wait like a pipe for a run's stream, answering EINTR (and sending the command

@@ -39,6 +39,12 @@ pub enum RunFile {
     Status,
     Pid,
     Ctl,
+    /// Terminal runs: the terminal (read: redraw + live output; write: keystrokes).
+    Terminal,
+    /// Terminal runs: `COLSxROWS` (write to resize).
+    Winsize,
+    /// Terminal runs: the current screen as text.
+    Screen,
 }
 
 /// `RunStream` with `Hash` for use in nodes.
@@ -114,6 +120,13 @@ const RUN_FILES: &[(&str, RunFile)] = &[
     ("status", RunFile::Status),
     ("pid", RunFile::Pid),
     ("ctl", RunFile::Ctl),
+];
+
+/// Files only terminal runs have.
+const TTY_FILES: &[(&str, RunFile)] = &[
+    ("terminal", RunFile::Terminal),
+    ("winsize", RunFile::Winsize),
+    ("screen", RunFile::Screen),
 ];
 
 const VM_FILES: &[(&str, VmFile)] = &[
@@ -277,9 +290,11 @@ impl Tree {
                 }
             }
             Node::Run(id, n) => {
-                self.vm(id)?.run(*n).ok_or_else(nf)?;
+                let run = self.vm(id)?.run(*n).ok_or_else(nf)?;
+                let tty: &[(&str, RunFile)] = if run.is_tty() { TTY_FILES } else { &[] };
                 let f = RUN_FILES
                     .iter()
+                    .chain(tty)
                     .find(|(fname, _)| *fname == name)
                     .ok_or_else(nf)?;
                 Node::RunFile(id.clone(), *n, f.1)
@@ -375,7 +390,9 @@ impl Tree {
             }
             Node::Run(id, n) => {
                 self.check(node)?;
-                for (name, f) in RUN_FILES {
+                let tty = self.vm(id)?.run(*n).is_some_and(|r| r.is_tty());
+                let extra: &[(&str, RunFile)] = if tty { TTY_FILES } else { &[] };
+                for (name, f) in RUN_FILES.iter().chain(extra) {
                     out.push((name.to_string(), Node::RunFile(id.clone(), *n, *f)));
                 }
             }
@@ -406,6 +423,16 @@ impl Tree {
                     RunFile::Pid => run
                         .pid()
                         .map(|p| format!("{p}\n"))
+                        .unwrap_or_default()
+                        .into_bytes(),
+                    RunFile::Screen => run
+                        .terminal_snapshot()?
+                        .map(|(text, _, _)| text)
+                        .unwrap_or_default()
+                        .into_bytes(),
+                    RunFile::Winsize => run
+                        .tty_size()
+                        .map(crate::manager::runs::render_size)
                         .unwrap_or_default()
                         .into_bytes(),
                     _ => return Ok(None),
@@ -480,7 +507,9 @@ impl Tree {
             },
             Node::RunFile(id, n, f) => match f {
                 RunFile::Stdin => (Kind::File, 0o200, 0),
-                RunFile::Ctl => (Kind::File, 0o600, 0),
+                RunFile::Ctl | RunFile::Terminal | RunFile::Winsize => (Kind::File, 0o600, 0),
+                // Rendered at open; a size would cost a render per `stat`.
+                RunFile::Screen => (Kind::File, 0o400, 0),
                 RunFile::Out(s) => {
                     let run = self
                         .vm(id)?

@@ -48,6 +48,49 @@ fn root_only(uid: u32, why: &'static str) -> Result<()> {
 }
 
 /// The run `runs/main` names, if the VM has one.
+/// `image=` values that are registry references: those with a registry, repository path,
+/// tag or digest (`alpine:3.20`, `ghcr.io/o/r`, `localhost:5000/app@sha256:…`). A bare
+/// word (`alpine`) is always a local image name, so an unknown one is ENOENT at once
+/// rather than a pull from Docker Hub (write `alpine:latest` for that).
+pub fn image_ref(value: &str) -> Option<registry::PullRef> {
+    if !value.contains([':', '/', '@']) {
+        return None;
+    }
+    registry::PullRef::parse(value).ok()
+}
+
+/// The local image a registry reference is pulled into: the reference with every
+/// character outside `A-Z a-z 0-9 . _ -` replaced by `_` (`localhost:5000/t/app:v2` →
+/// `localhost_5000_t_app_v2`), shortened with a hash suffix beyond 64 bytes.
+pub fn image_name_for_ref(reference: &str) -> String {
+    let r = reference
+        .strip_prefix("http://")
+        .or_else(|| reference.strip_prefix("https://"))
+        .unwrap_or(reference);
+    let mut name: String = r
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.starts_with(['.', '-']) {
+        name.insert(0, 'r');
+    }
+    if name.len() > crate::names::MAX_NAME_LEN {
+        use sha2::Digest as _;
+        let h = sha2::Sha256::digest(reference.as_bytes());
+        let hex: String = h.iter().take(6).map(|b| format!("{b:02x}")).collect();
+        name.truncate(crate::names::MAX_NAME_LEN - 13);
+        name.push('-');
+        name.push_str(&hex);
+    }
+    name
+}
+
 pub fn main_run(vm: &Vm) -> Option<u64> {
     std::fs::read_to_string(vm.dir.join(MAIN_RUN_FILE))
         .ok()
@@ -441,5 +484,28 @@ impl Manager {
                 Err(e.with_context("autostart"))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod ref_tests {
+    use super::*;
+
+    #[test]
+    fn references_and_their_image_names() {
+        assert!(image_ref("alpine").is_none());
+        assert!(image_ref("base").is_none());
+        assert!(image_ref("alpine:3.20").is_some());
+        assert!(image_ref("ghcr.io/o/r").is_some());
+        assert!(image_ref("a//b").is_none());
+        assert_eq!(image_name_for_ref("alpine:3.20"), "alpine_3.20");
+        assert_eq!(
+            image_name_for_ref("http://localhost:5000/t/app:v2"),
+            "localhost_5000_t_app_v2"
+        );
+        let long = format!("ghcr.io/o/r@sha256:{}", "a".repeat(64));
+        let n = image_name_for_ref(&long);
+        assert!(n.len() <= 64);
+        assert!(crate::names::validate("image", &n).is_ok(), "{n}");
     }
 }

@@ -7,11 +7,13 @@
 //!   a rejected `create` leaves no trace.
 //! - Each VM's state directory holds its whole record; `reload` rebuilds the manager
 //!   from the state directory alone.
+pub mod execopts;
 pub mod images;
 mod quota;
 pub mod runs;
 pub mod snaps;
 pub mod spool;
+pub mod terminal;
 pub mod vm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -279,9 +281,30 @@ impl Manager {
         gid: u32,
     ) -> Result<Arc<Vm>> {
         crate::names::validate("VM", name)?;
-        let config = self
+        let mut config = self
             .defaults()
             .with_options(options.iter().map(String::as_str))?;
+        // `image=REF`: local names keep priority; a registry reference is pulled (once,
+        // through the blob cache) into an image named after it.
+        if !self.images().contains(&config.image) {
+            if let Some(pref) = images::image_ref(&config.image) {
+                crate::names::validate("VM", name)?;
+                if self.get(name).is_some() {
+                    return Err(Error::exists(format!("VM {name:?} already exists")));
+                }
+                let local = images::image_name_for_ref(&config.image);
+                if !self.images().contains(&local) {
+                    self.events.emit(
+                        name,
+                        "image-pull",
+                        &format!("{} into images/{local}", pref.display()),
+                    );
+                    self.pull_image(&local, &config.image, Default::default(), uid)
+                        .await?;
+                }
+                config.image = local;
+            }
+        }
         let backend = self.backends.choose(config.backend)?;
         if config.net == NetMode::Tap {
             crate::net::check_tap_possible()?;
@@ -530,6 +553,13 @@ impl Manager {
                 crate::guestfs::bench::run(&agent, &what).await
             }
             VmCmd::Snapshot(name) => self.snapshot(vm, &name).await,
+            VmCmd::ExecTimeout(t) => {
+                vm.set_exec_timeout(t)?;
+                Ok(format!(
+                    "ok: exec_timeout={}",
+                    crate::config::render_timeout(t.map(|d| d.as_millis() as u64))
+                ))
+            }
         }
     }
 }

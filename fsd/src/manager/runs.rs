@@ -9,6 +9,13 @@
 //! `output limit reached`. Readers wait on a `watch` channel that is bumped on every
 //! append and on exit; a run's byte counters only grow, and once `status` leaves
 //! `Running` it never changes again.
+//!
+//! A terminal run (started with `tty=`) has one stream, `stdout` (its terminal's
+//! output, `output` the same bytes), a window size kept in its `winsize` file, and, while
+//! it runs, a screen emulator fed under the run's lock together with the byte counters,
+//! so a snapshot of the screen always corresponds to an exact output offset (see
+//! [`Run::terminal_snapshot`]). A run with a timeout gets SIGTERM when it expires and
+//! SIGKILL [`TIMEOUT_GRACE`] later; its status is then `timeout <how it ended>`.
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -16,15 +23,22 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bandsox_agent::client::{ExecControl, ExecEvent, ExecHandle};
-use bandsox_agent::proto::{ExitStatus, OutStream};
+use bandsox_agent::proto::{ExitStatus, OutStream, TtySize};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::spool::{self, OutputBudget};
+use super::terminal::{Screen, REPLAY_BYTES};
 use crate::error::{Error, Result};
 
 /// The `status` text of a run stopped because its VM's output budget was full.
 pub const OUTPUT_LIMIT: &str = "output limit reached";
+
+/// How long a timed-out command has between SIGTERM and SIGKILL.
+pub const TIMEOUT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The file holding a terminal run's window size (`COLSxROWS`).
+const WINSIZE_FILE: &str = "winsize";
 
 /// How long stdin/signal requests wait for a just-created run's command to start.
 pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -62,6 +76,8 @@ pub enum RunStatus {
     Lost(String),
     /// The VM's output budget was full: the command was killed (see [`OUTPUT_LIMIT`]).
     OutputLimit,
+    /// The run's timeout expired: it was sent SIGTERM (then SIGKILL) and ended so.
+    Timeout(ExitStatus),
 }
 
 impl RunStatus {
@@ -72,6 +88,7 @@ impl RunStatus {
             RunStatus::Exited(s) => format!("{s}\n"),
             RunStatus::Lost(why) => format!("lost: {why}\n"),
             RunStatus::OutputLimit => format!("{OUTPUT_LIMIT}\n"),
+            RunStatus::Timeout(s) => format!("timeout {s}\n"),
         }
     }
     pub fn is_running(&self) -> bool {
@@ -90,10 +107,18 @@ struct RunInner {
     writer: Option<spool::Writer>,
     /// Bytes charged to the budget for this run.
     stored: u64,
+    /// Terminal runs: the current window size.
+    size: Option<TtySize>,
+    /// Terminal runs, while live: the emulated screen (fed with every output chunk).
+    screen: Option<Screen>,
+    /// The timeout expired and the command was signalled.
+    timed_out: bool,
 }
 
 pub struct Run {
     pub n: u64,
+    /// Whether a write-only `exec`'s close waits for this run (see `execopts`).
+    pub waits: bool,
     pub dir: PathBuf,
     pub cmd: Vec<u8>,
     pub started: SystemTime,
@@ -158,6 +183,11 @@ fn write_status(path: &Path, text: &str) -> std::io::Result<()> {
 
 fn status_from_file(text: &str) -> RunStatus {
     let t = text.trim();
+    if let Some(rest) = t.strip_prefix("timeout ") {
+        if let RunStatus::Exited(s) = status_from_file(rest) {
+            return RunStatus::Timeout(s);
+        }
+    }
     if t == OUTPUT_LIMIT {
         return RunStatus::OutputLimit;
     }
@@ -182,15 +212,21 @@ impl Run {
         n: u64,
         cmd: Vec<u8>,
         budget: Arc<OutputBudget>,
+        tty: Option<TtySize>,
+        waits: bool,
     ) -> Result<Arc<Run>> {
         let dir = runs_dir.join(n.to_string());
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("cmd"), &cmd)?;
+        if let Some(size) = tty {
+            std::fs::write(dir.join(WINSIZE_FILE), render_size(size))?;
+        }
         let writer = spool::Writer::create(&dir)?;
         reserve_status(&dir.join("status"))?;
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Run {
             n,
+            waits,
             dir,
             cmd,
             started: SystemTime::now(),
@@ -202,6 +238,9 @@ impl Run {
                 control: None,
                 writer: Some(writer),
                 stored: 0,
+                size: tty,
+                screen: tty.map(Screen::new),
+                timed_out: false,
             }),
             changed,
             budget,
@@ -239,9 +278,13 @@ impl Run {
         };
         let stored = spool::stored_bytes(dir);
         budget.charge_existing(stored);
+        let size = std::fs::read_to_string(dir.join(WINSIZE_FILE))
+            .ok()
+            .and_then(|t| super::execopts::parse_size(&t).ok());
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Run {
             n,
+            waits: true,
             dir: dir.to_path_buf(),
             cmd,
             started,
@@ -253,6 +296,9 @@ impl Run {
                 control: None,
                 writer: None,
                 stored,
+                size,
+                screen: None,
+                timed_out: false,
             }),
             changed,
             budget,
@@ -287,16 +333,22 @@ impl Run {
     }
 
     fn finish_with(&self, status: RunStatus, lost_errno: i32) {
-        {
+        let status = {
             let mut inner = self.inner.lock();
             if !inner.status.is_running() {
                 return;
             }
+            let status = match status {
+                RunStatus::Exited(s) if inner.timed_out => RunStatus::Timeout(s),
+                s => s,
+            };
+            inner.screen = None;
             inner.status = status.clone();
             inner.lost_errno = lost_errno;
             inner.control = None;
             inner.writer = None;
-        }
+            status
+        };
         if let Err(e) = write_status(&self.dir.join("status"), &status.render()) {
             tracing::warn!("cannot write status of run {}: {e}", self.dir.display());
         }
@@ -359,6 +411,9 @@ impl Run {
             inner.lens[idx] += keep as u64;
             inner.lens[2] += keep as u64;
             inner.stored += granted;
+            if let Some(screen) = inner.screen.as_mut() {
+                screen.feed(&data[..keep]);
+            }
         } else {
             self.budget.release(granted);
         }
@@ -379,8 +434,10 @@ impl Run {
         remove_in_background(self.dir.clone());
     }
 
-    /// Attach the started command and pump its events to disk until it ends.
-    pub async fn pump(self: Arc<Self>, mut exec: ExecHandle) {
+    /// Attach the started command and pump its events to disk until it ends. With a
+    /// `timeout`, the command gets SIGTERM when it expires and SIGKILL
+    /// [`TIMEOUT_GRACE`] later.
+    pub async fn pump(self: Arc<Self>, mut exec: ExecHandle, timeout: Option<std::time::Duration>) {
         {
             let mut inner = self.inner.lock();
             inner.pid = Some(exec.pid);
@@ -388,7 +445,29 @@ impl Run {
         }
         let _ = std::fs::write(self.dir.join("pid"), format!("{}\n", exec.pid));
         self.bump();
-        while let Some(ev) = exec.next().await {
+        let far = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+        let alarm = tokio::time::sleep(timeout.unwrap_or(far));
+        tokio::pin!(alarm);
+        // 0: waiting for the timeout; 1: SIGTERM sent; 2: SIGKILL sent.
+        let mut stage = if timeout.is_some() { 0 } else { 2 };
+        loop {
+            let ev = tokio::select! {
+                ev = exec.next() => ev,
+                () = &mut alarm, if stage < 2 => {
+                    let sig = if stage == 0 { libc::SIGTERM } else { libc::SIGKILL };
+                    if stage == 0 {
+                        self.inner.lock().timed_out = true;
+                        tracing::info!("run {}: timeout; sending SIGTERM", self.dir.display());
+                    }
+                    if let Some(c) = self.control() {
+                        let _ = c.signal(sig).await;
+                    }
+                    stage += 1;
+                    alarm.as_mut().reset(tokio::time::Instant::now() + TIMEOUT_GRACE);
+                    continue;
+                }
+            };
+            let Some(ev) = ev else { break };
             match ev {
                 ExecEvent::Output(stream, data) => match self.append(stream, &data) {
                     Ok(true) => self.bump(),
@@ -515,6 +594,80 @@ impl Run {
         }
     }
 
+    // ---- terminal runs ----------------------------------------------------------------
+
+    /// Whether the run has a terminal (`tty=`).
+    pub fn is_tty(&self) -> bool {
+        self.inner.lock().size.is_some()
+    }
+
+    /// The terminal's window size (`None` for other runs).
+    pub fn tty_size(&self) -> Option<TtySize> {
+        self.inner.lock().size
+    }
+
+    /// A screen rebuilt from the end of the spooled output (finished runs, runs of an
+    /// earlier daemon).
+    fn replayed_screen(&self, size: TtySize, upto: u64) -> Result<Screen> {
+        let mut screen = Screen::new(size);
+        let mut at = upto.saturating_sub(REPLAY_BYTES);
+        while at < upto {
+            let chunk = (upto - at).min(1024 * 1024) as u32;
+            let data = self.read_at(RunStream::Stdout, at, chunk)?;
+            if data.is_empty() {
+                break;
+            }
+            at += data.len() as u64;
+            screen.feed(&data);
+        }
+        Ok(screen)
+    }
+
+    /// The screen's text and a redraw sequence, with the output offset they reflect.
+    /// `None` for runs without a terminal.
+    pub fn terminal_snapshot(&self) -> Result<Option<(String, Vec<u8>, u64)>> {
+        let (size, upto) = {
+            let inner = self.inner.lock();
+            let Some(size) = inner.size else {
+                return Ok(None);
+            };
+            if let Some(s) = &inner.screen {
+                return Ok(Some((s.text(), s.redraw(), inner.lens[0])));
+            }
+            (size, inner.lens[0])
+        };
+        let s = self.replayed_screen(size, upto)?;
+        Ok(Some((s.text(), s.redraw(), upto)))
+    }
+
+    /// Change the window size: the guest's terminal (SIGWINCH to its foreground
+    /// process group), the emulated screen and the `winsize` file.
+    pub async fn resize(&self, size: TtySize) -> Result<()> {
+        if !self.is_tty() {
+            return Err(Error::new(
+                libc::ENOTTY,
+                format!("run {} has no terminal", self.n),
+            ));
+        }
+        let Some(c) = self.live_control().await else {
+            return Err(Error::new(
+                libc::EPIPE,
+                format!("run {} has already finished", self.n),
+            ));
+        };
+        c.resize(size).await.map_err(Error::from)?;
+        {
+            let mut inner = self.inner.lock();
+            inner.size = Some(size);
+            if let Some(s) = inner.screen.as_mut() {
+                s.resize(size);
+            }
+        }
+        std::fs::write(self.dir.join(WINSIZE_FILE), render_size(size))?;
+        self.bump();
+        Ok(())
+    }
+
     pub async fn signal(&self, sig: i32) -> Result<()> {
         match self.live_control().await {
             Some(c) => c.signal(sig).await.map_err(Error::from),
@@ -543,6 +696,11 @@ impl Run {
     }
 }
 
+/// `COLSxROWS\n`.
+pub fn render_size(size: TtySize) -> String {
+    format!("{}x{}\n", size.cols, size.rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,6 +713,8 @@ mod tests {
             RunStatus::Exited(ExitStatus::Signal(9)),
             RunStatus::Lost("vm died".into()),
             RunStatus::OutputLimit,
+            RunStatus::Timeout(ExitStatus::Signal(15)),
+            RunStatus::Timeout(ExitStatus::Code(0)),
         ] {
             assert_eq!(status_from_file(&s.render()), s);
         }
@@ -568,7 +728,15 @@ mod tests {
     async fn spool_and_wait() {
         let dir = tempfile::tempdir().unwrap();
         let budget = Arc::new(OutputBudget::new(1));
-        let run = Run::create(dir.path(), 1, b"echo hi".to_vec(), budget.clone()).unwrap();
+        let run = Run::create(
+            dir.path(),
+            1,
+            b"echo hi".to_vec(),
+            budget.clone(),
+            None,
+            true,
+        )
+        .unwrap();
         run.append(OutStream::Stdout, b"hello ").unwrap();
         run.append(OutStream::Stderr, b"oops ").unwrap();
         assert_eq!(
@@ -611,7 +779,7 @@ mod tests {
     fn a_full_budget_keeps_what_fits_and_stops() {
         let dir = tempfile::tempdir().unwrap();
         let budget = Arc::new(OutputBudget::new(1));
-        let run = Run::create(dir.path(), 1, b"yes".to_vec(), budget.clone()).unwrap();
+        let run = Run::create(dir.path(), 1, b"yes".to_vec(), budget.clone(), None, true).unwrap();
         let chunk = vec![b'y'; 400 * 1024];
         assert!(run.append(OutStream::Stdout, &chunk).unwrap());
         assert!(run.append(OutStream::Stdout, &chunk).unwrap());

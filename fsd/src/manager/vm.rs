@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bandsox_agent::client::AgentClient;
-use bandsox_agent::proto::{ExecSpec, Program, Request};
+use bandsox_agent::proto::{ExecOptions, ExecSpec, Program, Request};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -801,9 +801,20 @@ impl Vm {
         self.runs.lock().keys().next_back().copied()
     }
 
-    /// Start `script` as a new run (`runs/<n>`); returns once the guest started it.
+    /// Start `script` as a new run (`runs/<n>`); returns once the guest started it. A
+    /// first line `#bandsox key=value...` sets per-command options (see `execopts`); a
+    /// bad one fails with EINVAL before anything runs, and the session's `ctl` result
+    /// (`cat <vm>/ctl`) says why.
     pub async fn start_run(self: &Arc<Self>, script: Vec<u8>, session: u32) -> Result<Arc<Run>> {
-        self.start_program(script.clone(), Program::Script(script), session)
+        let (opts, body) = match super::execopts::split(&script) {
+            Ok(x) => x,
+            Err(e) => {
+                let e = e.with_context("exec");
+                let _ = self.ctl_results.record(session, Err(e.clone()));
+                return Err(e);
+            }
+        };
+        self.start_with(script, Program::Script(body), opts, session)
             .await
     }
 
@@ -812,6 +823,32 @@ impl Vm {
         self: &Arc<Self>,
         script: Vec<u8>,
         program: Program,
+        session: u32,
+    ) -> Result<Arc<Run>> {
+        self.start_with(script, program, Default::default(), session)
+            .await
+    }
+
+    /// The VM-wide default timeout of commands (`exec_timeout`).
+    pub fn exec_timeout(&self) -> Option<Duration> {
+        self.record
+            .lock()
+            .config
+            .exec_timeout_ms
+            .map(Duration::from_millis)
+    }
+
+    /// Change the VM-wide default timeout (`None`: no timeout); kept in `vm.json`.
+    pub fn set_exec_timeout(&self, t: Option<Duration>) -> Result<()> {
+        self.record.lock().config.exec_timeout_ms = t.map(|d| d.as_millis() as u64);
+        self.save_record()
+    }
+
+    async fn start_with(
+        self: &Arc<Self>,
+        script: Vec<u8>,
+        program: Program,
+        opts: super::execopts::ExecOpts,
         session: u32,
     ) -> Result<Arc<Run>> {
         if script.len() > MAX_SCRIPT {
@@ -833,19 +870,30 @@ impl Vm {
             n,
             script.clone(),
             self.output.clone(),
+            opts.tty,
+            opts.waits(),
         )?;
         self.runs.lock().insert(n, run.clone());
         self.prune_runs();
         self.session_last.lock().insert(session, n);
-        let spec = ExecSpec {
-            program,
-            env: Vec::new(),
-            cwd: None,
-            stdin: true,
+        let timeout = match opts.timeout {
+            None => self.exec_timeout(),
+            Some(super::execopts::TimeoutOpt::Off) => None,
+            Some(super::execopts::TimeoutOpt::After(d)) => Some(d),
         };
-        match agent.exec(spec, AGENT_RPC_TIMEOUT).await {
+        let spec = ExecOptions {
+            spec: ExecSpec {
+                program,
+                env: opts.env,
+                cwd: opts.cwd,
+                stdin: true,
+            },
+            user: opts.user,
+            tty: opts.tty,
+        };
+        match agent.exec_with(spec, AGENT_RPC_TIMEOUT).await {
             Ok(handle) => {
-                tokio::spawn(run.clone().pump(handle));
+                tokio::spawn(run.clone().pump(handle, timeout));
                 Ok(run)
             }
             Err(e) => {
