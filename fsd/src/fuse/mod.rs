@@ -35,6 +35,22 @@ const TTL: Duration = Duration::ZERO;
 /// Lifetime of the cached names of VM directories and their `fs/` entries.
 const VM_ENTRY_TTL: Duration = Duration::from_secs(10);
 
+/// Lifetime of the cached attributes of the root and of VM directories. Every path into
+/// a guest crosses both, and the kernel checks a directory's permissions with its
+/// attributes at each step of a path walk: uncached, each `stat` of a guest file cost two
+/// extra requests. Changes made behind the kernel's back (`ctl`, clones, state changes)
+/// invalidate them on the VM's event (`invalidate_vm_entries`); the lifetime bounds what
+/// is left (a missed event).
+const DIR_ATTR_TTL: Duration = Duration::from_secs(1);
+
+/// How long the kernel may keep `node`'s attributes.
+fn attr_ttl(node: &Node) -> Duration {
+    match node {
+        Node::Root | Node::Vm(_) => DIR_ATTR_TTL,
+        _ => TTL,
+    }
+}
+
 pub struct BandsoxFs {
     files: Arc<Files>,
     guest: Arc<GuestFs>,
@@ -143,7 +159,12 @@ impl BandsoxFs {
             _ => TTL,
         };
         match self.files.tree.attr(node) {
-            Ok(a) => reply.entry_with_ttls(&TTL, &entry_ttl, &to_fuse_attr(&a), Generation(0)),
+            Ok(a) => reply.entry_with_ttls(
+                &attr_ttl(node),
+                &entry_ttl,
+                &to_fuse_attr(&a),
+                Generation(0),
+            ),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -205,10 +226,10 @@ impl fuser::Filesystem for BandsoxFs {
             if let Some(len) = self.files.events_len(&n, req.uid()) {
                 a.size = len;
             }
-            Ok(a)
+            Ok((attr_ttl(&n), a))
         });
         match res {
-            Ok(a) => reply.attr(&TTL, &to_fuse_attr(&a)),
+            Ok((ttl, a)) => reply.attr(&ttl, &to_fuse_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -928,6 +949,7 @@ pub fn invalidate_vm_entries(files: Arc<Files>, notifier: fuser::Notifier) {
                     for name in names {
                         inv.entry(tree::ROOT_INO, name.as_bytes());
                     }
+                    inv.inode(tree::ROOT_INO, false);
                 })
                 .await;
             }
@@ -953,11 +975,18 @@ pub fn invalidate_vm_entries(files: Arc<Files>, notifier: fuser::Notifier) {
                     dev: None,
                 };
                 use crate::guestfs::Invalidate;
+                // Root names and attributes only when no root mkdir/rmdir holds the
+                // root's lock (`root_ops`); otherwise after it, by the task above.
+                let root_now = !root_names.is_empty();
                 for name in root_names {
                     inv.entry(tree::ROOT_INO, name.as_bytes());
                 }
+                if root_now {
+                    inv.inode(tree::ROOT_INO, false);
+                }
                 if let Some(ino) = vm_ino {
                     inv.entry(ino, b"fs");
+                    inv.inode(ino, false);
                 }
             })
             .await;
