@@ -102,8 +102,6 @@ pub enum VmCmd {
     Reconnect,
     /// Diagnostic: N protocol pings over the VM's agent connection (for benchmarks).
     Ping(u32),
-    /// Diagnostic: raw file-service calls over the agent connection (for benchmarks).
-    FsBench(crate::guestfs::bench::FsBench),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,7 +231,6 @@ pub fn parse_vm(line: &str) -> Result<VmCmd> {
             .filter(|n| (1..=10_000).contains(n))
             .map(VmCmd::Ping)
             .ok_or_else(|| Error::invalid(format!("ping {}: expected a count 1..10000", quote(n)))),
-        ["fsbench", rest @ ..] => crate::guestfs::bench::FsBench::parse(rest).map(VmCmd::FsBench),
         [] => Err(Error::invalid(format!("empty command; {VM_HELP}"))),
         [cmd @ ("start" | "stop" | "kill" | "pause" | "resume" | "restart" | "snapshot" | "ping"
         | "reconnect"), ..] => Err(Error::invalid(format!(

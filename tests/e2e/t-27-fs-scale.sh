@@ -3,6 +3,7 @@
 # listed and walked through fs/ with no EMFILE/ENFILE/OOM, and the agent's descriptors
 # and memory stay under the documented bounds (tests/fs/scale.sh).
 # timeout: 1200
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm scl
 fs_scenario scale scl

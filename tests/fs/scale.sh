@@ -3,6 +3,7 @@
 # SCALE_TREE (default 200,000) files are listed and walked through fs/ (ls -l, find, du,
 # ls -lR, rsync -an) with no EMFILE/ENFILE/ENOMEM, and the agent's open descriptors and
 # resident memory stay under the documented bounds (docs/tree.md, "fs/ limits").
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 d=$FSDIR g=$GREL
 big=${SCALE_DIR:-100000}
