@@ -164,7 +164,7 @@ async fn run_sequence(ops: Vec<Op>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
     fn the_tree_follows_the_model(ops in proptest::collection::vec(op(), 1..14)) {
         limits_from_an_empty_file();
