@@ -130,7 +130,10 @@ async fn an_agent_that_never_answers_fails_the_exec_with_an_errno_in_time() {
 async fn a_corrupted_frame_fails_requests_in_time_and_reconnect_restores_the_vm() {
     let (_tmp, mgr, backend, vm) = setup("d").await;
     // The next frame the agent sends gets a damaged length: the stream is out of step.
-    backend.faults.last().arm(Faults::read(Fault::CorruptAt { at: 0 }));
+    backend
+        .faults
+        .last()
+        .arm(Faults::read(Fault::CorruptAt { at: 0 }));
     // Requests on the damaged connection fail with an errno within the RPC deadline
     // (today the connection stays open, so they time out; nothing hangs).
     for attempt in 0..2 {
@@ -138,7 +141,11 @@ async fn a_corrupted_frame_fails_requests_in_time_and_reconnect_restores_the_vm(
         if let Ok(run) = vm.start_run(b"echo first".to_vec(), 0).await {
             let _ = finished(&run).await;
         }
-        assert!(t0.elapsed() < T, "attempt {attempt} took {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < T,
+            "attempt {attempt} took {:?}",
+            t0.elapsed()
+        );
     }
     // `echo reconnect > ctl` replaces the connection; the VM works again.
     mgr.vm_ctl(&vm, "reconnect").await.unwrap();
