@@ -55,6 +55,8 @@ pub fn init_logging(default: Option<&str>) {
         .with_writer(std::io::stderr)
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .with_thread_names(true)
+        // Colours only on a terminal: daemon.log stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
