@@ -100,8 +100,8 @@ if [ "$which" = host ] || [ "$which" = all ]; then
   echo "== host mode: per-operation medians (µs), workloads and sequential I/O (ms)"
   printf '%-22s %10s %10s %10s %10s\n' row native bindfs fs/ fs/÷bindfs
   for k in "${rows[@]}"; do
-    printf '%-22s %10s %10s %10s %10s\n' "$k" "${R[native.$k]}" "${R[bindfs.$k]}" "${R[fs.$k]}" \
-      "$(ratio "${R[fs.$k]}" "${R[bindfs.$k]}")"
+    printf "%-22s %10s %10s %10s %10s\n" "$k" "${R[native.$k]:--}" "${R[bindfs.$k]:--}" "${R[fs.$k]:--}" \
+      "$(ratio "${R[fs.$k]:-0}" "${R[bindfs.$k]:-0}")"
   done
   echo "(sequential rows are times: for them a ratio ≤ 1 means fs/ is at least as fast)"
 fi

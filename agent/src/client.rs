@@ -113,7 +113,12 @@ struct FsEventQueue {
     tx: mpsc::Sender<Vec<FsEvent>>,
     rx: Mutex<Option<mpsc::Receiver<Vec<FsEvent>>>>,
     lost: Arc<AtomicBool>,
+    /// Sees every batch on the reader, before anything that arrives after it.
+    tap: std::sync::OnceLock<FsEventTap>,
 }
+
+/// See [`AgentClient::set_fs_event_tap`].
+pub type FsEventTap = Box<dyn Fn(&[FsEvent]) + Send + Sync>;
 
 /// Batches of file events queued for the consumer before new ones are dropped.
 pub const FS_EVENT_BATCHES: usize = 256;
@@ -326,6 +331,7 @@ impl AgentClient {
                 tx: ev_tx,
                 rx: Mutex::new(Some(ev_rx)),
                 lost: Arc::new(AtomicBool::new(false)),
+                tap: std::sync::OnceLock::new(),
             },
         });
         let outbox = Arc::new(Outbox::new(w));
@@ -528,6 +534,13 @@ impl AgentClient {
             return Ok(());
         }
         self.inner.send(Message::Forget { nodes }).await
+    }
+
+    /// Have `tap` see every file-event batch on the connection's reader, in order with
+    /// everything else the agent sends (so before a command's `Exited` that followed the
+    /// batch is delivered). Must be quick and must not block. Only the first tap is kept.
+    pub fn set_fs_event_tap(&self, tap: FsEventTap) {
+        let _ = self.inner.shared.fs_events.tap.set(tap);
     }
 
     /// The connection's file-event stream; only the first caller gets it.
@@ -1035,6 +1048,9 @@ async fn reader_task<R: AsyncRead + Unpin>(
             }
             Message::FsEvents(batch) => {
                 let q = &shared.fs_events;
+                if let Some(tap) = q.tap.get() {
+                    tap(&batch);
+                }
                 if q.tx.try_send(batch).is_err() {
                     q.lost.store(true, Ordering::SeqCst);
                 }

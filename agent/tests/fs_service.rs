@@ -267,7 +267,7 @@ impl Conn {
 
     async fn rename(&mut self, req: FsRequest) -> Result<NodeId, i32> {
         match self.fs(req).await {
-            Ok(FsResponse::Moved(id)) => Ok(id),
+            Ok(FsResponse::Moved { node, .. }) => Ok(node),
             Ok(other) => panic!("unexpected {other:?}"),
             Err((errno, _)) => Err(errno),
         }
@@ -1518,10 +1518,10 @@ async fn inotify_events_for_outside_changes() {
     c.events.clear();
     std::fs::write(a.path("w/existing"), b"changed").unwrap();
     assert!(
-        c.wait_events(within, |ev| ev.contains(&FsEvent::Node {
-            node: ex.node.id,
-            data: true
-        }))
+        c.wait_events(within, |ev| ev.iter().any(|e| matches!(
+            e,
+            FsEvent::Node { node, data: true, attr: Some(a) } if *node == ex.node.id && a.size == 7
+        )))
         .await,
         "modify: {:?}",
         c.events

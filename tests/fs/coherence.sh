@@ -34,3 +34,13 @@ assert_eq "from host" "$(guest "cat $g/h")" "guest reads a file written through 
 printf 'appended\n' >> "$d/h"
 assert_eq "2" "$(guest "wc -l < $g/h" | tr -d ' ')" "guest sees an append at once"
 note "guest → host and host → guest changes are visible"
+# A directory made through fs/ is known to be empty (lookups there ask no guest): what a
+# command then makes in it is visible as soon as the command has ended, with no wait.
+mkdir "$d/made"
+test ! -e "$d/made/x" || fail "a new directory is not empty"
+guest "touch $g/made/x && mkdir $g/made/sub" >/dev/null
+test -e "$d/made/x" || fail "a file a command made in a host-made directory is not visible at once"
+test -d "$d/made/sub" || fail "a directory a command made in a host-made directory is not visible at once"
+guest "rm $g/made/x" >/dev/null
+within 1 test ! -e "$d/made/x" || fail "a file a command removed is still visible"
+note "names in host-made directories are known, and commands' changes apply before they end"

@@ -418,8 +418,11 @@ pub enum FsResponse {
         entry: Entry,
         handle: HandleId,
     },
-    /// The identity now named by the rename's new name.
-    Moved(NodeId),
+    /// What the rename's new name names now, and its attributes after the rename.
+    Moved {
+        node: NodeId,
+        attr: Attr,
+    },
     DirEntries(Vec<DirEntry>),
     StatFs(StatFs),
     XattrSize(u32),
@@ -438,8 +441,14 @@ pub enum FsEvent {
         name: Vec<u8>,
         now: Option<NodeId>,
     },
-    /// A node's attributes changed; `data` also when its contents changed.
-    Node { node: NodeId, data: bool },
+    /// A node's attributes changed; `data` also when its contents changed. `attr` is
+    /// what they are when the event was sent (`None`: the node could not be stat'ed), so
+    /// the host can keep attributes it already knows to be current.
+    Node {
+        node: NodeId,
+        data: bool,
+        attr: Option<Attr>,
+    },
     /// The agent stopped watching directory `node` (it was deleted, or its filesystem
     /// unmounted): entries in it are no longer coherent.
     Unwatched { node: NodeId },

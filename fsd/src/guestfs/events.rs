@@ -25,6 +25,7 @@ use bandsox_agent::proto::fs::{FsEvent, NodeId};
 use parking_lot::Mutex;
 
 use super::inodes::{Incarnation, Inodes, VmNumbers};
+use super::listings::Listings;
 use crate::manager::vm::{Vm, VmState};
 
 /// Where invalidations go (the FUSE notifier in the daemon; a recorder in tests).
@@ -81,6 +82,7 @@ pub struct Pumps {
     vms: VmMap,
     inodes: Arc<Mutex<Inodes>>,
     recent: Arc<Recent>,
+    listings: Arc<Listings>,
     inval: OnceLock<Arc<dyn Invalidate>>,
 }
 
@@ -91,6 +93,11 @@ enum Action {
     Inode(u64, bool),
 }
 
+/// What the host knows without asking, which events keep true.
+struct Known {
+    recent: Arc<Recent>,
+}
+
 /// What translation needs to know about one connection.
 struct Source {
     inc: Incarnation,
@@ -98,11 +105,17 @@ struct Source {
 }
 
 impl Pumps {
-    pub fn new(vms: VmMap, inodes: Arc<Mutex<Inodes>>, recent: Arc<Recent>) -> Self {
+    pub fn new(
+        vms: VmMap,
+        inodes: Arc<Mutex<Inodes>>,
+        recent: Arc<Recent>,
+        listings: Arc<Listings>,
+    ) -> Self {
         Pumps {
             vms,
             inodes,
             recent,
+            listings,
             inval: OnceLock::new(),
         }
     }
@@ -126,11 +139,29 @@ impl Pumps {
             inc: inc.clone(),
             boot: client.info().instance,
         };
-        let (vms, inodes, recent) = (self.vms.clone(), self.inodes.clone(), self.recent.clone());
+        let (vms, inodes) = (self.vms.clone(), self.inodes.clone());
+        let known = Known {
+            recent: self.recent.clone(),
+        };
         let inval = self.inval.get().cloned();
+        // Listings change on the reader itself, so a lookup after a command's end never
+        // sees a listing that misses what the command made.
+        let tap_src = Source {
+            inc: inc.clone(),
+            boot: src.boot,
+        };
+        let (tap_vms, tap_inodes, tap_listings) =
+            (self.vms.clone(), self.inodes.clone(), self.listings.clone());
+        client.set_fs_event_tap(Box::new(move |batch| {
+            let vms = tap_vms.lock();
+            let inodes = tap_inodes.lock();
+            if let Some(v) = vms.get(&tap_src.inc.vm_id) {
+                apply_to_listings(batch, &tap_src, v, &inodes, &tap_listings);
+            }
+        }));
         let vm = Arc::downgrade(vm);
         rt.spawn(async move {
-            pump(events, &src, &vms, &inodes, &recent, inval.as_ref()).await;
+            pump(events, &src, &vms, &inodes, &known, inval.as_ref()).await;
             let live = vm.upgrade().is_some_and(|vm| {
                 vm.generation() == src.inc.generation
                     && matches!(vm.state(), VmState::Running | VmState::Paused)
@@ -155,7 +186,7 @@ async fn pump(
     src: &Source,
     vms: &VmMap,
     inodes: &Mutex<Inodes>,
-    recent: &Recent,
+    known: &Known,
     inval: Option<&Arc<dyn Invalidate>>,
 ) {
     while let Some(batch) = events.next().await {
@@ -163,7 +194,7 @@ async fn pump(
             let vms = vms.lock();
             let mut inodes = inodes.lock();
             match vms.get(&src.inc.vm_id) {
-                Some(v) => translate(&batch, src, v, &mut inodes, recent),
+                Some(v) => translate(&batch, src, v, &mut inodes, known),
                 None => Vec::new(),
             }
         };
@@ -198,19 +229,45 @@ fn held(src: &Source, v: &VmNumbers, inodes: &Inodes, id: NodeId) -> Option<u64>
         .map(|_| ino)
 }
 
+/// What a batch means for the listings of directories the host made.
+fn apply_to_listings(
+    batch: &[FsEvent],
+    src: &Source,
+    v: &VmNumbers,
+    inodes: &Inodes,
+    listings: &Listings,
+) {
+    for ev in batch {
+        match ev {
+            FsEvent::Entry { parent, name, now } => {
+                if let Some(p) = held(src, v, inodes, *parent) {
+                    listings.changed(p, name, now.is_some());
+                }
+            }
+            FsEvent::Unwatched { node } => {
+                if let Some(ino) = held(src, v, inodes, *node) {
+                    listings.forget(ino);
+                }
+            }
+            FsEvent::Overflow => listings.forget_incarnation(&src.inc),
+            FsEvent::Node { .. } => {}
+        }
+    }
+}
+
 fn translate(
     batch: &[FsEvent],
     src: &Source,
     v: &VmNumbers,
     inodes: &mut Inodes,
-    recent: &Recent,
+    known: &Known,
 ) -> Vec<Action> {
     let mut out = Vec::new();
     for ev in batch {
         match ev {
             FsEvent::Entry { parent, name, now } => {
                 if let Some(p) = held(src, v, inodes, *parent) {
-                    if !recent.echoes(p, name, *now) {
+                    if !known.recent.echoes(p, name, *now) {
                         out.push(Action::Entry(p, name.clone()));
                         // The kernel's cached listing of the directory goes too (it may
                         // hold no entry for the name, and then only this tells it).
@@ -221,9 +278,16 @@ fn translate(
                     }
                 }
             }
-            FsEvent::Node { node, data } => {
+            FsEvent::Node { node, data, attr } => {
                 if let Some(ino) = held(src, v, inodes, *node) {
-                    inodes.forget_xattrs(ino);
+                    // An attribute change whose outcome an answer already told the kernel
+                    // (the host's own chmod, utime, rename ...) changes nothing it knows.
+                    // Data changes always go: equal attributes do not prove equal bytes.
+                    let known = inodes.get(ino).and_then(|i| i.attr);
+                    if !*data && attr.is_some() && known == *attr {
+                        continue;
+                    }
+                    inodes.changed(ino);
                     out.push(Action::Inode(ino, *data));
                 }
             }
@@ -280,6 +344,7 @@ mod tests {
                 fh: FileHandle(vec![0; 8]),
             },
             &EntryFacts {
+                attr: Default::default(),
                 kind: libc::S_IFREG,
                 coherent: true,
                 counted: false,
@@ -287,7 +352,10 @@ mod tests {
                 xattrs: None,
             },
         );
-        let recent = Recent::default();
+        let known = Known {
+            recent: Arc::new(Recent::default()),
+        };
+        let recent = &known.recent;
         recent.note(99, b"made", Some(f_id));
         recent.note(99, b"gone", None);
         let batch = vec![
@@ -313,22 +381,37 @@ mod tests {
                 name: b"y".to_vec(),
                 now: None,
             },
+            // Attributes an answer already gave: nothing to drop.
+            FsEvent::Node {
+                node: f_id,
+                data: false,
+                attr: Some(Default::default()),
+            },
             FsEvent::Node {
                 node: f_id,
                 data: true,
+                attr: None,
             },
             FsEvent::Node {
                 node: NodeId { dev: disk, ino: 6 },
                 data: true,
+                attr: None,
+            },
+            // After a change no answer told, the same attributes are news.
+            FsEvent::Node {
+                node: f_id,
+                data: false,
+                attr: Some(Default::default()),
             },
         ];
-        let acts = translate(&batch, &src, &v, &mut t, &recent);
+        let acts = translate(&batch, &src, &v, &mut t, &known);
         assert_eq!(
             acts,
             vec![
                 Action::Entry(99, b"x".to_vec()),
                 Action::Inode(99, true),
-                Action::Inode(f, true)
+                Action::Inode(f, true),
+                Action::Inode(f, false)
             ]
         );
         // A host change the guest changed again afterwards is not an echo.
@@ -342,13 +425,13 @@ mod tests {
             &src,
             &v,
             &mut t,
-            &recent,
+            &known,
         );
         assert_eq!(
             acts,
             vec![Action::Entry(99, b"made".to_vec()), Action::Inode(99, true)]
         );
-        let acts = translate(&[FsEvent::Overflow], &src, &v, &mut t, &recent);
+        let acts = translate(&[FsEvent::Overflow], &src, &v, &mut t, &known);
         assert_eq!(acts.len(), 2);
     }
 }

@@ -40,7 +40,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bandsox_agent::proto::fs::{HandleId, NodeId, NodeRef, XattrNames, ROOT_ID};
+use bandsox_agent::proto::fs::{Attr, HandleId, NodeId, NodeRef, XattrNames, ROOT_ID};
 use serde::{Deserialize, Serialize};
 
 /// Bit 62: a guest file.
@@ -209,6 +209,8 @@ pub struct InodeInfo {
     /// Its xattr names, while known to be current (coherent entries only; a change
     /// event or the host's own xattr change forgets them).
     pub xattrs: Option<XattrNames>,
+    /// The attributes the last answer about it gave (what the kernel was told).
+    pub attr: Option<Attr>,
     nlookup: u64,
     counted: u64,
 }
@@ -231,6 +233,7 @@ pub struct Inodes {
 /// What a new entry says about its node.
 #[derive(Debug, Clone)]
 pub struct EntryFacts {
+    pub attr: Attr,
     pub kind: u32,
     pub coherent: bool,
     pub counted: bool,
@@ -302,6 +305,7 @@ impl Inodes {
                 info.coherent = facts.coherent;
                 info.watched = facts.watched;
                 info.xattrs = facts.xattrs.clone().filter(|_| facts.coherent);
+                info.attr = Some(facts.attr);
                 if info.node.fh.0.is_empty() {
                     info.node.fh = node.fh.clone();
                 }
@@ -323,6 +327,7 @@ impl Inodes {
                         coherent: facts.coherent,
                         watched: facts.watched,
                         xattrs: facts.xattrs.clone().filter(|_| facts.coherent),
+                        attr: Some(facts.attr),
                         nlookup: 1,
                         counted: u64::from(facts.counted),
                     },
@@ -357,6 +362,21 @@ impl Inodes {
             }
         }
         Some(out)
+    }
+
+    /// An answer told the kernel these attributes of `ino`.
+    pub fn told(&mut self, ino: u64, attr: Attr) {
+        if let Some(info) = self.by_ino.get_mut(&ino) {
+            info.attr = Some(attr);
+        }
+    }
+
+    /// The attributes of `ino` changed in a way no answer told the kernel.
+    pub fn changed(&mut self, ino: u64) {
+        if let Some(info) = self.by_ino.get_mut(&ino) {
+            info.attr = None;
+            info.xattrs = None;
+        }
     }
 
     /// The xattr names of `ino` may have changed.
@@ -445,6 +465,7 @@ mod tests {
 
     fn facts(counted: bool) -> EntryFacts {
         EntryFacts {
+            attr: Attr::default(),
             kind: libc::S_IFREG,
             coherent: true,
             counted,

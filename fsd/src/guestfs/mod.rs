@@ -32,6 +32,7 @@
 pub mod events;
 pub mod inodes;
 pub mod interrupt;
+pub mod listings;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,6 +52,7 @@ pub use events::Invalidate;
 use events::Recent;
 pub use inodes::FS_INO_BASE;
 use inodes::{EntryFacts, Handles, Incarnation, Inodes, OpenHandle, VmNumbers, MAX_SLOTS};
+use listings::Listings;
 
 /// Deadline of one file request to the guest.
 pub const FS_DEADLINE: Duration = Duration::from_secs(20);
@@ -152,6 +154,7 @@ pub struct GuestFs {
     inodes: Arc<Mutex<Inodes>>,
     handles: Mutex<Handles>,
     recent: Arc<Recent>,
+    listings: Arc<Listings>,
     events: events::Pumps,
     rt: tokio::runtime::Handle,
     /// Bytes of entries asked of the agent per readdir: the kernel's buffer size.
@@ -185,7 +188,7 @@ fn response_name(r: &FsResponse) -> &'static str {
         FsResponse::Written(_) => "Written",
         FsResponse::Opened { .. } => "Opened",
         FsResponse::Created { .. } => "Created",
-        FsResponse::Moved(_) => "Moved",
+        FsResponse::Moved { .. } => "Moved",
         FsResponse::DirEntries(_) => "DirEntries",
         FsResponse::StatFs(_) => "StatFs",
         FsResponse::XattrSize(_) => "XattrSize",
@@ -268,10 +271,17 @@ impl GuestFs {
         let inodes = Arc::new(Mutex::new(Inodes::new()));
         let vms = Arc::new(Mutex::new(HashMap::new()));
         let recent = Arc::new(Recent::default());
+        let listings = Arc::new(Listings::default());
         Arc::new(GuestFs {
             watcher: interrupt::Watcher::start(&rt),
             mgr,
-            events: events::Pumps::new(vms.clone(), inodes.clone(), recent.clone()),
+            events: events::Pumps::new(
+                vms.clone(),
+                inodes.clone(),
+                recent.clone(),
+                listings.clone(),
+            ),
+            listings,
             vms,
             inodes,
             recent,
@@ -342,6 +352,7 @@ impl GuestFs {
             &r.inc,
             &e.node,
             &EntryFacts {
+                attr: e.attr,
                 kind: e.attr.mode & libc::S_IFMT,
                 coherent: e.coherent,
                 counted: e.counted,
@@ -609,9 +620,25 @@ impl GuestFs {
         });
     }
 
+    /// A rename's moved node has these attributes now (its ctime changed). The kernel
+    /// refreshes them itself; remembering them lets the rename's own event go unheeded.
+    fn renamed(&self, r: &Resolved, id: NodeId, attr: Attr) {
+        let vms = self.vms.lock();
+        let Some(v) = vms.get(&r.inc.vm_id) else {
+            return;
+        };
+        let mut inodes = self.inodes.lock();
+        if let Some(ino) = Inodes::known_number(v, r.boot, id) {
+            if inodes.get(ino).is_some_and(|i| i.inc == r.inc) {
+                inodes.told(ino, attr);
+            }
+        }
+    }
+
     /// Remember that the host itself made `name` in `parent` name `now`.
     fn made(&self, parent: u64, name: &[u8], now: Option<NodeId>) {
         self.recent.note(parent, name, now);
+        self.listings.changed(parent, name, now.is_some());
     }
 
     // ---- names -----------------------------------------------------------------------
@@ -631,6 +658,14 @@ impl GuestFs {
                 Err(e) => return done(Err(e)),
             };
             let negative = r.watched.then_some(r.inc.generation);
+            if r.watched && g.listings.absent(r.ino, &r.inc, &name) {
+                return done(Ok(Looked {
+                    ino: 0,
+                    attr: Attr::default(),
+                    ttl: TTL_COHERENT,
+                    generation: r.inc.generation,
+                }));
+            }
             let req = FsRequest::Lookup {
                 parent: r.node.clone(),
                 name,
@@ -663,6 +698,9 @@ impl GuestFs {
             let mut i = self.inodes.lock();
             for &(ino, n) in items {
                 if let Some(rel) = i.forget(ino, n) {
+                    if i.get(ino).is_none() {
+                        self.listings.forget(ino);
+                    }
                     if rel.count > 0 {
                         per_vm
                             .entry(rel.inc)
@@ -700,7 +738,11 @@ impl GuestFs {
                     handle: fh.and_then(|fh| g.handle(r, fh).ok()),
                 })
             },
-            |_, r, resp| Ok((attr_from(resp, "getattr")?, ttl(r.coherent))),
+            |g, r, resp| {
+                let a = attr_from(resp, "getattr")?;
+                g.inodes.lock().told(r.ino, a);
+                Ok((a, ttl(r.coherent)))
+            },
             done,
         )
     }
@@ -718,7 +760,11 @@ impl GuestFs {
                     set,
                 })
             },
-            |_, r, resp| Ok((attr_from(resp, "setattr")?, ttl(r.coherent))),
+            |g, r, resp| {
+                let a = attr_from(resp, "setattr")?;
+                g.inodes.lock().told(r.ino, a);
+                Ok((a, ttl(r.coherent)))
+            },
             done,
         )
     }
@@ -764,10 +810,19 @@ impl GuestFs {
             parent,
             move |_, r| Ok(make(r.node.clone(), name)),
             move |g, r, resp| {
-                if let FsResponse::Entry(e) = &resp {
-                    g.made(r.ino, &kept, Some(e.node.id));
+                let made = match &resp {
+                    FsResponse::Entry(e) => {
+                        g.made(r.ino, &kept, Some(e.node.id));
+                        (what == "mkdir" && e.watched).then_some(())
+                    }
+                    _ => None,
+                };
+                let looked = g.looked_from(r, resp, what)?;
+                if made.is_some() {
+                    // A directory just made is empty: its names are known from now on.
+                    g.listings.made_dir(looked.ino, &r.inc);
                 }
-                g.looked_from(r, resp, what)
+                Ok(looked)
             },
             done,
         )
@@ -944,8 +999,9 @@ impl GuestFs {
                 })
             },
             move |g, r, resp| match resp {
-                FsResponse::Moved(id) => {
+                FsResponse::Moved { node: id, attr } => {
                     g.made(np_ino, &kept_new, Some(id));
+                    g.renamed(r, id, attr);
                     // After an exchange the old name names the other file; let its event
                     // refresh it.
                     if flags & libc::RENAME_EXCHANGE == 0 {

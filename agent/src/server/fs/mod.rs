@@ -200,7 +200,10 @@ impl FsCore {
                 ref new_parent,
                 ref new_name,
                 flags,
-            } => A::Moved(self.rename(parent, name, new_parent, new_name, flags)?),
+            } => {
+                let (node, attr) = self.rename(parent, name, new_parent, new_name, flags)?;
+                A::Moved { node, attr }
+            }
             R::Open { ref node, flags } => A::Opened {
                 handle: self.open(node, flags)?,
             },

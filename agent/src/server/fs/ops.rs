@@ -345,13 +345,11 @@ impl FsCore {
         new_parent: &NodeRef,
         new_name: &[u8],
         flags: u32,
-    ) -> Result<NodeId, Errno> {
+    ) -> Result<(NodeId, Attr), Errno> {
         let p = self.writable_dir(parent)?;
         let np = self.writable_dir(new_parent)?;
         let name = check_name(name)?;
         let new_name = check_name(new_name)?;
-        // What moves (for the host's own bookkeeping; a race only costs it a refresh).
-        let moved = sys::stat_at(p.fd(), &name)?;
         use std::os::fd::AsRawFd;
         // SAFETY: valid C strings and descriptors we hold; flags are passed to the kernel,
         // which rejects unknown ones.
@@ -364,10 +362,13 @@ impl FsCore {
                 flags,
             )
         })?;
-        Ok(NodeId {
-            dev: moved.st_dev,
-            ino: moved.st_ino,
-        })
+        // What the new name names now, for the host's own bookkeeping (a race with the
+        // guest only costs the host a refresh).
+        let moved = sys::stat_at(np.fd(), &new_name)?;
+        Ok((
+            self.nodes.reported(moved.st_dev, moved.st_ino),
+            sys::to_attr(&moved),
+        ))
     }
 
     /// Create and open `name`: (entry, handle).

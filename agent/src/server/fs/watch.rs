@@ -33,7 +33,7 @@ use tokio::io::unix::AsyncFd;
 
 use super::sys::{self, ProcFd};
 use super::FsCore;
-use crate::proto::fs::{FsEvent, NodeId};
+use crate::proto::fs::{Attr, FsEvent, NodeId};
 use crate::proto::Message;
 use crate::server::{Out, OutTx};
 
@@ -242,16 +242,20 @@ impl EventSet {
             self.events.push(FsEvent::Entry { parent, name, now });
         }
     }
-    fn node(&mut self, node: NodeId, data: bool) {
+    fn node(&mut self, node: NodeId, data: bool, attr: Option<Attr>) {
         match self.nodes.get(&node) {
             Some(&i) => {
-                if let Some(FsEvent::Node { data: d, .. }) = self.events.get_mut(i) {
+                if let Some(FsEvent::Node {
+                    data: d, attr: a, ..
+                }) = self.events.get_mut(i)
+                {
                     *d |= data;
+                    *a = attr;
                 }
             }
             None => {
                 self.nodes.insert(node, self.events.len());
-                self.events.push(FsEvent::Node { node, data });
+                self.events.push(FsEvent::Node { node, data, attr });
             }
         }
     }
@@ -434,7 +438,8 @@ impl Watcher {
                 }
                 Raw::SelfAttr { wd } => {
                     if let Some(p) = core.nodes.watched_dir(wd) {
-                        set.node(p.id, false);
+                        let attr = sys::stat_fd(p.fd()).ok().map(|st| sys::to_attr(&st));
+                        set.node(p.id, false, attr);
                     }
                 }
                 Raw::Child { wd, name, data } => {
@@ -445,7 +450,8 @@ impl Watcher {
                         continue;
                     };
                     if let Ok(st) = sys::stat_at(p.fd(), &cname) {
-                        set.node(core.nodes.reported(st.st_dev, st.st_ino), data);
+                        let id = core.nodes.reported(st.st_dev, st.st_ino);
+                        set.node(id, data, Some(sys::to_attr(&st)));
                     }
                 }
             }
@@ -653,8 +659,8 @@ mod tests {
     fn event_set_merges_node_events() {
         let id = |ino| NodeId { dev: 1, ino };
         let mut s = EventSet::default();
-        s.node(id(5), false);
-        s.node(id(5), true);
+        s.node(id(5), false, None);
+        s.node(id(5), true, None);
         s.entry(id(1), b"x".to_vec(), None);
         s.entry(id(1), b"x".to_vec(), Some(id(3)));
         assert_eq!(
@@ -662,7 +668,8 @@ mod tests {
             vec![
                 FsEvent::Node {
                     node: id(5),
-                    data: true
+                    data: true,
+                    attr: None,
                 },
                 FsEvent::Entry {
                     parent: id(1),
