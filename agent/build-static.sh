@@ -1,4 +1,4 @@
-#!/bin/sh
+#!/bin/bash
 # Build bandsox-agent as ONE statically linked binary (glibc, crt-static) for the guest
 # initramfs, and print its path.
 #
@@ -8,7 +8,7 @@
 # x86_64-unknown-linux-gnu target with `-C target-feature=+crt-static`. The agent uses no
 # NSS functions (no getpwnam, no hostname lookups), so static glibc is safe here.
 # Result: target/x86_64-unknown-linux-gnu/release/bandsox-agent
-set -eu
+set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release -p bandsox-agent --target x86_64-unknown-linux-gnu >&2

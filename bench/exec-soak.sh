@@ -14,8 +14,8 @@ mkdir "$MNT/soak"
 daemon=$(pgrep -f "bandsox mount $MNT" | head -n1)
 vmm=$(cat "$STATE"/vms/*/vmm.pid)
 usage() {
-  echo "daemon rss_kb=$(awk '/VmRSS/ {print $2}' /proc/$daemon/status) fds=$(ls /proc/$daemon/fd | wc -l)" \
-       "vmm rss_kb=$(awk '/VmRSS/ {print $2}' /proc/$vmm/status)"
+  echo "daemon rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$daemon/status") fds=$(ls "/proc/$daemon/fd" | wc -l)" \
+       "vmm rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$vmm/status")"
 }
 ping() { echo 'ping 200' > "$MNT/soak/ctl"; sed -n 's/.*median_us=\([0-9]*\).*/\1/p' "$MNT/soak/ctl"; }
 echo 'true' > "$MNT/soak/exec"   # warm up
@@ -38,5 +38,6 @@ echo "execs $((n-199))-$n: $(tail -n 200 "$work/soak.us" | stats)"
 f=$(head -n 200 "$work/soak.us" | awk '{s+=$1} END {print s/NR}')
 l=$(tail -n 200 "$work/soak.us" | awk '{s+=$1} END {print s/NR}')
 echo "last 200 / first 200 (mean): $(awk -v a="$l" -v b="$f" 'BEGIN{printf "%.3f", a/b}')"
-echo "runs kept: $(ls "$MNT/soak/runs" | grep -c '^[0-9]')"
+kept=0; for r in "$MNT"/soak/runs/[0-9]*; do [ -e "$r" ] && kept=$((kept + 1)); done
+echo "runs kept: $kept"
 rmdir "$MNT/soak"

@@ -24,6 +24,7 @@ done
 [ -f "$boot/vmlinux" ] || { echo "no boot/vmlinux (launch one Firecracker VM first, or set BOOT)"; exit 1; }
 work=$(mktemp -d /var/tmp/bsx-bench-jail.XXXXXX)
 pids=()
+# shellcheck disable=SC2154 # p is the loop variable inside the trap's own text
 trap 'for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 now_us() { echo $(( $(date +%s%N) / 1000 )); }

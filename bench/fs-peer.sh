@@ -28,13 +28,13 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b == 0) print "n/a"; else printf "
 drop() { sync; echo 2 > /proc/sys/vm/drop_caches; }
 # median_ms CMD...: median wall time of 5 runs of CMD (ms, 1 decimal).
 median_ms() {
-  local i t0 out=()
-  for i in 1 2 3 4 5; do t0=$(now); "$@" >/dev/null 2>&1; out+=($(( $(now) - t0 ))); done
+  local t0 out=()
+  for _ in 1 2 3 4 5; do t0=$(now); "$@" >/dev/null 2>&1; out+=($(( $(now) - t0 ))); done
   printf '%s\n' "${out[@]}" | sort -n | sed -n 3p | awk '{printf "%.1f", $1/1e6}'
 }
 cold_ms() {
-  local i t0 out=()
-  for i in 1 2 3; do drop; t0=$(now); "$@" >/dev/null 2>&1; out+=($(( $(now) - t0 ))); done
+  local t0 out=()
+  for _ in 1 2 3; do drop; t0=$(now); "$@" >/dev/null 2>&1; out+=($(( $(now) - t0 ))); done
   printf '%s\n' "${out[@]}" | sort -n | sed -n 2p | awk '{printf "%.1f", $1/1e6}'
 }
 
@@ -52,7 +52,7 @@ declare -A BACK=([native]=$work/native [bindfs]=$work/backing [fs]=$fs_backing)
 declare -A R
 
 run_target() {
-  local t=$1 d=${DIR[$1]} line k v
+  local t=$1 d=${DIR[$1]} k v
   mkdir -p "$d/ops"
   while read -r k v; do R[$t.$k]=$v; done < <(python3 "$repo/bench/fsops.py" "$d/ops" "$N")
   for n in 1000 "$BIG"; do
@@ -89,10 +89,11 @@ git clone -q --bare "$repo" "$work/repo.git"
 
 if [ "$which" = host ] || [ "$which" = all ]; then
   for t in "${targets[@]}"; do echo "measuring $t ..." >&2; run_target "$t"; done
-  # The agent's own round trip on the same connection, without FUSE (fsbench: raw calls).
-  touch "$FS/rawstat"
-  echo "fsbench stat /bench/rawstat 300" > "$MNT/fb/ctl"
-  R[fs.raw_agent_getattr]=$(sed -n 's/.*median_us=\([0-9]*\).*/\1/p' "$MNT/fb/ctl")
+  # The agent's own round trip, without the daemon or FUSE (raw calls to a host-mode
+  # agent of the same build).
+  R[fs.raw_agent_getattr]=$("$BANDSOX_DEVTOOLS" fsbench --state-dir "$STATE" \
+    --host-agent "$BANDSOX_HOST_AGENT" "write /root/rawstat 1" "stat /root/rawstat 300" \
+    | sed -n 's/.*stat n=.*median_us=\([0-9]*\).*/\1/p')
   rows=(create_write_close chmod_utime rename lstat_after_rename lstat_warm stat_missing getxattr_absent raw_agent_getattr unlink
     readdir_1000 ls_cold_1000 ls_warm_1000 "ls_cold_$BIG" "ls_warm_$BIG"
     rsync rsync_noop tar_x git_clone git_status write_1 write_64 write_256 read_1 read_64 read_256)

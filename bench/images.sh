@@ -6,7 +6,7 @@
 #     `skopeo copy` of it to a local directory: download phase and whole pull;
 #  3. boot time (mkdir → agent answers) of the imported image vs. base.
 # Usage: bench/images.sh [ROUNDS]   (default 3; medians are printed)
-set -eu
+set -euo pipefail
 rounds=${1:-3}
 work=${BANDSOX_BENCH_DIR:-/var/tmp/bandsox-bench-images}
 . "$(dirname "$0")/lib.sh"

@@ -1,9 +1,13 @@
+#!/bin/bash
 # Shared by the bench scripts: a private state directory under $work (copies of the
 # installed guest artefacts), mounted at $MNT; unmounted and its VMMs killed on exit.
 # Set `work` before sourcing; BANDSOX defaults to the release build; BANDSOX_MAIN_STATE
 # names the state directory whose boot/ and images/ are copied (default /var/lib/bandsox).
+set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BANDSOX=${BANDSOX:-$repo/target/release/bandsox}
+BANDSOX_DEVTOOLS=${BANDSOX_DEVTOOLS:-$repo/target/release/bandsox-devtools}
+# shellcheck disable=SC2154 # `work` is set by the sourcing script (see above)
 MNT=$work/mnt; STATE=$work/state
 cleanup() {
   "$BANDSOX" unmount "$MNT" >/dev/null 2>&1 || true

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Benchmarks for issue 2 (figures go to docs/benchmarks.md). Not a test: prints numbers.
 #  1. mkdir -> agent ready, vs. the same QEMU command line booting the same kernel+initrd
-#     to the agent's first answer without the daemon (bandsox bench-boot).
+#     to the agent's first answer without the daemon (bandsox-devtools bench-boot).
 #  2. `echo true > exec` round trip vs. a raw protocol ping over the same connection
 #     (the VM's `ping N` diagnostic ctl command), medians of >= 30 runs, one run of this script.
 # Usage: bench/run.sh [ROUNDS]   (root; after mount-helpers/setup --no-mount)
@@ -20,7 +20,7 @@ for i in $(seq 1 "$rounds"); do
   t0=$(now_ms); mkdir "$MNT/b$i"; t1=$(now_ms)
   echo $((t1 - t0)) >> "$work/mkdir.ms"
   rmdir "$MNT/b$i"
-  "$BANDSOX" bench-boot --state-dir "$STATE" >> "$work/raw.ms"
+  "$BANDSOX_DEVTOOLS" bench-boot --state-dir "$STATE" >> "$work/raw.ms"
 done
 m=$(median < "$work/mkdir.ms"); r=$(median < "$work/raw.ms")
 echo "mkdir median ${m} ms; raw qemu+handshake median ${r} ms; ratio $(awk -v a="$m" -v b="$r" 'BEGIN{printf "%.3f", a/b}')"

@@ -1,6 +1,6 @@
-#!/bin/sh
+#!/bin/bash
 # Story 1: boot a VM, run a command, read its output.
-set -eu
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 mkdir "$B/demo1"
 echo 'uname -r' > "$B/demo1/exec"

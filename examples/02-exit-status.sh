@@ -1,6 +1,6 @@
-#!/bin/sh
+#!/bin/bash
 # Story 2: a script's exit code.
-set -eu
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 mkdir "$B/demo2"
 printf '#!/bin/sh\necho working\nexit 3\n' > "$B/demo2/exec"

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Stream a long-running command's output live through one read-write descriptor.
-set -eu
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 mkdir "$B/demo3"
 exec 3<>"$B/demo3/exec"

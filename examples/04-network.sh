@@ -1,7 +1,7 @@
-#!/bin/sh
+#!/bin/bash
 # Networking: net=user (QEMU, no root) reaches the host's loopback as 10.0.2.2;
 # net=tap (root; QEMU or Firecracker) gets its own /30 with NAT to the host's uplink.
-set -eu
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 dir=$(mktemp -d); echo "hello from the host" > "$dir/hello.txt"
 python3 -m http.server --bind 127.0.0.1 --directory "$dir" 8931 >/dev/null 2>&1 &

@@ -1,6 +1,6 @@
-#!/bin/sh
+#!/bin/bash
 # Story 5: pause and resume.
-set -eu
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 mkdir "$B/demo5"
 echo pause > "$B/demo5/ctl"; cat "$B/demo5/state"     # paused

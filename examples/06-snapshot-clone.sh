@@ -1,7 +1,7 @@
-#!/bin/sh
+#!/bin/bash
 # Story 6: snapshot a running VM and start three clones of it; a process started before
 # the snapshot runs on in every clone, each clone with its own name, disk and entropy.
-set -eu
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 echo 'create demo6 memory=128' > "$B/ctl"
 echo 'sleep 10000 >/dev/null 2>&1 & echo started' > "$B/demo6/exec"

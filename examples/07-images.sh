@@ -1,7 +1,7 @@
-#!/bin/sh
+#!/bin/bash
 # Images: import a root filesystem tarball, look at its info, boot it, remove it.
 # (For registries: echo 'pull NAME REFERENCE' > ctl — see docs/images.md.)
-set -eu
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 BB=${BANDSOX_BUSYBOX:-/var/cache/bandsox/busybox/bin/busybox}
 work=$(mktemp -d)

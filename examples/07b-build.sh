@@ -1,7 +1,7 @@
-#!/bin/sh
+#!/bin/bash
 # Images from a Dockerfile: build with the host's builder (buildah, installed by setup),
 # run the image's CMD at boot (autostart=1), read its output, clean up.
-set -eu
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 BB=${BANDSOX_BUSYBOX:-/var/cache/bandsox/busybox/bin/busybox}
 work=$(mktemp -d)

@@ -1,6 +1,6 @@
-#!/bin/sh
+#!/bin/bash
 # Story 8: follow the console and the event log (Ctrl-C to stop following).
-set -eu
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 tail -n 3 -f "$B/events" &
 follower=$!

@@ -1,6 +1,6 @@
-#!/bin/sh
+#!/bin/bash
 # Story 9: rmdir stops and deletes everything the VM had.
-set -eu
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 mkdir "$B/demo9"
 grep '"id"' "$B/demo9/info"

@@ -1,6 +1,6 @@
-#!/bin/sh
+#!/bin/bash
 # Story 10: VMs survive a daemon crash and are re-adopted.
-set -eu
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 mkdir "$B/demo10"
 pkill -9 -f "bandsox mount $B"

@@ -2,7 +2,7 @@
 # A shared service: what you use against the limits root sets, what a refusal looks like,
 # and your own event lines. As root, first: echo 'per_user.vms = 1' >> /etc/bandsox/limits
 # (the daemon picks the change up at once). Run as an ordinary user.
-set -u
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 cat "$B/usage"                      # user uid=... vms=0/1 ...; host ...; vm ...
 mkdir "$B/demo12a"

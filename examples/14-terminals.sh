@@ -1,9 +1,9 @@
-#!/bin/sh
+#!/bin/bash
 # Terminals and per-command options from a plain shell (issue 14): a terminal run driven
 # through its files, its screen read as text, a resize, per-command env/cwd/timeout, and
 # the same through `bandsox exec` (`bandsox attach demo14` gives an interactive shell;
 # Ctrl-] d detaches).
-set -eu
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 mkdir "$B/demo14"
 

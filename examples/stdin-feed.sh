@@ -1,6 +1,6 @@
 #!/bin/bash
 # Feed a running command's stdin, then close it.
-set -eu
+set -euo pipefail
 B=${BANDSOX_MNT:-/mnt/bandsox}
 mkdir "$B/demos"
 exec 3<>"$B/demos/exec"; echo 'wc -l' >&3

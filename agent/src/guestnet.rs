@@ -221,6 +221,10 @@ mod sys {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "address-family and interface-flag constants of the kernel ABI fit their C field types"
+    )]
     fn sockaddr(a: Ipv4Addr) -> libc::sockaddr {
         let sin = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
@@ -245,7 +249,7 @@ mod sys {
         // SAFETY: ifreq is plain old data; all-zero is a valid value.
         let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
         for (d, s) in r.ifr_name.iter_mut().zip(name.bytes()) {
-            *d = s as libc::c_char;
+            *d = libc::c_char::from_ne_bytes([s]);
         }
         Ok(r)
     }
@@ -259,6 +263,10 @@ mod sys {
         Ok(())
     }
 
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "address-family and interface-flag constants of the kernel ABI fit their C field types"
+    )]
     pub fn set_up(name: &str) -> io::Result<()> {
         let s = socket()?;
         let mut r = ifreq(name)?;

@@ -7,6 +7,7 @@
 //! * [`init`]: PID 1 duties in the guest (mounts, modules, switch_root, power off).
 //! * [`image`]: the image config (env, working dir, user) applied to every command.
 pub mod client;
+pub mod faults;
 pub mod guestnet;
 pub mod image;
 pub mod init;

@@ -92,7 +92,7 @@ impl Reaper {
             if pid <= 0 {
                 return;
             }
-            self.route(table, pid as u32, status);
+            self.route(table, pid.unsigned_abs(), status);
         }
     }
 
@@ -145,7 +145,7 @@ impl Reaper {
             // SAFETY: waitpid with a valid pointer to a local int.
             let got = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
             if got == pid {
-                self.route(table, pid as u32, status);
+                self.route(table, pid.unsigned_abs(), status);
             } else {
                 drop(table);
                 // Someone else reaped it (e.g. std after a failed exec); sweep anyway.

@@ -3,6 +3,13 @@
 //!
 //! These tests run as root in CI (chown, trusted xattrs, 04755 on a root-owned file,
 //! mounting proc); a test that needs root is skipped otherwise.
+#![allow(
+    clippy::cast_lossless,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test code: sizes, offsets and ids are small values the test constructs"
+)]
 mod common;
 
 use common::Agent;

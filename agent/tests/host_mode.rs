@@ -1,4 +1,9 @@
 //! Integration tests: the real `bandsox-agent` binary in host mode, driven by the client.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "test code: sizes, offsets and ids are small values the test constructs"
+)]
 mod common;
 
 use common::Agent;

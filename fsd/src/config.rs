@@ -167,7 +167,9 @@ impl VmConfig {
             "exec_timeout" => {
                 self.exec_timeout_ms = match crate::manager::execopts::parse_timeout(key, value)? {
                     crate::manager::execopts::TimeoutOpt::Off => None,
-                    crate::manager::execopts::TimeoutOpt::After(d) => Some(d.as_millis() as u64),
+                    crate::manager::execopts::TimeoutOpt::After(d) => {
+                        Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    }
                 }
             }
             _ => {

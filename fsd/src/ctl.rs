@@ -101,8 +101,6 @@ pub enum VmCmd {
     Reconnect,
     /// Diagnostic: N protocol pings over the VM's agent connection (for benchmarks).
     Ping(u32),
-    /// Diagnostic: raw file-service calls over the agent connection (for benchmarks).
-    FsBench(crate::guestfs::bench::FsBench),
     /// `exec_timeout=SECONDS|none`: the VM's default command timeout (`None`: none).
     ExecTimeout(Option<std::time::Duration>),
 }
@@ -234,7 +232,6 @@ pub fn parse_vm(line: &str) -> Result<VmCmd> {
             .filter(|n| (1..=10_000).contains(n))
             .map(VmCmd::Ping)
             .ok_or_else(|| Error::invalid(format!("ping {}: expected a count 1..10000", quote(n)))),
-        ["fsbench", rest @ ..] => crate::guestfs::bench::FsBench::parse(rest).map(VmCmd::FsBench),
         [kv] if kv.starts_with("exec_timeout=") => {
             let v = &kv["exec_timeout=".len()..];
             Ok(VmCmd::ExecTimeout(

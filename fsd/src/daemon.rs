@@ -48,9 +48,15 @@ fn notify(states: &[sd_notify::NotifyState]) {
 pub fn init_logging(default: Option<&str>) {
     let filter = EnvFilter::try_from_env("BANDSOX_LOG")
         .unwrap_or_else(|_| EnvFilter::new(default.unwrap_or("info")));
+    // Spans (VM lifecycle steps, at debug level) log their duration when they close;
+    // thread names tie a FUSE reply's line to fuser's line naming the request.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .with_thread_names(true)
+        // Colours only on a terminal: daemon.log stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

@@ -86,7 +86,7 @@ pub(crate) fn sparse_copy(input: &File, output: &File) -> io::Result<u64> {
         };
         let mut off = start;
         while off < end {
-            let n = ((end - off) as usize).min(CHUNK);
+            let n = usize::try_from(end - off).map_or(CHUNK, |n| n.min(CHUNK));
             let chunk = &mut buf[..n];
             input.read_exact_at(chunk, off)?;
             written += write_nonzero(output, chunk, off)?;
@@ -101,8 +101,10 @@ pub(crate) fn sparse_copy(input: &File, output: &File) -> io::Result<u64> {
 /// Filesystems without `SEEK_DATA` report the whole rest as data.
 fn next_data(f: &File, pos: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
     let fd = f.as_raw_fd();
+    let pos_off =
+        libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: lseek on an open fd; no memory involved.
-    let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+    let start = unsafe { libc::lseek(fd, pos_off, libc::SEEK_DATA) };
     if start < 0 {
         let e = io::Error::last_os_error();
         return match e.raw_os_error() {
@@ -116,7 +118,8 @@ fn next_data(f: &File, pos: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
     if end < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(Some((start as u64, (end as u64).min(len))))
+    // Both are non-negative here (checked above).
+    Ok(Some((start.unsigned_abs(), end.unsigned_abs().min(len))))
 }
 
 /// Write `chunk` at `off`, skipping whole all-zero blocks; returns the bytes written.
@@ -145,6 +148,10 @@ fn write_nonzero(out: &File, chunk: &[u8], off: u64) -> io::Result<u64> {
     Ok(written)
 }
 
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test code: sizes, offsets and ids are small values the test constructs"
+)]
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -211,13 +211,14 @@ impl View {
         'segs: while view < end {
             let Some(s) = seg
                 .checked_sub(self.first_seg)
-                .and_then(|i| self.segs.get(i as usize))
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| self.segs.get(i))
             else {
                 break;
             };
             let mut carry: Vec<u8> = Vec::new();
             while raw < s.scanned {
-                let want = ((s.scanned - raw) as usize).min(buf.len());
+                let want = usize::try_from(s.scanned - raw).map_or(buf.len(), |w| w.min(buf.len()));
                 let n = match s.file.read_at(&mut buf[..want], raw) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
@@ -229,10 +230,12 @@ impl View {
                     if let Some(public) = self.filter.show(&carry[ls..ls + nl]) {
                         let line_len = public.len() as u64 + 1;
                         if view + line_len > off {
-                            let from = off.saturating_sub(view) as usize;
+                            let from =
+                                usize::try_from(off.saturating_sub(view)).unwrap_or(usize::MAX);
                             let mut full = public.to_vec();
                             full.push(b'\n');
-                            let to = ((end - view) as usize).min(full.len());
+                            let to = usize::try_from(end - view)
+                                .map_or(full.len(), |t| t.min(full.len()));
                             out.extend_from_slice(&full[from.min(to)..to]);
                         }
                         view += line_len;
@@ -328,6 +331,10 @@ impl EventsHandle {
     }
 }
 
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test code: sizes, offsets and ids are small values the test constructs"
+)]
 #[cfg(test)]
 mod tests {
     use super::*;

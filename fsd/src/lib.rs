@@ -4,7 +4,6 @@
 //! files) → `manager` (VMs, runs, lifecycle) → `vmm` (backends) and the agent client
 //! from `bandsox_agent::client`. `error` is the one error type, with explicit errnos.
 pub mod backends;
-pub mod bench;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
@@ -15,8 +14,6 @@ pub mod doctor;
 pub mod error;
 pub mod events;
 pub mod eventview;
-pub mod fslat;
-pub mod fsx;
 pub mod fuse;
 pub mod guest;
 pub mod guestfs;

@@ -44,7 +44,7 @@ pub fn kept_start(f: &File) -> u64 {
         // ENXIO: no data at all (empty, or all hole).
         return f.metadata().map(|m| m.len()).unwrap_or(0);
     }
-    off as u64
+    off.unsigned_abs()
 }
 
 /// Keep the last `keep` bytes of the file at `path`; free the rest once it holds more
@@ -72,7 +72,7 @@ pub fn enforce(path: &Path, keep: u64) -> std::io::Result<u64> {
             f.as_raw_fd(),
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             0,
-            end as libc::off_t,
+            libc::off_t::try_from(end).unwrap_or(libc::off_t::MAX),
         )
     };
     if rc == 0 {

@@ -61,29 +61,6 @@ enum Cmd {
         #[arg(long)]
         agent: Option<PathBuf>,
     },
-    /// Benchmark baseline: boot one VM without the daemon, print ms to the agent's answer.
-    BenchBoot {
-        #[arg(long, env = "BANDSOX_STATE_DIR", default_value = "/var/lib/bandsox")]
-        state_dir: PathBuf,
-    },
-    /// Exercise a file with random writes, truncates and reads, checked against a local
-    /// reference copy (e.g. a file under a VM's fs/); exits non-zero on the first mismatch.
-    Fsx {
-        file: PathBuf,
-        #[arg(long, default_value_t = 2000)]
-        ops: u32,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Largest file size produced, in bytes.
-        #[arg(long, default_value_t = 4 * 1024 * 1024)]
-        max_size: u64,
-    },
-    /// Median latency of stat, 4 KiB O_DIRECT read and create+unlink in DIR (benchmarks).
-    Fslat {
-        dir: PathBuf,
-        #[arg(long, default_value_t = 200)]
-        n: u32,
-    },
     /// Run a command in a VM like `docker exec`: its stdout and stderr on ours, our
     /// stdin forwarded, Ctrl-C sent to it, and its exit code as ours (128+N for signal
     /// N, 124 for a timeout). A thin client of VM/exec and VM/runs/<n>/.
@@ -213,22 +190,6 @@ fn main() -> ExitCode {
             } else {
                 return ExitCode::FAILURE;
             }
-        }
-        Cmd::Fslat { dir, n } => bandsox_fsd::fslat::run(&dir, n).map(|line| println!("{line}")),
-        Cmd::Fsx {
-            file,
-            ops,
-            seed,
-            max_size,
-        } => bandsox_fsd::fsx::run(&bandsox_fsd::fsx::FsxOptions {
-            file,
-            ops,
-            seed,
-            max_size,
-        }),
-        Cmd::BenchBoot { state_dir } => {
-            daemon::init_logging(Some("warn"));
-            bandsox_fsd::bench::bench_boot(&state_dir).map(|ms| println!("{ms}"))
         }
         Cmd::GuestBuild {
             state_dir,

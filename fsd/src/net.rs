@@ -412,11 +412,11 @@ pub fn set_tap_owner(ifname: &str, uid: u32, gid: u32) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     // SAFETY: TUNSETOWNER/TUNSETGROUP take the id by value; no memory is passed.
-    if unsafe { libc::ioctl(fd, TUNSETOWNER as _, uid as libc::c_ulong) } < 0 {
+    if unsafe { libc::ioctl(fd, TUNSETOWNER as _, libc::c_ulong::from(uid)) } < 0 {
         return Err(ctx("TUNSETOWNER", std::io::Error::last_os_error()));
     }
     // SAFETY: as above.
-    if unsafe { libc::ioctl(fd, TUNSETGROUP as _, gid as libc::c_ulong) } < 0 {
+    if unsafe { libc::ioctl(fd, TUNSETGROUP as _, libc::c_ulong::from(gid)) } < 0 {
         return Err(ctx("TUNSETGROUP", std::io::Error::last_os_error()));
     }
     Ok(())

@@ -234,11 +234,15 @@ pub fn recorded_daemon_alive(state_dir: &Path) -> bool {
     );
     match pid {
         Some(pid) if pid != u64::from(std::process::id()) => {
-            if alive(pid as u32, start.filter(|&s| s != 0)) {
+            // A pid that does not fit is no process (a damaged file).
+            let Ok(pid) = u32::try_from(pid) else {
+                return false;
+            };
+            if alive(pid, start.filter(|&s| s != 0)) {
                 return true;
             }
-            if let Some(wd) = wd.filter(|&w| w != 0) {
-                end_watchdog(wd as u32, pid as u32);
+            if let Some(wd) = wd.filter(|&w| w != 0).and_then(|w| u32::try_from(w).ok()) {
+                end_watchdog(wd, pid);
             }
             false
         }
@@ -249,6 +253,9 @@ pub fn recorded_daemon_alive(state_dir: &Path) -> bool {
 /// SIGKILL the watchdog `wd` of daemon `daemon` (checked by its command line) and wait
 /// (at most a second) until it is gone.
 fn end_watchdog(wd: u32, daemon: u32) {
+    let Ok(wd_pid) = i32::try_from(wd) else {
+        return;
+    };
     let Ok(cmdline) = std::fs::read(format!("/proc/{wd}/cmdline")) else {
         return;
     };
@@ -262,7 +269,7 @@ fn end_watchdog(wd: u32, daemon: u32) {
     }
     tracing::info!("ending watchdog {wd} of the dead daemon {daemon}");
     let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(wd as i32),
+        nix::unistd::Pid::from_raw(wd_pid),
         nix::sys::signal::Signal::SIGKILL,
     );
     let t0 = std::time::Instant::now();

@@ -36,7 +36,7 @@ fn scenario(name: &str, extra_env: &[(&str, &str)]) {
         .env("GREL", &rel)
         .env("VMDIR", m.mnt.join("a"))
         .env("WORK", work.path())
-        .env("BANDSOX", env!("CARGO_BIN_EXE_bandsox"))
+        .env("BANDSOX_DEVTOOLS", env!("CARGO_BIN_EXE_bandsox-devtools"))
         .env("VMM_PID_FILE", vm_dir.join("vmm.pid"));
     for (k, v) in extra_env {
         cmd.env(k, v);

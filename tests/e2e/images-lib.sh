@@ -1,25 +1,24 @@
+#!/bin/bash
 # Helpers for the image tests (t-4*): test images built from Debian's static busybox with
 # umoci, a throwaway registry on loopback, and image cleanup. Sourced after lib.sh.
 # Needs: umoci, skopeo, docker-registry, curl (mount-helpers/setup installs them).
+set -euo pipefail
 
 BB=${BANDSOX_BUSYBOX:-${BANDSOX_CACHE:-/var/cache/bandsox}/busybox/bin/busybox}
 IMG_WORK=$(mktemp -d /var/tmp/bandsox-img-test.XXXXXX)
 IMAGES=""
 REG_PID=""
 
+# Images go after the test's VMs (on_exit runs newest first, so this entry removes the
+# VMs itself; lib.sh's own cleanup_vms then finds nothing left).
 images_cleanup() {
   for i in ${IMAGES:-}; do
-    [ -d "$MNT/images/$i" ] && rmdir "$MNT/images/$i" 2>/dev/null || true
+    if [ -d "$MNT/images/$i" ]; then rmdir "$MNT/images/$i" 2>/dev/null || true; fi
   done
-  [ -n "${REG_PID:-}" ] && kill "$REG_PID" 2>/dev/null || true
+  if [ -n "${REG_PID:-}" ]; then kill "$REG_PID" 2>/dev/null || true; fi
   rm -rf "$IMG_WORK"
 }
-
-all_cleanup() {
-  cleanup_vms
-  images_cleanup
-}
-trap all_cleanup EXIT
+on_exit 'cleanup_vms; images_cleanup'
 
 need_tools() {
   for t in umoci skopeo docker-registry curl; do
@@ -105,7 +104,7 @@ start_registry() {
   mkdir -p "$_rd/data"
   for _try in 1 2 3 4 5; do
     _port=$(( 20000 + $(od -An -N2 -tu2 /dev/urandom) % 20000 ))
-    ss -ltn 2>/dev/null | grep -q ":$_port " && continue
+    ss -ltn 2>/dev/null | has ":$_port " && continue
     cat > "$_rd/config.yml" <<EOF
 version: 0.1
 log:
@@ -159,5 +158,5 @@ run_in() {
 # no_partial NAME: neither the image nor a build directory is left behind.
 no_partial() {
   [ ! -e "$MNT/images/$1" ] || fail "images/$1 exists after a failure"
-  ! ls -a "$STATE/images" | grep -q "^\.tmp-" || fail "a .tmp build directory was left: $(ls -a "$STATE/images")"
+  ! ls -a "$STATE/images" | has "^\.tmp-" || fail "a .tmp build directory was left: $(ls -a "$STATE/images")"
 }

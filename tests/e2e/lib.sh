@@ -1,45 +1,28 @@
-# Run with bash: dash reports every failed write as "I/O error", hiding the errno.
-# Shared helpers for the end-to-end tests. Sourced by every t-*.sh; plain POSIX sh.
+#!/bin/bash
+# Shared helpers for the end-to-end tests, sourced by every t-*.sh (run with bash: dash
+# reports every failed write as "I/O error", hiding the errno). Assertions, polling and
+# chained cleanups (`on_exit`) come from tests/testlib.sh.
 # Environment (set by run.sh): MNT (mount point), STATE (state directory), BANDSOX (binary).
-set -eu
-
-fail() { echo "FAIL: $*" >&2; exit 1; }
-note() { echo "  .. $*" >&2; }
-
-# assert_eq EXPECTED ACTUAL [WHAT]
-assert_eq() {
-  [ "$1" = "$2" ] || fail "${3:-value}: expected [$1], got [$2]"
-}
-
-# assert_contains HAYSTACK NEEDLE [WHAT]
-assert_contains() {
-  case "$1" in *"$2"*) ;; *) fail "${3:-text} does not contain [$2]: [$1]" ;; esac
-}
-
-# wait_for SECONDS CMD...: retry CMD every 0.2 s until it succeeds.
-wait_for() {
-  _t=$1; shift
-  _end=$(( $(date +%s) + _t ))
-  while ! "$@" >/dev/null 2>&1; do
-    [ "$(date +%s)" -lt "$_end" ] || return 1
-    sleep 0.2
-  done
-}
+# shellcheck source=tests/testlib.sh
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 
 state_is() { [ "$(cat "$MNT/$1/state")" = "$2" ]; }
 
-# A fresh VM for this test, removed on exit.
+# A fresh VM for this test, removed on exit (every name in VMS is: see cleanup_vms).
 new_vm() {
   mkdir "$MNT/$1" || fail "mkdir $1 failed: $(cat "$MNT/$1/state" 2>/dev/null || true)"
   VMS="${VMS:-} $1"
-  trap cleanup_vms EXIT
 }
 
+# Remove the VMs named in VMS (registered with on_exit below: add a name to VMS to have
+# its VM removed when the test ends).
 cleanup_vms() {
   for v in ${VMS:-}; do
-    [ -d "$MNT/$v" ] && rmdir "$MNT/$v" 2>/dev/null || true
+    if [ -d "$MNT/$v" ]; then rmdir "$MNT/$v" 2>/dev/null || true; fi
   done
 }
+on_exit cleanup_vms
 
 # write_expect_error FILE TEXT ERRNO_TEXT: a write must fail with that message.
 write_expect_error() {

@@ -5,15 +5,16 @@
 #        BANDSOX_E2E_BACKEND=firecracker tests/e2e/run.sh   (every VM on that backend)
 #        BANDSOX_E2E_VSOCK=1 tests/e2e/run.sh   (QEMU with the agent on virtio-vsock through
 #          vhost-device-vsock, as on Firecracker; only the tests marked "# vsock: yes")
-set -u
+set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 BANDSOX=${BANDSOX:-$repo/target/release/bandsox}
+BANDSOX_DEVTOOLS=${BANDSOX_DEVTOOLS:-$repo/target/release/bandsox-devtools}
 MAIN_STATE=${BANDSOX_MAIN_STATE:-/var/lib/bandsox}
 work=${BANDSOX_TEST_DIR:-/var/tmp/bandsox-e2e}
 MNT=$work/mnt
 STATE=$work/state
-export MNT STATE BANDSOX
+export MNT STATE BANDSOX BANDSOX_DEVTOOLS
 pattern=${1:-}
 
 cleanup() {
@@ -23,8 +24,8 @@ cleanup() {
     # Only a pid whose command line names this VM's directory (or, jailed, its jail id)
     # is ours to kill.
     [ -f "$p" ] || continue
-    pid=$(cat "$p"); d=$(dirname "$p")
-    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -e "$d" -e "--id bx-$(basename "$d") " \
+    pid=$(cat "$p" 2>/dev/null) || continue; d=$(dirname "$p")
+    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -F -e "$d" -e "--id bx-$(basename "$d") " >/dev/null \
       && kill -9 "$pid" 2>/dev/null || true
   done
   pkill -f "bandsox mount $MNT" 2>/dev/null || true
@@ -72,7 +73,7 @@ for t in "$here"/t-*.sh; do
   if [ -n "$pattern" ] && [[ "$name" != *$pattern* ]]; then continue; fi
   if [ "$VSOCK" = 1 ] && ! grep -qx '# vsock: yes' "$t"; then continue; fi
   # Every test starts with a mounted daemon (a test may restart it).
-  mountpoint -q "$MNT" || start_daemon
+  mountpoint -q "$MNT" || start_daemon || echo "daemon failed to start again (see $STATE/daemon.log)"
   start=$(date +%s)
   # A test may ask for more than the default 300 s with a "# timeout: SECONDS" line.
   limit=$(sed -n 's/^# timeout: \([0-9][0-9]*\)$/\1/p' "$t" | head -n1)
@@ -85,7 +86,7 @@ for t in "$here"/t-*.sh; do
   # No VM may leak from one test into the next.
   for v in "$MNT"/*/; do
     v=$(basename "$v"); case "$v" in images|snapshots) continue;; esac
-    [ -d "$MNT/$v" ] && rmdir "$MNT/$v" 2>/dev/null
+    if [ -d "$MNT/$v" ]; then rmdir "$MNT/$v" 2>/dev/null || true; fi
   done
 done
 if [ "$failed" -gt 0 ]; then

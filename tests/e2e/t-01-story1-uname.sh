@@ -1,5 +1,7 @@
+#!/bin/bash
 # Story 1: mkdir boots a VM; echo > exec runs a command; cat exec prints its output.
 # vsock: yes
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm s1
 assert_eq running "$(cat "$MNT/s1/state")" state

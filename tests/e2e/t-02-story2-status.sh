@@ -1,5 +1,7 @@
+#!/bin/bash
 # Story 2: a #! script's exit code appears in runs/last/status.
 # vsock: yes
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm s2
 printf '#!/bin/sh\nexit 3\n' > "$MNT/s2/exec"

@@ -1,5 +1,7 @@
+#!/bin/bash
 # Story 5: pause and resume through ctl.
 # vsock: yes
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm s5
 echo pause > "$MNT/s5/ctl"

@@ -1,4 +1,6 @@
+#!/bin/bash
 # Story 7: bad ctl input fails with EINVAL, cat ctl explains, nothing changes.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm s7
 write_expect_error "$MNT/s7/ctl" bogus "Invalid argument"

@@ -1,4 +1,6 @@
+#!/bin/bash
 # Story 8: tail -f console shows the boot log; tail -f events shows lifecycle events.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm s8
 timeout 5 tail -n +1 -f "$MNT/s8/console" > /tmp/bandsox-e2e-console.$$ 2>&1 || true

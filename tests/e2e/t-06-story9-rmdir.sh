@@ -1,4 +1,6 @@
+#!/bin/bash
 # Story 9: rmdir stops and deletes the VM and all its files.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 mkdir "$MNT/s9"
 id=$(sed -n 's/.*"id": "\(.*\)".*/\1/p' "$MNT/s9/info")

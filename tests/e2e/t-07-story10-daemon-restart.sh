@@ -1,5 +1,7 @@
+#!/bin/bash
 # Story 10: SIGKILL the daemon, start it again: running VMs are still there and usable.
 # vsock: yes
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm s10
 echo 'echo before > /root/mark' > "$MNT/s10/exec"

@@ -1,4 +1,6 @@
+#!/bin/bash
 # stop powers the guest off and keeps the disk; start boots it again with files intact.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm ss
 echo 'echo kept > /root/file; sync' > "$MNT/ss/exec"

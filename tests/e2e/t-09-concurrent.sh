@@ -1,6 +1,8 @@
+#!/bin/bash
 # Three VMs booted concurrently, each running 20 parallel execs; all outputs correct.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
-VMS="c1 c2 c3"; trap cleanup_vms EXIT
+VMS="c1 c2 c3"
 for v in c1 c2 c3; do mkdir "$MNT/$v" & done
 wait
 for v in c1 c2 c3; do assert_eq running "$(cat "$MNT/$v/state")" "$v state"; done

@@ -1,5 +1,7 @@
+#!/bin/bash
 # runs/<n>/stdin feeds a running cat; kill TERM ends a sleep with status "signal 15".
 # vsock: yes
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm io
 ( echo 'cat' > "$MNT/io/exec" ) &

@@ -1,4 +1,6 @@
+#!/bin/bash
 # Bad input: errno + message, nothing changed.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 before=$(ls "$MNT")
 for bad in 'a b' '-x' ctl images snapshots README '.hidden' "$(printf 'x%.0s' $(seq 1 65))"; do

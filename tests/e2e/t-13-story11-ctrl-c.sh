@@ -1,5 +1,7 @@
+#!/bin/bash
 # Story 11: SIGINT to a reader of exec returns within a second and the guest command dies.
 # vsock: yes
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm cc
 exec 3<>"$MNT/cc/exec"; echo 'sleep 1000' >&3; exec 3<&-

@@ -1,6 +1,8 @@
+#!/bin/bash
 # Story 3: cp a big file into fs/ and cmp it; rsync a tree in and a second rsync has
 # nothing to do (t-20). Plus the 256 MiB round trip hashed by host and guest.
 # vsock: yes
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm s3
 head -c 8M /dev/urandom > /var/tmp/bandsox-big.bin

@@ -1,7 +1,9 @@
+#!/bin/bash
 # net=user (QEMU slirp, no root needed): the guest is 10.0.2.15, reaches the host's
 # loopback as 10.0.2.2, and fetches a file from an HTTP server the test runs there.
 # net=none: no interface but lo.
 # (busybox-static wget crashes with -T, so `timeout` bounds the fetches.)
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 srv=$(mktemp -d /var/tmp/bandsox-http.XXXXXX)
 head -c 300000 /dev/urandom > "$srv/blob.bin"
@@ -10,7 +12,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 python3 -m http.server --bind 127.0.0.1 --directory "$srv" "$port" >"$srv.log" 2>&1 &
 http_pid=$!
 finish() { kill "$http_pid" 2>/dev/null || true; rm -rf "$srv" "$srv.log"; cleanup_vms; }
-trap finish EXIT
+on_exit finish
 wait_for 10 python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/hello.txt')" \
   || fail "test HTTP server did not start"
 
@@ -37,7 +39,6 @@ echo "timeout 30 wget -q -O - http://10.0.2.2:$port/hello.txt" > "$MNT/nu/exec"
 assert_eq "hello from the host" "$(cat "$MNT/nu/exec")" "fetch after stop/start"
 
 # net=none: only lo, and it is up.
-# (not new_vm: that would replace this test's EXIT trap)
 mkdir "$MNT/nn" || fail "mkdir nn: $(cat "$MNT/nn/state" 2>/dev/null)"
 VMS="nu nn"
 echo 'ls /sys/class/net; cat /sys/class/net/lo/operstate; ping -c1 -W2 127.0.0.1 >/dev/null && echo lo-ok' > "$MNT/nn/exec"

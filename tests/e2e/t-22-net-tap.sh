@@ -1,3 +1,4 @@
+#!/bin/bash
 # net=tap (root): a second daemon runs in a network namespace the test creates ("d"), with
 # a veth link to another namespace ("up") that plays the outside world and has no route
 # back to the VMs' addresses. So a guest can only fetch from "up" if the daemon's NAT
@@ -5,6 +6,7 @@
 # snapshot each on their own TAP device and address, the TAP device follows
 # stop/start/rmdir, and nothing is left in the namespace afterwards.
 # (busybox-static wget crashes with -T, so `timeout` bounds the fetches.)
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 command -v nft >/dev/null || fail "nft missing (mount-helpers/setup installs nftables)"
 ns_d=bsxt-d-$$ ns_up=bsxt-up-$$
@@ -28,7 +30,7 @@ finish() {
   ip netns del "$ns_d" 2>/dev/null; ip netns del "$ns_up" 2>/dev/null
   rm -rf "$M2"
 }
-trap finish EXIT
+on_exit finish
 
 ip netns add "$ns_d"; ip netns add "$ns_up"
 ip link add tvd$$ netns "$ns_d" type veth peer name tvu$$ netns "$ns_up"
@@ -50,8 +52,8 @@ echo "create t2 net=tap backend=${BACKEND:-qemu}" > "$M2/mnt/ctl" || fail "creat
 id1=$(sed -n 's/.*"id": *"\([0-9a-f]*\)".*/\1/p' "$M2/mnt/t1/info")
 assert_contains "$(cat "$M2/mnt/t1/info")" '"ip": "172.30.0.2"' "t1 info"
 assert_contains "$(cat "$M2/mnt/t2/info")" '"ip": "172.30.0.6"' "t2 info"
-in_d ip -4 addr show dev "bsx$id1" | grep -q "inet 172.30.0.1/30" || fail "t1's TAP device has no host address"
-in_d nft list table ip bandsox | grep -q masquerade || fail "no NAT rule"
+in_d ip -4 addr show dev "bsx$id1" | has "inet 172.30.0.1/30" || fail "t1's TAP device has no host address"
+in_d nft list table ip bandsox | has masquerade || fail "no NAT rule"
 [ "$(in_d cat /proc/sys/net/ipv4/ip_forward)" = 1 ] || fail "forwarding is off"
 
 echo 'timeout 30 wget -q -O - http://10.99.0.2:8080/hello.txt' > "$M2/mnt/t1/exec"

@@ -1,5 +1,7 @@
+#!/bin/bash
 # The agent connection of a real VM is dropped and re-established under open files,
 # running reads and exec (tests/fs/reconnect.sh), and after pause/resume.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm rc
 fs_scenario reconnect rc

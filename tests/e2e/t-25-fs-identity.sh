@@ -2,6 +2,7 @@
 # Issue 11 on a real VM: stable inode numbers (mv, ln, drop_caches, guest mv,
 # pause/resume, and a daemon SIGKILL + restart), d_ino == st_ino, hard links through tar
 # and rsync -aH, POSIX rename for every file type (tests/fs/identity.sh).
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm idn
 fs_scenario identity idn

@@ -5,7 +5,8 @@
 # documented bounds (tests/fs/scale.sh). `du`, `ls -lR` and `rsync -an` of the same tree
 # take 3-5 minutes each under TCG; they run at full scale in host mode (fsd/tests/fs_host.rs).
 # timeout: 900
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 echo "create scl memory=256 disk=4096" > "$MNT/ctl" || fail "create: $(cat "$MNT/ctl")"
-VMS="scl"; trap cleanup_vms EXIT
-SCALE_WALKS=find fs_scenario scale scl
+VMS="scl"
+SCALE_WALKS="find" fs_scenario scale scl

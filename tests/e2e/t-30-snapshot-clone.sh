@@ -1,9 +1,11 @@
+#!/bin/bash
 # Snapshots: `snapshot NAME` on a running VM, snapshots/NAME/info, `clone`, identity,
 # consistency (a file written through fs/ before the snapshot is in the clone, one written
 # after is not), exec and fs/ on the first try after restore, rmdir of the snapshot.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 echo 'create sa memory=128' > "$MNT/ctl" || fail "create sa: $(cat "$MNT/ctl")"
-VMS="sa"; trap cleanup_vms EXIT
+VMS="sa"
 sa=$MNT/sa
 printf 'before\n' > "$sa/fs/root/before.txt"
 printf '0123456789abcdef0123456789abcdef\n' > "$sa/fs/etc/machine-id"
@@ -16,7 +18,7 @@ assert_eq running "$(cat "$sa/state")" "source state after snapshot"
 echo 'echo still' > "$sa/exec"
 assert_eq still "$(cat "$sa/exec")" "source exec after snapshot"
 
-ls "$MNT/snapshots" | grep -qx s1 || fail "snapshots/ does not list s1: $(ls "$MNT/snapshots")"
+ls "$MNT/snapshots" | has -x s1 || fail "snapshots/ does not list s1: $(ls "$MNT/snapshots")"
 info=$(cat "$MNT/snapshots/s1/info")
 assert_contains "$info" '"source_vm": "sa"'
 assert_contains "$info" '"memory_mib": 128'
@@ -24,7 +26,7 @@ assert_contains "$info" "\"backend\": \"$(sed -n 's/.*"backend": *"\([a-z]*\)".*
 
 assert_contains "$info" '"sha256"'
 assert_contains "$info" '"state_bytes"'
-[ -z "$(ls -A "$STATE/snapshots" | grep '^\.')" ] || fail "temporary snapshot dirs left: $(ls -A "$STATE/snapshots")"
+! ls -A "$STATE/snapshots" | has '^\.' || fail "temporary snapshot dirs left: $(ls -A "$STATE/snapshots")"
 
 echo 'clone s1 sc' > "$MNT/ctl" || fail "clone: $(cat "$MNT/ctl")"
 VMS="$VMS sc"

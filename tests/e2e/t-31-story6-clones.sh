@@ -1,9 +1,11 @@
+#!/bin/bash
 # Story 6: processes started before the snapshot (`sleep 10000 &` and a counter writing a
 # file every 100 ms) are alive in each of 3 clones, and the counters diverge from there.
 # Each clone has its own hostname and its own entropy.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 echo 'create s6 memory=128' > "$MNT/ctl" || fail "create s6: $(cat "$MNT/ctl")"
-VMS="s6"; trap 'cleanup_vms; rmdir "$MNT/snapshots/snap6" 2>/dev/null || true' EXIT
+VMS="s6"; on_exit 'cleanup_vms; rmdir "$MNT/snapshots/snap6" 2>/dev/null || true'
 # Written to a temporary name and renamed, so a reader never sees a half-written file.
 printf 'i=0\nwhile true; do i=$((i+1)); echo $i > /root/counter.new; mv /root/counter.new /root/counter; sleep 0.1; done\n' > "$MNT/s6/fs/root/count.sh"
 echo 'sleep 10000 >/dev/null 2>&1 &
@@ -32,6 +34,7 @@ d1=$(counter b6-1); d2=$(counter b6-2); d3=$(counter b6-3)
 [ "$d1" -gt "$c1" ] && [ "$d2" -gt "$c2" ] && [ "$d3" -gt "$c3" ] ||
   fail "counters do not advance in every clone: $c1->$d1 $c2->$d2 $c3->$d3"
 # Stop the counter in b6-1: the others keep counting past it (they diverge).
+# shellcheck disable=SC2028 # the guest's tr gets the two characters \0
 echo 'for p in /proc/[0-9]*; do [ "$(tr "\0" " " < $p/cmdline 2>/dev/null)" = "sh /root/count.sh " ] && kill ${p#/proc/}; done; true' > "$MNT/b6-1/exec"
 sleep 0.5
 f1=$(counter b6-1)

@@ -1,8 +1,10 @@
+#!/bin/bash
 # A snapshot taken while 4 execs stream output: the execs complete correctly in the source
 # (every line, in order, exit 0), and the clone works.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 echo 'create se memory=128' > "$MNT/ctl" || fail "create se: $(cat "$MNT/ctl")"
-VMS="se"; trap 'cleanup_vms; rmdir "$MNT/snapshots/snape" 2>/dev/null || true' EXIT
+VMS="se"; on_exit 'cleanup_vms; rmdir "$MNT/snapshots/snape" 2>/dev/null || true'
 pids=""
 for i in 1 2 3 4; do
   ( echo "i=0; while [ \$i -lt 150 ]; do i=\$((i+1)); echo run$i-line\$i; sleep 0.02; done" > "$MNT/se/exec" ) &

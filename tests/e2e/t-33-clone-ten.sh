@@ -1,8 +1,10 @@
+#!/bin/bash
 # 10 clones of one snapshot at once: all reach `running`, each answers on its own socket,
 # and nothing is left in the state directory after rmdir of all of them and the snapshot.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 echo 'create st memory=128' > "$MNT/ctl" || fail "create st: $(cat "$MNT/ctl")"
-VMS="st"; trap 'cleanup_vms; rmdir "$MNT/snapshots/snapt" 2>/dev/null || true' EXIT
+VMS="st"; on_exit 'cleanup_vms; rmdir "$MNT/snapshots/snapt" 2>/dev/null || true'
 before=$(ls "$STATE/vms" | sort)
 echo 'snapshot snapt' > "$MNT/st/ctl" || fail "snapshot: $(cat "$MNT/st/ctl")"
 start=$(date +%s)

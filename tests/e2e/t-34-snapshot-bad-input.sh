@@ -1,9 +1,11 @@
+#!/bin/bash
 # Bad snapshot/clone input: errno + message, nothing created, no partial snapshot dirs.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 echo 'create sb memory=128' > "$MNT/ctl" || fail "create sb: $(cat "$MNT/ctl")"
-VMS="sb"; trap 'cleanup_vms; rmdir "$MNT/snapshots/snapb" 2>/dev/null || true' EXIT
+VMS="sb"; on_exit 'cleanup_vms; rmdir "$MNT/snapshots/snapb" 2>/dev/null || true'
 snapdir_clean() {
-  [ -z "$(ls -A "$STATE/snapshots" | grep -v '^snapb$')" ] || fail "unexpected in snapshots/: $(ls -A "$STATE/snapshots")"
+  ! ls -A "$STATE/snapshots" | has -v '^snapb$' || fail "unexpected in snapshots/: $(ls -A "$STATE/snapshots")"
 }
 write_expect_error "$MNT/sb/ctl" 'snapshot ../x' "Invalid argument"
 assert_contains "$(cat "$MNT/sb/ctl")" "error:"

@@ -2,6 +2,7 @@
 # import of every SOURCE kind: directory, rootfs tar (plain, gzip, zstd), ext4 file,
 # OCI layout, oci-archive, docker-save; info JSON; the image config applied by the agent
 # (Env, WorkingDir, User) and layer semantics (whiteouts, opaque dirs, hard links).
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/images-lib.sh"
 need_tools
@@ -42,15 +43,15 @@ for want in '"WorkingDir": "/srv/app"' '"User": "app"' '"GREETING=v2"' '"Entrypo
   assert_contains "$info" "$want" "images/t40-save/info"
 done
 grep -q '"size": [1-9]' "$MNT/images/t40-save/info" || fail "no size in info"
-tail -n 200 "$MNT/events" | grep -q "images/t40-save import-progress layer=3/3" || fail "no layer progress events"
-tail -n 200 "$MNT/events" | grep -q "images/t40-save imported kind=docker-save layers=3" || fail "no imported event"
+tail -n 200 "$MNT/events" | has "images/t40-save import-progress layer=3/3" || fail "no layer progress events"
+tail -n 200 "$MNT/events" | has "images/t40-save imported kind=docker-save layers=3" || fail "no imported event"
 note "all source kinds imported"
 
 # A rootfs import boots (no image config: root in /).
 create_vm t40a image=t40-tgz
 assert_eq "0 /" "$(run_in t40a 'echo $(id -u) $(pwd)')"
 assert_eq "old" "$(run_in t40a 'cat /etc/replaced')"
-run_in t40a 'test "$(stat -c %i /bin/busybox)" = "$(stat -c %i /bin/hardbb)" && echo same' | grep -q same \
+run_in t40a 'test "$(stat -c %i /bin/busybox)" = "$(stat -c %i /bin/hardbb)" && echo same' | has same \
   || fail "hard link lost"
 
 # disk=MiB grows the VM's own copy (offline resize2fs); the image itself keeps its size.
@@ -59,7 +60,7 @@ create_vm t40c image=t40-tar disk=$((img_mib + 300))
 fs_mib=$(run_in t40c 'df -m / | tail -n1' | awk '{print $2}')
 [ "$fs_mib" -gt $((img_mib + 200)) ] || fail "disk=$((img_mib + 300)) gave a ${fs_mib} MiB filesystem (image ${img_mib} MiB)"
 assert_eq "$img_mib" "$(( $(stat -c %s "$STATE/images/t40-tar/disk.ext4") >> 20 ))" "image size unchanged"
-run_in t40c 'head -c 100000000 /dev/zero > /big && sync && echo wrote' | grep -qx wrote || fail "cannot use the grown disk"
+run_in t40c 'head -c 100000000 /dev/zero > /big && sync && echo wrote' | has -x wrote || fail "cannot use the grown disk"
 rmdir "$MNT/t40c"
 write_expect_error "$MNT/ctl" "create t40d image=t40-tar disk=1" "Invalid argument"
 [ ! -e "$MNT/t40d" ] || fail "a VM with a too small disk was created"
@@ -69,12 +70,12 @@ create_vm t40b image=t40-save
 out=$(run_in t40b 'echo uid=$(id -u) gid=$(id -g) groups="$(id -G)" pwd=$(pwd) g=$GREETING home=$HOME')
 assert_eq "uid=1000 gid=1000 groups=1000 50 pwd=/srv/app g=v2 home=/home/app" "$out" "image config in exec"
 assert_eq "new" "$(run_in t40b 'cat /etc/replaced')" "replaced file"
-run_in t40b 'test -e /etc/removed && echo present || echo absent' | grep -qx absent || fail "whiteout not applied"
+run_in t40b 'test -e /etc/removed && echo present || echo absent' | has -x absent || fail "whiteout not applied"
 assert_eq "fresh" "$(run_in t40b 'ls /data')" "opaque dir keeps only the upper layer's entry"
 run_in t40b 'test -e /.wh..wh..opq -o -e /data/.wh..wh..opq -o -e /etc/.wh.removed && echo leak || echo clean' \
-  | grep -qx clean || fail "whiteout files leaked into the image"
+  | has -x clean || fail "whiteout files leaked into the image"
 # Files the image user cannot touch stay protected (the user really is app).
-run_in t40b 'touch /root/x 2>&1 || echo denied' | grep -q denied || fail "exec did not drop root"
+run_in t40b 'touch /root/x 2>&1 || echo denied' | has denied || fail "exec did not drop root"
 
 # rmdir: busy while used, then removable; base is protected as the default image.
 err=$( { rmdir "$MNT/images/t40-save"; } 2>&1 ) && fail "rmdir of a used image succeeded"

@@ -2,6 +2,7 @@
 # pull from a throwaway loopback registry: multi-layer image with whiteouts, the blob
 # cache (a second tag sharing layers downloads nothing), ENV/WORKDIR/USER, and the
 # entrypoint as runs/main with autostart=1.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/images-lib.sh"
 need_tools
@@ -17,14 +18,14 @@ pull_ok t41-v2 "$REG/t/app:v2"
 assert_eq registry "$(info_field t41-v2 kind)"
 assert_eq "http://$REG/t/app:v2" "$(info_field t41-v2 reference)"
 assert_eq 3 "$(info_field t41-v2 layers)"
-tail -n 300 "$MNT/events" | grep -q "images/t41-v2 pull-progress layer=3/3" || fail "no pull progress events"
+tail -n 300 "$MNT/events" | has "images/t41-v2 pull-progress layer=3/3" || fail "no pull progress events"
 # The same image under another name and repository: every blob comes from the cache.
 pull_ok t41-same "http://$REG/t/other:same"
-tail -n 50 "$MNT/events" | grep "images/t41-same pull-fetched" | grep -q "downloaded_bytes=0 " \
+tail -n 50 "$MNT/events" | grep "images/t41-same pull-fetched" | has "downloaded_bytes=0 " \
   || fail "second pull downloaded again: $(grep 't41-same pull-fetched' "$MNT/events" | tail -n1)"
 # v1 shares its first layer with v2: only its config downloads.
 pull_ok t41-v1 "$REG/t/app:v1"
-tail -n 50 "$MNT/events" | grep "images/t41-v1 pull-fetched" | grep -q "cached_blobs=1 " \
+tail -n 50 "$MNT/events" | grep "images/t41-v1 pull-fetched" | has "cached_blobs=1 " \
   || fail "v1 did not reuse the shared layer: $(grep 't41-v1 pull-fetched' "$MNT/events" | tail -n1)"
 # Pinned by digest works too.
 dg=$(info_field t41-v2 digest)

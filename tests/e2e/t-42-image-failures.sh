@@ -1,12 +1,12 @@
 #!/bin/bash
 # Failures of import and pull: a clear message in ctl and events, errno, no partial
 # image, and a running VM undisturbed.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/images-lib.sh"
 need_tools
 W=$IMG_WORK
 new_vm t42vm
-trap all_cleanup EXIT
 mk_rootfs "$W/rootfs"
 tar -C "$W/rootfs" -czf "$W/root.tgz" .
 mk_oci "$W/oci"
@@ -21,7 +21,7 @@ expect_fail() {
 # A truncated (corrupt) gzip tarball.
 head -c 300000 "$W/root.tgz" > "$W/corrupt.tgz"
 expect_fail t42a "import t42a $W/corrupt.tgz" "Invalid argument" "error: import t42a:"
-tail -n 20 "$MNT/events" | grep -q "images/t42a import-failed" || fail "no import-failed event"
+tail -n 20 "$MNT/events" | has "images/t42a import-failed" || fail "no import-failed event"
 
 # Digest mismatch: a layer blob replaced by another valid (smaller) gzip tarball.
 cp -a "$W/oci" "$W/bad"
@@ -65,12 +65,12 @@ layer=$(find "$IMG_WORK/registry/data" -path '*/blobs/sha256/*/data' -size +100k
 printf 'X' | dd of="$layer" bs=1 seek=5000 conv=notrunc status=none
 rm -rf "$STATE/cache"
 expect_fail t42m "pull t42m $REG/t/tampered:v1" "Invalid argument" "digest"
-tail -n 20 "$MNT/events" | grep -q "images/t42m pull-failed" || fail "no pull-failed event"
+tail -n 20 "$MNT/events" | has "images/t42m pull-failed" || fail "no pull-failed event"
 ldigest=$(basename "$(dirname "$layer")")
-! find "$STATE/cache" -name "*$ldigest*" 2>/dev/null | grep -q . || fail "the tampered blob entered the cache"
+! find "$STATE/cache" -name "*$ldigest*" 2>/dev/null | has . || fail "the tampered blob entered the cache"
 kill "$REG_PID"; wait "$REG_PID" 2>/dev/null || true; REG_PID=""
 expect_fail t42j "pull t42j $REG/t/app:v1" "No route to host" "cannot be reached"
-tail -n 20 "$MNT/events" | grep -q "images/t42j pull-failed" || fail "no pull-failed event"
+tail -n 20 "$MNT/events" | has "images/t42j pull-failed" || fail "no pull-failed event"
 expect_fail t42k "pull t42k Bad//Ref" "Invalid argument" "bad image reference"
 
 # The VM ran through all of it.

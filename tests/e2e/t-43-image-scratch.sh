@@ -1,6 +1,7 @@
 #!/bin/bash
 # An image with no shell at all (one static binary, like FROM scratch): it boots, its
 # entrypoint runs as runs/main, and exec of a script fails at once with a clear message.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/images-lib.sh"
 need_tools

@@ -4,6 +4,7 @@
 # rootfs is built on the first run and cached as $BANDSOX_CACHE/debian-minbase-bookworm.tar.zst
 # (delete it to rebuild). Run alone: tests/e2e/run.sh t-44
 # timeout: 600
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/images-lib.sh"
 cache=${BANDSOX_CACHE:-/var/cache/bandsox}/debian-minbase-bookworm.tar.zst

@@ -3,6 +3,7 @@
 # auth): anonymous pulls are refused with EACCES and a clear message; credentials from a
 # docker-style config ($DOCKER_CONFIG/config.json, `auths` with base64 user:password, as
 # `docker login` writes it) make the pull work; a wrong password is refused again.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/images-lib.sh"
 need_tools
@@ -34,9 +35,8 @@ finish() {
   mountpoint -q "$MNT" && "$BANDSOX" unmount "$MNT" >/dev/null 2>&1
   wait_for 20 sh -c "! mountpoint -q '$MNT'"
   BANDSOX_LOG="${BANDSOX_LOG:-info}" "$BANDSOX" mount "$MNT" --state-dir "$STATE" || true
-  all_cleanup
 }
-trap finish EXIT
+on_exit finish
 
 # No credentials: refused, clear, nothing left.
 write_expect_error "$MNT/ctl" "pull t45a $REG/t/private:v2" "Permission denied"

@@ -1,8 +1,10 @@
+#!/bin/bash
 # timeout: 420
 # A daemon killed with SIGKILL in the middle of mkdir, rmdir, an exec and a 100 MB write
 # to fs/ never wedges the mount: within 5 s nobody is in D state (callers got ENOTCONN /
 # ECONNABORTED), the daemon is gone, a new `bandsox mount` on the dead mount point comes
 # up by itself and re-adopts every VM within 30 s.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 # Last resort, so a failure here never leaves processes stuck for the next tests: abort
@@ -13,10 +15,12 @@ rescue() {
   if [ -n "$dev" ]; then
     echo 1 > "/sys/fs/fuse/connections/${dev#0:}/abort" 2>/dev/null || true
   fi
-  cleanup_vms
 }
-# new_vm sets its own EXIT trap; keep ours (which also removes the VMs).
-vm() { new_vm "$1"; trap rescue EXIT; }
+# Armed by the first VM until the kills are over (rescue_armed=0 below); lib.sh's
+# cleanup_vms runs after it.
+rescue_armed=0
+on_exit '[ "$rescue_armed" = 1 ] && rescue'
+vm() { new_vm "$1"; rescue_armed=1; }
 
 # d_state PID...: print the pids (and daemon threads) among PID... that are in D state.
 d_state() {
@@ -40,9 +44,9 @@ killed_during() {
   t0=$(date +%s%N)
   sleep 5
   stuck=$(d_state "$op" "$old")
-  [ -z "$stuck" ] || fail "$what: in D state 5 s after the daemon was killed: $stuck ($(cat /proc/$op/wchan 2>/dev/null))"
-  gone "$old" || fail "$what: the killed daemon is still there: $(grep State /proc/$old/status)"
-  gone "$op" || fail "$what: the caller (pid $op) is still blocked: $(grep State /proc/$op/status 2>/dev/null)"
+  [ -z "$stuck" ] || fail "$what: in D state 5 s after the daemon was killed: $stuck ($(cat "/proc/$op/wchan" 2>/dev/null))"
+  gone "$old" || fail "$what: the killed daemon is still there: $(grep State "/proc/$old/status")"
+  gone "$op" || fail "$what: the caller (pid $op) is still blocked: $(grep State "/proc/$op/status" 2>/dev/null)"
   rc=0; wait "$op" 2>/dev/null || rc=$?
   note "$what: caller exited with $rc; $(tail -n 3 "$out" | tr '\n' ' ')"
   # The dead mount answers ENOTCONN at once, never blocks.
@@ -53,10 +57,13 @@ killed_during() {
   # A new mount cleans up and re-adopts.
   timeout 30 "$BANDSOX" mount "$MNT" --state-dir "$STATE" || fail "$what: remount failed"
   ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-  for v in $(ls "$MNT" | grep -vxE 'README|ctl|defaults|events|images|snapshots|usage'); do
+  local n=0 v
+  for v in "$MNT"/*/; do
+    v=$(basename "$v"); case $v in images|snapshots) continue;; esac
     wait_for 30 state_is "$v" running || fail "$what: VM $v is $(cat "$MNT/$v/state") after the restart"
+    n=$((n + 1))
   done
-  note "$what: remounted and re-adopted $(ls "$MNT" | grep -cvxE 'README|ctl|defaults|events|images|snapshots|usage') VMs ${ms} ms after the kill"
+  note "$what: remounted and re-adopted $n VMs ${ms} ms after the kill"
 }
 
 out=$(mktemp /var/tmp/bsx-t50.XXXXXX)
@@ -97,6 +104,7 @@ sleep 1.5
 kill -0 "$op" 2>/dev/null || note "dd already finished before the kill"
 killed_during "100 MB write" "$op"
 echo 'ls /root' > "$MNT/k1/exec"
-note "after the write: $(cat "$MNT/k1/exec" | tr '\n' ' ')"
+note "after the write: $(tr '\n' ' ' < "$MNT/k1/exec")"
 rm -f "$out"
-trap cleanup_vms EXIT
+# shellcheck disable=SC2034 # read by the on_exit entry above
+rescue_armed=0

@@ -1,3 +1,4 @@
+#!/bin/bash
 # timeout: 180
 # The Firecracker backend through the mount, on a host whose KVM cannot run guests
 # (BANDSOX_FORCE_FIRECRACKER=1, test only): its guest never boots, so each VM is killed
@@ -10,6 +11,7 @@
 # - rmdir leaves no process, no jail, no directory;
 # - a snapshot in a format this Firecracker cannot read is refused by clone with EINVAL
 #   and a message naming both versions, leaving nothing behind.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 bindir=$(cd "$repo/.." && pwd)/shared/firecracker/bin
@@ -33,7 +35,7 @@ restart_forced() { # FIRECRACKER [ENV=VALUE...]
     "$BANDSOX" mount "$MNT" --state-dir "$STATE" || fail "forced daemon did not start"
 }
 # Back to the suite's own daemon whatever happens (run.sh remounts it).
-trap '"$BANDSOX" unmount "$MNT" >/dev/null 2>&1 || true' EXIT
+on_exit '"$BANDSOX" unmount "$MNT" >/dev/null 2>&1 || true'
 
 boot_stat() { stat -c '%n %u:%g %a %i' "$STATE"/boot/vmlinuz "$STATE"/boot/initrd \
   "$STATE"/boot/vmlinux 2>/dev/null || true; }
@@ -83,18 +85,18 @@ fi
 info=$(cat "$MNT/fcj/info")
 assert_contains "$info" '"backend": "firecracker"' "info"
 assert_contains "$info" '"backend_forced": "BANDSOX_FORCE_FIRECRACKER=1' "info"
-grep " fcj created " "$MNT/events" | grep -q "forced: BANDSOX_FORCE_FIRECRACKER=1" \
+grep " fcj created " "$MNT/events" | has "forced: BANDSOX_FORCE_FIRECRACKER=1" \
   || fail "created event does not say forced: $(grep ' fcj ' "$MNT/events")"
-grep " fcj booting " "$MNT/events" | grep -q "forced" || fail "booting event does not say forced"
+grep " fcj booting " "$MNT/events" | has "forced" || fail "booting event does not say forced"
 if [ -n "$(command -v jailer || ls "$(dirname "$fc_new")"/jailer* 2>/dev/null)" ]; then
   [ -d "$dir/jail" ] || fail "root with a jailer found, but the VM was not jailed"
   note "jailed: $(cd "$dir" && ls -d jail/*/*/root)"
   # The shared boot files keep owner, mode and inode (vmlinux is made on first launch).
   after=$(boot_stat)
   while read -r line; do
-    echo "$after" | grep -qxF "$line" || fail "shared boot file changed: was [$line], now [$(echo "$after" | grep "^${line%% *} ")]"
+    echo "$after" | has -xF "$line" || fail "shared boot file changed: was [$line], now [$(echo "$after" | grep "^${line%% *} ")]"
   done <<< "$before"
-  echo "$after" | grep -q " 0:0 644 " || fail "boot files not root 0644: $after"
+  echo "$after" | has " 0:0 644 " || fail "boot files not root 0644: $after"
   note "boot files unchanged: $(echo "$after" | tr '\n' ';')"
 fi
 rmdir "$MNT/fcj" || fail "rmdir fcj"
@@ -108,7 +110,6 @@ assert_contains "$state" "was killed by signal 9 (SIGKILL)" "state after SIGKILL
 rmdir "$MNT/fck" || fail "rmdir fck"
 
 # A snapshot in a newer format than this Firecracker reads: clone refuses up front.
-id=0123456789ab
 snap=$STATE/snapshots/fcnew
 mkdir -p "$snap"
 : > "$snap/state"; : > "$snap/memory"; : > "$snap/disk.ext4"
@@ -134,7 +135,7 @@ info = {
 }
 json.dump(info, open(out, "w"))
 EOF
-[ -d "$MNT/snapshots/fcnew" ] || fail "planted snapshot not listed: $(ls "$MNT/snapshots"; cat "$STATE/daemon.log" | tail -3)"
+[ -d "$MNT/snapshots/fcnew" ] || fail "planted snapshot not listed: $(ls "$MNT/snapshots"; tail -n 3 "$STATE/daemon.log")"
 vms_before=$(ls "$STATE/vms" | wc -l)
 write_expect_error "$MNT/ctl" "clone fcnew fcc count=2" "Invalid argument"
 msg=$(cat "$MNT/ctl")

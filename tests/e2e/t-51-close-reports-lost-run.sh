@@ -1,5 +1,7 @@
+#!/bin/bash
 # close() of a write-only exec reports a lost run: the VMM dies while the command runs,
 # and the writer's close fails with EHOSTDOWN ("Host is down"); status says why.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm lr
 id=$(sed -n 's/.*"id": *"\([0-9a-f]*\)".*/\1/p' "$MNT/lr/info" | head -n1)

@@ -1,13 +1,15 @@
+#!/bin/bash
 # Ctrl-C works while the guest does not answer (its VMM stopped with SIGSTOP): a read
 # under fs/, the close of a write-only exec and a ctl command end with EINTR within a
 # fraction of a second of SIGINT, SIGTERM or SIGKILL, and the VM works again afterwards.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm cs
 echo hello > "$MNT/cs/fs/root/x"
 id=$(sed -n 's/.*"id": *"\([0-9a-f]*\)".*/\1/p' "$MNT/cs/info" | head -n1)
 vmm=$(cat "$STATE/vms/$id/vmm.pid")
 err=$(mktemp /var/tmp/bsx-t52.XXXXXX)
-trap 'kill -CONT $vmm 2>/dev/null; rm -f "$err"; cleanup_vms' EXIT
+on_exit 'kill -CONT $vmm 2>/dev/null; rm -f "$err"; cleanup_vms'
 
 # interrupted SIG CMD...: start CMD, send SIG after 1 s, check it ends within 1 s.
 interrupted() {

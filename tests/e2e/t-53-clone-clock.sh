@@ -1,8 +1,10 @@
+#!/bin/bash
 # A clone restored some time after its snapshot wakes up with the host's time, not the
 # snapshot's: the restore step sets the guest's wall clock.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 echo 'create ck memory=128' > "$MNT/ctl" || fail "create ck: $(cat "$MNT/ctl")"
-VMS="ck"; trap 'rmdir "$MNT/snapshots/cks" 2>/dev/null; cleanup_vms' EXIT
+VMS="ck"; on_exit 'rmdir "$MNT/snapshots/cks" 2>/dev/null; cleanup_vms'
 echo 'snapshot cks' > "$MNT/ck/ctl" || fail "snapshot: $(cat "$MNT/ck/ctl")"
 rmdir "$MNT/ck"; VMS=""
 sleep 25

@@ -1,7 +1,9 @@
+#!/bin/bash
 # timeout: 240
 # Remote use: the tree mounted over SSH with sshfs (sftp-server writes with pwrite at
 # explicit offsets). Stories 1, 2, 5 and 7 run through it. The test starts its own sshd
 # on 127.0.0.1 (own config, host key and client key) and stops it at the end.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 command -v sshfs >/dev/null || fail "sshfs is not installed (mount-helpers/setup installs it)"
 [ -x /usr/sbin/sshd ] || fail "sshd is not installed (mount-helpers/setup installs openssh-server)"
@@ -15,7 +17,7 @@ stop() {
   cleanup_vms
   rm -rf "$d"
 }
-trap stop EXIT
+on_exit stop
 mkdir -p "$R" /run/sshd
 ssh-keygen -q -t ed25519 -N '' -f "$d/hostkey"
 ssh-keygen -q -t ed25519 -N '' -f "$d/id"

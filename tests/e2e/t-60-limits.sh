@@ -1,8 +1,10 @@
+#!/bin/bash
 # Limits on real VMs, as a user who is not root: each refusal has the documented errno,
 # names the limit, its value and the use, and changes nothing; root raises the limit in
 # the file (no restart) and the same request passes. (Every limit, in host mode:
 # fsd/tests/service_host.rs.)
 # timeout: 240
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 U=1601
 asu() { setpriv --reuid=$U --regid=$U --clear-groups bash -c "$1"; }
@@ -11,7 +13,7 @@ cleanup_60() {
   rmdir "$MNT/c60" "$MNT/l60a" "$MNT/l60b" "$MNT/snapshots/s60" 2>/dev/null || true
   : > "$LIMITS"
 }
-trap cleanup_60 EXIT
+on_exit cleanup_60
 
 limits "per_user.vms = 1"
 asu "mkdir $MNT/l60a" || fail "first VM refused"

@@ -1,8 +1,10 @@
+#!/bin/bash
 # A guest flooding its serial port: the host keeps the last vm.console_mib of console.log,
 # `tail -f console` follows across the cut, and `cat console` starts with what was dropped.
 # timeout: 240
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
-trap ': > "$LIMITS"; cleanup_vms' EXIT
+on_exit ': > "$LIMITS"; cleanup_vms'
 echo "vm.console_mib = 1" > "$LIMITS"
 new_vm f61
 id=$(sed -n 's/.*"id": *"\([0-9a-f]*\)".*/\1/p' "$MNT/f61/info")
@@ -22,7 +24,7 @@ kept=$(( $(stat -c %b "$log") * 512 ))
 note "console.log: size $size, allocated $kept"
 [ "$size" -gt 2000000 ] || fail "console.log size $size: the flood did not arrive"
 [ "$kept" -le $((1024 * 1024 + 320 * 1024)) ] || fail "console.log holds $kept bytes, over the 1 MiB cap"
-head -n 1 "$MNT/f61/console" | grep -q '^\[bandsox: [0-9]* earlier bytes were dropped' \
+head -n 1 "$MNT/f61/console" | has '^\[bandsox: [0-9]* earlier bytes were dropped' \
   || fail "cat console does not say what was dropped: $(head -c 200 "$MNT/f61/console")"
-tail -n 1 "$MNT/f61/console" | grep -q FLOOD-END || fail "the console lost its end"
+tail -n 1 "$MNT/f61/console" | has FLOOD-END || fail "the console lost its end"
 rm -f "$out"

@@ -1,9 +1,11 @@
+#!/bin/bash
 # events as two users: each sees daemon-wide lines and their own VMs' lines, never the
 # other's; root sees both; <vm>/events is the VM's own history, for its owner only.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 A=1611; B=1612
-asu() { _u=$1; shift; setpriv --reuid=$_u --regid=$_u --clear-groups bash -c "$1"; }
-trap 'rmdir "$MNT/e62a" "$MNT/e62b" 2>/dev/null || true' EXIT
+asu() { _u=$1; shift; setpriv --reuid="$_u" --regid="$_u" --clear-groups bash -c "$1"; }
+on_exit 'rmdir "$MNT/e62a" "$MNT/e62b" 2>/dev/null || true'
 asu $A "mkdir $MNT/e62a && echo pause > $MNT/e62a/ctl && echo resume > $MNT/e62a/ctl" || fail "user A"
 asu $B "mkdir $MNT/e62b" || fail "user B"
 ea=$(asu $A "cat $MNT/events"); eb=$(asu $B "cat $MNT/events"); er=$(cat "$MNT/events")
@@ -25,6 +27,6 @@ rm -f "$out"
 # Per-VM events.
 own=$(asu $A "cat $MNT/e62a/events")
 assert_contains "$own" " e62a created " "e62a/events"
-echo "$own" | grep -qv " e62a " && fail "e62a/events has other lines: $own"
+echo "$own" | has -v " e62a " && fail "e62a/events has other lines: $own"
 asu $B "cat $MNT/e62a/events" >/dev/null 2>&1 && fail "B read A's VM events"
 asu $A "rmdir $MNT/e62a"; asu $B "rmdir $MNT/e62b"

@@ -1,3 +1,4 @@
+#!/bin/bash
 # The Debian package: build it (cargo-deb), install it, start the daemon the way
 # bandsox.service says (Type=notify: READY=1 must arrive on $NOTIFY_SOCKET once the mount
 # answers), serve story 1 through that mount, stop it with SIGTERM (STOPPING=1, clean
@@ -6,6 +7,7 @@
 # with the unit's Environment=, overridden the way /etc/default/bandsox would, a private
 # mount point and state directory, and a NOTIFY_SOCKET this test listens on.
 # timeout: 900
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 command -v cargo-deb >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo-deb" ] \
@@ -26,11 +28,11 @@ finish() {
   [ -e "$keep/mount.fuse.bandsox" ] && cp -a "$keep/mount.fuse.bandsox" /sbin/
   rm -rf "$W"
 }
-trap finish EXIT
+on_exit finish
 
 deb=$(cd "$repo" && packaging/build-deb) || fail "packaging/build-deb failed"
 note "built $deb"
-dpkg-deb -f "$deb" Depends | grep -q qemu-system-x86 || fail "no Depends on qemu-system-x86"
+dpkg-deb -f "$deb" Depends | has qemu-system-x86 || fail "no Depends on qemu-system-x86"
 dpkg -i "$deb" > "$W/dpkg.log" 2>&1 || fail "dpkg -i: $(cat "$W/dpkg.log")"
 for f in /usr/bin/bandsox /usr/lib/bandsox/bandsox-agent /usr/lib/bandsox/guest-setup \
          /sbin/mount.fuse.bandsox /lib/systemd/system/bandsox.service /etc/bandsox/limits; do
@@ -50,7 +52,7 @@ start=$(value ExecStart)
 mkdir -p "$W/mnt" "$W/state/images" "$W/state/boot"
 cp -a --reflink=auto "$STATE/boot/." "$W/state/boot/"
 cp -a --reflink=auto --sparse=always "$STATE/images/base" "$W/state/images/"
-# shellcheck disable=SC2086
+# shellcheck disable=SC2086,SC2163 # env_line is NAME=VALUE words, split on purpose
 export $env_line
 # What /etc/default/bandsox would say on this machine.
 export BANDSOX_STATE_DIR=$W/state BANDSOX_MOUNT=$W/mnt BANDSOX_LIMITS=$LIMITS

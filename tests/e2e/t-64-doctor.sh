@@ -1,5 +1,7 @@
+#!/bin/bash
 # bandsox doctor on this machine: every check line, KVM's verdict with its reason, and the
 # exit status (0: the default backend can boot VMs from this state directory; 1: not).
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 out=$("$BANDSOX" doctor --state-dir "$STATE") || fail "doctor says no VM can boot here: $out"
 note "$out"
@@ -11,10 +13,10 @@ if ! grep -Eqw 'vmx|svm' /proc/cpuinfo || [ -e /sys/module/kvm_pvm ] || ! [ -e /
   line=$(echo "$out" | grep '^warn  kvm: ')
   assert_contains "$line" "unusable" "kvm line"
   echo "$line" | grep -Eq "no vmx/svm flag|kvm_pvm|/dev/kvm unusable" || fail "no reason in: $line"
-  echo "$out" | grep -A1 '^warn  kvm: ' | grep -q 'fix: ' || fail "no fix for kvm"
+  echo "$out" | grep -A1 '^warn  kvm: ' | has 'fix: ' || fail "no fix for kvm"
 fi
-echo "$out" | grep -q "^ok    guest: " || fail "guest artefacts not ok: $out"
-echo "$out" | grep -q "can boot VMs" || fail "no verdict"
+echo "$out" | has "^ok    guest: " || fail "guest artefacts not ok: $out"
+echo "$out" | has "can boot VMs" || fail "no verdict"
 empty=$(mktemp -d /var/tmp/bandsox-t64.XXXXXX)
 out=$("$BANDSOX" doctor --state-dir "$empty") && fail "doctor passed with no guest artefacts"
 assert_contains "$out" "FAIL  guest: missing" "empty state dir"

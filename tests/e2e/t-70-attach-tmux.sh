@@ -1,14 +1,16 @@
+#!/bin/bash
 # bandsox attach in a real terminal (tmux) on a real VM: tty and stty size, resize,
 # Ctrl-C, busybox vi, detach and re-attach (redrawn), exit code, host terminal restored.
 # timeout: 240
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 command -v tmux >/dev/null || fail "tmux is not installed (mount-helpers/setup installs it)"
 new_vm tt
 W=$(mktemp -d)
 SOCK=bsx-e2e-$$
 T="tmux -L $SOCK -f /dev/null"
-finish() { $T kill-server 2>/dev/null || true; rm -rf "$W"; cleanup_vms; }
-trap finish EXIT
+finish() { $T kill-server 2>/dev/null || true; rm -rf "$W"; }
+on_exit finish
 $T new-session -d -s t -x 100 -y 30 "bash --norc --noprofile"
 $T set -g status off
 pane() { $T capture-pane -p -t t; }

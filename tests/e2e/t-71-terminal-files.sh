@@ -1,6 +1,8 @@
+#!/bin/bash
 # Terminal runs from a plain shell on a real VM (screen, winsize, terminal, EPIPE), and
 # bandsox exec: exit codes, separate streams, stdin, --timeout (124), --env/--cwd/--user.
 # timeout: 180
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm tf
 BX="env BANDSOX_MOUNT=$MNT $BANDSOX"
@@ -28,7 +30,6 @@ note "terminal files ok"
 set +e
 $BX exec tf -- sh -c 'echo out; echo err >&2; exit 3' >/tmp/bsx71-out.$$ 2>/tmp/bsx71-err.$$
 code=$?
-set -e
 assert_eq 3 "$code" "exit code"
 assert_eq out "$(cat /tmp/bsx71-out.$$)" "stdout"
 assert_eq err "$(cat /tmp/bsx71-err.$$)" "stderr"
@@ -43,5 +44,6 @@ start=$(date +%s)
 set +e; $BX exec tf --timeout 1 -- sleep 10 2>/dev/null; code=$?; set -e
 assert_eq 124 "$code" "exit code of a timed-out command"
 [ $(( $(date +%s) - start )) -lt 8 ] || fail "the timeout took too long"
+# shellcheck disable=SC2010 # run numbers are digits only
 last=$(ls "$MNT/tf/runs" | grep -E '^[0-9]+$' | sort -n | tail -n1)
 assert_eq "timeout signal 15" "$(cat "$MNT/tf/runs/$last/status")" "status of the timed-out run"

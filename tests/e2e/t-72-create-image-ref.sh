@@ -2,6 +2,7 @@
 # create NAME image=REF pulls a registry reference that is not a local image (no prior
 # pull), shows the pull in events, and boots it; a second create reuses the image.
 # timeout: 240
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/images-lib.sh"
 need_tools

@@ -1,6 +1,7 @@
 #!/bin/bash
 # A 256 MiB file written through fs/ and read back hashes identically, in the host and in
 # the guest.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 size_mb=${BIG_MB:-256}
 head -c "${size_mb}M" /dev/urandom > "$WORK/big"

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Changes made inside the guest are visible on the host within a second (without waiting
 # for cache lifetimes), and files written through fs/ are visible to guest commands at once.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 d=$FSDIR g=$GREL
 printf 'v1\n' > "$d/f"

@@ -1,5 +1,6 @@
 #!/bin/bash
 # 8 host processes write different files at once, then 8 read the same file at once.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 for i in $(seq 1 8); do head -c 3M /dev/urandom > "$WORK/w$i"; done
 pids=()

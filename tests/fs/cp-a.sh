@@ -1,6 +1,7 @@
 #!/bin/bash
 # cp -a of a tree with every kind of file into fs/ and back: contents, metadata (modes,
 # ids, ns mtimes), hard links, sparseness and xattrs survive both ways.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 src=$WORK/src back=$WORK/back
 mkdir -p "$src/dir/sub" "$src/empty-dir"

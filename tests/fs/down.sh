@@ -1,6 +1,7 @@
 #!/bin/bash
 # fs/ of a paused VM fails promptly with "Host is down" and works again after resume;
 # killing the VMM during a read makes the read fail within seconds, leaving nothing hung.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 printf 'data\n' > "$FSDIR/x"
 echo pause > "$VMDIR/ctl"

@@ -1,5 +1,6 @@
 #!/bin/bash
 # git init/add/commit inside fs/; git status in the guest agrees.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 repo=$FSDIR/repo
 mkdir -p "$repo/src"

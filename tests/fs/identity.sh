@@ -3,6 +3,7 @@
 # hard links, the kernel forgetting it and pause/resume; plain readdir's d_ino equals
 # lstat's st_ino for every entry (mount points in the guest root included); hard links
 # stay linked through tar and rsync -aH; rename follows POSIX for every file type.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 d=$FSDIR g=$GREL
 ino() { stat -c %i "$1"; }

@@ -1,17 +1,17 @@
-# Shared helpers for the fs/ scenario scripts. Sourced under bash.
+#!/bin/bash
+# Shared helpers for the fs/ scenario scripts. Sourced under bash; assertions, polling and
+# chained cleanups (`on_exit`) come from tests/testlib.sh.
 # Every scenario gets, from its caller (tests/e2e/t-*.sh or fsd/tests/fs_host.rs):
 #   FSDIR   an empty directory inside a VM's fs/ (host path)
 #   FSROOT  the VM's fs/ directory itself
 #   GREL    FSDIR relative to the guest command's working directory (for exec)
 #   VMDIR   the VM's directory (exec, ctl, state)
 #   WORK    an empty local scratch directory on a filesystem with user xattrs
-#   BANDSOX the bandsox binary (for `bandsox fsx`)
+#   BANDSOX_DEVTOOLS the bandsox-devtools binary (for `bandsox-devtools fsx`)
 #   VMM_PID_FILE  the VM's vmm.pid (for the kill test)
 set -euo pipefail
-
-fail() { echo "FAIL: $*" >&2; exit 1; }
-note() { echo "  .. $*" >&2; }
-assert_eq() { [ "$1" = "$2" ] || fail "${3:-value}: expected [$1], got [$2]"; }
+# shellcheck source=tests/testlib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 
 # guest CMD: run CMD in the guest through exec, print its output; fail on non-zero.
 guest() {
@@ -24,16 +24,6 @@ guest() {
   st=$(cat "$VMDIR/runs/last/status")
   [ "$st" = 0 ] || fail "guest command [$1] ended with status $st: $out"
   printf '%s' "$out"
-}
-
-# within SECONDS CMD...: CMD succeeds within SECONDS (polling every 50 ms).
-within() {
-  local t=$1; shift
-  local end=$(( $(date +%s%N) + t * 1000000000 ))
-  until "$@" >/dev/null 2>&1; do
-    [ "$(date +%s%N)" -lt "$end" ] || return 1
-    sleep 0.05
-  done
 }
 
 # Metadata listing of a tree: path, type, mode, ids, size, mtime (ns), link target, links.

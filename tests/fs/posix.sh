@@ -4,6 +4,7 @@
 # EBADF, ENODATA, ...), link counts, modes (setuid cleared by chown, setgid directory
 # inheritance, sticky), timestamps to the nanosecond, xattr flags, unlinked-but-open
 # files, mmap, locks, copy_file_range. The expected lines are what ext4 answers on Linux.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 command -v python3 >/dev/null || fail "python3 missing (mount-helpers/setup installs it)"
 [ "$(id -u)" = 0 ] || { note "SKIP: needs root (chown, mknod)"; exit 0; }

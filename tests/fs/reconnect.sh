@@ -2,6 +2,7 @@
 # A lost agent connection is re-established without the user noticing: a file open
 # across the reconnect keeps reading, reads running while the connection is dropped
 # again and again all succeed with the right bytes, and exec works on the first try.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 head -c 3000000 /dev/urandom > "$WORK/src"
 cp "$WORK/src" "$FSDIR/f"

@@ -1,6 +1,7 @@
 #!/bin/bash
 # rsync -a of a tree of RSYNC_DIRS x 100 files (default 50: 5,000 files) into fs/; a
 # second run transfers nothing.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 dirs=${RSYNC_DIRS:-50}
 n=$((dirs * 100))

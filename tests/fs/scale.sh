@@ -7,6 +7,7 @@
 # SCALE_WALKS (default "find du ls-lR rsync") picks the walks of the tree: on a TCG guest
 # each walk of 200,000 files costs minutes, so the real-VM test does `find`, and
 # host mode (the same agent and host code, no emulation) does all four.
+set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 d=$FSDIR g=$GREL
 big=${SCALE_DIR:-100000}

@@ -200,7 +200,7 @@ pub(crate) fn set_clock(agent: &Arc<Agent>, sec: i64, nsec: u32) -> Response {
     }
     let ts = libc::timespec {
         tv_sec: sec as libc::time_t,
-        tv_nsec: libc::c_long::from(nsec as i32),
+        tv_nsec: libc::c_long::from(nsec),
     };
     // SAFETY: clock_settime reads the timespec we pass by reference for the duration of
     // the call; no other memory is involved.
@@ -289,9 +289,12 @@ fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
         .write(true)
         .open("/dev/urandom")?;
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let too_big = || std::io::Error::from_raw_os_error(libc::EINVAL);
+    let buf_size = i32::try_from(bytes.len()).map_err(|_| too_big())?;
+    let entropy_bits = buf_size.checked_mul(8).ok_or_else(too_big)?;
     let mut info: Vec<u8> = Vec::with_capacity(8 + bytes.len());
-    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
-    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    info.extend_from_slice(&entropy_bits.to_ne_bytes());
+    info.extend_from_slice(&buf_size.to_ne_bytes());
     info.extend_from_slice(bytes);
     // Keep the buffer 4-byte aligned in length (buf is __u32[]).
     while !info.len().is_multiple_of(4) {
@@ -319,14 +322,17 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_the_kernel_headers() {
         // _IOWR('X', 119, int): dir=3 (<<30), size=4 (<<16), type='X' (<<8), nr.
-        assert_eq!(FIFREEZE, (3 << 30) | (4 << 16) | ((b'X' as u64) << 8) | 119);
-        assert_eq!(FITHAW, (3 << 30) | (4 << 16) | ((b'X' as u64) << 8) | 120);
+        assert_eq!(
+            FIFREEZE,
+            (3 << 30) | (4 << 16) | (u64::from(b'X') << 8) | 119
+        );
+        assert_eq!(FITHAW, (3 << 30) | (4 << 16) | (u64::from(b'X') << 8) | 120);
         // _IOW('R', 3, int[2]): dir=1, size=8.
         assert_eq!(
             RNDADDENTROPY,
-            (1 << 30) | (8 << 16) | ((b'R' as u64) << 8) | 3
+            (1 << 30) | (8 << 16) | (u64::from(b'R') << 8) | 3
         );
-        assert_eq!(RNDRESEEDCRNG, ((b'R' as u64) << 8) | 7);
+        assert_eq!(RNDRESEEDCRNG, (u64::from(b'R') << 8) | 7);
     }
 
     #[test]

@@ -14,6 +14,12 @@
 //!   block on a full pipe.
 //! * A mid-session `SYNC_MAGIC` + `Hello` with the session's nonce is re-acknowledged;
 //!   with another nonce it ends the session and starts a new one.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
+)]
 mod exec;
 mod fs;
 mod machine;

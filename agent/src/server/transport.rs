@@ -79,7 +79,7 @@ impl AsyncRead for FdStream {
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {
-                    Ok(n as usize)
+                    Ok(n.unsigned_abs())
                 }
             });
             match res {
@@ -109,7 +109,7 @@ impl AsyncWrite for FdStream {
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {
-                    Ok(n as usize)
+                    Ok(n.unsigned_abs())
                 }
             });
             match res {
@@ -150,6 +150,10 @@ pub struct VsockListener {
 
 impl VsockListener {
     /// Listen on `port` for any CID.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "AF_VSOCK and sizeof(sockaddr_vm) are small kernel-ABI constants"
+    )]
     pub fn bind(port: u32) -> io::Result<Self> {
         // SAFETY: plain socket(2) call.
         let raw = unsafe {

@@ -3,6 +3,12 @@
 //! Invariants: only conversions live here (fuser types ↔ protocol types); every call
 //! that may wait on a guest runs in a tokio task that owns the reply, so FUSE threads
 //! never block on the network; `forget`, `flush` and `release` answer at once.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
+)]
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;

@@ -25,7 +25,10 @@
 //!   ([`events`]); the host's own changes are remembered so that their events do not
 //!   throw away what the kernel already knows. Other entries live [`TTL_UNWATCHED`] and
 //!   their pages are dropped at every open.
-pub mod bench;
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
+)]
 pub mod events;
 pub mod inodes;
 pub mod interrupt;

@@ -238,9 +238,11 @@ fn run_logged(builder: &Builder, mut cmd: Command, log: &Path, progress: &Progre
         match child.try_wait()? {
             Some(status) => break status,
             None if Instant::now() > progress.deadline => {
-                // SAFETY: kill(2) on the builder's own process group (it was spawned
-                // with process_group(0), so its pgid is its pid); no memory is involved.
-                unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+                if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
+                    // SAFETY: kill(2) on the builder's own process group (it was spawned
+                    // with process_group(0), so its pgid is its pid); no memory is involved.
+                    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                }
                 let _ = child.wait();
                 return Err(Error::timed_out(
                     "the build took longer than its deadline (BANDSOX_IMAGE_TIMEOUT)",

@@ -212,7 +212,7 @@ fn cstr(p: &Path) -> Result<CString> {
 fn set_mtime(p: &Path, mtime: u64) -> Result<()> {
     let c = cstr(p)?;
     let t = libc::timespec {
-        tv_sec: mtime.min(i64::MAX as u64) as libc::time_t,
+        tv_sec: libc::time_t::try_from(mtime).unwrap_or(libc::time_t::MAX),
         tv_nsec: 0,
     };
     let times = [t, t];
@@ -445,8 +445,8 @@ pub fn apply_tar<R: Read>(
 
 /// Owner, mode and xattrs of a created entry (mode after chown so setuid bits stay).
 fn apply_meta<R: Read>(path: &Path, header: &tar::Header, entry: &mut tar::Entry<R>) -> Result<()> {
-    let uid = header.uid().unwrap_or(0).min(u32::MAX as u64) as u32;
-    let gid = header.gid().unwrap_or(0).min(u32::MAX as u64) as u32;
+    let uid = u32::try_from(header.uid().unwrap_or(0)).unwrap_or(u32::MAX);
+    let gid = u32::try_from(header.gid().unwrap_or(0)).unwrap_or(u32::MAX);
     std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|e| host_io(path, e))?;
     if !header.entry_type().is_symlink() {
         let mode = header.mode().unwrap_or(0o644) & 0o7777;

@@ -16,6 +16,10 @@
 //! so a snapshot of the screen always corresponds to an exact output offset (see
 //! [`Run::terminal_snapshot`]). A run with a timeout gets SIGTERM when it expires and
 //! SIGKILL [`TIMEOUT_GRACE`] later; its status is then `timeout <how it ended>`.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
+)]
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

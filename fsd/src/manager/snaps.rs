@@ -194,6 +194,7 @@ impl Manager {
     }
 
     /// `echo 'clone SNAP NAME [count=N]' > ctl`.
+    #[tracing::instrument(level = "debug", name = "clone", skip_all)]
     pub async fn clone_snapshot(
         self: &Arc<Self>,
         snap: &str,

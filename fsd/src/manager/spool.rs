@@ -34,6 +34,8 @@ pub const INDEX: &str = "output.idx";
 pub const LEGACY_OUTPUT: &str = "output";
 /// Bytes of one index entry.
 pub const ENTRY: u64 = 16;
+/// [`ENTRY`] as a buffer length.
+const ENTRY_LEN: usize = 16;
 const STREAM_BIT: u64 = 1 << 63;
 
 /// Appends a run's output: each stream to its file, stream switches to the index.
@@ -74,7 +76,7 @@ impl Writer {
     pub fn append(&mut self, stream: usize, data: &[u8], lens: [u64; 3]) -> std::io::Result<u64> {
         let mut extra = 0;
         if self.last != Some(stream) {
-            let mut e = [0u8; ENTRY as usize];
+            let mut e = [0u8; ENTRY_LEN];
             e[..8].copy_from_slice(&lens[2].to_le_bytes());
             let tagged = lens[stream] | if stream == 1 { STREAM_BIT } else { 0 };
             e[8..].copy_from_slice(&tagged.to_le_bytes());
@@ -89,7 +91,7 @@ impl Writer {
 
 /// Read entry `i` of the index: (offset in output, stream, offset in stream).
 fn entry(index: &File, i: u64) -> std::io::Result<(u64, usize, u64)> {
-    let mut e = [0u8; ENTRY as usize];
+    let mut e = [0u8; ENTRY_LEN];
     index.read_exact_at(&mut e, i * ENTRY)?;
     let out = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
     let tagged = u64::from_le_bytes(e[8..].try_into().unwrap_or_default());
@@ -114,7 +116,7 @@ pub fn read_file(path: &Path, offset: u64, size: u64, len: u64) -> std::io::Resu
     if offset >= len {
         return Ok(Vec::new());
     }
-    let want = (len - offset).min(size) as usize;
+    let want = usize::try_from((len - offset).min(size)).unwrap_or(usize::MAX);
     let f = File::open(path)?;
     let mut buf = vec![0u8; want];
     let n = read_full_at(&f, &mut buf, offset)?;
@@ -150,7 +152,7 @@ pub fn read_output(
     }
     let files = [File::open(dir.join(STDOUT))?, File::open(dir.join(STDERR))?];
     let end = output_len.min(offset.saturating_add(size));
-    let mut out = Vec::with_capacity((end - offset) as usize);
+    let mut out = Vec::with_capacity(usize::try_from(end - offset).unwrap_or(0));
     let mut at = offset;
     let mut i = lo;
     while at < end && i < entries {
@@ -161,7 +163,7 @@ pub fn read_output(
             end
         };
         if seg_end > at {
-            let mut buf = vec![0u8; (seg_end - at) as usize];
+            let mut buf = vec![0u8; usize::try_from(seg_end - at).unwrap_or(usize::MAX)];
             let n = read_full_at(&files[stream], &mut buf, seg_stream + (at - seg_out))?;
             buf.truncate(n);
             at += n as u64;
@@ -258,6 +260,10 @@ impl OutputBudget {
     }
 }
 
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test code: sizes, offsets and ids are small values the test constructs"
+)]
 #[cfg(test)]
 mod tests {
     use super::*;

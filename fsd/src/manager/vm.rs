@@ -8,6 +8,10 @@
 //!   at once.
 //! - The on-disk record (`vm.json`) is rewritten after every state change that must
 //!   survive a daemon restart (desired state, boot time).
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
+)]
 mod retention;
 mod snapshot;
 pub use snapshot::{Taken, FREEZE_TIMEOUT};
@@ -361,6 +365,7 @@ impl Vm {
         Ok(client)
     }
 
+    #[tracing::instrument(level = "debug", name = "reconnect_agent", skip_all, fields(vm = %self.name))]
     async fn reconnect_agent(&self, why: &str) -> Result<AgentClient> {
         self.reconnect_agent_with(why, false).await
     }
@@ -391,6 +396,7 @@ impl Vm {
     // ---- lifecycle -------------------------------------------------------------------
 
     /// Launch the VMM and wait for the agent. Caller holds `op_lock`.
+    #[tracing::instrument(level = "debug", name = "boot", skip_all, fields(vm = %self.name))]
     async fn boot_locked(self: &Arc<Self>, timeout: Duration) -> Result<()> {
         let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         self.set_state(VmState::Booting);
@@ -599,6 +605,7 @@ impl Vm {
         self.stop_locked().await
     }
 
+    #[tracing::instrument(level = "debug", name = "stop", skip_all, fields(vm = %self.name))]
     async fn stop_locked(self: &Arc<Self>) -> Result<()> {
         let state = self.state();
         if matches!(state, VmState::Stopped | VmState::Failed(_)) {
@@ -640,6 +647,7 @@ impl Vm {
         self.kill_locked().await
     }
 
+    #[tracing::instrument(level = "debug", name = "kill", skip_all, fields(vm = %self.name))]
     async fn kill_locked(self: &Arc<Self>) -> Result<()> {
         let inst = self.vmm.lock().clone();
         if let Some(inst) = inst {
@@ -668,6 +676,7 @@ impl Vm {
             .ok_or_else(|| Error::host_down("no VMM"))
     }
 
+    #[tracing::instrument(level = "debug", name = "pause", skip_all, fields(vm = %self.name))]
     pub async fn pause(self: &Arc<Self>) -> Result<()> {
         let _g = self.op_lock.lock().await;
         let inst = self.vmm_in_state(VmState::Running, "pause")?;
@@ -677,6 +686,7 @@ impl Vm {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "resume", skip_all, fields(vm = %self.name))]
     pub async fn resume(self: &Arc<Self>) -> Result<()> {
         let _g = self.op_lock.lock().await;
         let inst = self.vmm_in_state(VmState::Paused, "resume")?;
@@ -711,6 +721,7 @@ impl Vm {
     }
 
     /// After a daemon restart: adopt a live VMM (agent reconnected) or show `stopped`.
+    #[tracing::instrument(level = "debug", name = "adopt", skip_all, fields(vm = %self.name))]
     pub async fn adopt(self: &Arc<Self>) {
         let _g = self.op_lock.lock().await;
         let desired = self.record().desired;
@@ -772,6 +783,7 @@ impl Vm {
     }
 
     /// Kill the VMM (if any) for deletion. Caller removes the directory.
+    #[tracing::instrument(level = "debug", name = "destroy", skip_all, fields(vm = %self.name))]
     pub async fn destroy(self: &Arc<Self>) -> Result<()> {
         let _g = self.op_lock.lock().await;
         let inst = self.vmm.lock().clone();

@@ -179,6 +179,10 @@ fn tsc_sample() -> Option<(u128, u64)> {
     None
 }
 
+#[allow(
+    clippy::cast_precision_loss,
+    reason = "test code: sizes, offsets and ids are small values the test constructs"
+)]
 #[cfg(test)]
 mod tests {
     use super::*;

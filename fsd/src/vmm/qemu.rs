@@ -238,7 +238,7 @@ impl QemuBackend {
             pid,
             dir = %dir.display(),
             accel = %self.accel.kind,
-            ms = t0.elapsed().as_millis() as u64,
+            ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
             "QEMU started"
         );
         Ok(inst)

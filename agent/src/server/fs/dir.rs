@@ -120,7 +120,7 @@ impl FsCore {
                 out.push(DirEntry {
                     name: e.name.to_vec(),
                     next_offset: e.off,
-                    kind: (e.dtype as u32) << 12,
+                    kind: u32::from(e.dtype) << 12,
                     node: id,
                     entry,
                 });

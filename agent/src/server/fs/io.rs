@@ -118,7 +118,8 @@ impl FsCore {
                 Err(e) => return Err(io_errno(&e)),
             }
         }
-        Ok(done as u32)
+        // At most the request's data, which a frame (4 MiB) bounds.
+        Ok(u32::try_from(done).unwrap_or(u32::MAX))
     }
 
     pub(super) fn fsync(&self, handle: HandleId, datasync: bool) -> Result<(), Errno> {

@@ -1,6 +1,10 @@
-//! Thin syscall wrappers the file service needs that `nix`/`std` do not offer with the
-//! flags we need (`AT_EMPTY_PATH` on `O_PATH` descriptors, `/proc/self/fd` re-opens,
-//! raw `getdents64`, xattrs, `statx` mount ids).
+//! The system calls the file service makes, as safe functions returning `Errno`.
+//!
+//! Most are `rustix` (or `nix`) calls; raw `libc` remains only where neither crate has
+//! the call or the shape the callers need: `name_to_handle_at`/`open_by_handle_at` (in
+//! neither), one raw `getdents64` into a byte buffer (`rustix::fs::RawDir` hides the byte
+//! count and record offsets that `dir.rs` seeks back with), and `fstatfs64` (callers read
+//! `libc::statfs64` fields).
 //!
 //! Invariants:
 //! * Every wrapper returns `Errno` on failure and never panics.
@@ -14,6 +18,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use nix::errno::Errno;
 use nix::fcntl::AtFlags;
 use nix::sys::stat::FileStat;
+use rustix::fs::{AtFlags as RxAtFlags, Mode, OFlags, SeekFrom, StatxFlags, Timestamps};
 
 use crate::proto::fs::{Attr, Timespec};
 
@@ -26,13 +31,15 @@ pub(super) fn cvt(rc: libc::c_int) -> Result<libc::c_int, Errno> {
     }
 }
 
-/// `rc < 0` → the thread's errno (for `ssize_t` results).
-pub(super) fn cvt_len(rc: isize) -> Result<usize, Errno> {
-    if rc < 0 {
-        Err(Errno::last())
-    } else {
-        Ok(rc as usize)
-    }
+/// rustix's errno as nix's (the callers' error type); the same raw number.
+fn rx(e: rustix::io::Errno) -> Errno {
+    Errno::from_raw(e.raw_os_error())
+}
+
+/// A C `int` flag set as the unsigned bit set the kernel (and rustix) reads; no bit is
+/// lost or changed.
+fn bits(flags: i32) -> u32 {
+    u32::from_ne_bytes(flags.to_ne_bytes())
 }
 
 /// A name (or xattr name) as a C string; `EINVAL` when it contains NUL.
@@ -49,17 +56,13 @@ pub(super) fn openat(
     flags: i32,
     mode: u32,
 ) -> Result<OwnedFd, Errno> {
-    // SAFETY: `name` is a valid C string; the kernel returns a new descriptor we own.
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
-    })?;
-    // SAFETY: `fd` was just returned by openat and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::from_bits_retain(bits(flags)) | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode),
+    )
+    .map_err(rx)
 }
 
 /// `lstat` of what a descriptor refers to (works on `O_PATH` descriptors and symlinks).
@@ -76,25 +79,26 @@ pub(super) fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<FileStat, Errn
     nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
 }
 
-/// The wire form of a `stat`.
+/// The wire form of a `stat` (negative sizes, which no filesystem reports, become 0;
+/// counts beyond the wire's 32 bits saturate).
 pub(super) fn to_attr(st: &FileStat) -> Attr {
     let ts = |sec: i64, nsec: i64| Timespec {
         sec,
-        nsec: nsec.clamp(0, 999_999_999) as u32,
+        nsec: u32::try_from(nsec.clamp(0, 999_999_999)).unwrap_or(0),
     };
     Attr {
         ino: st.st_ino,
-        size: st.st_size.max(0) as u64,
-        blocks: st.st_blocks.max(0) as u64,
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        blocks: u64::try_from(st.st_blocks).unwrap_or(0),
         atime: ts(st.st_atime, st.st_atime_nsec),
         mtime: ts(st.st_mtime, st.st_mtime_nsec),
         ctime: ts(st.st_ctime, st.st_ctime_nsec),
         mode: st.st_mode,
-        nlink: st.st_nlink.min(u32::MAX as u64) as u32,
+        nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
         uid: st.st_uid,
         gid: st.st_gid,
         rdev: st.st_rdev,
-        blksize: st.st_blksize.clamp(0, u32::MAX as i64) as u32,
+        blksize: u32::try_from(st.st_blksize.max(0)).unwrap_or(u32::MAX),
     }
 }
 
@@ -105,34 +109,39 @@ pub(super) fn chown_fd(
     uid: Option<u32>,
     gid: Option<u32>,
 ) -> Result<(), Errno> {
-    let uid = uid.unwrap_or(u32::MAX);
-    let gid = gid.unwrap_or(u32::MAX);
-    // SAFETY: plain syscall on a descriptor we hold and a static empty C string.
-    cvt(unsafe {
-        libc::fchownat(
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
-            uid,
-            gid,
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map(drop)
+    // -1 is "leave alone" to the kernel: never a real id (rustix's `None` means it).
+    let uid = uid
+        .filter(|&u| u != u32::MAX)
+        .map(rustix::fs::Uid::from_raw);
+    let gid = gid
+        .filter(|&g| g != u32::MAX)
+        .map(rustix::fs::Gid::from_raw);
+    rustix::fs::chownat(
+        fd,
+        EMPTY,
+        uid,
+        gid,
+        RxAtFlags::EMPTY_PATH | RxAtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(rx)
+}
+
+/// The two `libc::timespec`s of `utimensat` (`UTIME_NOW`/`UTIME_OMIT` pass through).
+fn timestamps(times: &[libc::timespec; 2]) -> Timestamps {
+    let t = |ts: &libc::timespec| rustix::fs::Timespec {
+        tv_sec: ts.tv_sec,
+        tv_nsec: ts.tv_nsec,
+    };
+    Timestamps {
+        last_access: t(&times[0]),
+        last_modification: t(&times[1]),
+    }
 }
 
 /// `utimensat(fd, "", times, AT_EMPTY_PATH)`: the inode `fd` refers to, symlinks
 /// included (Linux ≥ 5.8 accepts `AT_EMPTY_PATH` here).
 pub(super) fn utimens_fd(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> Result<(), Errno> {
-    // SAFETY: `times` points to two valid timespecs; empty static C string.
-    cvt(unsafe {
-        libc::utimensat(
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
-            times.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        )
-    })
-    .map(drop)
+    rustix::fs::utimensat(fd, EMPTY, &timestamps(times), RxAtFlags::EMPTY_PATH).map_err(rx)
 }
 
 /// `utimensat(dir, name, times, flags)`.
@@ -142,8 +151,8 @@ pub(super) fn utimens_at(
     times: &[libc::timespec; 2],
     flags: i32,
 ) -> Result<(), Errno> {
-    // SAFETY: valid C string and two valid timespecs.
-    cvt(unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), times.as_ptr(), flags) }).map(drop)
+    let flags = RxAtFlags::from_bits_retain(bits(flags));
+    rustix::fs::utimensat(dir, name, &timestamps(times), flags).map_err(rx)
 }
 
 /// `fstatfs`.
@@ -157,35 +166,30 @@ pub(super) fn fstatfs(fd: BorrowedFd<'_>) -> Result<libc::statfs64, Errno> {
 
 /// The mount id of the mount `fd` is on (`statx` `STATX_MNT_ID`, Linux ≥ 5.8).
 pub(super) fn mount_id(fd: BorrowedFd<'_>) -> Option<u64> {
-    let mut buf = std::mem::MaybeUninit::<libc::statx>::zeroed();
-    // SAFETY: `buf` is a statx buffer the kernel fills; empty static C string.
-    let rc = unsafe {
-        libc::statx(
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-            libc::STATX_MNT_ID,
-            buf.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: statx succeeded (and the buffer was zeroed before).
-    let stx = unsafe { buf.assume_init() };
-    (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+    let stx = rustix::fs::statx(
+        fd,
+        EMPTY,
+        RxAtFlags::EMPTY_PATH | RxAtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::MNT_ID,
+    )
+    .ok()?;
+    (stx.stx_mask & StatxFlags::MNT_ID.bits() != 0).then_some(stx.stx_mnt_id)
 }
 
 /// `lseek(fd, offset, whence)`.
 pub(super) fn lseek(fd: BorrowedFd<'_>, offset: u64, whence: i32) -> Result<u64, Errno> {
-    let off = i64::try_from(offset).map_err(|_| Errno::EINVAL)?;
-    // SAFETY: plain syscall on a descriptor we hold.
-    let rc = unsafe { libc::lseek64(fd.as_raw_fd(), off, whence) };
-    if rc < 0 {
-        Err(Errno::last())
-    } else {
-        Ok(rc as u64)
-    }
+    let signed = || i64::try_from(offset).map_err(|_| Errno::EINVAL);
+    let pos = match whence {
+        libc::SEEK_SET => SeekFrom::Start(offset),
+        libc::SEEK_CUR => SeekFrom::Current(signed()?),
+        libc::SEEK_END => SeekFrom::End(signed()?),
+        libc::SEEK_DATA => SeekFrom::Data(offset),
+        libc::SEEK_HOLE => SeekFrom::Hole(offset),
+        _ => return Err(Errno::EINVAL),
+    };
+    // The kernel refuses offsets beyond i64::MAX (as lseek(2) with a negative off_t did).
+    signed()?;
+    rustix::fs::seek(fd, pos).map_err(rx)
 }
 
 /// One raw `getdents64` call into `buf`; returns the number of bytes filled (0 = end).
@@ -199,11 +203,8 @@ pub(super) fn getdents64(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Er
             buf.len(),
         )
     };
-    if rc < 0 {
-        Err(Errno::last())
-    } else {
-        Ok(rc as usize)
-    }
+    // A negative result is -1 with errno set; anything else is a byte count.
+    usize::try_from(rc).map_err(|_| Errno::last())
 }
 
 /// One entry parsed out of a `getdents64` buffer.
@@ -226,7 +227,7 @@ pub(super) fn parse_dirents(buf: &[u8]) -> impl Iterator<Item = RawDirent<'_>> {
         }
         let ino = u64::from_ne_bytes(rec[0..8].try_into().ok()?);
         let off = i64::from_ne_bytes(rec[8..16].try_into().ok()?);
-        let reclen = u16::from_ne_bytes(rec[16..18].try_into().ok()?) as usize;
+        let reclen = usize::from(u16::from_ne_bytes(rec[16..18].try_into().ok()?));
         if reclen < HDR || reclen > rec.len() {
             return None;
         }
@@ -239,7 +240,8 @@ pub(super) fn parse_dirents(buf: &[u8]) -> impl Iterator<Item = RawDirent<'_>> {
         pos += reclen;
         Some(RawDirent {
             ino,
-            off: off as u64,
+            // The kernel's directory cookie, an opaque 64-bit value: kept bit for bit.
+            off: u64::from_ne_bytes(off.to_ne_bytes()),
             dtype,
             name: &raw_name[..nlen],
         })
@@ -248,46 +250,35 @@ pub(super) fn parse_dirents(buf: &[u8]) -> impl Iterator<Item = RawDirent<'_>> {
 
 /// `getxattr(path, name, buf)`; an empty `buf` asks for the size.
 pub(super) fn getxattr(path: &CStr, name: &CStr, buf: &mut [u8]) -> Result<usize, Errno> {
-    // SAFETY: valid C strings; the kernel writes at most `buf.len()` bytes.
-    cvt_len(unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    })
+    if buf.is_empty() {
+        return rustix::fs::getxattr_query(path, name).map_err(rx);
+    }
+    rustix::fs::getxattr(path, name, buf).map_err(rx)
 }
 
 /// `setxattr(path, name, value, flags)`.
 pub(super) fn setxattr(path: &CStr, name: &CStr, value: &[u8], flags: i32) -> Result<(), Errno> {
-    // SAFETY: valid C strings; the kernel reads `value.len()` bytes.
-    cvt(unsafe {
-        libc::setxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            flags,
-        )
-    })
-    .map(drop)
+    let flags = rustix::fs::XattrFlags::from_bits_retain(bits(flags));
+    rustix::fs::setxattr(path, name, value, flags).map_err(rx)
 }
 
 /// `listxattr(path, buf)`; an empty `buf` asks for the size.
 pub(super) fn listxattr(path: &CStr, buf: &mut [u8]) -> Result<usize, Errno> {
-    // SAFETY: valid C string; the kernel writes at most `buf.len()` bytes.
-    cvt_len(unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+    if buf.is_empty() {
+        return rustix::fs::listxattr_query(path).map_err(rx);
+    }
+    rustix::fs::listxattr(path, buf).map_err(rx)
 }
 
 /// `removexattr(path, name)`.
 pub(super) fn removexattr(path: &CStr, name: &CStr) -> Result<(), Errno> {
-    // SAFETY: valid C strings.
-    cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
+    rustix::fs::removexattr(path, name).map_err(rx)
 }
 
 /// Linux's `MAX_HANDLE_SZ`.
 const MAX_HANDLE_SZ: usize = 128;
+/// The same, as the `handle_bytes` field's type.
+const MAX_HANDLE_BYTES: libc::c_uint = 128;
 
 /// `struct file_handle` with room for the largest handle.
 #[repr(C)]
@@ -301,7 +292,7 @@ struct RawHandle {
 /// `proto::fs::FileHandle`). `EOPNOTSUPP` when its filesystem has none.
 pub(super) fn name_to_handle(fd: BorrowedFd<'_>) -> Result<Vec<u8>, Errno> {
     let mut h = RawHandle {
-        handle_bytes: MAX_HANDLE_SZ as libc::c_uint,
+        handle_bytes: MAX_HANDLE_BYTES,
         handle_type: 0,
         f_handle: [0; MAX_HANDLE_SZ],
     };
@@ -317,7 +308,7 @@ pub(super) fn name_to_handle(fd: BorrowedFd<'_>) -> Result<Vec<u8>, Errno> {
             libc::AT_EMPTY_PATH,
         )
     })?;
-    let n = (h.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    let n = usize::try_from(h.handle_bytes).map_or(MAX_HANDLE_SZ, |n| n.min(MAX_HANDLE_SZ));
     let mut out = Vec::with_capacity(4 + n);
     out.extend_from_slice(&h.handle_type.to_le_bytes());
     out.extend_from_slice(&h.f_handle[..n]);
@@ -331,7 +322,7 @@ pub(super) fn open_by_handle(mount: BorrowedFd<'_>, wire: &[u8]) -> Result<Owned
         return Err(Errno::ESTALE);
     }
     let mut h = RawHandle {
-        handle_bytes: (wire.len() - 4) as libc::c_uint,
+        handle_bytes: libc::c_uint::try_from(wire.len() - 4).map_err(|_| Errno::ESTALE)?,
         handle_type: libc::c_int::from_le_bytes([wire[0], wire[1], wire[2], wire[3]]),
         f_handle: [0; MAX_HANDLE_SZ],
     };
@@ -355,8 +346,7 @@ pub(super) struct ProcFd(OwnedFd);
 impl ProcFd {
     pub fn open() -> Result<ProcFd, Errno> {
         let fd = openat(
-            // SAFETY: AT_FDCWD is a valid "directory descriptor" for the lifetime of the call.
-            unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) },
+            rustix::fs::CWD,
             c"/proc/self/fd",
             libc::O_PATH | libc::O_DIRECTORY,
             0,
@@ -400,36 +390,33 @@ pub(crate) fn original_nofile_limit() -> Option<libc::rlimit> {
 /// raise the hard limit (root; in the guest the kernel's default hard limit is only
 /// 4096), else to the hard limit.
 pub(super) fn raise_nofile_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid rlimit the kernel fills.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
-    }
-    let _ = ORIGINAL_NOFILE.set(lim);
-    let set = |cur: libc::rlim_t, max: libc::rlim_t| {
-        let want = libc::rlimit {
-            rlim_cur: cur,
-            rlim_max: max,
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    // `None` is unlimited (RLIM_INFINITY).
+    let raw = |v: Option<u64>| v.unwrap_or(libc::RLIM_INFINITY);
+    let (cur, max) = (raw(lim.current), raw(lim.maximum));
+    let _ = ORIGINAL_NOFILE.set(libc::rlimit {
+        rlim_cur: cur,
+        rlim_max: max,
+    });
+    let set = |to: u64| {
+        let want = Rlimit {
+            current: Some(to),
+            maximum: Some(to),
         };
-        // SAFETY: `want` is a valid rlimit.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 }
+        setrlimit(Resource::Nofile, want)
     };
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
-        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(0);
-    if nr_open > lim.rlim_max && set(nr_open, nr_open) {
+    if nr_open > max && set(nr_open).is_ok() {
         return;
     }
-    if lim.rlim_cur < lim.rlim_max && !set(lim.rlim_max, lim.rlim_max) {
-        tracing::warn!(
-            "cannot raise RLIMIT_NOFILE to {}: {}",
-            lim.rlim_max,
-            Errno::last()
-        );
+    if cur < max {
+        if let Err(e) = set(max) {
+            tracing::warn!("cannot raise RLIMIT_NOFILE to {max}: {e}");
+        }
     }
 }
 
@@ -443,7 +430,7 @@ mod tests {
         let mut r = Vec::with_capacity(reclen);
         r.extend_from_slice(&ino.to_ne_bytes());
         r.extend_from_slice(&off.to_ne_bytes());
-        r.extend_from_slice(&(reclen as u16).to_ne_bytes());
+        r.extend_from_slice(&u16::try_from(reclen).unwrap().to_ne_bytes());
         r.push(dtype);
         r.extend_from_slice(name);
         r.resize(reclen, 0);

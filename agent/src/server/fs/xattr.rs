@@ -47,7 +47,9 @@ impl FsCore {
         let path = sys::ProcFd::path(n.fd());
         if size == 0 {
             let len = sys::getxattr(&path, &name, &mut [])?;
-            return Ok(FsResponse::XattrSize(len.min(u32::MAX as usize) as u32));
+            return Ok(FsResponse::XattrSize(
+                u32::try_from(len).unwrap_or(u32::MAX),
+            ));
         }
         let mut buf = vec![0u8; size.min(MAX_XATTR) as usize];
         let len = sys::getxattr(&path, &name, &mut buf)?;
@@ -60,7 +62,9 @@ impl FsCore {
         let path = sys::ProcFd::path(n.fd());
         if size == 0 {
             let len = sys::listxattr(&path, &mut [])?;
-            return Ok(FsResponse::XattrSize(len.min(u32::MAX as usize) as u32));
+            return Ok(FsResponse::XattrSize(
+                u32::try_from(len).unwrap_or(u32::MAX),
+            ));
         }
         let mut buf = vec![0u8; size.min(MAX_XATTR) as usize];
         let len = sys::listxattr(&path, &mut buf)?;

@@ -62,6 +62,7 @@ impl Vm {
 
     /// Take a snapshot of this running VM into the existing directory `dir`: VMM state and
     /// memory by the backend, the disk as `dir/disk.ext4`. The VM keeps running.
+    #[tracing::instrument(level = "debug", name = "snapshot", skip_all, fields(vm = %self.name))]
     pub async fn snapshot_into(self: &Arc<Self>, dir: &Path) -> Result<Taken> {
         let _g = self.op_lock.lock().await;
         let state = self.state();
@@ -82,7 +83,7 @@ impl Vm {
         let freeze = agent
             .request(
                 Request::Freeze {
-                    timeout_ms: FREEZE_TIMEOUT.as_millis() as u32,
+                    timeout_ms: u32::try_from(FREEZE_TIMEOUT.as_millis()).unwrap_or(u32::MAX),
                 },
                 FREEZE_RPC,
             )
@@ -98,7 +99,7 @@ impl Vm {
         }
         let paused_at = Instant::now();
         let result = self.save_paused(&inst, dir).await;
-        let paused_ms = paused_at.elapsed().as_millis() as u64;
+        let paused_ms = u64::try_from(paused_at.elapsed().as_millis()).unwrap_or(u64::MAX);
         // Thaw whatever happened above (the VM is running again unless resume failed).
         if self.state() == VmState::Running {
             let mut thawed = false;
@@ -123,7 +124,7 @@ impl Vm {
         Ok(Taken {
             saved,
             disk,
-            total_ms: t0.elapsed().as_millis() as u64,
+            total_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
             paused_ms,
         })
     }
@@ -183,6 +184,7 @@ impl Vm {
 
     /// First boot of a clone: start its VMM from the snapshot in `snap_dir`, reconnect
     /// the agent, thaw, give it its identity. On failure the VM is `failed: <why>`.
+    #[tracing::instrument(level = "debug", name = "restore", skip_all, fields(vm = %self.name))]
     pub async fn restore_boot(
         self: &Arc<Self>,
         snap_name: &str,
@@ -251,7 +253,7 @@ impl Vm {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
             let clock = Request::SetClock {
-                sec: now.as_secs() as i64,
+                sec: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
                 nsec: now.subsec_nanos(),
             };
             client
@@ -263,7 +265,7 @@ impl Vm {
         .await;
         match ready {
             Ok(client) => {
-                let ms = t0.elapsed().as_millis() as u64;
+                let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
                 *self.agent.lock() = Some(client);
                 self.record.lock().boot_ms = Some(ms);
                 self.set_state(VmState::Running);

@@ -158,7 +158,7 @@ impl ApiClient {
                         timeout: self.timeout,
                     })
                 });
-        let us = t0.elapsed().as_micros() as u64;
+        let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
         match &result {
             Ok((status, _)) => {
                 journal(&request, status.as_u16());

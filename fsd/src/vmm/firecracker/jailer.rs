@@ -334,7 +334,7 @@ impl JailerConfig {
         let t0 = std::time::Instant::now();
         let method = crate::disk::clone_disk(src, &dst).map_err(|e| io(&dst, e))?;
         self.own(&dst)?;
-        let ms = t0.elapsed().as_millis() as u64;
+        let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
         tracing::info!(
             src = %src.display(),
             bytes = meta.len(),

@@ -231,7 +231,7 @@ pub fn ensure_vmlinux(kernel: &Path) -> Result<PathBuf, KernelError> {
         from = %kernel.display(),
         to = %out.display(),
         bytes = elf.len(),
-        ms = t0.elapsed().as_millis() as u64,
+        ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
         "extracted the ELF kernel for Firecracker"
     );
     Ok(out)
@@ -258,6 +258,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test code: sizes, offsets and ids are small values the test constructs"
+)]
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -634,7 +634,7 @@ impl FirecrackerBackend {
             dir = %dir.display(),
             version = %self.version_text,
             jailed = inst.jail.is_some(),
-            ms = t0.elapsed().as_millis() as u64,
+            ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
             "Firecracker started"
         );
         Ok(inst)

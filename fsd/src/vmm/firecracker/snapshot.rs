@@ -366,7 +366,7 @@ pub async fn restore(
         pid = inst.pid(),
         dir = %dir.display(),
         jailed = inst.jail.is_some(),
-        ms = t0.elapsed().as_millis() as u64,
+        ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
         "Firecracker restored from a snapshot"
     );
     Ok(inst)

@@ -615,9 +615,8 @@ fn fake_jail(dir: &Path) -> (PathBuf, jailer::JailerConfig) {
     std::fs::write(&fc, "").unwrap();
     let jail = jailer::JailerConfig {
         binary: fake_jailer,
-        // SAFETY: geteuid/getegid have no preconditions.
-        uid: unsafe { libc::geteuid() },
-        gid: unsafe { libc::getegid() },
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
         cgroups: Default::default(),
     };
     (fc, jail)

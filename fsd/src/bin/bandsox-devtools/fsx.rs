@@ -1,4 +1,4 @@
-//! `bandsox fsx`: a small file-system exerciser in the spirit of fsx.
+//! `bandsox-devtools fsx`: a small file-system exerciser in the spirit of fsx.
 //!
 //! Applies a seeded random sequence of writes at random offsets, truncates (down and
 //! up), reads, fsyncs and reopens to a file under test and to a reference file in a
@@ -42,6 +42,10 @@ fn read_at(f: &File, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
 }
 
 /// Run the exerciser; `Err` describes the first divergence.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "an operation length bounded by 256 KiB"
+)]
 pub fn run(opts: &FsxOptions) -> Result<(), String> {
     let refdir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
     let ref_path = refdir.path().join("reference");

@@ -1,6 +1,7 @@
-//! The `fsbench` diagnostic (VM `ctl`): the agent's file calls issued directly over the
-//! VM's agent connection, with no FUSE and no kernel in between. The benchmark script
-//! compares `fs/` against these figures, measured in the same run.
+//! `bandsox-devtools fsbench`: the agent's file calls issued directly over an agent
+//! connection, with no daemon, no FUSE and no kernel in between. The benchmark script
+//! compares `fs/` against these figures, measured in the same run on the same backend,
+//! kernel and image.
 //!
 //! Invariants: every counted node it looks up is forgotten and every handle released before it
 //! answers, so it leaves the agent's tables as it found them; paths are split into
@@ -12,8 +13,8 @@ use bandsox_agent::proto::fs::{
     valid_name, Entry, FsRequest, FsResponse, NodeId, NodeRef, Owner, ROOT_NODE,
 };
 
-use super::FS_DEADLINE;
-use crate::error::{Error, Result};
+use bandsox_fsd::error::{Error, Result};
+use bandsox_fsd::guestfs::FS_DEADLINE;
 
 /// What to measure.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,7 +129,7 @@ fn split_parent(path: &str) -> Result<(&str, &str)> {
     Ok((dir, name))
 }
 
-/// Run one measurement; the answer is one `ok: ...` line for `cat ctl`.
+/// Run one measurement; the answer is one `ok: ...` line.
 pub async fn run(c: &AgentClient, what: &FsBench) -> Result<String> {
     let mut raw = Raw {
         c,
@@ -139,6 +140,10 @@ pub async fn run(c: &AgentClient, what: &FsBench) -> Result<String> {
     res
 }
 
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "throughput statistics: f64 precision is plenty"
+)]
 async fn run_inner(raw: &mut Raw<'_>, what: &FsBench) -> Result<String> {
     const CHUNK: u32 = 1024 * 1024;
     match what {

@@ -1,6 +1,6 @@
-//! `bandsox fslat`: per-call latency of file operations in a directory, measured in-process
+//! `bandsox-devtools fslat`: per-call latency of file operations in a directory, measured in-process
 //! (no shell or process start in the numbers). Used by `bench/fs.sh` to compare `fs/` with
-//! the agent's raw calls (`fsbench` in a VM's ctl).
+//! the agent's raw calls (`bandsox-devtools fsbench`).
 //!
 //! Reports medians in microseconds of: `stat` as programs usually do it (the kernel may
 //! answer from its attribute cache), `statx(AT_STATX_FORCE_SYNC)` (always asks the
@@ -13,6 +13,10 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "latency statistics: f64 precision is plenty"
+)]
 fn median_us(mut v: Vec<Duration>) -> f64 {
     v.sort_unstable();
     v.get(v.len() / 2)

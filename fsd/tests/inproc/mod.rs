@@ -1,0 +1,150 @@
+//! An in-process VMM backend for tests without root, a mount or a VM: each "VM" is an
+//! agent (`Agent::serve_stream`) served on one end of an in-memory pipe, the other end
+//! handed to the daemon through a [`FaultStream`], so tests can damage the channel.
+//!
+//! Invariants: every `connect_agent` gets a fresh pipe and a fresh agent session on the
+//! VM's one `Agent` (as reconnecting to a real guest does); after `kill` the VM is dead
+//! (no agent answers, `is_alive` is false) and stays so.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bandsox_agent::faults::{FaultHandle, FaultStream, Faults};
+use bandsox_agent::server::{Agent, AgentConfig, PowerOffAction};
+use bandsox_fsd::manager::{Backends, Manager};
+use bandsox_fsd::vmm::{Backend, BackendKind, BoxedAgentStream, VmSpec, VmmError, VmmInstance};
+
+/// The faults the next connections get, and the handles of the live ones.
+#[derive(Default)]
+pub struct FaultPlan {
+    /// Faults of every new connection.
+    pub next: Mutex<Option<Faults>>,
+    /// One handle per connection made, in order (to arm faults after the handshake).
+    pub handles: Mutex<Vec<FaultHandle>>,
+}
+
+impl FaultPlan {
+    /// The handle of the latest connection.
+    pub fn last(&self) -> FaultHandle {
+        self.handles
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a connection was made")
+    }
+}
+
+pub struct InProcBackend {
+    pub faults: Arc<FaultPlan>,
+}
+
+impl InProcBackend {
+    pub fn new() -> Arc<InProcBackend> {
+        Arc::new(InProcBackend {
+            faults: Arc::new(FaultPlan::default()),
+        })
+    }
+}
+
+struct InProcVm {
+    agent: Arc<Agent>,
+    alive: Arc<AtomicBool>,
+    faults: Arc<FaultPlan>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+#[async_trait]
+impl Backend for InProcBackend {
+    fn kind(&self) -> BackendKind {
+        // The test slot (as the host-process backend): no boot files, no snapshots.
+        BackendKind::Host
+    }
+    fn describe(&self) -> String {
+        "in-process agent (test backend)".into()
+    }
+    fn needs_boot_files(&self) -> bool {
+        false
+    }
+    fn vmm_overhead_mib(&self, _memory_mib: u32) -> Option<u64> {
+        None
+    }
+    async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
+        let root = spec.dir.join("inproc-root");
+        std::fs::create_dir_all(&root).map_err(|e| VmmError::Io("root".into(), e))?;
+        let mut cfg = AgentConfig::host(root);
+        cfg.power_off = PowerOffAction::Ignore;
+        Ok(Box::new(InProcVm {
+            agent: Agent::new(cfg),
+            alive: Arc::new(AtomicBool::new(true)),
+            faults: self.faults.clone(),
+            tasks: Mutex::new(Vec::new()),
+        }))
+    }
+    async fn adopt(&self, _spec: &VmSpec) -> Result<Option<Box<dyn VmmInstance>>, VmmError> {
+        Ok(None)
+    }
+}
+
+#[async_trait]
+impl VmmInstance for InProcVm {
+    fn pid(&self) -> u32 {
+        0
+    }
+    fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+    async fn connect_agent(&self) -> Result<BoxedAgentStream, VmmError> {
+        if !self.is_alive() {
+            return Err(VmmError::StartFailed("the in-process VM is dead".into()));
+        }
+        let (host, guest) = tokio::io::duplex(256 * 1024);
+        let agent = self.agent.clone();
+        self.tasks
+            .lock()
+            .unwrap()
+            .push(tokio::spawn(async move { agent.serve_stream(guest).await }));
+        let faults = self.faults.next.lock().unwrap().unwrap_or(Faults::none());
+        let stream = FaultStream::new(host, faults);
+        self.faults.handles.lock().unwrap().push(stream.handle());
+        Ok(Box::pin(stream))
+    }
+    async fn pause(&self) -> Result<(), VmmError> {
+        Ok(())
+    }
+    async fn resume(&self) -> Result<(), VmmError> {
+        Ok(())
+    }
+    async fn request_shutdown(&self) -> Result<(), VmmError> {
+        self.kill().await
+    }
+    async fn kill(&self) -> Result<(), VmmError> {
+        self.alive.store(false, Ordering::SeqCst);
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+        Ok(())
+    }
+    async fn wait_exit(&self, _timeout: Duration) -> bool {
+        !self.is_alive()
+    }
+}
+
+/// A manager over a fresh state directory (with a small `base` image) whose only backend
+/// is `backend`.
+pub fn manager(state: &Path, backend: Arc<InProcBackend>) -> Arc<Manager> {
+    std::fs::create_dir_all(state.join("images/base")).unwrap();
+    std::fs::write(state.join("images/base/disk.ext4"), vec![0u8; 65536]).unwrap();
+    Manager::open(
+        PathBuf::from(state),
+        Backends {
+            qemu: Some(backend as Arc<dyn Backend>),
+            firecracker: None,
+            auto_reason: "in-process test backend".into(),
+        },
+    )
+    .expect("manager opens")
+}
