@@ -65,6 +65,17 @@ impl Recent {
         m.insert((parent, name.to_vec()), (now, Instant::now()));
     }
 
+    /// Does the host's own recent change of `name` in `parent` disagree with an event
+    /// saying it names `now`? (An event about an earlier state can arrive after the
+    /// host's later change: the host's answer is newer than it.) Leaves the note.
+    pub fn disagrees(&self, parent: u64, name: &[u8], now: Option<NodeId>) -> bool {
+        let key = (parent, name.to_vec());
+        self.map
+            .lock()
+            .get(&key)
+            .is_some_and(|(made, at)| *made != now && at.elapsed() < RECENT_TTL)
+    }
+
     /// Is an event saying `name` in `parent` names `now` the echo of a host change?
     pub fn echoes(&self, parent: u64, name: &[u8], now: Option<NodeId>) -> bool {
         let key = (parent, name.to_vec());
@@ -150,13 +161,17 @@ impl Pumps {
             inc: inc.clone(),
             boot: src.boot,
         };
-        let (tap_vms, tap_inodes, tap_listings) =
-            (self.vms.clone(), self.inodes.clone(), self.listings.clone());
+        let (tap_vms, tap_inodes, tap_listings, tap_recent) = (
+            self.vms.clone(),
+            self.inodes.clone(),
+            self.listings.clone(),
+            self.recent.clone(),
+        );
         client.set_fs_event_tap(Box::new(move |batch| {
             let vms = tap_vms.lock();
             let inodes = tap_inodes.lock();
             if let Some(v) = vms.get(&tap_src.inc.vm_id) {
-                apply_to_listings(batch, &tap_src, v, &inodes, &tap_listings);
+                apply_to_listings(batch, &tap_src, v, &inodes, &tap_listings, &tap_recent);
             }
         }));
         let vm = Arc::downgrade(vm);
@@ -236,12 +251,19 @@ fn apply_to_listings(
     v: &VmNumbers,
     inodes: &Inodes,
     listings: &Listings,
+    recent: &Recent,
 ) {
     for ev in batch {
         match ev {
             FsEvent::Entry { parent, name, now } => {
                 if let Some(p) = held(src, v, inodes, *parent) {
-                    listings.changed(p, name, now.is_some());
+                    if recent.disagrees(p, name, *now) {
+                        // Which of the two is newer is unknown here: the listing stops
+                        // answering for this directory, so lookups ask the guest.
+                        listings.forget(p);
+                    } else {
+                        listings.changed(p, name, now.is_some());
+                    }
                 }
             }
             FsEvent::Unwatched { node } => {
@@ -316,6 +338,19 @@ fn translate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_late_event_disagrees_with_a_newer_host_change() {
+        let r = Recent::default();
+        let id = NodeId { dev: 1, ino: 9 };
+        r.note(5, b"config.lock", Some(id));
+        // The removal of an earlier `config.lock`, arriving after the new one was made.
+        assert!(r.disagrees(5, b"config.lock", None));
+        assert!(!r.disagrees(5, b"config.lock", Some(id)));
+        assert!(!r.disagrees(5, b"other", None));
+        // Asking leaves the note for the echo check.
+        assert!(r.echoes(5, b"config.lock", Some(id)));
+    }
     use crate::guestfs::inodes::EntryFacts;
     use bandsox_agent::proto::fs::{FileHandle, NodeRef, ROOT_ID};
 
