@@ -49,14 +49,15 @@ for walk in ${SCALE_WALKS:-find du ls-lR rsync}; do
   esac
 done
 
-# The agent's descriptors and memory: the guest's PID 1, or the host-mode agent process.
-if [ "$(guest "cat /proc/1/comm" 2>/dev/null)" = bandsox-agent ]; then
+# The agent's descriptors and memory: the host-mode agent process (what the VMM pid file
+# names in host mode), or else the guest's PID 1 (the agent, started as /init).
+pid=$(cat "$VMM_PID_FILE")
+if [ "$(cat "/proc/$pid/comm")" = bandsox-agent ]; then
+  fds=$(find "/proc/$pid/fd" -mindepth 1 | wc -l)
+  rss=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
+else
   fds=$(guest "ls /proc/1/fd | wc -l" | tr -d ' ')
   rss=$(guest "awk '/^VmRSS/ {print \$2}' /proc/1/status")
-else
-  pid=$(cat "$VMM_PID_FILE")
-  fds=$(ls "/proc/$pid/fd" | wc -l)
-  rss=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
 fi
 note "agent: $fds descriptors, $rss KiB resident"
 [ "$fds" -le "$max_fds" ] || fail "the agent holds $fds descriptors (bound $max_fds)"
