@@ -36,22 +36,39 @@ pub const TIMEOUT_EXIT: i32 = 124;
 type Res<T> = std::result::Result<T, String>;
 
 /// Options of `bandsox exec`.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct ExecArgs {
+    /// A VM name under the mount (BANDSOX_MOUNT, default /mnt/bandsox) or a VM's path.
     pub vm: String,
+    /// Give the command a terminal (raw mode here, window size followed).
+    #[arg(short = 't', long)]
     pub tty: bool,
+    /// KEY=VALUE in the command's environment (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(long, value_name = "DIR")]
     pub cwd: Option<String>,
+    /// Run as USER[:GROUP] (names or numbers from the guest's /etc/passwd).
+    #[arg(long, short = 'u', value_name = "USER")]
     pub user: Option<String>,
+    /// Stop the command after SECONDS (SIGTERM, then SIGKILL 5 s later); `none`
+    /// overrides the VM's exec_timeout.
+    #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<String>,
+    #[arg(last = true, required = true, value_name = "CMD")]
     pub cmd: Vec<String>,
 }
 
 /// Options of `bandsox attach`.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct AttachArgs {
+    /// A VM name under the mount (BANDSOX_MOUNT, default /mnt/bandsox) or a VM's path.
     pub vm: String,
+    /// Re-attach to this terminal run (its screen is redrawn first).
+    #[arg(long, value_name = "N")]
     pub run: Option<u64>,
+    #[arg(last = true, value_name = "CMD")]
     pub cmd: Vec<String>,
 }
 

@@ -64,40 +64,11 @@ enum Cmd {
     /// Run a command in a VM like `docker exec`: its stdout and stderr on ours, our
     /// stdin forwarded, Ctrl-C sent to it, and its exit code as ours (128+N for signal
     /// N, 124 for a timeout). A thin client of VM/exec and VM/runs/<n>/.
-    Exec {
-        /// A VM name under the mount (BANDSOX_MOUNT, default /mnt/bandsox) or a VM's path.
-        vm: String,
-        /// Give the command a terminal (raw mode here, window size followed).
-        #[arg(short = 't', long)]
-        tty: bool,
-        /// KEY=VALUE in the command's environment (repeatable).
-        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
-        env: Vec<String>,
-        /// Working directory in the guest.
-        #[arg(long, value_name = "DIR")]
-        cwd: Option<String>,
-        /// Run as USER[:GROUP] (names or numbers from the guest's /etc/passwd).
-        #[arg(long, short = 'u', value_name = "USER")]
-        user: Option<String>,
-        /// Stop the command after SECONDS (SIGTERM, then SIGKILL 5 s later); `none`
-        /// overrides the VM's exec_timeout.
-        #[arg(long, value_name = "SECONDS")]
-        timeout: Option<String>,
-        #[arg(last = true, required = true, value_name = "CMD")]
-        cmd: Vec<String>,
-    },
+    Exec(bandsox_fsd::cli::ExecArgs),
     /// Attach this terminal to a terminal run: start one (the image's shell, or CMD), or
     /// re-attach to run N. Ctrl-] d detaches and leaves the run alive; the exit code is
     /// the run's. A thin client of VM/exec and VM/runs/<n>/terminal.
-    Attach {
-        /// A VM name under the mount (BANDSOX_MOUNT, default /mnt/bandsox) or a VM's path.
-        vm: String,
-        /// Re-attach to this terminal run (its screen is redrawn first).
-        #[arg(long, value_name = "N")]
-        run: Option<u64>,
-        #[arg(last = true, value_name = "CMD")]
-        cmd: Vec<String>,
-    },
+    Attach(bandsox_fsd::cli::AttachArgs),
     /// Build the guest kernel, initramfs and the `base` image into the state directory.
     GuestBuild {
         #[arg(long, env = "BANDSOX_STATE_DIR", default_value = "/var/lib/bandsox")]
@@ -154,30 +125,8 @@ fn main() -> ExitCode {
                 read_only,
             })
         }
-        Cmd::Exec {
-            vm,
-            tty,
-            env,
-            cwd,
-            user,
-            timeout,
-            cmd,
-        } => {
-            let args = bandsox_fsd::cli::ExecArgs {
-                vm,
-                tty,
-                env,
-                cwd,
-                user,
-                timeout,
-                cmd,
-            };
-            client_exit(bandsox_fsd::cli::exec(&args))
-        }
-        Cmd::Attach { vm, run, cmd } => {
-            let args = bandsox_fsd::cli::AttachArgs { vm, run, cmd };
-            client_exit(bandsox_fsd::cli::attach(&args))
-        }
+        Cmd::Exec(args) => client_exit(bandsox_fsd::cli::exec(&args)),
+        Cmd::Attach(args) => client_exit(bandsox_fsd::cli::attach(&args)),
         Cmd::Unmount { mountpoint } => daemon::unmount(&mountpoint),
         Cmd::Watchdog { pid } => bandsox_fsd::watchdog::run(pid),
         Cmd::Doctor { state_dir, agent } => {
