@@ -47,7 +47,7 @@ fn one_line(msg: &str) -> String {
 }
 
 pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] | import IMAGE SOURCE [size=MiB] [headroom=MiB] [tag=NAME] | pull IMAGE REFERENCE [size=MiB] [headroom=MiB] | build IMAGE DIR [file=DOCKERFILE] [size=MiB] [headroom=MiB]";
-pub const VM_HELP: &str = "accepted: start | stop | kill | pause | resume | restart | snapshot NAME | reconnect | exec_timeout=SECONDS|none";
+pub const VM_HELP: &str = "accepted: start | stop | kill | pause | resume | restart | snapshot NAME | reconnect | ping [N] | exec_timeout=SECONDS|none";
 pub const RUN_HELP: &str = "accepted: kill [SIGNAL] | close-stdin";
 
 pub const MAX_CLONES: u32 = 64;

@@ -4,6 +4,7 @@
 //! files) → `manager` (VMs, runs, lifecycle) → `vmm` (backends) and the agent client
 //! from `bandsox_agent::client`. `error` is the one error type, with explicit errnos.
 pub mod backends;
+pub mod bootfiles;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
@@ -15,7 +16,6 @@ pub mod error;
 pub mod events;
 pub mod eventview;
 pub mod fuse;
-pub mod guest;
 pub mod guestfs;
 pub mod images;
 pub mod interrupt;
@@ -27,5 +27,6 @@ pub mod manager;
 pub mod names;
 pub mod net;
 pub mod snapshots;
+
 pub mod vmm;
 pub mod watchdog;

@@ -148,14 +148,14 @@ fn main() -> ExitCode {
             force,
         } => {
             daemon::init_logging(None);
-            let opts = bandsox_fsd::guest::GuestBuildOptions {
+            let opts = bandsox_fsd::bootfiles::GuestBuildOptions {
                 state_dir,
                 agent,
                 kernel_root,
                 busybox,
                 force,
             };
-            bandsox_fsd::guest::build_guest(&opts)
+            bandsox_fsd::bootfiles::build_guest(&opts)
                 .map(|a| {
                     println!(
                         "kernel {} ({})\ninitrd {}\nimage base {}",

@@ -97,6 +97,14 @@ mk_oci() {
   umoci config --image "$_l:v2" --config.env GREETING=v2
 }
 
+# registry_with_test_image: the tools, the test image of mk_oci at $IMG_WORK/oci and a
+# loopback registry (REG) to push it to.
+registry_with_test_image() {
+  need_tools
+  mk_oci "$IMG_WORK/oci"
+  start_registry
+}
+
 # start_registry: a docker-registry on a free loopback port; sets REG (host:port).
 # With REG_HTPASSWD=FILE (bcrypt htpasswd) it requires basic auth; push then uses REG_CREDS.
 start_registry() {

@@ -34,6 +34,15 @@ daemon_pid() {
   pgrep -f "bandsox mount $MNT" | head -n1
 }
 
+# crash_and_restart_daemon: SIGKILL the daemon and mount again on the same state
+# directory (the daemon adopts the running VMs).
+crash_and_restart_daemon() {
+  _pid=$(daemon_pid); [ -n "$_pid" ] || fail "no daemon"
+  kill -9 "$_pid"
+  sleep 0.5
+  "$BANDSOX" mount "$MNT" --state-dir "$STATE" || fail "restart failed"
+}
+
 # gone PID: the process has exited (a zombie counts as exited).
 gone() { ! [ -e "/proc/$1" ] || grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
 

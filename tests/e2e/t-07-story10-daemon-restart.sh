@@ -5,10 +5,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm s10
 echo 'echo before > /root/mark' > "$MNT/s10/exec"
-pid=$(daemon_pid); [ -n "$pid" ] || fail "no daemon"
-kill -9 "$pid"
-sleep 0.5
-"$BANDSOX" mount "$MNT" --state-dir "$STATE" || fail "restart failed"
+crash_and_restart_daemon
 assert_eq running "$(cat "$MNT/s10/state")" "state after restart"
 echo 'cat /root/mark' > "$MNT/s10/exec"
 assert_eq before "$(cat "$MNT/s10/exec")" "exec after restart"

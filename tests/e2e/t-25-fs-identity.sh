@@ -10,10 +10,7 @@ f=$MNT/idn/fs/root/keep
 echo x > "$f"
 ln "$f" "$f.link"
 before=$(stat -c %i "$f")
-pid=$(daemon_pid); [ -n "$pid" ] || fail "no daemon"
-kill -9 "$pid"
-sleep 0.5
-"$BANDSOX" mount "$MNT" --state-dir "$STATE" || fail "restart failed"
+crash_and_restart_daemon
 assert_eq running "$(cat "$MNT/idn/state")" "state after restart"
 assert_eq "$before" "$(stat -c %i "$f")" "st_ino after a daemon restart"
 assert_eq "$before" "$(stat -c %i "$f.link")" "st_ino of the link after a daemon restart"

@@ -9,10 +9,7 @@ echo 'snapshot snapr' > "$MNT/sr/ctl" || fail "snapshot: $(cat "$MNT/sr/ctl")"
 echo 'clone snapr cr' > "$MNT/ctl" || fail "clone: $(cat "$MNT/ctl")"
 VMS="$VMS cr"
 echo 'echo mark > /root/mark' > "$MNT/cr/exec"
-pid=$(daemon_pid); [ -n "$pid" ] || fail "no daemon"
-kill -9 "$pid"
-sleep 0.5
-"$BANDSOX" mount "$MNT" --state-dir "$STATE" || fail "restart failed"
+crash_and_restart_daemon
 assert_eq running "$(cat "$MNT/cr/state")" "clone state after restart"
 echo 'cat /root/mark; hostname' > "$MNT/cr/exec"
 assert_eq "mark

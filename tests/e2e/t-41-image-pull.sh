@@ -5,10 +5,8 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/images-lib.sh"
-need_tools
+registry_with_test_image
 W=$IMG_WORK
-mk_oci "$W/oci"
-start_registry
 push "$W/oci:v1" t/app:v1
 push "$W/oci:v2" t/app:v2
 push "$W/oci:v2" t/other:same

@@ -5,11 +5,8 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/images-lib.sh"
-need_tools
-W=$IMG_WORK
-mk_oci "$W/oci"
-start_registry
-push "$W/oci:v2" t/ref:v2
+registry_with_test_image
+push "$IMG_WORK/oci:v2" t/ref:v2
 ref="$REG/t/ref:v2"
 local_name=$(printf '%s' "$ref" | tr -c 'A-Za-z0-9._-' '_')
 IMAGES="$local_name"

@@ -285,7 +285,7 @@ impl Tree {
                     Node::RunsLast(id.clone())
                 } else if name == "main" {
                     // The image entrypoint's run (autostart=1): an alias of runs/<n>.
-                    let n = crate::manager::images::main_run(&vm).ok_or_else(nf)?;
+                    let n = vm.main_run().ok_or_else(nf)?;
                     vm.run(n).ok_or_else(nf)?;
                     Node::Run(id.clone(), n)
                 } else {
@@ -386,7 +386,7 @@ impl Tree {
                 if !nums.is_empty() {
                     out.push(("last".into(), Node::RunsLast(id.clone())));
                 }
-                if let Some(n) = crate::manager::images::main_run(&vm) {
+                if let Some(n) = vm.main_run() {
                     out.push(("main".into(), Node::Run(id.clone(), n)));
                 }
                 for n in nums {

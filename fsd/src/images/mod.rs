@@ -664,7 +664,7 @@ fn build_disk(
         "import-mkfs",
         &format!("size_mib={size_mib} content_bytes={content} inodes={inodes}"),
     );
-    crate::guest::image::make_ext4_with(
+    crate::bootfiles::image::make_ext4_with(
         tree,
         &work.disk(),
         size_mib * mib,

@@ -74,7 +74,7 @@ pub fn parse_size(text: &str) -> Result<TtySize> {
         if n == 0 || n > u32::from(MAX_TTY_DIM) {
             return Err(bad());
         }
-        Ok(n as u16)
+        u16::try_from(n).map_err(|_| bad())
     };
     Ok(TtySize {
         cols: num(c)?,

@@ -23,8 +23,6 @@ use crate::images::{self, registry, ImageOptions, Progress, Unpacked, Work};
 
 /// `<vm-dir>/autostart.json`: the argv started as `runs/main` at every boot.
 const AUTOSTART_FILE: &str = "autostart.json";
-/// `<vm-dir>/main-run`: the number of the run `runs/main` names.
-const MAIN_RUN_FILE: &str = "main-run";
 
 /// Releases a reserved image name when dropped.
 struct Reservation<'a> {
@@ -89,12 +87,6 @@ pub fn image_name_for_ref(reference: &str) -> String {
         name.push_str(&hex);
     }
     name
-}
-
-pub fn main_run(vm: &Vm) -> Option<u64> {
-    std::fs::read_to_string(vm.dir.join(MAIN_RUN_FILE))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
 }
 
 impl Manager {
@@ -470,7 +462,7 @@ impl Manager {
         let program = Program::Argv(argv.into_iter().map(String::into_bytes).collect());
         match vm.start_program(shown.into_bytes(), program, 0).await {
             Ok(run) => {
-                std::fs::write(vm.dir.join(MAIN_RUN_FILE), format!("{}\n", run.n))?;
+                vm.set_main_run(run.n)?;
                 self.events
                     .emit(&vm.name, "autostart", &format!("run={}", run.n));
                 Ok(())
@@ -478,7 +470,7 @@ impl Manager {
             Err(e) => {
                 // The run exists (status `lost: <why>`); `runs/main` shows it.
                 if let Some(n) = vm.run_numbers().last() {
-                    let _ = std::fs::write(vm.dir.join(MAIN_RUN_FILE), format!("{n}\n"));
+                    let _ = vm.set_main_run(*n);
                 }
                 self.events.emit(&vm.name, "autostart-failed", &e.message);
                 Err(e.with_context("autostart"))

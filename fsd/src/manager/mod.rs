@@ -7,16 +7,11 @@
 //!   a rejected `create` leaves no trace.
 //! - Each VM's state directory holds its whole record; `reload` rebuilds the manager
 //!   from the state directory alone.
-#![allow(
-    clippy::cast_lossless,
-    clippy::cast_possible_truncation,
-    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
-)]
+mod ctl;
 pub mod execopts;
 pub mod images;
 mod quota;
 pub mod runs;
-pub mod snaps;
 pub mod spool;
 pub mod terminal;
 pub mod vm;
@@ -29,7 +24,6 @@ use std::time::{Duration, SystemTime};
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::{BackendChoice, VmConfig};
-use crate::ctl::{GlobalCmd, VmCmd, VmOp};
 use crate::error::{Error, Result};
 use crate::events::EventLog;
 use crate::layout::{mkdir_private, Layout};
@@ -68,7 +62,7 @@ impl Backends {
         }
     }
 
-    fn by_kind(&self, kind: BackendKind) -> Option<Arc<dyn Backend>> {
+    pub(crate) fn by_kind(&self, kind: BackendKind) -> Option<Arc<dyn Backend>> {
         match kind {
             BackendKind::Qemu => self.qemu.clone(),
             BackendKind::Firecracker => self.firecracker.clone(),
@@ -82,22 +76,31 @@ pub struct Manager {
     pub layout: Layout,
     pub events: Arc<EventLog>,
     defaults: Mutex<VmConfig>,
-    vms: RwLock<BTreeMap<String, Arc<Vm>>>,
-    creating: Mutex<HashSet<String>>,
+    pub(crate) vms: RwLock<BTreeMap<String, Arc<Vm>>>,
+    pub(crate) creating: Mutex<HashSet<String>>,
     /// TAP address slots of every VM (`net=tap`).
-    net_slots: crate::net::SlotAllocator,
-    backends: Backends,
-    boot_files: BootFiles,
+    pub(crate) net_slots: crate::net::SlotAllocator,
+    pub(crate) backends: Backends,
+    pub(crate) boot_files: BootFiles,
     pub boot_timeout: Duration,
     ctl_results: crate::ctl::CtlResults,
     /// Image names being imported, pulled or removed right now.
     images_busy: Mutex<HashSet<String>>,
-    /// Snapshot names being written (see `snaps`).
-    snap_creating: Mutex<HashSet<String>>,
+    /// Snapshot names being written (see `crate::snapshots`).
+    pub(crate) snap_creating: Mutex<HashSet<String>>,
     /// Snapshot name → number of clone operations restoring from it.
-    snap_busy: Mutex<HashMap<String, usize>>,
+    pub(crate) snap_busy: Mutex<HashMap<String, usize>>,
     /// Resource limits (see `crate::limits` and `quota`).
     pub limits: Arc<crate::limits::Limits>,
+}
+
+/// What a new VM is, for [`Manager::register_vm`].
+pub(crate) struct NewVm<'a> {
+    pub name: &'a str,
+    pub uid: u32,
+    pub gid: u32,
+    pub config: VmConfig,
+    pub disk_mib: u64,
 }
 
 fn new_id() -> String {
@@ -340,7 +343,7 @@ impl Manager {
         let image_disk = self.layout.image_disk(&config.image);
         let image_mib = std::fs::metadata(&image_disk)?.len().div_ceil(1024 * 1024);
         if let Some(d) = config.disk_mib {
-            if (d as u64) < image_mib {
+            if u64::from(d) < image_mib {
                 return Err(Error::invalid(format!(
                     "disk={d} is smaller than image {} ({image_mib} MiB)",
                     config.image
@@ -385,51 +388,17 @@ impl Manager {
         image_disk: &std::path::Path,
         image_mib: u64,
     ) -> Result<Arc<Vm>> {
-        let id = new_id();
-        let dir = self.layout.vm_dir(&id);
-        mkdir_private(&dir)?;
         let disk_mib = config.disk_mib.map(u64::from).unwrap_or(image_mib);
-        let prepared = prepare_disk(image_disk, &dir.join("disk.ext4"), disk_mib, image_mib).await;
-        if let Err(e) = prepared {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-        let net_slot = match self.allocate_net_slot(config.net) {
-            Ok(slot) => slot,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
-        };
-        let record = VmRecord {
-            fs_slot: None,
-            net_slot,
-            id,
-            name: name.to_string(),
+        let disk =
+            |dst: PathBuf| async move { prepare_disk(image_disk, &dst, disk_mib, image_mib).await };
+        let new = NewVm {
+            name,
             uid,
             gid,
-            backend: backend.kind(),
             config,
-            created: now_secs(),
             disk_mib,
-            boot_ms: None,
-            desired: Desired::Running,
         };
-        let vm = Vm::new(
-            record,
-            dir.clone(),
-            backend,
-            self.boot_files.clone(),
-            self.events.clone(),
-        );
-        if let Err(e) = vm.save_record() {
-            let _ = std::fs::remove_dir_all(&dir);
-            if let Some(slot) = net_slot {
-                self.net_slots.release(slot);
-            }
-            return Err(e);
-        }
-        self.vms.write().insert(name.to_string(), vm.clone());
+        let vm = self.register_vm(new, backend, disk).await?;
         self.events.emit(
             name,
             "created",
@@ -452,8 +421,68 @@ impl Manager {
         Ok(vm)
     }
 
+    /// Make a new VM: its directory with the disk `make_disk` writes (given the path),
+    /// a TAP slot if `net=tap`, its record; then add it to the VMs. A failure at any
+    /// step removes the directory and releases the slot: nothing of the VM remains.
+    /// The caller has reserved the name (`creating`) and admitted the resources.
+    pub(crate) async fn register_vm<F, Fut>(
+        &self,
+        new: NewVm<'_>,
+        backend: Arc<dyn Backend>,
+        make_disk: F,
+    ) -> Result<Arc<Vm>>
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let id = new_id();
+        let dir = self.layout.vm_dir(&id);
+        mkdir_private(&dir)?;
+        if let Err(e) = make_disk(dir.join("disk.ext4")).await {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let net_slot = match self.allocate_net_slot(new.config.net) {
+            Ok(slot) => slot,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let record = VmRecord {
+            fs_slot: None,
+            net_slot,
+            id,
+            name: new.name.to_string(),
+            uid: new.uid,
+            gid: new.gid,
+            backend: backend.kind(),
+            config: new.config,
+            created: now_secs(),
+            disk_mib: new.disk_mib,
+            boot_ms: None,
+            desired: Desired::Running,
+        };
+        let vm = Vm::new(
+            record,
+            dir.clone(),
+            backend,
+            self.boot_files.clone(),
+            self.events.clone(),
+        );
+        if let Err(e) = vm.save_record() {
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Some(slot) = net_slot {
+                self.net_slots.release(slot);
+            }
+            return Err(e);
+        }
+        self.vms.write().insert(new.name.to_string(), vm.clone());
+        Ok(vm)
+    }
+
     /// A slot of the TAP pool for a new `net=tap` VM (`None` for other modes).
-    fn allocate_net_slot(&self, mode: NetMode) -> Result<Option<u32>> {
+    pub(crate) fn allocate_net_slot(&self, mode: NetMode) -> Result<Option<u32>> {
         match mode {
             NetMode::Tap => crate::net::TapPool::from_env()
                 .and_then(|pool| self.net_slots.allocate(&pool))
@@ -478,91 +507,6 @@ impl Manager {
         }
         self.events.emit(name, "deleted", "");
         Ok(())
-    }
-
-    // ---- ctl -----------------------------------------------------------------------
-
-    /// Execute one root `ctl` line; returns the success text.
-    pub async fn global_ctl(self: &Arc<Self>, line: &str, uid: u32, gid: u32) -> Result<String> {
-        match crate::ctl::parse_global(line)? {
-            GlobalCmd::Create { name, options } => {
-                self.create(&name, &options, uid, gid).await?;
-                Ok(format!("ok: created {name}"))
-            }
-            GlobalCmd::Clone {
-                snapshot,
-                name,
-                count,
-            } => self.clone_snapshot(&snapshot, &name, count, uid, gid).await,
-            GlobalCmd::Import {
-                image,
-                source,
-                options,
-            } => self.import_image(&image, &source, options, uid).await,
-            GlobalCmd::Pull {
-                image,
-                reference,
-                options,
-            } => self.pull_image(&image, &reference, options, uid).await,
-            GlobalCmd::Build {
-                image,
-                context,
-                file,
-                options,
-            } => {
-                self.build_image(&image, &context, file.as_deref(), options, uid)
-                    .await
-            }
-        }
-    }
-
-    /// Execute one `<vm>/ctl` line.
-    pub async fn vm_ctl(self: &Arc<Self>, vm: &Arc<Vm>, line: &str) -> Result<String> {
-        let cmd = crate::ctl::parse_vm(line)?;
-        match cmd {
-            VmCmd::Op(op) => {
-                match op {
-                    VmOp::Start => vm.start(self.boot_timeout).await?,
-                    VmOp::Stop => vm.stop().await?,
-                    VmOp::Kill => vm.kill().await?,
-                    VmOp::Pause => vm.pause().await?,
-                    VmOp::Resume => vm.resume().await?,
-                    VmOp::Restart => vm.restart(self.boot_timeout).await?,
-                }
-                if matches!(op, VmOp::Start | VmOp::Restart) {
-                    let _ = self.autostart(vm).await;
-                }
-                Ok(format!("ok: {}", vm.state().render()))
-            }
-            VmCmd::Reconnect => {
-                vm.require_running()?;
-                vm.reconnect_agent_with("reconnect requested through ctl", true)
-                    .await?;
-                Ok("ok: reconnected".into())
-            }
-            VmCmd::Ping(count) => {
-                let agent = vm.require_agent()?;
-                let mut times = Vec::with_capacity(count as usize);
-                for _ in 0..count {
-                    times.push(agent.ping(vm::AGENT_RPC_TIMEOUT).await?.as_micros() as u64);
-                }
-                times.sort_unstable();
-                Ok(format!(
-                    "ok: ping n={count} median_us={} min_us={} max_us={}",
-                    times[times.len() / 2],
-                    times[0],
-                    times[times.len() - 1]
-                ))
-            }
-            VmCmd::Snapshot(name) => self.snapshot(vm, &name).await,
-            VmCmd::ExecTimeout(t) => {
-                vm.set_exec_timeout(t)?;
-                Ok(format!(
-                    "ok: exec_timeout={}",
-                    crate::config::render_timeout(t.map(|d| d.as_millis() as u64))
-                ))
-            }
-        }
     }
 }
 

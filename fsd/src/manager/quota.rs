@@ -41,7 +41,7 @@ impl Manager {
     }
 
     /// Admit `count` VMs of this size for `uid`, or refuse (EDQUOT/EAGAIN/ENOSPC).
-    pub(super) fn admit_vms(
+    pub(crate) fn admit_vms(
         &self,
         uid: u32,
         count: u64,
@@ -59,7 +59,7 @@ impl Manager {
     /// Admit one snapshot of a VM with `memory_mib` of memory and a disk occupying
     /// `disk_bytes` on the host: its size is estimated as both together (the memory
     /// state is at most the guest's memory; the disk copy at most its allocated bytes).
-    pub(super) fn admit_snapshot(
+    pub(crate) fn admit_snapshot(
         &self,
         uid: u32,
         memory_mib: u32,

@@ -16,10 +16,6 @@
 //! so a snapshot of the screen always corresponds to an exact output offset (see
 //! [`Run::terminal_snapshot`]). A run with a timeout gets SIGTERM when it expires and
 //! SIGKILL [`TIMEOUT_GRACE`] later; its status is then `timeout <how it ended>`.
-#![allow(
-    clippy::cast_possible_truncation,
-    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
-)]
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -34,6 +30,24 @@ use tokio::sync::watch;
 use super::spool::{self, OutputBudget};
 use super::terminal::{Screen, REPLAY_BYTES};
 use crate::error::{Error, Result};
+
+/// `<vm-dir>/main-run`: the number of the run `runs/main` names (the image entrypoint
+/// started by `autostart=1`; see `images`).
+const MAIN_RUN_FILE: &str = "main-run";
+
+impl super::vm::Vm {
+    /// The run `runs/main` names, if this VM started its image's entrypoint.
+    pub fn main_run(&self) -> Option<u64> {
+        std::fs::read_to_string(self.dir.join(MAIN_RUN_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// Make `runs/main` name run `n`.
+    pub(super) fn set_main_run(&self, n: u64) -> std::io::Result<()> {
+        std::fs::write(self.dir.join(MAIN_RUN_FILE), format!("{n}\n"))
+    }
+}
 
 /// The `status` text of a run stopped because its VM's output budget was full.
 pub const OUTPUT_LIMIT: &str = "output limit reached";
@@ -402,7 +416,8 @@ impl Run {
         let keep = if granted == cost {
             data.len()
         } else {
-            (granted.saturating_sub(cost - data.len() as u64)) as usize
+            // Less than `data.len()` was granted, so this fits in usize.
+            usize::try_from(granted.saturating_sub(cost - data.len() as u64)).unwrap_or(0)
         };
         let mut inner = self.inner.lock();
         let lens = inner.lens;
@@ -616,7 +631,7 @@ impl Run {
         let mut screen = Screen::new(size);
         let mut at = upto.saturating_sub(REPLAY_BYTES);
         while at < upto {
-            let chunk = (upto - at).min(1024 * 1024) as u32;
+            let chunk = u32::try_from((upto - at).min(1024 * 1024)).unwrap_or(1024 * 1024);
             let data = self.read_at(RunStream::Stdout, at, chunk)?;
             if data.is_empty() {
                 break;

@@ -8,13 +8,8 @@
 //!   at once.
 //! - The on-disk record (`vm.json`) is rewritten after every state change that must
 //!   survive a daemon restart (desired state, boot time).
-#![allow(
-    clippy::cast_possible_truncation,
-    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
-)]
 mod retention;
-mod snapshot;
-pub use snapshot::{Taken, FREEZE_TIMEOUT};
+pub use crate::snapshots::{Taken, FREEZE_TIMEOUT};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -111,18 +106,18 @@ pub struct Vm {
     pub dir: PathBuf,
     pub uid: u32,
     pub gid: u32,
-    record: Mutex<VmRecord>,
+    pub(crate) record: Mutex<VmRecord>,
     state: Mutex<VmState>,
-    op_lock: tokio::sync::Mutex<()>,
+    pub(crate) op_lock: tokio::sync::Mutex<()>,
     /// One reconnect at a time; others wait for its result.
     reconnect_lock: tokio::sync::Mutex<()>,
-    backend: Arc<dyn Backend>,
+    pub(crate) backend: Arc<dyn Backend>,
     boot_files: BootFiles,
-    events: Arc<EventLog>,
-    vmm: Mutex<Option<Arc<dyn VmmInstance>>>,
-    agent: Mutex<Option<AgentClient>>,
+    pub(crate) events: Arc<EventLog>,
+    pub(crate) vmm: Mutex<Option<Arc<dyn VmmInstance>>>,
+    pub(crate) agent: Mutex<Option<AgentClient>>,
     /// Bumped on every boot/adopt so monitors of an earlier incarnation stand down.
-    generation: AtomicU64,
+    pub(crate) generation: AtomicU64,
     runs: Mutex<BTreeMap<u64, Arc<Run>>>,
     next_run: AtomicU64,
     /// Session id → that session's last run (for `runs/last` and `cat exec`).
@@ -131,6 +126,20 @@ pub struct Vm {
     ctl_results: crate::ctl::CtlResults,
     /// The bytes all runs' output may keep (see `spool` and `retention`).
     output: Arc<super::spool::OutputBudget>,
+}
+
+/// How [`Vm::start_locked`] starts the VMM.
+#[derive(Clone, Copy)]
+pub(crate) enum Start<'a> {
+    /// A fresh boot from the kernel and the VM's disk.
+    Boot,
+    /// A restore from snapshot `snap_name` (its files in `snap_dir`); the guest then
+    /// thaws and takes a new identity ([`Vm::take_new_identity`]).
+    Restore {
+        snap_name: &'a str,
+        snap_dir: &'a std::path::Path,
+        saved: &'a crate::vmm::SavedState,
+    },
 }
 
 fn console_tail(dir: &std::path::Path, lines: usize) -> String {
@@ -195,7 +204,7 @@ impl Vm {
 
     /// Change the state; a settled state (running, paused, stopped) is also what the VM
     /// should be in after a daemon restart, so it is persisted as `desired`.
-    fn set_state(&self, s: VmState) {
+    pub(crate) fn set_state(&self, s: VmState) {
         let desired = match s {
             VmState::Running => Some(Desired::Running),
             VmState::Paused => Some(Desired::Paused),
@@ -398,12 +407,21 @@ impl Vm {
     /// Launch the VMM and wait for the agent. Caller holds `op_lock`.
     #[tracing::instrument(level = "debug", name = "boot", skip_all, fields(vm = %self.name))]
     async fn boot_locked(self: &Arc<Self>, timeout: Duration) -> Result<()> {
+        self.start_locked(Start::Boot, timeout).await
+    }
+
+    /// Start the VMM (`how`: boot, or restore from a snapshot) and wait for the agent;
+    /// the VM ends `running`, or `failed: <why>` with its VMM killed and network
+    /// released. Caller holds `op_lock`.
+    pub(crate) async fn start_locked(
+        self: &Arc<Self>,
+        how: Start<'_>,
+        timeout: Duration,
+    ) -> Result<()> {
         let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         self.set_state(VmState::Booting);
-        self.events.emit(
-            &self.name,
-            "booting",
-            &format!(
+        let booting = match how {
+            Start::Boot => format!(
                 "backend={}{}",
                 self.backend.kind(),
                 self.backend
@@ -411,7 +429,11 @@ impl Vm {
                     .map(|why| format!(" (forced: {why})"))
                     .unwrap_or_default()
             ),
-        );
+            Start::Restore { snap_name, .. } => {
+                format!("backend={} from snapshot {snap_name}", self.backend.kind())
+            }
+        };
+        self.events.emit(&self.name, "booting", &booting);
         let t0 = Instant::now();
         let spec = match self.spec() {
             Ok(s) => s,
@@ -424,10 +446,16 @@ impl Vm {
             self.fail(&e.message);
             return Err(e);
         }
-        let inst: Arc<dyn VmmInstance> = match self.backend.launch(&spec).await {
+        let launched = match how {
+            Start::Boot => self.backend.launch(&spec).await.map_err(Error::from),
+            Start::Restore {
+                snap_dir, saved, ..
+            } => (self.backend.restore(&spec, snap_dir, saved).await)
+                .map_err(|e| Error::from(e).with_context("restore")),
+        };
+        let inst: Arc<dyn VmmInstance> = match launched {
             Ok(i) => Arc::from(i),
-            Err(e) => {
-                let err = Error::from(e);
+            Err(err) => {
                 self.release_network();
                 self.fail(&err.message);
                 return Err(err);
@@ -435,20 +463,30 @@ impl Vm {
         };
         *self.vmm.lock() = Some(inst.clone());
         self.confine(inst.pid());
-        match self.connect_agent(&inst, timeout).await {
+        let ready = async {
+            let client = self.connect_agent(&inst, timeout).await?;
+            if let Start::Restore { .. } = how {
+                self.take_new_identity(&client, &spec).await?;
+            }
+            Ok::<_, Error>(client)
+        }
+        .await;
+        match ready {
             Ok(client) => {
-                let ms = t0.elapsed().as_millis() as u64;
+                let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
                 *self.agent.lock() = Some(client);
                 self.record.lock().boot_ms = Some(ms);
                 self.set_state(VmState::Running);
                 if let Err(e) = self.save_record() {
                     tracing::warn!(vm = %self.name, "cannot save record: {e}");
                 }
-                self.events.emit(
-                    &self.name,
-                    "running",
-                    &format!("boot_ms={ms} pid={}", inst.pid()),
-                );
+                let running = match how {
+                    Start::Boot => format!("boot_ms={ms} pid={}", inst.pid()),
+                    Start::Restore { snap_name, .. } => {
+                        format!("restore_ms={ms} pid={} snapshot={snap_name}", inst.pid())
+                    }
+                };
+                self.events.emit(&self.name, "running", &running);
                 self.spawn_monitor(gen);
                 Ok(())
             }
@@ -462,13 +500,13 @@ impl Vm {
         }
     }
 
-    fn fail(&self, why: &str) {
+    pub(crate) fn fail(&self, why: &str) {
         self.set_state(VmState::Failed(why.to_string()));
         self.events.emit(&self.name, "failed", why);
     }
 
     /// Connect and handshake with the agent, retrying until `timeout`.
-    async fn connect_agent(
+    pub(crate) async fn connect_agent(
         &self,
         inst: &Arc<dyn VmmInstance>,
         timeout: Duration,
@@ -516,7 +554,7 @@ impl Vm {
     }
 
     /// Watch the VMM and the agent connection of boot generation `gen`.
-    fn spawn_monitor(self: &Arc<Self>, gen: u64) {
+    pub(crate) fn spawn_monitor(self: &Arc<Self>, gen: u64) {
         let vm = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -552,7 +590,7 @@ impl Vm {
     }
 
     /// Put the VMM `pid` into the VM's own cgroup (where the host has cgroup v2).
-    pub(super) fn confine(&self, pid: u32) {
+    pub(crate) fn confine(&self, pid: u32) {
         let rec = self.record();
         if let Some(overhead) = self.backend.vmm_overhead_mib(rec.config.memory_mib) {
             crate::cgroup::confine(
@@ -579,7 +617,7 @@ impl Vm {
 
     /// Delete the VM's TAP device, if it has one. Synchronous on purpose: a restart
     /// creates the device again right after, and must not race a late removal.
-    pub(super) fn release_network(&self) {
+    pub(crate) fn release_network(&self) {
         let rec = self.record();
         if rec.config.net == crate::vmm::NetMode::Tap {
             crate::net::remove_tap(&crate::net::tap_name(&self.id));
@@ -852,7 +890,8 @@ impl Vm {
 
     /// Change the VM-wide default timeout (`None`: no timeout); kept in `vm.json`.
     pub fn set_exec_timeout(&self, t: Option<Duration>) -> Result<()> {
-        self.record.lock().config.exec_timeout_ms = t.map(|d| d.as_millis() as u64);
+        self.record.lock().config.exec_timeout_ms =
+            t.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self.save_record()
     }
 
@@ -918,7 +957,7 @@ impl Vm {
 }
 
 /// Create the host side of the VM's network (the TAP device for `net=tap`).
-pub(super) async fn prepare_network(spec: &VmSpec) -> Result<()> {
+pub(crate) async fn prepare_network(spec: &VmSpec) -> Result<()> {
     let Some(tap) = spec.net.as_ref().and_then(|n| n.tap.clone()) else {
         return Ok(());
     };

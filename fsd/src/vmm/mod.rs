@@ -23,7 +23,6 @@ pub mod firecracker;
 pub mod host;
 pub mod process;
 pub mod qemu;
-pub mod qemu_snap;
 pub mod qemu_vsock;
 pub mod qmp;
 
@@ -80,6 +79,27 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
+    /// `StartFailed` unless the kernel, initramfs and disk (if any) to boot exist.
+    pub fn check_files(&self) -> Result<(), VmmError> {
+        for (what, p) in [("kernel", &self.kernel), ("initramfs", &self.initrd)] {
+            if !p.is_file() {
+                return Err(VmmError::StartFailed(format!(
+                    "guest {what} {} is missing (run `bandsox guest-build` or mount-helpers/setup)",
+                    p.display()
+                )));
+            }
+        }
+        if let Some(d) = &self.disk {
+            if !d.is_file() {
+                return Err(VmmError::StartFailed(format!(
+                    "disk {} is missing",
+                    d.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Path of the serial console log every backend writes.
     pub fn console_path(&self) -> PathBuf {
         self.dir.join("console.log")

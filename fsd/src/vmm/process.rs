@@ -241,6 +241,40 @@ pub(crate) fn remove_stale_pid_file(path: &Path, pid: u32) {
     }
 }
 
+/// A VMM binary: `$env` if set (and not empty), else `name` on PATH. It must be a file;
+/// otherwise `Unavailable` says what is missing and how to get it (`install`, e.g.
+/// "install qemu-system-x86").
+pub(crate) fn locate_binary(
+    env: &str,
+    name: &str,
+    install: Option<&str>,
+) -> Result<std::path::PathBuf, VmmError> {
+    let binary = match std::env::var_os(env).filter(|v| !v.is_empty()) {
+        Some(p) => std::path::PathBuf::from(p),
+        None => super::qemu::find_in_path(name).ok_or_else(|| {
+            let how = match install {
+                Some(i) => format!("{i}, or set {env}"),
+                None => format!("or set {env}"),
+            };
+            VmmError::Unavailable(format!("{name} not found on PATH ({how})"))
+        })?,
+    };
+    require_file(&binary)?;
+    Ok(binary)
+}
+
+/// `Unavailable` unless `binary` is an existing file.
+pub(crate) fn require_file(binary: &std::path::Path) -> Result<(), VmmError> {
+    if binary.is_file() {
+        Ok(())
+    } else {
+        Err(VmmError::Unavailable(format!(
+            "{} does not exist",
+            binary.display()
+        )))
+    }
+}
+
 /// A zombie thread-group leader can outlive its other threads for a moment: they still
 /// hold the process's files (a TAP device, sockets) until the last one is gone. True
 /// while `/proc/<pid>/task` lists more than the leader.

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::accel::{self, Accel, AccelKind};
-use super::process::{write_atomic, VmmProcess};
+use super::process::{locate_binary, write_atomic, VmmProcess};
 use super::qmp::{Qmp, QmpError};
 use super::{Backend, BackendKind, BoxedAgentStream, SavedState, VmSpec, VmmError, VmmInstance};
 
@@ -89,20 +89,7 @@ impl QemuBackend {
     /// Find QEMU (`$BANDSOX_QEMU`, else `qemu-system-x86_64` on PATH) and decide the
     /// accelerator for this host.
     pub fn detect() -> Result<Self, VmmError> {
-        let binary = match std::env::var_os(QEMU_ENV).filter(|v| !v.is_empty()) {
-            Some(p) => PathBuf::from(p),
-            None => find_in_path(QEMU_BINARY).ok_or_else(|| {
-                VmmError::Unavailable(format!(
-                    "{QEMU_BINARY} not found on PATH (install qemu-system-x86, or set {QEMU_ENV})"
-                ))
-            })?,
-        };
-        if !binary.is_file() {
-            return Err(VmmError::Unavailable(format!(
-                "{} does not exist",
-                binary.display()
-            )));
-        }
+        let binary = locate_binary(QEMU_ENV, QEMU_BINARY, Some("install qemu-system-x86"))?;
         let b = Self::new(binary, accel::detect());
         tracing::info!("qemu backend: {}", b.describe());
         Ok(b)
@@ -274,22 +261,7 @@ impl Backend for QemuBackend {
     }
 
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
-        for (what, p) in [("kernel", &spec.kernel), ("initramfs", &spec.initrd)] {
-            if !p.is_file() {
-                return Err(VmmError::StartFailed(format!(
-                    "guest {what} {} is missing (run `bandsox guest-build` or mount-helpers/setup)",
-                    p.display()
-                )));
-            }
-        }
-        if let Some(d) = &spec.disk {
-            if !d.is_file() {
-                return Err(VmmError::StartFailed(format!(
-                    "disk {} is missing",
-                    d.display()
-                )));
-            }
-        }
+        spec.check_files()?;
         let argv = build_argv(&self.binary, spec, self.accel.kind, self.tsc_khz)?;
         tracing::debug!(name = %spec.name, ?argv, "launching QEMU");
         Ok(Box::new(self.launch_argv(&spec.dir, argv).await?))
@@ -309,7 +281,7 @@ impl Backend for QemuBackend {
         snap_dir: &Path,
         saved: &SavedState,
     ) -> Result<Box<dyn VmmInstance>, VmmError> {
-        let inst = super::qemu_snap::restore(self, spec, snap_dir, saved).await?;
+        let inst = crate::snapshots::qemu::restore(self, spec, snap_dir, saved).await?;
         Ok(Box::new(inst))
     }
 }
@@ -654,7 +626,7 @@ impl VmmInstance for QemuInstance {
     }
 
     async fn save_snapshot(&self, dir: &Path) -> Result<SavedState, VmmError> {
-        super::qemu_snap::save(self, dir).await
+        crate::snapshots::qemu::save(self, dir).await
     }
 }
 

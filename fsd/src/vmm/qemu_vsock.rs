@@ -58,8 +58,6 @@ pub const GUEST_CID: u32 = 3;
 const MEM_ID: &str = "bxmem";
 /// How long the helper gets to create its sockets.
 const HELPER_DEADLINE: Duration = Duration::from_secs(5);
-/// Window of one `connect_agent` call (the caller retries until its own deadline).
-const AGENT_CONNECT_WINDOW: Duration = Duration::from_millis(1500);
 
 /// The QEMU backend with the agent on virtio-vsock.
 pub struct QemuVsockBackend {
@@ -371,22 +369,13 @@ impl VmmInstance for VsockInstance {
                 std::io::Error::other("the guest's agent is not listening yet (console)"),
             ));
         }
-        let deadline = tokio::time::Instant::now() + AGENT_CONNECT_WINDOW;
-        match vsock::connect(
+        vsock::connect_agent(
             &self.dir.join(VSOCK_SOCK),
-            vsock::AGENT_PORT,
-            deadline,
             || self.qemu.is_alive() && self.helper.is_alive(),
+            || self.is_alive(),
+            "vsock (vhost-device-vsock)",
         )
         .await
-        {
-            Ok(s) => Ok(Box::pin(s)),
-            Err(_) if !self.is_alive() => Err(VmmError::NotRunning),
-            Err(e) => Err(VmmError::Io(
-                "connect to the agent over vsock (vhost-device-vsock)".into(),
-                std::io::Error::other(e.to_string()),
-            )),
-        }
     }
 
     async fn pause(&self) -> Result<(), VmmError> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bandsox_agent::client::{AgentClient, ExecEvent};
 use bandsox_agent::proto::{ExecSpec, ExitStatus, Program};
-use bandsox_fsd::guest::{build_guest, GuestArtifacts, GuestBuildOptions};
+use bandsox_fsd::bootfiles::{build_guest, GuestArtifacts, GuestBuildOptions};
 use bandsox_fsd::vmm::VmSpec;
 
 pub const KERNEL_ROOT: &str = "/var/cache/bandsox/kernel";

@@ -11,7 +11,7 @@ use crate::manager::spool::Prune;
 impl Vm {
     /// The oldest finished run that may be pruned, other than `except`.
     fn prune_candidate(&self, except: u64) -> Option<Arc<Run>> {
-        let main = crate::manager::images::main_run(self);
+        let main = self.main_run();
         self.runs
             .lock()
             .values()
@@ -27,7 +27,7 @@ impl Vm {
 
     /// Delete the oldest finished runs beyond `keep_runs`.
     pub(super) fn prune_runs(&self) {
-        let keep = self.record().config.keep_runs.max(1) as usize;
+        let keep = usize::try_from(self.record().config.keep_runs.max(1)).unwrap_or(usize::MAX);
         while self.runs.lock().len() > keep {
             let newest = self.runs.lock().keys().next_back().copied().unwrap_or(0);
             match self.prune_candidate(newest) {

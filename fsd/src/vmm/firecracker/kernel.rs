@@ -246,7 +246,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         // Readable, like the guest build's boot files (a jailed Firecracker reads it
         // through a hard link; `boot/` itself is owner-only).
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
-            crate::guest::BOOT_MODE,
+            crate::bootfiles::BOOT_MODE,
         ))?;
         f.write_all(bytes)?;
         f.sync_all()?;

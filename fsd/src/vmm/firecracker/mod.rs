@@ -60,15 +60,15 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::accel::{self, Accel, AccelKind};
-use super::process::{write_atomic, VmmProcess};
-use super::qemu::{check_socket_path, find_in_path, log_tail};
+use super::process::{locate_binary, require_file, write_atomic, VmmProcess};
+use super::qemu::{check_socket_path, log_tail};
 use super::{Backend, BackendKind, BoxedAgentStream, NetMode, VmSpec, VmmError, VmmInstance};
 
 pub mod api;
 pub mod jailer;
 pub mod kernel;
 pub mod model;
-pub mod snapshot;
+use crate::snapshots::firecracker as snapshot;
 pub mod vsock;
 
 use api::{ApiClient, ApiError};
@@ -105,13 +105,11 @@ pub const NET_IFACE_ID: &str = "eth0";
 pub const DRIVE_ID: &str = "vda";
 
 /// How long `launch` waits for the API socket to answer.
-const API_READY_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const API_READY_DEADLINE: Duration = Duration::from_secs(10);
 /// Deadline of one API call during launch and control.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// `InstanceStart` loads the kernel and initramfs first: allow longer.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
-/// Window of one `connect_agent` call (the caller retries until its own deadline).
-const AGENT_CONNECT_WINDOW: Duration = Duration::from_millis(1500);
 
 /// A Firecracker release number (also used for snapshot data format versions, which
 /// have the same `MAJOR.MINOR.PATCH` shape).
@@ -321,8 +319,8 @@ pub struct FirecrackerBackend {
 
 /// A jailed instance's jail (what snapshots and cleanup need).
 #[derive(Debug, Clone)]
-struct Jail {
-    root: PathBuf,
+pub(crate) struct Jail {
+    pub(crate) root: PathBuf,
     uid: u32,
     gid: u32,
     id: String,
@@ -344,14 +342,7 @@ impl FirecrackerBackend {
     /// version and that KVM can run ordinary guests here (or that [`FORCE_ENV`] forces
     /// it), and whether to jail it ([`jailer::JailerConfig::from_env`]).
     pub fn detect() -> Result<Self, VmmError> {
-        let binary = match std::env::var_os(FIRECRACKER_ENV).filter(|v| !v.is_empty()) {
-            Some(p) => PathBuf::from(p),
-            None => find_in_path(FIRECRACKER_BINARY).ok_or_else(|| {
-                VmmError::Unavailable(format!(
-                    "{FIRECRACKER_BINARY} not found on PATH (or set {FIRECRACKER_ENV})"
-                ))
-            })?,
-        };
+        let binary = locate_binary(FIRECRACKER_ENV, FIRECRACKER_BINARY, None)?;
         let force = std::env::var(FORCE_ENV).is_ok_and(|v| v == "1");
         let mut b = Self::probe(binary)?.check_host(&accel::detect(), force)?;
         b.jailer = jailer::JailerConfig::from_env(&b.binary)?;
@@ -362,12 +353,7 @@ impl FirecrackerBackend {
     /// looking at KVM (contract tests drive real binaries on hosts whose KVM cannot run
     /// guests).
     pub fn probe(binary: PathBuf) -> Result<Self, VmmError> {
-        if !binary.is_file() {
-            return Err(VmmError::Unavailable(format!(
-                "{} does not exist",
-                binary.display()
-            )));
-        }
+        require_file(&binary)?;
         let run = |arg: &str| -> Result<String, VmmError> {
             let (_, out) = run_binary(&binary, &[arg.as_ref()]).map_err(|e| {
                 VmmError::Unavailable(format!("cannot run {} {arg}: {e}", binary.display()))
@@ -481,7 +467,7 @@ impl FirecrackerBackend {
     }
 
     /// The jailer's argv for the VM in `dir`.
-    fn jailed_argv(
+    pub(crate) fn jailed_argv(
         &self,
         jail: &jailer::JailerConfig,
         dir: &Path,
@@ -493,7 +479,7 @@ impl FirecrackerBackend {
 
     /// An empty jail for the VM in `dir`, with its log and metrics files and (if any) its
     /// disk linked in; the TAP device of `spec` handed to the jailed ids.
-    fn prepare_jail(
+    pub(crate) fn prepare_jail(
         &self,
         spec: &VmSpec,
         jail: &jailer::JailerConfig,
@@ -570,7 +556,7 @@ impl FirecrackerBackend {
 
     /// Write the record and spawn `argv` for a VM whose files `prepare_dir` (and, jailed,
     /// `prepare_jail`) made ready.
-    fn start_process(
+    pub(crate) fn start_process(
         &self,
         dir: &Path,
         argv: &[String],
@@ -662,7 +648,7 @@ impl LogStarts {
 /// Make the VM directory ready for a start: a fresh `firecracker.log` (the previous one
 /// kept as `.1`) and `metrics.json` (Firecracker opens both without creating them), and
 /// no stale sockets in `root`, Firecracker's cwd.
-fn prepare_dir(dir: &Path, root: &Path) -> Result<LogStarts, VmmError> {
+pub(crate) fn prepare_dir(dir: &Path, root: &Path) -> Result<LogStarts, VmmError> {
     let io = |p: &Path, e| VmmError::Io(p.display().to_string(), e);
     for s in [API_SOCK, VSOCK_SOCK] {
         let p = root.join(s);
@@ -791,7 +777,7 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
     )
 }
 
-fn validate(spec: &VmSpec) -> Result<(), VmmError> {
+pub(crate) fn validate(spec: &VmSpec) -> Result<(), VmmError> {
     if spec.name.is_empty()
         || spec
             .name
@@ -851,22 +837,7 @@ impl Backend for FirecrackerBackend {
 
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
         validate(spec)?;
-        for (what, p) in [("kernel", &spec.kernel), ("initramfs", &spec.initrd)] {
-            if !p.is_file() {
-                return Err(VmmError::StartFailed(format!(
-                    "guest {what} {} is missing (run `bandsox guest-build` or mount-helpers/setup)",
-                    p.display()
-                )));
-            }
-        }
-        if let Some(d) = &spec.disk {
-            if !d.is_file() {
-                return Err(VmmError::StartFailed(format!(
-                    "disk {} is missing",
-                    d.display()
-                )));
-            }
-        }
+        spec.check_files()?;
         let kernel = spec.kernel.clone();
         let vmlinux = tokio::task::spawn_blocking(move || kernel::ensure_vmlinux(&kernel))
             .await
@@ -980,7 +951,7 @@ pub struct FcInstance {
     dir: PathBuf,
     /// Firecracker's cwd: its sockets (the VM directory, or the jail root).
     root: PathBuf,
-    jail: Option<Jail>,
+    pub(crate) jail: Option<Jail>,
     /// Where the logs stood when this process started (or was adopted).
     logs: LogStarts,
     api: ApiClient,
@@ -1017,7 +988,7 @@ impl FcInstance {
     }
 
     /// Wait until the API socket answers `GET /version`.
-    async fn wait_api(&self, deadline: Instant) -> Result<(), ApiError> {
+    pub(crate) async fn wait_api(&self, deadline: Instant) -> Result<(), ApiError> {
         let sock = self.root.join(API_SOCK);
         let quick = self.api.clone().with_timeout(Duration::from_secs(1));
         loop {
@@ -1044,7 +1015,7 @@ impl FcInstance {
 
     /// Why a start failed with `e`: Firecracker's refusal verbatim, or, when the process
     /// died (the reaper may need a moment to notice), how it ended and its last error.
-    async fn failure_reason(&self, e: &ApiError) -> String {
+    pub(crate) async fn failure_reason(&self, e: &ApiError) -> String {
         let died = !matches!(e, ApiError::Fault { .. })
             && self.proc.wait_exit(Duration::from_millis(300)).await;
         match e {
@@ -1076,7 +1047,7 @@ impl FcInstance {
         why
     }
 
-    fn map_api(&self, op: &str, e: ApiError) -> VmmError {
+    pub(crate) fn map_api(&self, op: &str, e: ApiError) -> VmmError {
         match e {
             ApiError::Fault { message, .. } => VmmError::Refused {
                 op: op.to_string(),
@@ -1139,22 +1110,8 @@ impl VmmInstance for FcInstance {
         if !self.is_alive() {
             return Err(VmmError::NotRunning);
         }
-        let deadline = tokio::time::Instant::now() + AGENT_CONNECT_WINDOW;
-        match vsock::connect(
-            &self.root.join(VSOCK_SOCK),
-            vsock::AGENT_PORT,
-            deadline,
-            || self.is_alive(),
-        )
-        .await
-        {
-            Ok(s) => Ok(Box::pin(s)),
-            Err(_) if !self.is_alive() => Err(VmmError::NotRunning),
-            Err(e) => Err(VmmError::Io(
-                "connect to the agent over vsock".into(),
-                std::io::Error::other(e.to_string()),
-            )),
-        }
+        let alive = || self.is_alive();
+        vsock::connect_agent(&self.root.join(VSOCK_SOCK), alive, alive, "vsock").await
     }
 
     async fn pause(&self) -> Result<(), VmmError> {

@@ -128,6 +128,31 @@ async fn handshake(uds_path: &Path, port: u32) -> Result<(UnixStream, u32), Vsoc
     Ok((s, host_port))
 }
 
+/// How long [`connect_agent`] keeps trying while the guest is not listening yet; callers
+/// (the manager's reconnect loop) retry beyond that.
+pub const AGENT_CONNECT_WINDOW: Duration = Duration::from_millis(1500);
+
+/// A fresh stream to the agent's port through the hybrid-vsock socket `uds_path`, for a
+/// VMM's `connect_agent`: retries for [`AGENT_CONNECT_WINDOW`] while `keep_trying()`;
+/// `NotRunning` if the VMM is gone (`alive()` false) by then, else the error, for `what`.
+pub(crate) async fn connect_agent(
+    uds_path: &Path,
+    keep_trying: impl Fn() -> bool,
+    alive: impl Fn() -> bool,
+    what: &str,
+) -> Result<crate::vmm::BoxedAgentStream, crate::vmm::VmmError> {
+    use crate::vmm::VmmError;
+    let deadline = Instant::now() + AGENT_CONNECT_WINDOW;
+    match connect(uds_path, AGENT_PORT, deadline, keep_trying).await {
+        Ok(s) => Ok(Box::pin(s)),
+        Err(_) if !alive() => Err(VmmError::NotRunning),
+        Err(e) => Err(VmmError::Io(
+            format!("connect to the agent over {what}"),
+            std::io::Error::other(e.to_string()),
+        )),
+    }
+}
+
 /// Connect to guest `port`, retrying retryable failures until `deadline`; the last
 /// error is returned when it passes. `keep_trying` is asked before every retry (e.g.
 /// "is the VMM still alive?"); returning false ends the loop with the last error.

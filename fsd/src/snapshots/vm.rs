@@ -13,17 +13,17 @@
 //!   the snapshot was taken under, and took its new identity (hostname, entropy,
 //!   machine id); otherwise it is `failed: <why>` like a failed boot.
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bandsox_agent::proto::{Identity, Request};
 
-use super::{Vm, VmState};
+use super::format::DISK_FILE;
 use crate::disk::CloneMethod;
 use crate::error::{Error, Result};
-use crate::snapshots::DISK_FILE;
+use crate::manager::vm::{Start, Vm, VmState};
 use crate::vmm::{SavedState, VmmInstance};
+use bandsox_agent::client::AgentClient;
 
 /// How long the guest's filesystem may stay frozen before the agent thaws it itself.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -168,7 +168,7 @@ impl Vm {
 
     /// Adopting a VM that should run: resume it in case a daemon died between pause and
     /// resume of a snapshot (resuming a running VM is a no-op on every backend).
-    pub(super) async fn undo_interrupted_snapshot(&self, inst: &Arc<dyn VmmInstance>) {
+    pub(crate) async fn undo_interrupted_snapshot(&self, inst: &Arc<dyn VmmInstance>) {
         if let Err(e) = inst.resume().await {
             tracing::debug!(vm = %self.name, "resume on adopt: {e}");
         }
@@ -176,7 +176,7 @@ impl Vm {
 
     /// After adopting: thaw a freeze an interrupted snapshot may have left (a no-op
     /// otherwise; the agent would also thaw by itself after [`FREEZE_TIMEOUT`]).
-    pub(super) async fn thaw_after_adopt(&self, client: &bandsox_agent::client::AgentClient) {
+    pub(crate) async fn thaw_after_adopt(&self, client: &bandsox_agent::client::AgentClient) {
         if let Err(e) = client.request(Request::Thaw, THAW_RPC).await {
             tracing::warn!(vm = %self.name, "thaw on adopt failed: {e}");
         }
@@ -193,100 +193,56 @@ impl Vm {
         timeout: Duration,
     ) -> Result<()> {
         let _g = self.op_lock.lock().await;
-        let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        self.set_state(VmState::Booting);
-        self.events.emit(
-            &self.name,
-            "booting",
-            &format!("backend={} from snapshot {snap_name}", self.backend.kind()),
-        );
-        let t0 = Instant::now();
-        let spec = match self.spec() {
-            Ok(s) => s,
-            Err(e) => {
-                self.fail(&e.message);
-                return Err(e);
-            }
+        let how = Start::Restore {
+            snap_name,
+            snap_dir,
+            saved,
         };
-        if let Err(e) = super::prepare_network(&spec).await {
-            self.fail(&e.message);
-            return Err(e);
-        }
-        let inst: Arc<dyn VmmInstance> = match self.backend.restore(&spec, snap_dir, saved).await {
-            Ok(i) => Arc::from(i),
-            Err(e) => {
-                let err = Error::from(e).with_context("restore");
-                self.release_network();
-                self.fail(&err.message);
-                return Err(err);
-            }
+        self.start_locked(how, timeout).await
+    }
+
+    /// The end of a restore: thaw the filesystem the snapshot was taken under, give the
+    /// guest its own identity (hostname, entropy, machine id, TAP address) and the time.
+    pub(crate) async fn take_new_identity(
+        &self,
+        client: &AgentClient,
+        spec: &crate::vmm::VmSpec,
+    ) -> Result<()> {
+        client
+            .request(Request::Thaw, THAW_RPC)
+            .await
+            .map_err(|e| Error::from(e).with_context("cannot thaw the restored guest"))?;
+        let identity = Identity {
+            hostname: self.name.clone(),
+            entropy: (0..64).map(|_| rand::random::<u8>()).collect(),
+            machine_id: Some(format!(
+                "{:016x}{:016x}",
+                rand::random::<u64>(),
+                rand::random::<u64>()
+            )),
+            // A clone on its own TAP device must leave the source's address behind.
+            net: spec
+                .net
+                .as_ref()
+                .filter(|n| n.tap.is_some())
+                .map(|n| n.guest.to_string()),
         };
-        *self.vmm.lock() = Some(inst.clone());
-        self.confine(inst.pid());
-        let ready = async {
-            let client = self.connect_agent(&inst, timeout).await?;
-            client
-                .request(Request::Thaw, THAW_RPC)
-                .await
-                .map_err(|e| Error::from(e).with_context("cannot thaw the restored guest"))?;
-            let identity = Identity {
-                hostname: self.name.clone(),
-                entropy: (0..64).map(|_| rand::random::<u8>()).collect(),
-                machine_id: Some(format!(
-                    "{:016x}{:016x}",
-                    rand::random::<u64>(),
-                    rand::random::<u64>()
-                )),
-                // A clone on its own TAP device must leave the source's address behind.
-                net: spec
-                    .net
-                    .as_ref()
-                    .filter(|n| n.tap.is_some())
-                    .map(|n| n.guest.to_string()),
-            };
-            client
-                .request(Request::SetIdentity(identity), THAW_RPC)
-                .await
-                .map_err(|e| Error::from(e).with_context("cannot set the clone's identity"))?;
-            // The restored guest's clock says when the snapshot was taken.
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            let clock = Request::SetClock {
-                sec: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
-                nsec: now.subsec_nanos(),
-            };
-            client
-                .request(clock, THAW_RPC)
-                .await
-                .map_err(|e| Error::from(e).with_context("cannot set the clone's clock"))?;
-            Ok::<_, Error>(client)
-        }
-        .await;
-        match ready {
-            Ok(client) => {
-                let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-                *self.agent.lock() = Some(client);
-                self.record.lock().boot_ms = Some(ms);
-                self.set_state(VmState::Running);
-                if let Err(e) = self.save_record() {
-                    tracing::warn!(vm = %self.name, "cannot save record: {e}");
-                }
-                self.events.emit(
-                    &self.name,
-                    "running",
-                    &format!("restore_ms={ms} pid={} snapshot={snap_name}", inst.pid()),
-                );
-                self.spawn_monitor(gen);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = inst.kill().await;
-                *self.vmm.lock() = None;
-                self.release_network();
-                self.fail(&e.message);
-                Err(e)
-            }
-        }
+        client
+            .request(Request::SetIdentity(identity), THAW_RPC)
+            .await
+            .map_err(|e| Error::from(e).with_context("cannot set the clone's identity"))?;
+        // The restored guest's clock says when the snapshot was taken.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let clock = Request::SetClock {
+            sec: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+            nsec: now.subsec_nanos(),
+        };
+        client
+            .request(clock, THAW_RPC)
+            .await
+            .map_err(|e| Error::from(e).with_context("cannot set the clone's clock"))?;
+        Ok(())
     }
 }

@@ -10,15 +10,16 @@
 //!   all clone names before touching disk; a rejected clone leaves no trace. Clones then
 //!   restore concurrently; one that fails to restore stays as a `failed` VM (like a
 //!   failed mkdir) and the write reports it.
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::vm::{Desired, Vm, VmRecord};
-use super::{new_id, now_secs, Manager};
+use super::format::{self as snapshots, Sizes, SnapshotInfo, DISK_FILE};
 use crate::error::{Error, Result};
 use crate::events::rfc3339;
 use crate::layout::mkdir_private;
-use crate::snapshots::{self, Sizes, SnapshotInfo, DISK_FILE};
+use crate::manager::vm::Vm;
+use crate::manager::{Manager, NewVm};
 
 /// Releases a reservation (name or busy count) when dropped.
 struct Release<F: FnMut()>(F);
@@ -77,7 +78,7 @@ impl Manager {
             snapshots::allocated(&vm.dir.join("disk.ext4")),
         )?;
         let state = vm.state();
-        if state != super::vm::VmState::Running {
+        if state != crate::manager::vm::VmState::Running {
             return Err(Error::busy(format!(
                 "VM {} is {}; snapshot needs a running VM (start or resume it first)",
                 vm.name,
@@ -341,56 +342,22 @@ impl Manager {
         gid: u32,
     ) -> Result<Arc<Vm>> {
         let snap_dir = self.layout.snapshots().join(&info.name);
-        let id = new_id();
-        let dir = self.layout.vm_dir(&id);
-        mkdir_private(&dir)?;
-        let (src, dst) = (snap_dir.join(DISK_FILE), dir.join("disk.ext4"));
-        let copied = tokio::task::spawn_blocking(move || crate::disk::clone_disk(&src, &dst))
-            .await
-            .map_err(|e| Error::io(e.to_string()))
-            .and_then(|r| {
-                r.map_err(|e| Error::io(format!("cannot copy the snapshot's disk: {e}")))
-            });
-        if let Err(e) = copied {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-        let net_slot = match self.allocate_net_slot(info.config.net) {
-            Ok(slot) => slot,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
+        let src = snap_dir.join(DISK_FILE);
+        let copy_disk = |dst: PathBuf| async move {
+            tokio::task::spawn_blocking(move || crate::disk::clone_disk(&src, &dst))
+                .await
+                .map_err(|e| Error::io(e.to_string()))?
+                .map(drop)
+                .map_err(|e| Error::io(format!("cannot copy the snapshot's disk: {e}")))
         };
-        let record = VmRecord {
-            fs_slot: None,
-            id,
-            name: name.to_string(),
+        let new = NewVm {
+            name,
             uid,
             gid,
-            backend: info.backend,
             config: info.config.clone(),
-            created: now_secs(),
             disk_mib: info.disk_mib,
-            boot_ms: None,
-            desired: Desired::Running,
-            net_slot,
         };
-        let vm = Vm::new(
-            record,
-            dir.clone(),
-            backend,
-            self.boot_files.clone(),
-            self.events.clone(),
-        );
-        if let Err(e) = vm.save_record() {
-            let _ = std::fs::remove_dir_all(&dir);
-            if let Some(slot) = net_slot {
-                self.net_slots.release(slot);
-            }
-            return Err(e);
-        }
-        self.vms.write().insert(name.to_string(), vm.clone());
+        let vm = self.register_vm(new, backend, copy_disk).await?;
         self.events.emit(
             name,
             "created",

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::qemu::{log_tail, opt_escape, QemuBackend, QemuInstance, VMM_LOG};
-use super::{SavedState, VmSpec, VmmError, VmmInstance};
+use crate::vmm::qemu::{log_tail, opt_escape, QemuBackend, QemuInstance, VMM_LOG};
+use crate::vmm::{SavedState, VmSpec, VmmError, VmmInstance};
 
 /// The migration stream's file name in the snapshot directory.
 pub const STATE_FILE: &str = "state";
@@ -50,7 +50,7 @@ fn path_str(p: &Path) -> Result<&str, VmmError> {
 
 /// Migrate the (paused) VM into `<dir>/state`.
 pub async fn save(inst: &QemuInstance, dir: &Path) -> Result<SavedState, VmmError> {
-    let args = super::qemu::load_args(inst.dir())?;
+    let args = crate::vmm::qemu::load_args(inst.dir())?;
     let memory_mib = flag_value(&args.argv, "-m")
         .and_then(|m| m.parse::<u64>().ok())
         .unwrap_or(1024);
@@ -185,7 +185,7 @@ pub async fn restore(
         .get("source_dir")
         .and_then(Value::as_str)
         .ok_or_else(|| bad("no source directory recorded"))?;
-    let netdev = spec.net.as_ref().map(super::qemu::netdev_arg);
+    let netdev = spec.net.as_ref().map(crate::vmm::qemu::netdev_arg);
     let argv = restore_argv(
         &argv,
         Path::new(source_dir),

@@ -40,12 +40,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::jailer::{JAIL_SNAP_MEMORY, JAIL_SNAP_STATE};
-use super::model::{
+use crate::vmm::firecracker::jailer::{JAIL_SNAP_MEMORY, JAIL_SNAP_STATE};
+use crate::vmm::firecracker::model::{
     MemBackendType, MemoryBackend, NetworkOverride, SnapshotCreateParams, SnapshotLoadParams,
     SnapshotType, VsockOverride,
 };
-use super::{
+use crate::vmm::firecracker::{
     load_record, prepare_dir, validate, FcInstance, FcVersion, FirecrackerBackend,
     API_READY_DEADLINE, NET_IFACE_ID, VSOCK_SOCK,
 };
@@ -229,8 +229,11 @@ fn snapshot_format_of(binary: &Path, snap_dir: &Path, saved: &SavedState) -> Opt
         return Some(f);
     }
     let state = snap_dir.join(&saved.state_file);
-    match super::run_binary(binary, &["--describe-snapshot".as_ref(), state.as_os_str()]) {
-        Ok((true, out)) => super::format_text(&out),
+    match crate::vmm::firecracker::run_binary(
+        binary,
+        &["--describe-snapshot".as_ref(), state.as_os_str()],
+    ) {
+        Ok((true, out)) => crate::vmm::firecracker::format_text(&out),
         _ => None,
     }
 }
