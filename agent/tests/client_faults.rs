@@ -122,14 +122,35 @@ async fn requests_the_agent_never_gets_time_out() {
 async fn a_corrupted_frame_header_fails_the_connection_not_the_process() {
     let (c, h) = connect().await;
     // The first byte the agent sends next is the start of a frame (its length): flipped,
-    // the frame is refused (too long) and the connection ends.
+    // the frame announces more bytes than ever come, and the reader waits for them.
     h.arm(Faults::read(Fault::CorruptAt { at: 0 }));
     let r = c.ping(Duration::from_secs(2)).await;
     assert!(r.is_err(), "a corrupted answer was accepted");
-    // Whatever the client decided, it keeps answering promptly.
+    // The timeout, with the reader stuck inside that frame, marks the stream out of step:
+    // the connection is dead (so its owner reconnects) and later calls fail at once.
+    assert!(c.is_closed(), "an out-of-step connection stayed open");
     let t0 = Instant::now();
-    let _ = c.ping(Duration::from_secs(1)).await;
-    assert!(t0.elapsed() < Duration::from_secs(2));
+    let e = c.ping(Duration::from_secs(5)).await.unwrap_err();
+    assert!(matches!(e, ClientError::Closed), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn an_undecodable_frame_fails_requests_in_flight_with_a_protocol_error_at_once() {
+    let (c, h) = connect().await;
+    // Byte 4 is the first byte of the next frame's payload (the message tag): flipped,
+    // the frame cannot be decoded.
+    h.arm(Faults::read(Fault::CorruptAt { at: 4 }));
+    let t0 = Instant::now();
+    let e = c.ping(Duration::from_secs(10)).await.unwrap_err();
+    assert!(matches!(e, ClientError::Protocol(_)), "{e}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "the request waited for its deadline"
+    );
+    assert!(c.is_closed());
+    let e = c.ping(T).await.unwrap_err();
+    assert!(matches!(e, ClientError::Closed), "{e}");
 }
 
 #[tokio::test]

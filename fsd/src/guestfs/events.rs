@@ -309,7 +309,11 @@ fn translate(
                     if !*data && attr.is_some() && known == *attr {
                         continue;
                     }
-                    inodes.changed(ino);
+                    if *data {
+                        inodes.data_changed(ino);
+                    } else {
+                        inodes.changed(ino);
+                    }
                     out.push(Action::Inode(ino, *data));
                 }
             }
@@ -352,7 +356,7 @@ mod tests {
         assert!(r.echoes(5, b"config.lock", Some(id)));
     }
     use crate::guestfs::inodes::EntryFacts;
-    use bandsox_agent::proto::fs::{FileHandle, NodeRef, ROOT_ID};
+    use bandsox_agent::proto::fs::{FileHandle, NodeRef, XattrNames, ROOT_ID};
 
     #[test]
     fn events_become_invalidations_except_echoes_of_host_changes() {
@@ -468,5 +472,56 @@ mod tests {
         );
         let acts = translate(&[FsEvent::Overflow], &src, &v, &mut t, &known);
         assert_eq!(acts.len(), 2);
+    }
+
+    #[test]
+    fn xattr_names_survive_data_events_not_attribute_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let inc = Incarnation {
+            vm_id: Arc::from("v"),
+            generation: 1,
+        };
+        let src = Source {
+            inc: inc.clone(),
+            boot: 9,
+        };
+        let mut v = VmNumbers::new(2, dir.path().to_path_buf());
+        let mut t = Inodes::new();
+        let f_id = NodeId {
+            dev: (254u64 << 8) | 1,
+            ino: 5,
+        };
+        let f = t.number(&mut v, 9, f_id).unwrap();
+        let names = XattrNames(b"user.a\0".to_vec());
+        t.intern(
+            f,
+            &inc,
+            &NodeRef {
+                id: f_id,
+                fh: FileHandle(vec![0; 8]),
+            },
+            &EntryFacts {
+                attr: Default::default(),
+                kind: libc::S_IFREG,
+                coherent: true,
+                counted: false,
+                watched: false,
+                xattrs: Some(names.clone()),
+            },
+        );
+        let known = Known {
+            recent: Arc::new(Recent::default()),
+        };
+        let node = |data| FsEvent::Node {
+            node: f_id,
+            data,
+            attr: None,
+        };
+        let acts = translate(&[node(true)], &src, &v, &mut t, &known);
+        assert_eq!(acts, vec![Action::Inode(f, true)]);
+        assert_eq!(t.get(f).and_then(|i| i.xattrs.clone()), Some(names));
+        assert_eq!(t.get(f).and_then(|i| i.attr), None);
+        translate(&[node(false)], &src, &v, &mut t, &known);
+        assert_eq!(t.get(f).and_then(|i| i.xattrs.clone()), None);
     }
 }

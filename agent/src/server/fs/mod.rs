@@ -368,7 +368,18 @@ pub(crate) fn answer(agent: &Agent, req: &FsRequest) -> Response {
         // A panic answers EIO instead of ending the session (the service stays
         // consistent, see `FsService`'s unwind-safety note).
         Ok(core) => {
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.handle(req))) {
+            let t0 = tracing::enabled!(target: "bandsox_agent::fs_timing", tracing::Level::DEBUG)
+                .then(std::time::Instant::now);
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.handle(req)));
+            if let Some(t0) = t0 {
+                tracing::debug!(
+                    target: "bandsox_agent::fs_timing",
+                    op = req.name(),
+                    us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    "file request handled"
+                );
+            }
+            match res {
                 Ok(Ok(r)) => Response::Fs(r),
                 Ok(Err(errno)) => Response::Error {
                     errno: errno as i32,
