@@ -358,8 +358,17 @@ mod tests {
     use crate::guestfs::inodes::EntryFacts;
     use bandsox_agent::proto::fs::{FileHandle, NodeRef, XattrNames, ROOT_ID};
 
-    #[test]
-    fn events_become_invalidations_except_echoes_of_host_changes() {
+    /// A VM's numbers with one coherent regular file (guest inode 5) the kernel holds.
+    struct OneFile {
+        src: Source,
+        v: VmNumbers,
+        t: Inodes,
+        f_id: NodeId,
+        f: u64,
+        _dir: tempfile::TempDir,
+    }
+
+    fn one_file(xattrs: Option<XattrNames>) -> OneFile {
         let dir = tempfile::tempdir().unwrap();
         let inc = Incarnation {
             vm_id: Arc::from("v"),
@@ -370,10 +379,11 @@ mod tests {
             boot: 9,
         };
         let mut v = VmNumbers::new(2, dir.path().to_path_buf());
-        v.root = Some((1, 99));
         let mut t = Inodes::new();
-        let disk = (254u64 << 8) | 1;
-        let f_id = NodeId { dev: disk, ino: 5 };
+        let f_id = NodeId {
+            dev: (254u64 << 8) | 1,
+            ino: 5,
+        };
         let f = t.number(&mut v, 9, f_id).unwrap();
         t.intern(
             f,
@@ -388,9 +398,31 @@ mod tests {
                 coherent: true,
                 counted: false,
                 watched: false,
-                xattrs: None,
+                xattrs,
             },
         );
+        OneFile {
+            src,
+            v,
+            t,
+            f_id,
+            f,
+            _dir: dir,
+        }
+    }
+
+    #[test]
+    fn events_become_invalidations_except_echoes_of_host_changes() {
+        let OneFile {
+            src,
+            mut v,
+            mut t,
+            f_id,
+            f,
+            _dir,
+        } = one_file(None);
+        v.root = Some((1, 99));
+        let disk = f_id.dev;
         let known = Known {
             recent: Arc::new(Recent::default()),
         };
@@ -476,39 +508,15 @@ mod tests {
 
     #[test]
     fn xattr_names_survive_data_events_not_attribute_events() {
-        let dir = tempfile::tempdir().unwrap();
-        let inc = Incarnation {
-            vm_id: Arc::from("v"),
-            generation: 1,
-        };
-        let src = Source {
-            inc: inc.clone(),
-            boot: 9,
-        };
-        let mut v = VmNumbers::new(2, dir.path().to_path_buf());
-        let mut t = Inodes::new();
-        let f_id = NodeId {
-            dev: (254u64 << 8) | 1,
-            ino: 5,
-        };
-        let f = t.number(&mut v, 9, f_id).unwrap();
         let names = XattrNames(b"user.a\0".to_vec());
-        t.intern(
+        let OneFile {
+            src,
+            v,
+            mut t,
+            f_id,
             f,
-            &inc,
-            &NodeRef {
-                id: f_id,
-                fh: FileHandle(vec![0; 8]),
-            },
-            &EntryFacts {
-                attr: Default::default(),
-                kind: libc::S_IFREG,
-                coherent: true,
-                counted: false,
-                watched: false,
-                xattrs: Some(names.clone()),
-            },
-        );
+            _dir,
+        } = one_file(Some(names.clone()));
         let known = Known {
             recent: Arc::new(Recent::default()),
         };
