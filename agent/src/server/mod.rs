@@ -546,7 +546,7 @@ impl Agent {
                 });
                 Ok(())
             }
-            Request::Fs(req) if fs::runs_inline(&req) => out
+            Request::Fs(req) if fs::runs_inline(self, &req) => out
                 .send(reply(fs::answer(self, &req)))
                 .await
                 .map_err(|_| SessionEnd::Eof),

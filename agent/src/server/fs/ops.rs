@@ -405,8 +405,11 @@ impl FsCore {
             self.chown_new(&p, node_fd.as_fd(), owner, libc::S_IFREG, perm);
         }
         let entry = self.register_entry(&p, node_fd)?;
-        let handle = Handle::File(std::fs::File::from(file_fd));
-        match self.handles.insert(handle) {
+        let regular = entry.attr.mode & libc::S_IFMT == libc::S_IFREG;
+        match self
+            .handles
+            .insert_file(std::fs::File::from(file_fd), regular)
+        {
             Ok(h) => Ok((entry, h)),
             Err(e) => {
                 if entry.counted {
