@@ -27,5 +27,6 @@ pub mod manager;
 pub mod names;
 pub mod net;
 pub mod snapshots;
+pub mod vfs;
 pub mod vmm;
 pub mod watchdog;
