@@ -5,7 +5,7 @@
 //! a failed start, and that the VM recovers by itself.
 mod inproc;
 
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bandsox_agent::faults::{Fault, Faults};
@@ -18,21 +18,8 @@ use inproc::InProcBackend;
 /// Deadline of any single wait in these tests (nothing may hang).
 const T: Duration = Duration::from_secs(30);
 
-fn limits_from_an_empty_file() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let f = tempfile::NamedTempFile::new()
-            .unwrap()
-            .into_temp_path()
-            .keep()
-            .unwrap();
-        // Set before any manager exists; every test of this binary uses the same value.
-        std::env::set_var(bandsox_fsd::limits::ENV, f);
-    });
-}
-
 async fn setup(name: &str) -> (tempfile::TempDir, Arc<Manager>, Arc<InProcBackend>, Arc<Vm>) {
-    limits_from_an_empty_file();
+    inproc::limits_from_an_empty_file();
     let tmp = tempfile::tempdir().unwrap();
     let backend = InProcBackend::new();
     let mgr = inproc::manager(&tmp.path().join("state"), backend.clone());

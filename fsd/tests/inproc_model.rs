@@ -5,7 +5,6 @@
 mod inproc;
 
 use std::collections::BTreeMap;
-use std::sync::Once;
 use std::time::Duration;
 
 use bandsox_agent::proto::ExitStatus;
@@ -84,18 +83,6 @@ fn apply(model: &mut BTreeMap<&'static str, M>, op: Op) {
     }
 }
 
-fn limits_from_an_empty_file() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let f = tempfile::NamedTempFile::new()
-            .unwrap()
-            .into_temp_path()
-            .keep()
-            .unwrap();
-        std::env::set_var(bandsox_fsd::limits::ENV, f);
-    });
-}
-
 async fn run_sequence(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let tmp = tempfile::tempdir().unwrap();
     let mgr = inproc::manager(&tmp.path().join("state"), inproc::InProcBackend::new());
@@ -167,7 +154,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
     fn the_tree_follows_the_model(ops in proptest::collection::vec(op(), 1..14)) {
-        limits_from_an_empty_file();
+        inproc::limits_from_an_empty_file();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -17,7 +17,7 @@ use fuser::{
 };
 
 use super::reply::Op;
-use super::BandsoxFs;
+use super::{BandsoxFs, Listing};
 use crate::error::Error;
 use crate::guestfs::{DirItem, GuestFs, Looked, Opened, Target, XattrReply};
 
@@ -126,6 +126,33 @@ fn xattr(reply: ReplyXattr, x: XattrReply) {
         XattrReply::Size(n) => reply.size(n),
         XattrReply::Data(d) => reply.data(&d),
     }
+}
+
+/// Add a guest entry to a `readdir` reply; true when it is full.
+pub(super) fn add_entry(r: &mut ReplyDirectory, it: &DirItem) -> bool {
+    let name = OsStr::from_bytes(&it.name);
+    r.add(INodeNo(it.ino), it.next_offset, file_type(it.kind), name)
+}
+
+/// Add a guest entry to a `readdirplus` reply; true when it is full.
+pub(super) fn add_entry_plus(r: &mut ReplyDirectoryPlus, it: &DirItem) -> bool {
+    let (ttl, attr, generation) = match &it.looked {
+        Some(l) => (l.ttl, file_attr(l.ino, &l.attr), l.generation),
+        None => {
+            let mut a = file_attr(it.ino, &Attr::default());
+            a.kind = file_type(it.kind);
+            (Duration::ZERO, a, 0)
+        }
+    };
+    let name = OsStr::from_bytes(&it.name);
+    r.add(
+        attr.ino,
+        it.next_offset,
+        name,
+        &ttl,
+        &attr,
+        Generation(generation),
+    )
 }
 
 /// Put `items` into a listing reply with `add` until it says the reply is full; tell
@@ -395,53 +422,17 @@ impl BandsoxFs {
         });
     }
 
-    pub(super) fn g_readdir(
-        &self,
-        op: Op,
-        t: Target,
-        fh: FileHandle,
-        off: u64,
-        reply: ReplyDirectory,
-    ) {
+    /// `readdir`/`readdirplus` under `fs/`: the proxy's listing into the reply.
+    pub(super) fn g_list<R: Listing>(&self, op: Op, t: Target, fh: FileHandle, off: u64, r: R) {
         let g = self.guest();
-        g.clone().readdir(t, fh.0, off, false, move |r| {
-            op.reply(reply, r, |mut r, items| {
-                fill(&g, items, false, |it| {
-                    let name = OsStr::from_bytes(&it.name);
-                    r.add(INodeNo(it.ino), it.next_offset, file_type(it.kind), name)
-                });
-                r.ok()
-            })
-        });
-    }
-
-    pub(super) fn g_readdirplus(
-        &self,
-        op: Op,
-        t: Target,
-        fh: FileHandle,
-        off: u64,
-        reply: ReplyDirectoryPlus,
-    ) {
-        let g = self.guest();
-        g.clone().readdir(t, fh.0, off, true, move |r| {
-            op.reply(reply, r, |mut r, items| {
-                let rest = fill(&g, items, true, |it| {
-                    let (ttl, attr, generation) = match &it.looked {
-                        Some(l) => (l.ttl, file_attr(l.ino, &l.attr), l.generation),
-                        None => {
-                            let mut a = file_attr(it.ino, &Attr::default());
-                            a.kind = file_type(it.kind);
-                            (Duration::ZERO, a, 0)
-                        }
-                    };
-                    let name = OsStr::from_bytes(&it.name);
-                    let generation = Generation(generation);
-                    r.add(attr.ino, it.next_offset, name, &ttl, &attr, generation)
-                });
+        g.clone().readdir(t, fh.0, off, R::PLUS, move |res| {
+            op.reply(r, res, |mut r, items| {
+                let rest = fill(&g, items, R::PLUS, |it| r.add_guest(it));
                 // Entries the kernel never received must not keep references.
-                g.unused_entries(&rest);
-                r.ok()
+                if R::PLUS {
+                    g.unused_entries(&rest);
+                }
+                r.done();
             })
         });
     }

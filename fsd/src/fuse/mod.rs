@@ -97,11 +97,57 @@ fn ok(reply: ReplyEmpty, (): ()) {
     reply.ok();
 }
 
-/// Numbered entries of a control-tree listing from `offset` on (each with the offset
-/// of the next): the one producer for `readdir` and `readdirplus`.
-fn from_offset(all: Vec<DirEntry>, offset: u64) -> impl Iterator<Item = (u64, DirEntry)> {
-    let skip = usize::try_from(offset).unwrap_or(usize::MAX);
-    (1u64..).zip(all).skip(skip)
+type Plus = ReplyDirectoryPlus;
+
+/// A listing reply: `readdir` and `readdirplus` share one implementation
+/// ([`BandsoxFs::list`]) and differ only in what each entry carries.
+trait Listing: Fail + Send + 'static {
+    const OP: &'static str;
+    /// Whether entries carry attributes (`readdirplus`).
+    const PLUS: bool;
+    /// Add a control-tree entry; true when the reply is full.
+    fn add_tree(&mut self, vfs: &Vfs, next: u64, e: &DirEntry) -> bool;
+    /// Add a guest entry; true when the reply is full.
+    fn add_guest(&mut self, it: &crate::guestfs::DirItem) -> bool;
+    fn done(self);
+}
+
+impl Listing for ReplyDirectory {
+    const OP: &'static str = "readdir";
+    const PLUS: bool = false;
+    fn add_tree(&mut self, _vfs: &Vfs, next: u64, e: &DirEntry) -> bool {
+        self.add(INodeNo(e.ino), next, file_type(e.kind), &e.name)
+    }
+    fn add_guest(&mut self, it: &crate::guestfs::DirItem) -> bool {
+        guest::add_entry(self, it)
+    }
+    fn done(self) {
+        self.ok();
+    }
+}
+
+impl Listing for Plus {
+    const OP: &'static str = "readdirplus";
+    const PLUS: bool = true;
+    /// Never cached (TTL 0). `.` and `..` are never looked up by the kernel; the rest
+    /// count as lookups of control-tree inodes, which are never forgotten. An entry
+    /// that went away since the listing is left out.
+    fn add_tree(&mut self, vfs: &Vfs, next: u64, e: &DirEntry) -> bool {
+        let Ok(a) = vfs.attr(e.ino) else {
+            return false;
+        };
+        let attr = FileAttr {
+            kind: file_type(e.kind),
+            ..to_fuse_attr(&a)
+        };
+        self.add(INodeNo(e.ino), next, &e.name, &TTL, &attr, Generation(0))
+    }
+    fn add_guest(&mut self, it: &crate::guestfs::DirItem) -> bool {
+        guest::add_entry_plus(self, it)
+    }
+    fn done(self) {
+        self.ok();
+    }
 }
 
 impl BandsoxFs {
@@ -135,6 +181,24 @@ impl BandsoxFs {
                 None
             }
         }
+    }
+
+    /// `readdir` and `readdirplus`: one listing (from the core or the guest), numbered
+    /// from `offset` on, each entry with the offset of the next.
+    fn list<R: Listing>(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, r: R) {
+        let op = self.op(R::OP, req, ino);
+        if let Some(t) = self.target(ino) {
+            return self.g_list(op, t, fh, offset, r);
+        }
+        op.reply(r, self.vfs.listing(ino.0), |mut r, all| {
+            let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+            for (next, e) in (1u64..).zip(all).skip(skip) {
+                if r.add_tree(&self.vfs, next, &e) {
+                    break;
+                }
+            }
+            r.done();
+        });
     }
 
     /// Answer in a task: `fut` may wait on a guest or a VMM.
@@ -555,58 +619,12 @@ impl fuser::Filesystem for BandsoxFs {
         }
     }
 
-    fn readdir(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        reply: ReplyDirectory,
-    ) {
-        let op = self.op("readdir", req, ino);
-        if let Some(t) = self.target(ino) {
-            return self.g_readdir(op, t, fh, offset, reply);
-        }
-        op.reply(reply, self.vfs.listing(ino.0), |mut r, all| {
-            for (next, e) in from_offset(all, offset) {
-                if r.add(INodeNo(e.ino), next, file_type(e.kind), &e.name) {
-                    break;
-                }
-            }
-            r.ok()
-        });
+    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, at: u64, r: ReplyDirectory) {
+        self.list(req, ino, fh, at, r);
     }
 
-    fn readdirplus(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        reply: ReplyDirectoryPlus,
-    ) {
-        let op = self.op("readdirplus", req, ino);
-        if let Some(t) = self.target(ino) {
-            return self.g_readdirplus(op, t, fh, offset, reply);
-        }
-        // The same listing with attributes, never cached (TTL 0). `.` and `..` are never
-        // looked up by the kernel; the rest count as lookups of control-tree inodes,
-        // which are never forgotten.
-        op.reply(reply, self.vfs.listing(ino.0), |mut r, all| {
-            for (next, e) in from_offset(all, offset) {
-                let Ok(a) = self.vfs.attr(e.ino) else {
-                    continue;
-                };
-                let attr = FileAttr {
-                    kind: file_type(e.kind),
-                    ..to_fuse_attr(&a)
-                };
-                if r.add(INodeNo(e.ino), next, &e.name, &TTL, &attr, Generation(0)) {
-                    break;
-                }
-            }
-            r.ok()
-        });
+    fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, at: u64, r: Plus) {
+        self.list(req, ino, fh, at, r);
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {

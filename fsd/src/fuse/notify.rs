@@ -91,7 +91,7 @@ impl crate::guestfs::Invalidate for KernelInvalidator {
 /// Keep the cached VM-directory and `fs/` names right: after any event of a VM (boot,
 /// exit, delete, ...) drop the kernel's entries for its name and for its `fs/`, whose
 /// inode changes with every boot. Runs until the event log goes away. Root names are
-/// deferred while a root `mkdir`/`rmdir` is in flight (see [`rootops`]).
+/// deferred while a root `mkdir`/`rmdir` is in flight (see [`crate::vfs::rootops`]).
 pub fn invalidate_vm_entries(vfs: Arc<Vfs>, notifier: fuser::Notifier) {
     let mut rx = vfs.vm_events();
     {
