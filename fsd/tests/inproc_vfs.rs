@@ -115,18 +115,8 @@ async fn mkdir_shows_a_vm_with_its_files_and_cached_entries() {
     let (_tmp, _mgr, vfs) = setup();
     let root = vfs.listing(ROOT_INO).unwrap();
     assert_eq!(
-        names(&root),
-        [
-            ".",
-            "..",
-            "README",
-            "ctl",
-            "defaults",
-            "events",
-            "usage",
-            "images",
-            "snapshots"
-        ]
+        names(&root).join(" "),
+        ". .. README ctl defaults events usage images snapshots"
     );
     let ino = mkdir(&vfs, "v", caller(me())).await.unwrap();
     let entry = vfs.lookup(ROOT_INO, OsStr::new("v")).unwrap();
@@ -140,8 +130,8 @@ async fn mkdir_shows_a_vm_with_its_files_and_cached_entries() {
     );
     let vm = vfs.listing(ino).unwrap();
     assert_eq!(
-        names(&vm),
-        [".", "..", "ctl", "state", "info", "exec", "console", "events", "runs", "fs"]
+        names(&vm).join(" "),
+        ". .. ctl state info exec console events runs fs"
     );
     for e in vm.iter().filter(|e| !e.name.starts_with('.')) {
         assert_eq!(

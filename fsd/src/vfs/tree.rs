@@ -261,6 +261,14 @@ impl Tree {
             .ok_or_else(|| Error::not_found("no such VM"))
     }
 
+    fn has_image(&self, name: &str) -> bool {
+        self.mgr.images().iter().any(|i| i == name)
+    }
+
+    fn has_snapshot(&self, name: &str) -> bool {
+        self.mgr.snapshots().iter().any(|i| i == name)
+    }
+
     fn vm_by_name(&self, name: &str) -> Option<Arc<Vm>> {
         self.mgr.get(name)
     }
@@ -285,21 +293,10 @@ impl Tree {
                 "snapshots" => Node::Snapshots,
                 _ => Node::Vm(self.vm_by_name(name).ok_or_else(nf)?.id.clone()),
             },
-            Node::Images => {
-                if self.mgr.images().iter().any(|i| i == name) {
-                    Node::Image(name.to_string())
-                } else {
-                    return Err(nf());
-                }
-            }
+            Node::Images if self.has_image(name) => Node::Image(name.to_string()),
+            Node::Snapshots if self.has_snapshot(name) => Node::Snapshot(name.to_string()),
+            Node::Images | Node::Snapshots => return Err(nf()),
             Node::Image(img) if name == "info" => Node::ImageInfo(img.clone()),
-            Node::Snapshots => {
-                if self.mgr.snapshots().iter().any(|i| i == name) {
-                    Node::Snapshot(name.to_string())
-                } else {
-                    return Err(nf());
-                }
-            }
             Node::Snapshot(snap) if name == "info" => Node::SnapshotInfo(snap.clone()),
             Node::Vm(id) => {
                 self.vm(id)?;
@@ -358,19 +355,11 @@ impl Tree {
                 .run(*n)
                 .map(|_| ())
                 .ok_or_else(|| Error::not_found("no such run")),
-            Node::Image(i) | Node::ImageInfo(i) => {
-                if self.mgr.images().iter().any(|x| x == i) {
-                    Ok(())
-                } else {
-                    Err(Error::not_found("no such image"))
-                }
+            Node::Image(i) | Node::ImageInfo(i) if !self.has_image(i) => {
+                Err(Error::not_found("no such image"))
             }
-            Node::Snapshot(i) | Node::SnapshotInfo(i) => {
-                if self.mgr.snapshots().iter().any(|x| x == i) {
-                    Ok(())
-                } else {
-                    Err(Error::not_found("no such snapshot"))
-                }
+            Node::Snapshot(i) | Node::SnapshotInfo(i) if !self.has_snapshot(i) => {
+                Err(Error::not_found("no such snapshot"))
             }
             _ => Ok(()),
         }
