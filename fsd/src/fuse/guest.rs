@@ -70,6 +70,25 @@ fn timespec(t: SystemTime) -> Timespec {
     }
 }
 
+/// The changes a `setattr` asks of a guest file (`mode` keeps only permission bits).
+pub(super) fn set_attrs(
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+) -> SetAttrs {
+    SetAttrs {
+        mode: mode.map(|m| m & 0o7777),
+        uid,
+        gid,
+        size,
+        atime: set_time(atime),
+        mtime: set_time(mtime),
+    }
+}
+
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     t.map(|t| match t {
         TimeOrNow::Now => SetTime::Now,
@@ -208,28 +227,14 @@ impl BandsoxFs {
         });
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn g_setattr(
         &self,
         op: Op,
         t: Target,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
+        set: SetAttrs,
         fh: Option<FileHandle>,
         reply: ReplyAttr,
     ) {
-        let set = SetAttrs {
-            mode: mode.map(|m| m & 0o7777),
-            uid,
-            gid,
-            size,
-            atime: set_time(atime),
-            mtime: set_time(mtime),
-        };
         let ino = t.ino();
         self.guest().setattr(t, fh.map(|f| f.0), set, move |r| {
             op.reply(reply, r, |r, (a, ttl)| r.attr(&ttl, &file_attr(ino, &a)))

@@ -283,7 +283,8 @@ impl fuser::Filesystem for BandsoxFs {
     ) {
         let op = self.op("setattr", req, ino);
         if let Some(t) = self.target(ino) {
-            return self.g_setattr(op, t, mode, uid, gid, size, atime, mtime, fh, reply);
+            let set = guest::set_attrs(mode, uid, gid, size, atime, mtime);
+            return self.g_setattr(op, t, set, fh, reply);
         }
         let owner_or_mode = mode.is_some() || uid.is_some() || gid.is_some();
         op.reply(reply, self.vfs.setattr(ino.0, owner_or_mode), |r, a| {
