@@ -16,12 +16,13 @@
 //!   [`ClientError::Closed`] and every open command receives [`ExecEvent::Lost`], at once.
 //!   Registration checks the closed flag under the same lock, so nothing registered
 //!   after the death can hang.
+//! * A stream that is out of step (an undecodable frame, or a request timing out while
+//!   the reader has waited longer than [`STALLED_FRAME`] for the rest of one frame, as
+//!   when a corrupted header announced a longer frame) is a dead connection: it is
+//!   logged, pending requests fail with [`ClientError::Protocol`] (EIO), and
+//!   [`AgentClient::is_closed`] turns true so the owner reconnects.
 //! * Dropping the last [`AgentClient`], [`ExecHandle`] and [`ExecControl`] closes the
 //!   connection.
-#![allow(
-    clippy::cast_possible_truncation,
-    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
-)]
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -33,7 +34,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::proto::codec::{append_frame, FrameReader, Incoming, ProtoError};
+use crate::proto::codec::{append_frame, FrameReader, Incoming, MidFrame, ProtoError};
 use crate::proto::fs::{FsEvent, FsRequest, FsResponse, NodeId};
 use crate::proto::{
     AgentInfo, ExecOptions, ExecSpec, ExitStatus, Hello, Id, Message, OutStream, Request, Response,
@@ -45,6 +46,10 @@ pub const HELLO_RESEND: Duration = Duration::from_millis(500);
 /// Credit is granted back in batches of at least this many bytes (must be ≤ `INITIAL_CREDIT`).
 const CREDIT_BATCH: u64 = 64 * 1024;
 const _: () = assert!(CREDIT_BATCH <= INITIAL_CREDIT);
+/// A request that times out while the reader has waited this long inside one frame
+/// means the stream is out of step (see the module invariants). The agent writes each
+/// frame whole, so an honest frame is never this slow while requests are answered.
+pub const STALLED_FRAME: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -102,6 +107,8 @@ struct Shared {
     closed_tx: watch::Sender<bool>,
     tables: Mutex<Tables>,
     fs_events: FsEventQueue,
+    /// The reader's position inside a frame (see [`STALLED_FRAME`]).
+    mid_frame: Arc<MidFrame>,
 }
 
 /// File-service change events on their way from the reader to one consumer.
@@ -131,7 +138,7 @@ pub type FsDone = Box<dyn FnOnce(Result<FsResponse, ClientError>) + Send>;
 /// Who waits for an answer.
 enum Waiter {
     /// A task awaiting [`AgentClient::request`].
-    Task(oneshot::Sender<Response>),
+    Task(oneshot::Sender<Result<Response, ClientError>>),
     /// A completion, due to fail with `Timeout` at `expires`.
     Then { done: FsDone, expires: Instant },
 }
@@ -141,9 +148,7 @@ impl Waiter {
     fn finish(self, res: Result<Response, ClientError>) {
         match self {
             Waiter::Task(tx) => {
-                if let Ok(resp) = res {
-                    let _ = tx.send(resp);
-                } // else: dropping `tx` tells the task Closed
+                let _ = tx.send(res);
             }
             Waiter::Then { done, .. } => done(res.and_then(fs_answer)),
         }
@@ -187,6 +192,29 @@ impl Shared {
 
     /// Mark the connection dead: fail pending requests, deliver `Lost`.
     fn shutdown(&self, why: &str) {
+        self.end(why, false);
+    }
+
+    /// The stream is out of step: the connection is dead, and requests in flight fail
+    /// with a protocol error (their answers may have been lost or garbled).
+    fn out_of_step(&self, why: &str) {
+        self.end(why, true);
+    }
+
+    /// A request timed out: if the reader has been stuck inside one frame for long, the
+    /// stream is out of step.
+    fn timed_out(&self) {
+        if let Some(t) = self.mid_frame.stalled_for() {
+            if t >= STALLED_FRAME {
+                self.out_of_step(&format!(
+                    "a request timed out while the rest of a frame was awaited for {} ms",
+                    t.as_millis()
+                ));
+            }
+        }
+    }
+
+    fn end(&self, why: &str, broken: bool) {
         let (pending, streams) = {
             let mut t = self.tables();
             if self.closed.swap(true, Ordering::SeqCst) {
@@ -198,9 +226,17 @@ impl Shared {
                 std::mem::take(&mut t.streams),
             )
         };
-        tracing::debug!("agent connection closed: {why}");
+        if broken {
+            tracing::warn!("agent connection out of step, closing it: {why}");
+        } else {
+            tracing::debug!("agent connection closed: {why}");
+        }
         for (_, w) in pending {
-            w.finish(Err(ClientError::Closed));
+            w.finish(Err(if broken {
+                ClientError::Protocol(format!("the agent connection broke: {why}"))
+            } else {
+                ClientError::Closed
+            }));
         }
         for (_, s) in streams {
             let _ = s.events.send(ExecEvent::Lost);
@@ -271,6 +307,7 @@ impl AgentClient {
         let (r, w) = tokio::io::split(stream);
         let mut w: BoxWrite = Box::pin(w);
         let mut reader = FrameReader::new(r);
+        let mid_frame = reader.mid_frame();
         let nonce = random_nonce();
         let mut hello = SYNC_MAGIC.to_vec();
         append_frame(
@@ -333,6 +370,7 @@ impl AgentClient {
                 lost: Arc::new(AtomicBool::new(false)),
                 tap: std::sync::OnceLock::new(),
             },
+            mid_frame,
         });
         let outbox = Arc::new(Outbox::new(w));
         let writer = tokio::spawn(writer_task(outbox.clone(), shared.clone()));
@@ -407,12 +445,15 @@ impl AgentClient {
         let _unregister = Unregister(&self.inner.shared, id);
         let res = tokio::time::timeout(timeout, async {
             self.inner.send(Message::Request { id, req }).await?;
-            rx.await.map_err(|_| ClientError::Closed)
+            rx.await.unwrap_or(Err(ClientError::Closed))
         })
         .await;
         let res = match res {
             Ok(r) => r,
-            Err(_) => Err(ClientError::Timeout),
+            Err(_) => {
+                self.inner.shared.timed_out();
+                Err(ClientError::Timeout)
+            }
         };
         match res? {
             Response::Error { errno, message } => Err(ClientError::Remote { errno, message }),
@@ -738,10 +779,10 @@ impl ExecControl {
                         message: "the command has exited; its stdin is closed".into(),
                     });
                 }
-                let n = st
-                    .credit
-                    .min((data.len() - off) as u64)
-                    .min(MAX_CHUNK as u64) as usize;
+                // Bounded by the bytes left (a usize), so the conversion back is exact.
+                let left = data.len() - off;
+                let n = usize::try_from(st.credit).map_or(left, |c| c.min(left));
+                let n = n.min(MAX_CHUNK);
                 st.credit -= n as u64;
                 n
             };
@@ -965,6 +1006,9 @@ async fn deadline_task(shared: Arc<Shared>, changed: Arc<Notify>) {
             }
             (t.deadlines.first().map(|&(at, _)| at), expired)
         };
+        if !expired.is_empty() {
+            shared.timed_out();
+        }
         for w in expired {
             w.finish(Err(ClientError::Timeout));
         }
@@ -1029,6 +1073,10 @@ async fn reader_task<R: AsyncRead + Unpin>(
         let msg = match msg {
             Ok(Incoming::Sync) => continue,
             Ok(Incoming::Frame(m)) => m,
+            Err(e @ (ProtoError::Malformed(_) | ProtoError::TooLarge(_))) => {
+                shared.out_of_step(&format!("undecodable input from the agent: {e}"));
+                return;
+            }
             Err(e) => break e.to_string(),
         };
         match msg {

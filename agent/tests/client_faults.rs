@@ -104,10 +104,17 @@ async fn a_silent_agent_times_out_instead_of_hanging() {
     let (c, h) = connect().await;
     // From now on nothing the agent sends arrives.
     h.arm(Faults::read(Fault::DropFrom { at: 0 }));
-    let t0 = Instant::now();
-    let e = c.ping(Duration::from_millis(300)).await.unwrap_err();
+    let e = ping_fails_within(&c, Duration::from_millis(300), Duration::from_secs(3)).await;
     assert!(matches!(e, ClientError::Timeout), "{e}");
-    assert!(t0.elapsed() < Duration::from_secs(3));
+}
+
+/// A ping with deadline `timeout` fails, and within `bound`; its error.
+async fn ping_fails_within(c: &AgentClient, timeout: Duration, bound: Duration) -> ClientError {
+    let t0 = Instant::now();
+    let e = c.ping(timeout).await.unwrap_err();
+    let took = t0.elapsed();
+    assert!(took < bound, "the ping failed only after {took:?}: {e}");
+    e
 }
 
 #[tokio::test]
@@ -122,14 +129,33 @@ async fn requests_the_agent_never_gets_time_out() {
 async fn a_corrupted_frame_header_fails_the_connection_not_the_process() {
     let (c, h) = connect().await;
     // The first byte the agent sends next is the start of a frame (its length): flipped,
-    // the frame is refused (too long) and the connection ends.
+    // the frame announces more bytes than ever come, and the reader waits for them.
     h.arm(Faults::read(Fault::CorruptAt { at: 0 }));
     let r = c.ping(Duration::from_secs(2)).await;
     assert!(r.is_err(), "a corrupted answer was accepted");
-    // Whatever the client decided, it keeps answering promptly.
-    let t0 = Instant::now();
-    let _ = c.ping(Duration::from_secs(1)).await;
-    assert!(t0.elapsed() < Duration::from_secs(2));
+    // The timeout, with the reader stuck inside that frame, marks the stream out of step:
+    // the connection is dead (so its owner reconnects) and later calls fail at once.
+    assert!(c.is_closed(), "an out-of-step connection stayed open");
+    later_calls_fail_at_once(&c).await;
+}
+
+/// A dead connection answers every later call with `Closed`, without waiting.
+async fn later_calls_fail_at_once(c: &AgentClient) {
+    let e = ping_fails_within(c, Duration::from_secs(5), Duration::from_secs(1)).await;
+    assert!(matches!(e, ClientError::Closed), "{e}");
+}
+
+#[tokio::test]
+async fn an_undecodable_frame_fails_requests_in_flight_with_a_protocol_error_at_once() {
+    let (c, h) = connect().await;
+    // Byte 4 is the first byte of the next frame's payload (the message tag): flipped,
+    // the frame cannot be decoded.
+    h.arm(Faults::read(Fault::CorruptAt { at: 4 }));
+    // Answered at once, not at the ping's deadline.
+    let e = ping_fails_within(&c, Duration::from_secs(10), Duration::from_secs(2)).await;
+    assert!(matches!(e, ClientError::Protocol(_)), "{e}");
+    assert!(c.is_closed());
+    later_calls_fail_at_once(&c).await;
 }
 
 #[tokio::test]

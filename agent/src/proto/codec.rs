@@ -8,6 +8,9 @@
 //! * Malformed, truncated or oversized input is a [`ProtoError`], never a panic.
 //! * [`FrameReader::scan_sync`] consumes input until (and including) [`SYNC_MAGIC`] using
 //!   O(1) memory; [`FrameReader::next`] also recognises a `SYNC_MAGIC` between frames.
+//! * A frame whose header arrived but whose payload has not is visible through
+//!   [`FrameReader::mid_frame`], so a peer whose header was corrupted into a longer length
+//!   (the reader then waits for bytes that never come) can be told from a slow one.
 use bincode::Options;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
@@ -131,6 +134,48 @@ pub enum Incoming {
 /// lose input. Callers poll them to completion (or drop the reader).
 pub struct FrameReader<R> {
     inner: BufReader<R>,
+    mid_frame: std::sync::Arc<MidFrame>,
+}
+
+/// Since when a [`FrameReader`] has been waiting for the rest of a frame (shared with
+/// whoever watches the connection while the reader is blocked in [`FrameReader::next`]).
+#[derive(Debug)]
+pub struct MidFrame {
+    base: std::time::Instant,
+    /// Milliseconds after `base` + 1 when the current frame's header arrived; 0 between
+    /// frames (and while the whole frame was already buffered).
+    since: std::sync::atomic::AtomicU64,
+}
+
+impl MidFrame {
+    fn new() -> Self {
+        MidFrame {
+            base: std::time::Instant::now(),
+            since: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn start(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.since
+            .store(ms.saturating_add(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.since.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long the reader has been inside one frame waiting for the rest of it, if it is.
+    pub fn stalled_for(&self) -> Option<std::time::Duration> {
+        match self.since.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            n => Some(
+                self.base
+                    .elapsed()
+                    .saturating_sub(std::time::Duration::from_millis(n - 1)),
+            ),
+        }
+    }
 }
 
 /// First four bytes of the magic as a little-endian length; always > `MAX_FRAME_LEN`.
@@ -142,7 +187,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
         FrameReader {
             inner: BufReader::with_capacity(64 * 1024, inner),
+            mid_frame: std::sync::Arc::new(MidFrame::new()),
         }
+    }
+
+    /// See [`MidFrame`].
+    pub fn mid_frame(&self) -> std::sync::Arc<MidFrame> {
+        self.mid_frame.clone()
     }
 
     /// The underlying reader (buffered input is lost).
@@ -199,8 +250,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if len > MAX_FRAME_LEN {
             return Err(ProtoError::TooLarge(u64::from(len)));
         }
-        let mut payload = vec![0u8; len as usize];
-        self.read_exact_or_eof(&mut payload, false).await?;
+        let len = usize::try_from(len).map_err(|_| ProtoError::TooLarge(u64::from(len)))?;
+        let mut payload = vec![0u8; len];
+        // Marked only when the reader will wait: a frame already buffered cannot stall.
+        let waits = self.inner.buffer().len() < len;
+        if waits {
+            self.mid_frame.start();
+        }
+        let res = self.read_exact_or_eof(&mut payload, false).await;
+        if waits {
+            self.mid_frame.end();
+        }
+        res?;
         Ok(Incoming::Frame(decode_message(&payload)?))
     }
 

@@ -381,6 +381,39 @@ pub enum FsRequest {
 }
 
 impl FsRequest {
+    /// The request's kind, for logs and timings.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FsRequest::Lookup { .. } => "Lookup",
+            FsRequest::GetAttr { .. } => "GetAttr",
+            FsRequest::SetAttr { .. } => "SetAttr",
+            FsRequest::ReadLink { .. } => "ReadLink",
+            FsRequest::Mknod { .. } => "Mknod",
+            FsRequest::Mkdir { .. } => "Mkdir",
+            FsRequest::Symlink { .. } => "Symlink",
+            FsRequest::Link { .. } => "Link",
+            FsRequest::Unlink { .. } => "Unlink",
+            FsRequest::Rmdir { .. } => "Rmdir",
+            FsRequest::Rename { .. } => "Rename",
+            FsRequest::Open { .. } => "Open",
+            FsRequest::Create { .. } => "Create",
+            FsRequest::Read { .. } => "Read",
+            FsRequest::Write { .. } => "Write",
+            FsRequest::Release { .. } => "Release",
+            FsRequest::Fsync { .. } => "Fsync",
+            FsRequest::OpenDir { .. } => "OpenDir",
+            FsRequest::ReadDir { .. } => "ReadDir",
+            FsRequest::ReleaseDir { .. } => "ReleaseDir",
+            FsRequest::StatFs { .. } => "StatFs",
+            FsRequest::SetXattr { .. } => "SetXattr",
+            FsRequest::GetXattr { .. } => "GetXattr",
+            FsRequest::ListXattr { .. } => "ListXattr",
+            FsRequest::RemoveXattr { .. } => "RemoveXattr",
+            FsRequest::Fallocate { .. } => "Fallocate",
+            FsRequest::Lseek { .. } => "Lseek",
+        }
+    }
+
     /// True for requests that may be sent once more over a fresh connection when the
     /// first one died under them: they change nothing a user can see. At worst a lost
     /// answer to the first `Lookup`/`Open`/`OpenDir`/`ReadDir plus` leaves one reference
@@ -441,9 +474,12 @@ pub enum FsEvent {
         name: Vec<u8>,
         now: Option<NodeId>,
     },
-    /// A node's attributes changed; `data` also when its contents changed. `attr` is
-    /// what they are when the event was sent (`None`: the node could not be stat'ed), so
-    /// the host can keep attributes it already knows to be current.
+    /// A node changed: its contents when `data` (a write: its size and times changed
+    /// too, its xattrs did not), else its attributes or xattrs. The agent never folds an
+    /// attribute change into a data event, so the host may keep a node's xattr names
+    /// across data events. `attr` is what the attributes are when the event was sent
+    /// (`None`: the node could not be stat'ed), so the host can keep attributes it
+    /// already knows to be current.
     Node {
         node: NodeId,
         data: bool,

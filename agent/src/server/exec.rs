@@ -28,11 +28,6 @@
 //!   output is the master's, sent as `Stdout`; stdin bytes go to the master unchanged
 //!   (the guest's line discipline turns Ctrl-C into SIGINT, echoes, ...). The stream
 //!   ends when every holder of the terminal's slave side has closed it (`EIO`).
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
-)]
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -511,12 +506,17 @@ pub(crate) async fn start(
     } else {
         (None, None)
     };
+    #[allow(
+        clippy::cast_possible_wrap,
+        reason = "a pid is below the kernel's pid_max (at most 2^22)"
+    )]
+    let pgid = pid as i32;
     cmds.lock().insert(
         id,
         SessionCmd {
             credit: credit.clone(),
             stdin: stdin_tx,
-            pgid: pid as i32,
+            pgid,
             pty: master,
         },
     );
@@ -614,7 +614,7 @@ impl Pump {
                 READ_BUF
             } else {
                 let granted = self.credit.granted.load(Ordering::SeqCst);
-                granted.saturating_sub(sent).min(READ_BUF as u64) as usize
+                usize::try_from(granted.saturating_sub(sent)).map_or(READ_BUF, |n| n.min(READ_BUF))
             };
             let exited = status.is_some();
             let idle = async {
@@ -737,8 +737,10 @@ pub fn kill_descendants(sig: i32) {
         i += 1;
     }
     for pid in found.into_iter().skip(1) {
-        // SAFETY: kill(2) on a descendant pid; no memory involved.
-        unsafe { libc::kill(pid as i32, sig) };
+        if let Ok(pid) = i32::try_from(pid) {
+            // SAFETY: kill(2) on a descendant pid; no memory involved.
+            unsafe { libc::kill(pid, sig) };
+        }
     }
 }
 

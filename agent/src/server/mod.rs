@@ -14,12 +14,6 @@
 //!   block on a full pipe.
 //! * A mid-session `SYNC_MAGIC` + `Hello` with the session's nonce is re-acknowledged;
 //!   with another nonce it ends the session and starts a new one.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss,
-    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
-)]
 mod exec;
 mod fs;
 mod machine;
@@ -135,7 +129,7 @@ fn random_instance() -> u64 {
     let mut buf = [0u8; 8];
     // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), libc::GRND_NONBLOCK) };
-    if n == buf.len() as isize {
+    if usize::try_from(n) == Ok(buf.len()) {
         return u64::from_le_bytes(buf);
     }
     // Early boot without entropy yet: the process id, the clock and std's keyed hasher.
@@ -245,10 +239,20 @@ impl Agent {
                         .next()
                         .and_then(|t| t.parse::<f64>().ok())
                 })
-                .map(|secs| (secs * 1000.0) as u64)
+                // A float-to-int `as` saturates (and NaN gives 0): a bogus uptime is
+                // clamped, never undefined.
+                .map(|secs| {
+                    #[allow(
+                        clippy::cast_possible_truncation,
+                        clippy::cast_sign_loss,
+                        reason = "saturating float conversion is the intent"
+                    )]
+                    let ms = (secs * 1000.0) as u64;
+                    ms
+                })
                 .unwrap_or(0)
         } else {
-            self.started.elapsed().as_millis() as u64
+            u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
         };
         AgentInfo {
             version: PROTOCOL_VERSION,
@@ -519,7 +523,7 @@ impl Agent {
                     match nix::unistd::sethostname(&name) {
                         Ok(()) => Response::Ok,
                         Err(e) => Response::Error {
-                            errno: e as i32,
+                            errno: e as i32, // Errno is a #[repr(i32)] enum
                             message: format!("cannot set hostname to {name:?}: {}", e.desc()),
                         },
                     }
@@ -542,7 +546,7 @@ impl Agent {
                 });
                 Ok(())
             }
-            Request::Fs(req) if fs::runs_inline(&req) => out
+            Request::Fs(req) if fs::runs_inline(self, &req) => out
                 .send(reply(fs::answer(self, &req)))
                 .await
                 .map_err(|_| SessionEnd::Eof),

@@ -309,7 +309,11 @@ fn translate(
                     if !*data && attr.is_some() && known == *attr {
                         continue;
                     }
-                    inodes.changed(ino);
+                    if *data {
+                        inodes.data_changed(ino);
+                    } else {
+                        inodes.changed(ino);
+                    }
                     out.push(Action::Inode(ino, *data));
                 }
             }
@@ -352,10 +356,19 @@ mod tests {
         assert!(r.echoes(5, b"config.lock", Some(id)));
     }
     use crate::guestfs::inodes::EntryFacts;
-    use bandsox_agent::proto::fs::{FileHandle, NodeRef, ROOT_ID};
+    use bandsox_agent::proto::fs::{FileHandle, NodeRef, XattrNames, ROOT_ID};
 
-    #[test]
-    fn events_become_invalidations_except_echoes_of_host_changes() {
+    /// A VM's numbers with one coherent regular file (guest inode 5) the kernel holds.
+    struct OneFile {
+        src: Source,
+        v: VmNumbers,
+        t: Inodes,
+        f_id: NodeId,
+        f: u64,
+        _dir: tempfile::TempDir,
+    }
+
+    fn one_file(xattrs: Option<XattrNames>) -> OneFile {
         let dir = tempfile::tempdir().unwrap();
         let inc = Incarnation {
             vm_id: Arc::from("v"),
@@ -366,10 +379,11 @@ mod tests {
             boot: 9,
         };
         let mut v = VmNumbers::new(2, dir.path().to_path_buf());
-        v.root = Some((1, 99));
         let mut t = Inodes::new();
-        let disk = (254u64 << 8) | 1;
-        let f_id = NodeId { dev: disk, ino: 5 };
+        let f_id = NodeId {
+            dev: (254u64 << 8) | 1,
+            ino: 5,
+        };
         let f = t.number(&mut v, 9, f_id).unwrap();
         t.intern(
             f,
@@ -384,9 +398,31 @@ mod tests {
                 coherent: true,
                 counted: false,
                 watched: false,
-                xattrs: None,
+                xattrs,
             },
         );
+        OneFile {
+            src,
+            v,
+            t,
+            f_id,
+            f,
+            _dir: dir,
+        }
+    }
+
+    #[test]
+    fn events_become_invalidations_except_echoes_of_host_changes() {
+        let OneFile {
+            src,
+            mut v,
+            mut t,
+            f_id,
+            f,
+            _dir,
+        } = one_file(None);
+        v.root = Some((1, 99));
+        let disk = f_id.dev;
         let known = Known {
             recent: Arc::new(Recent::default()),
         };
@@ -468,5 +504,32 @@ mod tests {
         );
         let acts = translate(&[FsEvent::Overflow], &src, &v, &mut t, &known);
         assert_eq!(acts.len(), 2);
+    }
+
+    #[test]
+    fn xattr_names_survive_data_events_not_attribute_events() {
+        let names = XattrNames(b"user.a\0".to_vec());
+        let OneFile {
+            src,
+            v,
+            mut t,
+            f_id,
+            f,
+            _dir,
+        } = one_file(Some(names.clone()));
+        let known = Known {
+            recent: Arc::new(Recent::default()),
+        };
+        let node = |data| FsEvent::Node {
+            node: f_id,
+            data,
+            attr: None,
+        };
+        let acts = translate(&[node(true)], &src, &v, &mut t, &known);
+        assert_eq!(acts, vec![Action::Inode(f, true)]);
+        assert_eq!(t.get(f).and_then(|i| i.xattrs.clone()), Some(names));
+        assert_eq!(t.get(f).and_then(|i| i.attr), None);
+        translate(&[node(false)], &src, &v, &mut t, &known);
+        assert_eq!(t.get(f).and_then(|i| i.xattrs.clone()), None);
     }
 }

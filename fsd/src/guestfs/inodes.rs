@@ -31,11 +31,6 @@
 //!   boot generation, known here only as the alias of the agent's root.
 //! - Handles map a host `fh` to `(VM id, generation, agent handle)`; an agent handle is
 //!   only ever used with the VM incarnation that issued it.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
-)]
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -96,7 +91,7 @@ impl DeviceTable {
             .ok()
             .and_then(|b| serde_json::from_slice::<DeviceTable>(&b).ok())
             .map(|mut t| {
-                t.devices.truncate(OVERFLOW_DEV as usize);
+                t.devices.truncate(usize::from(OVERFLOW_DEV));
                 t
             })
             .unwrap_or_default()
@@ -117,7 +112,7 @@ impl DeviceTable {
         self.devices
             .iter()
             .position(|d| d.as_ref() == Some(key))
-            .map(|i| i as u8)
+            .and_then(|i| u8::try_from(i).ok())
     }
 
     /// The index of `key`, adding it (and saving the table in `dir`) when new. A full
@@ -135,7 +130,7 @@ impl DeviceTable {
         let free = self.devices.iter().position(Option::is_none);
         let slot = match free {
             Some(i) => i,
-            None if self.devices.len() < OVERFLOW_DEV as usize => {
+            None if self.devices.len() < usize::from(OVERFLOW_DEV) => {
                 self.devices.push(None);
                 self.devices.len() - 1
             }
@@ -144,12 +139,14 @@ impl DeviceTable {
                     .is_some_and(|d| d.boot.is_some() && d.boot != key.boot)
             })?,
         };
-        if in_use(slot as u8) && self.devices[slot].is_some() {
+        // The table never grows past OVERFLOW_DEV entries (load truncates, push checks).
+        let index = u8::try_from(slot).ok()?;
+        if in_use(index) && self.devices[slot].is_some() {
             return None;
         }
         self.devices[slot] = Some(key.clone());
         self.save(dir);
-        Some(slot as u8)
+        Some(index)
     }
 }
 
@@ -162,10 +159,15 @@ pub fn compose(slot: u16, dev: u8, ino: u64) -> u64 {
 }
 
 /// The VM slot and device index of a host number.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "masked to MAX_SLOTS - 1 (< 2^16) first"
+)]
 pub fn slot_of(ino: u64) -> u16 {
     ((ino >> SLOT_SHIFT) & u64::from(MAX_SLOTS - 1)) as u16
 }
 
+#[allow(clippy::cast_possible_truncation, reason = "masked to 8 bits first")]
 fn dev_index_of(ino: u64) -> u8 {
     ((ino >> DEV_SHIFT) & 0xff) as u8
 }
@@ -206,8 +208,9 @@ pub struct InodeInfo {
     pub coherent: bool,
     /// A directory the agent watches: entries in it are coherent.
     pub watched: bool,
-    /// Its xattr names, while known to be current (coherent entries only; a change
-    /// event or the host's own xattr change forgets them).
+    /// Its xattr names, while known to be current (coherent entries only; an
+    /// attribute change event or the host's own xattr change forgets them, a data
+    /// change event does not: see `FsEvent::Node`).
     pub xattrs: Option<XattrNames>,
     /// The attributes the last answer about it gave (what the kernel was told).
     pub attr: Option<Attr>,
@@ -379,6 +382,13 @@ impl Inodes {
         }
     }
 
+    /// The contents of `ino` changed (and so its size and times, not its xattr names).
+    pub fn data_changed(&mut self, ino: u64) {
+        if let Some(info) = self.by_ino.get_mut(&ino) {
+            info.attr = None;
+        }
+    }
+
     /// The xattr names of `ino` may have changed.
     pub fn forget_xattrs(&mut self, ino: u64) {
         if let Some(info) = self.by_ino.get_mut(&ino) {
@@ -487,7 +497,7 @@ mod tests {
         let disk = makedev(254, 0);
         let a = t.number(&mut v, 1, NodeId { dev: disk, ino: 12 }).unwrap();
         assert_eq!(a, compose(3, 0, 12));
-        assert!(a & FS_INO_BASE != 0 && (a as i64) > 0);
+        assert!(a & FS_INO_BASE != 0 && i64::try_from(a).is_ok_and(|a| a > 0));
         assert_eq!(slot_of(a), 3);
         // Same again, and the disk keeps its index on another boot and after a reload.
         assert_eq!(t.number(&mut v, 1, NodeId { dev: disk, ino: 12 }), Some(a));

@@ -25,10 +25,6 @@
 //!   ([`events`]); the host's own changes are remembered so that their events do not
 //!   throw away what the kernel already knows. Other entries live [`TTL_UNWATCHED`] and
 //!   their pages are dropped at every open.
-#![allow(
-    clippy::cast_possible_truncation,
-    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
-)]
 pub mod events;
 pub mod inodes;
 pub mod interrupt;
@@ -193,6 +189,38 @@ fn response_name(r: &FsResponse) -> &'static str {
         FsResponse::StatFs(_) => "StatFs",
         FsResponse::XattrSize(_) => "XattrSize",
         FsResponse::Offset(_) => "Offset",
+    }
+}
+
+/// Where the time of one guest request goes, logged at debug level (target
+/// `bandsox::fs_timing`): from the call to the answer's arrival on the connection's
+/// reader (`wait_us`: writing the request, the agent's work, both transfers and the
+/// reader's wake-up) and from there to the kernel's reply being written (`reply_us`).
+/// Costs nothing but a level check when debug logging is off.
+struct Timing(Option<(&'static str, std::time::Instant)>);
+
+impl Timing {
+    fn start(op: &'static str) -> Timing {
+        Timing(
+            tracing::enabled!(target: "bandsox::fs_timing", tracing::Level::DEBUG)
+                .then(|| (op, std::time::Instant::now())),
+        )
+    }
+
+    fn answered(&self) -> Option<std::time::Instant> {
+        self.0.map(|_| std::time::Instant::now())
+    }
+
+    fn replied(&self, answered: Option<std::time::Instant>) {
+        if let (Some((op, t0)), Some(t1)) = (self.0, answered) {
+            tracing::debug!(
+                target: "bandsox::fs_timing",
+                op,
+                wait_us = u64::try_from(t1.duration_since(t0).as_micros()).unwrap_or(u64::MAX),
+                reply_us = u64::try_from(t1.elapsed().as_micros()).unwrap_or(u64::MAX),
+                "guest fs request"
+            );
+        }
     }
 }
 
@@ -537,12 +565,17 @@ impl GuestFs {
         let g = self.clone();
         // The answer and an interrupt of the caller race for `done` (see `interrupt`).
         let pending = interrupt::Pending::new(&self.watcher, done);
+        let timing = Timing::start(req.name());
         client.fs_then(
             req,
             deadline,
             Box::new(move |res| match (res, retry) {
                 (Ok(resp), _) => match pending.take() {
-                    Some(done) => done(finish(&g, &r, resp)),
+                    Some(done) => {
+                        let answered = timing.answered();
+                        done(finish(&g, &r, resp));
+                        timing.replied(answered);
+                    }
                     None => g.give_back(&r, resp, dir),
                 },
                 (Err(ClientError::Closed), Some(req)) => {
@@ -1094,7 +1127,7 @@ impl GuestFs {
     where
         D: FnOnce(Result<Vec<u8>>) + Send + 'static,
     {
-        let size = size.min(MAX_CHUNK as u32);
+        let size = size.min(u32::try_from(MAX_CHUNK).unwrap_or(u32::MAX));
         self.op(
             t,
             move |g, r| {
@@ -1436,7 +1469,8 @@ impl GuestFs {
         D: FnOnce(Result<XattrReply>) + Send + 'static,
     {
         if let Some(names) = self.cached_xattrs(&t) {
-            let len = names.0.len() as u32;
+            // Cached names were checked against MAX_XATTR when they arrived.
+            let len = u32::try_from(names.0.len()).unwrap_or(u32::MAX);
             return done(match size {
                 0 => Ok(XattrReply::Size(len)),
                 s if s < len => Err(Error::new(libc::ERANGE, "xattr list too large")),

@@ -87,7 +87,9 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub(super) struct HandleTable {
-    map: Mutex<HashMap<HandleId, Arc<Handle>>>,
+    /// Each handle, and whether it is an open regular file (whose small writes are
+    /// answered inline: they never block on a pipe or device).
+    map: Mutex<HashMap<HandleId, (Arc<Handle>, bool)>>,
     next: AtomicU64,
 }
 
@@ -100,17 +102,36 @@ impl HandleTable {
     }
 
     pub fn insert(&self, h: Handle) -> Result<HandleId, Errno> {
+        self.insert_as(h, false)
+    }
+
+    /// Insert an open file; `regular` says it is a regular file (not a FIFO or device).
+    pub fn insert_file(&self, file: File, regular: bool) -> Result<HandleId, Errno> {
+        self.insert_as(Handle::File(file), regular)
+    }
+
+    fn insert_as(&self, h: Handle, regular: bool) -> Result<HandleId, Errno> {
         let mut map = lock(&self.map);
         if map.len() >= MAX_HANDLES {
             return Err(Errno::EMFILE);
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        map.insert(id, Arc::new(h));
+        map.insert(id, (Arc::new(h), regular));
         Ok(id)
     }
 
     pub fn get(&self, id: HandleId) -> Result<Arc<Handle>, Errno> {
-        lock(&self.map).get(&id).cloned().ok_or(Errno::EBADF)
+        lock(&self.map)
+            .get(&id)
+            .map(|(h, _)| h.clone())
+            .ok_or(Errno::EBADF)
+    }
+
+    /// Is `id` an open regular file? (Unknown ids are not.)
+    pub fn is_regular(&self, id: HandleId) -> bool {
+        lock(&self.map)
+            .get(&id)
+            .is_some_and(|&(_, regular)| regular)
     }
 
     /// Close the handle (once no request in flight still uses it).

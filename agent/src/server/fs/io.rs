@@ -45,7 +45,8 @@ impl FsCore {
                 | tmpfile))
             | libc::O_NOCTTY;
         let fd = self.proc.reopen(n.fd(), flags)?;
-        self.handles.insert(Handle::File(std::fs::File::from(fd)))
+        self.handles
+            .insert_file(std::fs::File::from(fd), n.kind == libc::S_IFREG)
     }
 
     pub(super) fn opendir(&self, node: &NodeRef) -> Result<HandleId, Errno> {

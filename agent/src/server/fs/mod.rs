@@ -340,22 +340,68 @@ fn describe(req: &FsRequest) -> String {
     }
 }
 
-/// Is `req` answered on the session task itself? Metadata operations on one inode or
-/// name, which never wait for data I/O, run inline: handing them to another thread would
-/// cost more than the syscalls. Data transfers, listings, fsync and truncation run on the
-/// blocking pool so that a slow disk never stalls the session.
-pub(crate) fn runs_inline(req: &FsRequest) -> bool {
-    use FsRequest as R;
-    match req {
-        R::SetAttr { set, .. } => set.size.is_none(),
-        R::Open { flags, .. } | R::Create { flags, .. } => flags & libc::O_TRUNC == 0,
-        R::Read { .. }
-        | R::Write { .. }
-        | R::Fsync { .. }
-        | R::ReadDir { .. }
-        | R::Fallocate { .. } => false,
-        _ => true,
+/// Writes of at most this many bytes to a regular file are answered inline.
+const INLINE_WRITE_MAX: usize = 128 * 1024;
+
+/// Truncating a file of at most this size is cheap enough to run inline (an `O_TRUNC`
+/// open of a small or missing file, as shells' `>` and `cp` do).
+const INLINE_TRUNCATE_MAX: i64 = 1 << 20;
+
+impl FsCore {
+    /// Is `req` answered on the session task itself? Metadata operations on one inode or
+    /// name, which never wait for data I/O, run inline: handing them to another thread
+    /// costs more than the syscalls (on a one-vCPU emulated guest, milliseconds of thread
+    /// switches). So do small writes to regular files (page-cache copies) and `O_TRUNC`
+    /// opens of small or missing files. Reads, larger writes, writes to FIFOs and
+    /// devices, listings, fsync and large truncations run on the blocking pool so that
+    /// a slow disk or a blocked pipe never stalls the session.
+    fn runs_inline(&self, req: &FsRequest) -> bool {
+        use FsRequest as R;
+        match req {
+            R::SetAttr { set, .. } => set.size.is_none(),
+            R::Open { flags, .. } | R::Create { flags, .. } if flags & libc::O_TRUNC == 0 => true,
+            R::Open { .. } | R::Create { .. } => self.truncation_is_cheap(req),
+            R::Write { handle, data, .. } => {
+                data.len() <= INLINE_WRITE_MAX && self.handles.is_regular(*handle)
+            }
+            R::Read { .. } | R::Fsync { .. } | R::ReadDir { .. } | R::Fallocate { .. } => false,
+            _ => true,
+        }
     }
+
+    /// Would the `O_TRUNC` open or create `req` free at most [`INLINE_TRUNCATE_MAX`]
+    /// bytes? One `fstat` decides; anything unclear goes to the pool.
+    fn truncation_is_cheap(&self, req: &FsRequest) -> bool {
+        let st = match req {
+            FsRequest::Open { node, .. } => self.nodes.get(node).and_then(|n| sys::stat_fd(n.fd())),
+            FsRequest::Create { parent, name, .. } => {
+                let Ok(p) = self.nodes.get(parent) else {
+                    return false;
+                };
+                let Ok(name) = ops::check_name(name) else {
+                    return true;
+                };
+                match sys::stat_at(p.fd(), &name) {
+                    Err(Errno::ENOENT) => return true,
+                    other => other,
+                }
+            }
+            _ => return false,
+        };
+        st.is_ok_and(|st| {
+            st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size <= INLINE_TRUNCATE_MAX
+        })
+    }
+}
+
+/// Is `req` answered on the session task itself? (See [`FsCore::runs_inline`]; a
+/// service that failed to start answers everything at once.)
+pub(crate) fn runs_inline(agent: &Agent, req: &FsRequest) -> bool {
+    agent
+        .fs
+        .core
+        .as_ref()
+        .map_or(true, |core| core.runs_inline(req))
 }
 
 /// Run one file request and make its answer.
@@ -368,7 +414,18 @@ pub(crate) fn answer(agent: &Agent, req: &FsRequest) -> Response {
         // A panic answers EIO instead of ending the session (the service stays
         // consistent, see `FsService`'s unwind-safety note).
         Ok(core) => {
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.handle(req))) {
+            let t0 = tracing::enabled!(target: "bandsox_agent::fs_timing", tracing::Level::DEBUG)
+                .then(std::time::Instant::now);
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.handle(req)));
+            if let Some(t0) = t0 {
+                tracing::debug!(
+                    target: "bandsox_agent::fs_timing",
+                    op = req.name(),
+                    us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    "file request handled"
+                );
+            }
+            match res {
                 Ok(Ok(r)) => Response::Fs(r),
                 Ok(Err(errno)) => Response::Error {
                     errno: errno as i32,
@@ -386,21 +443,14 @@ pub(crate) fn answer(agent: &Agent, req: &FsRequest) -> Response {
     }
 }
 
-/// Run one file request on the blocking pool; the answer goes to `out`.
+/// Run one file request on the blocking pool; the answer goes to `out` from the pool
+/// thread itself (no async task in between: one thread switch fewer per request).
 pub(crate) fn spawn_request(agent: &Arc<Agent>, id: Id, req: FsRequest, out: OutTx) {
     let agent = agent.clone();
-    tokio::spawn(async move {
-        let resp = match tokio::task::spawn_blocking(move || answer(&agent, &req)).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("file request failed: {e}");
-                Response::Error {
-                    errno: libc::EIO,
-                    message: format!("file request failed: {e}"),
-                }
-            }
-        };
-        let _ = out.send(Out::Msg(Message::Response { id, resp })).await;
+    tokio::task::spawn_blocking(move || {
+        let resp = answer(&agent, &req);
+        // The session may have ended meanwhile: its answer has nowhere to go.
+        let _ = out.blocking_send(Out::Msg(Message::Response { id, resp }));
     });
 }
 
@@ -410,5 +460,58 @@ pub(crate) fn forget(agent: &Arc<Agent>, nodes: &[(NodeId, u64)]) {
         for &(node, count) in nodes {
             core.nodes.forget(node, count);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::fs::{Owner, ROOT_NODE};
+
+    fn create(name: &str, flags: i32) -> FsRequest {
+        FsRequest::Create {
+            parent: ROOT_NODE,
+            name: name.as_bytes().to_vec(),
+            mode: 0o644,
+            flags,
+            owner: Owner { uid: 0, gid: 0 },
+        }
+    }
+
+    #[test]
+    fn what_runs_inline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = FsCore::new(dir.path(), 16).expect("core");
+        let trunc = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC;
+        // A missing or small file's O_TRUNC create is cheap; a large one's is not.
+        assert!(core.runs_inline(&create("new", trunc)));
+        std::fs::write(dir.path().join("small"), b"x").expect("write");
+        assert!(core.runs_inline(&create("small", trunc)));
+        let big = std::fs::File::create(dir.path().join("big")).expect("create");
+        big.set_len(2 << 20).expect("set_len");
+        assert!(!core.runs_inline(&create("big", trunc)));
+        // A FIFO is never truncated or written inline (opening it may block).
+        nix::unistd::mkfifo(
+            &dir.path().join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .expect("mkfifo");
+        assert!(!core.runs_inline(&create("fifo", trunc)));
+        // Small writes to an open regular file are inline; large ones and unknown
+        // handles are not.
+        let FsResponse::Created { handle, .. } = core
+            .handle(&create("w", libc::O_WRONLY | libc::O_CREAT))
+            .expect("create w")
+        else {
+            panic!("not Created")
+        };
+        let write = |len: usize, handle| FsRequest::Write {
+            handle,
+            offset: 0,
+            data: vec![0; len],
+        };
+        assert!(core.runs_inline(&write(4096, handle)));
+        assert!(!core.runs_inline(&write(INLINE_WRITE_MAX + 1, handle)));
+        assert!(!core.runs_inline(&write(1, handle + 1000)));
     }
 }

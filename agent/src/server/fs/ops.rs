@@ -13,12 +13,6 @@
 //! * New nodes are chowned to the request's [`Owner`] when it differs from the agent's
 //!   euid/egid (the gid is left alone in a setgid directory, like the kernel does); a
 //!   failure is logged and ignored. Set-id bits the chown cleared are restored.
-#![allow(
-    clippy::cast_lossless,
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
-)]
 use std::ffi::CStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -173,7 +167,7 @@ impl FsCore {
                     }
                     libc::timespec {
                         tv_sec: t.sec,
-                        tv_nsec: t.nsec as i64,
+                        tv_nsec: i64::from(t.nsec),
                     }
                 }
             })
@@ -292,7 +286,7 @@ impl FsCore {
         if target.is_empty() {
             return Err(Errno::ENOENT);
         }
-        if target.len() >= libc::PATH_MAX as usize {
+        if target.len() >= usize::try_from(libc::PATH_MAX).unwrap_or(4096) {
             return Err(Errno::ENAMETOOLONG);
         }
         let target = sys::cstring(target)?;
@@ -411,8 +405,11 @@ impl FsCore {
             self.chown_new(&p, node_fd.as_fd(), owner, libc::S_IFREG, perm);
         }
         let entry = self.register_entry(&p, node_fd)?;
-        let handle = Handle::File(std::fs::File::from(file_fd));
-        match self.handles.insert(handle) {
+        let regular = entry.attr.mode & libc::S_IFMT == libc::S_IFREG;
+        match self
+            .handles
+            .insert_file(std::fs::File::from(file_fd), regular)
+        {
             Ok(h) => Ok((entry, h)),
             Err(e) => {
                 if entry.counted {
@@ -432,9 +429,14 @@ impl FsCore {
             bavail: st.f_bavail,
             files: st.f_files,
             ffree: st.f_ffree,
-            bsize: st.f_bsize.clamp(0, u32::MAX as i64) as u32,
-            namelen: st.f_namelen.clamp(0, u32::MAX as i64) as u32,
-            frsize: st.f_frsize.clamp(0, u32::MAX as i64) as u32,
+            bsize: clamp_u32(st.f_bsize),
+            namelen: clamp_u32(st.f_namelen),
+            frsize: clamp_u32(st.f_frsize),
         })
     }
+}
+
+/// A statfs size field clamped into a `u32` (negative: 0).
+fn clamp_u32(v: i64) -> u32 {
+    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
 }

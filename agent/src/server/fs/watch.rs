@@ -227,12 +227,13 @@ fn classify(wd: i32, mask: EventMask, name: Option<&OsStr>) -> Option<Raw> {
     }
 }
 
-/// Translated events, de-duplicated (a node's `data` change subsumes its attr change).
+/// Translated events, de-duplicated. A node's data change and its attribute change stay
+/// two events (see `FsEvent::Node`: a data event promises unchanged xattrs).
 #[derive(Default)]
 struct EventSet {
     events: Vec<FsEvent>,
     entries: HashSet<(NodeId, Vec<u8>)>,
-    nodes: HashMap<NodeId, usize>,
+    nodes: HashMap<(NodeId, bool), usize>,
     overflow: bool,
 }
 
@@ -243,18 +244,14 @@ impl EventSet {
         }
     }
     fn node(&mut self, node: NodeId, data: bool, attr: Option<Attr>) {
-        match self.nodes.get(&node) {
+        match self.nodes.get(&(node, data)) {
             Some(&i) => {
-                if let Some(FsEvent::Node {
-                    data: d, attr: a, ..
-                }) = self.events.get_mut(i)
-                {
-                    *d |= data;
+                if let Some(FsEvent::Node { attr: a, .. }) = self.events.get_mut(i) {
                     *a = attr;
                 }
             }
             None => {
-                self.nodes.insert(node, self.events.len());
+                self.nodes.insert((node, data), self.events.len());
                 self.events.push(FsEvent::Node { node, data, attr });
             }
         }
@@ -661,11 +658,19 @@ mod tests {
         let mut s = EventSet::default();
         s.node(id(5), false, None);
         s.node(id(5), true, None);
+        s.node(id(5), false, None);
+        s.node(id(5), true, None);
         s.entry(id(1), b"x".to_vec(), None);
         s.entry(id(1), b"x".to_vec(), Some(id(3)));
         assert_eq!(
             s.finish(),
             vec![
+                // An attribute change and a data change of one node stay apart.
+                FsEvent::Node {
+                    node: id(5),
+                    data: false,
+                    attr: None,
+                },
                 FsEvent::Node {
                     node: id(5),
                     data: true,
