@@ -15,11 +15,10 @@ use std::sync::Arc;
 use fuser::{Config, MountOption, SessionACL};
 use tracing_subscriber::EnvFilter;
 
-use crate::fuse::files::Files;
-use crate::fuse::tree::Tree;
 use crate::fuse::BandsoxFs;
 use crate::guestfs::GuestFs;
 use crate::manager::Manager;
+use crate::vfs::Vfs;
 
 pub struct MountOptions {
     pub mountpoint: PathBuf,
@@ -178,9 +177,9 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     std::fs::create_dir_all(&mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     let mut watchdog = crate::watchdog::spawn();
 
-    let files = Arc::new(Files::new(Tree::new(mgr.clone())));
+    let vfs = Arc::new(Vfs::new(mgr.clone()));
     let guest = GuestFs::new(mgr.clone(), rt.handle().clone());
-    let fs = BandsoxFs::new(files.clone(), guest.clone(), rt.handle().clone());
+    let fs = BandsoxFs::new(vfs.clone(), guest.clone(), rt.handle().clone());
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("bandsox".into()),
@@ -247,7 +246,7 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     }
     {
         let _rt = rt.enter();
-        crate::fuse::invalidate_vm_entries(files, session.notifier());
+        crate::fuse::invalidate_vm_entries(vfs, session.notifier());
     }
 
     let mp = mountpoint.clone();

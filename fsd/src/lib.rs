@@ -1,8 +1,12 @@
-//! BandSox-FS daemon library: FUSE layer, VM manager, VMM backends.
+//! BandSox-FS daemon library: FUSE adapter, filesystem core, VM manager, VMM backends.
 //!
-//! Layers, top to bottom: `fuse` (thin kernel adapter: `tree` namespace, `files` open
-//! files) → `manager` (VMs, runs, lifecycle) → `vmm` (backends) and the agent client
-//! from `bandsox_agent::client`. `error` is the one error type, with explicit errnos.
+//! Layers, top to bottom: `fuse` (thin kernel adapter: converts and replies, no policy)
+//! → `vfs` (the control tree's fuser-free core: `tree` namespace, `files` open files,
+//! `policy` access rules) and `guestfs` (a VM's `fs/`) → `manager` (VMs, runs,
+//! lifecycle), `snapshots` (format, manager, per-backend save/restore) → `vmm`
+//! (backends), `bootfiles` (kernel, initramfs, base image) and the agent client from
+//! `bandsox_agent::client`.
+//! `error` is the one error type, with explicit errnos. See docs/architecture.md.
 pub mod backends;
 pub mod bootfiles;
 pub mod cgroup;
@@ -27,6 +31,6 @@ pub mod manager;
 pub mod names;
 pub mod net;
 pub mod snapshots;
-
+pub mod vfs;
 pub mod vmm;
 pub mod watchdog;

@@ -1,14 +1,9 @@
 //! Translation of kernel requests under a VM's `fs/` into [`GuestFs`] calls.
 //!
-//! Invariants: only conversions live here (fuser types ↔ protocol types); every call
+//! Invariants: only conversions live here (fuser types ↔ the proxy's types); every call
 //! that may wait on a guest runs in a tokio task that owns the reply, so FUSE threads
-//! never block on the network; `forget`, `flush` and `release` answer at once.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss,
-    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
-)]
+//! never block on the network; `forget`, `flush` and `release` answer at once. Every
+//! answer goes through [`Op::reply`], which logs the errnos.
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -16,12 +11,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bandsox_agent::proto::fs::{fuse_dirent_size, Attr, Owner, SetAttrs, SetTime, Timespec};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, ReplyAttr, ReplyCreate,
+    FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, ReplyAttr, ReplyCreate,
     ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
 };
 
-use super::{errno, BandsoxFs};
+use super::reply::Op;
+use super::{BandsoxFs, Listing};
 use crate::error::Error;
 use crate::guestfs::{DirItem, GuestFs, Looked, Opened, Target, XattrReply};
 
@@ -43,7 +39,7 @@ fn system_time(t: Timespec) -> SystemTime {
     let nsec = Duration::from_nanos(u64::from(t.nsec.min(999_999_999)));
     let res = if t.sec >= 0 {
         UNIX_EPOCH
-            .checked_add(Duration::from_secs(t.sec as u64))
+            .checked_add(Duration::from_secs(t.sec.unsigned_abs()))
             .and_then(|x| x.checked_add(nsec))
     } else {
         UNIX_EPOCH
@@ -54,21 +50,42 @@ fn system_time(t: Timespec) -> SystemTime {
 }
 
 fn timespec(t: SystemTime) -> Timespec {
+    // Seconds past `i64::MAX` (292 billion years) clamp.
+    let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => Timespec {
-            sec: d.as_secs() as i64,
+            sec: secs(d),
             nsec: d.subsec_nanos(),
         },
         Err(e) => {
             let d = e.duration();
             // Before the epoch: floor seconds, non-negative nanoseconds.
             let (sec, nsec) = if d.subsec_nanos() == 0 {
-                (-(d.as_secs() as i64), 0)
+                (-secs(d), 0)
             } else {
-                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+                (-secs(d) - 1, 1_000_000_000 - d.subsec_nanos())
             };
             Timespec { sec, nsec }
         }
+    }
+}
+
+/// The changes a `setattr` asks of a guest file (`mode` keeps only permission bits).
+pub(super) fn set_attrs(
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+) -> SetAttrs {
+    SetAttrs {
+        mode: mode.map(|m| m & 0o7777),
+        uid,
+        gid,
+        size,
+        atime: set_time(atime),
+        mtime: set_time(mtime),
     }
 }
 
@@ -89,11 +106,12 @@ pub fn file_attr(ino: u64, a: &Attr) -> FileAttr {
         ctime: system_time(a.ctime),
         crtime: system_time(a.ctime),
         kind: file_type(a.mode),
-        perm: (a.mode & 0o7777) as u16,
+        perm: u16::try_from(a.mode & 0o7777).unwrap_or(0),
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: a.rdev as u32,
+        // fuser carries 32 bits: the low half, as the kernel's `new_encode_dev` keeps.
+        rdev: u32::try_from(a.rdev & u64::from(u32::MAX)).unwrap_or(0),
         blksize: a.blksize,
         flags: 0,
     }
@@ -114,26 +132,67 @@ fn owner(req: &Request) -> Owner {
     }
 }
 
-fn reply_entry(reply: ReplyEntry, res: Result<Looked, Error>) {
-    match res {
-        Ok(l) => reply.entry(&l.ttl, &file_attr(l.ino, &l.attr), Generation(l.generation)),
-        Err(e) => reply.error(errno(&e)),
+fn looked(reply: ReplyEntry, l: Looked) {
+    reply.entry(&l.ttl, &file_attr(l.ino, &l.attr), Generation(l.generation));
+}
+
+fn done(reply: ReplyEmpty, (): ()) {
+    reply.ok();
+}
+
+fn xattr(reply: ReplyXattr, x: XattrReply) {
+    match x {
+        XattrReply::Size(n) => reply.size(n),
+        XattrReply::Data(d) => reply.data(&d),
     }
 }
 
-fn reply_empty(reply: ReplyEmpty, res: Result<(), Error>) {
-    match res {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(&e)),
-    }
+/// Add a guest entry to a `readdir` reply; true when it is full.
+pub(super) fn add_entry(r: &mut ReplyDirectory, it: &DirItem) -> bool {
+    let name = OsStr::from_bytes(&it.name);
+    r.add(INodeNo(it.ino), it.next_offset, file_type(it.kind), name)
 }
 
-fn reply_xattr(reply: ReplyXattr, res: Result<XattrReply, Error>) {
-    match res {
-        Ok(XattrReply::Size(n)) => reply.size(n),
-        Ok(XattrReply::Data(d)) => reply.data(&d),
-        Err(e) => reply.error(errno(&e)),
+/// Add a guest entry to a `readdirplus` reply; true when it is full.
+pub(super) fn add_entry_plus(r: &mut ReplyDirectoryPlus, it: &DirItem) -> bool {
+    let (ttl, attr, generation) = match &it.looked {
+        Some(l) => (l.ttl, file_attr(l.ino, &l.attr), l.generation),
+        None => {
+            let mut a = file_attr(it.ino, &Attr::default());
+            a.kind = file_type(it.kind);
+            (Duration::ZERO, a, 0)
+        }
+    };
+    let name = OsStr::from_bytes(&it.name);
+    r.add(
+        attr.ino,
+        it.next_offset,
+        name,
+        &ttl,
+        &attr,
+        Generation(generation),
+    )
+}
+
+/// Put `items` into a listing reply with `add` until it says the reply is full; tell
+/// the proxy how much the kernel took. Returns the items the kernel did not receive.
+fn fill(
+    g: &GuestFs,
+    items: Vec<DirItem>,
+    plus: bool,
+    mut add: impl FnMut(&DirItem) -> bool,
+) -> Vec<DirItem> {
+    let mut used = 0;
+    let mut items = items.into_iter();
+    for it in items.by_ref() {
+        let size = fuse_dirent_size(it.name.len(), plus);
+        if add(&it) {
+            g.readdir_filled(used, size);
+            return std::iter::once(it).chain(items).collect();
+        }
+        used += size;
     }
+    Vec::new()
 }
 
 /// Remember the caller of the request being dispatched on this thread: requests sent
@@ -147,68 +206,50 @@ impl BandsoxFs {
         self.guest.clone()
     }
 
-    pub(super) fn g_lookup(&self, parent: Target, name: &OsStr, reply: ReplyEntry) {
+    pub(super) fn g_lookup(&self, op: Op, parent: Target, name: &OsStr, reply: ReplyEntry) {
+        let name = name.as_bytes().to_vec();
         self.guest()
-            .lookup(parent, name.as_bytes().to_vec(), move |r| {
-                reply_entry(reply, r)
-            });
+            .lookup(parent, name, move |r| op.reply(reply, r, looked));
     }
 
-    pub(super) fn g_getattr(&self, t: Target, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let files = self.files.clone();
+    pub(super) fn g_getattr(&self, op: Op, t: Target, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let vfs = self.vfs.clone();
         let ino = t.ino();
         let root = matches!(t, Target::Root { .. });
         self.guest().getattr(t, fh.map(|f| f.0), move |r| match r {
-            Ok((a, ttl)) => reply.attr(&ttl, &file_attr(ino, &a)),
             // An unreachable guest's `fs/` still shows as an empty directory.
             Err(e) if e.errno == libc::EHOSTDOWN && root => {
-                match files.tree.node(ino).and_then(|n| files.tree.attr(&n)) {
-                    Ok(a) => reply.attr(&Duration::ZERO, &super::to_fuse_attr(&a)),
-                    Err(e) => reply.error(errno(&e)),
-                }
+                op.reply(reply, vfs.attr(ino), |r, a| {
+                    r.attr(&Duration::ZERO, &super::to_fuse_attr(&a))
+                })
             }
-            Err(e) => reply.error(errno(&e)),
+            r => op.reply(reply, r, |r, (a, ttl)| r.attr(&ttl, &file_attr(ino, &a))),
         });
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn g_setattr(
         &self,
+        op: Op,
         t: Target,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
+        set: SetAttrs,
         fh: Option<FileHandle>,
         reply: ReplyAttr,
     ) {
-        let set = SetAttrs {
-            mode: mode.map(|m| m & 0o7777),
-            uid,
-            gid,
-            size,
-            atime: set_time(atime),
-            mtime: set_time(mtime),
-        };
         let ino = t.ino();
-        self.guest()
-            .setattr(t, fh.map(|f| f.0), set, move |r| match r {
-                Ok((a, ttl)) => reply.attr(&ttl, &file_attr(ino, &a)),
-                Err(e) => reply.error(errno(&e)),
-            });
-    }
-
-    pub(super) fn g_readlink(&self, t: Target, reply: ReplyData) {
-        self.guest().readlink(t, move |r| match r {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
+        self.guest().setattr(t, fh.map(|f| f.0), set, move |r| {
+            op.reply(reply, r, |r, (a, ttl)| r.attr(&ttl, &file_attr(ino, &a)))
         });
     }
 
+    pub(super) fn g_readlink(&self, op: Op, t: Target, reply: ReplyData) {
+        self.guest()
+            .readlink(t, move |r| op.reply(reply, r, |r, d| r.data(&d)));
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn g_mknod(
         &self,
+        op: Op,
         req: &Request,
         parent: Target,
         name: &OsStr,
@@ -219,12 +260,13 @@ impl BandsoxFs {
         let name = name.as_bytes().to_vec();
         self.guest()
             .mknod(parent, name, mode, rdev.into(), owner(req), move |r| {
-                reply_entry(reply, r)
+                op.reply(reply, r, looked)
             });
     }
 
     pub(super) fn g_mkdir(
         &self,
+        op: Op,
         req: &Request,
         parent: Target,
         name: &OsStr,
@@ -234,12 +276,13 @@ impl BandsoxFs {
         let name = name.as_bytes().to_vec();
         self.guest()
             .mkdir(parent, name, mode, owner(req), move |r| {
-                reply_entry(reply, r)
+                op.reply(reply, r, looked)
             });
     }
 
     pub(super) fn g_symlink(
         &self,
+        op: Op,
         req: &Request,
         parent: Target,
         name: &OsStr,
@@ -250,24 +293,40 @@ impl BandsoxFs {
         let target = target.as_os_str().as_bytes().to_vec();
         self.guest()
             .symlink(parent, name, target, owner(req), move |r| {
-                reply_entry(reply, r)
+                op.reply(reply, r, looked)
             });
     }
 
-    pub(super) fn g_link(&self, t: Target, new_parent: Target, name: &OsStr, reply: ReplyEntry) {
+    pub(super) fn g_link(
+        &self,
+        op: Op,
+        t: Target,
+        new_parent: Target,
+        name: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let name = name.as_bytes().to_vec();
         self.guest()
-            .link(t, new_parent, name, move |r| reply_entry(reply, r));
+            .link(t, new_parent, name, move |r| op.reply(reply, r, looked));
     }
 
-    pub(super) fn g_unlink(&self, parent: Target, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+    pub(super) fn g_unlink(
+        &self,
+        op: Op,
+        parent: Target,
+        name: &OsStr,
+        dir: bool,
+        reply: ReplyEmpty,
+    ) {
         let name = name.as_bytes().to_vec();
         self.guest()
-            .unlink(parent, name, dir, move |r| reply_empty(reply, r));
+            .unlink(parent, name, dir, move |r| op.reply(reply, r, done));
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn g_rename(
         &self,
+        op: Op,
         parent: Target,
         name: &OsStr,
         new_parent: Target,
@@ -278,19 +337,20 @@ impl BandsoxFs {
         let (name, new_name) = (name.as_bytes().to_vec(), new_name.as_bytes().to_vec());
         self.guest()
             .rename(parent, name, new_parent, new_name, flags, move |r| {
-                reply_empty(reply, r)
+                op.reply(reply, r, done)
             });
     }
 
-    pub(super) fn g_open(&self, t: Target, flags: i32, reply: ReplyOpen) {
-        self.guest().open(t, flags, move |r| match r {
-            Ok(o) => reply.opened(FileHandle(o.fh), fopen_flags(&o)),
-            Err(e) => reply.error(errno(&e)),
+    pub(super) fn g_open(&self, op: Op, t: Target, flags: i32, reply: ReplyOpen) {
+        self.guest().open(t, flags, move |r| {
+            op.reply(reply, r, |r, o| r.opened(FileHandle(o.fh), fopen_flags(&o)))
         });
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn g_create(
         &self,
+        op: Op,
         req: &Request,
         parent: Target,
         name: &OsStr,
@@ -300,150 +360,101 @@ impl BandsoxFs {
     ) {
         let name = name.as_bytes().to_vec();
         self.guest()
-            .create(parent, name, mode, flags, owner(req), move |r| match r {
-                Ok((l, opened)) => {
-                    let f = fopen_flags(&opened);
-                    reply.created(
+            .create(parent, name, mode, flags, owner(req), move |r| {
+                op.reply(reply, r, |r, (l, opened)| {
+                    r.created(
                         &l.ttl,
                         &file_attr(l.ino, &l.attr),
                         Generation(l.generation),
                         FileHandle(opened.fh),
-                        f,
+                        fopen_flags(&opened),
                     )
-                }
-                Err(e) => reply.error(errno(&e)),
+                })
             });
     }
 
-    pub(super) fn g_read(&self, t: Target, fh: FileHandle, off: u64, size: u32, reply: ReplyData) {
-        self.guest().read(t, fh.0, off, size, move |r| match r {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
+    pub(super) fn g_read(
+        &self,
+        op: Op,
+        t: Target,
+        fh: FileHandle,
+        off: u64,
+        size: u32,
+        reply: ReplyData,
+    ) {
+        self.guest().read(t, fh.0, off, size, move |r| {
+            op.reply(reply, r, |r, d| r.data(&d))
         });
     }
 
     pub(super) fn g_write(
         &self,
+        op: Op,
         t: Target,
         fh: FileHandle,
         off: u64,
         data: &[u8],
         reply: ReplyWrite,
     ) {
+        self.guest().write(t, fh.0, off, data.to_vec(), move |r| {
+            op.reply(reply, r, |r, n| r.written(n))
+        });
+    }
+
+    pub(super) fn g_fsync(
+        &self,
+        op: Op,
+        t: Target,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.guest()
-            .write(t, fh.0, off, data.to_vec(), move |r| match r {
-                Ok(n) => reply.written(n),
-                Err(e) => reply.error(errno(&e)),
-            });
+            .fsync(t, fh.0, datasync, move |r| op.reply(reply, r, done));
     }
 
-    pub(super) fn g_release(&self, t: Target, fh: FileHandle, dir: bool, reply: ReplyEmpty) {
-        let _guard = self.rt.enter();
-        self.guest.release(&t, fh.0, dir);
-        reply.ok();
-    }
-
-    pub(super) fn g_fsync(&self, t: Target, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        self.guest()
-            .fsync(t, fh.0, datasync, move |r| reply_empty(reply, r));
-    }
-
-    pub(super) fn g_opendir(&self, t: Target, reply: ReplyOpen) {
-        self.guest().opendir(t, move |r| match r {
-            Ok(o) => {
+    pub(super) fn g_opendir(&self, op: Op, t: Target, reply: ReplyOpen) {
+        self.guest().opendir(t, move |r| {
+            op.reply(reply, r, |r, o| {
                 let flags = if o.keep_cache {
                     // The kernel keeps the listing: events drop it when it changes.
                     FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
                 } else {
                     FopenFlags::empty()
                 };
-                reply.opened(FileHandle(o.fh), flags)
-            }
-            Err(e) => reply.error(errno(&e)),
+                r.opened(FileHandle(o.fh), flags)
+            })
         });
     }
 
-    pub(super) fn g_readdir(&self, t: Target, fh: FileHandle, off: u64, mut reply: ReplyDirectory) {
+    /// `readdir`/`readdirplus` under `fs/`: the proxy's listing into the reply.
+    pub(super) fn g_list<R: Listing>(&self, op: Op, t: Target, fh: FileHandle, off: u64, r: R) {
         let g = self.guest();
-        g.clone().readdir(t, fh.0, off, false, move |r| match r {
-            Ok(items) => {
-                let mut used = 0;
-                for it in items {
-                    let name = OsStr::from_bytes(&it.name);
-                    let size = fuse_dirent_size(it.name.len(), false);
-                    if reply.add(INodeNo(it.ino), it.next_offset, file_type(it.kind), name) {
-                        g.readdir_filled(used, size);
-                        break;
-                    }
-                    used += size;
-                }
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(&e)),
-        });
-    }
-
-    pub(super) fn g_readdirplus(
-        &self,
-        t: Target,
-        fh: FileHandle,
-        off: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let g = self.guest();
-        g.clone().readdir(t, fh.0, off, true, move |r| match r {
-            Ok(items) => {
-                let mut rest: Vec<DirItem> = Vec::new();
-                let mut full = false;
-                let mut used = 0;
-                for it in items {
-                    if full {
-                        rest.push(it);
-                        continue;
-                    }
-                    let name = OsStr::from_bytes(&it.name);
-                    let (ttl, attr, generation) = match &it.looked {
-                        Some(l) => (l.ttl, file_attr(l.ino, &l.attr), l.generation),
-                        None => {
-                            let mut a = file_attr(it.ino, &Attr::default());
-                            a.kind = file_type(it.kind);
-                            (Duration::ZERO, a, 0)
-                        }
-                    };
-                    let size = fuse_dirent_size(it.name.len(), true);
-                    if reply.add(
-                        INodeNo(attr.ino.0),
-                        it.next_offset,
-                        name,
-                        &ttl,
-                        &attr,
-                        Generation(generation),
-                    ) {
-                        full = true;
-                        g.readdir_filled(used, size);
-                        rest.push(it);
-                    }
-                    used += size;
-                }
+        g.clone().readdir(t, fh.0, off, R::PLUS, move |res| {
+            op.reply(r, res, |mut r, items| {
+                let rest = fill(&g, items, R::PLUS, |it| r.add_guest(it));
                 // Entries the kernel never received must not keep references.
-                g.unused_entries(&rest);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(&e)),
+                if R::PLUS {
+                    g.unused_entries(&rest);
+                }
+                r.done();
+            })
         });
     }
 
-    pub(super) fn g_statfs(&self, t: Target, reply: ReplyStatfs) {
-        self.guest().statfs(t, move |r| match r {
-            Ok(s) => reply.statfs(
-                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
-            ),
-            Err(e) => reply.error(errno(&e)),
+    pub(super) fn g_statfs(&self, op: Op, t: Target, reply: ReplyStatfs) {
+        self.guest().statfs(t, move |r| {
+            op.reply(reply, r, |r, s| {
+                r.statfs(
+                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+                )
+            })
         });
     }
 
     pub(super) fn g_setxattr(
         &self,
+        op: Op,
         t: Target,
         name: &OsStr,
         value: &[u8],
@@ -452,28 +463,30 @@ impl BandsoxFs {
     ) {
         let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
         self.guest()
-            .setxattr(t, name, value, flags, move |r| reply_empty(reply, r));
+            .setxattr(t, name, value, flags, move |r| op.reply(reply, r, done));
     }
 
-    pub(super) fn g_getxattr(&self, t: Target, name: &OsStr, size: u32, reply: ReplyXattr) {
+    pub(super) fn g_getxattr(&self, op: Op, t: Target, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name.as_bytes().to_vec();
         self.guest()
-            .getxattr(t, name, size, move |r| reply_xattr(reply, r));
+            .getxattr(t, name, size, move |r| op.reply(reply, r, xattr));
     }
 
-    pub(super) fn g_listxattr(&self, t: Target, size: u32, reply: ReplyXattr) {
+    pub(super) fn g_listxattr(&self, op: Op, t: Target, size: u32, reply: ReplyXattr) {
         self.guest()
-            .listxattr(t, size, move |r| reply_xattr(reply, r));
+            .listxattr(t, size, move |r| op.reply(reply, r, xattr));
     }
 
-    pub(super) fn g_removexattr(&self, t: Target, name: &OsStr, reply: ReplyEmpty) {
+    pub(super) fn g_removexattr(&self, op: Op, t: Target, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
         self.guest()
-            .removexattr(t, name, move |r| reply_empty(reply, r));
+            .removexattr(t, name, move |r| op.reply(reply, r, done));
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn g_fallocate(
         &self,
+        op: Op,
         t: Target,
         fh: FileHandle,
         offset: u64,
@@ -483,26 +496,29 @@ impl BandsoxFs {
     ) {
         self.guest()
             .fallocate(t, fh.0, offset, length, mode, move |r| {
-                reply_empty(reply, r)
+                op.reply(reply, r, done)
             });
     }
 
     pub(super) fn g_lseek(
         &self,
+        op: Op,
         t: Target,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
-        if offset < 0 {
-            return reply.error(Errno::from_i32(libc::ENXIO));
-        }
-        self.guest()
-            .lseek(t, fh.0, offset as u64, whence, move |r| match r {
-                Ok(o) => reply.offset(o as i64),
-                Err(e) => reply.error(errno(&e)),
+        let Ok(offset) = u64::try_from(offset) else {
+            let e = Error::new(libc::ENXIO, "a negative offset");
+            return op.reply(reply, Err(e), |_, ()| {});
+        };
+        self.guest().lseek(t, fh.0, offset, whence, move |r| {
+            let r = r.and_then(|o| {
+                i64::try_from(o).map_err(|_| Error::new(libc::EOVERFLOW, "offset past 2^63"))
             });
+            op.reply(reply, r, |r, o| r.offset(o))
+        });
     }
 }
 

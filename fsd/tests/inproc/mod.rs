@@ -133,6 +133,20 @@ impl VmmInstance for InProcVm {
     }
 }
 
+/// Point the limits at an empty file (no limits), once per test binary, before any
+/// manager exists; every test of a binary uses the same value.
+pub fn limits_from_an_empty_file() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let f = tempfile::NamedTempFile::new()
+            .unwrap()
+            .into_temp_path()
+            .keep()
+            .unwrap();
+        std::env::set_var(bandsox_fsd::limits::ENV, f);
+    });
+}
+
 /// A manager over a fresh state directory (with a small `base` image) whose only backend
 /// is `backend`.
 pub fn manager(state: &Path, backend: Arc<InProcBackend>) -> Arc<Manager> {

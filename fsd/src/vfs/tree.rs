@@ -7,11 +7,8 @@
 //! - Whether a node *exists* is decided by the manager at the time of the call; a node
 //!   of a deleted VM keeps its number but every operation on it answers ENOENT.
 //! - Nothing here blocks on a guest.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
-)]
+//! - Nothing here knows fuser: [`Attr`] and [`Kind`] are the core's own types, which
+//!   the kernel adapter (`crate::fuse`) converts.
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -94,6 +91,39 @@ pub enum Node {
     RunsLast(String),
     Run(String, u64),
     RunFile(String, u64, RunFile),
+}
+
+impl Node {
+    /// The id of the VM this node belongs to, if any.
+    pub fn vm_id(&self) -> Option<&str> {
+        match self {
+            Node::Vm(id)
+            | Node::VmFile(id, _)
+            | Node::VmFs(id, _)
+            | Node::Runs(id)
+            | Node::RunsLast(id)
+            | Node::Run(id, _)
+            | Node::RunFile(id, _, _) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// What the node is, as listings show it (without asking the manager).
+    pub fn kind(&self) -> Kind {
+        match self {
+            Node::RunsLast(_) => Kind::Symlink,
+            Node::Root
+            | Node::Images
+            | Node::Image(_)
+            | Node::Snapshots
+            | Node::Snapshot(_)
+            | Node::Vm(_)
+            | Node::VmFs(..)
+            | Node::Runs(_)
+            | Node::Run(..) => Kind::Dir,
+            _ => Kind::File,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,13 +218,14 @@ impl InodeTable {
         ino
     }
     pub fn node(&self, ino: u64) -> Option<Node> {
-        self.by_ino.get(ino.checked_sub(1)? as usize).cloned()
+        let i = usize::try_from(ino.checked_sub(1)?).ok()?;
+        self.by_ino.get(i).cloned()
     }
 }
 
 /// Namespace operations over the manager.
 pub struct Tree {
-    pub mgr: Arc<Manager>,
+    mgr: Arc<Manager>,
     inodes: Mutex<InodeTable>,
     started: SystemTime,
 }
@@ -206,6 +237,11 @@ impl Tree {
             inodes: Mutex::new(InodeTable::new()),
             started: SystemTime::now(),
         }
+    }
+
+    /// The manager the tree shows.
+    pub fn mgr(&self) -> &Arc<Manager> {
+        &self.mgr
     }
 
     pub fn ino(&self, node: &Node) -> u64 {
@@ -223,6 +259,14 @@ impl Tree {
         self.mgr
             .get_by_id(id)
             .ok_or_else(|| Error::not_found("no such VM"))
+    }
+
+    fn has_image(&self, name: &str) -> bool {
+        self.mgr.images().iter().any(|i| i == name)
+    }
+
+    fn has_snapshot(&self, name: &str) -> bool {
+        self.mgr.snapshots().iter().any(|i| i == name)
     }
 
     fn vm_by_name(&self, name: &str) -> Option<Arc<Vm>> {
@@ -249,21 +293,10 @@ impl Tree {
                 "snapshots" => Node::Snapshots,
                 _ => Node::Vm(self.vm_by_name(name).ok_or_else(nf)?.id.clone()),
             },
-            Node::Images => {
-                if self.mgr.images().iter().any(|i| i == name) {
-                    Node::Image(name.to_string())
-                } else {
-                    return Err(nf());
-                }
-            }
+            Node::Images if self.has_image(name) => Node::Image(name.to_string()),
+            Node::Snapshots if self.has_snapshot(name) => Node::Snapshot(name.to_string()),
+            Node::Images | Node::Snapshots => return Err(nf()),
             Node::Image(img) if name == "info" => Node::ImageInfo(img.clone()),
-            Node::Snapshots => {
-                if self.mgr.snapshots().iter().any(|i| i == name) {
-                    Node::Snapshot(name.to_string())
-                } else {
-                    return Err(nf());
-                }
-            }
             Node::Snapshot(snap) if name == "info" => Node::SnapshotInfo(snap.clone()),
             Node::Vm(id) => {
                 self.vm(id)?;
@@ -322,19 +355,11 @@ impl Tree {
                 .run(*n)
                 .map(|_| ())
                 .ok_or_else(|| Error::not_found("no such run")),
-            Node::Image(i) | Node::ImageInfo(i) => {
-                if self.mgr.images().iter().any(|x| x == i) {
-                    Ok(())
-                } else {
-                    Err(Error::not_found("no such image"))
-                }
+            Node::Image(i) | Node::ImageInfo(i) if !self.has_image(i) => {
+                Err(Error::not_found("no such image"))
             }
-            Node::Snapshot(i) | Node::SnapshotInfo(i) => {
-                if self.mgr.snapshots().iter().any(|x| x == i) {
-                    Ok(())
-                } else {
-                    Err(Error::not_found("no such snapshot"))
-                }
+            Node::Snapshot(i) | Node::SnapshotInfo(i) if !self.has_snapshot(i) => {
+                Err(Error::not_found("no such snapshot"))
             }
             _ => Ok(()),
         }
@@ -448,21 +473,16 @@ impl Tree {
     }
 
     fn owner(&self, node: &Node) -> (u32, u32) {
-        let id = match node {
-            Node::Vm(id)
-            | Node::VmFile(id, _)
-            | Node::VmFs(id, _)
-            | Node::Runs(id)
-            | Node::RunsLast(id)
-            | Node::Run(id, _)
-            | Node::RunFile(id, _, _) => id,
+        match node {
             Node::Snapshot(s) | Node::SnapshotInfo(s) => {
-                return self.mgr.snapshot_owner(s).unwrap_or((0, 0))
+                self.mgr.snapshot_owner(s).unwrap_or((0, 0))
             }
-            Node::Image(i) | Node::ImageInfo(i) => return (self.mgr.image_owner(i), 0),
-            _ => return (0, 0),
-        };
-        self.vm(id).map(|v| (v.uid, v.gid)).unwrap_or((0, 0))
+            Node::Image(i) | Node::ImageInfo(i) => (self.mgr.image_owner(i), 0),
+            _ => match node.vm_id() {
+                Some(id) => self.vm(id).map(|v| (v.uid, v.gid)).unwrap_or((0, 0)),
+                None => (0, 0),
+            },
+        }
     }
 
     pub fn attr(&self, node: &Node) -> Result<Attr> {
@@ -590,7 +610,7 @@ mod tests {
     fn session_of_self_matches_getsid() {
         let me = std::process::id();
         // SAFETY: getsid(0) has no preconditions.
-        let sid = unsafe { libc::getsid(0) } as u32;
-        assert_eq!(session_of(me), sid);
+        let sid = unsafe { libc::getsid(0) };
+        assert_eq!(session_of(me), u32::try_from(sid).unwrap());
     }
 }

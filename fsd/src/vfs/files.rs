@@ -26,10 +26,6 @@
 //!
 //! Every wait is interruptible (see `interrupt`); an interrupted wait on a command sends
 //! it SIGINT, like a terminal would.
-#![allow(
-    clippy::cast_possible_truncation,
-    reason = "casts to audit once the concurrent rework of this file merges (issue 16)"
-)]
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +33,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::tree::{Node, RunFile, Tree, VmFile};
+use super::tree::{Node, RunFile, RunStreamKey, Tree, VmFile};
 use crate::error::{Error, Result};
 use crate::interrupt::interruptible;
 use crate::lines::LineBuffer;
@@ -156,16 +152,16 @@ pub enum OpenFile {
 }
 
 pub struct Files {
-    pub tree: Tree,
+    pub(super) tree: Tree,
     /// Root `mkdir`/`rmdir` in flight (root-name invalidations wait for them).
-    pub root_ops: Arc<super::rootops::RootOps>,
+    pub(super) root_ops: Arc<super::rootops::RootOps>,
     events: crate::eventview::EventViews,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
 }
 
 fn slice_at(data: &[u8], offset: u64, size: u32) -> Vec<u8> {
-    let start = (offset as usize).min(data.len());
+    let start = usize::try_from(offset).map_or(data.len(), |o| o.min(data.len()));
     let end = start.saturating_add(size as usize).min(data.len());
     data[start..end].to_vec()
 }
@@ -182,7 +178,7 @@ fn read_file_at(path: &std::path::Path, offset: u64, size: u32) -> Result<Vec<u8
 impl Files {
     pub fn new(tree: Tree) -> Self {
         Files {
-            events: crate::eventview::EventViews::new(tree.mgr.events.path().to_path_buf()),
+            events: crate::eventview::EventViews::new(tree.mgr().events.path().to_path_buf()),
             tree,
             root_ops: Default::default(),
             handles: Mutex::new(HashMap::new()),
@@ -254,7 +250,7 @@ impl Files {
             }
             Node::Usage => {
                 ro("usage")?;
-                let text = self.tree.mgr.usage_text(caller.uid);
+                let text = self.tree.mgr().usage_text(caller.uid);
                 (OpenFile::Generated(text.into_bytes()), direct)
             }
             Node::VmFile(id, VmFile::Console) => {
@@ -299,9 +295,9 @@ impl Files {
                 match f {
                     RunFile::Out(s) => {
                         ro(match s {
-                            super::tree::RunStreamKey::Stdout => "stdout",
-                            super::tree::RunStreamKey::Stderr => "stderr",
-                            super::tree::RunStreamKey::Output => "output",
+                            RunStreamKey::Stdout => "stdout",
+                            RunStreamKey::Stderr => "stderr",
+                            RunStreamKey::Output => "output",
                         })?;
                         (
                             OpenFile::Stream {
@@ -353,7 +349,7 @@ impl Files {
             OpenFile::Log(p) => read_file_at(p, offset, size),
             OpenFile::Ctl(ctl) => match &ctl.target {
                 CtlTarget::Root => Ok(slice_at(
-                    self.tree.mgr.ctl_results().get(caller.session).as_bytes(),
+                    self.tree.mgr().ctl_results().get(caller.session).as_bytes(),
                     offset,
                     size,
                 )),
@@ -372,7 +368,7 @@ impl Files {
                     size,
                 )),
                 CtlTarget::Defaults => Ok(slice_at(
-                    self.tree.mgr.defaults().to_defaults().as_bytes(),
+                    self.tree.mgr().defaults().to_defaults().as_bytes(),
                     offset,
                     size,
                 )),
@@ -418,7 +414,9 @@ impl Files {
     /// A write at `offset` (see the module docs for what each kind of file does).
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8], caller: Caller) -> Result<u32> {
         let file = self.handle(fh)?;
-        let len = data.len() as u32;
+        // The kernel's writes are at most `max_write` (1 MiB).
+        let len = u32::try_from(data.len())
+            .map_err(|_| Error::new(libc::EFBIG, "a single write of 4 GiB or more"))?;
         match &*file {
             OpenFile::Ctl(ctl) => {
                 let mut st = ctl.state.lock().await;
@@ -516,7 +514,11 @@ impl Files {
     fn record(&self, ctl: &CtlFile, session: u32, e: Error) -> Error {
         match &ctl.target {
             CtlTarget::Root => {
-                let _ = self.tree.mgr.ctl_results().record(session, Err(e.clone()));
+                let _ = self
+                    .tree
+                    .mgr()
+                    .ctl_results()
+                    .record(session, Err(e.clone()));
             }
             CtlTarget::Vm(vm) => {
                 let _ = vm.ctl_results().record(session, Err(e.clone()));
@@ -585,7 +587,7 @@ impl Files {
         if let CtlTarget::Defaults = ctl.target {
             // The lines of one write are merged together or not at all.
             if n > 0 {
-                if let Err(e) = self.tree.mgr.update_defaults(&texts.join("\n")) {
+                if let Err(e) = self.tree.mgr().update_defaults(&texts.join("\n")) {
                     buf.abandon();
                     return Err(e);
                 }
@@ -636,7 +638,7 @@ impl Files {
     /// EINTR at once, the command goes on (a boot or a pull is not cut in half) and its
     /// result replaces the writer's `ctl` result when it ends.
     async fn run_interruptible(&self, ctl: &CtlFile, line: &str, caller: Caller) -> Result<String> {
-        let mgr = self.tree.mgr.clone();
+        let mgr = self.tree.mgr().clone();
         let line = line.to_string();
         let (session, target_vm) = match &ctl.target {
             CtlTarget::Vm(vm) => (caller.session, Some(vm.clone())),
@@ -668,7 +670,7 @@ impl Files {
 
     fn record_ok(&self, ctl: &CtlFile, session: u32, msg: String) -> Result<String> {
         match &ctl.target {
-            CtlTarget::Root => self.tree.mgr.ctl_results().record(session, Ok(msg)),
+            CtlTarget::Root => self.tree.mgr().ctl_results().record(session, Ok(msg)),
             CtlTarget::Vm(vm) => vm.ctl_results().record(session, Ok(msg)),
             _ => Ok(msg),
         }
@@ -851,19 +853,14 @@ async fn read_terminal(t: &TermFile, size: u32, pid: u32) -> Result<Vec<u8>> {
     let Some(pos) = st.as_mut() else {
         return Ok(Vec::new());
     };
-    let size = size.min(4 * 1024 * 1024) as usize;
+    let size = size.min(4 * 1024 * 1024);
     if pos.sent < pos.redraw.len() {
-        let end = (pos.sent + size).min(pos.redraw.len());
+        let end = pos.sent.saturating_add(size as usize).min(pos.redraw.len());
         let out = pos.redraw[pos.sent..end].to_vec();
         pos.sent = end;
         return Ok(out);
     }
-    let data = interruptible(
-        pid,
-        t.run
-            .read_stream(RunStream::Stdout, pos.offset, size as u32),
-    )
-    .await?;
+    let data = interruptible(pid, t.run.read_stream(RunStream::Stdout, pos.offset, size)).await?;
     pos.offset += data.len() as u64;
     Ok(data)
 }

@@ -1,0 +1,271 @@
+//! The control tree's core (`bandsox_fsd::vfs`) without root, a mount or a VM: the same
+//! calls the kernel adapter makes, over a manager whose VMs are in-process agents
+//! (`inproc/mod.rs`). What is asserted is what a user would see through the mount: the
+//! names, attributes and errnos, the result `cat ctl` shows, and the exec transaction.
+mod inproc;
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bandsox_fsd::manager::Manager;
+use bandsox_fsd::vfs::{Caller, DirEntry, Kind, Vfs, DIR_ATTR_TTL, ROOT_INO, TTL, VM_ENTRY_TTL};
+
+/// Deadline of any single wait in these tests (nothing may hang).
+const T: Duration = Duration::from_secs(30);
+
+fn setup() -> (tempfile::TempDir, Arc<Manager>, Arc<Vfs>) {
+    inproc::limits_from_an_empty_file();
+    let tmp = tempfile::tempdir().unwrap();
+    let mgr = inproc::manager(&tmp.path().join("state"), inproc::InProcBackend::new());
+    let vfs = Arc::new(Vfs::new(mgr.clone()));
+    (tmp, mgr, vfs)
+}
+
+/// The test process as the caller, with uid `uid` and a session of its own.
+fn caller(uid: u32) -> Caller {
+    Caller {
+        pid: std::process::id(),
+        uid,
+        gid: uid,
+        session: 4242 + uid,
+    }
+}
+
+fn me() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+fn names(list: &[DirEntry]) -> Vec<&str> {
+    list.iter().map(|e| e.name.as_str()).collect()
+}
+
+/// `ino` of `path` (slash-separated) from the root.
+fn walk(vfs: &Vfs, path: &str) -> Result<u64, i32> {
+    let mut ino = ROOT_INO;
+    for part in path.split('/') {
+        ino = vfs
+            .lookup(ino, OsStr::new(part))
+            .map_err(|e| e.errno)?
+            .attr
+            .ino;
+    }
+    Ok(ino)
+}
+
+async fn mkdir(vfs: &Arc<Vfs>, name: &str, c: Caller) -> Result<u64, i32> {
+    let boot = vfs
+        .mkdir(ROOT_INO, OsStr::new(name), c)
+        .map_err(|e| e.errno)?;
+    let entry = tokio::time::timeout(T, boot)
+        .await
+        .expect("mkdir in time")
+        .map_err(|e| e.errno)?;
+    Ok(entry.attr.ino)
+}
+
+async fn rmdir(vfs: &Vfs, parent: u64, name: &str, c: Caller) -> Result<(), i32> {
+    let delete = vfs
+        .rmdir(parent, OsStr::new(name), c)
+        .map_err(|e| e.errno)?;
+    tokio::time::timeout(T, delete)
+        .await
+        .expect("rmdir in time")
+        .map_err(|e| e.errno)
+}
+
+/// Write `text` to the file at `path` as `c` and close it, like `echo text > path`.
+async fn echo(vfs: &Vfs, path: &str, text: &str, c: Caller) -> Result<(), i32> {
+    let ino = walk(vfs, path)?;
+    let (fh, _) = vfs.open(ino, false, true, c).map_err(|e| e.errno)?;
+    let res = async {
+        vfs.write(fh, 0, text.as_bytes(), c).await?;
+        vfs.flush(fh, c).await
+    };
+    let res = tokio::time::timeout(T, res).await.expect("write in time");
+    vfs.release(fh);
+    res.map_err(|e| e.errno)
+}
+
+/// The whole content of the file at `path` as `c` sees it, like `cat path`.
+async fn cat(vfs: &Vfs, path: &str, c: Caller) -> Result<String, i32> {
+    let ino = walk(vfs, path)?;
+    let (fh, _) = vfs.open(ino, true, false, c).map_err(|e| e.errno)?;
+    let mut out = Vec::new();
+    loop {
+        let offset = u64::try_from(out.len()).unwrap();
+        let read = tokio::time::timeout(T, vfs.read(fh, offset, 65536, c))
+            .await
+            .expect("read in time");
+        match read {
+            Ok(d) if d.is_empty() => break,
+            Ok(d) => out.extend_from_slice(&d),
+            Err(e) => {
+                vfs.release(fh);
+                return Err(e.errno);
+            }
+        }
+    }
+    vfs.release(fh);
+    Ok(String::from_utf8(out).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mkdir_shows_a_vm_with_its_files_and_cached_entries() {
+    let (_tmp, _mgr, vfs) = setup();
+    let root = vfs.listing(ROOT_INO).unwrap();
+    assert_eq!(
+        names(&root).join(" "),
+        ". .. README ctl defaults events usage images snapshots"
+    );
+    let ino = mkdir(&vfs, "v", caller(me())).await.unwrap();
+    let entry = vfs.lookup(ROOT_INO, OsStr::new("v")).unwrap();
+    assert_eq!(entry.attr.ino, ino);
+    assert_eq!(entry.attr.kind, Kind::Dir);
+    assert_eq!(entry.attr.perm, 0o700);
+    assert_eq!(entry.attr.uid, me());
+    assert_eq!(
+        (entry.attr_ttl, entry.entry_ttl),
+        (DIR_ATTR_TTL, VM_ENTRY_TTL)
+    );
+    let vm = vfs.listing(ino).unwrap();
+    assert_eq!(
+        names(&vm).join(" "),
+        ". .. ctl state info exec console events runs fs"
+    );
+    for e in vm.iter().filter(|e| !e.name.starts_with('.')) {
+        assert_eq!(
+            Ok(e.ino),
+            walk(&vfs, &format!("v/{}", e.name)),
+            "{}",
+            e.name
+        );
+    }
+    // `fs/` is the guest's: the proxy answers for it, not the control tree.
+    let fs = walk(&vfs, "v/fs").unwrap();
+    assert!(vfs.fs_target(fs).is_some());
+    assert!(vfs.fs_target(ino).is_none());
+    assert_eq!(vfs.vm_name_of(fs).as_deref(), Some("v"));
+    assert_eq!(
+        cat(&vfs, "v/state", caller(me())).await.unwrap(),
+        "running\n"
+    );
+    // A control file's attributes are never cached.
+    let state = vfs.getattr(walk(&vfs, "v/state").unwrap(), me()).unwrap();
+    assert_eq!((state.attr.kind, state.attr_ttl), (Kind::File, TTL));
+    // A name taken: EEXIST, and `cat ctl` says why.
+    assert_eq!(mkdir(&vfs, "v", caller(me())).await, Err(libc::EEXIST));
+    let why = cat(&vfs, "ctl", caller(me())).await.unwrap();
+    assert!(why.contains("mkdir v"), "{why}");
+    rmdir(&vfs, ROOT_INO, "v", caller(me())).await.unwrap();
+    assert_eq!(walk(&vfs, "v"), Err(libc::ENOENT));
+    // The old inode answers ENOENT, never another node.
+    assert_eq!(vfs.getattr(ino, me()).unwrap_err().errno, libc::ENOENT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_owner_or_root_removes_a_vm_and_the_tree_names_are_fixed() {
+    let (_tmp, mgr, vfs) = setup();
+    let owner = 1000;
+    mkdir(&vfs, "w", caller(owner)).await.unwrap();
+    assert_eq!(
+        rmdir(&vfs, ROOT_INO, "w", caller(owner + 1)).await,
+        Err(libc::EPERM)
+    );
+    assert!(mgr.get("w").is_some(), "a refused rmdir removed the VM");
+    assert_eq!(
+        rmdir(&vfs, ROOT_INO, "nope", caller(0)).await,
+        Err(libc::ENOENT)
+    );
+    assert_eq!(
+        rmdir(&vfs, ROOT_INO, "README", caller(0)).await,
+        Err(libc::ENOTDIR)
+    );
+    let runs = walk(&vfs, "w/runs").unwrap();
+    assert_eq!(
+        vfs.rmdir(runs, OsStr::new("1"), caller(0))
+            .err()
+            .map(|e| e.errno),
+        Some(libc::EPERM)
+    );
+    let vm = walk(&vfs, "w").unwrap();
+    assert_eq!(
+        vfs.mkdir(vm, OsStr::new("x"), caller(owner))
+            .err()
+            .map(|e| e.errno),
+        Some(libc::EPERM)
+    );
+    // Ownership and mode of control files are fixed; truncation is accepted.
+    let ctl = walk(&vfs, "w/ctl").unwrap();
+    assert_eq!(vfs.setattr(ctl, true).unwrap_err().errno, libc::EPERM);
+    assert_eq!(vfs.setattr(ctl, false).unwrap().ino, ctl);
+    // Read-only files refuse writers at open.
+    let state = walk(&vfs, "w/state").unwrap();
+    assert_eq!(
+        vfs.open(state, false, true, caller(owner))
+            .err()
+            .map(|e| e.errno),
+        Some(libc::EACCES)
+    );
+    // A directory is not a file.
+    assert_eq!(
+        vfs.open(vm, true, false, caller(owner))
+            .err()
+            .map(|e| e.errno),
+        Some(libc::EISDIR)
+    );
+    rmdir(&vfs, ROOT_INO, "w", caller(owner)).await.unwrap();
+    assert!(mgr.get("w").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_at_close_and_runs_last_follows_the_session() {
+    let (_tmp, _mgr, vfs) = setup();
+    let c = caller(me());
+    mkdir(&vfs, "x", c).await.unwrap();
+    assert_eq!(walk(&vfs, "x/runs/last"), Err(libc::ENOENT));
+    echo(&vfs, "x/exec", "echo hi; exit 3\n", c).await.unwrap();
+    let last = walk(&vfs, "x/runs/last").unwrap();
+    let n = vfs.readlink(last, c).unwrap();
+    assert_eq!(
+        cat(&vfs, &format!("x/runs/{n}/stdout"), c).await.unwrap(),
+        "hi\n"
+    );
+    assert_eq!(
+        cat(&vfs, &format!("x/runs/{n}/status"), c).await.unwrap(),
+        "3\n"
+    );
+    // Another session's command is its own `runs/last`, not this session's.
+    let other = Caller {
+        session: c.session + 1,
+        ..c
+    };
+    echo(&vfs, "x/exec", "echo other\n", other).await.unwrap();
+    let m = vfs.readlink(last, other).unwrap();
+    assert_ne!(m, n);
+    assert_eq!(vfs.readlink(last, c).unwrap(), n);
+    assert_eq!(
+        cat(&vfs, &format!("x/runs/{m}/stdout"), other)
+            .await
+            .unwrap(),
+        "other\n"
+    );
+    // A read-write exec descriptor streams the output instead of waiting at close.
+    let exec = walk(&vfs, "x/exec").unwrap();
+    let (fh, _) = vfs.open(exec, true, true, c).unwrap();
+    vfs.write(fh, 0, b"echo streamed\n", c).await.unwrap();
+    let out = tokio::time::timeout(T, vfs.read(fh, 0, 4096, c))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out, b"streamed\n");
+    vfs.release(fh);
+    // A bad command fails its write with EINVAL and `cat x/ctl` says why.
+    assert_eq!(
+        echo(&vfs, "x/ctl", "frobnicate\n", c).await,
+        Err(libc::EINVAL)
+    );
+    let why = cat(&vfs, "x/ctl", c).await.unwrap();
+    assert!(why.contains("frobnicate"), "{why}");
+    rmdir(&vfs, ROOT_INO, "x", c).await.unwrap();
+}
