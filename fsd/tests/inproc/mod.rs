@@ -162,17 +162,3 @@ pub fn manager(state: &Path, backend: Arc<InProcBackend>) -> Arc<Manager> {
     )
     .expect("manager opens")
 }
-
-/// Resource limits from an empty limits file (host-derived defaults), set once per test
-/// binary before any manager exists; every test of the binary uses the same value.
-pub fn limits_from_an_empty_file() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let f = tempfile::NamedTempFile::new()
-            .unwrap()
-            .into_temp_path()
-            .keep()
-            .unwrap();
-        std::env::set_var(bandsox_fsd::limits::ENV, f);
-    });
-}
