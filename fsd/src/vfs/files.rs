@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::tree::{Node, RunFile, RunStreamKey, Tree, VmFile};
+use super::tree::{Node, RunFile, Tree, VmFile};
 use crate::error::{Error, Result};
 use crate::interrupt::interruptible;
 use crate::lines::LineBuffer;
@@ -294,15 +294,11 @@ impl Files {
                     .ok_or_else(|| Error::not_found("no such run"))?;
                 match f {
                     RunFile::Out(s) => {
-                        ro(match s {
-                            RunStreamKey::Stdout => "stdout",
-                            RunStreamKey::Stderr => "stderr",
-                            RunStreamKey::Output => "output",
-                        })?;
+                        ro(s.file_name())?;
                         (
                             OpenFile::Stream {
                                 run,
-                                stream: (*s).into(),
+                                stream: *s,
                                 pos: Mutex::new(0),
                             },
                             stream,

@@ -37,7 +37,7 @@ pub enum VmFile {
 pub enum RunFile {
     Cmd,
     Stdin,
-    Out(RunStreamKey),
+    Out(RunStream),
     Status,
     Pid,
     Ctl,
@@ -47,24 +47,6 @@ pub enum RunFile {
     Winsize,
     /// Terminal runs: the current screen as text.
     Screen,
-}
-
-/// `RunStream` with `Hash` for use in nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RunStreamKey {
-    Stdout,
-    Stderr,
-    Output,
-}
-
-impl From<RunStreamKey> for RunStream {
-    fn from(k: RunStreamKey) -> Self {
-        match k {
-            RunStreamKey::Stdout => RunStream::Stdout,
-            RunStreamKey::Stderr => RunStream::Stderr,
-            RunStreamKey::Output => RunStream::Output,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -149,9 +131,9 @@ pub struct Attr {
 const RUN_FILES: &[(&str, RunFile)] = &[
     ("cmd", RunFile::Cmd),
     ("stdin", RunFile::Stdin),
-    ("stdout", RunFile::Out(RunStreamKey::Stdout)),
-    ("stderr", RunFile::Out(RunStreamKey::Stderr)),
-    ("output", RunFile::Out(RunStreamKey::Output)),
+    ("stdout", RunFile::Out(RunStream::Stdout)),
+    ("stderr", RunFile::Out(RunStream::Stderr)),
+    ("output", RunFile::Out(RunStream::Output)),
     ("status", RunFile::Status),
     ("pid", RunFile::Pid),
     ("ctl", RunFile::Ctl),
@@ -540,7 +522,7 @@ impl Tree {
                         .vm(id)?
                         .run(*n)
                         .ok_or_else(|| Error::not_found("no such run"))?;
-                    (Kind::File, 0o400, run.len((*s).into()))
+                    (Kind::File, 0o400, run.len(*s))
                 }
                 _ => (
                     Kind::File,
