@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bandsox_agent::proto::fs::{fuse_dirent_size, Attr, Owner, SetAttrs, SetTime, Timespec};
+use crate::guestfs::{fuse_dirent_size, Attr, Owner, SetAttrs, SetTime, Timespec};
 use fuser::{
     FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, ReplyAttr, ReplyCreate,
     ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,

@@ -36,14 +36,19 @@ use std::time::Duration;
 
 use bandsox_agent::client::{AgentClient, ClientError};
 use bandsox_agent::proto::fs::{
-    valid_name, Attr, DirEntry, Entry, FsRequest, FsResponse, HandleId, NodeId, NodeRef, Owner,
-    SetAttrs, StatFs, XattrNames, MAX_CHUNK, MAX_FILE_HANDLE, MAX_XATTR, ROOT_ID, ROOT_NODE,
+    valid_name, DirEntry, Entry, FsRequest, FsResponse, HandleId, NodeId, NodeRef, StatFs,
+    XattrNames, MAX_CHUNK, MAX_FILE_HANDLE, MAX_XATTR, ROOT_ID, ROOT_NODE,
 };
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::manager::vm::Vm;
 use crate::manager::Manager;
+/// The attribute and attribute-change types of `fs/` calls. They are the protocol's own
+/// structs, re-exported so that callers depend on this module, not on the wire: every
+/// value is validated here before it is handed out (`valid_attr`), and a field-for-field
+/// copy into a twin struct would cost a conversion per request on the hot path.
+pub use bandsox_agent::proto::fs::{fuse_dirent_size, Attr, Owner, SetAttrs, SetTime, Timespec};
 pub use events::Invalidate;
 use events::Recent;
 pub use inodes::FS_INO_BASE;

@@ -270,8 +270,12 @@ impl Vfs {
         match parent {
             Node::Root => {}
             Node::Images => {
-                // The manager checks the image's owner.
-                let res = mgr.remove_image(&name, c.uid);
+                let res = if mgr.images().contains(&name) {
+                    policy::may_remove(c.uid, mgr.image_owner(&name), &format!("image {name}"))
+                        .and_then(|()| mgr.remove_image(&name))
+                } else {
+                    Err(Error::not_found(format!("no image {name:?}")))
+                };
                 if let Err(e) = &res {
                     let _ = mgr.ctl_results().record(c.session, Err(e.clone()));
                 }
