@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::config::{BackendChoice, VmConfig};
+use crate::tools::find_tool;
 use crate::vmm::accel::{self, AccelKind, HostProbe};
-use crate::vmm::qemu::find_in_path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -120,7 +120,7 @@ fn qemu_check() -> (Check, bool) {
 }
 
 fn firecracker_check() -> (Check, bool) {
-    let jailer = find_in_path("jailer").map(|j| {
+    let jailer = find_tool("jailer").map(|j| {
         format!(
             "; jailer {} ({})",
             version_of(&j, "--version").unwrap_or_else(|| "?".into()),
@@ -157,7 +157,7 @@ fn fuse_check() -> Check {
     if !Path::new("/dev/fuse").exists() {
         return Check::bad("fuse", Level::Fail, "/dev/fuse is missing", "modprobe fuse");
     }
-    if find_in_path("fusermount3").is_none() {
+    if find_tool("fusermount3").is_none() {
         return Check::bad(
             "fuse",
             Level::Warn,
@@ -196,7 +196,7 @@ fn cgroup_check() -> Check {
 fn tap_check() -> Check {
     let missing: Vec<&str> = ["ip", "nft"]
         .into_iter()
-        .filter(|t| find_in_path(t).is_none())
+        .filter(|t| find_tool(t).is_none())
         .collect();
     if missing.is_empty() {
         Check::ok("net=tap", "ip and nft are installed")

@@ -19,6 +19,7 @@
 //! - Where the filesystem cannot punch holes, the file is emptied instead (a reader then
 //!   sees it start over, as after `truncate`).
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -175,9 +176,44 @@ pub fn cap_note(mib: u64, key: &str) -> String {
     format!("{mib} MiB ({key})")
 }
 
+/// The last `lines` non-empty lines written to a log since byte `from` (at most its last
+/// 8 KiB), joined into one line for an error message.
+pub fn log_tail(path: &Path, from: u64, lines: usize) -> String {
+    let text = (|| -> std::io::Result<String> {
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        let start = from.max(len.saturating_sub(8192));
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    })()
+    .unwrap_or_default();
+    let all: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if all.is_empty() {
+        return format!("no output in {}", path.display());
+    }
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_tail_reads_only_new_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vmm.log");
+        std::fs::write(&p, "old run\n").unwrap();
+        let from = std::fs::metadata(&p).unwrap().len();
+        std::fs::write(&p, "old run\nqemu: could not open disk\n\nbye\n").unwrap();
+        assert_eq!(log_tail(&p, from, 12), "qemu: could not open disk | bye");
+        assert!(log_tail(&dir.path().join("none"), 0, 3).starts_with("no output"));
+    }
     use std::io::Write;
 
     #[test]

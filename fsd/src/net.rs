@@ -232,7 +232,7 @@ pub fn check_tap_possible() -> Result<()> {
         ));
     }
     for tool in ["ip", "nft"] {
-        if crate::vmm::qemu::find_in_path(tool).is_none() {
+        if crate::tools::find_tool(tool).is_none() {
             return Err(Error::new(
                 libc::ENOSYS,
                 format!(

@@ -9,6 +9,7 @@
 //! Invariants: the image file only appears at its final path once complete (built as
 //! `<out>.tmp`, then renamed); the staging directory is removed afterwards; the file is
 //! sparse (apparent size [`BASE_IMAGE_SIZE`], a few MiB allocated).
+use crate::tools::find_tool;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -250,15 +251,6 @@ fn run_until(
         return Err(tool_err(format!("{status}: {}", err.trim())));
     }
     Ok(())
-}
-
-/// A tool from PATH or the sbin directories (which a daemon's PATH may lack).
-pub fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 /// Run a command; its stdout on success, else an error with its stderr.

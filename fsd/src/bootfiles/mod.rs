@@ -525,7 +525,7 @@ mod tests {
     fn full_build_is_idempotent() {
         let kroot = Path::new("/var/cache/bandsox/kernel");
         let bb = Path::new("/var/cache/bandsox/busybox/bin/busybox");
-        if !kroot.is_dir() || !bb.is_file() || image::find_tool("mkfs.ext4").is_none() {
+        if !kroot.is_dir() || !bb.is_file() || crate::tools::find_tool("mkfs.ext4").is_none() {
             eprintln!(
                 "SKIP full_build_is_idempotent: needs /var/cache/bandsox/{{kernel,busybox}} and mkfs.ext4 \
                  (run mount-helpers/setup --deps-only)"
@@ -577,7 +577,7 @@ mod tests {
         assert_eq!(info["size_bytes"], image::BASE_IMAGE_SIZE);
 
         // The image's contents, read back without mounting.
-        let out = std::process::Command::new(image::find_tool("debugfs").unwrap())
+        let out = std::process::Command::new(crate::tools::find_tool("debugfs").unwrap())
             .args(["-R", "ls -l /bin"])
             .arg(&a.base_image)
             .output()

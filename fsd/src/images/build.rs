@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use super::Progress;
 use crate::error::{Error, Result};
-use crate::vmm::qemu::{find_in_path, log_tail};
+use crate::logcap::log_tail;
+use crate::tools::find_tool;
 
 /// A builder found on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,10 +52,10 @@ impl Builder {
         {
             Some(choice) => Self::from_choice(&choice),
             None => {
-                if let Some(p) = find_in_path("buildah") {
+                if let Some(p) = find_tool("buildah") {
                     return Ok(Builder::Buildah(p));
                 }
-                if let Some(p) = find_in_path("docker") {
+                if let Some(p) = find_tool("docker") {
                     if docker_answers(&p) {
                         return Ok(Builder::Docker(p));
                     }
@@ -73,7 +74,7 @@ impl Builder {
         let path = if choice.contains('/') {
             Some(PathBuf::from(choice))
         } else {
-            find_in_path(choice)
+            find_tool(choice)
         };
         let Some(path) = path.filter(|p| p.is_file()) else {
             return Err(Error::new(

@@ -142,13 +142,6 @@ pub(crate) enum Start<'a> {
     },
 }
 
-fn console_tail(dir: &std::path::Path, lines: usize) -> String {
-    let text = std::fs::read(dir.join("console.log")).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    all[all.len().saturating_sub(lines)..].join(" | ")
-}
-
 impl Vm {
     pub fn new(
         record: VmRecord,
@@ -521,7 +514,7 @@ impl Vm {
                     Some(why) => format!("the VMM exited before the agent answered: {why}"),
                     None => format!(
                         "the VMM exited before the agent answered; console: {}",
-                        console_tail(&self.dir, 5)
+                        crate::logcap::log_tail(&self.console_path(), 0, 5)
                     ),
                 }));
             }
@@ -530,7 +523,7 @@ impl Vm {
                 return Err(Error::timed_out(format!(
                     "the guest agent did not answer within {}s ({last_err}); console: {}",
                     timeout.as_secs(),
-                    console_tail(&self.dir, 5)
+                    crate::logcap::log_tail(&self.console_path(), 0, 5)
                 )));
             }
             match inst.connect_agent().await {

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::vmm::qemu::{log_tail, opt_escape, QemuBackend, QemuInstance, VMM_LOG};
+use crate::logcap::log_tail;
+use crate::vmm::qemu::{opt_escape, QemuBackend, QemuInstance, VMM_LOG};
 use crate::vmm::{SavedState, VmSpec, VmmError, VmmInstance};
 
 /// The migration stream's file name in the snapshot directory.

@@ -503,7 +503,11 @@ impl Tree {
             ),
             Node::VmFile(id, f) => match f {
                 VmFile::Ctl | VmFile::Exec => (Kind::File, 0o600, 0),
-                VmFile::Console => (Kind::File, 0o400, file_len(&self.vm(id)?.console_path())),
+                VmFile::Console => (
+                    Kind::File,
+                    0o400,
+                    crate::snapshots::file_len(&self.vm(id)?.console_path()),
+                ),
                 // The size is the caller's view (see `Files::events_len`).
                 VmFile::Events => (Kind::File, 0o400, 0),
                 VmFile::State | VmFile::Info => (
@@ -550,10 +554,6 @@ impl Tree {
             time,
         })
     }
-}
-
-fn file_len(p: &std::path::Path) -> u64 {
-    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
 
 /// Session id of a process (field 6 of /proc/<pid>/stat); 0 when unknown.

@@ -251,7 +251,7 @@ pub(crate) fn locate_binary(
 ) -> Result<std::path::PathBuf, VmmError> {
     let binary = match std::env::var_os(env).filter(|v| !v.is_empty()) {
         Some(p) => std::path::PathBuf::from(p),
-        None => super::qemu::find_in_path(name).ok_or_else(|| {
+        None => crate::tools::find_tool(name).ok_or_else(|| {
             let how = match install {
                 Some(i) => format!("{i}, or set {env}"),
                 None => format!("or set {env}"),

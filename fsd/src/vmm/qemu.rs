@@ -21,7 +21,6 @@
 //!   QEMU's `desc` verbatim.
 //! - `launch` returns only once QMP answers; if QEMU dies first the error carries the last
 //!   lines of `vmm.log`.
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -34,6 +33,7 @@ use super::accel::{self, Accel, AccelKind};
 use super::process::{locate_binary, write_atomic, VmmProcess};
 use super::qmp::{Qmp, QmpError};
 use super::{Backend, BackendKind, BoxedAgentStream, SavedState, VmSpec, VmmError, VmmInstance};
+use crate::logcap::log_tail;
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// Environment variable naming the QEMU binary to use instead of the one on PATH.
@@ -473,36 +473,6 @@ pub fn check_socket_path(p: &Path) -> Result<(), VmmError> {
     Ok(())
 }
 
-pub(crate) fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The last `lines` lines written to `path` since byte `from` (at most 8 KiB), one line.
-pub(crate) fn log_tail(path: &Path, from: u64, lines: usize) -> String {
-    let text = (|| -> std::io::Result<String> {
-        let mut f = std::fs::File::open(path)?;
-        let len = f.metadata()?.len();
-        let start = from.max(len.saturating_sub(8192));
-        f.seek(SeekFrom::Start(start))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf).into_owned())
-    })()
-    .unwrap_or_default();
-    let all: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    if all.is_empty() {
-        return format!("no output in {}", path.display());
-    }
-    all[all.len().saturating_sub(lines)..].join(" | ")
-}
-
 /// One QEMU process, spawned by us or adopted.
 pub struct QemuInstance {
     proc: VmmProcess,
@@ -759,17 +729,6 @@ mod tests {
         let ok = PathBuf::from(format!("/{}", "d".repeat(107 - 1 - "/agent.sock".len())));
         assert_eq!(ok.join("agent.sock").as_os_str().len(), 107);
         assert!(build_argv(Path::new("/q"), &spec(&ok), AccelKind::Tcg, None).is_ok());
-    }
-
-    #[test]
-    fn log_tail_reads_only_new_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("vmm.log");
-        std::fs::write(&p, "old run\n").unwrap();
-        let from = std::fs::metadata(&p).unwrap().len();
-        std::fs::write(&p, "old run\nqemu: could not open disk\n\nbye\n").unwrap();
-        assert_eq!(log_tail(&p, from, 12), "qemu: could not open disk | bye");
-        assert!(log_tail(&dir.path().join("none"), 0, 3).starts_with("no output"));
     }
 
     /// A process that is not QEMU (a shell running a fake QMP server) exercises launch's

@@ -40,8 +40,9 @@ use async_trait::async_trait;
 
 use super::firecracker::vsock;
 use super::process::VmmProcess;
-use super::qemu::{self, check_socket_path, find_in_path, QemuBackend, QemuInstance};
+use super::qemu::{self, check_socket_path, QemuBackend, QemuInstance};
 use super::{Backend, BackendKind, BoxedAgentStream, SavedState, VmSpec, VmmError, VmmInstance};
+use crate::tools::find_tool;
 
 /// `1`: every QEMU VM gets its agent channel over virtio-vsock (tests only).
 pub const VSOCK_ENV: &str = "BANDSOX_QEMU_VSOCK";
@@ -74,7 +75,7 @@ impl QemuVsockBackend {
         }
         let helper = match std::env::var_os(HELPER_ENV).filter(|v| !v.is_empty()) {
             Some(p) => PathBuf::from(p),
-            None => find_in_path(HELPER_BINARY).ok_or_else(|| {
+            None => find_tool(HELPER_BINARY).ok_or_else(|| {
                 VmmError::Unavailable(format!(
                     "{VSOCK_ENV}=1 needs {HELPER_BINARY} on PATH (cargo install \
                      {HELPER_BINARY}; mount-helpers/setup does) or {HELPER_ENV}"
@@ -126,7 +127,7 @@ impl QemuVsockBackend {
                         "exited"
                     },
                     vhost.display(),
-                    qemu::log_tail(&log_path, 0, 5)
+                    crate::logcap::log_tail(&log_path, 0, 5)
                 );
                 let _ = helper.signal(libc::SIGKILL);
                 return Err(VmmError::StartFailed(why));

@@ -41,7 +41,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::vmm::qemu::find_in_path;
+use crate::tools::find_tool;
 use crate::vmm::VmmError;
 
 pub const JAILER_ENV: &str = "BANDSOX_JAILER";
@@ -183,7 +183,7 @@ impl JailerConfig {
         let setting = std::env::var_os(JAILER_ENV).filter(|v| !v.is_empty());
         let binary = match setting {
             Some(v) if v == "0" => return Ok(None),
-            Some(v) if v == "1" => find_in_path("jailer").ok_or_else(|| {
+            Some(v) if v == "1" => find_tool("jailer").ok_or_else(|| {
                 VmmError::Unavailable(format!(
                     "{JAILER_ENV}=1 but no `jailer` on PATH (or set {JAILER_ENV} to its path)"
                 ))
@@ -194,7 +194,7 @@ impl JailerConfig {
                 if unsafe { libc::geteuid() } != 0 {
                     return Ok(None);
                 }
-                match find_in_path("jailer").or_else(|| find_beside(firecracker)) {
+                match find_tool("jailer").or_else(|| find_beside(firecracker)) {
                     Some(p) => p,
                     None => return Ok(None),
                 }

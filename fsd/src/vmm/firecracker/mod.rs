@@ -61,8 +61,9 @@ use serde::{Deserialize, Serialize};
 
 use super::accel::{self, Accel, AccelKind};
 use super::process::{locate_binary, require_file, write_atomic, VmmProcess};
-use super::qemu::{check_socket_path, log_tail};
+use super::qemu::check_socket_path;
 use super::{Backend, BackendKind, BoxedAgentStream, NetMode, VmSpec, VmmError, VmmInstance};
+use crate::logcap::log_tail;
 
 pub mod api;
 pub mod jailer;
