@@ -90,6 +90,35 @@ pub fn image_name_for_ref(reference: &str) -> String {
 }
 
 impl Manager {
+    /// Names of the installed images, sorted.
+    pub fn images(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.layout.images())
+            .map(|it| {
+                it.flatten()
+                    // `.tmp-*` are builds in progress, never images.
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .filter(|e| e.path().join("disk.ext4").exists())
+                    .filter_map(|e| e.file_name().to_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// `images/NAME/info`: the image's info.json (or just its name), newline-ended.
+    pub fn image_info(&self, name: &str) -> Result<String> {
+        if !self.images().iter().any(|i| i == name) {
+            return Err(Error::not_found(format!("no image {name:?}")));
+        }
+        let mut s = std::fs::read_to_string(self.layout.image_info(name))
+            .unwrap_or_else(|_| serde_json::json!({ "name": name }).to_string());
+        if !s.ends_with('\n') {
+            s.push('\n');
+        }
+        Ok(s)
+    }
+
     /// Remove `.tmp-*` build directories left by a crash.
     pub(super) fn clean_image_leftovers(&self) {
         let Ok(rd) = std::fs::read_dir(self.layout.images()) else {

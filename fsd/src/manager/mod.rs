@@ -248,35 +248,6 @@ impl Manager {
         &self.ctl_results
     }
 
-    // ---- images --------------------------------------------------------------------
-
-    pub fn images(&self) -> Vec<String> {
-        let mut out: Vec<String> = std::fs::read_dir(self.layout.images())
-            .map(|it| {
-                it.flatten()
-                    // `.tmp-*` are builds in progress, never images.
-                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                    .filter(|e| e.path().join("disk.ext4").exists())
-                    .filter_map(|e| e.file_name().to_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort();
-        out
-    }
-
-    pub fn image_info(&self, name: &str) -> Result<String> {
-        if !self.images().iter().any(|i| i == name) {
-            return Err(Error::not_found(format!("no image {name:?}")));
-        }
-        let mut s = std::fs::read_to_string(self.layout.image_info(name))
-            .unwrap_or_else(|_| serde_json::json!({ "name": name }).to_string());
-        if !s.ends_with('\n') {
-            s.push('\n');
-        }
-        Ok(s)
-    }
-
     // ---- create / delete -----------------------------------------------------------
 
     /// Create and boot a VM; returns when the agent answered or the boot failed (the VM
