@@ -7,42 +7,25 @@ use std::time::{Duration, Instant};
 
 use bandsox_agent::client::{AgentClient, ClientError, ExecEvent};
 use bandsox_agent::faults::{Fault, FaultHandle, FaultStream, Faults};
-use bandsox_agent::proto::{ExecSpec, ExitStatus, Program};
-use bandsox_agent::server::{Agent, AgentConfig, PowerOffAction};
+use bandsox_agent::proto::ExitStatus;
+
+mod common;
+use common::{script, serve_duplex};
 
 const T: Duration = Duration::from_secs(10);
-
-fn agent() -> std::sync::Arc<Agent> {
-    let root = tempfile::tempdir().expect("temp dir").keep();
-    let mut cfg = AgentConfig::host(root);
-    cfg.power_off = PowerOffAction::Ignore;
-    Agent::new(cfg)
-}
 
 /// A client connected (cleanly) to an in-process agent through a fault stream; faults
 /// are armed afterwards through the handle.
 async fn connect() -> (AgentClient, FaultHandle) {
-    let (host, guest) = tokio::io::duplex(256 * 1024);
-    let a = agent();
-    tokio::spawn(async move { a.serve_stream(guest).await });
-    let stream = FaultStream::new(host, Faults::none());
+    let stream = FaultStream::new(serve_duplex(), Faults::none());
     let handle = stream.handle();
     let (c, _) = AgentClient::connect(stream, T).await.expect("handshake");
     (c, handle)
 }
 
-fn sh(s: &str) -> ExecSpec {
-    ExecSpec {
-        program: Program::Script(s.as_bytes().to_vec()),
-        env: vec![],
-        cwd: None,
-        stdin: false,
-    }
-}
-
 /// Run `script` and collect its events until it ends (or 20 s pass).
-async fn run(c: &AgentClient, script: &str) -> (Vec<u8>, Option<ExecEvent>) {
-    let mut h = c.exec(sh(script), T).await.expect("exec starts");
+async fn run(c: &AgentClient, source: &str) -> (Vec<u8>, Option<ExecEvent>) {
+    let mut h = c.exec(script(source), T).await.expect("exec starts");
     let mut out = Vec::new();
     let end = tokio::time::timeout(Duration::from_secs(20), async {
         loop {

@@ -6,7 +6,7 @@
 )]
 mod common;
 
-use common::Agent;
+use common::{script, Agent};
 
 use std::time::{Duration, Instant};
 
@@ -21,15 +21,6 @@ impl Agent {
         let (c, info) = AgentClient::connect(s, T).await.unwrap();
         assert_eq!(info.version, bandsox_agent::proto::PROTOCOL_VERSION);
         c
-    }
-}
-
-fn script(s: &str) -> ExecSpec {
-    ExecSpec {
-        program: Program::Script(s.as_bytes().to_vec()),
-        env: vec![],
-        cwd: None,
-        stdin: false,
     }
 }
 

@@ -1,41 +1,16 @@
 //! In-process protocol tests: handshake, resync, flow control, session ends.
 //! The agent runs in this process over an in-memory duplex stream.
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bandsox_agent::client::{AgentClient, ClientError, ExecEvent};
 use bandsox_agent::proto::codec::{encode_frame, FrameReader, Incoming};
 use bandsox_agent::proto::*;
-use bandsox_agent::server::{Agent, AgentConfig, PowerOffAction};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+mod common;
+use common::{in_process_agent, script, serve_duplex};
 
 const T: Duration = Duration::from_secs(10);
-
-fn agent() -> Arc<Agent> {
-    // A private root: the file service watches it, and other processes' files in the
-    // shared temporary directory would otherwise show up as events in these sessions.
-    let root = tempfile::tempdir().expect("temp dir").keep();
-    let mut cfg = AgentConfig::host(root);
-    cfg.power_off = PowerOffAction::Ignore;
-    Agent::new(cfg)
-}
-
-/// An agent serving one end of a duplex; returns the other end.
-fn serve() -> DuplexStream {
-    let (host, guest) = tokio::io::duplex(256 * 1024);
-    let a = agent();
-    tokio::spawn(async move { a.serve_stream(guest).await });
-    host
-}
-
-fn sh(s: &str) -> ExecSpec {
-    ExecSpec {
-        program: Program::Script(s.as_bytes().to_vec()),
-        env: vec![],
-        cwd: None,
-        stdin: false,
-    }
-}
 
 /// A hand-driven host end.
 struct RawHost<S> {
@@ -89,7 +64,7 @@ impl<S: AsyncRead + AsyncWrite> RawHost<S> {
 
 #[tokio::test]
 async fn handshake_and_ping() {
-    let (c, info) = AgentClient::connect(serve(), T).await.unwrap();
+    let (c, info) = AgentClient::connect(serve_duplex(), T).await.unwrap();
     assert_eq!(info.version, PROTOCOL_VERSION);
     assert!(!info.kernel.is_empty());
     c.ping(T).await.unwrap();
@@ -97,7 +72,7 @@ async fn handshake_and_ping() {
 
 #[tokio::test]
 async fn handshake_refuses_incompatible_version() {
-    let mut h = RawHost::new(serve());
+    let mut h = RawHost::new(serve_duplex());
     h.send_sync(&Message::Hello(Hello {
         version: PROTOCOL_VERSION + 100,
         nonce: 5,
@@ -154,7 +129,7 @@ async fn client_reports_refusal() {
 
 #[tokio::test]
 async fn stale_garbage_before_magic_is_skipped() {
-    let mut host = serve();
+    let mut host = serve_duplex();
     // Stale bytes from an "earlier session", including a partial magic and a bogus frame.
     host.write_all(b"old output BSXSY\x00\xff\xff\xff\xff")
         .await
@@ -238,7 +213,7 @@ async fn hello_is_resent_until_the_agent_listens() {
     let start = Instant::now();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(700)).await;
-        agent().serve_stream(guest).await
+        in_process_agent().serve_stream(guest).await
     });
     let (c, _) = AgentClient::connect(host, T).await.unwrap();
     assert!(start.elapsed() >= Duration::from_millis(700));
@@ -259,13 +234,13 @@ async fn connect_times_out_and_sees_eof() {
 
 #[tokio::test]
 async fn repeated_hello_is_reacked_and_new_nonce_starts_new_session() {
-    let mut h = RawHost::new(serve());
+    let mut h = RawHost::new(serve_duplex());
     h.hello(1).await;
     // Same nonce mid-session (a resend): acknowledged again, session continues.
     h.hello(1).await;
     h.send(&Message::Request {
         id: 1,
-        req: Request::Exec(sh("sleep 0.3; echo done")),
+        req: Request::Exec(script("sleep 0.3; echo done")),
     })
     .await;
     assert!(matches!(
@@ -299,7 +274,7 @@ async fn repeated_hello_is_reacked_and_new_nonce_starts_new_session() {
 
 #[tokio::test]
 async fn decode_error_ends_session_then_resync() {
-    let mut h = RawHost::new(serve());
+    let mut h = RawHost::new(serve_duplex());
     h.hello(1).await;
     // A frame with a garbage payload.
     h.w.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff])
@@ -343,16 +318,16 @@ async fn decode_error_ends_session_then_resync() {
 /// The agent never sends more than the credit, and other streams keep going.
 #[tokio::test]
 async fn agent_respects_credit_raw() {
-    let mut h = RawHost::new(serve());
+    let mut h = RawHost::new(serve_duplex());
     h.hello(1).await;
     h.send(&Message::Request {
         id: 1,
-        req: Request::Exec(sh("head -c 67108864 /dev/zero")),
+        req: Request::Exec(script("head -c 67108864 /dev/zero")),
     })
     .await;
     h.send(&Message::Request {
         id: 2,
-        req: Request::Exec(sh("sleep 0.5; echo other")),
+        req: Request::Exec(script("sleep 0.5; echo other")),
     })
     .await;
     let mut big = 0u64;
@@ -408,9 +383,9 @@ async fn agent_respects_credit_raw() {
 /// Client-level flow control: a consumer that does not read holds at most the window.
 #[tokio::test]
 async fn slow_consumer_is_bounded_and_does_not_stall_others() {
-    let (c, _) = AgentClient::connect(serve(), T).await.unwrap();
+    let (c, _) = AgentClient::connect(serve_duplex(), T).await.unwrap();
     let mut big = c
-        .exec(sh("head -c 67108864 /dev/urandom"), T)
+        .exec(script("head -c 67108864 /dev/urandom"), T)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -422,7 +397,7 @@ async fn slow_consumer_is_bounded_and_does_not_stall_others() {
     assert!(big.queued_bytes() > 0);
     // Others on the same connection complete meanwhile.
     for i in 0..5 {
-        let mut h = c.exec(sh(&format!("echo {i}")), T).await.unwrap();
+        let mut h = c.exec(script(&format!("echo {i}")), T).await.unwrap();
         assert_eq!(
             h.next().await,
             Some(ExecEvent::Output(
@@ -453,9 +428,9 @@ async fn slow_consumer_is_bounded_and_does_not_stall_others() {
 /// Dropping an `ExecHandle` does not block the command (its output is credited back).
 #[tokio::test]
 async fn dropped_handle_does_not_block_command() {
-    let (c, _) = AgentClient::connect(serve(), T).await.unwrap();
+    let (c, _) = AgentClient::connect(serve_duplex(), T).await.unwrap();
     let h = c
-        .exec(sh("head -c 8000000 /dev/zero; touch /dev/null"), T)
+        .exec(script("head -c 8000000 /dev/zero; touch /dev/null"), T)
         .await
         .unwrap();
     drop(h);
@@ -470,8 +445,8 @@ async fn dropped_handle_does_not_block_command() {
 /// instead of growing the agent's memory; exit releases it with EPIPE.
 #[tokio::test]
 async fn stdin_is_flow_controlled() {
-    let (c, _) = AgentClient::connect(serve(), T).await.unwrap();
-    let mut spec = sh("sleep 1");
+    let (c, _) = AgentClient::connect(serve_duplex(), T).await.unwrap();
+    let mut spec = script("sleep 1");
     spec.stdin = true;
     let mut h = c.exec(spec, T).await.unwrap();
     let ctl = h.control();
@@ -505,10 +480,10 @@ async fn stdin_is_flow_controlled() {
 #[tokio::test]
 async fn connection_death_fails_everything_promptly() {
     let (host, guest) = tokio::io::duplex(64 * 1024);
-    let a = agent();
+    let a = in_process_agent();
     let server = tokio::spawn(async move { a.serve_stream(guest).await });
     let (c, _) = AgentClient::connect(host, T).await.unwrap();
-    let mut h = c.exec(sh("sleep 5"), T).await.unwrap();
+    let mut h = c.exec(script("sleep 5"), T).await.unwrap();
     server.abort(); // drops the agent's end: EOF for the client
     tokio::time::timeout(Duration::from_secs(1), c.closed())
         .await

@@ -64,3 +64,32 @@ impl Drop for Agent {
         let _ = self.child.wait();
     }
 }
+
+/// An in-process agent (no binary, no socket) serving a private temporary root; it
+/// ignores power-off. The root is private so that other processes' files in the shared
+/// temporary directory never show up as events in a test's session.
+pub fn in_process_agent() -> std::sync::Arc<bandsox_agent::server::Agent> {
+    use bandsox_agent::server::{Agent, AgentConfig, PowerOffAction};
+    let root = tempfile::tempdir().expect("temp dir").keep();
+    let mut cfg = AgentConfig::host(root);
+    cfg.power_off = PowerOffAction::Ignore;
+    Agent::new(cfg)
+}
+
+/// An in-process agent serving one end of an in-memory duplex; returns the other end.
+pub fn serve_duplex() -> tokio::io::DuplexStream {
+    let (host, guest) = tokio::io::duplex(256 * 1024);
+    let a = in_process_agent();
+    tokio::spawn(async move { a.serve_stream(guest).await });
+    host
+}
+
+/// A shell script to run, with no environment, cwd or stdin of its own.
+pub fn script(s: &str) -> bandsox_agent::proto::ExecSpec {
+    bandsox_agent::proto::ExecSpec {
+        program: bandsox_agent::proto::Program::Script(s.as_bytes().to_vec()),
+        env: vec![],
+        cwd: None,
+        stdin: false,
+    }
+}
