@@ -121,8 +121,9 @@ async fn a_corrupted_frame_fails_requests_in_time_and_reconnect_restores_the_vm(
         .faults
         .last()
         .arm(Faults::read(Fault::CorruptAt { at: 0 }));
-    // Requests on the damaged connection fail with an errno within the RPC deadline
-    // (today the connection stays open, so they time out; nothing hangs).
+    // Requests on the damaged connection fail with an errno within the RPC deadline:
+    // the first times out, and the client then ends the out-of-step connection (the
+    // manager reconnects by itself); nothing hangs.
     for attempt in 0..2 {
         let t0 = std::time::Instant::now();
         if let Ok(run) = vm.start_run(b"echo first".to_vec(), 0).await {
@@ -134,7 +135,8 @@ async fn a_corrupted_frame_fails_requests_in_time_and_reconnect_restores_the_vm(
             t0.elapsed()
         );
     }
-    // `echo reconnect > ctl` replaces the connection; the VM works again.
+    // `echo reconnect > ctl` replaces the connection (whether or not the automatic
+    // reconnect already did); the VM works again.
     mgr.vm_ctl(&vm, "reconnect").await.unwrap();
     let run = vm.start_run(b"echo second".to_vec(), 0).await.unwrap();
     assert_eq!(finished(&run).await, RunStatus::Exited(ExitStatus::Code(0)));
