@@ -47,9 +47,13 @@ host_tree_untouched() {
   ls "$HOST_MNT" >/dev/null || fail "$1: $HOST_MNT does not answer"
 }
 
-# pkg_build [CARGO-DEB-OPTIONS]: build the package; prints the .deb's path.
+# pkg_build [CARGO-DEB-OPTIONS]: build the package and print the path of a copy in $PW
+# (cargo-deb removes the other versions' .deb files from target/debian/).
 pkg_build() {
-  (cd "$PKG_REPO" && packaging/build-deb "$@") || fail "packaging/build-deb $* failed"
+  local deb
+  deb=$(cd "$PKG_REPO" && packaging/build-deb "$@") || fail "packaging/build-deb $* failed"
+  cp "$deb" "$PW/" || fail "cannot copy $deb"
+  echo "$PW/$(basename "$deb")"
 }
 
 # pkg_mounted: $PW/mnt is a mount point (asked of the mount table, never stat'ed).

@@ -27,9 +27,11 @@ vmm=
 vm_id() { sed -n 's/.*"id": *"\([0-9a-f]*\)".*/\1/p' "$VM/info" | head -n1; }
 guest() { echo "$1" > "$VM/exec" && cat "$VM/exec"; }
 tree_daemon() { "$BANDSOX" mount "$PW/mnt" --state-dir "$PW/state" --limits "$LIMITS"; }
-pkg_op() { # LOG CMD...: run a dpkg/apt command, failing with its output
-  local log=$PW/$1; shift
+pkg_op() { # LOG CMD...: run a dpkg/apt command, failing with its output; shows what the
+  local log=$PW/$1 l; shift    # maintainer scripts said
   timeout 300 "$@" > "$log" 2>&1 || fail "$*: $(tail -n 30 "$log")"
+  note "$*"
+  while IFS= read -r l; do note "  $l"; done < <(grep '^bandsox: ' "$log" || true)
 }
 finish() {
   [ -n "$vmm" ] || return 0
