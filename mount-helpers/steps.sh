@@ -5,6 +5,8 @@
 #
 #   step TEXT        start a step (ending the one before); its duration is printed when
 #                    it ends and in the summary
+#   step_record MS TEXT  end the current step, and add a duration measured elsewhere (a
+#                    background job) to the summary
 #   say TEXT         a line within the current step
 #   die TEXT         print an error and exit 1
 #   step_summary     end the last step; print every step's duration and the total since
@@ -35,6 +37,11 @@ step() {
   _step_name=$*
   _step_t0=$(date +%s%N)
   say "$*"
+}
+
+step_record() {
+  _step_end
+  _steps+=("$1"$'\t'"$2")
 }
 
 step_summary() {
