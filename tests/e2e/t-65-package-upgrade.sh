@@ -16,7 +16,8 @@
 #    last install and purge with nothing mounted removes the empty mount point.
 # Throughout, the host's own /mnt/bandsox, when mounted (the README's first command
 # leaves it so), keeps its daemon and answers. Where PID 1 is systemd the same steps
-# apply to daemons outside bandsox.service; the unit itself is not started here.
+# apply to daemons outside bandsox.service; the unit's own branch (deb-systemd-invoke) runs
+# against recorders of systemctl and deb-systemd-invoke (7).
 # timeout: 900
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -155,3 +156,43 @@ pkg_op install3.log dpkg -i "$deb2"
 pkg_op purge2.log dpkg -P bandsox
 [ -e "$PW/mnt" ] && fail "the purge left the empty mount point $PW/mnt"
 host_tree_untouched "at the end"
+
+# 7. The systemd branch of the maintainer scripts' helper, without systemd: in a private
+# mount namespace whose /run says systemd runs, with systemctl and deb-systemd-invoke
+# replaced by recorders. An active, enabled unit is stopped and started again; an active
+# but disabled one is stopped and left stopped, with a hint.
+shim=$PW/shim
+mkdir -p "$shim"
+cat > "$shim/systemctl" <<EOS
+#!/bin/bash
+set -euo pipefail
+echo "systemctl \$*" >> "$shim/log"
+case "\$*" in
+  *is-active*) [ -e "$shim/active" ] ;;
+  *is-enabled*) [ -e "$shim/enabled" ] ;;
+  *"show -p MainPID"*) echo 0 ;;
+esac
+EOS
+cat > "$shim/deb-systemd-invoke" <<EOS
+#!/bin/bash
+set -euo pipefail
+echo "deb-systemd-invoke \$*" >> "$shim/log"
+case "\$1" in stop) rm -f "$shim/active" ;; start) touch "$shim/active" ;; esac
+EOS
+chmod +x "$shim/systemctl" "$shim/deb-systemd-invoke"
+under_systemd() { # the helper's stop (prerm upgrade), then its restart (postinst)
+  unshare -m bash -c 'set -e; mount -t tmpfs tmpfs /run; mkdir -p /run/systemd/system
+    PATH=$1:$PATH; "$2" stop upgrade; "$2" restart' _ "$shim" "$PKG_REPO/packaging/maint-daemons"
+}
+: > "$shim/log"; touch "$shim/active" "$shim/enabled"
+out=$(under_systemd 2>&1) || fail "maint-daemons under systemd: $out"
+assert_eq "deb-systemd-invoke stop bandsox.service|deb-systemd-invoke start bandsox.service" \
+  "$(grep deb-systemd-invoke "$shim/log" | paste -sd'|')" "an enabled, active unit"
+: > "$shim/log"; touch "$shim/active"; rm -f "$shim/enabled"
+out=$(under_systemd 2>&1) || fail "maint-daemons under systemd: $out"
+assert_eq "deb-systemd-invoke stop bandsox.service" "$(grep deb-systemd-invoke "$shim/log" | paste -sd'|')" "a disabled, active unit"
+assert_contains "$out" "stays stopped: systemctl start bandsox.service" "the hint for a disabled unit"
+: > "$shim/log"; rm -f "$shim/active"
+out=$(under_systemd 2>&1) || fail "maint-daemons under systemd: $out"
+grep -q deb-systemd-invoke "$shim/log" && fail "an inactive unit was stopped or started: $(cat "$shim/log")"
+true
