@@ -830,11 +830,15 @@ impl Backend for FirecrackerBackend {
     }
 
     fn describe(&self) -> String {
+        // A link shows what it resolves to now (what a jailed start runs).
+        let binary = match std::fs::canonicalize(&self.binary) {
+            Ok(r) if r != self.binary => format!("{} -> {}", self.binary.display(), r.display()),
+            _ => self.binary.display().to_string(),
+        };
         format!(
-            "Firecracker {} ({}, snapshot format {}) with kvm: {}; guest kernel: ELF vmlinux \
-             extracted from the bzImage; {}{}",
+            "Firecracker {} ({binary}, snapshot format {}) with kvm: {}; guest kernel: ELF \
+             vmlinux extracted from the bzImage; {}{}",
             self.version_text,
-            self.binary.display(),
             self.snapshot_format
                 .map(|f| format!("v{f}"))
                 .unwrap_or_else(|| "unknown".into()),

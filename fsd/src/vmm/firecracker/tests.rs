@@ -692,6 +692,11 @@ async fn jailed_launch_links_files_into_the_jail_and_uses_relative_paths() {
     // The jail is named after the file the link resolves to, as the jailer names it.
     let exec = jailer::ExecFile::resolve(&fc).unwrap();
     let root = jail.root(&vm, &exec).unwrap();
+    let d = b.describe();
+    assert!(
+        d.contains(&format!("{} -> {}", fc.display(), exec.path().display())),
+        "{d}"
+    );
     assert!(
         root.starts_with(vm.join("jail").join(RELEASE_NAME)),
         "{root:?}"
