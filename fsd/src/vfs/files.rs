@@ -26,6 +26,16 @@
 //!
 //! Every wait is interruptible (see `interrupt`); an interrupted wait on a command sends
 //! it SIGINT, like a terminal would.
+//!
+//! Memory: every open file holds a reservation of the caller's `buffer_mib` (see
+//! `limits`) for what it keeps — [`HANDLE_BYTES`], the content rendered at open, an
+//! unterminated `ctl` line, an unstarted `exec` script, a terminal's redraw — resized
+//! as that grows or shrinks and returned at release; a write to a command's `stdin` or
+//! `terminal` holds its bytes while it waits. An `exec` descriptor counts as a running
+//! command of the VM's owner (`runs`, and `terminal_cells` once its options line asked
+//! for a terminal) from its first write. Whatever does not fit fails with EDQUOT
+//! (EAGAIN for a host-wide limit) before anything is kept, and a refused `exec` never
+//! runs.
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +46,7 @@ use parking_lot::Mutex;
 use super::tree::{Node, RunFile, Tree, VmFile};
 use crate::error::{Error, Result};
 use crate::interrupt::interruptible;
+use crate::limits::{Amounts, Reservation, HANDLE_BYTES};
 use crate::lines::LineBuffer;
 use crate::manager::runs::{Run, RunStream};
 use crate::manager::vm::{Vm, MAX_SCRIPT};
@@ -71,6 +82,9 @@ pub struct ExecTx {
     refused: Option<Error>,
     /// The first line (a possible `#bandsox` options line) was complete and checked.
     first_line_checked: bool,
+    /// From the first write: the command this descriptor will run, counted for the
+    /// VM's owner (with its terminal's cells once the options line asked for one).
+    run_hold: Option<Reservation>,
 }
 
 /// The threads that wrote to one open file description (a few; more are folded).
@@ -120,6 +134,30 @@ struct TermPos {
     offset: u64,
 }
 
+/// An open file and what it holds of its opener's `buffer_mib`.
+pub struct Handle {
+    file: OpenFile,
+    hold: Reservation,
+}
+
+impl Handle {
+    /// Hold `bytes` besides the handle itself from now on (see the module docs).
+    fn hold_bytes(&self, bytes: usize) -> Result<()> {
+        self.hold
+            .resize(Amounts::buffer(HANDLE_BYTES + bytes as u64))
+    }
+}
+
+impl OpenFile {
+    /// Bytes of content this file keeps from its open on.
+    fn content_len(&self) -> usize {
+        match self {
+            OpenFile::Generated(c) => c.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// One open control file: its target and the line assembly of this description.
 pub struct CtlFile {
     target: CtlTarget,
@@ -156,7 +194,7 @@ pub struct Files {
     /// Root `mkdir`/`rmdir` in flight (root-name invalidations wait for them).
     pub(super) root_ops: Arc<super::rootops::RootOps>,
     events: crate::eventview::EventViews,
-    handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
 }
 
@@ -196,7 +234,7 @@ impl Files {
         }
     }
 
-    fn handle(&self, fh: u64) -> Result<Arc<OpenFile>> {
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
         self.handles
             .lock()
             .get(&fh)
@@ -281,6 +319,7 @@ impl Files {
                     writers: Writers::default(),
                     refused: None,
                     first_line_checked: false,
+                    run_hold: None,
                 };
                 // Seekable (not a stream) so that an appending pwrite reaches us; reads
                 // keep their own position whatever the offset.
@@ -333,14 +372,22 @@ impl Files {
             }
             _ => return Err(Error::new(libc::EISDIR, "is a directory")),
         };
+        let bytes = HANDLE_BYTES + file.content_len() as u64;
+        let hold = self
+            .tree
+            .mgr()
+            .limits
+            .hold(caller.uid, Amounts::buffer(bytes))?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, Arc::new(file));
+        self.handles
+            .lock()
+            .insert(fh, Arc::new(Handle { file, hold }));
         Ok((fh, mode))
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32, caller: Caller) -> Result<Vec<u8>> {
-        let file = self.handle(fh)?;
-        match &*file {
+        let handle = self.handle(fh)?;
+        match &handle.file {
             OpenFile::Generated(c) => Ok(slice_at(c, offset, size)),
             OpenFile::Log(p) => read_file_at(p, offset, size),
             OpenFile::Ctl(ctl) => match &ctl.target {
@@ -370,7 +417,7 @@ impl Files {
                 )),
             },
             OpenFile::Stdin(_) => Ok(Vec::new()),
-            OpenFile::Terminal(t) => read_terminal(t, size, caller.pid).await,
+            OpenFile::Terminal(t) => read_terminal(t, &handle, size, caller.pid).await,
             OpenFile::Events(h) => h.read(offset, size),
             OpenFile::CappedLog(p, reader) => {
                 let mib = crate::limits::vm_caps().console_mib;
@@ -393,9 +440,7 @@ impl Files {
                     return Err(e.clone());
                 }
                 if tx.run.is_none() && !tx.script.is_empty() {
-                    let script = std::mem::take(&mut tx.script);
-                    let run = start_run(&tx.vm, script, tx.session, caller.pid).await?;
-                    tx.run = Some(run);
+                    start_tx(&mut tx, &handle, caller.pid).await?;
                 }
                 let Some(run) = tx.run.clone() else {
                     return Ok(Vec::new());
@@ -409,11 +454,11 @@ impl Files {
 
     /// A write at `offset` (see the module docs for what each kind of file does).
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8], caller: Caller) -> Result<u32> {
-        let file = self.handle(fh)?;
+        let handle = self.handle(fh)?;
         // The kernel's writes are at most `max_write` (1 MiB).
         let len = u32::try_from(data.len())
             .map_err(|_| Error::new(libc::EFBIG, "a single write of 4 GiB or more"))?;
-        match &*file {
+        match &handle.file {
             OpenFile::Ctl(ctl) => {
                 let mut st = ctl.state.lock().await;
                 if let Err(e) = st.lines.check_offset(offset) {
@@ -424,12 +469,22 @@ impl Files {
                     Ok(l) => l,
                     Err(e) => return Err(self.record(ctl, caller.session, e)),
                 };
-                self.run_lines(ctl, &mut st.lines, lines, caller).await?;
+                // The unterminated rest is kept only if the caller's buffers hold it;
+                // otherwise this write runs nothing, like an overlong line.
+                if let Err(e) = handle.hold_bytes(st.lines.held()) {
+                    st.lines.abandon();
+                    let _ = handle.hold_bytes(0);
+                    return Err(self.record(ctl, caller.session, e));
+                }
+                let ran = self.run_lines(ctl, &mut st.lines, lines, caller).await;
+                let _ = handle.hold_bytes(st.lines.held());
+                ran?;
                 st.lines.advance(offset, data.len());
                 Ok(len)
             }
             OpenFile::Stdin(run) => {
                 // Waits like a pipe while the command does not read; Ctrl-C ends the wait.
+                let _held = self.hold_write(caller, data)?;
                 interruptible(caller.pid, async {
                     for chunk in data.chunks(bandsox_agent::proto::MAX_CHUNK) {
                         run.write_stdin(chunk.to_vec()).await?;
@@ -442,6 +497,7 @@ impl Files {
             OpenFile::Terminal(t) => {
                 // Keystrokes: wait like a pipe while the guest does not read them;
                 // a finished run answers EPIPE.
+                let _held = self.hold_write(caller, data)?;
                 interruptible(caller.pid, async {
                     for chunk in data.chunks(bandsox_agent::proto::MAX_CHUNK) {
                         t.run.write_stdin(chunk.to_vec()).await?;
@@ -471,32 +527,17 @@ impl Files {
                     return Err(e.clone());
                 }
                 tx.writers.note(caller.pid);
-                if tx.script.len() + data.len() > MAX_SCRIPT {
-                    // All or nothing: the script is dropped and will not run at close.
-                    let e = Error::new(
-                        libc::E2BIG,
-                        format!("the script is longer than {MAX_SCRIPT} bytes; nothing was run"),
-                    );
-                    tx.script = Vec::new();
-                    tx.refused = Some(e.clone());
-                    return Err(e);
-                }
-                tx.script.extend_from_slice(data);
-                tx.next_offset = Some(offset + data.len() as u64);
-                if !tx.first_line_checked {
-                    match crate::manager::execopts::check_first_line(&tx.script) {
-                        Ok(done) => tx.first_line_checked = done,
-                        Err(e) => {
-                            // All or nothing: a bad options line runs nothing.
-                            let e = e.with_context("exec");
-                            let _ = tx.vm.ctl_results().record(tx.session, Err(e.clone()));
-                            tx.script = Vec::new();
-                            tx.refused = Some(e.clone());
-                            return Err(e);
-                        }
+                match accept_script(&mut tx, &handle, data) {
+                    Ok(()) => {
+                        tx.next_offset = Some(offset + data.len() as u64);
+                        Ok(len)
+                    }
+                    Err(e) => {
+                        // All or nothing: a refused script never runs.
+                        refuse_tx(&mut tx, &handle, Some(e.clone()));
+                        Err(tx.refused.clone().unwrap_or(e))
                     }
                 }
-                Ok(len)
             }
             OpenFile::Generated(_)
             | OpenFile::Log(_)
@@ -676,12 +717,20 @@ impl Files {
     /// starts a pending exec, when the closing process wrote to the descriptor and is
     /// not being killed; a write-only exec waits for its command and reports a lost run.
     pub async fn flush(&self, fh: u64, caller: Caller) -> Result<()> {
-        let file = self.handle(fh)?;
-        match &*file {
+        let handle = self.handle(fh)?;
+        match &handle.file {
             OpenFile::Ctl(ctl) => self.flush_ctl(ctl, caller).await,
-            OpenFile::Exec(tx) => self.flush_exec(tx, caller).await,
+            OpenFile::Exec(tx) => self.flush_exec(tx, &handle, caller).await,
             _ => Ok(()),
         }
+    }
+
+    /// Hold the bytes of a write to a command's input while it waits for the command.
+    fn hold_write(&self, caller: Caller, data: &[u8]) -> Result<Reservation> {
+        self.tree
+            .mgr()
+            .limits
+            .hold(caller.uid, Amounts::buffer(data.len() as u64))
     }
 
     async fn flush_ctl(&self, ctl: &CtlFile, caller: Caller) -> Result<()> {
@@ -708,7 +757,12 @@ impl Files {
         self.run_lines(ctl, &mut st.lines, vec![line], caller).await
     }
 
-    async fn flush_exec(&self, tx: &tokio::sync::Mutex<ExecTx>, caller: Caller) -> Result<()> {
+    async fn flush_exec(
+        &self,
+        tx: &tokio::sync::Mutex<ExecTx>,
+        handle: &Handle,
+        caller: Caller,
+    ) -> Result<()> {
         let mut tx = tx.lock().await;
         if let Some(e) = &tx.refused {
             return Err(e.clone());
@@ -720,16 +774,14 @@ impl Files {
                 return Ok(());
             }
             if crate::interrupt::killed_by_signal(caller.pid) {
-                tx.script = Vec::new();
+                refuse_tx(&mut tx, handle, None);
                 tx.refused = Some(Error::new(
                     libc::EINTR,
                     "the writer was killed before it closed exec; the script was not run",
                 ));
                 return Ok(());
             }
-            let script = std::mem::take(&mut tx.script);
-            let run = start_run(&tx.vm, script, tx.session, caller.pid).await?;
-            tx.run = Some(run);
+            start_tx(&mut tx, handle, caller.pid).await?;
         }
         // Only a write-only descriptor's close waits for its command (and not for a
         // terminal run, or with `wait=0`: see `execopts`).
@@ -758,8 +810,8 @@ impl Files {
     /// `fsync` of a control file: for an exec whose run was lost, the same errno its
     /// close reports; otherwise nothing to do.
     pub async fn fsync(&self, fh: u64) -> Result<()> {
-        let file = self.handle(fh)?;
-        if let OpenFile::Exec(tx) = &*file {
+        let handle = self.handle(fh)?;
+        if let OpenFile::Exec(tx) = &handle.file {
             let tx = tx.lock().await;
             if let Some(e) = &tx.refused {
                 return Err(e.clone());
@@ -775,18 +827,19 @@ impl Files {
     /// refused); a control file's unterminated line that no writer's close ran is
     /// dropped, and the caller's `ctl` result says so.
     pub fn release(&self, fh: u64) {
-        let Some(file) = self.handles.lock().remove(&fh) else {
+        let Some(handle) = self.handles.lock().remove(&fh) else {
             return;
         };
-        match &*file {
+        match &handle.file {
             OpenFile::Exec(tx) => {
                 if let Ok(mut tx) = tx.try_lock() {
                     if tx.run.is_none() && !tx.script.is_empty() && tx.refused.is_none() {
                         let script = std::mem::take(&mut tx.script);
+                        let hold = tx.run_hold.take();
                         let vm = tx.vm.clone();
                         let session = tx.session;
                         tokio::spawn(async move {
-                            if let Err(e) = vm.start_run(script, session).await {
+                            if let Err(e) = vm.start_run_held(script, session, hold).await {
                                 tracing::warn!(vm = %vm.name, "exec on release failed: {e}");
                             }
                         });
@@ -810,13 +863,67 @@ impl Files {
     }
 }
 
+/// Take one write of an exec script. It must fit the script cap, the caller's buffers
+/// and the VM owner's running commands (and, once the options line is complete and
+/// asks for a terminal, its cells); a bad options line is refused as soon as it is
+/// complete, so the `write(2)` that completed it fails (a shell ignores `close`).
+fn accept_script(tx: &mut ExecTx, handle: &Handle, data: &[u8]) -> Result<()> {
+    if tx.script.len() + data.len() > MAX_SCRIPT {
+        return Err(Error::new(
+            libc::E2BIG,
+            format!("the script is longer than {MAX_SCRIPT} bytes; nothing was run"),
+        ));
+    }
+    if tx.run_hold.is_none() {
+        tx.run_hold = Some(tx.vm.hold_run(0)?);
+    }
+    tx.script.extend_from_slice(data);
+    handle.hold_bytes(tx.script.capacity())?;
+    if !tx.first_line_checked {
+        if let Some(opts) = crate::manager::execopts::check_first_line(&tx.script)? {
+            tx.first_line_checked = true;
+            if let (Some(size), Some(hold)) = (opts.tty, &tx.run_hold) {
+                hold.resize(Amounts::run(crate::manager::terminal::cells(size)))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The descriptor's script will never run: drop it and what it held; with an error,
+/// `cat <vm>/ctl` says why (and later writes, reads and `close` fail with it).
+fn refuse_tx(tx: &mut ExecTx, handle: &Handle, e: Option<Error>) {
+    tx.script = Vec::new();
+    tx.run_hold = None;
+    let _ = handle.hold_bytes(0);
+    if let Some(e) = e {
+        tx.refused = Some(tx.vm.exec_failed(tx.session, e));
+    }
+}
+
+/// Start the descriptor's script with the command it holds; the script's bytes go back
+/// to the caller's buffers (the run keeps it on disk).
+async fn start_tx(tx: &mut ExecTx, handle: &Handle, pid: u32) -> Result<()> {
+    let script = std::mem::take(&mut tx.script);
+    let hold = tx.run_hold.take();
+    let _ = handle.hold_bytes(0);
+    tx.run = Some(start_run(&tx.vm, script, tx.session, hold, pid).await?);
+    Ok(())
+}
+
 /// Start `script` as a run; the starting process may be interrupted (EINTR at once),
 /// in which case the command, once started, gets SIGINT as if typed Ctrl-C.
-async fn start_run(vm: &Arc<Vm>, script: Vec<u8>, session: u32, pid: u32) -> Result<Arc<Run>> {
+async fn start_run(
+    vm: &Arc<Vm>,
+    script: Vec<u8>,
+    session: u32,
+    hold: Option<Reservation>,
+    pid: u32,
+) -> Result<Arc<Run>> {
     let v = vm.clone();
     let started = crate::interrupt::detachable(
         pid,
-        async move { v.start_run(script, session).await },
+        async move { v.start_run_held(script, session, hold).await },
         |res: Result<Arc<Run>>| {
             if let Ok(run) = res {
                 tokio::spawn(async move {
@@ -833,13 +940,15 @@ async fn start_run(vm: &Arc<Vm>, script: Vec<u8>, session: u32, pid: u32) -> Res
 /// read, then live output from that offset; EOF once the run ended and all was read.
 /// An interrupted reader gets EINTR; the command is not signalled (on a terminal,
 /// Ctrl-C is a keystroke, written to the terminal).
-async fn read_terminal(t: &TermFile, size: u32, pid: u32) -> Result<Vec<u8>> {
+async fn read_terminal(t: &TermFile, handle: &Handle, size: u32, pid: u32) -> Result<Vec<u8>> {
     let mut st = t.state.lock().await;
     if st.is_none() {
         let (_, redraw, offset) = t
             .run
             .terminal_snapshot()?
             .ok_or_else(|| Error::new(libc::ENOTTY, "this run has no terminal"))?;
+        // The redraw is kept until it was read: it counts as the reader's buffer.
+        handle.hold_bytes(redraw.len())?;
         *st = Some(TermPos {
             redraw,
             sent: 0,
@@ -854,6 +963,11 @@ async fn read_terminal(t: &TermFile, size: u32, pid: u32) -> Result<Vec<u8>> {
         let end = pos.sent.saturating_add(size as usize).min(pos.redraw.len());
         let out = pos.redraw[pos.sent..end].to_vec();
         pos.sent = end;
+        if end == pos.redraw.len() {
+            pos.redraw = Vec::new();
+            pos.sent = 0;
+            let _ = handle.hold_bytes(0);
+        }
         return Ok(out);
     }
     let data = interruptible(pid, t.run.read_stream(RunStream::Stdout, pos.offset, size)).await?;
