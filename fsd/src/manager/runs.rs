@@ -453,7 +453,7 @@ impl Run {
     }
 
     fn finish_with(&self, status: RunStatus, lost_errno: i32) {
-        let (status, screen, hold, printed) = {
+        let (status, screen, printed) = {
             let mut inner = self.inner.lock();
             if !inner.status.is_running() {
                 return;
@@ -462,19 +462,21 @@ impl Run {
                 RunStatus::Exited(s) if inner.timed_out => RunStatus::Timeout(s),
                 s => s,
             };
+            // Its place among running commands goes back before anyone can see it
+            // ended (a waiting `close` may start the next command at once); its screen
+            // right after, outside the lock.
+            drop(inner.hold.take());
             inner.status = status.clone();
             inner.lost_errno = lost_errno;
             inner.control = None;
             inner.writer = None;
             inner.ended = Some(SystemTime::now());
-            // What it held goes back: its screen, its place among running commands.
-            (
-                status,
-                inner.screen.take(),
-                inner.hold.take(),
-                inner.lens[2] > 0,
-            )
+            (status, inner.screen.take(), inner.lens[2] > 0)
         };
+        if screen.is_some() {
+            drop(screen);
+            crate::memtrim::after_large_free();
+        }
         if let Err(e) = write_status(&self.dir.join("status"), &status.render()) {
             tracing::warn!("cannot write status of run {}: {e}", self.dir.display());
         }
@@ -491,11 +493,6 @@ impl Run {
             }
         }
         self.bump();
-        drop(hold);
-        if screen.is_some() {
-            drop(screen);
-            crate::memtrim::after_large_free();
-        }
     }
 
     /// Why the run was lost, as the error a write-only `exec`'s `close()` returns:

@@ -294,7 +294,7 @@ impl Tree {
             Node::Runs(id) => {
                 let vm = self.vm(id)?;
                 if name == "last" {
-                    if vm.run_numbers().is_empty() {
+                    if vm.newest_run().is_none() {
                         return Err(nf());
                     }
                     Node::RunsLast(id.clone())
