@@ -276,6 +276,19 @@ impl Limits {
             let want = more.get(r);
             want > 0 && have.saturating_add(want) > limit.saturating_mul(r.unit())
         };
+        let refusal = |errno, name: String, limit: u64, who: String, have: u64, r: Resource| {
+            Error::new(
+                errno,
+                format!(
+                    "{name}={limit} reached: {who} {} {}, this request needs {} more \
+                     (see `cat usage`; root sets limits in {})",
+                    r.shown(have),
+                    r.noun(),
+                    r.shown(more.get(r)),
+                    self.path.display()
+                ),
+            )
+        };
         if let Some(row) = set.row_for(uid) {
             for r in Resource::ALL {
                 if let Some(limit) = row[r.index()] {
@@ -285,18 +298,9 @@ impl Limits {
                         } else {
                             "per_user".into()
                         };
-                        return Err(Error::new(
-                            libc::EDQUOT,
-                            format!(
-                                "limit {scope}.{}={limit} reached: uid {uid} has {} {}, this request needs {} more \
-                                 (see `cat usage`; root sets limits in {})",
-                                r.key(),
-                                r.shown(mine.get(r)),
-                                r.noun(),
-                                r.shown(more.get(r)),
-                                self.path.display()
-                            ),
-                        ));
+                        let name = format!("limit {scope}.{}", r.key());
+                        let who = format!("uid {uid} has");
+                        return Err(refusal(libc::EDQUOT, name, limit, who, mine.get(r), r));
                     }
                 }
             }
@@ -304,18 +308,9 @@ impl Limits {
         for r in Resource::ALL {
             if let Some(limit) = set.host[r.index()] {
                 if over(r, limit, total.get(r)) {
-                    return Err(Error::new(
-                        r.host_errno(),
-                        format!(
-                            "host limit host.{}={limit} reached: all users have {} {}, this request needs {} more \
-                             (see `cat usage`; root sets limits in {})",
-                            r.key(),
-                            r.shown(total.get(r)),
-                            r.noun(),
-                            r.shown(more.get(r)),
-                            self.path.display()
-                        ),
-                    ));
+                    let name = format!("host limit host.{}", r.key());
+                    let who = "all users have".to_string();
+                    return Err(refusal(r.host_errno(), name, limit, who, total.get(r), r));
                 }
             }
         }
@@ -469,6 +464,14 @@ mod tests {
     use super::super::tests::facts;
     use super::*;
 
+    /// A limits file holding `text`, in a directory that lives as long as the result.
+    fn limits_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("limits");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
     fn usage_with(uid: u32, a: Amounts) -> Usage {
         let mut u = Usage::default();
         u.add(uid, &a);
@@ -477,14 +480,8 @@ mod tests {
 
     #[test]
     fn admit_refuses_with_the_limit_value_and_use() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("limits");
-        std::fs::write(
-            &path,
-            "per_user.vms = 2\nhost.vcpus = 3\nhost.disk_mib = 100\n",
-        )
-        .unwrap();
-        let l = Limits::new(path.clone(), facts());
+        let (_dir, path) = limits_file("per_user.vms = 2\nhost.vcpus = 3\nhost.disk_mib = 100\n");
+        let l = Limits::new(path, facts());
         let one = Amounts::vm(1, 256, 10);
         let e = l
             .admit(1000, one, || {
@@ -519,14 +516,10 @@ mod tests {
 
     #[test]
     fn holds_count_commands_cells_and_buffers_until_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("limits");
-        std::fs::write(
-            &path,
+        let (_dir, path) = limits_file(
             "per_user.runs = 2\nper_user.terminal_cells = 1500000\nhost.runs = 3\n\
              per_user.buffer_mib = 1\n",
-        )
-        .unwrap();
+        );
         let l = Limits::with_owner(path, facts(), None);
         // Two commands, one of them with a 1000x1000 terminal; the third is EDQUOT.
         let a = l.hold(1000, Amounts::run(1_000_000)).unwrap();
@@ -602,9 +595,7 @@ mod tests {
     fn a_chmod_alone_is_noticed_at_once() {
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("limits");
-        std::fs::write(&path, "per_user.vms = 3\n").unwrap();
+        let (_dir, path) = limits_file("per_user.vms = 3\n");
         let mode =
             |m: u32| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m)).unwrap();
         mode(0o666);
