@@ -939,13 +939,12 @@ impl Vm {
         session: u32,
         hold: Option<crate::limits::Reservation>,
     ) -> Result<Arc<Run>> {
-        let made = match self.live_agent().await {
-            Ok(agent) => self
-                .new_run(&script, &opts, session, hold)
-                .map(|run| (agent, run)),
-            Err(e) => Err(e),
+        let made = async {
+            check_script(&script)?;
+            let agent = self.live_agent().await?;
+            Ok((agent, self.new_run(&script, &opts, session, hold)?))
         };
-        let (agent, run) = match made {
+        let (agent, run) = match made.await {
             Ok(x) => x,
             Err(e) => return Err(self.exec_failed(session, e)),
         };
@@ -980,8 +979,8 @@ impl Vm {
         }
     }
 
-    /// The run a new command gets: checked, admitted against the owner's limits and
-    /// created on disk, or nothing at all.
+    /// The run a new command gets: admitted against the owner's limits and created on
+    /// disk, or nothing at all.
     fn new_run(
         &self,
         script: &[u8],
@@ -989,18 +988,6 @@ impl Vm {
         session: u32,
         hold: Option<crate::limits::Reservation>,
     ) -> Result<Arc<Run>> {
-        if script.len() > MAX_SCRIPT {
-            return Err(Error::new(
-                libc::E2BIG,
-                format!(
-                    "the command is {} bytes; at most {MAX_SCRIPT} are accepted",
-                    script.len()
-                ),
-            ));
-        }
-        if script.iter().all(|b| b.is_ascii_whitespace()) {
-            return Err(Error::invalid("empty command"));
-        }
         let need = crate::limits::Amounts::run(opts.tty.map_or(0, super::terminal::cells));
         let hold = match hold {
             Some(h) => {
@@ -1024,6 +1011,23 @@ impl Vm {
         self.session_last.set(session, Some(n));
         Ok(run)
     }
+}
+
+/// A script `exec` may run: at most [`MAX_SCRIPT`] bytes, not only white space.
+fn check_script(script: &[u8]) -> Result<()> {
+    if script.len() > MAX_SCRIPT {
+        return Err(Error::new(
+            libc::E2BIG,
+            format!(
+                "the command is {} bytes; at most {MAX_SCRIPT} are accepted",
+                script.len()
+            ),
+        ));
+    }
+    if script.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(Error::invalid("empty command"));
+    }
+    Ok(())
 }
 
 /// Create the host side of the VM's network (the TAP device for `net=tap`).
