@@ -169,6 +169,44 @@ fn open_files_count_against_buffer_mib() {
     assert_eq!(m.ok_as(CAROL, "cat $M/c/exec"), "fine\n");
 }
 
+/// The runs a user keeps (running or finished, in all their VMs) are bounded by
+/// `kept_runs`: beyond it a new command deletes the oldest finished ones of its VM, as
+/// beyond `keep_runs`; when none has finished, it is refused.
+#[test]
+fn kept_runs_beyond_the_limit_make_room_or_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = dir.path().join("limits");
+    std::fs::write(&limits, "per_user.kept_runs = 3\n").unwrap();
+    let Some(m) = Mounted::with_env(&[("BANDSOX_LIMITS", limits.to_str().unwrap())]) else {
+        return;
+    };
+    m.ok_as(CAROL, "mkdir $M/k");
+    for i in 1..=5 {
+        m.ok_as(CAROL, &format!("echo 'echo {i}' > $M/k/exec"));
+    }
+    assert_eq!(
+        m.ok_as(CAROL, "ls $M/k/runs | grep '^[0-9]' | sort -n | xargs"),
+        "3 4 5\n"
+    );
+    assert!(m.ok_as(CAROL, "cat $M/usage").contains(" kept_runs=3/3 "));
+    for _ in 0..3 {
+        m.ok_as(
+            CAROL,
+            "printf '#bandsox wait=0\\nexec sleep 900\\n' > $M/k/exec",
+        );
+    }
+    let (code, _, err) = m.sh_as(CAROL, "echo 'echo 9' > $M/k/exec");
+    assert_ne!(code, 0);
+    assert!(err.contains("Disk quota exceeded"), "{err}");
+    assert!(m
+        .ok_as(CAROL, "cat $M/k/ctl")
+        .contains("per_user.kept_runs=3"));
+    m.ok_as(
+        CAROL,
+        "for r in $M/k/runs/[0-9]*; do echo kill > $r/ctl || true; done",
+    );
+}
+
 /// An exec on a full state disk leaves no run, fails `close` with ENOSPC, and `cat ctl`
 /// and `runs/last` say what happened; once there is room, the next exec runs.
 #[test]

@@ -137,7 +137,9 @@ impl Reservation {
         let mut more = need;
         more.sub(&old);
         let (mine, total) = (ledger.user(uid), ledger.total);
-        self.limits.check(&set, uid, &more, &mine, &total)?;
+        self.limits
+            .check(&set, uid, &more, &mine, &total)
+            .map_err(|(_, e)| e)?;
         ledger.remove(uid, &old);
         ledger.add(uid, &need);
         ledger.entries.insert(self.id, (uid, need));
@@ -263,7 +265,7 @@ impl Limits {
     }
 
     /// Whether `uid` may take `more` on top of `mine` (theirs) and `total` (everyone's).
-    /// Refusals name the limit, its value and the use.
+    /// Refusals say which resource, and name the limit, its value and the use.
     fn check(
         &self,
         set: &LimitSet,
@@ -271,7 +273,7 @@ impl Limits {
         more: &Amounts,
         mine: &Amounts,
         total: &Amounts,
-    ) -> Result<()> {
+    ) -> std::result::Result<(), (Resource, Error)> {
         let over = |r: Resource, limit: u64, have: u64| {
             let want = more.get(r);
             want > 0 && have.saturating_add(want) > limit.saturating_mul(r.unit())
@@ -300,7 +302,7 @@ impl Limits {
                         };
                         let name = format!("limit {scope}.{}", r.key());
                         let who = format!("uid {uid} has");
-                        return Err(refusal(libc::EDQUOT, name, limit, who, mine.get(r), r));
+                        return Err((r, refusal(libc::EDQUOT, name, limit, who, mine.get(r), r)));
                     }
                 }
             }
@@ -310,7 +312,10 @@ impl Limits {
                 if over(r, limit, total.get(r)) {
                     let name = format!("host limit host.{}", r.key());
                     let who = "all users have".to_string();
-                    return Err(refusal(r.host_errno(), name, limit, who, total.get(r), r));
+                    return Err((
+                        r,
+                        refusal(r.host_errno(), name, limit, who, total.get(r), r),
+                    ));
                 }
             }
         }
@@ -332,7 +337,8 @@ impl Limits {
         mine.add(&ledger.user(uid));
         let mut total = usage.total();
         total.add(&ledger.total);
-        self.check(&set, uid, &need, &mine, &total)?;
+        self.check(&set, uid, &need, &mine, &total)
+            .map_err(|(_, e)| e)?;
         Ok(self.enter(&mut ledger, uid, need))
     }
 
@@ -340,11 +346,39 @@ impl Limits {
     /// screens, buffers) for `uid`, or refuse. Re-reads a changed file at most once a
     /// second: holds are taken on every open of a control file.
     pub fn hold(self: &Arc<Self>, uid: u32, need: Amounts) -> Result<Reservation> {
+        self.hold_freeing(uid, need, |_| false)
+    }
+
+    /// [`Limits::hold`], letting `free` make room first whenever a limit refuses: it is
+    /// called (without the admission lock) with the resource that did not fit and
+    /// returns whether it freed some; then the hold is tried again.
+    pub fn hold_freeing(
+        self: &Arc<Self>,
+        uid: u32,
+        need: Amounts,
+        mut free: impl FnMut(Resource) -> bool,
+    ) -> Result<Reservation> {
         let set = self.current_throttled();
+        loop {
+            let refused = {
+                let mut ledger = self.ledger.lock();
+                let (mine, total) = (ledger.user(uid), ledger.total);
+                match self.check(&set, uid, &need, &mine, &total) {
+                    Ok(()) => return Ok(self.enter(&mut ledger, uid, need)),
+                    Err(refused) => refused,
+                }
+            };
+            if !free(refused.0) {
+                return Err(refused.1);
+            }
+        }
+    }
+
+    /// Count `need` for `uid` whatever the limits: what exists when the daemon starts
+    /// (runs kept on disk) counts, even over a limit.
+    pub fn hold_existing(self: &Arc<Self>, uid: u32, need: Amounts) -> Reservation {
         let mut ledger = self.ledger.lock();
-        let (mine, total) = (ledger.user(uid), ledger.total);
-        self.check(&set, uid, &need, &mine, &total)?;
-        Ok(self.enter(&mut ledger, uid, need))
+        self.enter(&mut ledger, uid, need)
     }
 
     fn enter(self: &Arc<Self>, ledger: &mut Ledger, uid: u32, need: Amounts) -> Reservation {
@@ -571,6 +605,37 @@ mod tests {
         assert!(text.contains(" buffer_mib=1/1"), "{text}");
         let host = text.lines().find(|l| l.starts_with("host ")).unwrap();
         assert!(host.contains(" runs=2/3 "), "{text}");
+    }
+
+    #[test]
+    fn a_hold_can_make_room_first_and_existing_things_always_count() {
+        let (_dir, path) = limits_file("per_user.kept_runs = 2\n");
+        let l = Limits::with_owner(path, facts(), None);
+        // Two runs kept from before (over the limit would count too).
+        let mut kept = vec![
+            l.hold_existing(1000, Amounts::kept_run()),
+            l.hold_existing(1000, Amounts::kept_run()),
+            l.hold_existing(1000, Amounts::kept_run()),
+        ];
+        // A new one frees the oldest until it fits.
+        let mut asked = Vec::new();
+        let new = l
+            .hold_freeing(1000, Amounts::kept_run(), |r| {
+                asked.push(r);
+                kept.remove(0);
+                true
+            })
+            .unwrap();
+        assert_eq!(asked, vec![Resource::KeptRuns, Resource::KeptRuns]);
+        assert_eq!(kept.len(), 1);
+        // Nothing to free: refused with the limit named.
+        let e = l
+            .hold_freeing(1000, Amounts::kept_run(), |_| false)
+            .unwrap_err();
+        assert_eq!(e.errno, libc::EDQUOT);
+        assert!(e.message.contains("per_user.kept_runs=2"), "{}", e.message);
+        drop(new);
+        let _again = l.hold(1000, Amounts::kept_run()).unwrap();
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //! - what a user *creates* (VMs, vCPUs, memory, disk, snapshots): counted by the
 //!   manager from what exists, plus what admitted requests are still creating;
 //! - what a user makes *the daemon hold* in its own memory (running commands, terminal
-//!   screens, buffers of open control files): counted only by the [`Reservation`]s that
-//!   hold them, taken before the memory is, released when it is ([`Resource::held`]).
+//!   screens, the runs kept, buffers of open control files): counted only by the
+//!   [`Reservation`]s that hold them, taken before the memory is, released when it is
+//!   ([`Resource::held`]).
 //!
 //! Invariants:
 //! - Per-user limits give EDQUOT; host-wide limits give EAGAIN (what frees up as others
@@ -42,6 +43,9 @@ pub const CELL_BYTES: u64 = 64;
 pub const RUN_BYTES: u64 = 320 * 1024;
 /// What every open control-tree file counts against `buffer_mib`, besides its content.
 pub const HANDLE_BYTES: u64 = 512;
+/// Bytes of daemon memory one kept run (running or finished) costs at most: its record
+/// in the VM's table of runs (about 300 bytes, measured) with its path and channel.
+pub const KEPT_RUN_BYTES: u64 = 512;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -58,6 +62,8 @@ pub enum Resource {
     Runs,
     /// `rows × cols` of the terminal screens the daemon emulates.
     TerminalCells,
+    /// Runs kept in the VMs' `runs/` (running or finished).
+    KeptRuns,
     /// Bytes held for open control files: unstarted `exec` scripts, unterminated `ctl`
     /// lines, contents rendered at open, writes waiting for a command. Counted in
     /// bytes, limited in MiB.
@@ -65,7 +71,7 @@ pub enum Resource {
 }
 
 /// How many resources there are.
-pub const RESOURCES: usize = 9;
+pub const RESOURCES: usize = 10;
 
 impl Resource {
     pub const ALL: [Resource; RESOURCES] = [
@@ -77,6 +83,7 @@ impl Resource {
         Resource::SnapshotMib,
         Resource::Runs,
         Resource::TerminalCells,
+        Resource::KeptRuns,
         Resource::BufferMib,
     ];
     pub fn key(self) -> &'static str {
@@ -89,6 +96,7 @@ impl Resource {
             Resource::SnapshotMib => "snapshot_mib",
             Resource::Runs => "runs",
             Resource::TerminalCells => "terminal_cells",
+            Resource::KeptRuns => "kept_runs",
             Resource::BufferMib => "buffer_mib",
         }
     }
@@ -103,7 +111,7 @@ impl Resource {
     pub fn held(self) -> bool {
         matches!(
             self,
-            Resource::Runs | Resource::TerminalCells | Resource::BufferMib
+            Resource::Runs | Resource::TerminalCells | Resource::KeptRuns | Resource::BufferMib
         )
     }
     /// Units of [`Amounts`] per unit of the limit (`buffer_mib` is counted in bytes).
@@ -135,6 +143,7 @@ impl Resource {
             Resource::SnapshotMib => "MiB of snapshots",
             Resource::Runs => "commands running (or being written to exec)",
             Resource::TerminalCells => "terminal cells (rows x cols)",
+            Resource::KeptRuns => "runs kept (running or finished)",
             Resource::BufferMib => "MiB held for open control files",
         }
     }
@@ -182,9 +191,15 @@ impl Amounts {
         a.set(Resource::SnapshotMib, mib);
         a
     }
-    /// What one running command counts for; `cells` of a terminal screen (0: none).
+    /// What one kept run counts for.
+    pub fn kept_run() -> Amounts {
+        Amounts::of(Resource::KeptRuns, 1)
+    }
+    /// What one running command counts for (its run is kept too); `cells` of a
+    /// terminal screen (0: none).
     pub fn run(cells: u64) -> Amounts {
-        let mut a = Amounts::of(Resource::Runs, 1);
+        let mut a = Amounts::kept_run();
+        a.set(Resource::Runs, 1);
         a.set(Resource::TerminalCells, cells);
         a
     }
@@ -286,11 +301,13 @@ impl LimitSet {
     /// - host disk: the state directory's filesystem size (configured disk sizes);
     /// - host snapshots: 256, using at most half of that filesystem;
     /// - what the daemon holds for users: at most 1/16 of MemTotal in all, half of it
-    ///   for terminal screens ([`CELL_BYTES`] a cell), a quarter for running commands
-    ///   ([`RUN_BYTES`] each, and no more than an eighth of the daemon's open-file
-    ///   limit: three files each), a quarter for buffers;
+    ///   for terminal screens ([`CELL_BYTES`] a cell), a quarter for the runs kept
+    ///   ([`KEPT_RUN_BYTES`] each), an eighth for running commands ([`RUN_BYTES`]
+    ///   each, and no more than an eighth of the daemon's open-file limit: three files
+    ///   each), an eighth for buffers;
     /// - per user: a quarter of each host value (at least one VM's worth, one
-    ///   1000x1000 terminal, 16 commands and 16 MiB of buffers), 32 snapshots.
+    ///   1000x1000 terminal, 16 commands, 10,000 kept runs and 16 MiB of buffers), 32
+    ///   snapshots.
     pub fn defaults(f: &HostFacts) -> LimitSet {
         let memory = f
             .mem_total_mib
@@ -302,8 +319,9 @@ impl LimitSet {
         let snap_mib = (f.state_fs_mib / 2).max(512);
         let daemon = (f.mem_total_mib * MIB / 16).max(256 * MIB);
         let cells = (daemon / 2 / CELL_BYTES).max(1_000_000);
-        let runs = (daemon / 4 / RUN_BYTES).min(f.open_files / 8).max(16);
-        let buffer_mib = (daemon / 4 / MIB).max(16);
+        let kept = (daemon / 4 / KEPT_RUN_BYTES).max(10_000);
+        let runs = (daemon / 8 / RUN_BYTES).min(f.open_files / 8).max(16);
+        let buffer_mib = (daemon / 8 / MIB).max(16);
         let host = [
             Some(vms),
             Some(vcpus),
@@ -313,6 +331,7 @@ impl LimitSet {
             Some(snap_mib),
             Some(runs),
             Some(cells),
+            Some(kept),
             Some(buffer_mib),
         ];
         let per_user = [
@@ -324,6 +343,7 @@ impl LimitSet {
             Some((snap_mib / 4).max(512)),
             Some((runs / 4).max(16).min(runs)),
             Some((cells / 4).max(1_000_000).min(cells)),
+            Some((kept / 4).max(10_000).min(kept)),
             Some((buffer_mib / 4).max(16).min(buffer_mib)),
         ];
         LimitSet {
@@ -498,16 +518,18 @@ mod tests {
         assert_eq!(d.host[Resource::Vcpus.index()], Some(32));
         assert_eq!(d.per_user[Resource::Vcpus.index()], Some(8));
         assert_eq!(d.host[Resource::DiskMib.index()], Some(100 * 1024));
-        // 1.5 GiB for what the daemon holds: half for screens, a quarter each for
-        // commands and buffers.
+        // 1.5 GiB for what the daemon holds: half for screens, a quarter for kept runs,
+        // an eighth each for commands and buffers.
         assert_eq!(
             d.host[Resource::TerminalCells.index()],
             Some(1536 * MIB / 2 / CELL_BYTES)
         );
-        assert_eq!(d.host[Resource::Runs.index()], Some(1228));
-        assert_eq!(d.per_user[Resource::Runs.index()], Some(307));
-        assert_eq!(d.host[Resource::BufferMib.index()], Some(384));
-        assert_eq!(d.per_user[Resource::BufferMib.index()], Some(96));
+        assert_eq!(d.host[Resource::KeptRuns.index()], Some(786_432));
+        assert_eq!(d.per_user[Resource::KeptRuns.index()], Some(196_608));
+        assert_eq!(d.host[Resource::Runs.index()], Some(614));
+        assert_eq!(d.per_user[Resource::Runs.index()], Some(153));
+        assert_eq!(d.host[Resource::BufferMib.index()], Some(192));
+        assert_eq!(d.per_user[Resource::BufferMib.index()], Some(48));
         let small = LimitSet::defaults(&HostFacts {
             mem_total_mib: 1024,
             cpus: 1,
@@ -516,9 +538,11 @@ mod tests {
         });
         assert_eq!(small.host[Resource::MemoryMib.index()], Some(256));
         assert_eq!(small.host[Resource::Vms.index()], Some(4));
-        // Three spool files per command: an eighth of the open-file limit.
-        assert_eq!(small.host[Resource::Runs.index()], Some(128));
-        assert_eq!(small.per_user[Resource::Runs.index()], Some(32));
+        // 256 MiB for the daemon: an eighth of it for commands (102), under an eighth of
+        // the open-file limit (128); at least 16 per user.
+        assert_eq!(small.host[Resource::Runs.index()], Some(102));
+        assert_eq!(small.per_user[Resource::Runs.index()], Some(25));
+        assert_eq!(small.per_user[Resource::KeptRuns.index()], Some(32_768));
         // At least one 1000x1000 terminal, per user and in all.
         assert_eq!(small.host[Resource::TerminalCells.index()], Some(2_097_152));
         assert_eq!(

@@ -18,11 +18,12 @@
 //! expires and SIGKILL [`TIMEOUT_GRACE`] later; its status is then `timeout <how it
 //! ended>`.
 //!
-//! What a run makes the daemon hold is bounded and counted for the VM's owner: while
-//! its status is `running`, a [`Reservation`] of one command (`runs`) and its screen's
-//! cells (`terminal_cells`), taken before the run exists and returned (with the screen,
-//! whose memory is given back to the system: `memtrim`) when it ends. The script itself
-//! is kept on disk only (`cmd`), not in memory.
+//! What a run makes the daemon hold is bounded and counted for the VM's owner by one
+//! [`Reservation`], taken before the run exists: itself as a kept run (`kept_runs`, for
+//! as long as it is in the VM's table) and, while its status is `running`, one command
+//! (`runs`) and its screen's cells (`terminal_cells`), returned when it ends (with the
+//! screen, whose memory is given back to the system: `memtrim`). The script itself is
+//! kept on disk only (`cmd`), not in memory.
 //!
 //! Times: a run's directory, `cmd`, `stdin`, `ctl`, `pid` and `winsize` carry the time it
 //! started; its output files (and `screen`, `terminal`) the time of its last output; its
@@ -42,7 +43,7 @@ use tokio::sync::watch;
 use super::spool::{self, OutputBudget};
 use super::terminal::Screen;
 use crate::error::{Error, Result};
-use crate::limits::{Limits, Reservation};
+use crate::limits::{Amounts, Limits, Reservation};
 
 /// `<vm-dir>/main-run`: the number of the run `runs/main` names (the image entrypoint
 /// started by `autostart=1`; see `images`).
@@ -160,12 +161,14 @@ pub(super) struct RunInner {
     stored: u64,
     /// Terminal runs: the current window size.
     pub(super) size: Option<TtySize>,
-    /// Terminal runs, while live: the emulated screen (fed with every output chunk).
-    pub(super) screen: Option<Screen>,
+    /// Terminal runs, while live: the emulated screen (fed with every output chunk;
+    /// boxed, so a kept run's record stays small).
+    pub(super) screen: Option<Box<Screen>>,
     /// The timeout expired and the command was signalled.
     timed_out: bool,
-    /// While running: the command and its screen's cells, counted for the VM's owner.
-    pub(super) hold: Option<Reservation>,
+    /// What the run counts for its VM's owner: itself as a kept run, and while it runs
+    /// also the command and its screen's cells.
+    pub(super) hold: Reservation,
     /// When the last output arrived.
     last_output: SystemTime,
     /// When the run ended.
@@ -318,9 +321,9 @@ impl Run {
                 writer: Some(writer),
                 stored: 0,
                 size: tty,
-                screen: tty.map(Screen::new),
+                screen: tty.map(|size| Box::new(Screen::new(size))),
                 timed_out: false,
-                hold: Some(hold),
+                hold,
                 last_output: now,
                 ended: None,
             }),
@@ -394,7 +397,7 @@ impl Run {
                 size,
                 screen: None,
                 timed_out: false,
-                hold: None,
+                hold: home.limits.hold_existing(home.uid, Amounts::kept_run()),
                 last_output,
                 ended: Some(file_time(dir, "status").unwrap_or(last_output)),
             }),
@@ -464,8 +467,13 @@ impl Run {
             };
             // Its place among running commands goes back before anyone can see it
             // ended (a waiting `close` may start the next command at once); its screen
-            // right after, outside the lock.
-            drop(inner.hold.take());
+            // right after, outside the lock. It stays a kept run.
+            if let Err(e) = inner.hold.resize(Amounts::kept_run()) {
+                tracing::warn!(
+                    "run {}: cannot give back what it held: {e}",
+                    self.dir.display()
+                );
+            }
             inner.status = status.clone();
             inner.lost_errno = lost_errno;
             inner.control = None;

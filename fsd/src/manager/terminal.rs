@@ -157,8 +157,8 @@ impl Run {
         };
         let old = {
             let inner = self.inner.lock();
-            if let Some(h) = &inner.hold {
-                h.resize(Amounts::run(cells(size))).map_err(|e| {
+            if inner.status.is_running() {
+                inner.hold.resize(Amounts::run(cells(size))).map_err(|e| {
                     e.with_context(&format!("winsize {}", render_size(size).trim()))
                 })?;
             }
@@ -166,8 +166,9 @@ impl Run {
         };
         if let Err(e) = c.resize(size).await {
             // Give back what the new size took (the old size was held before).
-            if let (Some(h), Some(old)) = (&self.inner.lock().hold, old) {
-                let _ = h.resize(Amounts::run(cells(old)));
+            let inner = self.inner.lock();
+            if let (true, Some(old)) = (inner.status.is_running(), old) {
+                let _ = inner.hold.resize(Amounts::run(cells(old)));
             }
             return Err(Error::from(e));
         }

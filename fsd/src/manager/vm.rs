@@ -857,12 +857,17 @@ impl Vm {
         }
     }
 
-    /// Count one more command of this VM (with a screen of `cells`) for its owner, or
-    /// refuse (EDQUOT, EAGAIN) naming the limit.
+    /// Count one more command of this VM (with a screen of `cells`, and its run as a
+    /// kept one) for its owner, or refuse (EDQUOT, EAGAIN) naming the limit. When the
+    /// owner keeps too many runs, this VM's oldest finished ones are deleted first, as
+    /// beyond `keep_runs`.
     pub fn hold_run(&self, cells: u64) -> Result<crate::limits::Reservation> {
+        use super::spool::Prune;
         self.runs_home
             .limits
-            .hold(self.uid, crate::limits::Amounts::run(cells))
+            .hold_freeing(self.uid, crate::limits::Amounts::run(cells), |r| {
+                r == crate::limits::Resource::KeptRuns && self.prune_oldest(u64::MAX)
+            })
     }
 
     /// An exec of `session` ran nothing: `cat <vm>/ctl` says why, and the session's
@@ -988,13 +993,14 @@ impl Vm {
         session: u32,
         hold: Option<crate::limits::Reservation>,
     ) -> Result<Arc<Run>> {
-        let need = crate::limits::Amounts::run(opts.tty.map_or(0, super::terminal::cells));
+        let cells = opts.tty.map_or(0, super::terminal::cells);
+        let need = crate::limits::Amounts::run(cells);
         let hold = match hold {
             Some(h) => {
                 h.resize(need)?;
                 h
             }
-            None => self.runs_home.limits.hold(self.uid, need)?,
+            None => self.hold_run(cells)?,
         };
         let n = self.next_run.fetch_add(1, Ordering::SeqCst);
         let run = Run::create(
