@@ -43,8 +43,8 @@ pub const CELL_BYTES: u64 = 64;
 pub const RUN_BYTES: u64 = 320 * 1024;
 /// What every open control-tree file counts against `buffer_mib`, besides its content.
 pub const HANDLE_BYTES: u64 = 512;
-/// Bytes of daemon memory one kept run (running or finished) costs at most: its record
-/// in the VM's table of runs (about 300 bytes, measured) with its path and channel.
+/// Bytes of daemon memory one kept run (running or finished) costs: its record in the
+/// VM's table of runs (272 bytes, measured) with its path and change channel.
 pub const KEPT_RUN_BYTES: u64 = 512;
 
 const MIB: u64 = 1024 * 1024;
