@@ -13,12 +13,8 @@
 //!   it). Reading gives the caller session's last result.
 //! - *streams* (`runs/<n>/stdout|stderr|output`, and `exec` once it has a run): a private
 //!   read position; reads wait like a pipe until data or the end of the command.
-//! - *exec*: a transaction. Writes collect the script; it starts on the first flush
-//!   (close) by a process that wrote to the descriptor, or the first read of the same
-//!   descriptor. A write-only descriptor's flush waits for the command to finish (so
-//!   `echo cmd > exec` returns when it is done) and fails with the run's errno when it
-//!   was lost; a read-write descriptor streams the output instead. All or nothing: a
-//!   script that grew past [`MAX_SCRIPT`], or whose writer is being killed, never runs.
+//! - *exec*: a transaction (see `exec`): the script collected from the writes runs
+//!   at the close of a process that wrote it, or at the first read.
 //!
 //! Writes to ctl files and exec must continue where the previous write on the same
 //! descriptor ended (any offset for the first one): `write(2)`, `O_APPEND` and an
@@ -43,13 +39,14 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::exec::ExecTx;
 use super::tree::{Node, RunFile, Tree, VmFile};
 use crate::error::{Error, Result};
 use crate::interrupt::interruptible;
 use crate::limits::{Amounts, Reservation, HANDLE_BYTES};
 use crate::lines::LineBuffer;
 use crate::manager::runs::{Run, RunStream};
-use crate::manager::vm::{Vm, MAX_SCRIPT};
+use crate::manager::vm::Vm;
 
 /// Who is asking.
 #[derive(Debug, Clone, Copy)]
@@ -67,39 +64,19 @@ pub struct OpenMode {
     pub nonseekable: bool,
 }
 
-pub struct ExecTx {
-    vm: Arc<Vm>,
-    script: Vec<u8>,
-    run: Option<Arc<Run>>,
-    pos: u64,
-    write_only: bool,
-    session: u32,
-    /// Where the next write must start (`None` before the first).
-    next_offset: Option<u64>,
-    /// Threads that wrote the script (only their close starts it).
-    writers: Writers,
-    /// The script will never run: why (E2BIG past the cap, writer killed, bad options).
-    refused: Option<Error>,
-    /// The first line (a possible `#bandsox` options line) was complete and checked.
-    first_line_checked: bool,
-    /// From the first write: the command this descriptor will run, counted for the
-    /// VM's owner (with its terminal's cells once the options line asked for one).
-    run_hold: Option<Reservation>,
-}
-
 /// The threads that wrote to one open file description (a few; more are folded).
 #[derive(Default)]
-struct Writers(Vec<u32>);
+pub(super) struct Writers(Vec<u32>);
 
 impl Writers {
-    fn note(&mut self, pid: u32) {
+    pub(super) fn note(&mut self, pid: u32) {
         if !self.0.contains(&pid) && self.0.len() < 16 {
             self.0.push(pid);
         }
     }
     /// Whether `pid` belongs to a process that wrote (every closer counts once more
     /// than 16 threads wrote).
-    fn includes(&self, pid: u32) -> bool {
+    pub(super) fn includes(&self, pid: u32) -> bool {
         self.0.len() >= 16
             || self.0.contains(&pid)
             || self
@@ -142,7 +119,7 @@ pub struct Handle {
 
 impl Handle {
     /// Hold `bytes` besides the handle itself from now on (see the module docs).
-    fn hold_bytes(&self, bytes: usize) -> Result<()> {
+    pub(super) fn hold_bytes(&self, bytes: usize) -> Result<()> {
         self.hold
             .resize(Amounts::buffer(HANDLE_BYTES + bytes as u64))
     }
@@ -308,19 +285,7 @@ impl Files {
                 } else {
                     run = vm.last_run(caller.session).and_then(|n| vm.run(n));
                 }
-                let tx = ExecTx {
-                    vm,
-                    script: Vec::new(),
-                    run,
-                    pos: 0,
-                    write_only: write && !read,
-                    session: caller.session,
-                    next_offset: None,
-                    writers: Writers::default(),
-                    refused: None,
-                    first_line_checked: false,
-                    run_hold: None,
-                };
+                let tx = ExecTx::new(vm, run, write && !read, caller.session);
                 // Seekable (not a stream) so that an appending pwrite reaches us; reads
                 // keep their own position whatever the offset.
                 (OpenFile::Exec(tokio::sync::Mutex::new(tx)), direct)
@@ -434,21 +399,7 @@ impl Files {
                 *pos.lock() = at + data.len() as u64;
                 Ok(data)
             }
-            OpenFile::Exec(tx) => {
-                let mut tx = tx.lock().await;
-                if let Some(e) = &tx.refused {
-                    return Err(e.clone());
-                }
-                if tx.run.is_none() && !tx.script.is_empty() {
-                    start_tx(&mut tx, &handle, caller.pid).await?;
-                }
-                let Some(run) = tx.run.clone() else {
-                    return Ok(Vec::new());
-                };
-                let data = read_run(&run, RunStream::Output, tx.pos, size, caller.pid).await?;
-                tx.pos += data.len() as u64;
-                Ok(data)
-            }
+            OpenFile::Exec(tx) => tx.lock().await.read(&handle, size, caller.pid).await,
         }
     }
 
@@ -507,38 +458,11 @@ impl Files {
                 .await?;
                 Ok(len)
             }
-            OpenFile::Exec(tx) => {
-                let mut tx = tx.lock().await;
-                if tx.run.is_some() {
-                    return Err(Error::busy(
-                        "this exec descriptor already ran its command; open exec again",
-                    ));
-                }
-                if let Some(next) = tx.next_offset.filter(|&n| n != offset) {
-                    return Err(Error::new(
-                        libc::ESPIPE,
-                        format!(
-                            "exec is written in sequence: this write is at offset {offset}, \
-                             but the previous one ended at {next}"
-                        ),
-                    ));
-                }
-                if let Some(e) = &tx.refused {
-                    return Err(e.clone());
-                }
-                tx.writers.note(caller.pid);
-                match accept_script(&mut tx, &handle, data) {
-                    Ok(()) => {
-                        tx.next_offset = Some(offset + data.len() as u64);
-                        Ok(len)
-                    }
-                    Err(e) => {
-                        // All or nothing: a refused script never runs.
-                        refuse_tx(&mut tx, &handle, Some(e.clone()));
-                        Err(tx.refused.clone().unwrap_or(e))
-                    }
-                }
-            }
+            OpenFile::Exec(tx) => tx
+                .lock()
+                .await
+                .write(&handle, offset, data, caller.pid)
+                .map(|()| len),
             OpenFile::Generated(_)
             | OpenFile::Log(_)
             | OpenFile::CappedLog(..)
@@ -720,7 +644,7 @@ impl Files {
         let handle = self.handle(fh)?;
         match &handle.file {
             OpenFile::Ctl(ctl) => self.flush_ctl(ctl, caller).await,
-            OpenFile::Exec(tx) => self.flush_exec(tx, &handle, caller).await,
+            OpenFile::Exec(tx) => super::exec::flush(tx, &handle, caller).await,
             _ => Ok(()),
         }
     }
@@ -757,70 +681,14 @@ impl Files {
         self.run_lines(ctl, &mut st.lines, vec![line], caller).await
     }
 
-    async fn flush_exec(
-        &self,
-        tx: &tokio::sync::Mutex<ExecTx>,
-        handle: &Handle,
-        caller: Caller,
-    ) -> Result<()> {
-        let mut tx = tx.lock().await;
-        if let Some(e) = &tx.refused {
-            return Err(e.clone());
-        }
-        if tx.run.is_none() && !tx.script.is_empty() {
-            if !tx.writers.includes(caller.pid) {
-                // Another process's copy of the descriptor (e.g. a child of the writing
-                // shell) closed: the writer may not be done yet.
-                return Ok(());
-            }
-            if crate::interrupt::killed_by_signal(caller.pid) {
-                refuse_tx(&mut tx, handle, None);
-                tx.refused = Some(Error::new(
-                    libc::EINTR,
-                    "the writer was killed before it closed exec; the script was not run",
-                ));
-                return Ok(());
-            }
-            start_tx(&mut tx, handle, caller.pid).await?;
-        }
-        // Only a write-only descriptor's close waits for its command (and not for a
-        // terminal run, or with `wait=0`: see `execopts`).
-        let run = match (&tx.run, tx.write_only) {
-            (Some(run), true) if run.waits => run.clone(),
-            _ => return Ok(()),
-        };
-        drop(tx);
-        let waited = interruptible(caller.pid, async {
-            run.wait_finished().await;
-            Ok(())
-        })
-        .await;
-        if let Err(e) = &waited {
-            if e.errno == libc::EINTR {
-                let _ = run.signal(libc::SIGINT).await;
-            }
-        }
-        waited?;
-        match run.failure() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
     /// `fsync` of a control file: for an exec whose run was lost, the same errno its
     /// close reports; otherwise nothing to do.
     pub async fn fsync(&self, fh: u64) -> Result<()> {
         let handle = self.handle(fh)?;
-        if let OpenFile::Exec(tx) = &handle.file {
-            let tx = tx.lock().await;
-            if let Some(e) = &tx.refused {
-                return Err(e.clone());
-            }
-            if let Some(e) = tx.run.as_ref().and_then(|r| r.failure()) {
-                return Err(e);
-            }
+        match &handle.file {
+            OpenFile::Exec(tx) => tx.lock().await.fsync(),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Last close: forget the handle. An exec never flushed still runs (unless it was
@@ -833,17 +701,7 @@ impl Files {
         match &handle.file {
             OpenFile::Exec(tx) => {
                 if let Ok(mut tx) = tx.try_lock() {
-                    if tx.run.is_none() && !tx.script.is_empty() && tx.refused.is_none() {
-                        let script = std::mem::take(&mut tx.script);
-                        let hold = tx.run_hold.take();
-                        let vm = tx.vm.clone();
-                        let session = tx.session;
-                        tokio::spawn(async move {
-                            if let Err(e) = vm.start_run_held(script, session, hold).await {
-                                tracing::warn!(vm = %vm.name, "exec on release failed: {e}");
-                            }
-                        });
-                    }
+                    tx.release();
                 }
             }
             OpenFile::Ctl(ctl) => {
@@ -861,79 +719,6 @@ impl Files {
             _ => {}
         }
     }
-}
-
-/// Take one write of an exec script. It must fit the script cap, the caller's buffers
-/// and the VM owner's running commands (and, once the options line is complete and
-/// asks for a terminal, its cells); a bad options line is refused as soon as it is
-/// complete, so the `write(2)` that completed it fails (a shell ignores `close`).
-fn accept_script(tx: &mut ExecTx, handle: &Handle, data: &[u8]) -> Result<()> {
-    if tx.script.len() + data.len() > MAX_SCRIPT {
-        return Err(Error::new(
-            libc::E2BIG,
-            format!("the script is longer than {MAX_SCRIPT} bytes; nothing was run"),
-        ));
-    }
-    if tx.run_hold.is_none() {
-        tx.run_hold = Some(tx.vm.hold_run(0)?);
-    }
-    tx.script.extend_from_slice(data);
-    handle.hold_bytes(tx.script.capacity())?;
-    if !tx.first_line_checked {
-        if let Some(opts) = crate::manager::execopts::check_first_line(&tx.script)? {
-            tx.first_line_checked = true;
-            if let (Some(size), Some(hold)) = (opts.tty, &tx.run_hold) {
-                hold.resize(Amounts::run(crate::manager::terminal::cells(size)))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The descriptor's script will never run: drop it and what it held; with an error,
-/// `cat <vm>/ctl` says why (and later writes, reads and `close` fail with it).
-fn refuse_tx(tx: &mut ExecTx, handle: &Handle, e: Option<Error>) {
-    tx.script = Vec::new();
-    tx.run_hold = None;
-    let _ = handle.hold_bytes(0);
-    if let Some(e) = e {
-        tx.refused = Some(tx.vm.exec_failed(tx.session, e));
-    }
-}
-
-/// Start the descriptor's script with the command it holds; the script's bytes go back
-/// to the caller's buffers (the run keeps it on disk).
-async fn start_tx(tx: &mut ExecTx, handle: &Handle, pid: u32) -> Result<()> {
-    let script = std::mem::take(&mut tx.script);
-    let hold = tx.run_hold.take();
-    let _ = handle.hold_bytes(0);
-    tx.run = Some(start_run(&tx.vm, script, tx.session, hold, pid).await?);
-    Ok(())
-}
-
-/// Start `script` as a run; the starting process may be interrupted (EINTR at once),
-/// in which case the command, once started, gets SIGINT as if typed Ctrl-C.
-async fn start_run(
-    vm: &Arc<Vm>,
-    script: Vec<u8>,
-    session: u32,
-    hold: Option<Reservation>,
-    pid: u32,
-) -> Result<Arc<Run>> {
-    let v = vm.clone();
-    let started = crate::interrupt::detachable(
-        pid,
-        async move { v.start_run_held(script, session, hold).await },
-        |res: Result<Arc<Run>>| {
-            if let Ok(run) = res {
-                tokio::spawn(async move {
-                    let _ = run.signal(libc::SIGINT).await;
-                });
-            }
-        },
-    )
-    .await?;
-    started
 }
 
 /// A read of `runs/<n>/terminal`: first the redraw of the screen as it was at the first
@@ -977,7 +762,7 @@ async fn read_terminal(t: &TermFile, handle: &Handle, size: u32, pid: u32) -> Re
 
 /// Wait like a pipe for a run's stream, answering EINTR (and sending the command
 /// SIGINT) if the reader is interrupted.
-async fn read_run(
+pub(super) async fn read_run(
     run: &Arc<Run>,
     stream: RunStream,
     at: u64,
