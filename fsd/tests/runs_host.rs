@@ -11,6 +11,42 @@ use common::Mounted;
 const CAROL: u32 = 1521;
 const MIB: u64 = 1024 * 1024;
 
+/// A mount whose daemon reads the limits file `limits` (returned, to be rewritten),
+/// which first holds `text`; `None` where mounted tests are skipped.
+struct WithLimits {
+    m: Mounted,
+    limits: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn with_limits(text: &str) -> Option<WithLimits> {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = dir.path().join("limits");
+    std::fs::write(&limits, text).unwrap();
+    let m = Mounted::with_env(&[("BANDSOX_LIMITS", limits.to_str().unwrap())])?;
+    Some(WithLimits {
+        m,
+        limits,
+        _dir: dir,
+    })
+}
+
+/// Start `n` commands that keep running (`sleep 900`, the close not waiting) in `vm`,
+/// as CAROL; then one more must be refused with EDQUOT, and `cat vm/ctl` (returned)
+/// says why.
+fn fill_then_refuse(m: &Mounted, vm: &str, n: usize) -> String {
+    for _ in 0..n {
+        m.ok_as(
+            CAROL,
+            &format!("printf '#bandsox wait=0\\nexec sleep 900\\n' > $M/{vm}/exec"),
+        );
+    }
+    let (code, _, err) = m.sh_as(CAROL, &format!("echo 'echo never' > $M/{vm}/exec"));
+    assert_ne!(code, 0, "a command over the limit ran");
+    assert!(err.contains("Disk quota exceeded"), "{err}");
+    m.ok_as(CAROL, &format!("cat $M/{vm}/ctl"))
+}
+
 /// Poll `check` for up to 10 s.
 fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -22,17 +58,10 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 
 #[test]
 fn runs_count_against_limits_and_give_their_memory_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let limits = dir.path().join("limits");
-    // Two 1000x1000 screens fit, a third does not; five commands in all.
-    std::fs::write(
-        &limits,
-        "per_user.terminal_cells = 2100000\nper_user.runs = 5\n",
-    )
-    .unwrap();
-    let Some(m) = Mounted::with_env(&[("BANDSOX_LIMITS", limits.to_str().unwrap())]) else {
+    let Some(w) = with_limits("per_user.terminal_cells = 2100000\nper_user.runs = 5\n") else {
         return;
     };
+    let m = &w.m;
     m.ok_as(CAROL, "mkdir $M/c");
     let base = m.daemon_rss();
 
@@ -66,16 +95,7 @@ fn runs_count_against_limits_and_give_their_memory_back() {
     assert!(grown < 2 * 64 * MIB + 64 * MIB, "daemon grew {grown} bytes");
 
     // Commands without a terminal count too: three more fit, the sixth is EDQUOT.
-    for _ in 0..3 {
-        m.ok_as(
-            CAROL,
-            "printf '#bandsox wait=0\\nexec sleep 900\\n' > $M/c/exec",
-        );
-    }
-    let (code, _, err) = m.sh_as(CAROL, "echo 'sleep 1' > $M/c/exec");
-    assert_ne!(code, 0);
-    assert!(err.contains("Disk quota exceeded"), "{err}");
-    let why = m.ok_as(CAROL, "cat $M/c/ctl");
+    let why = fill_then_refuse(m, "c", 3);
     assert!(why.contains("per_user.runs=5"), "{why}");
     let usage = m.ok_as(CAROL, "cat $M/usage");
     assert!(
@@ -86,7 +106,7 @@ fn runs_count_against_limits_and_give_their_memory_back() {
     let (code, _, err) = m.sh_as(CAROL, "echo 1000x1000 > $M/c/runs/1/winsize");
     assert_eq!(code, 0, "same size: {err}");
     std::fs::write(
-        &limits,
+        &w.limits,
         "per_user.terminal_cells = 1900000\nper_user.runs = 5\n",
     )
     .unwrap();
@@ -123,12 +143,10 @@ fn runs_count_against_limits_and_give_their_memory_back() {
 
 #[test]
 fn open_files_count_against_buffer_mib() {
-    let dir = tempfile::tempdir().unwrap();
-    let limits = dir.path().join("limits");
-    std::fs::write(&limits, "per_user.buffer_mib = 1\n").unwrap();
-    let Some(m) = Mounted::with_env(&[("BANDSOX_LIMITS", limits.to_str().unwrap())]) else {
+    let Some(w) = with_limits("per_user.buffer_mib = 1\n") else {
         return;
     };
+    let m = &w.m;
     m.ok_as(CAROL, "mkdir $M/c");
     // An unstarted script of 700 KiB holds most of the user's MiB; a second one (or an
     // unterminated ctl line) that would pass it is refused and runs nothing.
@@ -174,12 +192,10 @@ fn open_files_count_against_buffer_mib() {
 /// beyond `keep_runs`; when none has finished, it is refused.
 #[test]
 fn kept_runs_beyond_the_limit_make_room_or_refuse() {
-    let dir = tempfile::tempdir().unwrap();
-    let limits = dir.path().join("limits");
-    std::fs::write(&limits, "per_user.kept_runs = 3\n").unwrap();
-    let Some(m) = Mounted::with_env(&[("BANDSOX_LIMITS", limits.to_str().unwrap())]) else {
+    let Some(w) = with_limits("per_user.kept_runs = 3\n") else {
         return;
     };
+    let m = &w.m;
     m.ok_as(CAROL, "mkdir $M/k");
     for i in 1..=5 {
         m.ok_as(CAROL, &format!("echo 'echo {i}' > $M/k/exec"));
@@ -189,18 +205,8 @@ fn kept_runs_beyond_the_limit_make_room_or_refuse() {
         "3 4 5\n"
     );
     assert!(m.ok_as(CAROL, "cat $M/usage").contains(" kept_runs=3/3 "));
-    for _ in 0..3 {
-        m.ok_as(
-            CAROL,
-            "printf '#bandsox wait=0\\nexec sleep 900\\n' > $M/k/exec",
-        );
-    }
-    let (code, _, err) = m.sh_as(CAROL, "echo 'echo 9' > $M/k/exec");
-    assert_ne!(code, 0);
-    assert!(err.contains("Disk quota exceeded"), "{err}");
-    assert!(m
-        .ok_as(CAROL, "cat $M/k/ctl")
-        .contains("per_user.kept_runs=3"));
+    let why = fill_then_refuse(m, "k", 3);
+    assert!(why.contains("per_user.kept_runs=3"), "{why}");
     m.ok_as(
         CAROL,
         "for r in $M/k/runs/[0-9]*; do echo kill > $r/ctl || true; done",
