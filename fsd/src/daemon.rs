@@ -128,6 +128,21 @@ fn daemonize(log: &Path) -> Result<Option<OwnedFd>, String> {
     }
 }
 
+/// Raise the soft open-file limit to the hard one: every running command holds three
+/// spool files, and the default limits (`limits::LimitSet::defaults`) follow this one.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        // Capped: VMMs inherit it, and some programs size tables by it.
+        let want = hard.min(1 << 20);
+        if want > soft {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+                tracing::warn!("cannot raise the open-file limit from {soft} to {want}: {e}");
+            }
+        }
+    }
+}
+
 pub fn mount(opts: MountOptions) -> Result<(), String> {
     std::fs::create_dir_all(&opts.state_dir)
         .map_err(|e| format!("{}: {e}", opts.state_dir.display()))?;
@@ -163,6 +178,7 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         .thread_name("bandsox-rt")
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
+    raise_open_file_limit();
     let backends = crate::backends::detect();
     // Decide (and log) once whether VMMs get cgroups.
     let _ = crate::cgroup::support();

@@ -124,13 +124,15 @@ fn parse_shebang(script: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
     Some((interp, arg))
 }
 
-/// Resolve the image's `User` through the guest's `/etc/passwd` and `/etc/group`.
+/// Resolve a user (from `source`: the image's `User` or the command's options) through
+/// the guest's `/etc/passwd` and `/etc/group`.
 fn resolve_identity(
     root: &std::path::Path,
     user: &str,
+    source: &str,
 ) -> Result<crate::image::Identity, ExecError> {
     let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_default();
-    crate::image::resolve_user(user, &read("etc/passwd"), &read("etc/group"))
+    crate::image::resolve_user(user, source, &read("etc/passwd"), &read("etc/group"))
         .map_err(|m| ExecError::new(libc::EINVAL, m))
 }
 
@@ -272,8 +274,12 @@ pub(crate) async fn start(
         }
     }
     let ident = match (&extra.user, image.filter(|c| !c.user.trim().is_empty())) {
-        (Some(u), _) => Some(resolve_identity(&agent.cfg.fs_root, u)?),
-        (None, Some(c)) => Some(resolve_identity(&agent.cfg.fs_root, &c.user)?),
+        (Some(u), _) => Some(resolve_identity(&agent.cfg.fs_root, u, "#bandsox user=")?),
+        (None, Some(c)) => Some(resolve_identity(
+            &agent.cfg.fs_root,
+            &c.user,
+            "image config User",
+        )?),
         (None, None) => None,
     };
     let image_cwd = image

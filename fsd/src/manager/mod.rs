@@ -203,6 +203,7 @@ impl Manager {
                 backend,
                 self.boot_files.clone(),
                 self.events.clone(),
+                self.limits.clone(),
             );
             self.vms.write().insert(rec.name.clone(), vm.clone());
             adopt.push(vm);
@@ -440,6 +441,7 @@ impl Manager {
             backend,
             self.boot_files.clone(),
             self.events.clone(),
+            self.limits.clone(),
         );
         if let Err(e) = vm.save_record() {
             let _ = std::fs::remove_dir_all(&dir);

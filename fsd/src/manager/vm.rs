@@ -11,7 +11,7 @@
 mod retention;
 pub use crate::snapshots::{Taken, FREEZE_TIMEOUT};
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use bandsox_agent::proto::{ExecOptions, ExecSpec, Program, Request};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::runs::Run;
+use super::runs::{Run, RunHome};
 use crate::config::VmConfig;
 use crate::error::{Error, Result};
 use crate::events::{rfc3339, EventLog};
@@ -120,12 +120,14 @@ pub struct Vm {
     pub(crate) generation: AtomicU64,
     runs: Mutex<BTreeMap<u64, Arc<Run>>>,
     next_run: AtomicU64,
-    /// Session id → that session's last run (for `runs/last` and `cat exec`).
-    session_last: Mutex<HashMap<u32, u64>>,
+    /// Session id → that session's last run (for `runs/last` and `cat exec`); `None`
+    /// when the session's last exec failed before it had a run.
+    session_last: crate::sessions::PerSession<Option<u64>>,
     /// Session id → last `ctl` result text.
     ctl_results: crate::ctl::CtlResults,
-    /// The bytes all runs' output may keep (see `spool` and `retention`).
-    output: Arc<super::spool::OutputBudget>,
+    /// What all runs share: the bytes their output may keep (see `spool` and
+    /// `retention`), and the limits their memory is counted against (the owner's).
+    runs_home: Arc<RunHome>,
 }
 
 /// How [`Vm::start_locked`] starts the VMM.
@@ -149,11 +151,16 @@ impl Vm {
         backend: Arc<dyn Backend>,
         boot_files: BootFiles,
         events: Arc<EventLog>,
+        limits: Arc<crate::limits::Limits>,
     ) -> Arc<Vm> {
-        let output = Arc::new(super::spool::OutputBudget::new(
-            record.config.output_mib.into(),
-        ));
-        let runs = load_runs(&dir.join("runs"), &output);
+        let runs_home = Arc::new(RunHome {
+            budget: Arc::new(super::spool::OutputBudget::new(
+                record.config.output_mib.into(),
+            )),
+            limits,
+            uid: record.uid,
+        });
+        let runs = load_runs(&dir.join("runs"), &runs_home);
         let next = runs.keys().next_back().copied().unwrap_or(0) + 1;
         let vm = Arc::new(Vm {
             id: record.id.clone(),
@@ -173,12 +180,12 @@ impl Vm {
             generation: AtomicU64::new(0),
             runs: Mutex::new(runs),
             next_run: AtomicU64::new(next),
-            session_last: Mutex::new(HashMap::new()),
+            session_last: Default::default(),
             ctl_results: Default::default(),
-            output,
+            runs_home,
         });
         let pruner: std::sync::Weak<dyn super::spool::Prune> = Arc::downgrade(&vm) as _;
-        vm.output.set_pruner(pruner);
+        vm.runs_home.budget.set_pruner(pruner);
         vm
     }
 
@@ -832,32 +839,73 @@ impl Vm {
         self.runs.lock().get(&n).cloned()
     }
 
+    /// The run with the highest number.
+    pub fn newest_run(&self) -> Option<Arc<Run>> {
+        self.runs.lock().values().next_back().cloned()
+    }
+
     pub fn run_numbers(&self) -> Vec<u64> {
         self.runs.lock().keys().copied().collect()
     }
 
-    /// The last run of `session`, or of the VM when that session has none.
+    /// The last run of `session`, or of the VM when that session has none; `None`
+    /// when the session's last exec failed before it had a run (see [`Vm::exec_failed`]).
     pub fn last_run(&self, session: u32) -> Option<u64> {
-        if let Some(n) = self.session_last.lock().get(&session) {
-            return Some(*n);
+        match self.session_last.get(session) {
+            Some(last) => last,
+            None => self.runs.lock().keys().next_back().copied(),
         }
-        self.runs.lock().keys().next_back().copied()
+    }
+
+    /// Count one more command of this VM (with a screen of `cells`, and its run as a
+    /// kept one) for its owner, or refuse (EDQUOT, EAGAIN) naming the limit. When the
+    /// owner keeps too many runs, this VM's oldest finished ones are deleted first, as
+    /// beyond `keep_runs`.
+    pub fn hold_run(&self, cells: u64) -> Result<crate::limits::Reservation> {
+        use super::spool::Prune;
+        self.runs_home
+            .limits
+            .hold_freeing(self.uid, crate::limits::Amounts::run(cells), |r| {
+                r == crate::limits::Resource::KeptRuns && self.prune_oldest(u64::MAX)
+            })
+    }
+
+    /// An exec of `session` ran nothing: `cat <vm>/ctl` says why, and the session's
+    /// `runs/last` names no run (rather than an older one) until its next exec.
+    pub fn exec_failed(&self, session: u32, e: Error) -> Error {
+        let e = if e.message.starts_with("exec: ") {
+            e
+        } else {
+            e.with_context("exec")
+        };
+        self.session_last.set(session, None);
+        let _ = self.ctl_results.record(session, Err(e.clone()));
+        e
     }
 
     /// Start `script` as a new run (`runs/<n>`); returns once the guest started it. A
     /// first line `#bandsox key=value...` sets per-command options (see `execopts`); a
-    /// bad one fails with EINVAL before anything runs, and the session's `ctl` result
-    /// (`cat <vm>/ctl`) says why.
+    /// bad one fails with EINVAL before anything runs. The command counts against the
+    /// owner's `runs` and `terminal_cells` from its start to its end. Every failure is
+    /// the session's `ctl` result (`cat <vm>/ctl`); one that left no run also clears
+    /// the session's `runs/last`.
     pub async fn start_run(self: &Arc<Self>, script: Vec<u8>, session: u32) -> Result<Arc<Run>> {
+        self.start_run_held(script, session, None).await
+    }
+
+    /// [`Vm::start_run`] with the command already counted by `hold` (see
+    /// [`Vm::hold_run`]; resized to the terminal the options ask for).
+    pub async fn start_run_held(
+        self: &Arc<Self>,
+        script: Vec<u8>,
+        session: u32,
+        hold: Option<crate::limits::Reservation>,
+    ) -> Result<Arc<Run>> {
         let (opts, body) = match super::execopts::split(&script) {
             Ok(x) => x,
-            Err(e) => {
-                let e = e.with_context("exec");
-                let _ = self.ctl_results.record(session, Err(e.clone()));
-                return Err(e);
-            }
+            Err(e) => return Err(self.exec_failed(session, e)),
         };
-        self.start_with(script, Program::Script(body), opts, session)
+        self.start_with(script, Program::Script(body), opts, session, hold)
             .await
     }
 
@@ -868,7 +916,7 @@ impl Vm {
         program: Program,
         session: u32,
     ) -> Result<Arc<Run>> {
-        self.start_with(script, program, Default::default(), session)
+        self.start_with(script, program, Default::default(), session, None)
             .await
     }
 
@@ -894,32 +942,17 @@ impl Vm {
         program: Program,
         opts: super::execopts::ExecOpts,
         session: u32,
+        hold: Option<crate::limits::Reservation>,
     ) -> Result<Arc<Run>> {
-        if script.len() > MAX_SCRIPT {
-            return Err(Error::new(
-                libc::E2BIG,
-                format!(
-                    "the command is {} bytes; at most {MAX_SCRIPT} are accepted",
-                    script.len()
-                ),
-            ));
-        }
-        if script.iter().all(|b| b.is_ascii_whitespace()) {
-            return Err(Error::invalid("empty command"));
-        }
-        let agent = self.live_agent().await?;
-        let n = self.next_run.fetch_add(1, Ordering::SeqCst);
-        let run = Run::create(
-            &self.dir.join("runs"),
-            n,
-            script.clone(),
-            self.output.clone(),
-            opts.tty,
-            opts.waits(),
-        )?;
-        self.runs.lock().insert(n, run.clone());
-        self.prune_runs();
-        self.session_last.lock().insert(session, n);
+        let made = async {
+            check_script(&script)?;
+            let agent = self.live_agent().await?;
+            Ok((agent, self.new_run(&script, &opts, session, hold)?))
+        };
+        let (agent, run) = match made.await {
+            Ok(x) => x,
+            Err(e) => return Err(self.exec_failed(session, e)),
+        };
         let timeout = match opts.timeout {
             None => self.exec_timeout(),
             Some(super::execopts::TimeoutOpt::Off) => None,
@@ -943,10 +976,64 @@ impl Vm {
             Err(e) => {
                 let err = Error::from(e);
                 run.failed_to_start(&err);
+                let _ = self
+                    .ctl_results
+                    .record(session, Err(err.clone().with_context("exec")));
                 Err(err)
             }
         }
     }
+
+    /// The run a new command gets: admitted against the owner's limits and created on
+    /// disk, or nothing at all.
+    fn new_run(
+        &self,
+        script: &[u8],
+        opts: &super::execopts::ExecOpts,
+        session: u32,
+        hold: Option<crate::limits::Reservation>,
+    ) -> Result<Arc<Run>> {
+        let cells = opts.tty.map_or(0, super::terminal::cells);
+        let need = crate::limits::Amounts::run(cells);
+        let hold = match hold {
+            Some(h) => {
+                h.resize(need)?;
+                h
+            }
+            None => self.hold_run(cells)?,
+        };
+        let n = self.next_run.fetch_add(1, Ordering::SeqCst);
+        let run = Run::create(
+            &self.runs_home,
+            &self.dir.join("runs"),
+            n,
+            script,
+            opts.tty,
+            opts.waits(),
+            hold,
+        )?;
+        self.runs.lock().insert(n, run.clone());
+        self.prune_runs();
+        self.session_last.set(session, Some(n));
+        Ok(run)
+    }
+}
+
+/// A script `exec` may run: at most [`MAX_SCRIPT`] bytes, not only white space.
+fn check_script(script: &[u8]) -> Result<()> {
+    if script.len() > MAX_SCRIPT {
+        return Err(Error::new(
+            libc::E2BIG,
+            format!(
+                "the command is {} bytes; at most {MAX_SCRIPT} are accepted",
+                script.len()
+            ),
+        ));
+    }
+    if script.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(Error::invalid("empty command"));
+    }
+    Ok(())
 }
 
 /// Create the host side of the VM's network (the TAP device for `net=tap`).
@@ -959,10 +1046,7 @@ pub(crate) async fn prepare_network(spec: &VmSpec) -> Result<()> {
         .map_err(|e| Error::io(format!("network setup task failed: {e}")))?
 }
 
-fn load_runs(
-    dir: &std::path::Path,
-    budget: &Arc<super::spool::OutputBudget>,
-) -> BTreeMap<u64, Arc<Run>> {
+fn load_runs(dir: &std::path::Path, home: &Arc<RunHome>) -> BTreeMap<u64, Arc<Run>> {
     let mut out = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return out;
@@ -971,7 +1055,7 @@ fn load_runs(
         let Some(n) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else {
             continue;
         };
-        match Run::load(&e.path(), n, budget.clone()) {
+        match Run::load(home, &e.path(), n) {
             Ok(run) => {
                 out.insert(n, run);
             }

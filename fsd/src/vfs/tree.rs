@@ -298,7 +298,7 @@ impl Tree {
             Node::Runs(id) => {
                 let vm = self.vm(id)?;
                 if name == "last" {
-                    if vm.run_numbers().is_empty() {
+                    if vm.newest_run().is_none() {
                         return Err(nf());
                     }
                     Node::RunsLast(id.clone())
@@ -447,7 +447,7 @@ impl Tree {
                     .run(*n)
                     .ok_or_else(|| Error::not_found("no such run"))?;
                 match f {
-                    RunFile::Cmd => run.cmd.clone(),
+                    RunFile::Cmd => run.cmd()?,
                     RunFile::Status => run.status().render().into_bytes(),
                     RunFile::Pid => run
                         .pid()
@@ -535,6 +535,7 @@ impl Tree {
             },
             Node::RunFile(id, n, f) => match f {
                 RunFile::Stdin => (Kind::File, 0o200, 0),
+                RunFile::Cmd => (Kind::File, 0o400, self.run(id, *n)?.cmd_len()),
                 RunFile::Ctl | RunFile::Terminal | RunFile::Winsize => (Kind::File, 0o600, 0),
                 // Rendered at open; a size would cost a render per `stat`.
                 RunFile::Screen => (Kind::File, 0o400, 0),
@@ -558,7 +559,7 @@ impl Tree {
                 .vm(id)
                 .map(|v| SystemTime::UNIX_EPOCH + Duration::from_secs(v.record().created))
                 .unwrap_or(self.started),
-            _ => self.started,
+            _ => self.run_time(node).unwrap_or(self.started),
         };
         Ok(Attr {
             ino,
@@ -570,6 +571,37 @@ impl Tree {
             nlink,
             time,
         })
+    }
+}
+
+impl Tree {
+    fn run(&self, id: &str, n: u64) -> Result<Arc<crate::manager::runs::Run>> {
+        self.vm(id)?
+            .run(n)
+            .ok_or_else(|| Error::not_found("no such run"))
+    }
+
+    /// The times of `runs/` and what is in it (docs/tree.md, "exec"): a run's directory
+    /// and its input files the start, its output files the last output, `status` the
+    /// end; `runs/` (and `runs/last`) the newest run's start.
+    fn run_time(&self, node: &Node) -> Option<SystemTime> {
+        match node {
+            Node::Runs(id) | Node::RunsLast(id) => Some(self.vm(id).ok()?.newest_run()?.started),
+            Node::Run(id, n) => Some(self.run(id, *n).ok()?.started),
+            Node::RunFile(id, n, f) => {
+                let t = self.run(id, *n).ok()?.times();
+                Some(match f {
+                    RunFile::Out(_) | RunFile::Terminal | RunFile::Screen => t.output,
+                    RunFile::Status => t.ended.unwrap_or(t.started),
+                    RunFile::Cmd
+                    | RunFile::Stdin
+                    | RunFile::Pid
+                    | RunFile::Ctl
+                    | RunFile::Winsize => t.started,
+                })
+            }
+            _ => None,
+        }
     }
 }
 

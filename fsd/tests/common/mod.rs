@@ -145,9 +145,10 @@ impl Mounted {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
         self.daemon = spawn_daemon(&self.mnt, &self.state, self._tmp.path(), &self.env);
-        // The dead mount is still listed until the new daemon replaced it.
+        // The dead mount is still listed until the new daemon replaced it, and between
+        // its detach and the new mount the bare directory answers: wait for the tree.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.sh("ls $M >/dev/null").0 != 0 {
+        while self.sh("test -f $M/README").0 != 0 {
             assert!(
                 Instant::now() < deadline,
                 "no mount after restart: {}",
@@ -155,6 +156,24 @@ impl Mounted {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The daemon's process id.
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon.id()
+    }
+
+    /// The daemon's resident memory in bytes (`VmRSS`).
+    pub fn daemon_rss(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.daemon_pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kb * 1024
     }
 
     pub fn log(&self) -> String {
