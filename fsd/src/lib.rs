@@ -31,6 +31,7 @@ pub mod manager;
 pub mod names;
 pub mod net;
 pub mod snapshots;
+pub mod testhook;
 pub mod tools;
 pub mod vfs;
 pub mod vmm;
