@@ -43,6 +43,15 @@ crash_and_restart_daemon() {
   "$BANDSOX" mount "$MNT" --state-dir "$STATE" || fail "restart failed"
 }
 
+# adopted VM: after a daemon restart, wait until VM is no longer `adopting` (adoption
+# runs in the background; requests for the VM wait for it by themselves) and print its
+# state.
+adopted() {
+  wait_for 40 sh -c "[ \"\$(cat '$MNT/$1/state')\" != adopting ]" \
+    || fail "$1 is still adopting 40 s after the restart"
+  cat "$MNT/$1/state"
+}
+
 # gone PID: the process has exited (a zombie counts as exited).
 gone() { ! [ -e "/proc/$1" ] || grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
 
