@@ -450,7 +450,7 @@ impl Vm {
             // A failed start or adoption may have left this VM's VMM running (a QEMU in
             // `-incoming defer` holds the pid file a new one needs).
             if let Err(e) = self.end_leftover_vmm().await {
-                self.fail(&e.message);
+                self.fail_start(&e.message);
                 return Err(e);
             }
         }
@@ -474,12 +474,12 @@ impl Vm {
         let spec = match self.spec() {
             Ok(s) => s,
             Err(e) => {
-                self.fail(&e.message);
+                self.fail_start(&e.message);
                 return Err(e);
             }
         };
         if let Err(e) = prepare_network(&spec).await {
-            self.fail(&e.message);
+            self.fail_start(&e.message);
             return Err(e);
         }
         // Recorded before the VMM exists, so a daemon that dies from here on knows what
@@ -490,7 +490,7 @@ impl Vm {
         };
         if let Err(e) = self.record_phase(phase) {
             self.release_network();
-            self.fail(&e.message);
+            self.fail_start(&e.message);
             return Err(e);
         }
         let launched = match how {
@@ -504,7 +504,7 @@ impl Vm {
             Ok(i) => Arc::from(i),
             Err(err) => {
                 self.release_network();
-                self.fail(&err.message);
+                self.fail_start(&err.message);
                 return Err(err);
             }
         };
@@ -550,21 +550,27 @@ impl Vm {
                 let _ = inst.kill().await;
                 *self.vmm.lock() = None;
                 self.release_network();
-                self.fail(&e.message);
+                self.fail_start(&e.message);
                 Err(e)
             }
         }
     }
 
-    /// The start (or adoption) failed: `failed: <why>`, also as the record's phase (so a
-    /// later daemon does not take the VM for one caught in the middle of a start).
+    /// `failed: <why>` (and a `failed` event); the record is left as it is.
     pub(crate) fn fail(&self, why: &str) {
+        self.set_state(VmState::Failed(why.to_string()));
+        self.events.emit(&self.name, "failed", why);
+    }
+
+    /// A start failed, or a half-done one was ended (its VMM is gone): [`Vm::fail`], and
+    /// `failed` as the record's phase, so a later daemon does not take the VM for one
+    /// caught in the middle of a start.
+    pub(crate) fn fail_start(&self, why: &str) {
         self.record.lock().phase = Phase::Failed;
         if let Err(e) = self.save_record() {
             tracing::warn!(vm = %self.name, "cannot save record: {e}");
         }
-        self.set_state(VmState::Failed(why.to_string()));
-        self.events.emit(&self.name, "failed", why);
+        self.fail(why);
     }
 
     /// Connect and handshake with the agent, retrying until `timeout`.

@@ -44,6 +44,7 @@ struct Adoption {
 impl Drop for Adoption {
     fn drop(&mut self) {
         if self.vm.state() == VmState::Adopting {
+            // The record keeps its phase: a later daemon tries again.
             self.vm
                 .fail("the daemon's adoption of this VM ended without a result");
         }
@@ -63,13 +64,16 @@ impl Vm {
             tracing::warn!(vm = %self.name, "busy before its adoption; left as it is");
             return;
         };
+        // The incarnation the adoption re-attaches starts now, so what the tree hands out
+        // meanwhile (the `fs/` inode) stays valid once it is adopted.
+        let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         self.set_state(VmState::Adopting);
         let adoption = Adoption {
             vm: self.clone(),
             _lock: lock,
         };
         tokio::spawn(async move {
-            adoption.vm.adopt_locked().await;
+            adoption.vm.adopt_locked(gen).await;
             drop(adoption);
         });
     }
@@ -96,9 +100,10 @@ impl Vm {
         }
     }
 
-    /// The adoption itself; the caller holds `op_lock` and the VM is `adopting`.
+    /// The adoption of incarnation `gen`; the caller holds `op_lock` and the VM is
+    /// `adopting`. A failure that leaves the VMM's fate unknown keeps the record's phase.
     #[tracing::instrument(level = "debug", name = "adopt", skip_all, fields(vm = %self.name))]
-    async fn adopt_locked(self: &Arc<Self>) {
+    async fn adopt_locked(self: &Arc<Self>, gen: u64) {
         let rec = self.record();
         let spec = match self.spec() {
             Ok(s) => s,
@@ -127,14 +132,18 @@ impl Vm {
                 let why = format!("the daemon restarted {}", Phase::Restoring.describe());
                 self.end_and_fail(&inst, &why).await;
             }
-            Phase::IdentityPending => self.finish_identity(&inst, &spec).await,
-            _ => self.adopt_as_it_is(&inst, rec.desired).await,
+            Phase::IdentityPending => self.finish_identity(&inst, &spec, gen).await,
+            _ => self.adopt_as_it_is(&inst, rec.desired, gen).await,
         }
     }
 
     /// A VM whose last start finished (or a booting one): re-attach its agent.
-    async fn adopt_as_it_is(self: &Arc<Self>, inst: &Arc<dyn VmmInstance>, desired: Desired) {
-        let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+    async fn adopt_as_it_is(
+        self: &Arc<Self>,
+        inst: &Arc<dyn VmmInstance>,
+        desired: Desired,
+        gen: u64,
+    ) {
         *self.vmm.lock() = Some(inst.clone());
         if desired == Desired::Paused {
             // The agent cannot answer while paused; connect on resume.
@@ -168,8 +177,12 @@ impl Vm {
 
     /// A clone whose daemon died after the restore and before its identity step: do that
     /// step now; a clone that cannot take its identity must not run with the snapshot's.
-    async fn finish_identity(self: &Arc<Self>, inst: &Arc<dyn VmmInstance>, spec: &VmSpec) {
-        let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+    async fn finish_identity(
+        self: &Arc<Self>,
+        inst: &Arc<dyn VmmInstance>,
+        spec: &VmSpec,
+        gen: u64,
+    ) {
         *self.vmm.lock() = Some(inst.clone());
         let ready = async {
             let client = self.connect_agent(inst, ADOPT_AGENT_DEADLINE).await?;
@@ -204,21 +217,22 @@ impl Vm {
     }
 
     /// End this VM's own VMM `inst` and mark the VM `failed: <why>`. A VMM that will not
-    /// die stays known (and watched), so `kill`, `start` and `rmdir` can try again.
+    /// die stays known (and watched), so `kill`, `start` and `rmdir` can try again, and
+    /// the record keeps its phase, so a later daemon does not adopt it as it is.
     async fn end_and_fail(self: &Arc<Self>, inst: &Arc<dyn VmmInstance>, why: &str) {
         let pid = inst.pid();
         match inst.kill().await {
             Ok(()) => {
                 self.cleanup_after_exit(why);
-                self.fail(&format!("{why}; its VMM (pid {pid}) was ended"));
+                self.fail_start(&format!("{why}; its VMM (pid {pid}) was ended"));
             }
             Err(e) => {
-                let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+                *self.agent.lock() = None;
                 *self.vmm.lock() = Some(inst.clone());
                 self.fail(&format!(
                     "{why}; its VMM (pid {pid}) could not be ended: {e}"
                 ));
-                self.spawn_monitor(gen);
+                self.spawn_monitor(self.generation());
             }
         }
     }
