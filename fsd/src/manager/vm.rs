@@ -547,10 +547,16 @@ impl Vm {
                 Ok(())
             }
             Err(e) => {
-                let _ = inst.kill().await;
+                let killed = inst.kill().await.is_ok();
                 *self.vmm.lock() = None;
                 self.release_network();
-                self.fail_start(&e.message);
+                if killed {
+                    self.fail_start(&e.message);
+                } else {
+                    // Still alive: the record keeps its phase, and the next `start` (or
+                    // a later daemon) ends it as a leftover.
+                    self.fail(&e.message);
+                }
                 Err(e)
             }
         }
