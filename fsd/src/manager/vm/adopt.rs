@@ -116,7 +116,7 @@ impl Vm {
                 self.set_state(VmState::Stopped);
                 let detail = match rec.phase {
                     Phase::Started | Phase::Failed => String::new(),
-                    p => format!(" (the daemon had stopped {})", p.describe()),
+                    p => format!(" (the previous daemon ended {})", p.describe()),
                 };
                 self.events.emit(
                     &self.name,
