@@ -145,9 +145,11 @@ impl Mounted {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
         self.daemon = spawn_daemon(&self.mnt, &self.state, self._tmp.path(), &self.env);
-        // The dead mount is still listed until the new daemon replaced it.
+        // The dead mount is still listed until the new daemon replaced it, and between
+        // its removal and the new mount `$M` is the bare directory (whose `ls` succeeds):
+        // wait for the tree's own README.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.sh("ls $M >/dev/null").0 != 0 {
+        while self.sh("test -e $M/README").0 != 0 {
             assert!(
                 Instant::now() < deadline,
                 "no mount after restart: {}",
