@@ -1,11 +1,13 @@
 //! Process plumbing of the daemon: logging, daemonizing, mounting and unmounting.
 //!
 //! Order of `mount`: fork into the background (before any thread exists), start the
-//! tokio runtime, open the state directory, re-adopt VMs left running by an earlier
-//! daemon, clear a stale mount left by a killed daemon (found in the mount table, its
-//! connection aborted: see [`crate::watchdog`]), start the watchdog, mount, and only once the mount
-//! answers a request (`README` stats through FUSE) tell the waiting parent, and systemd
-//! (`READY=1` on `$NOTIFY_SOCKET`, for `Type=notify`), that the tree is up.
+//! tokio runtime, open the state directory, start re-adopting VMs left running by an
+//! earlier daemon (in the background: each VM shows `adopting` until it is done, and the
+//! mount never waits for a guest), start the watchdog, clear a stale mount left by a
+//! killed daemon (found in the mount table, its connection aborted: see
+//! [`crate::watchdog`]) and mount right after, and only once the mount answers a request
+//! (`README` stats through FUSE) tell the waiting parent, and systemd (`READY=1` on
+//! `$NOTIFY_SOCKET`, for `Type=notify`), that the tree is up.
 //! SIGTERM/SIGINT send `STOPPING=1` and unmount cleanly; VMs keep running.
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -182,6 +184,7 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     let backends = crate::backends::detect();
     // Decide (and log) once whether VMMs get cgroups.
     let _ = crate::cgroup::support();
+    crate::testhook::announce();
     let mgr = Manager::open(opts.state_dir.clone(), backends).map_err(|e| e.to_string())?;
     mgr.events
         .emit("", "daemon-start", &format!("pid={}", std::process::id()));
@@ -191,6 +194,14 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         crate::logcap::spawn(Arc::downgrade(&mgr));
     }
 
+    // Everything the mount needs is made first: between the removal of a dead mount and
+    // the new one the mount point is the bare directory (and the adoptions run
+    // meanwhile), so that gap holds nothing but the mount itself.
+    let mut watchdog = crate::watchdog::spawn();
+    let vfs = Arc::new(Vfs::new(mgr.clone()));
+    let guest = GuestFs::new(mgr.clone(), rt.handle().clone());
+    let fs = BandsoxFs::new(vfs.clone(), guest.clone(), rt.handle().clone());
+
     // Never stat the mount point before an earlier mount is gone: if its daemon died,
     // the stat would wait forever.
     let mountpoint = crate::watchdog::absolute(&opts.mountpoint);
@@ -199,11 +210,6 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         tracing::warn!("cleared an earlier mount at {}", mountpoint.display());
     }
     std::fs::create_dir_all(&mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
-    let mut watchdog = crate::watchdog::spawn();
-
-    let vfs = Arc::new(Vfs::new(mgr.clone()));
-    let guest = GuestFs::new(mgr.clone(), rt.handle().clone());
-    let fs = BandsoxFs::new(vfs.clone(), guest.clone(), rt.handle().clone());
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("bandsox".into()),

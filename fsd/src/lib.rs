@@ -33,6 +33,7 @@ pub mod names;
 pub mod net;
 pub mod sessions;
 pub mod snapshots;
+pub mod testhook;
 pub mod tools;
 pub mod vfs;
 pub mod vmm;

@@ -44,6 +44,16 @@ crash_and_restart_daemon() {
   "$BANDSOX" mount "$MNT" --state-dir "$STATE" || fail "restart failed"
 }
 
+# adopted VM: after a daemon restart, wait until VM (a name under $MNT, or a VM
+# directory's path) is no longer `adopting` (adoption runs in the background; requests
+# for the VM wait for it by themselves) and print its state.
+adopted() {
+  case $1 in */*) _vd=$1 ;; *) _vd=$MNT/$1 ;; esac
+  wait_for 40 sh -c "[ \"\$(cat '$_vd/state')\" != adopting ]" \
+    || fail "$1 is still adopting 40 s after the restart"
+  cat "$_vd/state"
+}
+
 # gone PID: the process has exited (a zombie counts as exited).
 gone() { ! [ -e "/proc/$1" ] || grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
 

@@ -7,9 +7,16 @@
 //! - Every wait on the guest has a deadline; a VM that is not running answers EHOSTDOWN
 //!   at once.
 //! - The on-disk record (`vm.json`) is rewritten after every state change that must
-//!   survive a daemon restart (desired state, boot time).
+//!   survive a daemon restart (desired state, boot time, how far a start got: `phase`),
+//!   atomically (temporary file + rename, one writer at a time).
+//! - Adoption after a daemon restart runs in the background (`adopt`); while it runs the
+//!   VM is `adopting` and its requests wait for it.
+mod adopt;
+mod phase;
 mod retention;
 pub use crate::snapshots::{Taken, FREEZE_TIMEOUT};
+pub use adopt::{ADOPT_AGENT_DEADLINE, ADOPT_WAIT};
+pub use phase::Phase;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,6 +33,7 @@ use super::runs::{Run, RunHome};
 use crate::config::VmConfig;
 use crate::error::{Error, Result};
 use crate::events::{rfc3339, EventLog};
+use crate::testhook::Point;
 use crate::vmm::{Backend, BackendKind, VmSpec, VmmInstance};
 
 /// Deadline for one agent RPC such as PowerOff or Ping.
@@ -40,6 +48,8 @@ pub const MAX_SCRIPT: usize = 1024 * 1024;
 /// What the user sees in `state`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmState {
+    /// After a daemon restart, until the VM's VMM and agent have been re-attached.
+    Adopting,
     Booting,
     Running,
     Paused,
@@ -51,6 +61,7 @@ pub enum VmState {
 impl VmState {
     pub fn render(&self) -> String {
         match self {
+            VmState::Adopting => "adopting".into(),
             VmState::Booting => "booting".into(),
             VmState::Running => "running".into(),
             VmState::Paused => "paused".into(),
@@ -91,6 +102,9 @@ pub struct VmRecord {
     /// first use of `fs/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs_slot: Option<u16>,
+    /// How far the last start got (see [`Phase`]); records of older daemons have none.
+    #[serde(default)]
+    pub phase: Phase,
 }
 
 /// Kernel and initramfs every VM boots.
@@ -108,7 +122,13 @@ pub struct Vm {
     pub gid: u32,
     pub(crate) record: Mutex<VmRecord>,
     state: Mutex<VmState>,
-    pub(crate) op_lock: tokio::sync::Mutex<()>,
+    /// Held by every lifecycle operation, and by an adoption from before the VM is
+    /// visible until it ends (an `Arc` so the adoption's task can own it).
+    pub(crate) op_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Woken when an adoption ends (see `adopt`).
+    adopted: tokio::sync::Notify,
+    /// One `vm.json` writer at a time (they share the temporary file).
+    save_lock: Mutex<()>,
     /// One reconnect at a time; others wait for its result.
     reconnect_lock: tokio::sync::Mutex<()>,
     pub(crate) backend: Arc<dyn Backend>,
@@ -170,7 +190,9 @@ impl Vm {
             dir,
             record: Mutex::new(record),
             state: Mutex::new(VmState::Stopped),
-            op_lock: tokio::sync::Mutex::new(()),
+            op_lock: Arc::new(tokio::sync::Mutex::new(())),
+            adopted: tokio::sync::Notify::new(),
+            save_lock: Mutex::new(()),
             reconnect_lock: tokio::sync::Mutex::new(()),
             backend,
             boot_files,
@@ -224,6 +246,8 @@ impl Vm {
     }
 
     pub fn save_record(&self) -> Result<()> {
+        // Under the lock, the record is read afresh: the last writer writes the newest.
+        let _one_writer = self.save_lock.lock();
         let rec = self.record();
         let json = serde_json::to_vec_pretty(&rec).map_err(|e| Error::io(e.to_string()))?;
         let tmp = self.dir.join("vm.json.tmp");
@@ -325,10 +349,21 @@ impl Vm {
         }
     }
 
-    /// A live agent client. When the VM runs but its connection died (a transport reset
+    /// EHOSTDOWN unless the VM is running or being adopted (requests then wait for the
+    /// adoption: see [`Vm::live_agent`]).
+    pub fn require_running_or_adopting(&self) -> Result<()> {
+        if self.state() == VmState::Adopting {
+            return Ok(());
+        }
+        self.require_running()
+    }
+
+    /// A live agent client. While the VM is being adopted, wait for that first (at most
+    /// [`ADOPT_WAIT`]). When the VM runs but its connection died (a transport reset
     /// after pause or snapshot, a crashed stream), reconnect first: the caller sees a
     /// slower request, not an error.
     pub async fn live_agent(&self) -> Result<AgentClient> {
+        self.wait_adopted().await?;
         match self.require_agent() {
             Err(e) if self.state() == VmState::Running => self
                 .reconnect_agent("the connection was lost")
@@ -418,6 +453,14 @@ impl Vm {
         how: Start<'_>,
         timeout: Duration,
     ) -> Result<()> {
+        if let Start::Boot = how {
+            // A failed start or adoption may have left this VM's VMM running (a QEMU in
+            // `-incoming defer` holds the pid file a new one needs).
+            if let Err(e) = self.end_leftover_vmm().await {
+                self.fail_start(&e.message);
+                return Err(e);
+            }
+        }
         let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         self.set_state(VmState::Booting);
         let booting = match how {
@@ -438,12 +481,23 @@ impl Vm {
         let spec = match self.spec() {
             Ok(s) => s,
             Err(e) => {
-                self.fail(&e.message);
+                self.fail_start(&e.message);
                 return Err(e);
             }
         };
         if let Err(e) = prepare_network(&spec).await {
-            self.fail(&e.message);
+            self.fail_start(&e.message);
+            return Err(e);
+        }
+        // Recorded before the VMM exists, so a daemon that dies from here on knows what
+        // the VMM it may find is (see `Phase`).
+        let phase = match how {
+            Start::Boot => Phase::Booting,
+            Start::Restore { .. } => Phase::Restoring,
+        };
+        if let Err(e) = self.record_phase(phase) {
+            self.release_network();
+            self.fail_start(&e.message);
             return Err(e);
         }
         let launched = match how {
@@ -457,16 +511,21 @@ impl Vm {
             Ok(i) => Arc::from(i),
             Err(err) => {
                 self.release_network();
-                self.fail(&err.message);
+                self.fail_start(&err.message);
                 return Err(err);
             }
         };
         *self.vmm.lock() = Some(inst.clone());
         self.confine(inst.pid());
         let ready = async {
+            if let Start::Restore { .. } = how {
+                self.record_phase(Phase::IdentityPending)?;
+                crate::testhook::pause_at(Point::CloneRestored, &self.name).await;
+            }
             let client = self.connect_agent(&inst, timeout).await?;
             if let Start::Restore { .. } = how {
                 self.take_new_identity(&client, &spec).await?;
+                crate::testhook::pause_at(Point::CloneIdentitySet, &self.name).await;
             }
             Ok::<_, Error>(client)
         }
@@ -475,7 +534,11 @@ impl Vm {
             Ok(client) => {
                 let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
                 *self.agent.lock() = Some(client);
-                self.record.lock().boot_ms = Some(ms);
+                {
+                    let mut rec = self.record.lock();
+                    rec.boot_ms = Some(ms);
+                    rec.phase = Phase::Started;
+                }
                 self.set_state(VmState::Running);
                 if let Err(e) = self.save_record() {
                     tracing::warn!(vm = %self.name, "cannot save record: {e}");
@@ -491,18 +554,36 @@ impl Vm {
                 Ok(())
             }
             Err(e) => {
-                let _ = inst.kill().await;
+                let killed = inst.kill().await.is_ok();
                 *self.vmm.lock() = None;
                 self.release_network();
-                self.fail(&e.message);
+                if killed {
+                    self.fail_start(&e.message);
+                } else {
+                    // Still alive: the record keeps its phase, and the next `start` (or
+                    // a later daemon) ends it as a leftover.
+                    self.fail(&e.message);
+                }
                 Err(e)
             }
         }
     }
 
+    /// `failed: <why>` (and a `failed` event); the record is left as it is.
     pub(crate) fn fail(&self, why: &str) {
         self.set_state(VmState::Failed(why.to_string()));
         self.events.emit(&self.name, "failed", why);
+    }
+
+    /// A start failed, or a half-done one was ended (its VMM is gone): [`Vm::fail`], and
+    /// `failed` as the record's phase, so a later daemon does not take the VM for one
+    /// caught in the middle of a start.
+    pub(crate) fn fail_start(&self, why: &str) {
+        self.record.lock().phase = Phase::Failed;
+        if let Err(e) = self.save_record() {
+            tracing::warn!(vm = %self.name, "cannot save record: {e}");
+        }
+        self.fail(why);
     }
 
     /// Connect and handshake with the agent, retrying until `timeout`.
@@ -756,68 +837,6 @@ impl Vm {
     pub async fn first_boot(self: &Arc<Self>, timeout: Duration) -> Result<()> {
         let _g = self.op_lock.lock().await;
         self.boot_locked(timeout).await
-    }
-
-    /// After a daemon restart: adopt a live VMM (agent reconnected) or show `stopped`.
-    #[tracing::instrument(level = "debug", name = "adopt", skip_all, fields(vm = %self.name))]
-    pub async fn adopt(self: &Arc<Self>) {
-        let _g = self.op_lock.lock().await;
-        let desired = self.record().desired;
-        if desired == Desired::Stopped {
-            return;
-        }
-        let spec = match self.spec() {
-            Ok(s) => s,
-            Err(e) => {
-                self.set_state(VmState::Failed(e.message));
-                return;
-            }
-        };
-        match self.backend.adopt(&spec).await {
-            Ok(Some(inst)) => {
-                let inst: Arc<dyn VmmInstance> = Arc::from(inst);
-                let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-                *self.vmm.lock() = Some(inst.clone());
-                if desired == Desired::Paused {
-                    // The agent cannot answer while paused; connect on resume.
-                    self.set_state(VmState::Paused);
-                    self.events.emit(&self.name, "adopted", "paused");
-                    self.spawn_monitor(gen);
-                    return;
-                }
-                // A daemon that died mid-snapshot leaves the VM paused and frozen.
-                self.undo_interrupted_snapshot(&inst).await;
-                match self.connect_agent(&inst, Duration::from_secs(15)).await {
-                    Ok(c) => {
-                        self.thaw_after_adopt(&c).await;
-                        *self.agent.lock() = Some(c);
-                        self.set_state(VmState::Running);
-                        self.events
-                            .emit(&self.name, "adopted", &format!("pid={}", inst.pid()));
-                        self.spawn_monitor(gen);
-                    }
-                    Err(e) => {
-                        self.set_state(VmState::Failed(format!(
-                            "adopted VMM but the agent did not answer: {}",
-                            e.message
-                        )));
-                        self.spawn_monitor(gen);
-                    }
-                }
-            }
-            Ok(None) => {
-                self.release_network();
-                self.set_state(VmState::Stopped);
-                self.events.emit(
-                    &self.name,
-                    "stopped",
-                    "its VMM was gone when the daemon started",
-                );
-            }
-            Err(e) => {
-                self.set_state(VmState::Failed(e.to_string()));
-            }
-        }
     }
 
     /// Kill the VMM (if any) for deletion. Caller removes the directory.

@@ -280,8 +280,9 @@ impl Files {
                 let vm = self.tree.vm(id)?;
                 let mut run = None;
                 if write {
-                    // Fail at open, where the shell reports it, rather than at close.
-                    vm.require_running()?;
+                    // Fail at open, where the shell reports it, rather than at close
+                    // (a VM being adopted may still run: the start waits for it).
+                    vm.require_running_or_adopting()?;
                 } else {
                     run = vm.last_run(caller.session).and_then(|n| vm.run(n));
                 }

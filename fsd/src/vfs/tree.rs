@@ -168,6 +168,7 @@ BandSox-FS: microVMs as files.
   cat NAME/runs/last/status       exit code of your last command (or `running`)
   echo pause|resume|stop|start|kill|restart > NAME/ctl
   cat NAME/state                  booting | running | paused | stopped | failed: why
+                                  (adopting: after a daemon restart, until re-attached)
   cat NAME/info                   JSON description
   tail -f NAME/console            serial console;   tail -f events   your VMs' events
   cat usage                       what you use, against the limits root set

@@ -146,9 +146,10 @@ impl Mounted {
         let _ = self.daemon.wait();
         self.daemon = spawn_daemon(&self.mnt, &self.state, self._tmp.path(), &self.env);
         // The dead mount is still listed until the new daemon replaced it, and between
-        // its detach and the new mount the bare directory answers: wait for the tree.
+        // its removal and the new mount `$M` is the bare directory (whose `ls` succeeds):
+        // wait for the tree's own README.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.sh("test -f $M/README").0 != 0 {
+        while self.sh("test -e $M/README").0 != 0 {
             assert!(
                 Instant::now() < deadline,
                 "no mount after restart: {}",

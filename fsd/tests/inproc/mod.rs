@@ -4,8 +4,11 @@
 //!
 //! Invariants: every `connect_agent` gets a fresh pipe and a fresh agent session on the
 //! VM's one `Agent` (as reconnecting to a real guest does); after `kill` the VM is dead
-//! (no agent answers, `is_alive` is false) and stays so.
+//! (no agent answers, `is_alive` is false) and stays so. A live VM outlives the manager
+//! that launched it: a second manager over the same state directory and backend (a
+//! restarted daemon) adopts it by its directory, as real backends do by `vmm.pid`.
 #![allow(dead_code)]
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,21 +43,35 @@ impl FaultPlan {
 
 pub struct InProcBackend {
     pub faults: Arc<FaultPlan>,
+    /// Every VM launched, by directory (what `adopt` finds).
+    vms: Mutex<HashMap<PathBuf, InProcVm>>,
 }
 
 impl InProcBackend {
     pub fn new() -> Arc<InProcBackend> {
         Arc::new(InProcBackend {
             faults: Arc::new(FaultPlan::default()),
+            vms: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Whether the VM launched in `dir` (its latest) still lives.
+    pub fn alive(&self, dir: &Path) -> bool {
+        self.vms
+            .lock()
+            .unwrap()
+            .get(dir)
+            .is_some_and(|vm| vm.is_alive())
     }
 }
 
+/// One "VM"; clones are handles to the same one.
+#[derive(Clone)]
 struct InProcVm {
     agent: Arc<Agent>,
     alive: Arc<AtomicBool>,
     faults: Arc<FaultPlan>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 #[async_trait]
@@ -77,15 +94,24 @@ impl Backend for InProcBackend {
         std::fs::create_dir_all(&root).map_err(|e| VmmError::Io("root".into(), e))?;
         let mut cfg = AgentConfig::host(root);
         cfg.power_off = PowerOffAction::Ignore;
-        Ok(Box::new(InProcVm {
+        let vm = InProcVm {
             agent: Agent::new(cfg),
             alive: Arc::new(AtomicBool::new(true)),
             faults: self.faults.clone(),
-            tasks: Mutex::new(Vec::new()),
-        }))
+            tasks: Arc::new(Mutex::new(Vec::new())),
+        };
+        self.vms
+            .lock()
+            .unwrap()
+            .insert(spec.dir.clone(), vm.clone());
+        Ok(Box::new(vm))
     }
-    async fn adopt(&self, _spec: &VmSpec) -> Result<Option<Box<dyn VmmInstance>>, VmmError> {
-        Ok(None)
+    async fn adopt(&self, spec: &VmSpec) -> Result<Option<Box<dyn VmmInstance>>, VmmError> {
+        let vms = self.vms.lock().unwrap();
+        Ok(vms
+            .get(&spec.dir)
+            .filter(|vm| vm.is_alive())
+            .map(|vm| Box::new(vm.clone()) as Box<dyn VmmInstance>))
     }
 }
 
