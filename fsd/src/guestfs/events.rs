@@ -16,6 +16,10 @@
 //!   that still names what the host made is dropped: the kernel already knows, and
 //!   invalidating would throw away a dentry that may be someone's working directory.
 //!   Any other outcome invalidates the name.
+//! - [`Pumps::applied`] resolves only once every batch a pump had received when it was
+//!   called has been applied (its invalidations made): a pump answers the fence only
+//!   when no batch is waiting. With an agent-side flush before it (a command's end), it
+//!   tells a test that the host has acted on every change made so far.
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -23,6 +27,7 @@ use std::time::{Duration, Instant};
 use bandsox_agent::client::{AgentClient, FsEvents};
 use bandsox_agent::proto::fs::{FsEvent, NodeId};
 use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
 
 use super::inodes::{Incarnation, Inodes, VmNumbers};
 use super::listings::Listings;
@@ -95,7 +100,12 @@ pub struct Pumps {
     recent: Arc<Recent>,
     listings: Arc<Listings>,
     inval: OnceLock<Arc<dyn Invalidate>>,
+    /// One fence queue per running pump (see [`Pumps::applied`]).
+    fences: Mutex<Vec<mpsc::UnboundedSender<Fence>>>,
 }
+
+/// Answered by a pump once no batch waits for it.
+type Fence = oneshot::Sender<()>;
 
 /// What one event means for the kernel's caches.
 #[derive(Debug, PartialEq, Eq)]
@@ -128,6 +138,27 @@ impl Pumps {
             recent,
             listings,
             inval: OnceLock::new(),
+            fences: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Resolves once every pump has applied every batch it had received when this was
+    /// called (a pump that ends meanwhile counts as done).
+    pub async fn applied(&self) {
+        let waits: Vec<oneshot::Receiver<()>> = {
+            let mut fences = self.fences.lock();
+            fences.retain(|f| !f.is_closed());
+            fences
+                .iter()
+                .filter_map(|f| {
+                    let (tx, rx) = oneshot::channel();
+                    f.send(tx).ok().map(|()| rx)
+                })
+                .collect()
+        };
+        for w in waits {
+            // An error means the pump ended: everything it received was applied.
+            let _ = w.await;
         }
     }
 
@@ -155,6 +186,8 @@ impl Pumps {
             recent: self.recent.clone(),
         };
         let inval = self.inval.get().cloned();
+        let (fence_tx, fences) = mpsc::unbounded_channel();
+        self.fences.lock().push(fence_tx);
         // Listings change on the reader itself, so a lookup after a command's end never
         // sees a listing that misses what the command made.
         let tap_src = Source {
@@ -176,7 +209,8 @@ impl Pumps {
         }));
         let vm = Arc::downgrade(vm);
         rt.spawn(async move {
-            pump(events, &src, &vms, &inodes, &known, inval.as_ref()).await;
+            let pipes = Pipes { events, fences };
+            pump(pipes, &src, &vms, &inodes, &known, inval.as_ref()).await;
             let live = vm.upgrade().is_some_and(|vm| {
                 vm.generation() == src.inc.generation
                     && matches!(vm.state(), VmState::Running | VmState::Paused)
@@ -196,15 +230,33 @@ impl Pumps {
     }
 }
 
+/// What a pump reads: the connection's events and its fences.
+struct Pipes {
+    events: FsEvents,
+    fences: mpsc::UnboundedReceiver<Fence>,
+}
+
 async fn pump(
-    mut events: FsEvents,
+    mut pipes: Pipes,
     src: &Source,
     vms: &VmMap,
     inodes: &Mutex<Inodes>,
     known: &Known,
     inval: Option<&Arc<dyn Invalidate>>,
 ) {
-    while let Some(batch) = events.next().await {
+    loop {
+        let batch = tokio::select! {
+            // Batches first: a fence is answered only when none is waiting.
+            biased;
+            batch = pipes.events.next() => match batch {
+                Some(b) => b,
+                None => break,
+            },
+            Some(fence) = pipes.fences.recv() => {
+                let _ = fence.send(());
+                continue;
+            }
+        };
         let actions = {
             let vms = vms.lock();
             let mut inodes = inodes.lock();
