@@ -16,6 +16,11 @@
 //!   that still names what the host made is dropped: the kernel already knows, and
 //!   invalidating would throw away a dentry that may be someone's working directory.
 //!   Any other outcome invalidates the name.
+//! - A name event that says what the name names now (a link or rename made in the guest)
+//!   also drops that node's attributes: its link count or ctime changed, and inotify
+//!   reports that on the directory only. (A name that went away cannot say which file
+//!   lost a link: the link count of a hard-linked file's other names may lag until the
+//!   cache expires.)
 //! - [`Pumps::applied`] resolves only once every batch a pump had received when it was
 //!   called has been applied (its invalidations made): a pump answers the fence only
 //!   when no batch is waiting. With an agent-side flush before it (a command's end), it
@@ -349,6 +354,15 @@ fn translate(
                         if !out.contains(&listing) {
                             out.push(listing);
                         }
+                        // A new link or a move changed the named node's link count or
+                        // ctime; nothing else reports that.
+                        if let Some(ino) = now.and_then(|id| held(src, v, inodes, id)) {
+                            inodes.relinked(ino);
+                            let attrs = Action::Inode(ino, false);
+                            if !out.contains(&attrs) {
+                                out.push(attrs);
+                            }
+                        }
                     }
                 }
             }
@@ -556,6 +570,38 @@ mod tests {
         );
         let acts = translate(&[FsEvent::Overflow], &src, &v, &mut t, &known);
         assert_eq!(acts.len(), 2);
+    }
+
+    #[test]
+    fn a_name_made_in_the_guest_drops_the_named_nodes_attributes() {
+        let OneFile {
+            src,
+            mut v,
+            mut t,
+            f_id,
+            f,
+            _dir,
+        } = one_file(None);
+        v.root = Some((1, 99));
+        let known = Known {
+            recent: Arc::new(Recent::default()),
+        };
+        // A hard link made in the guest: the file's link count changed.
+        let link = FsEvent::Entry {
+            parent: ROOT_ID,
+            name: b"link".to_vec(),
+            now: Some(f_id),
+        };
+        let acts = translate(&[link], &src, &v, &mut t, &known);
+        assert_eq!(
+            acts,
+            vec![
+                Action::Entry(99, b"link".to_vec()),
+                Action::Inode(99, true),
+                Action::Inode(f, false)
+            ]
+        );
+        assert_eq!(t.get(f).and_then(|i| i.attr), None);
     }
 
     #[test]
