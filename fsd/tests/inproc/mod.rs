@@ -4,7 +4,8 @@
 //!
 //! Invariants: every `connect_agent` gets a fresh pipe and a fresh agent session on the
 //! VM's one `Agent` (as reconnecting to a real guest does); after `kill` the VM is dead
-//! (no agent answers, `is_alive` is false) and stays so.
+//! (no agent answers, `is_alive` is false) and stays so. [`InProcBackend::sessions`]
+//! counts the agent sessions still being served, of every VM.
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,13 +41,24 @@ impl FaultPlan {
 
 pub struct InProcBackend {
     pub faults: Arc<FaultPlan>,
+    /// Agent sessions being served (a session ends once the agent saw its pipe close).
+    pub sessions: Arc<tokio::sync::watch::Sender<usize>>,
+    /// The agents of the VMs launched, in order.
+    pub agents: Mutex<Vec<Arc<Agent>>>,
 }
 
 impl InProcBackend {
     pub fn new() -> Arc<InProcBackend> {
         Arc::new(InProcBackend {
             faults: Arc::new(FaultPlan::default()),
+            sessions: Arc::new(tokio::sync::watch::Sender::new(0)),
+            agents: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Wait until at most `n` agent sessions are served.
+    pub async fn sessions_at_most(&self, n: usize) {
+        let _ = self.sessions.subscribe().wait_for(|s| *s <= n).await;
     }
 }
 
@@ -54,7 +66,24 @@ struct InProcVm {
     agent: Arc<Agent>,
     alive: Arc<AtomicBool>,
     faults: Arc<FaultPlan>,
+    sessions: Arc<tokio::sync::watch::Sender<usize>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Counts one served session until dropped (also when its task is aborted).
+struct Serving(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Serving {
+    fn new(sessions: &Arc<tokio::sync::watch::Sender<usize>>) -> Serving {
+        sessions.send_modify(|n| *n += 1);
+        Serving(sessions.clone())
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 #[async_trait]
@@ -77,10 +106,13 @@ impl Backend for InProcBackend {
         std::fs::create_dir_all(&root).map_err(|e| VmmError::Io("root".into(), e))?;
         let mut cfg = AgentConfig::host(root);
         cfg.power_off = PowerOffAction::Ignore;
+        let agent = Agent::new(cfg);
+        self.agents.lock().unwrap().push(agent.clone());
         Ok(Box::new(InProcVm {
-            agent: Agent::new(cfg),
+            agent,
             alive: Arc::new(AtomicBool::new(true)),
             faults: self.faults.clone(),
+            sessions: self.sessions.clone(),
             tasks: Mutex::new(Vec::new()),
         }))
     }
@@ -103,10 +135,11 @@ impl VmmInstance for InProcVm {
         }
         let (host, guest) = tokio::io::duplex(256 * 1024);
         let agent = self.agent.clone();
-        self.tasks
-            .lock()
-            .unwrap()
-            .push(tokio::spawn(async move { agent.serve_stream(guest).await }));
+        let serving = Serving::new(&self.sessions);
+        self.tasks.lock().unwrap().push(tokio::spawn(async move {
+            let _serving = serving;
+            agent.serve_stream(guest).await
+        }));
         let faults = self.faults.next.lock().unwrap().unwrap_or(Faults::none());
         let stream = FaultStream::new(host, faults);
         self.faults.handles.lock().unwrap().push(stream.handle());
