@@ -21,11 +21,15 @@
 //!   reports that on the directory only. (A name that went away cannot say which file
 //!   lost a link: the link count of a hard-linked file's other names may lag until the
 //!   cache expires.)
+//! - Events may be lost between two connections of one incarnation (a guest change
+//!   while the host reconnects, a channel that broke mid-batch): a pump that is not the
+//!   incarnation's first treats its start as an overflow, so every cached attribute,
+//!   page and listing of the incarnation goes before its first batch is applied.
 //! - [`Pumps::applied`] resolves only once every batch a pump had received when it was
 //!   called has been applied (its invalidations made): a pump answers the fence only
 //!   when no batch is waiting. With an agent-side flush before it (a command's end), it
 //!   tells a test that the host has acted on every change made so far.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -107,6 +111,8 @@ pub struct Pumps {
     inval: OnceLock<Arc<dyn Invalidate>>,
     /// One fence queue per running pump (see [`Pumps::applied`]).
     fences: Mutex<Vec<mpsc::UnboundedSender<Fence>>>,
+    /// Incarnations that have had a pump (until they end).
+    pumped: Arc<Mutex<HashSet<Incarnation>>>,
 }
 
 /// Answered by a pump once no batch waits for it.
@@ -144,6 +150,7 @@ impl Pumps {
             listings,
             inval: OnceLock::new(),
             fences: Mutex::new(Vec::new()),
+            pumped: Arc::new(Mutex::new(HashSet::new())),
         }
     }
 
@@ -182,6 +189,12 @@ impl Pumps {
         let Some(events) = client.take_fs_events() else {
             return;
         };
+        // Not the incarnation's first connection: events may have been lost between.
+        let lost = !self.pumped.lock().insert(inc.clone());
+        if lost {
+            tracing::debug!(vm = %inc.vm_id, "new agent connection: cached attributes and pages go");
+            self.listings.forget_incarnation(inc);
+        }
         let src = Source {
             inc: inc.clone(),
             boot: client.info().instance,
@@ -213,14 +226,16 @@ impl Pumps {
             }
         }));
         let vm = Arc::downgrade(vm);
+        let pumped = self.pumped.clone();
         rt.spawn(async move {
             let pipes = Pipes { events, fences };
-            pump(pipes, &src, &vms, &inodes, &known, inval.as_ref()).await;
+            pump(pipes, lost, &src, &vms, &inodes, &known, inval.as_ref()).await;
             let live = vm.upgrade().is_some_and(|vm| {
                 vm.generation() == src.inc.generation
                     && matches!(vm.state(), VmState::Running | VmState::Paused)
             });
             if !live {
+                pumped.lock().remove(&src.inc);
                 let inos = inodes.lock().inos_of(&src.inc);
                 if let (Some(inval), false) = (inval, inos.is_empty()) {
                     let _ = tokio::task::spawn_blocking(move || {
@@ -241,33 +256,43 @@ struct Pipes {
     fences: mpsc::UnboundedReceiver<Fence>,
 }
 
+/// Apply the events of one connection until it ends; with `lost`, events may have been
+/// lost before it: everything cached of the incarnation goes first.
 async fn pump(
     mut pipes: Pipes,
+    lost: bool,
     src: &Source,
     vms: &VmMap,
     inodes: &Mutex<Inodes>,
     known: &Known,
     inval: Option<&Arc<dyn Invalidate>>,
 ) {
+    // With `lost`, the first round applies no batch: it drops everything cached.
+    let mut lost = lost;
     loop {
-        let batch = tokio::select! {
-            // Batches first: a fence is answered only when none is waiting.
-            biased;
-            batch = pipes.events.next() => match batch {
-                Some(b) => b,
-                None => break,
-            },
-            Some(fence) = pipes.fences.recv() => {
-                let _ = fence.send(());
-                continue;
+        let batch = if std::mem::take(&mut lost) {
+            None
+        } else {
+            tokio::select! {
+                // Batches first: a fence is answered only when none is waiting.
+                biased;
+                batch = pipes.events.next() => match batch {
+                    Some(b) => Some(b),
+                    None => break,
+                },
+                Some(fence) = pipes.fences.recv() => {
+                    let _ = fence.send(());
+                    continue;
+                }
             }
         };
         let actions = {
             let vms = vms.lock();
             let mut inodes = inodes.lock();
-            match vms.get(&src.inc.vm_id) {
-                Some(v) => translate(&batch, src, v, &mut inodes, known),
-                None => Vec::new(),
+            match (vms.get(&src.inc.vm_id), batch) {
+                (Some(v), Some(batch)) => translate(&batch, src, v, &mut inodes, known),
+                (Some(v), None) => everything(src, v, &inodes),
+                (None, _) => Vec::new(),
             }
         };
         if let (Some(inval), false) = (inval, actions.is_empty()) {
@@ -391,15 +416,23 @@ fn translate(
             }
             FsEvent::Overflow => {
                 tracing::warn!(vm = %src.inc.vm_id, "guest file events were lost; dropping cached pages");
-                for ino in inodes.inos_of(&src.inc) {
-                    out.push(Action::Inode(ino, true));
-                }
-                if let Some((generation, ino)) = v.root {
-                    if generation == src.inc.generation {
-                        out.push(Action::Inode(ino, true));
-                    }
-                }
+                out.extend(everything(src, v, inodes));
             }
+        }
+    }
+    out
+}
+
+/// Drop every cached attribute and page of the incarnation (events were lost).
+fn everything(src: &Source, v: &VmNumbers, inodes: &Inodes) -> Vec<Action> {
+    let mut out: Vec<Action> = inodes
+        .inos_of(&src.inc)
+        .into_iter()
+        .map(|ino| Action::Inode(ino, true))
+        .collect();
+    if let Some((generation, ino)) = v.root {
+        if generation == src.inc.generation {
+            out.push(Action::Inode(ino, true));
         }
     }
     out

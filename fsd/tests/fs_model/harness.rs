@@ -338,6 +338,26 @@ impl Harness {
                 agent.expect("the VM's agent").deliver_fs_events().await;
                 Ok(())
             }
+            Op::Lost(changes) => {
+                let client = self.vm.require_agent().map_err(|e| format!("{e:?}"))?;
+                let faults = self.backend.faults.last();
+                // The host hears nothing more from the agent.
+                faults.arm(Faults::read(Fault::DropFrom { at: 0 }));
+                changes.iter().try_for_each(|g| self.guest(g))?;
+                let agent = self.backend.agents.lock().unwrap().last().cloned();
+                agent.expect("the VM's agent").deliver_fs_events().await;
+                // Then the next byte it writes breaks the connection.
+                faults.arm(Faults {
+                    read: Fault::DropFrom { at: 0 },
+                    write: Fault::CloseAt { at: 0 },
+                });
+                let _ = client.ping(T).await;
+                tokio::time::timeout(T, client.closed())
+                    .await
+                    .map_err(|_| "the broken connection did not close".to_string())?;
+                self.kernel.expire_names();
+                Ok(())
+            }
             Op::DropCaches => {
                 self.kernel.drop_caches();
                 Ok(())

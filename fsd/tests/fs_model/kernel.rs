@@ -229,6 +229,13 @@ impl Kernel {
         self.g.forget_many(&all);
     }
 
+    /// The TTL of every cached name passes: each is looked up again before its next use.
+    pub fn expire_names(&self) {
+        for d in self.cache().dentries.values_mut() {
+            d.fresh = false;
+        }
+    }
+
     /// `name` in `parent`: its inode, 0 when there is none.
     pub async fn lookup(&self, parent: u64, name: &[u8], fresh: bool) -> Result<u64, Errno> {
         if !fresh {

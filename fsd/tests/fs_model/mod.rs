@@ -160,6 +160,11 @@ pub enum Op {
     /// The agent connection breaks, these changes are made in the guest while it is
     /// down, and the next request reconnects.
     Break(Vec<Guest>),
+    /// The events of these changes are lost: the host stops hearing the agent, the
+    /// guest changes, the connection breaks (as a channel that died mid-stream). The
+    /// names the kernel cached may then stay stale until their TTL, which the model lets
+    /// pass; attributes, pages and listings may not.
+    Lost(Vec<Guest>),
     /// The kernel forgets everything it caches (`echo 3 > drop_caches`).
     DropCaches,
 }
@@ -258,6 +263,7 @@ pub fn op() -> impl Strategy<Value = Op> {
         6 => guest().prop_map(Op::Guest),
         1 => Just(Op::Reconnect),
         1 => proptest::collection::vec(guest(), 0..3).prop_map(Op::Break),
+        1 => proptest::collection::vec(guest(), 0..3).prop_map(Op::Lost),
         1 => Just(Op::DropCaches),
     ]
 }
