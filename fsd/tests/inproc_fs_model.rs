@@ -93,20 +93,29 @@ proptest! {
 
 use fs_model::{Fill, Guest, Name, Perm, Pick};
 
+/// Create `NAMES[name]` with `len` bytes in directory `dir`.
+fn create(dir: u16, name: u8, len: u8) -> Op {
+    Op::Create {
+        dir: Pick(dir),
+        name: Name(name),
+        perm: Perm(0),
+        data: Fill { start: 0, len },
+    }
+}
+
+fn mkdir(dir: u16, name: u8) -> Op {
+    Op::Mkdir {
+        dir: Pick(dir),
+        name: Name(name),
+        perm: Perm(0),
+    }
+}
+
 /// A file with two names: `a` and `b/a`.
 fn two_names() -> Vec<Op> {
     vec![
-        Op::Create {
-            dir: Pick(0),
-            name: Name(0),
-            perm: Perm(0),
-            data: Fill { start: 0, len: 0 },
-        },
-        Op::Mkdir {
-            dir: Pick(0),
-            name: Name(1),
-            perm: Perm(0),
-        },
+        create(0, 0, 0),
+        mkdir(0, 1),
         Op::Link {
             entry: Pick(0),
             dir: Pick(1),
@@ -129,12 +138,7 @@ fn regression_hard_link_unlinked_in_the_guest() {
 #[test]
 fn regression_hard_link_made_in_the_guest() {
     replay(&[
-        Op::Create {
-            dir: Pick(0),
-            name: Name(0),
-            perm: Perm(0),
-            data: Fill { start: 0, len: 0 },
-        },
+        create(0, 0, 0),
         Op::Guest(Guest::Link {
             entry: Pick(0),
             dir: Pick(0),
@@ -148,17 +152,8 @@ fn regression_hard_link_made_in_the_guest() {
 #[test]
 fn regression_rename_over_a_directory_holding_a_link() {
     replay(&[
-        Op::Create {
-            dir: Pick(0),
-            name: Name(2),
-            perm: Perm(0),
-            data: Fill { start: 0, len: 0 },
-        },
-        Op::Mkdir {
-            dir: Pick(0),
-            name: Name(1),
-            perm: Perm(0),
-        },
+        create(0, 2, 0),
+        mkdir(0, 1),
         Op::Link {
             entry: Pick(1),
             dir: Pick(1),
@@ -178,12 +173,7 @@ fn regression_rename_over_a_directory_holding_a_link() {
 #[test]
 fn regression_events_lost_with_the_connection() {
     replay(&[
-        Op::Create {
-            dir: Pick(0),
-            name: Name(0),
-            perm: Perm(0),
-            data: Fill { start: 0, len: 3 },
-        },
+        create(0, 0, 3),
         Op::Read { file: Pick(0) },
         Op::ReadDir { dir: Pick(0) },
         Op::Lost(vec![
@@ -206,12 +196,7 @@ fn regression_events_lost_with_the_connection() {
 #[test]
 fn regression_write_while_disconnected() {
     replay(&[
-        Op::Create {
-            dir: Pick(0),
-            name: Name(0),
-            perm: Perm(0),
-            data: Fill { start: 0, len: 3 },
-        },
+        create(0, 0, 3),
         Op::Break(vec![Guest::Write {
             file: Pick(0),
             offset: 1,

@@ -607,15 +607,8 @@ mod tests {
 
     #[test]
     fn a_name_made_in_the_guest_drops_the_named_nodes_attributes() {
-        let OneFile {
-            src,
-            mut v,
-            mut t,
-            f_id,
-            f,
-            _dir,
-        } = one_file(None);
-        v.root = Some((1, 99));
+        let mut one = one_file(None);
+        one.v.root = Some((1, 99));
         let known = Known {
             recent: Arc::new(Recent::default()),
         };
@@ -623,9 +616,10 @@ mod tests {
         let link = FsEvent::Entry {
             parent: ROOT_ID,
             name: b"link".to_vec(),
-            now: Some(f_id),
+            now: Some(one.f_id),
         };
-        let acts = translate(&[link], &src, &v, &mut t, &known);
+        let acts = translate(&[link], &one.src, &one.v, &mut one.t, &known);
+        let f = one.f;
         assert_eq!(
             acts,
             vec![
@@ -634,7 +628,7 @@ mod tests {
                 Action::Inode(f, false)
             ]
         );
-        assert_eq!(t.get(f).and_then(|i| i.attr), None);
+        assert_eq!(one.t.get(f).and_then(|i| i.attr), None);
     }
 
     #[test]
