@@ -319,6 +319,7 @@ impl Harness {
                 .map_err(|e| format!("reconnect: {e:?}")),
             Op::Break(changes) => {
                 let client = self.vm.require_agent().map_err(|e| format!("{e:?}"))?;
+                let ended = *self.backend.ended.borrow();
                 // The next byte the host writes breaks the connection.
                 self.backend
                     .faults
@@ -328,8 +329,9 @@ impl Harness {
                 tokio::time::timeout(T, client.closed())
                     .await
                     .map_err(|_| "the broken connection did not close".to_string())?;
-                // The guest changes come after the agent noticed: nobody hears of them.
-                tokio::time::timeout(T, self.backend.sessions_at_most(0))
+                // The guest changes come after the agent saw the session end (unless the
+                // VM's monitor reconnected meanwhile, the agent has nobody to tell).
+                tokio::time::timeout(T, self.backend.ended_at_least(ended + 1))
                     .await
                     .map_err(|_| "the agent kept serving the broken connection".to_string())?;
                 changes.iter().try_for_each(|g| self.guest(g))?;

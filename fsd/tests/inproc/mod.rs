@@ -4,8 +4,8 @@
 //!
 //! Invariants: every `connect_agent` gets a fresh pipe and a fresh agent session on the
 //! VM's one `Agent` (as reconnecting to a real guest does); after `kill` the VM is dead
-//! (no agent answers, `is_alive` is false) and stays so. [`InProcBackend::sessions`]
-//! counts the agent sessions still being served, of every VM.
+//! (no agent answers, `is_alive` is false) and stays so. [`InProcBackend::ended`]
+//! counts the agent sessions that ended, of every VM.
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,8 +41,8 @@ impl FaultPlan {
 
 pub struct InProcBackend {
     pub faults: Arc<FaultPlan>,
-    /// Agent sessions being served (a session ends once the agent saw its pipe close).
-    pub sessions: Arc<tokio::sync::watch::Sender<usize>>,
+    /// Agent sessions that ended (once the agent saw their pipe close).
+    pub ended: Arc<tokio::sync::watch::Sender<u64>>,
     /// The agents of the VMs launched, in order.
     pub agents: Mutex<Vec<Arc<Agent>>>,
 }
@@ -51,14 +51,14 @@ impl InProcBackend {
     pub fn new() -> Arc<InProcBackend> {
         Arc::new(InProcBackend {
             faults: Arc::new(FaultPlan::default()),
-            sessions: Arc::new(tokio::sync::watch::Sender::new(0)),
+            ended: Arc::new(tokio::sync::watch::Sender::new(0)),
             agents: Mutex::new(Vec::new()),
         })
     }
 
-    /// Wait until at most `n` agent sessions are served.
-    pub async fn sessions_at_most(&self, n: usize) {
-        let _ = self.sessions.subscribe().wait_for(|s| *s <= n).await;
+    /// Wait until at least `n` agent sessions have ended.
+    pub async fn ended_at_least(&self, n: u64) {
+        let _ = self.ended.subscribe().wait_for(|e| *e >= n).await;
     }
 }
 
@@ -66,23 +66,16 @@ struct InProcVm {
     agent: Arc<Agent>,
     alive: Arc<AtomicBool>,
     faults: Arc<FaultPlan>,
-    sessions: Arc<tokio::sync::watch::Sender<usize>>,
+    ended: Arc<tokio::sync::watch::Sender<u64>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-/// Counts one served session until dropped (also when its task is aborted).
-struct Serving(Arc<tokio::sync::watch::Sender<usize>>);
-
-impl Serving {
-    fn new(sessions: &Arc<tokio::sync::watch::Sender<usize>>) -> Serving {
-        sessions.send_modify(|n| *n += 1);
-        Serving(sessions.clone())
-    }
-}
+/// Counts its session as ended when dropped (also when its task is aborted).
+struct Serving(Arc<tokio::sync::watch::Sender<u64>>);
 
 impl Drop for Serving {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
+        self.0.send_modify(|n| *n += 1);
     }
 }
 
@@ -112,7 +105,7 @@ impl Backend for InProcBackend {
             agent,
             alive: Arc::new(AtomicBool::new(true)),
             faults: self.faults.clone(),
-            sessions: self.sessions.clone(),
+            ended: self.ended.clone(),
             tasks: Mutex::new(Vec::new()),
         }))
     }
@@ -135,7 +128,7 @@ impl VmmInstance for InProcVm {
         }
         let (host, guest) = tokio::io::duplex(256 * 1024);
         let agent = self.agent.clone();
-        let serving = Serving::new(&self.sessions);
+        let serving = Serving(self.ended.clone());
         self.tasks.lock().unwrap().push(tokio::spawn(async move {
             let _serving = serving;
             agent.serve_stream(guest).await
