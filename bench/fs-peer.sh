@@ -15,7 +15,7 @@ work=/var/tmp/bandsox-bench-peer
 . "$(dirname "$0")/lib.sh"
 N=${BENCH_N:-300}
 BIG=${BENCH_BIG:-20000}
-command -v bindfs >/dev/null || { echo "bindfs is not installed (mount-helpers/setup installs it)"; exit 1; }
+command -v bindfs >/dev/null || { echo "bindfs is not installed (mount-helpers/ensure-deps installs it)"; exit 1; }
 export BANDSOX_HOST_AGENT=$repo/target/release/bandsox-agent
 [ -x "$BANDSOX_HOST_AGENT" ] || { echo "no $BANDSOX_HOST_AGENT: cargo build --release --workspace"; exit 1; }
 BIND=$work/bind

@@ -1389,6 +1389,96 @@ async fn xattrs_fallocate_and_holes() {
     c.ok(FsRequest::Release { handle: h }).await.unwrap();
 }
 
+/// Every fallocate mode the agent is asked for reaches fallocate(2) as it is, flags
+/// and all (none filtered, none added): each answer (ok or the kernel's own errno) and
+/// the file afterwards (size, content) equal the same call made directly on a twin file
+/// of the same filesystem. The host's FUSE client forwards only some of these modes
+/// (docs/tree.md "fs/"); the agent must not be the one that refuses the others.
+#[tokio::test]
+async fn every_fallocate_mode_answers_as_the_filesystem_does() {
+    use libc::{
+        FALLOC_FL_COLLAPSE_RANGE as COLLAPSE, FALLOC_FL_INSERT_RANGE as INSERT,
+        FALLOC_FL_KEEP_SIZE as KEEP, FALLOC_FL_PUNCH_HOLE as PUNCH,
+        FALLOC_FL_UNSHARE_RANGE as UNSHARE, FALLOC_FL_ZERO_RANGE as ZERO,
+    };
+    const SIZE: usize = 65536;
+    let pattern: Vec<u8> = (0..SIZE).map(|i| (i * 7 + i / 4096 + 1) as u8).collect();
+    let cases: &[(&str, i32, u64, u64)] = &[
+        ("plain-extend", 0, 61440, 16384),
+        ("keep_size", KEEP, 61440, 16384),
+        ("punch_hole", PUNCH | KEEP, 4096, 8192),
+        ("punch_hole-unaligned", PUNCH | KEEP, 100, 5000),
+        ("punch_hole-without-keep_size", PUNCH, 4096, 8192),
+        ("zero_range", ZERO, 8192, 8192),
+        ("zero_range-extend", ZERO, 61440, 16384),
+        ("zero_range-keep_size", ZERO | KEEP, 61440, 16384),
+        ("collapse_range", COLLAPSE, 8192, 8192),
+        ("collapse_range-unaligned", COLLAPSE, 100, 4096),
+        ("insert_range", INSERT, 8192, 8192),
+        ("insert_range-past-end", INSERT, 65536, 4096),
+        ("unshare_range", UNSHARE, 0, 4096),
+        ("unknown-flag", 0x8000, 0, 4096),
+        ("sign-bit", i32::MIN, 0, 4096),
+        ("zero-length", 0, 0, 0),
+    ];
+    let a = Agent::start();
+    let mut c = a.connect().await;
+    let mut refused = Vec::new();
+    for (name, mode, offset, length) in cases {
+        // Directly: fallocate(2) on a twin file.
+        let twin = a.path(&format!("direct-{name}"));
+        std::fs::write(&twin, &pattern).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&twin)
+            .unwrap();
+        // SAFETY: fallocate on a descriptor this test owns; any mode is safe to try.
+        let rc = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                *mode,
+                *offset as i64,
+                *length as i64,
+            )
+        };
+        let direct = if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+        };
+        drop(f);
+        // Through the agent.
+        let file = format!("agent-{name}");
+        let (_, h) = c.create(&ROOT_NODE, file.as_bytes(), 0o644).await;
+        assert_eq!(c.write(h, 0, &pattern).await as usize, SIZE);
+        let through = c
+            .ok(FsRequest::Fallocate {
+                handle: h,
+                offset: *offset,
+                length: *length,
+                mode: *mode,
+            })
+            .await;
+        c.ok(FsRequest::Release { handle: h }).await.unwrap();
+        assert_eq!(through, direct, "{name}: the answer");
+        let (got, want) = (
+            std::fs::read(a.path(&file)).unwrap(),
+            std::fs::read(&twin).unwrap(),
+        );
+        assert_eq!(got.len(), want.len(), "{name}: the size");
+        assert!(got == want, "{name}: the content");
+        if let Err(e) = direct {
+            refused.push(format!("{name}: {e}"));
+        }
+    }
+    eprintln!("refused by this filesystem (as directly): {refused:?}");
+    // Whatever the test filesystem supports, the refusals of bad arguments are the
+    // kernel's: they always come back as such.
+    assert!(refused.iter().any(|r| r.starts_with("zero-length: ")));
+    assert!(refused.iter().any(|r| r.starts_with("unknown-flag: ")));
+}
+
 #[tokio::test]
 async fn readdir_pages_large_directories() {
     let a = Agent::start();

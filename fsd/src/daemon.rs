@@ -131,11 +131,19 @@ fn daemonize(log: &Path) -> Result<Option<OwnedFd>, String> {
 pub fn mount(opts: MountOptions) -> Result<(), String> {
     std::fs::create_dir_all(&opts.state_dir)
         .map_err(|e| format!("{}: {e}", opts.state_dir.display()))?;
+    // Before the fork, so a refused second daemon says why on the caller's terminal;
+    // the child inherits the lock and holds it until it exits.
+    let state_lock = crate::watchdog::lock_state_dir(&opts.state_dir)?;
     let ready = if opts.foreground {
         None
     } else {
         match daemonize(&opts.state_dir.join("daemon.log"))? {
-            None => return Ok(()), // parent: the child mounted successfully
+            None => {
+                // Parent: the child mounted successfully. Dropping the lock would
+                // unlock the description the child shares (`Flock`'s drop unlocks).
+                std::mem::forget(state_lock);
+                return Ok(());
+            }
             Some(w) => Some(w),
         }
     };

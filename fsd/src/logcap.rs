@@ -22,7 +22,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -176,9 +176,39 @@ pub fn cap_note(mib: u64, key: &str) -> String {
     format!("{mib} MiB ({key})")
 }
 
+/// What a log received since some offset ([`log_tail`]): its last lines, or nothing.
+/// Displayed, it is the lines joined by ` | `, or `no output in <path>`; callers that
+/// only want real output use [`LogTail::into_text`] (never the displayed words).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogTail {
+    path: PathBuf,
+    text: Option<String>,
+}
+
+impl LogTail {
+    /// The lines, joined; `None` when the log received nothing (or cannot be read).
+    pub fn into_text(self) -> Option<String> {
+        self.text
+    }
+
+    /// True when the log received nothing since the offset.
+    pub fn is_empty(&self) -> bool {
+        self.text.is_none()
+    }
+}
+
+impl std::fmt::Display for LogTail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.text {
+            Some(t) => f.write_str(t),
+            None => write!(f, "no output in {}", self.path.display()),
+        }
+    }
+}
+
 /// The last `lines` non-empty lines written to a log since byte `from` (at most its last
 /// 8 KiB), joined into one line for an error message.
-pub fn log_tail(path: &Path, from: u64, lines: usize) -> String {
+pub fn log_tail(path: &Path, from: u64, lines: usize) -> LogTail {
     let text = (|| -> std::io::Result<String> {
         let mut f = std::fs::File::open(path)?;
         let len = f.metadata()?.len();
@@ -194,10 +224,10 @@ pub fn log_tail(path: &Path, from: u64, lines: usize) -> String {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
-    if all.is_empty() {
-        return format!("no output in {}", path.display());
+    LogTail {
+        path: path.to_path_buf(),
+        text: (!all.is_empty()).then(|| all[all.len().saturating_sub(lines)..].join(" | ")),
     }
-    all[all.len().saturating_sub(lines)..].join(" | ")
 }
 
 #[cfg(test)]
@@ -211,8 +241,19 @@ mod tests {
         std::fs::write(&p, "old run\n").unwrap();
         let from = std::fs::metadata(&p).unwrap().len();
         std::fs::write(&p, "old run\nqemu: could not open disk\n\nbye\n").unwrap();
-        assert_eq!(log_tail(&p, from, 12), "qemu: could not open disk | bye");
-        assert!(log_tail(&dir.path().join("none"), 0, 3).starts_with("no output"));
+        assert_eq!(
+            log_tail(&p, from, 12).into_text().as_deref(),
+            Some("qemu: could not open disk | bye")
+        );
+        let none = log_tail(&dir.path().join("none"), 0, 3);
+        assert!(none.is_empty());
+        assert!(none.to_string().starts_with("no output in "), "{none}");
+        // A log whose text happens to say "no output in" is still output.
+        std::fs::write(&p, "no output in sight\n").unwrap();
+        assert_eq!(
+            log_tail(&p, 0, 1).into_text().as_deref(),
+            Some("no output in sight")
+        );
     }
     use std::io::Write;
 

@@ -220,28 +220,82 @@ pub fn remove_pid_file(state_dir: &Path) {
     }
 }
 
+/// The state directory's daemon lock (`daemon.lock`), held for the daemon's lifetime.
+pub type StateLock = nix::fcntl::Flock<std::fs::File>;
+
+/// How long `mount` waits for the lock of a daemon that is dying (killed, its last
+/// threads still leaving the kernel) before giving up.
+const DYING_DAEMON_WAIT: Duration = Duration::from_secs(10);
+
+/// What `daemon.pid` records: the daemon's pid, its start time (0: unknown) and its
+/// watchdog's pid (0: none). `None` when there is no readable record.
+fn recorded(state_dir: &Path) -> Option<(u32, Option<u64>, Option<u32>)> {
+    let text = std::fs::read_to_string(pid_file(state_dir)).ok()?;
+    let mut it = text.split_whitespace().map(|w| w.parse::<u64>().ok());
+    // A pid that does not fit is no process (a damaged file).
+    let pid = u32::try_from(it.next().flatten()?).ok()?;
+    let start = it.next().flatten().filter(|&s| s != 0);
+    let wd = it
+        .next()
+        .flatten()
+        .filter(|&w| w != 0)
+        .and_then(|w| u32::try_from(w).ok());
+    Some((pid, start, wd))
+}
+
+/// The daemon `daemon.pid` records, if that process still lives.
+fn recorded_live_daemon(state_dir: &Path) -> Option<u32> {
+    let (pid, start, _) = recorded(state_dir)?;
+    alive(pid, start).then_some(pid)
+}
+
+/// Take `state_dir`'s daemon lock, or say which daemon holds it. Two daemons over one
+/// state directory would both adopt its VMs and write its records, so a second `mount`
+/// is refused rather than taking over a live daemon's tree; a killed daemon's lock is
+/// waited for while it finishes dying. The lock is an `flock` on an open file
+/// description: inherited across the daemonizing `fork`, never by the VMMs (the
+/// descriptor is close-on-exec), and released by the kernel when the daemon dies,
+/// however it dies.
+pub fn lock_state_dir(state_dir: &Path) -> Result<StateLock, String> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = state_dir.join("daemon.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let t0 = std::time::Instant::now();
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((_, errno)) if errno != nix::errno::Errno::EWOULDBLOCK => {
+                return Err(format!("{}: flock: {errno}", path.display()))
+            }
+            Err((f, _)) => file = f,
+        }
+        let live = recorded_live_daemon(state_dir);
+        if live.is_some() || t0.elapsed() >= DYING_DAEMON_WAIT {
+            let who = live.map_or_else(String::new, |pid| format!(" (pid {pid})"));
+            return Err(format!(
+                "another bandsox daemon{who} serves the state directory {}; stop it first \
+                 (`bandsox unmount MOUNTPOINT`, or stop its service)",
+                state_dir.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Whether the daemon recorded in `state_dir` is alive. When it is not, its watchdog
 /// (if still there) is ended first, so it cannot act on a mount made after this.
 pub fn recorded_daemon_alive(state_dir: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(pid_file(state_dir)) else {
-        return false;
-    };
-    let mut it = text.split_whitespace().map(|w| w.parse::<u64>().ok());
-    let (pid, start, wd) = (
-        it.next().flatten(),
-        it.next().flatten(),
-        it.next().flatten(),
-    );
-    match pid {
-        Some(pid) if pid != u64::from(std::process::id()) => {
-            // A pid that does not fit is no process (a damaged file).
-            let Ok(pid) = u32::try_from(pid) else {
-                return false;
-            };
-            if alive(pid, start.filter(|&s| s != 0)) {
+    match recorded(state_dir) {
+        Some((pid, start, wd)) if pid != std::process::id() => {
+            if alive(pid, start) {
                 return true;
             }
-            if let Some(wd) = wd.filter(|&w| w != 0).and_then(|w| u32::try_from(w).ok()) {
+            if let Some(wd) = wd {
                 end_watchdog(wd, pid);
             }
             false
@@ -361,6 +415,20 @@ pub fn spawn() -> Option<(std::process::Child, std::process::ChildStdin)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_daemon_per_state_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = std::process::id();
+        let start = start_time(me).expect("own start time");
+        std::fs::write(pid_file(dir.path()), format!("{me} {start} 0\n")).expect("pid file");
+        let first = lock_state_dir(dir.path()).expect("the first daemon gets the lock");
+        // A live recorded daemon: refused at once, naming it.
+        let err = lock_state_dir(dir.path()).expect_err("a second daemon is refused");
+        assert!(err.contains(&format!("pid {me}")), "{err}");
+        drop(first);
+        lock_state_dir(dir.path()).expect("free again once the first is gone");
+    }
 
     #[test]
     fn parses_mountinfo() {

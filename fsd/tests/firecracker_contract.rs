@@ -21,6 +21,9 @@
 //!
 //! Every API call is journaled; the test prints each request with the status codes seen.
 //!
+//! `installs.rs` (its own test, `real_firecracker_contract_installs`): a copy named
+//! `firecracker`, a symlink, and the release tarball's names linked, each jailed.
+//!
 //! Where the binaries are: `$BANDSOX_FIRECRACKER`, else `firecracker` (and `jailer`) on PATH, else
 //! `../shared/firecracker/bin/firecracker-*` (and `jailer-*`) relative to the repository's
 //! parent directory, else `$BANDSOX_FC_BIN_DIR`; without any, a loud SKIPPED line.
@@ -49,6 +52,11 @@ macro_rules! check {
         }
     };
 }
+
+/// Three installs of one release (copy, symlink, release-tarball names), jailed (after
+/// `check!`, which it uses).
+#[path = "firecracker_contract/installs.rs"]
+mod installs;
 
 fn skip(why: &str) {
     eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");

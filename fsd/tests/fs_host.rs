@@ -99,6 +99,11 @@ fn paused_and_killed_vms_fail_promptly() {
 }
 
 #[test]
+fn fallocate_modes_answer_as_the_guest_filesystem() {
+    scenario("fallocate", &[]);
+}
+
+#[test]
 fn posix_semantics_match_ext4() {
     scenario("posix", &[]);
 }

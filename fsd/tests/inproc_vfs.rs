@@ -113,7 +113,7 @@ async fn cat(vfs: &Vfs, path: &str, c: Caller) -> Result<String, i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mkdir_shows_a_vm_with_its_files_and_cached_entries() {
     let (_tmp, _mgr, vfs) = setup();
-    let root = vfs.listing(ROOT_INO).unwrap();
+    let root = vfs.listing(ROOT_INO, me()).unwrap();
     assert_eq!(
         names(&root).join(" "),
         ". .. README ctl defaults events usage images snapshots"
@@ -128,7 +128,7 @@ async fn mkdir_shows_a_vm_with_its_files_and_cached_entries() {
         (entry.attr_ttl, entry.entry_ttl),
         (DIR_ATTR_TTL, VM_ENTRY_TTL)
     );
-    let vm = vfs.listing(ino).unwrap();
+    let vm = vfs.listing(ino, me()).unwrap();
     assert_eq!(
         names(&vm).join(" "),
         ". .. ctl state info exec console events runs fs"
@@ -161,6 +161,75 @@ async fn mkdir_shows_a_vm_with_its_files_and_cached_entries() {
     assert_eq!(walk(&vfs, "v"), Err(libc::ENOENT));
     // The old inode answers ENOENT, never another node.
     assert_eq!(vfs.getattr(ino, me()).unwrap_err().errno, libc::ENOENT);
+}
+
+/// A snapshot as the daemon writes it, owned by `uid` (restoring it is not the point).
+fn plant_snapshot(state: &std::path::Path, name: &str, uid: u32) {
+    let dir = state.join("snapshots").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = serde_json::json!({"path": "/nonexistent", "size": 0, "sha256": "0"});
+    let info = serde_json::json!({
+        "name": name, "source_vm": "elsewhere", "source_id": "0123456789ab",
+        "created": "2026-12-01T00:00:00Z", "backend": "qemu", "vcpus": 1,
+        "memory_mib": 128, "disk_mib": 8, "image": "base",
+        "config": {"image": "base", "vcpus": 1, "memory_mib": 128, "disk_mib": null,
+                   "net": "none", "backend": "qemu"},
+        "kernel": file, "initrd": file,
+        "sizes": {"state_bytes": 0, "memory_bytes": 0, "disk_bytes": 0,
+                  "disk_allocated_bytes": 0, "total_allocated_bytes": 0},
+        "disk_copy": "sparse copy", "create_ms": 1, "paused_ms": 1,
+        "owner_uid": uid, "owner_gid": uid,
+        "saved": {"state_file": "state", "memory_file": null, "restore": {}},
+    });
+    std::fs::write(dir.join("info.json"), info.to_string()).unwrap();
+}
+
+/// Each user lists only their own VMs and snapshots, root lists all (as `events` and
+/// `usage` show them). A known name still resolves for everyone (lookups are shared by
+/// the kernel's name cache): its directory is 0700, and taking the name is EEXIST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_show_each_user_their_own_vms_and_snapshots() {
+    let (tmp, mgr, vfs) = setup();
+    let (a, b) = (1611, 1612);
+    mkdir(&vfs, "va", caller(a)).await.unwrap();
+    mkdir(&vfs, "vb", caller(b)).await.unwrap();
+    let state = tmp.path().join("state");
+    plant_snapshot(&state, "sa", a);
+    plant_snapshot(&state, "sb", b);
+    let statics = "README ctl defaults events usage images snapshots";
+    let list = |dir: &str, uid: u32| {
+        let ino = if dir.is_empty() {
+            ROOT_INO
+        } else {
+            walk(&vfs, dir).unwrap()
+        };
+        let l = vfs.listing(ino, uid).unwrap();
+        let mut n: Vec<String> = names(&l).iter().map(|s| s.to_string()).collect();
+        n.sort();
+        n.join(" ")
+    };
+    let sorted = |s: &str| {
+        let mut v: Vec<&str> = s.split(' ').collect();
+        v.sort();
+        v.join(" ")
+    };
+    assert_eq!(list("", a), sorted(&format!(". .. {statics} va")));
+    assert_eq!(list("", b), sorted(&format!(". .. {statics} vb")));
+    assert_eq!(list("", 0), sorted(&format!(". .. {statics} va vb")));
+    assert_eq!(list("", 4242), sorted(&format!(". .. {statics}")));
+    assert_eq!(list("snapshots", a), ". .. sa");
+    assert_eq!(list("snapshots", b), ". .. sb");
+    assert_eq!(list("snapshots", 0), ". .. sa sb");
+    // Known names resolve for all; their directories are their owners'.
+    for (path, owner) in [("va", a), ("snapshots/sb", b)] {
+        let e = vfs.getattr(walk(&vfs, path).unwrap(), a).unwrap();
+        assert_eq!((e.attr.uid, e.attr.perm), (owner, 0o700), "{path}");
+    }
+    // Taking another user's name: EEXIST, as for one's own.
+    assert_eq!(mkdir(&vfs, "va", caller(b)).await, Err(libc::EEXIST));
+    assert!(mgr.get("va").is_some_and(|v| v.uid == a));
+    rmdir(&vfs, ROOT_INO, "va", caller(a)).await.unwrap();
+    rmdir(&vfs, ROOT_INO, "vb", caller(0)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

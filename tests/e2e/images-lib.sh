@@ -1,7 +1,7 @@
 #!/bin/bash
 # Helpers for the image tests (t-4*): test images built from Debian's static busybox with
 # umoci, a throwaway registry on loopback, and image cleanup. Sourced after lib.sh.
-# Needs: umoci, skopeo, docker-registry, curl (mount-helpers/setup installs them).
+# Needs: umoci, skopeo, docker-registry, curl (mount-helpers/ensure-deps installs them).
 set -euo pipefail
 
 BB=${BANDSOX_BUSYBOX:-${BANDSOX_CACHE:-/var/cache/bandsox}/busybox/bin/busybox}
@@ -22,9 +22,9 @@ on_exit 'cleanup_vms; images_cleanup'
 
 need_tools() {
   for t in umoci skopeo docker-registry curl; do
-    command -v "$t" >/dev/null || fail "$t is missing (run mount-helpers/setup)"
+    command -v "$t" >/dev/null || fail "$t is missing (run mount-helpers/ensure-deps)"
   done
-  [ -x "$BB" ] || fail "no static busybox at $BB (run mount-helpers/setup)"
+  [ -x "$BB" ] || fail "no static busybox at $BB (run mount-helpers/ensure-deps)"
 }
 
 # ctl_ok COMMAND: a global ctl command must succeed; prints the ctl result.

@@ -2,7 +2,8 @@
 # Shared helpers for the end-to-end tests, sourced by every t-*.sh (run with bash: dash
 # reports every failed write as "I/O error", hiding the errno). Assertions, polling and
 # chained cleanups (`on_exit`) come from tests/testlib.sh.
-# Environment (set by run.sh): MNT (mount point), STATE (state directory), BANDSOX (binary).
+# Environment (set by run.sh): MNT (mount point), STATE (state directory), BANDSOX (binary),
+# AGENT (the static agent in STATE's initramfs).
 # shellcheck source=tests/testlib.sh
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"

@@ -1,7 +1,9 @@
 #!/bin/bash
 # End-to-end tests: mount a private BandSox-FS tree and run every t-*.sh against it with
 # real VMs (QEMU; TCG where KVM cannot run guests). Prints "N passed, N failed".
-# Usage: tests/e2e/run.sh [PATTERN]   (needs root and the artefacts from mount-helpers/setup)
+# Usage: tests/e2e/run.sh [PATTERN]   (needs root, the guest kernel and busybox that
+#          mount-helpers/ensure-deps (or setup) extracts into /var/cache/bandsox, and this
+#          tree's builds: target/release/bandsox and the static agent, agent/build-static.sh)
 #        BANDSOX_E2E_BACKEND=firecracker tests/e2e/run.sh   (every VM on that backend)
 #        BANDSOX_E2E_VSOCK=1 tests/e2e/run.sh   (QEMU with the agent on virtio-vsock through
 #          vhost-device-vsock, as on Firecracker; only the tests marked "# vsock: yes")
@@ -10,11 +12,15 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 BANDSOX=${BANDSOX:-$repo/target/release/bandsox}
 BANDSOX_DEVTOOLS=${BANDSOX_DEVTOOLS:-$repo/target/release/bandsox-devtools}
-MAIN_STATE=${BANDSOX_MAIN_STATE:-/var/lib/bandsox}
 work=${BANDSOX_TEST_DIR:-/var/tmp/bandsox-e2e}
 MNT=$work/mnt
 STATE=$work/state
 export MNT STATE BANDSOX BANDSOX_DEVTOOLS
+# Nothing here depends on what the host runs (mount-helpers/setup's /mnt/bandsox, its
+# daemon, /var/lib/bandsox, /etc/bandsox/limits): the suite has its own mount point,
+# state directory (guest artefacts built from this tree's agent) and limits file, and a
+# client that falls back to the environment finds these.
+export BANDSOX_MOUNT=$MNT BANDSOX_STATE_DIR=$STATE
 pattern=${1:-}
 
 cleanup() {
@@ -46,20 +52,18 @@ export -f start_daemon 2>/dev/null || true
 
 cleanup
 rm -rf "$work"
-mkdir -p "$MNT" "$STATE/images" "$STATE/boot"
+mkdir -p "$MNT" "$STATE"
 : > "$LIMITS"
-# Share the guest artefacts built by setup (copies are reflinked/sparse where possible).
-cp -a --reflink=auto "$MAIN_STATE/boot/." "$STATE/boot/" || { echo "no guest artefacts in $MAIN_STATE; run mount-helpers/setup"; exit 1; }
-cp -a --reflink=auto --sparse=always "$MAIN_STATE/images/base" "$STATE/images/" || exit 1
-# Boot this tree's agent when its static build exists (agent/build-static.sh), so the
-# tests exercise the agent under test rather than the one setup installed.
+# The guest artefacts (kernel, initramfs with this tree's agent, base image), built from
+# the extracted kernel and busybox in well under a second.
 agent_bin=$repo/target/x86_64-unknown-linux-gnu/release/bandsox-agent
 cache=${BANDSOX_CACHE:-/var/cache/bandsox}
-if [ -x "$agent_bin" ] && [ -d "$cache/kernel" ]; then
-  "$BANDSOX" guest-build --state-dir "$STATE" --agent "$agent_bin" --kernel-root "$cache/kernel" \
-    --busybox "$cache/busybox/bin/busybox" >"$work/guest-build.log" 2>&1 \
-    || { echo "guest-build with $agent_bin failed"; cat "$work/guest-build.log"; exit 1; }
-fi
+[ -x "$agent_bin" ] || { echo "no static agent at $agent_bin: run agent/build-static.sh"; exit 1; }
+AGENT=$agent_bin
+export AGENT
+"$BANDSOX" guest-build --state-dir "$STATE" --agent "$agent_bin" --kernel-root "$cache/kernel" \
+  --busybox "$cache/busybox/bin/busybox" >"$work/guest-build.log" 2>&1 \
+  || { echo "guest-build failed (mount-helpers/ensure-deps extracts the kernel and busybox):"; cat "$work/guest-build.log"; exit 1; }
 # The same stories on each backend: BANDSOX_E2E_BACKEND=qemu (default) or firecracker.
 BACKEND=${BANDSOX_E2E_BACKEND:-qemu}
 export BACKEND

@@ -9,7 +9,7 @@ set -euo pipefail
 . "$(dirname "$0")/images-lib.sh"
 cache=${BANDSOX_CACHE:-/var/cache/bandsox}/debian-minbase-bookworm.tar.zst
 if [ ! -s "$cache" ]; then
-  command -v debootstrap >/dev/null || fail "debootstrap missing (run mount-helpers/setup)"
+  command -v debootstrap >/dev/null || fail "debootstrap missing (run mount-helpers/ensure-deps)"
   mirror=${BANDSOX_DEBIAN_MIRROR:-http://deb.debian.org/debian}
   debootstrap --variant=minbase bookworm "$IMG_WORK/deb" "$mirror" > "$IMG_WORK/debootstrap.log" 2>&1 \
     || fail "debootstrap failed: $(tail -n 5 "$IMG_WORK/debootstrap.log")"

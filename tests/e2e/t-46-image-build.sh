@@ -5,7 +5,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/images-lib.sh"
 need_tools
-command -v buildah >/dev/null || fail "buildah missing (run mount-helpers/setup)"
+command -v buildah >/dev/null || fail "buildah missing (run mount-helpers/ensure-deps)"
 W=$IMG_WORK
 mkdir -p "$W/ctx"
 cp "$BB" "$W/ctx/busybox"

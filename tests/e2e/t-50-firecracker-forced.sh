@@ -10,7 +10,10 @@
 #   console holds no Firecracker log line;
 # - rmdir leaves no process, no jail, no directory;
 # - a snapshot in a format this Firecracker cannot read is refused by clone with EINVAL
-#   and a message naming both versions, leaving nothing behind.
+#   and a message naming both versions, leaving nothing behind;
+# - `firecracker` and `jailer` on PATH as symlinks (release tarballs, update-alternatives):
+#   the jailed start gets past the API socket (the jail is named after the resolved
+#   binary) and the VM is still booting after the 10 s API deadline.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -40,20 +43,24 @@ on_exit '"$BANDSOX" unmount "$MNT" >/dev/null 2>&1 || true'
 boot_stat() { stat -c '%n %u:%g %a %i' "$STATE"/boot/vmlinuz "$STATE"/boot/initrd \
   "$STATE"/boot/vmlinux 2>/dev/null || true; }
 
+# The id of VM $1 once its VMM runs (vmm.pid written), within 10 s; empty otherwise.
+vmm_started() {
+  for _ in $(seq 1 100); do
+    _id=$(sed -n 's/.*"id": *"\([0-9a-f]*\)".*/\1/p' "$MNT/$1/info" 2>/dev/null | head -n1)
+    if [ -n "$_id" ] && [ -s "$STATE/vms/$_id/vmm.pid" ]; then echo "$_id"; return; fi
+    sleep 0.1
+  done
+}
+
 # Start VM $1 (backend=firecracker) in the background, kill its VMM with signal $2 as
 # soon as it runs, and wait for the create to give up. Prints the VM directory.
 start_and_kill() {
   _vm=$1 _sig=$2
   ( echo "create $_vm backend=firecracker memory=128" > "$MNT/ctl" ) 2>/dev/null &
   _w=$!
-  _pidf=
-  for _ in $(seq 1 100); do
-    _id=$(sed -n 's/.*"id": *"\([0-9a-f]*\)".*/\1/p' "$MNT/$_vm/info" 2>/dev/null | head -n1)
-    if [ -n "$_id" ] && [ -s "$STATE/vms/$_id/vmm.pid" ]; then _pidf=$STATE/vms/$_id/vmm.pid; break; fi
-    sleep 0.1
-  done
-  [ -n "$_pidf" ] || { kill $_w 2>/dev/null; fail "$_vm: no VMM started"; }
-  _pid=$(cat "$_pidf")
+  _id=$(vmm_started "$_vm")
+  [ -n "$_id" ] || { kill $_w 2>/dev/null; fail "$_vm: no VMM started"; }
+  _pid=$(cat "$STATE/vms/$_id/vmm.pid")
   sleep 0.3   # let it reach InstanceStart (the create is waiting for the agent)
   kill "-$_sig" "$_pid"
   # On kvm_pvm hosts a vCPU inside KVM_RUN can take a minute to come out, and Firecracker's
@@ -160,4 +167,38 @@ if [ -n "$fc_old" ]; then
   [ ! -e "$dir" ] || fail "VM directory left"
 else
   note "one binary only: the unjailed default is not checked here"
+fi
+
+# ---- `firecracker` and `jailer` on PATH as symlinks (release tarballs, update-alternatives) --
+jailer_bin=$(command -v jailer || ls "$(dirname "$(readlink -f "$fc_new")")"/jailer* 2>/dev/null | sort -V | tail -n1 || true)
+if [ "$(id -u)" = 0 ] && [ -n "$jailer_bin" ]; then
+  links=$(mktemp -d /tmp/bx-fclinks.XXXXXX)
+  on_exit "rm -rf '$links'"
+  ln -s "$(readlink -f "$fc_new")" "$links/firecracker"
+  ln -s "$(readlink -f "$jailer_bin")" "$links/jailer"
+  resolved=$(basename "$(readlink -f "$fc_new")")
+  # No BANDSOX_FIRECRACKER: the daemon finds `firecracker` (the link) on PATH.
+  restart_forced "" PATH="$links:$PATH"
+  t0=$(date +%s)
+  ( echo "create fcl backend=firecracker memory=128" > "$MNT/ctl" ) 2>/dev/null &
+  w=$!
+  id=$(vmm_started fcl)
+  [ -n "$id" ] || { kill $w 2>/dev/null; fail "fcl: no VMM started ($(cat "$MNT/fcl/state" 2>/dev/null))"; }
+  dir=$STATE/vms/$id
+  wait_for 10 test -S "$dir/jail/$resolved/bx-$id/root/api.sock" \
+    || fail "no API socket in the jail named after $resolved: $(cd "$dir" && find jail -maxdepth 3); state: $(cat "$MNT/fcl/state")"
+  [ ! -e "$dir/jail/firecracker" ] || fail "a jail named after the link: $(cd "$dir" && find jail -maxdepth 3)"
+  # Past the 10 s the launch waits for the API socket: still booting (the guest never
+  # boots here), not failed.
+  while [ $(( $(date +%s) - t0 )) -lt 12 ]; do sleep 0.5; done
+  state=$(cat "$MNT/fcl/state")
+  case "$state" in booting*) ;; *) fail "symlinked install: state after 12 s: $state";; esac
+  note "symlinked firecracker and jailer: jailed as $resolved, $state after 12 s"
+  pid=$(cat "$dir/vmm.pid")
+  kill -9 "$pid"
+  wait $w && fail "fcl: create succeeded although its VMM was killed"
+  rmdir "$MNT/fcl" || fail "rmdir fcl"
+  [ ! -e "$dir" ] || fail "VM directory left"
+else
+  note "not root or no jailer: the symlinked install is not checked here"
 fi

@@ -5,8 +5,8 @@
 # on 127.0.0.1 (own config, host key and client key) and stops it at the end.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
-command -v sshfs >/dev/null || fail "sshfs is not installed (mount-helpers/setup installs it)"
-[ -x /usr/sbin/sshd ] || fail "sshd is not installed (mount-helpers/setup installs openssh-server)"
+command -v sshfs >/dev/null || fail "sshfs is not installed (mount-helpers/ensure-deps installs it)"
+[ -x /usr/sbin/sshd ] || fail "sshd is not installed (mount-helpers/ensure-deps installs openssh-server)"
 
 d=$(mktemp -d /var/tmp/bsx-t54.XXXXXX)
 R=$d/remote

@@ -5,35 +5,29 @@
 # unmount, exit 0), then remove the package. Where PID 1 is not systemd (as on the
 # project's machines) the unit's ExecStartPre/ExecStart run as systemd would run them:
 # with the unit's Environment=, overridden the way /etc/default/bandsox would, a private
-# mount point and state directory, and a NOTIFY_SOCKET this test listens on.
+# mount point and state directory, and a NOTIFY_SOCKET this test listens on. A tree the
+# host has mounted at /mnt/bandsox (the README's first command leaves one) stays mounted,
+# served by the same daemon, through install and removal. Upgrades: t-65.
 # timeout: 900
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
-repo=$(cd "$(dirname "$0")/../.." && pwd)
-command -v cargo-deb >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo-deb" ] \
-  || fail "cargo-deb is not installed (mount-helpers/setup installs it)"
-W=$(mktemp -d /var/tmp/bandsox-t63.XXXXXX)
+. "$(dirname "$0")/package-lib.sh"
+W=$PW
 pid=; listener=
-keep=$W/kept
-mkdir -p "$keep"
-# Files the package will own that a setup-installed host may already have.
-[ -e /sbin/mount.fuse.bandsox ] && cp -a /sbin/mount.fuse.bandsox "$keep/"
 finish() {
   [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null
   [ -d "$W/mnt/p63" ] && rmdir "$W/mnt/p63" 2>/dev/null
   [ -n "$pid" ] && { for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done; }
   [ -n "$listener" ] && kill "$listener" 2>/dev/null
-  mountpoint -q "$W/mnt" && umount -l "$W/mnt"
-  dpkg -P bandsox >/dev/null 2>&1 || true
-  [ -e "$keep/mount.fuse.bandsox" ] && cp -a "$keep/mount.fuse.bandsox" /sbin/
-  rm -rf "$W"
 }
 on_exit finish
 
-deb=$(cd "$repo" && packaging/build-deb) || fail "packaging/build-deb failed"
+# shellcheck disable=SC2119 # the default build: no cargo-deb options
+deb=$(pkg_build)
 note "built $deb"
 dpkg-deb -f "$deb" Depends | has qemu-system-x86 || fail "no Depends on qemu-system-x86"
 dpkg -i "$deb" > "$W/dpkg.log" 2>&1 || fail "dpkg -i: $(cat "$W/dpkg.log")"
+host_tree_untouched "after dpkg -i"
 for f in /usr/bin/bandsox /usr/lib/bandsox/bandsox-agent /usr/lib/bandsox/guest-setup \
          /sbin/mount.fuse.bandsox /lib/systemd/system/bandsox.service /etc/bandsox/limits; do
   [ -e "$f" ] || fail "the package did not install $f"
@@ -49,9 +43,6 @@ env_line=$(value Environment)
 pre=$(value ExecStartPre)
 start=$(value ExecStart)
 [ -n "$start" ] && [ -n "$pre" ] || fail "no ExecStart/ExecStartPre in the unit"
-mkdir -p "$W/mnt" "$W/state/images" "$W/state/boot"
-cp -a --reflink=auto "$STATE/boot/." "$W/state/boot/"
-cp -a --reflink=auto --sparse=always "$STATE/images/base" "$W/state/images/"
 # shellcheck disable=SC2086,SC2163 # env_line is NAME=VALUE words, split on purpose
 export $env_line
 # What /etc/default/bandsox would say on this machine.
@@ -104,4 +95,5 @@ grep -q 'STOPPING=1' "$W/notify.log" || fail "no STOPPING=1"
 mountpoint -q "$W/mnt" && fail "still mounted after stop"
 dpkg -r bandsox > "$W/dpkg.log" 2>&1 || fail "dpkg -r: $(cat "$W/dpkg.log")"
 [ -e /usr/bin/bandsox ] && fail "dpkg -r left /usr/bin/bandsox"
+host_tree_untouched "after dpkg -r"
 true

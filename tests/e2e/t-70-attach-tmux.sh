@@ -4,7 +4,7 @@
 # timeout: 240
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
-command -v tmux >/dev/null || fail "tmux is not installed (mount-helpers/setup installs it)"
+command -v tmux >/dev/null || fail "tmux is not installed (mount-helpers/ensure-deps installs it)"
 new_vm tt
 W=$(mktemp -d)
 SOCK=bsx-e2e-$$

@@ -6,7 +6,7 @@
 # files, mmap, locks, copy_file_range. The expected lines are what ext4 answers on Linux.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
-command -v python3 >/dev/null || fail "python3 missing (mount-helpers/setup installs it)"
+command -v python3 >/dev/null || fail "python3 missing (mount-helpers/ensure-deps installs it)"
 [ "$(id -u)" = 0 ] || { note "SKIP: needs root (chown, mknod)"; exit 0; }
 got=$(python3 - "$FSDIR" <<'PYEOF'
 import errno, fcntl, mmap, os, stat, sys, time

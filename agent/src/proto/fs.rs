@@ -365,7 +365,8 @@ pub enum FsRequest {
         #[serde(with = "serde_bytes_vec")]
         name: Vec<u8>,
     },
-    /// `fallocate(2)` with its `mode` flags. → `Ok`.
+    /// `fallocate(2)` with its `mode` flags, a bitmask of `FALLOC_FL_*` passed to the
+    /// guest's fallocate(2) unchanged (the guest refuses what it lacks). → `Ok`.
     Fallocate {
         handle: HandleId,
         offset: u64,

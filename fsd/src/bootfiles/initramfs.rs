@@ -263,7 +263,9 @@ mod tests {
             .stdout(std::process::Stdio::piped())
             .spawn();
         let Ok(mut child) = child else {
-            eprintln!("SKIP gnu_cpio_lists_it: no cpio binary (mount-helpers/setup installs it)");
+            eprintln!(
+                "SKIP gnu_cpio_lists_it: no cpio binary (mount-helpers/ensure-deps installs it)"
+            );
             return;
         };
         child.stdin.take().unwrap().write_all(&bytes).unwrap();

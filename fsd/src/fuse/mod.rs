@@ -190,7 +190,7 @@ impl BandsoxFs {
         if let Some(t) = self.target(ino) {
             return self.g_list(op, t, fh, offset, r);
         }
-        op.reply(r, self.vfs.listing(ino.0), |mut r, all| {
+        op.reply(r, self.vfs.listing(ino.0, req.uid()), |mut r, all| {
             let skip = usize::try_from(offset).unwrap_or(usize::MAX);
             for (next, e) in (1u64..).zip(all).skip(skip) {
                 if r.add_tree(&self.vfs, next, &e) {

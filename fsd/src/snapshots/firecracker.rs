@@ -335,7 +335,7 @@ pub async fn restore(
             for (f, name) in &files {
                 jail.link_shared(&j.root, &snap_dir.join(f), name)?;
             }
-            let argv = backend.jailed_argv(jail, dir)?;
+            let argv = backend.jailed_argv(jail, &j, dir)?;
             let root = j.root.clone();
             backend.start_process(dir, &argv, what, &root, Some(j), logs)?
         }

@@ -198,10 +198,13 @@ impl Vfs {
         }
     }
 
-    /// A directory's entries, with `.` and `..` first.
-    pub fn listing(&self, ino: u64) -> Result<Vec<DirEntry>> {
+    /// A directory's entries as user `uid` lists them, with `.` and `..` first. Per call:
+    /// other users' VMs and snapshots are left out of the root's and `snapshots/`'s
+    /// listings (root sees all; see [`policy::lists`]), and the kernel does not cache
+    /// control-tree listings (no `FOPEN_CACHE_DIR`), so each `readdir` asks again.
+    pub fn listing(&self, ino: u64, uid: u32) -> Result<Vec<DirEntry>> {
         let node = self.node(ino)?;
-        let entries = self.tree().readdir(&node)?;
+        let entries = self.tree().readdir(&node, uid)?;
         let dot = |name: &str, ino| DirEntry {
             name: name.to_string(),
             kind: Kind::Dir,

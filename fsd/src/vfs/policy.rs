@@ -21,6 +21,16 @@ pub fn may_remove(caller_uid: u32, owner_uid: u32, what: &str) -> Result<()> {
     }
 }
 
+/// Whether a listing (`ls /mnt/bandsox`, `ls snapshots/`) shows `viewer` an entry that
+/// belongs to `owner`: its owner's and root's only, as `events` and `usage` do. Listings
+/// are computed per call for the caller, so this hides names from others' listings; a
+/// name that is known still resolves for everyone (the kernel's name cache is shared by
+/// all users, so a lookup cannot answer per caller), showing only the directory's owner,
+/// mode (0700) and time, and taking it again says EEXIST.
+pub fn lists(viewer_uid: u32, owner_uid: u32) -> bool {
+    viewer_uid == 0 || viewer_uid == owner_uid
+}
+
 /// `mkdir` anywhere but the root (VMs are the only directories users make).
 pub fn mkdir_outside_root() -> Error {
     Error::new(
@@ -86,6 +96,14 @@ pub fn lseek() -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listings_show_own_entries_and_root_sees_all() {
+        assert!(lists(0, 1000));
+        assert!(lists(1000, 1000));
+        assert!(!lists(1001, 1000));
+        assert!(!lists(1000, 0), "root's VMs are root's");
+    }
 
     #[test]
     fn only_owner_or_root_removes() {

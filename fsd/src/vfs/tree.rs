@@ -7,6 +7,9 @@
 //! - Whether a node *exists* is decided by the manager at the time of the call; a node
 //!   of a deleted VM keeps its number but every operation on it answers ENOENT.
 //! - Nothing here blocks on a guest.
+//! - Listings are per viewer (the root's VMs and `snapshots/`: the viewer's own, all for
+//!   root); existence and attributes are not (lookups are caller-free, since the kernel
+//!   shares its name and attribute caches between users).
 //! - Nothing here knows fuser: [`Attr`] and [`Kind`] are the core's own types, which
 //!   the kernel adapter (`crate::fuse`) converts.
 use std::collections::HashMap;
@@ -19,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::manager::runs::RunStream;
 use crate::manager::vm::Vm;
 use crate::manager::Manager;
+use crate::vfs::policy;
 
 pub const ROOT_INO: u64 = 1;
 
@@ -347,7 +351,9 @@ impl Tree {
         }
     }
 
-    pub fn readdir(&self, node: &Node) -> Result<Vec<(String, Node)>> {
+    /// The entries of `node` as `viewer` (a uid) lists them: the root and `snapshots/`
+    /// show other users' VMs and snapshots to root only ([`policy::lists`]).
+    pub fn readdir(&self, node: &Node, viewer: u32) -> Result<Vec<(String, Node)>> {
         let mut out = Vec::new();
         match node {
             Node::Root => {
@@ -363,7 +369,9 @@ impl Tree {
                     out.push((n.to_string(), node));
                 }
                 for vm in self.mgr.list() {
-                    out.push((vm.name.clone(), Node::Vm(vm.id.clone())));
+                    if policy::lists(viewer, vm.uid) {
+                        out.push((vm.name.clone(), Node::Vm(vm.id.clone())));
+                    }
                 }
             }
             Node::Images => {
@@ -374,7 +382,16 @@ impl Tree {
             Node::Image(i) => out.push(("info".into(), Node::ImageInfo(i.clone()))),
             Node::Snapshots => {
                 for i in self.mgr.snapshots() {
-                    out.push((i.clone(), Node::Snapshot(i)));
+                    // One info.json read per snapshot, skipped for root. A snapshot
+                    // whose owner cannot be read is root's to see.
+                    let shown = viewer == 0
+                        || self
+                            .mgr
+                            .snapshot_owner(&i)
+                            .is_some_and(|(owner, _)| policy::lists(viewer, owner));
+                    if shown {
+                        out.push((i.clone(), Node::Snapshot(i)));
+                    }
                 }
             }
             Node::Snapshot(i) => out.push(("info".into(), Node::SnapshotInfo(i.clone()))),

@@ -545,10 +545,7 @@ impl VmmInstance for QemuInstance {
         if self.is_alive() {
             return None;
         }
-        let tail = |f: &str, n| {
-            let t = log_tail(&self.dir.join(f), 0, n);
-            (!t.starts_with("no output in ")).then_some(t)
-        };
+        let tail = |f: &str, n| log_tail(&self.dir.join(f), 0, n).into_text();
         let mut why = format!("QEMU {}", self.proc.exit_description());
         if let Some(l) = tail(VMM_LOG, 1) {
             why.push_str(&format!("; stderr: {l}"));

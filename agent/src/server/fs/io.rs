@@ -136,6 +136,10 @@ impl FsCore {
         }
     }
 
+    /// `fallocate(2)` with `mode` passed bit for bit (`from_bits_retain`: no flag
+    /// filtered, none added), so the guest kernel alone decides which modes and which
+    /// combinations its filesystem supports and its errno is the answer (EOPNOTSUPP for
+    /// unknown flags, EINVAL for bad ranges, ...).
     pub(super) fn fallocate(
         &self,
         handle: HandleId,

@@ -17,7 +17,13 @@
 //!
 //! Layout: one jail per VM, inside the VM directory (`--chroot-base-dir <vm>/jail`), so
 //! the jail root is `<vm>/jail/<exec name>/bx-<vm id>/root`, on the same filesystem as
-//! the VM's files. The jail is wiped and rebuilt before every start (the jailer refuses
+//! the VM's files. The exec name is the file name of the Firecracker binary *after*
+//! resolving symlinks, as the jailer does it (it canonicalizes `--exec-file` and names
+//! the chroot, and the program it runs, after that file): with `firecracker ->
+//! firecracker-v1.10.1-x86_64` the jail is `<vm>/jail/firecracker-v1.10.1-x86_64/...`.
+//! [`ExecFile::resolve`] makes that resolution once per start, and the resolved path is
+//! what the jailer is given, so both always agree, and the record (`firecracker.json`)
+//! keeps it: a VM started before the link was moved is still recognised. The jail is wiped and rebuilt before every start (the jailer refuses
 //! to reuse the device nodes it made last time). Files go in as hard links:
 //! - shared, read-only files (the kernel, the initramfs, snapshot state and memory) keep
 //!   their owner and mode: they are linked as they are when the jailed uid/gid can read
@@ -34,7 +40,8 @@
 //! namespace stays reachable).
 //!
 //! Invariants: the jail id is `bx-<vm dir name>` and satisfies the jailer's rule
-//! (1-64 of `[A-Za-z0-9-]`); the jailer exec's Firecracker as
+//! (1-64 of `[A-Za-z0-9-]`); `--exec-file` is always a resolved path (no symlink), whose
+//! file name contains `firecracker` (the jailer's own rule); the jailer exec's Firecracker as
 //! `<exec name> --id <id> --start-time-us N --start-time-cpu-us N [--parent-cpu-time-us N]
 //! <our arguments>` (two-argument `--id`, measured with jailer 1.17), which is how a jailed
 //! process is recognised after a daemon restart ([`is_jailed_firecracker`]).
@@ -148,6 +155,74 @@ impl JailCgroups {
     }
 }
 
+/// The Firecracker binary as the jailer sees it: `--exec-file` canonicalized (every
+/// symlink resolved). Its file name names the jail (`<base>/<name>/<id>/root`) and is the
+/// program the jailed process runs (`/<name>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecFile {
+    path: PathBuf,
+    name: String,
+}
+
+impl ExecFile {
+    /// Resolve `firecracker` exactly as the jailer will: `canonicalize`, a regular file,
+    /// a UTF-8 file name containing `firecracker` (else the jailer refuses it).
+    pub fn resolve(firecracker: &Path) -> Result<Self, VmmError> {
+        let path = std::fs::canonicalize(firecracker).map_err(|e| {
+            VmmError::StartFailed(format!(
+                "cannot resolve the Firecracker binary {}: {e}",
+                firecracker.display()
+            ))
+        })?;
+        if !path.is_file() {
+            return Err(VmmError::StartFailed(format!(
+                "the Firecracker binary {} resolves to {}, which is not a file",
+                firecracker.display(),
+                path.display()
+            )));
+        }
+        let exec = Self::recorded(&path)?;
+        if !exec.name.contains("firecracker") {
+            return Err(VmmError::StartFailed(format!(
+                "the jailer only runs binaries whose name contains \"firecracker\", and {} \
+                 resolves to {}",
+                firecracker.display(),
+                path.display()
+            )));
+        }
+        Ok(exec)
+    }
+
+    /// An exec file as a record names it (already resolved when it was recorded); the
+    /// file system is not consulted.
+    pub fn recorded(path: &Path) -> Result<Self, VmmError> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                VmmError::StartFailed(format!(
+                    "the Firecracker path {} has no UTF-8 file name",
+                    path.display()
+                ))
+            })?;
+        Ok(ExecFile {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The resolved path (given to the jailer as `--exec-file`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its file name: the jail's directory under the base, and the jailed program.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JailerConfig {
     pub binary: PathBuf,
@@ -165,8 +240,18 @@ fn env_id(key: &str) -> Result<u32, VmmError> {
     }
 }
 
-/// A jailer beside `firecracker`: `jailer`, or `jailer-<suffix>` for `firecracker-<suffix>`.
+/// A jailer beside `firecracker`: `jailer`, or `jailer-<suffix>` for `firecracker-<suffix>`;
+/// when `firecracker` is a symlink, also beside the file it resolves to (a release
+/// tarball's `release-v1.10.1-x86_64/` holds `firecracker-v1.10.1-x86_64` and
+/// `jailer-v1.10.1-x86_64`, and only the first may be linked onto PATH).
 pub fn find_beside(firecracker: &Path) -> Option<PathBuf> {
+    find_beside_file(firecracker).or_else(|| {
+        let resolved = std::fs::canonicalize(firecracker).ok()?;
+        (resolved != firecracker).then(|| find_beside_file(&resolved))?
+    })
+}
+
+fn find_beside_file(firecracker: &Path) -> Option<PathBuf> {
     let dir = firecracker.parent()?;
     let name = firecracker.file_name()?.to_str()?;
     let mut candidates = vec![dir.join("jailer")];
@@ -241,23 +326,20 @@ impl JailerConfig {
         Ok(id)
     }
 
-    /// The jail's root directory (Firecracker's `/` and cwd).
-    pub fn root(&self, vm_dir: &Path, firecracker: &Path) -> Result<PathBuf, VmmError> {
-        let exec_name = firecracker
-            .file_name()
-            .ok_or_else(|| VmmError::StartFailed("the Firecracker path has no file name".into()))?;
+    /// The jail's root directory (Firecracker's `/` and cwd) when the jailer runs `exec`.
+    pub fn root(&self, vm_dir: &Path, exec: &ExecFile) -> Result<PathBuf, VmmError> {
         Ok(vm_dir
             .join(JAIL_DIR)
-            .join(exec_name)
+            .join(exec.name())
             .join(Self::jail_id(vm_dir)?)
             .join("root"))
     }
 
-    /// The jailer's argv (argv[0] = the jailer) starting `firecracker` for `vm_dir` with
+    /// The jailer's argv (argv[0] = the jailer) starting `exec` for `vm_dir` with
     /// `fc_args` (Firecracker's own arguments, after `--`).
     pub fn argv(
         &self,
-        firecracker: &Path,
+        exec: &ExecFile,
         vm_dir: &Path,
         fc_args: &[String],
     ) -> Result<Vec<String>, VmmError> {
@@ -266,22 +348,12 @@ impl JailerConfig {
                 .map(String::from)
                 .ok_or_else(|| VmmError::StartFailed(format!("{} is not UTF-8", p.display())))
         };
-        if !firecracker
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.contains("firecracker"))
-        {
-            return Err(VmmError::StartFailed(format!(
-                "the jailer only runs binaries whose name contains \"firecracker\", not {}",
-                firecracker.display()
-            )));
-        }
         let mut argv = vec![
             s(&self.binary)?,
             "--id".into(),
             Self::jail_id(vm_dir)?,
             "--exec-file".into(),
-            s(firecracker)?,
+            s(exec.path())?,
             "--uid".into(),
             self.uid.to_string(),
             "--gid".into(),
@@ -391,6 +463,43 @@ fn hard_link(src: &Path, dst: &Path) -> Result<(), VmmError> {
     })
 }
 
+/// What exists under a jail base directory (`<vm>/jail`): the directories down to the
+/// jail roots' depth (`<exec name>/<id>/root`), relative to `base`, at most 8, for an error
+/// that says which jail the jailer made when it is not the one expected.
+pub fn found_jails(base: &Path) -> Vec<String> {
+    const MAX: usize = 8;
+    /// Depth of a jail root below the base: `<exec name>/<id>/root`.
+    const ROOT_DEPTH: usize = 3;
+    fn walk(base: &Path, rel: &Path, depth: usize, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(base.join(rel)) else {
+            return;
+        };
+        let mut names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
+        names.sort();
+        if names.is_empty() && depth > 0 {
+            out.push(format!("{}/", rel.display()));
+        }
+        for n in names {
+            if out.len() > MAX {
+                return;
+            }
+            let child = rel.join(n);
+            if depth + 1 < ROOT_DEPTH && base.join(&child).is_dir() {
+                walk(base, &child, depth + 1, out);
+            } else {
+                out.push(child.display().to_string());
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(base, Path::new(""), 0, &mut found);
+    if found.len() > MAX {
+        found.truncate(MAX);
+        found.push("...".into());
+    }
+    found
+}
+
 /// True when `running` (`/proc/<pid>/cmdline`) is the jailed Firecracker of jail `id`,
 /// exec'd from a file named `exec_name` with our arguments `fc_args`: after its exec the
 /// jailer's child runs `/<exec name> --id <id> --start-time-us N ... <fc_args>`.
@@ -437,7 +546,7 @@ mod tests {
     #[test]
     fn argv_and_root() {
         let vm = Path::new("/var/lib/bandsox/vms/0123456789ab");
-        let fc = Path::new("/usr/local/bin/firecracker");
+        let fc = &ExecFile::recorded(Path::new("/usr/local/bin/firecracker")).unwrap();
         let fc_args = strings(&["--api-sock", "api.sock"]);
         assert_eq!(
             cfg(&[]).argv(fc, vm, &fc_args).unwrap(),
@@ -482,9 +591,94 @@ mod tests {
             cfg(&[]).root(vm, fc).unwrap(),
             Path::new("/var/lib/bandsox/vms/0123456789ab/jail/firecracker/bx-0123456789ab/root")
         );
-        assert!(cfg(&[]).argv(Path::new("/usr/bin/qemu"), vm, &[]).is_err());
         assert!(JailerConfig::jail_id(Path::new("/x/a_b")).is_err());
         assert!(JailerConfig::jail_id(Path::new("/")).is_err());
+    }
+
+    /// The jailer canonicalizes `--exec-file` and names the jail after the file it
+    /// finds: a link named `firecracker` (relative or absolute, chained or not) to a
+    /// release binary gives that binary's name, and its argv carries the resolved path.
+    #[test]
+    fn exec_file_resolves_like_the_jailer() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().canonicalize().unwrap();
+        let real = d.join("firecracker-v1.10.1-x86_64");
+        std::fs::write(&real, "").unwrap();
+        symlink("firecracker-v1.10.1-x86_64", d.join("firecracker")).unwrap();
+        std::fs::create_dir(d.join("bin")).unwrap();
+        symlink(d.join("firecracker"), d.join("bin/firecracker")).unwrap();
+        for link in [
+            real.clone(),
+            d.join("firecracker"),
+            d.join("bin/firecracker"),
+        ] {
+            let e = ExecFile::resolve(&link).unwrap();
+            assert_eq!(e.path(), real, "{}", link.display());
+            assert_eq!(e.name(), "firecracker-v1.10.1-x86_64");
+        }
+        let e = ExecFile::resolve(&d.join("bin/firecracker")).unwrap();
+        let vm = Path::new("/s/vms/0123");
+        assert_eq!(
+            cfg(&[]).root(vm, &e).unwrap(),
+            Path::new("/s/vms/0123/jail/firecracker-v1.10.1-x86_64/bx-0123/root")
+        );
+        let argv = cfg(&[]).argv(&e, vm, &[]).unwrap();
+        assert_eq!(
+            argv[4],
+            real.to_str().unwrap(),
+            "the resolved path is given"
+        );
+        // The jailer's own refusals, said before it runs: a link to a binary whose name
+        // lacks "firecracker", a missing file, a directory.
+        std::fs::write(d.join("fc-bin"), "").unwrap();
+        symlink("fc-bin", d.join("firecracker-link")).unwrap();
+        let err = ExecFile::resolve(&d.join("firecracker-link")).unwrap_err();
+        assert!(err.to_string().contains("fc-bin"), "{err}");
+        symlink("nowhere", d.join("firecracker-dangling")).unwrap();
+        assert!(ExecFile::resolve(&d.join("firecracker-dangling")).is_err());
+        std::fs::create_dir(d.join("firecracker-dir")).unwrap();
+        assert!(ExecFile::resolve(&d.join("firecracker-dir")).is_err());
+    }
+
+    #[test]
+    fn found_jails_says_what_the_jailer_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("jail");
+        assert!(found_jails(&base).is_empty(), "no base: nothing");
+        std::fs::create_dir_all(base.join("firecracker-1.17.0-dev/bx-1/root/dev")).unwrap();
+        std::fs::create_dir_all(base.join("firecracker/bx-1")).unwrap();
+        assert_eq!(
+            found_jails(&base),
+            ["firecracker/bx-1/", "firecracker-1.17.0-dev/bx-1/root"]
+        );
+        for i in 0..20 {
+            std::fs::create_dir_all(base.join(format!("x{i:02}"))).unwrap();
+        }
+        let many = found_jails(&base);
+        assert_eq!(many.len(), 9);
+        assert_eq!(many.last().map(String::as_str), Some("..."));
+    }
+
+    #[test]
+    fn jailer_beside_a_linked_firecracker() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let rel = tmp.path().join("release-v1.10.1-x86_64");
+        std::fs::create_dir(&rel).unwrap();
+        std::fs::write(rel.join("firecracker-v1.10.1-x86_64"), "").unwrap();
+        std::fs::write(rel.join("jailer-v1.10.1-x86_64"), "").unwrap();
+        let bin = tmp.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        symlink(
+            rel.join("firecracker-v1.10.1-x86_64"),
+            bin.join("firecracker"),
+        )
+        .unwrap();
+        assert_eq!(
+            find_beside(&bin.join("firecracker")),
+            Some(rel.canonicalize().unwrap().join("jailer-v1.10.1-x86_64"))
+        );
     }
 
     #[test]
@@ -537,7 +731,8 @@ mod tests {
             gid: if me == 0 { 4321 } else { mygid },
             ..cfg(&[])
         };
-        let root = c.root(&vm, Path::new("/x/firecracker")).unwrap();
+        let exec = ExecFile::recorded(Path::new("/x/firecracker")).unwrap();
+        let root = c.root(&vm, &exec).unwrap();
         std::fs::create_dir_all(root.join("dev")).unwrap();
         std::fs::write(root.join("dev/stale"), b"").unwrap();
         c.reset(&vm, &root).unwrap();

@@ -12,9 +12,12 @@
 //!
 //! Files in a VM directory (all created by this backend unless noted):
 //! ```text
-//! firecracker.json  argv (argv[0] = the binary or the jailer), version (as the binary
-//!                   prints it, suffix included), snapshot format, time, jail; written
-//!                   before start; `adopt` compares it with /proc/<pid>/cmdline
+//! firecracker.json  argv (argv[0] = the binary or the jailer; jailed, `--exec-file` is
+//!                   the binary with symlinks resolved, as the jailer resolves it),
+//!                   version (as the binary prints it, suffix included), snapshot
+//!                   format, time, jail; written before start; `adopt` compares it with
+//!                   /proc/<pid>/cmdline, so a VM started before a `firecracker` link was
+//!                   moved is recognised by what it was started with
 //! vmm.pid           the Firecracker pid (written by us after spawning; removed once the
 //!                   process we reaped or killed is gone)
 //! vmm.log           Firecracker's stderr (appended across restarts): panics, fatal
@@ -274,10 +277,16 @@ impl FcRecord {
         }
     }
 
-    /// Jailer mode: the file name of the binary the jailer exec'd (`--exec-file`).
-    pub fn exec_name(&self) -> Option<&str> {
+    /// Jailer mode: the binary the jailer exec'd (`--exec-file`, resolved at launch).
+    pub fn exec_file(&self) -> Option<&str> {
         let i = self.argv.iter().position(|a| a == "--exec-file")?;
-        self.argv.get(i + 1)?.rsplit('/').next()
+        self.argv.get(i + 1).map(String::as_str)
+    }
+
+    /// Jailer mode: the file name of the binary the jailer exec'd (its jail's directory
+    /// name and the jailed process's `argv[0]`).
+    pub fn exec_name(&self) -> Option<&str> {
+        self.exec_file()?.rsplit('/').next()
     }
 }
 
@@ -322,6 +331,8 @@ pub struct FirecrackerBackend {
 #[derive(Debug, Clone)]
 pub(crate) struct Jail {
     pub(crate) root: PathBuf,
+    /// The binary the jailer runs (resolved), which named `root`.
+    exec: jailer::ExecFile,
     uid: u32,
     gid: u32,
     id: String,
@@ -467,26 +478,32 @@ impl FirecrackerBackend {
         Ok(argv)
     }
 
-    /// The jailer's argv for the VM in `dir`.
+    /// The jailer's argv for the VM in `dir`, jailed in `j` (from [`Self::prepare_jail`]).
     pub(crate) fn jailed_argv(
         &self,
         jail: &jailer::JailerConfig,
+        j: &Jail,
         dir: &Path,
     ) -> Result<Vec<String>, VmmError> {
         let mut fc_args = vec!["--api-sock".to_string(), API_SOCK.into()];
         fc_args.extend(log_args());
-        jail.argv(&self.binary, dir, &fc_args)
+        jail.argv(&j.exec, dir, &fc_args)
     }
 
     /// An empty jail for the VM in `dir`, with its log and metrics files and (if any) its
-    /// disk linked in; the TAP device of `spec` handed to the jailed ids.
+    /// disk linked in; the TAP device of `spec` handed to the jailed ids. The binary is
+    /// resolved here, once, as the jailer will resolve it (see [`jailer::ExecFile`]).
     pub(crate) fn prepare_jail(
         &self,
         spec: &VmSpec,
         jail: &jailer::JailerConfig,
     ) -> Result<(Jail, LogStarts), VmmError> {
         let dir = &spec.dir;
-        let root = jail.root(dir, &self.binary)?;
+        let exec = jailer::ExecFile::resolve(&self.binary)?;
+        if exec.path() != self.binary {
+            tracing::debug!(binary = %self.binary.display(), resolved = %exec.path().display(), "the jailer runs the resolved Firecracker binary");
+        }
+        let root = jail.root(dir, &exec)?;
         check_socket_path(&root.join(API_SOCK))?;
         check_socket_path(&root.join(VSOCK_SOCK))?;
         jail.reset(dir, &root)?;
@@ -506,6 +523,7 @@ impl FirecrackerBackend {
         Ok((
             Jail {
                 root,
+                exec,
                 uid: jail.uid,
                 gid: jail.gid,
                 id,
@@ -544,6 +562,7 @@ impl FirecrackerBackend {
         let (j, logs) = self.prepare_jail(spec, jail)?;
         jail.link_shared(&j.root, vmlinux, jailer::JAIL_KERNEL)?;
         jail.link_shared(&j.root, &spec.initrd, jailer::JAIL_INITRD)?;
+        let argv = self.jailed_argv(jail, &j, &spec.dir)?;
         let rt = Runtime {
             root: j.root.clone(),
             kernel: jailer::JAIL_KERNEL.into(),
@@ -551,7 +570,6 @@ impl FirecrackerBackend {
             disk: spec.disk.as_ref().map(|_| jailer::JAIL_DISK.into()),
             jail: Some(j),
         };
-        let argv = self.jailed_argv(jail, &spec.dir)?;
         self.launch_runtime(spec, argv, vmlinux, rt, logs).await
     }
 
@@ -812,11 +830,15 @@ impl Backend for FirecrackerBackend {
     }
 
     fn describe(&self) -> String {
+        // A link shows what it resolves to now (what a jailed start runs).
+        let binary = match std::fs::canonicalize(&self.binary) {
+            Ok(r) if r != self.binary => format!("{} -> {}", self.binary.display(), r.display()),
+            _ => self.binary.display().to_string(),
+        };
         format!(
-            "Firecracker {} ({}, snapshot format {}) with kvm: {}; guest kernel: ELF vmlinux \
-             extracted from the bzImage; {}{}",
+            "Firecracker {} ({binary}, snapshot format {}) with kvm: {}; guest kernel: ELF \
+             vmlinux extracted from the bzImage; {}{}",
             self.version_text,
-            self.binary.display(),
             self.snapshot_format
                 .map(|f| format!("v{f}"))
                 .unwrap_or_else(|| "unknown".into()),
@@ -910,8 +932,10 @@ pub fn adopt_dir(dir: &Path) -> Option<FcInstance> {
             let (uid, gid) = record
                 .jail_ids
                 .unwrap_or((jailer::DEFAULT_ID, jailer::DEFAULT_ID));
+            let exec = jailer::ExecFile::recorded(Path::new(record.exec_file()?)).ok()?;
             let jail = Jail {
                 root: PathBuf::from(root),
+                exec,
                 uid,
                 gid,
                 cgroups: jailer::JailCgroups::parse(&cgroup_settings(&record.argv))
@@ -1016,19 +1040,48 @@ impl FcInstance {
 
     /// Why a start failed with `e`: Firecracker's refusal verbatim, or, when the process
     /// died (the reaper may need a moment to notice), how it ended and its last error.
+    /// A jailed start whose API socket never appeared also says which jail was expected
+    /// and what exists instead ([`Self::jail_report`]).
     pub(crate) async fn failure_reason(&self, e: &ApiError) -> String {
         let died = !matches!(e, ApiError::Fault { .. })
             && self.proc.wait_exit(Duration::from_millis(300)).await;
+        let jail = self
+            .jail_report()
+            .map(|r| format!("; {r}"))
+            .unwrap_or_default();
         match e {
             ApiError::Fault {
                 request, message, ..
             } => format!("Firecracker refused {request}: {message}"),
-            _ if died => self.exit_report(),
+            _ if died => format!("{}{jail}", self.exit_report()),
             other => format!(
-                "Firecracker API: {other}; stderr: {}",
+                "Firecracker API: {other}{jail}; stderr: {}",
                 log_tail(&self.dir.join(VMM_LOG), self.logs.vmm_log, 5)
             ),
         }
+    }
+
+    /// Jailed, with no API socket in the jail: the jail root that was expected and what
+    /// the VM's jail directory holds instead (a jailer that resolved the binary to
+    /// another name made another directory).
+    pub(crate) fn jail_report(&self) -> Option<String> {
+        let j = self.jail.as_ref()?;
+        if j.root.join(API_SOCK).exists() {
+            return None;
+        }
+        let base = self.dir.join(jailer::JAIL_DIR);
+        let found = jailer::found_jails(&base);
+        Some(format!(
+            "expected the jail {} (for {}), and {} holds {}",
+            j.root.display(),
+            j.exec.path().display(),
+            base.display(),
+            if found.is_empty() {
+                "nothing".to_string()
+            } else {
+                found.join(", ")
+            }
+        ))
     }
 
     /// How the (dead) process ended: its exit status, Firecracker's last error line of
@@ -1064,8 +1117,7 @@ impl FcInstance {
 
 /// The last non-empty line of `path` after byte `from` (at most the last 8 KiB read).
 fn last_line(path: &Path, from: u64) -> Option<String> {
-    let tail = log_tail(path, from, 1);
-    (!tail.starts_with("no output in ")).then_some(tail)
+    log_tail(path, from, 1).into_text()
 }
 
 /// The most telling error line of Firecracker's log `path` (one run: the log is fresh at

@@ -538,6 +538,53 @@ async fn api_that_never_comes_up_times_out() {
     drop(b);
 }
 
+/// A jailed start whose API socket never appears (here: the "jailer" made a jail under
+/// another name) fails with a reason that names the jail expected and what exists.
+#[tokio::test]
+async fn a_missing_jail_socket_names_the_expected_and_the_found_jail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vm = tmp.path().join("0123456789ab");
+    std::fs::create_dir(&vm).unwrap();
+    let exec = jailer::ExecFile::recorded(Path::new("/opt/fc/firecracker")).unwrap();
+    let cfg = jailer::JailerConfig::new("/bin/sh".into());
+    let root = cfg.root(&vm, &exec).unwrap();
+    let jail = Jail {
+        root: root.clone(),
+        exec,
+        uid: 0,
+        gid: 0,
+        id: "bx-0123456789ab".into(),
+        cgroups: Default::default(),
+    };
+    let inst = spawn(
+        &vm,
+        &root,
+        &[
+            "/bin/sh".into(),
+            "-c".into(),
+            "mkdir -p jail/firecracker-v1.10.1-x86_64/bx-0123456789ab/root && exec sleep 30".into(),
+        ],
+        Some(jail),
+        LogStarts::default(),
+    )
+    .unwrap();
+    let err = inst
+        .wait_api(Instant::now() + Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    let why = inst.failure_reason(&err).await;
+    inst.kill().await.unwrap();
+    assert!(
+        why.contains(&format!("expected the jail {}", root.display())),
+        "{why}"
+    );
+    assert!(
+        why.contains("holds firecracker-v1.10.1-x86_64/bx-0123456789ab/root"),
+        "{why}"
+    );
+    assert!(why.contains("(for /opt/fc/firecracker)"), "{why}");
+}
+
 #[tokio::test]
 async fn launch_refuses_bad_specs_before_starting_anything() {
     let tmp = tempfile::tempdir().unwrap();
@@ -601,8 +648,9 @@ async fn net_tap_puts_the_network_interface_before_start() {
     inst.kill().await.unwrap();
 }
 
-/// A jailer stand-in (stays alive like the jailed Firecracker would) and a file named
-/// like Firecracker (the jailer insists on the name), in `dir`.
+/// A jailer stand-in (stays alive like the jailed Firecracker would) and, in `dir`, a
+/// file named like a release binary (`firecracker-v1.10.1-x86_64`) with `firecracker`
+/// linked to it, as release tarballs are installed; returns the link.
 fn fake_jail(dir: &Path) -> (PathBuf, jailer::JailerConfig) {
     let fc = dir.join("firecracker");
     let fake_jailer = dir.join("jailer");
@@ -612,7 +660,8 @@ fn fake_jail(dir: &Path) -> (PathBuf, jailer::JailerConfig) {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    std::fs::write(&fc, "").unwrap();
+    std::fs::write(dir.join(RELEASE_NAME), "").unwrap();
+    std::os::unix::fs::symlink(RELEASE_NAME, &fc).unwrap();
     let jail = jailer::JailerConfig {
         binary: fake_jailer,
         uid: nix::unistd::geteuid().as_raw(),
@@ -621,6 +670,8 @@ fn fake_jail(dir: &Path) -> (PathBuf, jailer::JailerConfig) {
     };
     (fc, jail)
 }
+
+const RELEASE_NAME: &str = "firecracker-v1.10.1-x86_64";
 
 #[tokio::test]
 async fn jailed_launch_links_files_into_the_jail_and_uses_relative_paths() {
@@ -638,7 +689,18 @@ async fn jailed_launch_links_files_into_the_jail_and_uses_relative_paths() {
     let b = backend(fc.to_str().unwrap()).with_jailer(Some(jail.clone()));
     let mut s = spec(&vm);
     s.initrd = boot.join("initrd");
-    let root = jail.root(&vm, &fc).unwrap();
+    // The jail is named after the file the link resolves to, as the jailer names it.
+    let exec = jailer::ExecFile::resolve(&fc).unwrap();
+    let root = jail.root(&vm, &exec).unwrap();
+    let d = b.describe();
+    assert!(
+        d.contains(&format!("{} -> {}", fc.display(), exec.path().display())),
+        "{d}"
+    );
+    assert!(
+        root.starts_with(vm.join("jail").join(RELEASE_NAME)),
+        "{root:?}"
+    );
     // Leftovers of an earlier start are wiped (the real jailer refuses to reuse them).
     std::fs::create_dir_all(root.join("dev/net")).unwrap();
     std::fs::write(root.join("dev/net/tun"), b"").unwrap();
@@ -698,10 +760,21 @@ async fn jailed_launch_links_files_into_the_jail_and_uses_relative_paths() {
     let rec = load_record(&vm).unwrap();
     assert_eq!(rec.jail_root.as_deref(), Some(root.to_str().unwrap()));
     assert_eq!(rec.jail_ids, Some((jail.uid, jail.gid)));
-    assert_eq!(rec.exec_name(), Some("firecracker"));
+    assert_eq!(rec.exec_name(), Some(RELEASE_NAME));
+    assert_eq!(
+        rec.exec_file().map(Path::new),
+        Some(
+            tmp.path()
+                .canonicalize()
+                .unwrap()
+                .join(RELEASE_NAME)
+                .as_path()
+        ),
+        "the jailer is given the resolved binary"
+    );
     let mut fc_args = vec!["--api-sock".to_string(), "api.sock".into()];
     fc_args.extend(log_args());
-    assert_eq!(rec.argv, jail.argv(&fc, &vm, &fc_args).unwrap());
+    assert_eq!(rec.argv, jail.argv(&exec, &vm, &fc_args).unwrap());
     assert_eq!(rec.firecracker_args(), fc_args.as_slice());
     // The agent channel is the jail's vsock socket.
     let mut a = inst.connect_agent().await.unwrap();
