@@ -496,3 +496,53 @@ async fn connection_death_fails_everything_promptly() {
         Err(ClientError::Closed)
     ));
 }
+
+/// A change made in the guest while no host is connected is announced to the next
+/// session: a host that reconnects learns what changed meanwhile.
+#[tokio::test]
+async fn file_events_wait_for_the_next_session() {
+    use bandsox_agent::proto::fs::{FsEvent, FsRequest, FsResponse, ROOT_NODE};
+    let agent = in_process_agent();
+    let root = agent.config().fs_root.clone();
+    std::fs::create_dir(root.join("w")).unwrap();
+    let session = |agent: &std::sync::Arc<bandsox_agent::server::Agent>| {
+        let (host, guest) = tokio::io::duplex(256 * 1024);
+        let a = agent.clone();
+        (
+            host,
+            tokio::spawn(async move { a.serve_stream(guest).await }),
+        )
+    };
+    // The first host looks the directory up (the agent watches it) and goes away.
+    let (host, served) = session(&agent);
+    let (c, _) = AgentClient::connect(host, T).await.unwrap();
+    let lookup = FsRequest::Lookup {
+        parent: ROOT_NODE,
+        name: b"w".to_vec(),
+    };
+    let w = match c.fs(lookup, T).await.unwrap() {
+        FsResponse::Entry(e) => e,
+        other => panic!("lookup answered {other:?}"),
+    };
+    assert!(w.watched);
+    c.close("the host goes away");
+    tokio::time::timeout(T, served).await.unwrap().unwrap();
+    // The guest changes the directory; the watcher finds nobody to tell.
+    std::fs::write(root.join("w/new"), b"x").unwrap();
+    agent.deliver_fs_events().await;
+    // The next host hears of it.
+    let (host, _served) = session(&agent);
+    let (c, _) = AgentClient::connect(host, T).await.unwrap();
+    let mut events = c.take_fs_events().unwrap();
+    let batch = tokio::time::timeout(T, events.next())
+        .await
+        .expect("the change is announced to the new session")
+        .unwrap();
+    assert!(
+        batch.iter().any(|e| matches!(
+            e,
+            FsEvent::Entry { parent, name, now: Some(_) } if *parent == w.node.id && name == b"new"
+        )),
+        "{batch:?}"
+    );
+}

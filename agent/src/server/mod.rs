@@ -223,6 +223,14 @@ impl Agent {
         &self.cfg
     }
 
+    /// Read the guest's pending file-change events and deliver them to the live
+    /// sessions now (kept for the next session when there is none). The watcher does
+    /// this by itself a few milliseconds after a change; tests call it to make that
+    /// moment certain.
+    pub async fn deliver_fs_events(&self) {
+        self.fs.deliver_events().await;
+    }
+
     /// What the agent reports in `HelloAck`.
     pub fn info(&self) -> AgentInfo {
         let hostname = nix::unistd::gethostname()

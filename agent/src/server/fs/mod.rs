@@ -91,6 +91,13 @@ impl FsService {
             core.watcher.flush(core, out).await;
         }
     }
+
+    /// Read and deliver the pending events now (see [`crate::server::Agent::deliver_fs_events`]).
+    pub async fn deliver_events(&self) {
+        if let Ok(core) = &self.core {
+            core.watcher.deliver_now(core).await;
+        }
+    }
 }
 
 // The service stays consistent across a panic in a request (every lock ignores poison
