@@ -129,7 +129,7 @@ impl QemuVsockBackend {
                     vhost.display(),
                     crate::logcap::log_tail(&log_path, 0, 5)
                 );
-                let _ = helper.signal(libc::SIGKILL);
+                let _ = helper.signal(nix::sys::signal::Signal::SIGKILL);
                 return Err(VmmError::StartFailed(why));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -336,7 +336,7 @@ impl VsockInstance {
     /// Once QEMU is gone, the helper goes too (best effort, no waiting).
     fn reap_helper_if_orphaned(&self) {
         if !self.qemu.is_alive() && self.helper.is_alive() {
-            let _ = self.helper.signal(libc::SIGKILL);
+            let _ = self.helper.signal(nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
