@@ -3,12 +3,16 @@
 //! sockets, so launch, configuration, control, adoption and every error path run.
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::api::tests::{fake_api, Responder, Seen};
+use super::api::{ApiClient, ApiError};
+use super::launch::{dir_relative, spawn, LogStarts};
 use super::*;
+use crate::vmm::process::VmmProcess;
 
 fn spec(dir: &Path) -> VmSpec {
     VmSpec {
