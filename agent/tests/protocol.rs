@@ -443,18 +443,44 @@ async fn dropped_handle_does_not_block_command() {
 
 /// Stdin is flow controlled: a command that does not read stdin blocks the sender
 /// instead of growing the agent's memory; exit releases it with EPIPE.
+///
+/// The sender writes chunk after chunk until a write fails, rather than offering one large
+/// buffer: once the command has exited its stdin pipe is gone, and the agent discards (and
+/// credits back) the bytes still arriving for it. A single large write can therefore be
+/// discarded to its end, and succeed, before `Exited` reaches the client; under load that
+/// race was lost now and then. Writes made after the client has seen the exit fail with
+/// EPIPE, and a sender that keeps writing makes one.
 #[tokio::test]
 async fn stdin_is_flow_controlled() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    const CHUNK: usize = 64 * 1024;
     let (c, _) = AgentClient::connect(serve_duplex(), T).await.unwrap();
     let mut spec = script("sleep 1");
     spec.stdin = true;
     let mut h = c.exec(spec, T).await.unwrap();
     let ctl = h.control();
-    let feeder = tokio::spawn(async move { ctl.stdin(vec![0u8; 8 << 20]).await });
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = accepted.clone();
+    let feeder = tokio::spawn(async move {
+        loop {
+            if let Err(e) = ctl.stdin(vec![0u8; CHUNK]).await {
+                return e;
+            }
+            counter.fetch_add(CHUNK as u64, Ordering::SeqCst);
+        }
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !feeder.is_finished(),
-        "8 MiB cannot fit into a pipe nobody reads"
+        "stdin failed while the command was running"
+    );
+    // What a pipe nobody reads takes: the stdin credit, the pipe's buffer (64 KiB by
+    // default) and the chunk the agent is writing; 1 MiB leaves room for larger pipes.
+    let unread = accepted.load(Ordering::SeqCst);
+    assert!(
+        unread <= INITIAL_CREDIT + (1 << 20),
+        "{unread} bytes accepted for a pipe nobody reads"
     );
     while let Some(ev) = h.next().await {
         if let ExecEvent::Exited(st) = ev {
@@ -468,10 +494,10 @@ async fn stdin_is_flow_controlled() {
     assert!(
         matches!(
             r,
-            Err(ClientError::Remote {
+            ClientError::Remote {
                 errno: libc::EPIPE,
                 ..
-            })
+            }
         ),
         "{r:?}"
     );

@@ -10,7 +10,7 @@
 //! `$NOTIFY_SOCKET`, for `Type=notify`), that the tree is up.
 //! SIGTERM/SIGINT send `STOPPING=1` and unmount cleanly; VMs keep running.
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -62,18 +62,16 @@ pub fn init_logging(default: Option<&str>) {
 }
 
 fn lazy_unmount(path: &Path) -> Result<(), String> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| "mount point contains a NUL byte".to_string())?;
-    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    if rc != 0 {
-        return Err(format!(
+    if path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err("mount point contains a NUL byte".to_string());
+    }
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+        format!(
             "cannot unmount {}: {}",
             path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
+            std::io::Error::from(e)
+        )
+    })
 }
 
 /// `bandsox unmount`: detach the tree (found in the mount table, never `stat`ed, so a
@@ -89,36 +87,31 @@ pub fn unmount(mountpoint: &Path) -> Result<(), String> {
 /// Fork; the parent waits until the child reports the mount is up. Returns in the child
 /// with the write end of the readiness pipe.
 fn daemonize(log: &Path) -> Result<Option<OwnedFd>, String> {
-    let mut fds = [0i32; 2];
-    // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by us alone.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: no other threads exist yet (called before the runtime starts).
-    match unsafe { libc::fork() } {
-        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
-        0 => {
+    use nix::unistd::{dup2_stderr, dup2_stdin, dup2_stdout, fork, pipe2, setsid, ForkResult};
+    let (rd, wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| format!("pipe: {}", std::io::Error::from(e)))?;
+    // SAFETY: no other threads exist yet (called before the runtime starts), so the child
+    // may do anything the parent could.
+    match unsafe { fork() } {
+        Err(e) => Err(format!("fork: {}", std::io::Error::from(e))),
+        Ok(ForkResult::Child) => {
             drop(rd);
-            // SAFETY: setsid has no preconditions; it detaches us from the terminal.
-            unsafe { libc::setsid() };
+            // Detaches us from the terminal; cannot fail in a fresh child (not a group
+            // leader).
+            let _ = setsid();
             let logf = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(log)
                 .map_err(|e| format!("{}: {e}", log.display()))?;
             let null = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
-            use std::os::fd::AsRawFd;
-            // SAFETY: all descriptors are valid and open; dup2 replaces std streams.
-            unsafe {
-                libc::dup2(null.as_raw_fd(), 0);
-                libc::dup2(logf.as_raw_fd(), 1);
-                libc::dup2(logf.as_raw_fd(), 2);
-            }
+            // The standard streams become /dev/null and the log.
+            let _ = dup2_stdin(&null);
+            let _ = dup2_stdout(&logf);
+            let _ = dup2_stderr(&logf);
             Ok(Some(wr))
         }
-        _child => {
+        Ok(ForkResult::Parent { .. }) => {
             drop(wr);
             let mut f = std::fs::File::from(rd);
             let mut b = [0u8; 1];

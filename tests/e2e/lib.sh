@@ -4,7 +4,7 @@
 # chained cleanups (`on_exit`) come from tests/testlib.sh.
 # Environment (set by run.sh): MNT (mount point), STATE (state directory), BANDSOX (binary),
 # AGENT (the static agent in STATE's initramfs).
-# shellcheck source=tests/testlib.sh
+# shellcheck source=SCRIPTDIR/../testlib.sh
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 

@@ -458,7 +458,10 @@ impl Agent {
                     let pgid = cmds.lock().get(&id).map(|c| c.pgid);
                     match pgid {
                         Some(pgid) => {
-                            // SAFETY: kill(2) on the command's own process group.
+                            // Raw kill(2): `signal` may be any number the host sends,
+                            // real-time signals included, which nix's `Signal` lacks.
+                            // SAFETY: kill(2) on the command's own process group; no
+                            // memory is involved.
                             let rc = unsafe { libc::kill(-pgid, signal) };
                             if rc != 0 {
                                 tracing::debug!(
@@ -543,8 +546,7 @@ impl Agent {
             Request::Sync => {
                 let out = out.clone();
                 tokio::spawn(async move {
-                    // SAFETY: sync(2) has no preconditions.
-                    let _ = tokio::task::spawn_blocking(|| unsafe { libc::sync() }).await;
+                    let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
                     let _ = out
                         .send(Out::Msg(Message::Response {
                             id,
@@ -614,7 +616,7 @@ impl Agent {
             }
             PowerOffAction::ExitProcess => {
                 tracing::info!("power off requested: exiting");
-                crate::server::exec::kill_descendants(libc::SIGKILL);
+                crate::server::exec::kill_descendants(nix::sys::signal::Signal::SIGKILL);
                 let _ = std::fs::remove_dir_all(&self.cfg.script_dir);
                 std::process::exit(0);
             }

@@ -641,8 +641,7 @@ mod tests {
     #[test]
     fn session_of_self_matches_getsid() {
         let me = std::process::id();
-        // SAFETY: getsid(0) has no preconditions.
-        let sid = unsafe { libc::getsid(0) };
+        let sid = nix::unistd::getsid(None).unwrap().as_raw();
         assert_eq!(session_of(me), u32::try_from(sid).unwrap());
     }
 }

@@ -127,8 +127,7 @@ impl FsCore {
         let croot = sys::cstring(root.as_os_str().as_encoded_bytes())
             .map_err(|e| fail(e, "bad root path"))?;
         let root_fd = sys::openat(
-            // SAFETY: AT_FDCWD is valid as a directory descriptor for the whole call.
-            unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::AT_FDCWD) },
+            nix::fcntl::AT_FDCWD,
             &croot,
             libc::O_PATH | libc::O_DIRECTORY,
             0,
