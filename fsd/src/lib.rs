@@ -15,6 +15,7 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod disk;
+pub mod diskfs;
 pub mod doctor;
 pub mod error;
 pub mod events;

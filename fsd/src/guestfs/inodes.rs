@@ -19,7 +19,8 @@
 //!   (agent instance), because the guest may give the same number to another filesystem
 //!   next time. Index [`OVERFLOW_DEV`] is for inodes whose numbers do not fit in 40 bits
 //!   or whose device found no free index: those get numbers from a counter, stable only
-//!   while the daemon runs.
+//!   while the daemon runs. Index [`DISK_VIEW_DEV`] is reserved for the files of a
+//!   stopped VM's disk read on the host (`crate::diskfs`).
 //! - So a file keeps its number across renames, hard links, the kernel forgetting it,
 //!   pause/resume, agent reconnects and daemon restarts; a file on the VM's disk also
 //!   across reboots. Hard links share it.
@@ -48,6 +49,9 @@ const DEV_SHIFT: u32 = 40;
 const INO_LIMIT: u64 = 1 << DEV_SHIFT;
 /// Device index of numbers handed out by counter.
 pub const OVERFLOW_DEV: u8 = 255;
+/// Device index of the files of a stopped VM's disk, read on the host (`crate::diskfs`);
+/// never given to a guest device, so its numbers never name a live guest file.
+pub const DISK_VIEW_DEV: u8 = 254;
 /// The file of a VM's device table.
 const DEVICES_FILE: &str = "fs-devices.json";
 
@@ -91,7 +95,7 @@ impl DeviceTable {
             .ok()
             .and_then(|b| serde_json::from_slice::<DeviceTable>(&b).ok())
             .map(|mut t| {
-                t.devices.truncate(usize::from(OVERFLOW_DEV));
+                t.devices.truncate(usize::from(DISK_VIEW_DEV));
                 t
             })
             .unwrap_or_default()
@@ -130,7 +134,7 @@ impl DeviceTable {
         let free = self.devices.iter().position(Option::is_none);
         let slot = match free {
             Some(i) => i,
-            None if self.devices.len() < usize::from(OVERFLOW_DEV) => {
+            None if self.devices.len() < usize::from(DISK_VIEW_DEV) => {
                 self.devices.push(None);
                 self.devices.len() - 1
             }
@@ -139,7 +143,7 @@ impl DeviceTable {
                     .is_some_and(|d| d.boot.is_some() && d.boot != key.boot)
             })?,
         };
-        // The table never grows past OVERFLOW_DEV entries (load truncates, push checks).
+        // The table never grows past DISK_VIEW_DEV entries (load truncates, push checks).
         let index = u8::try_from(slot).ok()?;
         if in_use(index) && self.devices[slot].is_some() {
             return None;
@@ -168,7 +172,7 @@ pub fn slot_of(ino: u64) -> u16 {
 }
 
 #[allow(clippy::cast_possible_truncation, reason = "masked to 8 bits first")]
-fn dev_index_of(ino: u64) -> u8 {
+pub fn dev_index_of(ino: u64) -> u8 {
     ((ino >> DEV_SHIFT) & 0xff) as u8
 }
 
@@ -566,7 +570,7 @@ mod tests {
     fn a_full_device_table_reuses_only_free_earlier_boot_indices() {
         let dir = tempfile::tempdir().unwrap();
         let mut d = DeviceTable::default();
-        for i in 0..255u64 {
+        for i in 0..254u64 {
             d.index(&DeviceKey::new(makedev(0, i), 1), dir.path(), |_| false);
         }
         // Full; boot 1's devices are reusable for boot 2 only when unused.

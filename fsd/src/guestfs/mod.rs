@@ -41,6 +41,7 @@ use bandsox_agent::proto::fs::{
 };
 use parking_lot::Mutex;
 
+use crate::diskfs::{self, DiskFs};
 use crate::error::{Error, Result};
 use crate::manager::vm::Vm;
 use crate::manager::Manager;
@@ -162,6 +163,8 @@ pub struct GuestFs {
     readdir_bytes: std::sync::atomic::AtomicU32,
     /// Callers of waiting requests, for Ctrl-C ([`interrupt`]).
     watcher: Arc<interrupt::Watcher>,
+    /// `fs/` of stopped and failed VMs: their disks, read on the host.
+    disk: DiskFs,
 }
 
 /// Check a guest errno and keep it only when it is one a host program can understand.
@@ -307,7 +310,7 @@ impl GuestFs {
         let listings = Arc::new(Listings::default());
         Arc::new(GuestFs {
             watcher: interrupt::Watcher::start(&rt),
-            mgr,
+            mgr: mgr.clone(),
             events: events::Pumps::new(
                 vms.clone(),
                 inodes.clone(),
@@ -321,6 +324,7 @@ impl GuestFs {
             handles: Mutex::new(Handles::default()),
             rt,
             readdir_bytes: std::sync::atomic::AtomicU32::new(READDIR_BYTES),
+            disk: DiskFs::new(mgr),
         })
     }
 
@@ -340,6 +344,20 @@ impl GuestFs {
     /// Number of guest inodes the kernel holds (diagnostics, tests).
     pub fn inode_count(&self) -> usize {
         self.inodes.lock().len()
+    }
+
+    /// Where `t` is answered when it is under the `fs/` of a stopped or failed VM (its
+    /// disk, read on the host: [`crate::diskfs`]); `None` for the agent.
+    fn offline(&self, t: &Target) -> Option<diskfs::Routed> {
+        self.disk.route(t, |vm| {
+            let mut vms = self.vms.lock();
+            Ok(self.numbers(&mut vms, vm)?.slot)
+        })
+    }
+
+    /// Either target of a two-target change under a stopped VM's `fs/`.
+    fn offline_pair(&self, a: &Target, b: &Target) -> Option<diskfs::Routed> {
+        self.offline(a).or_else(|| self.offline(b))
     }
 
     // ---- numbers ---------------------------------------------------------------------
@@ -698,6 +716,9 @@ impl GuestFs {
         if let Err(e) = check_name(&name) {
             return done(Err(e));
         }
+        if let Some(at) = self.offline(&parent) {
+            return diskfs::ops::lookup(at, name, done);
+        }
         self.with(parent, move |g, r| {
             let r = match r {
                 Ok(r) => r,
@@ -739,10 +760,14 @@ impl GuestFs {
     }
 
     pub fn forget_many(&self, items: &[(u64, u64)]) {
+        let (disk, items): (Vec<_>, Vec<_>) = items.iter().partition(|(i, _)| DiskFs::owns(*i));
+        for (ino, n) in disk {
+            self.disk.forget(ino, n);
+        }
         let mut per_vm: HashMap<Incarnation, Vec<(NodeId, u64)>> = HashMap::new();
         {
             let mut i = self.inodes.lock();
-            for &(ino, n) in items {
+            for (ino, n) in items {
                 if let Some(rel) = i.forget(ino, n) {
                     if i.get(ino).is_none() {
                         self.listings.forget(ino);
@@ -776,6 +801,9 @@ impl GuestFs {
     where
         D: FnOnce(Result<(Attr, Duration)>) + Send + 'static,
     {
+        if let Some(at) = self.offline(&t) {
+            return diskfs::ops::getattr(at, done);
+        }
         self.op(
             t,
             move |g, r| {
@@ -797,6 +825,9 @@ impl GuestFs {
     where
         D: FnOnce(Result<(Attr, Duration)>) + Send + 'static,
     {
+        if let Some(at) = self.offline(&t) {
+            return done(DiskFs::refuse(at));
+        }
         self.op(
             t,
             move |g, r| {
@@ -819,6 +850,9 @@ impl GuestFs {
     where
         D: FnOnce(Result<Vec<u8>>) + Send + 'static,
     {
+        if let Some(at) = self.offline(&t) {
+            return diskfs::ops::readlink(at, done);
+        }
         self.op(
             t,
             |_, r| {
@@ -850,6 +884,9 @@ impl GuestFs {
     {
         if let Err(e) = check_name(&name) {
             return done(Err(e));
+        }
+        if let Some(at) = self.offline(&parent) {
+            return done(DiskFs::refuse(at));
         }
         let kept = name.clone();
         self.op(
@@ -967,6 +1004,9 @@ impl GuestFs {
         if let Err(e) = check_name(&new_name) {
             return done(Err(e));
         }
+        if let Some(at) = self.offline_pair(&t, &new_parent) {
+            return done(DiskFs::refuse(at));
+        }
         let kept = new_name.clone();
         let np_ino = new_parent.ino();
         self.op(
@@ -995,6 +1035,9 @@ impl GuestFs {
     {
         if let Err(e) = check_name(&name) {
             return done(Err(e));
+        }
+        if let Some(at) = self.offline(&parent) {
+            return done(DiskFs::refuse(at));
         }
         let kept = name.clone();
         self.op(
@@ -1029,6 +1072,9 @@ impl GuestFs {
     {
         if let Err(e) = check_name(&name).and_then(|()| check_name(&new_name)) {
             return done(Err(e));
+        }
+        if let Some(at) = self.offline_pair(&parent, &new_parent) {
+            return done(DiskFs::refuse(at));
         }
         let (kept, kept_new) = (name.clone(), new_name.clone());
         let np_ino = new_parent.ino();
@@ -1067,6 +1113,9 @@ impl GuestFs {
     where
         D: FnOnce(Result<Opened>) + Send + 'static,
     {
+        if let Some(at) = self.offline(&t) {
+            return diskfs::ops::open(at, flags, done);
+        }
         self.op(
             t,
             move |_, r| {
@@ -1099,6 +1148,9 @@ impl GuestFs {
     {
         if let Err(e) = check_name(&name) {
             return done(Err(e));
+        }
+        if let Some(at) = self.offline(&parent) {
+            return done(DiskFs::refuse(at));
         }
         let kept = name.clone();
         self.op(
@@ -1141,6 +1193,9 @@ impl GuestFs {
         D: FnOnce(Result<Vec<u8>>) + Send + 'static,
     {
         let size = size.min(u32::try_from(MAX_CHUNK).unwrap_or(u32::MAX));
+        if let Some(at) = self.offline(&t) {
+            return diskfs::ops::read(at, fh, offset, size, done);
+        }
         self.op(
             t,
             move |g, r| {
@@ -1169,6 +1224,9 @@ impl GuestFs {
         if data.len() > MAX_CHUNK {
             return done(Err(Error::invalid("write larger than the agent's chunk")));
         }
+        if let Some(at) = self.offline(&t) {
+            return done(DiskFs::refuse(at));
+        }
         let len = data.len();
         self.op(
             t,
@@ -1193,6 +1251,9 @@ impl GuestFs {
     /// Close a file or directory handle. Never waits for the guest (the agent closes
     /// in the background); an unreachable guest has dropped it anyway.
     pub fn release(&self, t: &Target, fh: u64, dir: bool) {
+        if let Some(at) = self.offline(t) {
+            return diskfs::ops::release(at, fh);
+        }
         let Some(h) = self.handles.lock().remove(fh) else {
             return;
         };
@@ -1212,6 +1273,10 @@ impl GuestFs {
     where
         D: FnOnce(Result<()>) + Send + 'static,
     {
+        // Nothing of a stopped VM's disk is written: nothing to flush.
+        if let Some(at) = self.offline(&t) {
+            return done(at.map(drop));
+        }
         self.op(
             t,
             move |g, r| {
@@ -1236,6 +1301,9 @@ impl GuestFs {
     ) where
         D: FnOnce(Result<()>) + Send + 'static,
     {
+        if let Some(at) = self.offline(&t) {
+            return done(DiskFs::refuse(at));
+        }
         self.op(
             t,
             move |g, r| {
@@ -1255,6 +1323,9 @@ impl GuestFs {
     where
         D: FnOnce(Result<u64>) + Send + 'static,
     {
+        if let Some(at) = self.offline(&t) {
+            return diskfs::ops::lseek(at, fh, offset, whence, done);
+        }
         self.op(
             t,
             move |g, r| {
@@ -1280,6 +1351,9 @@ impl GuestFs {
     where
         D: FnOnce(Result<Opened>) + Send + 'static,
     {
+        if let Some(at) = self.offline(&t) {
+            return diskfs::ops::opendir(at, done);
+        }
         self.op(
             t,
             |_, r| {
@@ -1303,6 +1377,12 @@ impl GuestFs {
     where
         D: FnOnce(Result<Vec<DirItem>>) + Send + 'static,
     {
+        if let Some(at) = self.offline(&t) {
+            let max = self
+                .readdir_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            return diskfs::ops::readdir(at, fh, offset, plus, max, done);
+        }
         self.op(
             t,
             move |g, r| {
@@ -1387,6 +1467,9 @@ impl GuestFs {
     where
         D: FnOnce(Result<StatFs>) + Send + 'static,
     {
+        if let Some(at) = self.offline(&t) {
+            return diskfs::ops::statfs(at, done);
+        }
         self.op(
             t,
             |_, r| {
@@ -1419,6 +1502,9 @@ impl GuestFs {
         }
         if value.len() > MAX_XATTR as usize {
             return done(Err(Error::new(libc::E2BIG, "xattr value too large")));
+        }
+        if let Some(at) = self.offline(&t) {
+            return done(DiskFs::refuse(at));
         }
         self.op(
             t,
@@ -1460,6 +1546,9 @@ impl GuestFs {
         if let Err(e) = xattr_name(&name) {
             return done(Err(e));
         }
+        if let Some(at) = self.offline(&t) {
+            return diskfs::ops::getxattr(at, done);
+        }
         if self.cached_xattrs(&t).is_some_and(|n| !n.contains(&name)) {
             return done(Err(Error::new(libc::ENODATA, "no such attribute")));
         }
@@ -1481,6 +1570,9 @@ impl GuestFs {
     where
         D: FnOnce(Result<XattrReply>) + Send + 'static,
     {
+        if let Some(at) = self.offline(&t) {
+            return diskfs::ops::listxattr(at, size, done);
+        }
         if let Some(names) = self.cached_xattrs(&t) {
             // Cached names were checked against MAX_XATTR when they arrived.
             let len = u32::try_from(names.0.len()).unwrap_or(u32::MAX);
@@ -1507,6 +1599,9 @@ impl GuestFs {
     where
         D: FnOnce(Result<()>) + Send + 'static,
     {
+        if let Some(at) = self.offline(&t) {
+            return done(DiskFs::refuse(at));
+        }
         self.op(
             t,
             move |_, r| {
