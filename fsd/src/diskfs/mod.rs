@@ -235,3 +235,6 @@ fn report(view: &View, pid: u32, e: Error) -> Error {
     }
     e
 }
+
+#[cfg(test)]
+mod tests;
