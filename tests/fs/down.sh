@@ -1,6 +1,7 @@
 #!/bin/bash
 # fs/ of a paused VM fails promptly with "Host is down" and works again after resume;
-# killing the VMM during a read makes the read fail within seconds, leaving nothing hung.
+# killing the VMM during a read makes the read fail within seconds, leaving nothing hung,
+# and the dead VM's fs/ then shows its disk, read-only.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 printf 'data\n' > "$FSDIR/x"
@@ -32,5 +33,9 @@ rc=$(cat "$WORK/dd.rc")
 # Only processes working on this mount count (other programs may be in D state on disk I/O).
 dstate=$(ps -eo stat=,args= | awk -v d="$FSDIR" '$1 ~ /^D/ && index($0, d)' || true)
 [ -z "$dstate" ] || fail "processes left in D state: $dstate"
-err=$(ls "$FSDIR/" 2>&1) && fail "ls of a dead VM's fs/ succeeded"
+# A dead VM is stopped, and its fs/ is then its disk, read-only (docs/tree.md).
+wait_for 10 grep -qx stopped "$VMDIR/state" || fail "state after the VMM died: $(cat "$VMDIR/state")"
+ls "$FSROOT/" | has '^root$' || fail "a dead VM's fs/ does not show its disk"
+err=$( { printf x > "$FSROOT/root/t-down-ro"; } 2>&1 ) && fail "a write to a dead VM's fs/ succeeded"
+case "$err" in *"Read-only file system"*) ;; *) fail "write to a dead VM's fs/: $err" ;; esac
 note "paused: Host is down at once; VMM killed: read ended ($rc: $(cat "$WORK/dd.err")), nothing hung"
