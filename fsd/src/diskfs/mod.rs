@@ -74,9 +74,10 @@ pub struct DiskFs {
     views: Mutex<HashMap<u16, Arc<View>>>,
 }
 
-/// States whose `fs/` is the disk.
-fn offline(state: &VmState) -> bool {
-    matches!(state, VmState::Stopped | VmState::Failed(_))
+/// Whether `vm`'s `fs/` is its disk: stopped or failed, with no VMM that may still
+/// write the disk (a failed adoption leaves its VMM running: that stays EHOSTDOWN).
+fn offline(vm: &Vm) -> bool {
+    matches!(vm.state(), VmState::Stopped | VmState::Failed(_)) && !vm.vmm_alive()
 }
 
 fn stale(name: &str) -> Error {
@@ -105,7 +106,14 @@ impl DiskFs {
                 ino,
             } => {
                 let vm = self.mgr.get_by_id(vm_id)?;
-                if !offline(&vm.state()) {
+                if !offline(&vm) {
+                    // Running again: its view (thread, image) is of no more use.
+                    if let Some(slot) = vm.fs_slot() {
+                        let mut views = self.views.lock();
+                        if views.get(&slot).is_some_and(|v| *v.vm_id == *vm.id) {
+                            views.remove(&slot);
+                        }
+                    }
                     return None;
                 }
                 if *generation != vm.generation() {
@@ -133,7 +141,7 @@ impl DiskFs {
         let live = self
             .mgr
             .get_by_id(&view.vm_id)
-            .is_some_and(|vm| offline(&vm.state()) && vm.generation() == view.generation);
+            .is_some_and(|vm| offline(&vm) && vm.generation() == view.generation);
         if !live {
             self.views.lock().remove(&slot);
             return Err(stale(&view.name));
@@ -169,7 +177,7 @@ impl DiskFs {
         views.retain(|_, v| {
             self.mgr
                 .get_by_id(&v.vm_id)
-                .is_some_and(|vm| offline(&vm.state()) && vm.generation() == v.generation)
+                .is_some_and(|vm| offline(&vm) && vm.generation() == v.generation)
         });
         let jobs = worker::start(vm.dir.join("disk.ext4"), &vm.name)?;
         let view = Arc::new(View {

@@ -419,6 +419,11 @@ impl Vm {
         self.record.lock().fs_slot
     }
 
+    /// Whether a VMM process of this VM is alive (it may be writing the disk).
+    pub fn vmm_alive(&self) -> bool {
+        self.vmm.lock().as_ref().is_some_and(|i| i.is_alive())
+    }
+
     /// Give the VM its `fs/` slot (kept in `vm.json`).
     pub fn set_fs_slot(&self, slot: u16) -> Result<()> {
         self.record.lock().fs_slot = Some(slot);
