@@ -13,7 +13,8 @@
 //! - At most [`MAX_OPEN`] files and as many directory cursors are kept; past that the
 //!   oldest handles are closed (their next read reopens the file, which only costs a
 //!   seek: see [`Files::read`]).
-//! - The thread ends when the last sender goes (the view was dropped).
+//! - The thread ends when the last sender goes (the view was dropped); after [`IDLE`]
+//!   without requests it closes the image (open handles reopen their files by path).
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ use crate::error::{Error, Result};
 
 /// Open files (and directory cursors) kept per image.
 pub const MAX_OPEN: usize = 1024;
+/// After this long without a request the image is closed (its block cache freed).
+pub const IDLE: std::time::Duration = std::time::Duration::from_secs(300);
 
 pub type Job = Box<dyn FnOnce(&mut Worker) + Send>;
 
@@ -155,7 +158,16 @@ pub fn start(disk: PathBuf, name: &str) -> Result<mpsc::Sender<Job>> {
         .name(format!("bsx-disk-{name}"))
         .spawn(move || {
             let mut w = Worker::new(disk);
-            while let Ok(job) = rx.recv() {
+            loop {
+                let job = match rx.recv_timeout(IDLE) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        // Idle: let go of the image and its caches (reopened on use).
+                        w = Worker::new(std::mem::take(&mut w.disk));
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                };
                 let run = std::panic::AssertUnwindSafe(|| job(&mut w));
                 if std::panic::catch_unwind(run).is_err() {
                     tracing::error!(disk = %w.disk.display(), "disk reader panicked; reopening the image");
