@@ -161,10 +161,12 @@ pub fn parse_global(line: &str) -> Result<GlobalCmd> {
                             })?;
                         count = Some(n);
                     }
-                    _ => return Err(Error::invalid(format!(
+                    _ => {
+                        return Err(Error::invalid(format!(
                         "clone: unknown option {}; accepted: count=N net=none|user|tap kernel=NAME",
                         quote(opt)
-                    ))),
+                    )))
+                    }
                 }
             }
             Ok(GlobalCmd::Clone {

@@ -247,6 +247,7 @@ impl Manager {
     pub fn update_defaults(&self, text: &str) -> Result<()> {
         let mut d = self.defaults.lock();
         let next = d.parse_defaults(text)?;
+        self.check_kernel(next.kernel.as_deref())?;
         std::fs::write(self.layout.defaults(), next.to_defaults())?;
         *d = next;
         Ok(())

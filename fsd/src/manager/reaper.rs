@@ -56,6 +56,10 @@ impl Manager {
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = Vec::new();
         for vm in self.list() {
+            if vm.has_live_run() {
+                // Idle time counts from a run's end (to within a tick), not its start.
+                vm.touch();
+            }
             let expired = vm.ttl_remaining(now) == Some(0);
             if !expired && !vm.is_idle(now) {
                 continue;

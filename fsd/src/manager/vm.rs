@@ -291,20 +291,15 @@ impl Vm {
     /// described (e.g. the TAP pool was changed under an existing VM).
     pub fn spec(&self) -> Result<VmSpec> {
         let rec = self.record();
+        let boot = self.boot_files.for_kernel(rec.config.kernel.as_deref());
         Ok(VmSpec {
             name: self.name.clone(),
             dir: self.dir.clone(),
             vcpus: rec.config.vcpus,
             memory_mib: rec.config.memory_mib,
             disk: Some(self.dir.join("disk.ext4")),
-            kernel: self
-                .boot_files
-                .for_kernel(rec.config.kernel.as_deref())
-                .kernel,
-            initrd: self
-                .boot_files
-                .for_kernel(rec.config.kernel.as_deref())
-                .initrd,
+            kernel: boot.kernel,
+            initrd: boot.initrd,
             net: crate::net::plan(rec.config.net, &self.id, rec.net_slot)?,
         })
     }
