@@ -1,7 +1,7 @@
 #!/bin/bash
 # VM lifecycle on real VMs: destroy-all (one VM still booting; no VMM left behind),
 # ttl (set through ctl, shown in info, kept across a daemon restart, then the VM is
-# destroyed), auto-resume of a paused VM by exec, fs/ and ctl, and idle_pause (never
+# destroyed; with ttl_action=snapshot, snapshotted first), auto-resume of a paused VM by exec, fs/ and ctl, and idle_pause (never
 # while a command runs). Events say why each pause and resume happened.
 # timeout: 600
 set -euo pipefail
@@ -20,10 +20,14 @@ field() { sed -n "s/.*\"$2\": *\\([^,]*\\),*\$/\\1/p" "$MNT/$1/info" | head -n1;
 # --- destroy-all: two running VMs and one still booting --------------------------------
 new_vm d1
 new_vm d2
-mkdir "$MNT/d3" 2>/dev/null &
-VMS="${VMS:-} d3"
+# Through ctl, not mkdir: a mkdir holds the root directory's lock until the boot ends, so
+# nothing could look up ctl (or d3) meanwhile.
+# In a session of its own, so its result does not replace destroy-all's in `cat ctl`.
+setsid sh -c "echo 'create d3' > '$MNT/ctl'" 2>/dev/null &
 booting=$!
-within 30 test -d "$MNT/d3" || fail "d3 never appeared"
+VMS="${VMS:-} d3"
+wait_for 30 sh -c "[ \"\$(cat '$MNT/d3/state' 2>/dev/null)\" = booting ]" \
+  || note "d3 was never seen booting (state: $(cat "$MNT/d3/state" 2>/dev/null || echo '?'))"
 note "d3 is $(cat "$MNT/d3/state" 2>/dev/null || echo '?') when destroy-all starts"
 echo destroy-all > "$MNT/ctl"
 assert_eq "ok: destroyed 3 of your VMs" "$(cat "$MNT/ctl")" "destroy-all result"
@@ -53,6 +57,19 @@ crash_and_restart_daemon
 wait_for 60 sh -c "[ ! -e '$MNT/tt' ]" || fail "tt outlived its ttl across a restart"
 within 10 gone "$tt_pid" || fail "tt's VMM $tt_pid is still running"
 grep -q " tt ttl-expired action=destroy" "$MNT/events" || fail "no ttl-expired event"
+# ttl_action=snapshot: the VM is snapshotted (a paused one resumed for it), then removed.
+new_vm ts
+on_exit 'for s in "$MNT"/snapshots/ts-ttl-*; do [ -d "$s" ] && rmdir "$s"; done'
+echo ttl_action=snapshot > "$MNT/ts/ctl"
+echo pause > "$MNT/ts/ctl"
+echo ttl=2 > "$MNT/ts/ctl"
+wait_for 60 sh -c "[ ! -e '$MNT/ts' ]" || fail "ts outlived its ttl"
+snap=
+for s in "$MNT"/snapshots/ts-ttl-*; do [ -d "$s" ] && snap=$(basename "$s"); done
+[ -n "$snap" ] || fail "no ts-ttl-* snapshot: $(ls "$MNT/snapshots")"
+grep -q " ts resumed reason=ttl" "$MNT/events" || fail "no 'resumed reason=ttl' event"
+grep -q " ts ttl-expired action=snapshot snapshot=$snap" "$MNT/events" \
+  || fail "no ttl-expired snapshot event"
 
 # --- auto-resume --------------------------------------------------------------------------
 new_vm ar
