@@ -92,7 +92,7 @@ impl Manager {
         }
         let action = vm.record().config.lifecycle.ttl_action;
         if action == TtlAction::Snapshot {
-            let snap = format!("{}-ttl-{}", vm.name, super::now_secs());
+            let snap = ttl_snapshot_name(&vm.name, super::now_secs());
             let taken = async {
                 vm.resume_for(super::vm::Wake::Ttl).await?;
                 vm.wait_adopted().await?;
@@ -130,5 +130,27 @@ impl Manager {
                 }
             }
         }
+    }
+}
+
+/// `<vm>-ttl-<unix time>`, the VM's name shortened so the whole stays a valid name (VM
+/// names are ASCII, so any byte is a character boundary).
+fn ttl_snapshot_name(vm: &str, secs: u64) -> String {
+    let suffix = format!("-ttl-{secs}");
+    let keep = crate::names::MAX_NAME_LEN.saturating_sub(suffix.len());
+    format!("{}{suffix}", &vm[..vm.len().min(keep)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_snapshot_names_are_valid_names() {
+        assert_eq!(ttl_snapshot_name("a", 1_700_000_000), "a-ttl-1700000000");
+        let long = "v".repeat(crate::names::MAX_NAME_LEN);
+        let n = ttl_snapshot_name(&long, 1_700_000_000);
+        assert_eq!(n.len(), crate::names::MAX_NAME_LEN);
+        crate::names::validate("snapshot", &n).unwrap();
     }
 }
