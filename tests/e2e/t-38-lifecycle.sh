@@ -110,3 +110,21 @@ err=$(cat "$MNT/ar/fs/root/lc" 2>&1) && fail "fs/ of a paused VM with autoresume
 assert_contains "$err" "Host is down" "fs/ with autoresume=0"
 assert_eq paused "$(cat "$MNT/ar/state")" "state with autoresume=0"
 note "destroy-all, ttl across a restart, auto-resume (exec, fs/, ctl), idle_pause: ok"
+
+# --- destroy-all as users -------------------------------------------------------------------
+A=1638; B=1639
+asu() { _u=$1; shift; setpriv --reuid="$_u" --regid="$_u" --clear-groups bash -c "$1"; }
+on_exit 'rmdir "$MNT/u38a" "$MNT/u38b" 2>/dev/null || true'
+asu $A "mkdir $MNT/u38a" || fail "user A's mkdir"
+asu $B "mkdir $MNT/u38b" || fail "user B's mkdir"
+err=$(asu $A "echo 'destroy-all all-users' > $MNT/ctl" 2>&1) && fail "A's destroy-all all-users worked"
+assert_contains "$err" "Operation not permitted" "A's destroy-all all-users"
+assert_eq "ok: destroyed 1 of your VMs" "$(asu $A "echo destroy-all > $MNT/ctl; cat $MNT/ctl")" \
+  "A's destroy-all"
+[ ! -e "$MNT/u38a" ] || fail "u38a survived A's destroy-all"
+[ -d "$MNT/u38b" ] || fail "A's destroy-all removed B's VM"
+# Root's: ar (root's own, still paused) and B's u38b.
+echo 'destroy-all all-users' > "$MNT/ctl"
+assert_eq "ok: destroyed 2 of all users' VMs" "$(cat "$MNT/ctl")" "root's destroy-all all-users"
+[ -z "$(vmm_pids)" ] || fail "VMM processes left: $(vmm_pids)"
+note "destroy-all as users: EPERM for all-users, only the caller's VMs, root's all-users: ok"
