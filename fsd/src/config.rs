@@ -9,6 +9,9 @@ use crate::error::{Error, Result};
 use crate::lines::quote;
 use crate::vmm::NetMode;
 
+pub mod lifecycle;
+pub use lifecycle::{LifecycleOpts, TtlAction};
+
 pub const MAX_VCPUS: u32 = 32;
 pub const MIN_MEMORY_MIB: u32 = 64;
 pub const MAX_MEMORY_MIB: u32 = 65536;
@@ -46,6 +49,13 @@ pub struct VmConfig {
     /// timeout). A command's own `timeout=` overrides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_timeout_ms: Option<u64>,
+    /// `ttl=`, `ttl_action=`, `idle_pause=`, `autoresume=` (see `lifecycle`).
+    #[serde(default, flatten)]
+    pub lifecycle: LifecycleOpts,
+    /// `kernel=NAME`: boot `<state>/boot/vmlinuz-NAME` and `initrd-NAME` instead of
+    /// `vmlinuz` and `initrd` (`None`: those).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
 }
 
 pub const DEFAULT_KEEP_RUNS: u32 = 100;
@@ -73,12 +83,14 @@ impl Default for VmConfig {
             keep_runs: DEFAULT_KEEP_RUNS,
             output_mib: DEFAULT_OUTPUT_MIB,
             exec_timeout_ms: None,
+            lifecycle: LifecycleOpts::default(),
+            kernel: None,
         }
     }
 }
 
 pub const KEYS_HELP: &str =
-    "image=NAME vcpus=1..32 memory=64..65536 (MiB) disk=MiB net=none|user|tap backend=auto|qemu|firecracker autostart=0|1 keep_runs=1..100000 output_mib=1..1048576 exec_timeout=SECONDS|none";
+    "image=NAME vcpus=1..32 memory=64..65536 (MiB) disk=MiB net=none|user|tap backend=auto|qemu|firecracker autostart=0|1 keep_runs=1..100000 output_mib=1..1048576 exec_timeout=SECONDS|none ttl=SECONDS|none ttl_action=destroy|snapshot idle_pause=SECONDS|none autoresume=0|1 kernel=default|NAME";
 
 fn parse_num(key: &str, value: &str, min: u32, max: u32) -> Result<u32> {
     let n: u32 = value
@@ -172,6 +184,16 @@ impl VmConfig {
                     }
                 }
             }
+            "kernel" => {
+                // Resolved to files under `<state>/boot/` when the VM is created.
+                self.kernel = if value == "default" {
+                    None
+                } else {
+                    crate::names::validate("kernel", value)?;
+                    Some(value.to_string())
+                }
+            }
+            _ if self.lifecycle.set(key, value)? => {}
             _ => {
                 return Err(Error::invalid(format!(
                     "unknown option {}; accepted: {KEYS_HELP}",
@@ -246,7 +268,8 @@ impl VmConfig {
             self.keep_runs,
             self.output_mib,
             render_timeout(self.exec_timeout_ms)
-        )
+        ) + &self.lifecycle.to_defaults()
+            + &format!("kernel={}\n", self.kernel.as_deref().unwrap_or("default"))
     }
 }
 
@@ -277,6 +300,11 @@ mod tests {
                 "keep_runs=5",
                 "output_mib=64",
                 "exec_timeout=2.5",
+                "ttl=30",
+                "ttl_action=snapshot",
+                "idle_pause=5",
+                "autoresume=0",
+                "kernel=k2",
             ])
             .unwrap();
         let back = VmConfig::default()
@@ -298,6 +326,9 @@ mod tests {
             "image=a//b",
             "image=a:",
             "vcpus=2",
+            "ttl=0",
+            "ttl=soon",
+            "kernel=../x",
         ] {
             let e = c.with_options(["vcpus=4", bad]).unwrap_err();
             assert_eq!(e.errno, libc::EINVAL, "{bad}");

@@ -44,8 +44,8 @@ fn one_line(msg: &str) -> String {
     s
 }
 
-pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] | import IMAGE SOURCE [size=MiB] [headroom=MiB] [tag=NAME] | pull IMAGE REFERENCE [size=MiB] [headroom=MiB] | build IMAGE DIR [file=DOCKERFILE] [size=MiB] [headroom=MiB]";
-pub const VM_HELP: &str = "accepted: start | stop | kill | pause | resume | restart | snapshot NAME | reconnect | ping [N] | exec_timeout=SECONDS|none";
+pub const GLOBAL_HELP: &str = "accepted: create NAME [key=value...] | clone SNAPSHOT NAME [count=N] [net=MODE] [kernel=NAME] | destroy-all [all-users] | import IMAGE SOURCE [size=MiB] [headroom=MiB] [tag=NAME] | pull IMAGE REFERENCE [size=MiB] [headroom=MiB] | build IMAGE DIR [file=DOCKERFILE] [size=MiB] [headroom=MiB]";
+pub const VM_HELP: &str = "accepted: start | stop | kill | pause | resume | restart | snapshot NAME | reconnect | ping [N] | exec_timeout=SECONDS|none | ttl=SECONDS|none | ttl_action=destroy|snapshot | idle_pause=SECONDS|none | autoresume=0|1";
 pub const RUN_HELP: &str = "accepted: kill [SIGNAL] | close-stdin";
 
 pub const MAX_CLONES: u32 = 64;
@@ -60,6 +60,12 @@ pub enum GlobalCmd {
         snapshot: String,
         name: String,
         count: Option<u32>,
+        /// `net=` and `kernel=` for the clones (validated `key=value` words).
+        options: Vec<String>,
+    },
+    /// Remove all of the caller's VMs (`all-users`: everyone's; root only).
+    DestroyAll {
+        all_users: bool,
     },
     Import {
         image: String,
@@ -101,6 +107,11 @@ pub enum VmCmd {
     Ping(u32),
     /// `exec_timeout=SECONDS|none`: the VM's default command timeout (`None`: none).
     ExecTimeout(Option<std::time::Duration>),
+    /// A lifecycle option (`crate::config::lifecycle::KEYS`), value validated.
+    Lifecycle {
+        key: String,
+        value: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,8 +133,21 @@ pub fn parse_global(line: &str) -> Result<GlobalCmd> {
         }),
         ["clone", snap, name, rest @ ..] => {
             let mut count = None;
+            let mut options = Vec::new();
             for opt in rest {
                 match opt.split_once('=') {
+                    Some((k @ ("net" | "kernel"), _)) => {
+                        if options
+                            .iter()
+                            .any(|o: &String| o.starts_with(&format!("{k}=")))
+                        {
+                            return Err(Error::invalid(format!("clone: {k} given twice")));
+                        }
+                        crate::config::VmConfig::default()
+                            .with_options([*opt])
+                            .map_err(|e| e.with_context("clone"))?;
+                        options.push(opt.to_string());
+                    }
                     Some(("count", v)) => {
                         let n: u32 = v
                             .parse()
@@ -139,9 +163,9 @@ pub fn parse_global(line: &str) -> Result<GlobalCmd> {
                     }
                     _ => {
                         return Err(Error::invalid(format!(
-                            "clone: unknown option {}; accepted: count=N",
-                            quote(opt)
-                        )))
+                        "clone: unknown option {}; accepted: count=N net=none|user|tap kernel=NAME",
+                        quote(opt)
+                    )))
                     }
                 }
             }
@@ -149,6 +173,7 @@ pub fn parse_global(line: &str) -> Result<GlobalCmd> {
                 snapshot: snap.to_string(),
                 name: name.to_string(),
                 count,
+                options,
             })
         }
         ["import", image, source, rest @ ..] => Ok(GlobalCmd::Import {
@@ -185,6 +210,12 @@ pub fn parse_global(line: &str) -> Result<GlobalCmd> {
             reference: reference.to_string(),
             options: image_options(rest)?,
         }),
+        ["destroy-all"] => Ok(GlobalCmd::DestroyAll { all_users: false }),
+        ["destroy-all", "all-users"] => Ok(GlobalCmd::DestroyAll { all_users: true }),
+        ["destroy-all", other, ..] => Err(Error::invalid(format!(
+            "destroy-all: unknown argument {}; accepted: destroy-all [all-users]",
+            quote(other)
+        ))),
         [] => Err(Error::invalid(format!("empty command; {GLOBAL_HELP}"))),
         [cmd @ ("create" | "clone" | "import" | "pull" | "build"), ..] => Err(Error::invalid(
             format!("{cmd}: wrong number of arguments; {GLOBAL_HELP}"),
@@ -238,6 +269,17 @@ pub fn parse_vm(line: &str) -> Result<VmCmd> {
                     crate::manager::execopts::TimeoutOpt::After(d) => Some(d),
                 },
             ))
+        }
+        [kv] if kv
+            .split_once('=')
+            .is_some_and(|(k, _)| crate::config::lifecycle::KEYS.contains(&k)) =>
+        {
+            let (key, value) = kv.split_once('=').unwrap_or_default();
+            crate::config::LifecycleOpts::default().set(key, value)?;
+            Ok(VmCmd::Lifecycle {
+                key: key.to_string(),
+                value: value.to_string(),
+            })
         }
         [] => Err(Error::invalid(format!("empty command; {VM_HELP}"))),
         [cmd @ ("start" | "stop" | "kill" | "pause" | "resume" | "restart" | "snapshot" | "ping"
@@ -311,8 +353,26 @@ mod tests {
             GlobalCmd::Clone {
                 snapshot: "s".into(),
                 name: "b".into(),
-                count: Some(3)
+                count: Some(3),
+                options: vec![],
             }
+        );
+        assert_eq!(
+            parse_global("clone s b net=tap kernel=k6").unwrap(),
+            GlobalCmd::Clone {
+                snapshot: "s".into(),
+                name: "b".into(),
+                count: None,
+                options: vec!["net=tap".into(), "kernel=k6".into()],
+            }
+        );
+        assert_eq!(
+            parse_global("destroy-all").unwrap(),
+            GlobalCmd::DestroyAll { all_users: false }
+        );
+        assert_eq!(
+            parse_global("destroy-all all-users").unwrap(),
+            GlobalCmd::DestroyAll { all_users: true }
         );
         assert_eq!(
             parse_global("pull app localhost:5000/app:1 headroom=64").unwrap(),
@@ -356,6 +416,11 @@ mod tests {
             "clone s",
             "clone s b count=0",
             "clone s b x=1",
+            "clone s b net=wifi",
+            "clone s b net=tap net=user",
+            "clone s b kernel=../k",
+            "destroy-all everyone",
+            "destroy-all all-users now",
         ] {
             assert_eq!(parse_global(bad).unwrap_err().errno, libc::EINVAL, "{bad}");
         }
@@ -378,6 +443,28 @@ mod tests {
         assert!(parse_vm("ping 0").is_err());
         assert!(parse_vm("bogus").unwrap_err().message.contains("accepted"));
         assert!(parse_vm("pause now").is_err());
+        assert_eq!(
+            parse_vm("ttl=30").unwrap(),
+            VmCmd::Lifecycle {
+                key: "ttl".into(),
+                value: "30".into()
+            }
+        );
+        for bad in [
+            "ttl=0",
+            "ttl=abc",
+            "idle_pause=-1",
+            "autoresume=2",
+            "ttl_action=x",
+        ] {
+            let e = parse_vm(bad).unwrap_err();
+            assert_eq!(e.errno, libc::EINVAL, "{bad}");
+            assert!(
+                e.message.contains(bad.split('=').next().unwrap()),
+                "{}",
+                e.message
+            );
+        }
         assert_eq!(parse_run("kill").unwrap(), RunCmd::Kill(15));
         assert_eq!(parse_run("kill TERM").unwrap(), RunCmd::Kill(15));
         assert_eq!(parse_run("kill SIGKILL").unwrap(), RunCmd::Kill(9));

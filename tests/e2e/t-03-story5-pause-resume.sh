@@ -1,9 +1,11 @@
 #!/bin/bash
-# Story 5: pause and resume through ctl.
+# Story 5: pause and resume through ctl; with autoresume=0 a paused VM refuses exec.
 # vsock: yes
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 new_vm s5
+# autoresume=1 (the default) would resume it for the exec: see t-38-lifecycle.
+echo autoresume=0 > "$MNT/s5/ctl"
 echo pause > "$MNT/s5/ctl"
 assert_eq paused "$(cat "$MNT/s5/state")" state
 # A paused VM answers exec promptly with an error, never hangs.

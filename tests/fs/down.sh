@@ -1,10 +1,12 @@
 #!/bin/bash
-# fs/ of a paused VM fails promptly with "Host is down" and works again after resume;
-# killing the VMM during a read makes the read fail within seconds, leaving nothing hung,
-# and the dead VM's fs/ then shows its disk, read-only.
+# fs/ of a paused VM with autoresume=0 fails promptly with "Host is down" and works
+# again after resume; killing the VMM during a read makes the read fail within seconds,
+# leaving nothing hung, and the dead VM's fs/ then shows its disk, read-only.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 printf 'data\n' > "$FSDIR/x"
+# autoresume=1 (the default) would resume it for the read: see t-38-lifecycle.
+echo autoresume=0 > "$VMDIR/ctl"
 echo pause > "$VMDIR/ctl"
 t0=$(date +%s)
 err=$(cat "$FSDIR/x" 2>&1) && fail "read of a paused VM's file succeeded"

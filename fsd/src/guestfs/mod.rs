@@ -522,6 +522,8 @@ impl GuestFs {
     /// Resolve without waiting (EHOSTDOWN when the connection must be made first).
     fn resolve_now(&self, t: &Target) -> Result<Resolved> {
         let loc = self.locate(t)?;
+        // Every `fs/` request is activity (see `idle_pause`).
+        loc.4.touch();
         let (client, generation) = loc.4.fs_agent()?;
         if generation != loc.0.generation {
             return Err(Error::new(
@@ -533,10 +535,12 @@ impl GuestFs {
     }
 
     /// The live connection of `vm` for incarnation `inc`; a running VM whose connection
-    /// died is reconnected first (the request is slower, not failed).
-    async fn client_for(&self, vm: &Vm, inc: &Incarnation) -> Result<AgentClient> {
+    /// died is reconnected first, and a paused one with `autoresume=1` resumed first
+    /// (the request is slower, not failed).
+    async fn client_for(&self, vm: &Arc<Vm>, inc: &Incarnation) -> Result<AgentClient> {
         let (client, generation) = match vm.fs_agent() {
             Err(e) if e.errno == libc::EHOSTDOWN => {
+                vm.wake(crate::manager::vm::Wake::Fs).await?;
                 vm.live_agent().await?;
                 vm.fs_agent()?
             }
@@ -803,6 +807,17 @@ impl GuestFs {
     {
         if let Some(at) = self.offline(&t) {
             return diskfs::ops::getattr(at, done);
+        }
+        if let Target::Root { vm_id, .. } = &t {
+            // A stat of `fs/` itself (`ls -l` of the VM's directory) is no reason to
+            // resume a paused VM: it shows as an empty directory until it is entered.
+            if self
+                .mgr
+                .get_by_id(vm_id)
+                .is_some_and(|vm| vm.state() == crate::manager::vm::VmState::Paused)
+            {
+                return done(Err(Error::host_down("the VM is paused")));
+            }
         }
         self.op(
             t,

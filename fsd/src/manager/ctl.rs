@@ -1,5 +1,7 @@
-//! Dispatch of `ctl` lines: the root `ctl` (create, clone, import, pull, build) and a
-//! VM's `ctl` (lifecycle, snapshot, reconnect, ping, exec_timeout). Parsing and the
+//! Dispatch of `ctl` lines: the root `ctl` (create, clone, import, pull, build,
+//! destroy-all) and a VM's `ctl` (lifecycle, snapshot, reconnect, ping, exec_timeout,
+//! ttl/idle_pause/autoresume). Commands that need the guest (ping, reconnect,
+//! snapshot) auto-resume a paused VM first (`Vm::wake`). Parsing and the
 //! accepted syntax live in `crate::ctl`; every command parsed there is executed here,
 //! and every VM command is listed in `crate::ctl::VM_HELP` and docs/tree.md.
 use std::sync::Arc;
@@ -21,7 +23,12 @@ impl Manager {
                 snapshot,
                 name,
                 count,
-            } => self.clone_snapshot(&snapshot, &name, count, uid, gid).await,
+                options,
+            } => {
+                self.clone_snapshot(&snapshot, &name, count, &options, uid, gid)
+                    .await
+            }
+            GlobalCmd::DestroyAll { all_users } => self.destroy_all(uid, all_users).await,
             GlobalCmd::Import {
                 image,
                 source,
@@ -47,7 +54,13 @@ impl Manager {
     /// Execute one `<vm>/ctl` line.
     pub async fn vm_ctl(self: &Arc<Self>, vm: &Arc<Vm>, line: &str) -> Result<String> {
         let cmd = crate::ctl::parse_vm(line)?;
-        if !matches!(cmd, VmCmd::ExecTimeout(_)) {
+        if matches!(cmd, VmCmd::Ping(_) | VmCmd::Reconnect | VmCmd::Snapshot(_)) {
+            // These need the guest: a paused VM with autoresume=1 resumes first.
+            vm.wake(vm::Wake::Ctl).await?;
+        } else {
+            vm.touch();
+        }
+        if !matches!(cmd, VmCmd::ExecTimeout(_) | VmCmd::Lifecycle { .. }) {
             // A VM being adopted after a daemon restart: act on the outcome.
             vm.wait_adopted().await?;
         }
@@ -88,6 +101,10 @@ impl Manager {
                 ))
             }
             VmCmd::Snapshot(name) => self.snapshot(vm, &name).await,
+            VmCmd::Lifecycle { key, value } => {
+                vm.set_lifecycle(&key, &value)?;
+                Ok(format!("ok: {key}={value}"))
+            }
             VmCmd::ExecTimeout(t) => {
                 vm.set_exec_timeout(t)?;
                 Ok(format!(

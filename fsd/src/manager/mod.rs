@@ -9,9 +9,12 @@
 //!   from the state directory alone, and never waits for a guest (adoption runs in the
 //!   background: `vm::adopt`).
 mod ctl;
+mod destroy_all;
 pub mod execopts;
 pub mod images;
+mod kernels;
 mod quota;
+mod reaper;
 pub mod runs;
 pub mod spool;
 pub mod terminal;
@@ -93,6 +96,10 @@ pub struct Manager {
     pub(crate) snap_busy: Mutex<HashMap<String, usize>>,
     /// Resource limits (see `crate::limits` and `quota`).
     pub limits: Arc<crate::limits::Limits>,
+    /// Whether the lifecycle reaper runs (see `reaper`).
+    reaper_started: std::sync::atomic::AtomicBool,
+    /// VMs the reaper is handling.
+    reaping: reaper::Reaping,
 }
 
 /// What a new VM is, for [`Manager::register_vm`].
@@ -159,6 +166,8 @@ impl Manager {
             images_busy: Mutex::new(HashSet::new()),
             snap_creating: Mutex::new(HashSet::new()),
             snap_busy: Mutex::new(HashMap::new()),
+            reaper_started: Default::default(),
+            reaping: Default::default(),
         }))
         .inspect(|m: &Arc<Manager>| {
             m.clean_image_leftovers();
@@ -213,6 +222,7 @@ impl Manager {
         for vm in adopt {
             vm.begin_adopt();
         }
+        self.start_reaper();
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Vm>> {
@@ -237,6 +247,7 @@ impl Manager {
     pub fn update_defaults(&self, text: &str) -> Result<()> {
         let mut d = self.defaults.lock();
         let next = d.parse_defaults(text)?;
+        self.check_kernel(next.kernel.as_deref())?;
         std::fs::write(self.layout.defaults(), next.to_defaults())?;
         *d = next;
         Ok(())
@@ -302,6 +313,7 @@ impl Manager {
                 self.images().join(", ")
             )));
         }
+        self.check_kernel(config.kernel.as_deref())?;
         if backend.needs_boot_files()
             && (!self.boot_files.kernel.exists() || !self.boot_files.initrd.exists())
         {
@@ -419,7 +431,9 @@ impl Manager {
                 return Err(e);
             }
         };
+        let ttl_deadline = new.config.lifecycle.ttl_s.map(|t| now_secs() + t);
         let record = VmRecord {
+            ttl_deadline,
             fs_slot: None,
             net_slot,
             id,

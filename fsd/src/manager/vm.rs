@@ -11,10 +11,12 @@
 //!   atomically (temporary file + rename, one writer at a time).
 //! - Adoption after a daemon restart runs in the background (`adopt`); while it runs the
 //!   VM is `adopting` and its requests wait for it.
+mod activity;
 mod adopt;
 mod phase;
 mod retention;
 pub use crate::snapshots::{Taken, FREEZE_TIMEOUT};
+pub use activity::{Wake, AUTORESUME_DEADLINE};
 pub use adopt::{ADOPT_AGENT_DEADLINE, ADOPT_WAIT};
 pub use phase::Phase;
 
@@ -105,13 +107,31 @@ pub struct VmRecord {
     /// How far the last start got (see [`Phase`]); records of older daemons have none.
     #[serde(default)]
     pub phase: Phase,
+    /// `ttl=`: when the VM ends, in seconds since the Unix epoch (kept here so that a
+    /// daemon restart keeps the deadline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_deadline: Option<u64>,
 }
 
-/// Kernel and initramfs every VM boots.
+/// Kernel and initramfs every VM boots (unless it names another with `kernel=`).
 #[derive(Debug, Clone)]
 pub struct BootFiles {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+}
+
+impl BootFiles {
+    /// The files of kernel `name` (`vmlinuz-NAME` and `initrd-NAME` beside the default
+    /// ones), or these for `None`. `name` passed `names::validate` (no `/`).
+    pub fn for_kernel(&self, name: Option<&str>) -> BootFiles {
+        match name {
+            None => self.clone(),
+            Some(n) => BootFiles {
+                kernel: self.kernel.with_file_name(format!("vmlinuz-{n}")),
+                initrd: self.initrd.with_file_name(format!("initrd-{n}")),
+            },
+        }
+    }
 }
 
 pub struct Vm {
@@ -148,6 +168,9 @@ pub struct Vm {
     /// What all runs share: the bytes their output may keep (see `spool` and
     /// `retention`), and the limits their memory is counted against (the owner's).
     runs_home: Arc<RunHome>,
+    /// When the VM last served a request (exec, ctl, `fs/`), in ms since the Unix
+    /// epoch; what `idle_pause` measures from (see `activity`).
+    last_active_ms: AtomicU64,
 }
 
 /// How [`Vm::start_locked`] starts the VMM.
@@ -205,6 +228,7 @@ impl Vm {
             session_last: Default::default(),
             ctl_results: Default::default(),
             runs_home,
+            last_active_ms: AtomicU64::new(activity::now_ms()),
         });
         let pruner: std::sync::Weak<dyn super::spool::Prune> = Arc::downgrade(&vm) as _;
         vm.runs_home.budget.set_pruner(pruner);
@@ -267,14 +291,15 @@ impl Vm {
     /// described (e.g. the TAP pool was changed under an existing VM).
     pub fn spec(&self) -> Result<VmSpec> {
         let rec = self.record();
+        let boot = self.boot_files.for_kernel(rec.config.kernel.as_deref());
         Ok(VmSpec {
             name: self.name.clone(),
             dir: self.dir.clone(),
             vcpus: rec.config.vcpus,
             memory_mib: rec.config.memory_mib,
             disk: Some(self.dir.join("disk.ext4")),
-            kernel: self.boot_files.kernel.clone(),
-            initrd: self.boot_files.initrd.clone(),
+            kernel: boot.kernel,
+            initrd: boot.initrd,
             net: crate::net::plan(rec.config.net, &self.id, rec.net_slot)?,
         })
     }
@@ -311,6 +336,7 @@ impl Vm {
                 None => "none: the host test backend runs no VM".to_string(),
             },
         });
+        self.lifecycle_info(&mut info);
         if let Some(why) = self.backend.forced() {
             // Test-only switches are never silent.
             info["backend_forced"] = serde_json::Value::String(why);
@@ -349,10 +375,11 @@ impl Vm {
         }
     }
 
-    /// EHOSTDOWN unless the VM is running or being adopted (requests then wait for the
-    /// adoption: see [`Vm::live_agent`]).
+    /// EHOSTDOWN unless the VM is running, being adopted (requests then wait for the
+    /// adoption: see [`Vm::live_agent`]) or paused with `autoresume=1` (requests resume
+    /// it first: see [`Vm::wake`]).
     pub fn require_running_or_adopting(&self) -> Result<()> {
-        if self.state() == VmState::Adopting {
+        if self.state() == VmState::Adopting || self.will_autoresume() {
             return Ok(());
         }
         self.require_running()
@@ -800,19 +827,32 @@ impl Vm {
             .ok_or_else(|| Error::host_down("no VMM"))
     }
 
-    #[tracing::instrument(level = "debug", name = "pause", skip_all, fields(vm = %self.name))]
+    /// `pause` through ctl.
     pub async fn pause(self: &Arc<Self>) -> Result<()> {
         let _g = self.op_lock.lock().await;
+        self.pause_locked("ctl").await
+    }
+
+    /// Pause; the `paused` event says `reason=<why>`. Caller holds `op_lock`.
+    #[tracing::instrument(level = "debug", name = "pause", skip_all, fields(vm = %self.name))]
+    pub(crate) async fn pause_locked(self: &Arc<Self>, why: &str) -> Result<()> {
         let inst = self.vmm_in_state(VmState::Running, "pause")?;
         inst.pause().await?;
         self.set_state(VmState::Paused);
-        self.events.emit(&self.name, "paused", "");
+        self.events
+            .emit(&self.name, "paused", &format!("reason={why}"));
         Ok(())
     }
 
-    #[tracing::instrument(level = "debug", name = "resume", skip_all, fields(vm = %self.name))]
+    /// `resume` through ctl.
     pub async fn resume(self: &Arc<Self>) -> Result<()> {
         let _g = self.op_lock.lock().await;
+        self.resume_locked("ctl").await
+    }
+
+    /// Resume; the `resumed` event says `reason=<why>`. Caller holds `op_lock`.
+    #[tracing::instrument(level = "debug", name = "resume", skip_all, fields(vm = %self.name))]
+    pub(crate) async fn resume_locked(self: &Arc<Self>, why: &str) -> Result<()> {
         let inst = self.vmm_in_state(VmState::Paused, "resume")?;
         inst.resume().await?;
         self.set_state(VmState::Running);
@@ -826,7 +866,8 @@ impl Vm {
             self.reconnect_agent_with("no answer after resume", true)
                 .await?;
         }
-        self.events.emit(&self.name, "resumed", "");
+        self.events
+            .emit(&self.name, "resumed", &format!("reason={why}"));
         Ok(())
     }
 
@@ -970,6 +1011,7 @@ impl Vm {
     ) -> Result<Arc<Run>> {
         let made = async {
             check_script(&script)?;
+            self.wake(Wake::Exec).await?;
             let agent = self.live_agent().await?;
             Ok((agent, self.new_run(&script, &opts, session, hold)?))
         };

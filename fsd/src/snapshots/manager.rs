@@ -87,7 +87,9 @@ impl Manager {
         }
         vm.check_can_snapshot()?;
         // Identify the boot files before the guest is frozen (hashing takes a moment).
-        let (kernel, initrd) = self.boot_identity().await?;
+        let (kernel, initrd) = self
+            .boot_identity(vm.record().config.kernel.as_deref())
+            .await?;
         let tmp = snapshots::tmp_dir(&root, name);
         mkdir_private(&tmp)?;
         let result = async {
@@ -181,11 +183,13 @@ impl Manager {
         Ok(())
     }
 
-    async fn boot_identity(&self) -> Result<(snapshots::FileIdentity, snapshots::FileIdentity)> {
-        let (k, i) = (
-            self.boot_files.kernel.clone(),
-            self.boot_files.initrd.clone(),
-        );
+    /// The identity of kernel `kernel`'s files (`None`: the default kernel).
+    async fn boot_identity(
+        &self,
+        kernel: Option<&str>,
+    ) -> Result<(snapshots::FileIdentity, snapshots::FileIdentity)> {
+        let files = self.boot_files.for_kernel(kernel);
+        let (k, i) = (files.kernel, files.initrd);
         tokio::task::spawn_blocking(move || {
             Ok::<_, std::io::Error>((snapshots::identify(&k)?, snapshots::identify(&i)?))
         })
@@ -201,11 +205,14 @@ impl Manager {
         snap: &str,
         name: &str,
         count: Option<u32>,
+        options: &[String],
         uid: u32,
         gid: u32,
     ) -> Result<String> {
         let root = self.layout.snapshots();
-        let info = snapshots::load(&root, snap)?;
+        let mut info = snapshots::load(&root, snap)?;
+        super::clone_opts::apply(&mut info, options)?;
+        self.check_kernel(info.config.kernel.as_deref())?;
         if uid != 0 && uid != info.owner_uid {
             return Err(Error::new(
                 libc::EACCES,
@@ -245,7 +252,7 @@ impl Manager {
             .check_restore(&root.join(snap), &info.saved)
             .map_err(|e| Error::from(e).with_context(&format!("snapshot {snap:?}")))?;
         if backend.needs_boot_files() {
-            let (k, i) = self.boot_identity().await?;
+            let (k, i) = self.boot_identity(info.config.kernel.as_deref()).await?;
             if let Some(why) = snapshots::boot_mismatch(&info, &k, &i) {
                 return Err(Error::invalid(why));
             }

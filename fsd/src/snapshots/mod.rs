@@ -9,10 +9,12 @@
 //!                 booting a new VM from a snapshot
 //! qemu.rs         QEMU save/restore (migration to and from a file)
 //! firecracker.rs  Firecracker save/restore (`/snapshot/create`, `/snapshot/load`)
+//! clone_opts.rs   `clone … net= kernel=`: what clones may change of a snapshot
 //! ```
 //! The backends reach their save/restore through the `Backend`/`VmmInstance` traits
 //! (`crate::vmm`); the rest of the daemon uses the manager's operations and the format.
 //! Each file states its own invariants.
+mod clone_opts;
 pub mod firecracker;
 mod format;
 mod manager;

@@ -220,12 +220,9 @@ impl Vm {
                 rand::random::<u64>(),
                 rand::random::<u64>()
             )),
-            // A clone on its own TAP device must leave the source's address behind.
-            net: spec
-                .net
-                .as_ref()
-                .filter(|n| n.tap.is_some())
-                .map(|n| n.guest.to_string()),
+            // A clone on its own TAP device must leave the source's address behind, and
+            // one moved between user and tap (`clone … net=`) takes its new mode's.
+            net: spec.net.as_ref().map(|n| n.guest.to_string()),
         };
         client
             .request(Request::SetIdentity(identity), THAW_RPC)
