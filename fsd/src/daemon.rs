@@ -31,6 +31,8 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Mount read-only: every write answers EROFS.
     pub read_only: bool,
+    /// The limits file (`--limits`, `BANDSOX_LIMITS`, else `limits::DEFAULT_PATH`).
+    pub limits: PathBuf,
 }
 
 /// How long the daemon waits for its own mount to answer before giving up on readiness.
@@ -178,13 +180,14 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     // Decide (and log) once whether VMMs get cgroups.
     let _ = crate::cgroup::support();
     crate::testhook::announce();
-    let mgr = Manager::open(opts.state_dir.clone(), backends).map_err(|e| e.to_string())?;
+    let mgr = Manager::open(opts.state_dir.clone(), backends, opts.limits.clone())
+        .map_err(|e| e.to_string())?;
     mgr.events
         .emit("", "daemon-start", &format!("pid={}", std::process::id()));
     rt.block_on(mgr.reload());
     {
         let _rt = rt.enter();
-        crate::logcap::spawn(Arc::downgrade(&mgr));
+        crate::logcap::spawn(Arc::downgrade(&mgr), mgr.limits.clone());
     }
 
     // Everything the mount needs is made first: between the removal of a dead mount and

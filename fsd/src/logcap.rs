@@ -129,14 +129,17 @@ impl LogReader {
 }
 
 /// Cap every VM's console and VMM logs, every [`INTERVAL`], until the manager is gone.
-pub fn spawn(mgr: std::sync::Weak<crate::manager::Manager>) {
+pub fn spawn(
+    mgr: std::sync::Weak<crate::manager::Manager>,
+    limits: std::sync::Arc<crate::limits::Limits>,
+) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(INTERVAL).await;
             let Some(m) = mgr.upgrade() else { return };
             let dirs: Vec<_> = m.list().iter().map(|vm| vm.dir.clone()).collect();
             drop(m);
-            let caps = crate::limits::vm_caps();
+            let caps = limits.vm_caps();
             let _ = tokio::task::spawn_blocking(move || {
                 for d in dirs {
                     cap_vm_dir(&d, &caps);

@@ -111,20 +111,17 @@ fn main() -> ExitCode {
             private,
             read_only,
             limits,
-        } => {
-            if let Some(l) = limits {
-                // SAFETY (set_var): no other thread exists yet.
-                std::env::set_var(bandsox_fsd::limits::ENV, l);
-            }
-            daemon::mount(MountOptions {
-                mountpoint,
-                state_dir,
-                foreground,
-                threads,
-                allow_other: !private,
-                read_only,
-            })
-        }
+        } => daemon::mount(MountOptions {
+            limits: limits
+                .filter(|l| !l.as_os_str().is_empty())
+                .unwrap_or_else(|| bandsox_fsd::limits::DEFAULT_PATH.into()),
+            mountpoint,
+            state_dir,
+            foreground,
+            threads,
+            allow_other: !private,
+            read_only,
+        }),
         Cmd::Exec(args) => client_exit(bandsox_fsd::cli::exec(&args)),
         Cmd::Attach(args) => client_exit(bandsox_fsd::cli::attach(&args)),
         Cmd::Unmount { mountpoint } => daemon::unmount(&mountpoint),

@@ -117,7 +117,13 @@ fn now_secs() -> u64 {
 
 impl Manager {
     /// Open (creating if needed) the state directory. Does not touch VMs; see `reload`.
-    pub fn open(state_dir: PathBuf, backends: Backends) -> Result<Arc<Manager>> {
+    /// `limits_file` is the limits file this daemon follows (see `crate::limits`); the
+    /// manager's [`Manager::limits`] is the daemon's one limits handle.
+    pub fn open(
+        state_dir: PathBuf,
+        backends: Backends,
+        limits_file: PathBuf,
+    ) -> Result<Arc<Manager>> {
         let layout = Layout::new(state_dir);
         layout.create()?;
         let events = Arc::new(EventLog::open(&layout.events())?);
@@ -137,10 +143,9 @@ impl Manager {
             .map(Duration::from_secs)
             .unwrap_or(Duration::from_secs(90));
         let limits = crate::limits::Limits::new(
-            crate::limits::Limits::path_from_env(),
+            limits_file,
             crate::limits::HostFacts::detect(layout.root()),
         );
-        limits.install_global();
         Ok(Arc::new(Manager {
             limits,
             boot_files: BootFiles {

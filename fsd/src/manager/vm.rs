@@ -176,6 +176,7 @@ impl Vm {
         let runs_home = Arc::new(RunHome {
             budget: Arc::new(super::spool::OutputBudget::new(
                 record.config.output_mib.into(),
+                limits.clone(),
             )),
             limits,
             uid: record.uid,
