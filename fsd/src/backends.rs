@@ -14,10 +14,11 @@
 use std::sync::Arc;
 
 use crate::manager::Backends;
+use crate::settings::Settings;
 use crate::vmm::Backend;
 
-pub fn detect() -> Backends {
-    if let Some(agent) = std::env::var_os("BANDSOX_HOST_AGENT") {
+pub fn detect(settings: &Settings) -> Backends {
+    if let Some(agent) = settings.host_agent.clone() {
         let b = crate::vmm::host::HostBackend::new(agent.into());
         tracing::warn!(
             "BANDSOX_HOST_AGENT is set: using the test backend ({}); no VMs will boot",
@@ -29,9 +30,9 @@ pub fn detect() -> Backends {
             auto_reason: "BANDSOX_HOST_AGENT is set (test backend)".into(),
         };
     }
-    let qemu = match crate::vmm::qemu::QemuBackend::detect() {
+    let qemu = match crate::vmm::qemu::QemuBackend::detect(&settings.vmm) {
         // Test only: the agent over virtio-vsock (BANDSOX_QEMU_VSOCK=1).
-        Ok(b) => match crate::vmm::qemu_vsock::QemuVsockBackend::from_env(b) {
+        Ok(b) => match crate::vmm::qemu_vsock::QemuVsockBackend::from_settings(b, &settings.vmm) {
             Ok(Ok(v)) => {
                 tracing::warn!("qemu backend in its vsock test variant: {}", v.describe());
                 Some(Arc::new(v) as Arc<dyn Backend>)
@@ -47,17 +48,18 @@ pub fn detect() -> Backends {
             None
         }
     };
-    let (firecracker, fc_status) = match crate::vmm::firecracker::FirecrackerBackend::detect() {
-        Ok(b) => {
-            let d = b.describe();
-            tracing::info!("firecracker backend: {d}");
-            (Some(Arc::new(b) as Arc<dyn Backend>), d)
-        }
-        Err(e) => {
-            tracing::info!("firecracker backend unavailable: {e}");
-            (None, e.to_string())
-        }
-    };
+    let (firecracker, fc_status) =
+        match crate::vmm::firecracker::FirecrackerBackend::detect(&settings.vmm) {
+            Ok(b) => {
+                let d = b.describe();
+                tracing::info!("firecracker backend: {d}");
+                (Some(Arc::new(b) as Arc<dyn Backend>), d)
+            }
+            Err(e) => {
+                tracing::info!("firecracker backend unavailable: {e}");
+                (None, e.to_string())
+            }
+        };
     let auto_reason = auto_reason(firecracker.is_some(), qemu.is_some(), &fc_status);
     tracing::info!("backend=auto: {auto_reason}");
     Backends {

@@ -32,6 +32,7 @@ pub mod memtrim;
 pub mod names;
 pub mod net;
 pub mod sessions;
+pub mod settings;
 pub mod snapshots;
 pub mod testhook;
 pub mod tools;

@@ -158,7 +158,10 @@ impl Manager {
             .images()
             .join(format!(".tmp-{name}-{:08x}", rand::random::<u32>()));
         crate::layout::mkdir_private(&dir)?;
-        let work = Work { dir };
+        let work = Work {
+            dir,
+            max_unpacked_mib: self.settings.images.max_unpacked_mib,
+        };
         // The image's `/`: world-traversable like any root directory (mkfs copies it).
         std::fs::create_dir(work.rootfs())?;
         std::fs::set_permissions(
@@ -213,7 +216,7 @@ impl Manager {
              root may build; other users can pull from a registry",
         )?;
         let (ctx, dockerfile) = images::build::resolve(context, file)?;
-        let builder = images::build::Builder::detect()?;
+        let builder = images::build::Builder::detect(self.settings.images.builder.as_deref())?;
         let n = name.to_string();
         let source = format!("build:{}", ctx.display());
         let detail = format!("builder={} context={context}", builder.name());
@@ -255,7 +258,7 @@ impl Manager {
         let progress = Arc::new(Progress::new(
             self.events.clone(),
             name,
-            Instant::now() + images::image_timeout(),
+            Instant::now() + self.settings.images.timeout,
         ));
         progress.event(&format!("{op}-start"), detail);
         let work = self.new_work(name)?;
@@ -283,7 +286,7 @@ impl Manager {
     ) -> Result<String> {
         let pref = registry::PullRef::parse(reference)?;
         let _reservation = self.reserve_image(name)?;
-        let deadline = Instant::now() + images::image_timeout();
+        let deadline = Instant::now() + self.settings.images.timeout;
         let progress = Arc::new(Progress::new(self.events.clone(), name, deadline));
         let shown = pref.display();
         progress.event("pull-start", &shown);
@@ -319,7 +322,7 @@ impl Manager {
             );
             tokio::task::spawn_blocking(move || -> Result<images::ImageInfo> {
                 let store = registry::cache_store(&cache);
-                let config = images::apply_manifest(&store, &pulled.manifest, &work.rootfs(), &p)?;
+                let config = images::apply_manifest(&store, &pulled.manifest, &work, &p)?;
                 let unpacked = Unpacked {
                     kind: "registry".into(),
                     reference: Some(shown.clone()),

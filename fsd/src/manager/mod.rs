@@ -28,6 +28,7 @@ use crate::config::{BackendChoice, VmConfig};
 use crate::error::{Error, Result};
 use crate::events::EventLog;
 use crate::layout::{mkdir_private, Layout};
+use crate::settings::Settings;
 use crate::vmm::{Backend, BackendKind, NetMode};
 use vm::{BootFiles, Desired, Vm, VmRecord};
 
@@ -84,6 +85,8 @@ pub struct Manager {
     pub(crate) backends: Backends,
     pub(crate) boot_files: BootFiles,
     pub boot_timeout: Duration,
+    /// The daemon's settings (`BANDSOX_*`, read once at start).
+    pub(crate) settings: Settings,
     ctl_results: crate::ctl::CtlResults,
     /// Image names being imported, pulled or removed right now.
     images_busy: Mutex<HashSet<String>>,
@@ -117,12 +120,12 @@ fn now_secs() -> u64 {
 
 impl Manager {
     /// Open (creating if needed) the state directory. Does not touch VMs; see `reload`.
-    /// `limits_file` is the limits file this daemon follows (see `crate::limits`); the
-    /// manager's [`Manager::limits`] is the daemon's one limits handle.
+    /// `settings` are the daemon's (read once at start); their limits file (else
+    /// `limits::DEFAULT_PATH`) makes [`Manager::limits`], the daemon's one limits handle.
     pub fn open(
         state_dir: PathBuf,
         backends: Backends,
-        limits_file: PathBuf,
+        settings: Settings,
     ) -> Result<Arc<Manager>> {
         let layout = Layout::new(state_dir);
         layout.create()?;
@@ -137,11 +140,10 @@ impl Manager {
                 }),
             Err(_) => VmConfig::default(),
         };
-        let boot_timeout = std::env::var("BANDSOX_BOOT_TIMEOUT")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .map(Duration::from_secs)
-            .unwrap_or(Duration::from_secs(90));
+        let limits_file = settings
+            .limits
+            .clone()
+            .unwrap_or_else(|| crate::limits::DEFAULT_PATH.into());
         let limits = crate::limits::Limits::new(
             limits_file,
             crate::limits::HostFacts::detect(layout.root()),
@@ -159,7 +161,8 @@ impl Manager {
             creating: Mutex::new(HashSet::new()),
             net_slots: Default::default(),
             backends,
-            boot_timeout,
+            boot_timeout: settings.boot_timeout,
+            settings,
             ctl_results: Default::default(),
             images_busy: Mutex::new(HashSet::new()),
             snap_creating: Mutex::new(HashSet::new()),
@@ -211,6 +214,7 @@ impl Manager {
                 self.boot_files.clone(),
                 self.events.clone(),
                 self.limits.clone(),
+                self.settings.tap_pool.clone(),
             );
             self.vms.write().insert(rec.name.clone(), vm.clone());
             adopt.push(vm);
@@ -446,6 +450,7 @@ impl Manager {
             self.boot_files.clone(),
             self.events.clone(),
             self.limits.clone(),
+            self.settings.tap_pool.clone(),
         );
         if let Err(e) = vm.save_record() {
             let _ = std::fs::remove_dir_all(&dir);
@@ -461,7 +466,7 @@ impl Manager {
     /// A slot of the TAP pool for a new `net=tap` VM (`None` for other modes).
     pub(crate) fn allocate_net_slot(&self, mode: NetMode) -> Result<Option<u32>> {
         match mode {
-            NetMode::Tap => crate::net::TapPool::from_env()
+            NetMode::Tap => crate::net::TapPool::from_setting(self.settings.tap_pool.as_deref())
                 .and_then(|pool| self.net_slots.allocate(&pool))
                 .map(Some),
             _ => Ok(None),

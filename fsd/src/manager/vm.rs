@@ -148,6 +148,8 @@ pub struct Vm {
     /// What all runs share: the bytes their output may keep (see `spool` and
     /// `retention`), and the limits their memory is counted against (the owner's).
     runs_home: Arc<RunHome>,
+    /// `BANDSOX_TAP_POOL` (see `net::plan`).
+    tap_pool: Option<String>,
 }
 
 /// How [`Vm::start_locked`] starts the VMM.
@@ -172,6 +174,7 @@ impl Vm {
         boot_files: BootFiles,
         events: Arc<EventLog>,
         limits: Arc<crate::limits::Limits>,
+        tap_pool: Option<String>,
     ) -> Arc<Vm> {
         let runs_home = Arc::new(RunHome {
             budget: Arc::new(super::spool::OutputBudget::new(
@@ -206,6 +209,7 @@ impl Vm {
             session_last: Default::default(),
             ctl_results: Default::default(),
             runs_home,
+            tap_pool,
         });
         let pruner: std::sync::Weak<dyn super::spool::Prune> = Arc::downgrade(&vm) as _;
         vm.runs_home.budget.set_pruner(pruner);
@@ -276,7 +280,12 @@ impl Vm {
             disk: Some(self.dir.join("disk.ext4")),
             kernel: self.boot_files.kernel.clone(),
             initrd: self.boot_files.initrd.clone(),
-            net: crate::net::plan(rec.config.net, &self.id, rec.net_slot)?,
+            net: crate::net::plan(
+                rec.config.net,
+                &self.id,
+                rec.net_slot,
+                self.tap_pool.as_deref(),
+            )?,
         })
     }
 
@@ -298,7 +307,7 @@ impl Vm {
             "memory_mib": rec.config.memory_mib,
             "disk_mib": rec.disk_mib,
             "net": rec.config.net,
-            "ip": crate::net::plan(rec.config.net, &self.id, rec.net_slot)
+            "ip": crate::net::plan(rec.config.net, &self.id, rec.net_slot, self.tap_pool.as_deref())
                 .ok()
                 .flatten()
                 .map(|p| p.guest.addr.to_string()),

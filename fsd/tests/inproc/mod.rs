@@ -203,7 +203,10 @@ pub fn manager(state: &Path, backend: Arc<InProcBackend>) -> Arc<Manager> {
             firecracker: None,
             auto_reason: "in-process test backend".into(),
         },
-        limits,
+        bandsox_fsd::settings::Settings {
+            limits: Some(limits),
+            ..Default::default()
+        },
     )
     .expect("manager opens")
 }
