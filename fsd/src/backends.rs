@@ -13,9 +13,52 @@
 //! `created` event.
 use std::sync::Arc;
 
-use crate::manager::Backends;
+use crate::config::BackendChoice;
+use crate::error::{Error, Result};
 use crate::settings::Settings;
-use crate::vmm::Backend;
+use crate::vmm::{Backend, BackendKind};
+
+/// The VMM backends this daemon can use.
+#[derive(Clone)]
+pub struct Backends {
+    pub qemu: Option<Arc<dyn Backend>>,
+    pub firecracker: Option<Arc<dyn Backend>>,
+    /// Why `backend=auto` resolves as it does (one line, for logs and events).
+    pub auto_reason: String,
+}
+
+impl Backends {
+    /// Resolve a VM's backend choice; `auto` prefers Firecracker.
+    pub fn choose(&self, choice: BackendChoice) -> Result<Arc<dyn Backend>> {
+        let unavailable = |what: &str| {
+            Error::new(
+                libc::EOPNOTSUPP,
+                format!("backend={what} is not available on this host"),
+            )
+        };
+        match choice {
+            BackendChoice::Auto => self
+                .firecracker
+                .clone()
+                .or_else(|| self.qemu.clone())
+                .ok_or_else(|| unavailable("auto (no VMM found)")),
+            BackendChoice::Qemu => self.qemu.clone().ok_or_else(|| unavailable("qemu")),
+            BackendChoice::Firecracker => self
+                .firecracker
+                .clone()
+                .ok_or_else(|| unavailable("firecracker")),
+        }
+    }
+
+    pub(crate) fn by_kind(&self, kind: BackendKind) -> Option<Arc<dyn Backend>> {
+        match kind {
+            BackendKind::Qemu => self.qemu.clone(),
+            BackendKind::Firecracker => self.firecracker.clone(),
+            // The test backend sits in the `qemu` slot (`backends::detect`).
+            BackendKind::Host => self.qemu.clone().filter(|b| b.kind() == BackendKind::Host),
+        }
+    }
+}
 
 pub fn detect(settings: &Settings) -> Backends {
     if let Some(agent) = settings.host_agent.clone() {

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::manager::execopts::shell_quote;
+use crate::execopts::shell_quote;
 
 /// The default mount point (`BANDSOX_MOUNT` overrides it).
 pub const DEFAULT_MOUNT: &str = "/mnt/bandsox";

@@ -191,7 +191,13 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     rt.block_on(mgr.reload());
     {
         let _rt = rt.enter();
-        crate::logcap::spawn(Arc::downgrade(&mgr), mgr.limits.clone());
+        let weak = Arc::downgrade(&mgr);
+        let vm_dirs = move || {
+            let m = weak.upgrade()?;
+            let dirs = m.list().iter().map(|vm| vm.dir.clone()).collect();
+            Some(dirs)
+        };
+        crate::logcap::spawn(vm_dirs, mgr.limits.clone());
     }
 
     // Everything the mount needs is made first: between the removal of a dead mount and

@@ -19,6 +19,7 @@ pub mod doctor;
 pub mod error;
 pub mod events;
 pub mod eventview;
+pub mod execopts;
 pub mod fuse;
 pub mod guestfs;
 pub mod images;

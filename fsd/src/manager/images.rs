@@ -45,17 +45,8 @@ fn root_only(uid: u32, why: &'static str) -> Result<()> {
     }
 }
 
-/// The run `runs/main` names, if the VM has one.
-/// `image=` values that are registry references: those with a registry, repository path,
-/// tag or digest (`alpine:3.20`, `ghcr.io/o/r`, `localhost:5000/app@sha256:…`). A bare
-/// word (`alpine`) is always a local image name, so an unknown one is ENOENT at once
-/// rather than a pull from Docker Hub (write `alpine:latest` for that).
-pub fn image_ref(value: &str) -> Option<registry::PullRef> {
-    if !value.contains([':', '/', '@']) {
-        return None;
-    }
-    registry::PullRef::parse(value).ok()
-}
+// The parser of `image=` values lives with the image formats, below the manager.
+pub use crate::images::registry::image_ref;
 
 /// The local image a registry reference is pulled into: the reference with every
 /// character outside `A-Z a-z 0-9 . _ -` replaced by `_` (`localhost:5000/t/app:v2` →

@@ -9,13 +9,18 @@
 //!   from the state directory alone, and never waits for a guest (adoption runs in the
 //!   background: `vm::adopt`).
 mod ctl;
-pub mod execopts;
 pub mod images;
 mod quota;
 pub mod runs;
+mod snapshots;
 pub mod spool;
 pub mod terminal;
 pub mod vm;
+
+// The exec options parser lives below the manager (`crate::execopts`); the old path
+// stays valid for its callers.
+pub use crate::execopts;
+pub use snapshots::clone_names;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -32,47 +37,7 @@ use crate::settings::Settings;
 use crate::vmm::{Backend, BackendKind, NetMode};
 use vm::{BootFiles, Desired, Vm, VmRecord};
 
-/// The VMM backends this daemon can use.
-#[derive(Clone)]
-pub struct Backends {
-    pub qemu: Option<Arc<dyn Backend>>,
-    pub firecracker: Option<Arc<dyn Backend>>,
-    /// Why `backend=auto` resolves as it does (one line, for logs and events).
-    pub auto_reason: String,
-}
-
-impl Backends {
-    /// Resolve a VM's backend choice; `auto` prefers Firecracker.
-    pub fn choose(&self, choice: BackendChoice) -> Result<Arc<dyn Backend>> {
-        let unavailable = |what: &str| {
-            Error::new(
-                libc::EOPNOTSUPP,
-                format!("backend={what} is not available on this host"),
-            )
-        };
-        match choice {
-            BackendChoice::Auto => self
-                .firecracker
-                .clone()
-                .or_else(|| self.qemu.clone())
-                .ok_or_else(|| unavailable("auto (no VMM found)")),
-            BackendChoice::Qemu => self.qemu.clone().ok_or_else(|| unavailable("qemu")),
-            BackendChoice::Firecracker => self
-                .firecracker
-                .clone()
-                .ok_or_else(|| unavailable("firecracker")),
-        }
-    }
-
-    pub(crate) fn by_kind(&self, kind: BackendKind) -> Option<Arc<dyn Backend>> {
-        match kind {
-            BackendKind::Qemu => self.qemu.clone(),
-            BackendKind::Firecracker => self.firecracker.clone(),
-            // The test backend sits in the `qemu` slot (`backends::detect`).
-            BackendKind::Host => self.qemu.clone().filter(|b| b.kind() == BackendKind::Host),
-        }
-    }
-}
+pub use crate::backends::Backends;
 
 pub struct Manager {
     pub layout: Layout,

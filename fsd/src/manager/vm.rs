@@ -14,9 +14,10 @@
 mod adopt;
 mod phase;
 mod retention;
-pub use crate::snapshots::{Taken, FREEZE_TIMEOUT};
+mod snapshot;
 pub use adopt::{ADOPT_AGENT_DEADLINE, ADOPT_WAIT};
 pub use phase::Phase;
+pub use snapshot::{Taken, FREEZE_TIMEOUT};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -287,7 +287,7 @@ impl Backend for QemuBackend {
         snap_dir: &Path,
         saved: &SavedState,
     ) -> Result<Box<dyn VmmInstance>, VmmError> {
-        let inst = crate::snapshots::qemu::restore(self, spec, snap_dir, saved).await?;
+        let inst = super::qemu_snapshot::restore(self, spec, snap_dir, saved).await?;
         Ok(Box::new(inst))
     }
 }
@@ -599,7 +599,7 @@ impl VmmInstance for QemuInstance {
     }
 
     async fn save_snapshot(&self, dir: &Path) -> Result<SavedState, VmmError> {
-        crate::snapshots::qemu::save(self, dir).await
+        super::qemu_snapshot::save(self, dir).await
     }
 }
 

@@ -476,8 +476,8 @@ mod tests {
         }
         assert!(loads >= 1, "no PT_LOAD segment");
         // A test's output path, not a daemon setting.
-        if let Some(out) = std::env::var_os("BANDSOX_TEST_VMLINUX_OUT") {
-            // lint:allow-env
+        let out = std::env::var_os("BANDSOX_TEST_VMLINUX_OUT"); // lint:allow-env
+        if let Some(out) = out {
             std::fs::write(out, &elf).unwrap();
         }
         // The payload's size trailer matches.

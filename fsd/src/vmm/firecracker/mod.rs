@@ -77,7 +77,7 @@ pub mod jailer;
 pub mod kernel;
 mod launch;
 pub mod model;
-use crate::snapshots::firecracker as snapshot;
+pub mod snapshot;
 mod version;
 pub mod vsock;
 
