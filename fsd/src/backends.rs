@@ -13,11 +13,55 @@
 //! `created` event.
 use std::sync::Arc;
 
-use crate::manager::Backends;
-use crate::vmm::Backend;
+use crate::config::BackendChoice;
+use crate::error::{Error, Result};
+use crate::settings::Settings;
+use crate::vmm::{Backend, BackendKind};
 
-pub fn detect() -> Backends {
-    if let Some(agent) = std::env::var_os("BANDSOX_HOST_AGENT") {
+/// The VMM backends this daemon can use.
+#[derive(Clone)]
+pub struct Backends {
+    pub qemu: Option<Arc<dyn Backend>>,
+    pub firecracker: Option<Arc<dyn Backend>>,
+    /// Why `backend=auto` resolves as it does (one line, for logs and events).
+    pub auto_reason: String,
+}
+
+impl Backends {
+    /// Resolve a VM's backend choice; `auto` prefers Firecracker.
+    pub fn choose(&self, choice: BackendChoice) -> Result<Arc<dyn Backend>> {
+        let unavailable = |what: &str| {
+            Error::new(
+                libc::EOPNOTSUPP,
+                format!("backend={what} is not available on this host"),
+            )
+        };
+        match choice {
+            BackendChoice::Auto => self
+                .firecracker
+                .clone()
+                .or_else(|| self.qemu.clone())
+                .ok_or_else(|| unavailable("auto (no VMM found)")),
+            BackendChoice::Qemu => self.qemu.clone().ok_or_else(|| unavailable("qemu")),
+            BackendChoice::Firecracker => self
+                .firecracker
+                .clone()
+                .ok_or_else(|| unavailable("firecracker")),
+        }
+    }
+
+    pub(crate) fn by_kind(&self, kind: BackendKind) -> Option<Arc<dyn Backend>> {
+        match kind {
+            BackendKind::Qemu => self.qemu.clone(),
+            BackendKind::Firecracker => self.firecracker.clone(),
+            // The test backend sits in the `qemu` slot (`backends::detect`).
+            BackendKind::Host => self.qemu.clone().filter(|b| b.kind() == BackendKind::Host),
+        }
+    }
+}
+
+pub fn detect(settings: &Settings) -> Backends {
+    if let Some(agent) = settings.host_agent.clone() {
         let b = crate::vmm::host::HostBackend::new(agent.into());
         tracing::warn!(
             "BANDSOX_HOST_AGENT is set: using the test backend ({}); no VMs will boot",
@@ -29,9 +73,9 @@ pub fn detect() -> Backends {
             auto_reason: "BANDSOX_HOST_AGENT is set (test backend)".into(),
         };
     }
-    let qemu = match crate::vmm::qemu::QemuBackend::detect() {
+    let qemu = match crate::vmm::qemu::QemuBackend::detect(&settings.vmm) {
         // Test only: the agent over virtio-vsock (BANDSOX_QEMU_VSOCK=1).
-        Ok(b) => match crate::vmm::qemu_vsock::QemuVsockBackend::from_env(b) {
+        Ok(b) => match crate::vmm::qemu_vsock::QemuVsockBackend::from_settings(b, &settings.vmm) {
             Ok(Ok(v)) => {
                 tracing::warn!("qemu backend in its vsock test variant: {}", v.describe());
                 Some(Arc::new(v) as Arc<dyn Backend>)
@@ -47,17 +91,18 @@ pub fn detect() -> Backends {
             None
         }
     };
-    let (firecracker, fc_status) = match crate::vmm::firecracker::FirecrackerBackend::detect() {
-        Ok(b) => {
-            let d = b.describe();
-            tracing::info!("firecracker backend: {d}");
-            (Some(Arc::new(b) as Arc<dyn Backend>), d)
-        }
-        Err(e) => {
-            tracing::info!("firecracker backend unavailable: {e}");
-            (None, e.to_string())
-        }
-    };
+    let (firecracker, fc_status) =
+        match crate::vmm::firecracker::FirecrackerBackend::detect(&settings.vmm) {
+            Ok(b) => {
+                let d = b.describe();
+                tracing::info!("firecracker backend: {d}");
+                (Some(Arc::new(b) as Arc<dyn Backend>), d)
+            }
+            Err(e) => {
+                tracing::info!("firecracker backend unavailable: {e}");
+                (None, e.to_string())
+            }
+        };
     let auto_reason = auto_reason(firecracker.is_some(), qemu.is_some(), &fc_status);
     tracing::info!("backend=auto: {auto_reason}");
     Backends {

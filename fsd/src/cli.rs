@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::manager::execopts::shell_quote;
+use crate::execopts::shell_quote;
 
 /// The default mount point (`BANDSOX_MOUNT` overrides it).
 pub const DEFAULT_MOUNT: &str = "/mnt/bandsox";
@@ -73,14 +73,12 @@ pub struct AttachArgs {
 }
 
 /// A VM directory: a path, or a name under the mount.
-pub fn resolve_vm(arg: &str) -> Res<PathBuf> {
+/// `mount` is where names are looked up (`BANDSOX_MOUNT`, else [`DEFAULT_MOUNT`]).
+pub fn resolve_vm(arg: &str, mount: &Path) -> Res<PathBuf> {
     let p = Path::new(arg);
     let dir = if arg.contains('/') || (p.is_dir() && p.join("exec").exists()) {
         p.to_path_buf()
     } else {
-        let mount = std::env::var_os("BANDSOX_MOUNT")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_MOUNT));
         mount.join(arg)
     };
     match std::fs::metadata(dir.join("exec")) {
@@ -88,7 +86,7 @@ pub fn resolve_vm(arg: &str) -> Res<PathBuf> {
         Err(e) => Err(format!(
             "{}: not a VM directory ({e}); give a VM name under {} (BANDSOX_MOUNT) or a VM's path",
             dir.display(),
-            std::env::var("BANDSOX_MOUNT").unwrap_or_else(|_| DEFAULT_MOUNT.into())
+            mount.display()
         )),
     }
 }
@@ -237,11 +235,19 @@ fn header(args: &ExecArgs) -> Res<Vec<String>> {
 }
 
 /// `bandsox exec`: returns the process exit code.
-pub fn exec(args: &ExecArgs) -> Res<i32> {
+/// The mount [`resolve_vm`] looks names up in, from the settings.
+pub fn mount_of(settings: &crate::settings::Settings) -> PathBuf {
+    settings
+        .mount
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_MOUNT))
+}
+
+pub fn exec(args: &ExecArgs, mount: &Path) -> Res<i32> {
     if args.cmd.is_empty() {
         return Err("no command given (bandsox exec VM [options] -- CMD ...)".into());
     }
-    let vm = resolve_vm(&args.vm)?;
+    let vm = resolve_vm(&args.vm, mount)?;
     let mut opts = header(args)?;
     if args.tty {
         let size = local_size().unwrap_or((80, 24));
@@ -326,8 +332,8 @@ fn default_shell(vm: &Path) -> String {
 }
 
 /// `bandsox attach`: returns the process exit code.
-pub fn attach(args: &AttachArgs) -> Res<i32> {
-    let vm = resolve_vm(&args.vm)?;
+pub fn attach(args: &AttachArgs, mount: &Path) -> Res<i32> {
+    let vm = resolve_vm(&args.vm, mount)?;
     let sigs = block_signals(&[Signal::SIGWINCH]);
     let n = match args.run {
         Some(n) => {

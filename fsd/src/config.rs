@@ -119,8 +119,8 @@ impl VmConfig {
         match key {
             "image" => {
                 // A local image name, or a registry reference pulled at create time
-                // (see `crate::manager::images::image_ref`).
-                if crate::manager::images::image_ref(value).is_none() {
+                // (see `crate::images::registry::image_ref`).
+                if crate::images::registry::image_ref(value).is_none() {
                     crate::names::validate("image", value)?;
                 }
                 self.image = value.to_string();
@@ -177,9 +177,9 @@ impl VmConfig {
             "keep_runs" => self.keep_runs = parse_num(key, value, 1, MAX_KEEP_RUNS)?,
             "output_mib" => self.output_mib = parse_num(key, value, 1, MAX_OUTPUT_MIB)?,
             "exec_timeout" => {
-                self.exec_timeout_ms = match crate::manager::execopts::parse_timeout(key, value)? {
-                    crate::manager::execopts::TimeoutOpt::Off => None,
-                    crate::manager::execopts::TimeoutOpt::After(d) => {
+                self.exec_timeout_ms = match crate::execopts::parse_timeout(key, value)? {
+                    crate::execopts::TimeoutOpt::Off => None,
+                    crate::execopts::TimeoutOpt::After(d) => {
                         Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                     }
                 }

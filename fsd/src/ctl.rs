@@ -264,9 +264,9 @@ pub fn parse_vm(line: &str) -> Result<VmCmd> {
         [kv] if kv.starts_with("exec_timeout=") => {
             let v = &kv["exec_timeout=".len()..];
             Ok(VmCmd::ExecTimeout(
-                match crate::manager::execopts::parse_timeout("exec_timeout", v)? {
-                    crate::manager::execopts::TimeoutOpt::Off => None,
-                    crate::manager::execopts::TimeoutOpt::After(d) => Some(d),
+                match crate::execopts::parse_timeout("exec_timeout", v)? {
+                    crate::execopts::TimeoutOpt::Off => None,
+                    crate::execopts::TimeoutOpt::After(d) => Some(d),
                 },
             ))
         }

@@ -20,6 +20,7 @@ use tracing_subscriber::EnvFilter;
 use crate::fuse::BandsoxFs;
 use crate::guestfs::GuestFs;
 use crate::manager::Manager;
+use crate::settings::Settings;
 use crate::vfs::Vfs;
 
 pub struct MountOptions {
@@ -31,6 +32,8 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Mount read-only: every write answers EROFS.
     pub read_only: bool,
+    /// Every `BANDSOX_*` variable, read at start; `limits` is `--limits` when given.
+    pub settings: Settings,
 }
 
 /// How long the daemon waits for its own mount to answer before giving up on readiness.
@@ -46,9 +49,12 @@ fn notify(states: &[sd_notify::NotifyState]) {
 }
 
 /// Logs go to stderr (the daemon log file when daemonized), filtered by `BANDSOX_LOG`.
-pub fn init_logging(default: Option<&str>) {
-    let filter = EnvFilter::try_from_env("BANDSOX_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(default.unwrap_or("info")));
+pub fn init_logging(settings: &Settings, default: Option<&str>) {
+    let filter = settings
+        .log
+        .as_deref()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(default.unwrap_or("info")));
     // Spans (VM lifecycle steps, at debug level) log their duration when they close;
     // thread names tie a FUSE reply's line to fuser's line naming the request.
     let _ = tracing_subscriber::fmt()
@@ -157,8 +163,8 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
             Some(w) => Some(w),
         }
     };
-    init_logging(None);
-    let host_backend = std::env::var_os("BANDSOX_HOST_AGENT").is_some();
+    init_logging(&opts.settings, None);
+    let host_backend = opts.settings.host_agent.is_some();
     if host_backend {
         tracing::warn!(
             "TEST BACKEND: BANDSOX_HOST_AGENT is set, so VMs are host processes, not virtual \
@@ -174,17 +180,24 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
     raise_open_file_limit();
-    let backends = crate::backends::detect();
+    let backends = crate::backends::detect(&opts.settings);
     // Decide (and log) once whether VMMs get cgroups.
     let _ = crate::cgroup::support();
-    crate::testhook::announce();
-    let mgr = Manager::open(opts.state_dir.clone(), backends).map_err(|e| e.to_string())?;
+    crate::testhook::arm(opts.settings.test_pause_at.as_deref());
+    let mgr = Manager::open(opts.state_dir.clone(), backends, opts.settings.clone())
+        .map_err(|e| e.to_string())?;
     mgr.events
         .emit("", "daemon-start", &format!("pid={}", std::process::id()));
     rt.block_on(mgr.reload());
     {
         let _rt = rt.enter();
-        crate::logcap::spawn(Arc::downgrade(&mgr));
+        let weak = Arc::downgrade(&mgr);
+        let vm_dirs = move || {
+            let m = weak.upgrade()?;
+            let dirs = m.list().iter().map(|vm| vm.dir.clone()).collect();
+            Some(dirs)
+        };
+        crate::logcap::spawn(vm_dirs, mgr.limits.clone());
     }
 
     // Everything the mount needs is made first: between the removal of a dead mount and

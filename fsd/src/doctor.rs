@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::config::{BackendChoice, VmConfig};
+use crate::settings::{Settings, VmmSettings};
 use crate::tools::find_tool;
 use crate::vmm::accel::{self, AccelKind, HostProbe};
 
@@ -101,8 +102,8 @@ fn version_of(bin: &Path, arg: &str) -> Option<String> {
     text.lines().next().map(|l| l.trim().to_string())
 }
 
-fn qemu_check() -> (Check, bool) {
-    match crate::vmm::qemu::QemuBackend::detect() {
+fn qemu_check(settings: &VmmSettings) -> (Check, bool) {
+    match crate::vmm::qemu::QemuBackend::detect(settings) {
         Ok(b) => {
             use crate::vmm::Backend;
             (Check::ok("qemu", b.describe()), true)
@@ -119,7 +120,7 @@ fn qemu_check() -> (Check, bool) {
     }
 }
 
-fn firecracker_check() -> (Check, bool) {
+fn firecracker_check(settings: &VmmSettings) -> (Check, bool) {
     let jailer = find_tool("jailer").map(|j| {
         format!(
             "; jailer {} ({})",
@@ -127,7 +128,7 @@ fn firecracker_check() -> (Check, bool) {
             j.display()
         )
     });
-    match crate::vmm::firecracker::FirecrackerBackend::detect() {
+    match crate::vmm::firecracker::FirecrackerBackend::detect(settings) {
         Ok(b) => {
             use crate::vmm::Backend;
             (
@@ -335,11 +336,11 @@ pub fn default_agent() -> Option<PathBuf> {
 }
 
 /// Run every check; returns the report and whether the default backend can boot a VM.
-pub fn run(state: &Path, agent: Option<&Path>) -> (String, bool) {
-    let probe = HostProbe::probe();
+pub fn run(state: &Path, agent: Option<&Path>, settings: &Settings) -> (String, bool) {
+    let probe = HostProbe::probe(settings.vmm.accel.as_deref());
     let mut checks = vec![kvm_check(&probe)];
-    let (fc, fc_ok) = firecracker_check();
-    let (qemu, qemu_ok) = qemu_check();
+    let (fc, fc_ok) = firecracker_check(&settings.vmm);
+    let (qemu, qemu_ok) = qemu_check(&settings.vmm);
     checks.push(fc);
     checks.push(qemu);
     checks.push(fuse_check());
@@ -418,7 +419,7 @@ mod tests {
         assert_eq!(c.level, Level::Fail);
         assert!(c.detail.contains("boot/vmlinuz"));
         assert!(c.fix.unwrap().contains("guest-build"));
-        let (report, ok) = run(d.path(), None);
+        let (report, ok) = run(d.path(), None, &Settings::default());
         assert!(!ok, "{report}");
         assert!(report.contains("CANNOT boot"), "{report}");
     }

@@ -3,9 +3,12 @@
 //! Layers, top to bottom: `fuse` (thin kernel adapter: converts and replies, no policy)
 //! → `vfs` (the control tree's fuser-free core: `tree` namespace, `files` open files,
 //! `policy` access rules) and `guestfs` (a VM's `fs/`) → `manager` (VMs, runs,
-//! lifecycle), `snapshots` (format, manager, per-backend save/restore) → `vmm`
-//! (backends), `bootfiles` (kernel, initramfs, base image) and the agent client from
-//! `bandsox_agent::client`.
+//! lifecycle, snapshot and clone operations) → below it, modules that never import the
+//! manager: `settings` (every `BANDSOX_*` variable, read once), the parsers (`config`,
+//! `ctl`, `execopts`), `limits`, `snapshots` (the on-disk format), `vmm` (backends, with
+//! their own save/restore), `bootfiles` (kernel, initramfs, base image), `images` and
+//! the agent client from `bandsox_agent::client`. `mount-helpers/check-layers` checks
+//! these layers.
 //! `error` is the one error type, with explicit errnos. See docs/architecture.md.
 pub mod backends;
 pub mod bootfiles;
@@ -20,6 +23,7 @@ pub mod doctor;
 pub mod error;
 pub mod events;
 pub mod eventview;
+pub mod execopts;
 pub mod fuse;
 pub mod guestfs;
 pub mod images;
@@ -33,6 +37,7 @@ pub mod memtrim;
 pub mod names;
 pub mod net;
 pub mod sessions;
+pub mod settings;
 pub mod snapshots;
 pub mod testhook;
 pub mod tools;

@@ -128,15 +128,18 @@ impl LogReader {
     }
 }
 
-/// Cap every VM's console and VMM logs, every [`INTERVAL`], until the manager is gone.
-pub fn spawn(mgr: std::sync::Weak<crate::manager::Manager>) {
+/// Cap every VM's console and VMM logs, every [`INTERVAL`], until `vm_dirs` says there
+/// are no VMs to watch any more (`None`: the manager is gone). `vm_dirs` is the
+/// manager's list of VM directories: this module knows no manager.
+pub fn spawn(
+    vm_dirs: impl Fn() -> Option<Vec<std::path::PathBuf>> + Send + 'static,
+    limits: std::sync::Arc<crate::limits::Limits>,
+) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(INTERVAL).await;
-            let Some(m) = mgr.upgrade() else { return };
-            let dirs: Vec<_> = m.list().iter().map(|vm| vm.dir.clone()).collect();
-            drop(m);
-            let caps = crate::limits::vm_caps();
+            let Some(dirs) = vm_dirs() else { return };
+            let caps = limits.vm_caps();
             let _ = tokio::task::spawn_blocking(move || {
                 for d in dirs {
                     cap_vm_dir(&d, &caps);

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use bandsox_fsd::daemon::{self, MountOptions};
+use bandsox_fsd::settings::Settings;
 
 #[derive(Parser)]
 #[command(
@@ -38,8 +39,8 @@ enum Cmd {
         /// Read-only mount: every write answers EROFS.
         #[arg(long)]
         read_only: bool,
-        /// The limits file (default /etc/bandsox/limits).
-        #[arg(long, env = "BANDSOX_LIMITS")]
+        /// The limits file (default: $BANDSOX_LIMITS, else /etc/bandsox/limits).
+        #[arg(long)]
         limits: Option<PathBuf>,
     },
     /// Unmount the tree (VMs keep running and are re-adopted by the next mount).
@@ -102,6 +103,8 @@ fn client_exit(res: Result<i32, String>) -> ! {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Every BANDSOX_* variable, read once (see `settings`).
+    let settings = Settings::from_env();
     let result = match cli.cmd {
         Cmd::Mount {
             mountpoint,
@@ -111,28 +114,35 @@ fn main() -> ExitCode {
             private,
             read_only,
             limits,
-        } => {
-            if let Some(l) = limits {
-                // SAFETY (set_var): no other thread exists yet.
-                std::env::set_var(bandsox_fsd::limits::ENV, l);
-            }
-            daemon::mount(MountOptions {
-                mountpoint,
-                state_dir,
-                foreground,
-                threads,
-                allow_other: !private,
-                read_only,
-            })
-        }
-        Cmd::Exec(args) => client_exit(bandsox_fsd::cli::exec(&args)),
-        Cmd::Attach(args) => client_exit(bandsox_fsd::cli::attach(&args)),
+        } => daemon::mount(MountOptions {
+            settings: Settings {
+                limits: limits
+                    .filter(|l| !l.as_os_str().is_empty())
+                    .or(settings.limits),
+                ..settings
+            },
+            mountpoint,
+            state_dir,
+            foreground,
+            threads,
+            allow_other: !private,
+            read_only,
+        }),
+        Cmd::Exec(args) => client_exit(bandsox_fsd::cli::exec(
+            &args,
+            &bandsox_fsd::cli::mount_of(&settings),
+        )),
+        Cmd::Attach(args) => client_exit(bandsox_fsd::cli::attach(
+            &args,
+            &bandsox_fsd::cli::mount_of(&settings),
+        )),
         Cmd::Unmount { mountpoint } => daemon::unmount(&mountpoint),
         Cmd::Watchdog { pid } => bandsox_fsd::watchdog::run(pid),
         Cmd::Doctor { state_dir, agent } => {
-            daemon::init_logging(Some("error"));
+            daemon::init_logging(&settings, Some("error"));
             let agent = agent.or_else(bandsox_fsd::doctor::default_agent);
-            let (report, bootable) = bandsox_fsd::doctor::run(&state_dir, agent.as_deref());
+            let (report, bootable) =
+                bandsox_fsd::doctor::run(&state_dir, agent.as_deref(), &settings);
             print!("{report}");
             if bootable {
                 Ok(())
@@ -147,7 +157,7 @@ fn main() -> ExitCode {
             busybox,
             force,
         } => {
-            daemon::init_logging(None);
+            daemon::init_logging(&settings, None);
             let opts = bandsox_fsd::bootfiles::GuestBuildOptions {
                 state_dir,
                 agent,

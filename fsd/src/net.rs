@@ -72,10 +72,10 @@ impl TapPool {
         Ok(TapPool { base, prefix })
     }
 
-    /// From `BANDSOX_TAP_POOL`, else the default.
-    pub fn from_env() -> Result<TapPool> {
-        match std::env::var(TAP_POOL_ENV) {
-            Ok(v) if !v.is_empty() => TapPool::parse(&v),
+    /// From `setting` (`BANDSOX_TAP_POOL`), else the default.
+    pub fn from_setting(setting: Option<&str>) -> Result<TapPool> {
+        match setting {
+            Some(v) if !v.is_empty() => TapPool::parse(v),
             _ => TapPool::parse(DEFAULT_TAP_POOL),
         }
     }
@@ -166,8 +166,14 @@ pub fn mac_for(vm_id: &str) -> String {
     format!("02:bd:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3])
 }
 
-/// The network plan of a VM, or `None` for `net=none`.
-pub fn plan(mode: NetMode, vm_id: &str, slot: Option<u32>) -> Result<Option<NetPlan>> {
+/// The network plan of a VM, or `None` for `net=none`; `pool` is `BANDSOX_TAP_POOL`
+/// (`Settings::tap_pool`, else the default pool).
+pub fn plan(
+    mode: NetMode,
+    vm_id: &str,
+    slot: Option<u32>,
+    pool: Option<&str>,
+) -> Result<Option<NetPlan>> {
     let mac = mac_for(vm_id);
     match mode {
         NetMode::None => Ok(None),
@@ -177,7 +183,7 @@ pub fn plan(mode: NetMode, vm_id: &str, slot: Option<u32>) -> Result<Option<NetP
             tap: None,
         })),
         NetMode::Tap => {
-            let pool = TapPool::from_env()?;
+            let pool = TapPool::from_setting(pool)?;
             let slot = slot.ok_or_else(|| Error::invalid("net=tap VM has no address slot"))?;
             let (host_addr, guest_addr) = pool.addresses(slot).ok_or_else(|| {
                 Error::invalid(format!(
@@ -471,11 +477,11 @@ mod tests {
 
     #[test]
     fn plans() {
-        assert_eq!(plan(NetMode::None, "abc", None).unwrap(), None);
-        let u = plan(NetMode::User, "abc", None).unwrap().unwrap();
+        assert_eq!(plan(NetMode::None, "abc", None, None).unwrap(), None);
+        let u = plan(NetMode::User, "abc", None, None).unwrap().unwrap();
         assert_eq!(u.guest.to_string(), "10.0.2.15/24,10.0.2.2,10.0.2.3");
         assert!(u.tap.is_none());
-        let t = plan(NetMode::Tap, "0123456789ab", Some(3))
+        let t = plan(NetMode::Tap, "0123456789ab", Some(3), None)
             .unwrap()
             .unwrap();
         let tap = t.tap.unwrap();
@@ -484,7 +490,7 @@ mod tests {
         assert_eq!(t.guest.gateway, tap.host_addr);
         assert_eq!(t.guest.addr, tap.guest_addr);
         assert_eq!(t.guest.prefix, 30);
-        assert!(plan(NetMode::Tap, "x", None).is_err());
+        assert!(plan(NetMode::Tap, "x", None, None).is_err());
         assert_eq!(mac_for("a"), mac_for("a"));
         assert_ne!(mac_for("a"), mac_for("b"));
         assert!(mac_for("a").starts_with("02:bd:"));

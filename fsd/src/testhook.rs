@@ -8,7 +8,8 @@
 //! makes of the half-done operation (tests/e2e/t-36-clone-crash-points.sh).
 //!
 //! Invariants:
-//! - Unset, a point costs one look at a value read once per process; nothing else
+//! - Unset, a point costs one look at a value set once per process, at daemon start, from
+//!   the settings (`crate::settings`; this module reads no environment); nothing else
 //!   changes. Set, the daemon says so at start (warn), like every test-only switch.
 //! - A point is only ever placed where the daemon may also die for real (a SIGKILL can
 //!   land anywhere), so a pause never creates a state a crash could not.
@@ -47,12 +48,11 @@ impl Point {
     }
 }
 
+/// The armed points: set once, at daemon start, from the settings ([`arm`]).
+static ARMED: OnceLock<Vec<Point>> = OnceLock::new();
+
 fn armed() -> &'static [Point] {
-    static ARMED: OnceLock<Vec<Point>> = OnceLock::new();
-    ARMED.get_or_init(|| match std::env::var(ENV) {
-        Ok(v) => parse(&v),
-        Err(_) => Vec::new(),
-    })
+    ARMED.get().map(Vec::as_slice).unwrap_or_default()
 }
 
 /// The points named in `value` (comma-separated); unknown names are logged and ignored.
@@ -71,8 +71,11 @@ fn parse(value: &str) -> Vec<Point> {
         .collect()
 }
 
-/// Log, once at start, that pause points are armed (a no-op when none is).
-pub fn announce() {
+/// Arm the points named in `setting` (`Settings::test_pause_at`, the value of
+/// `BANDSOX_TEST_PAUSE_AT`), once, at daemon start, and log that they are armed (a no-op
+/// when none is). Only the first call counts.
+pub fn arm(setting: Option<&str>) {
+    let _ = ARMED.set(setting.map(parse).unwrap_or_default());
     let points = armed();
     if !points.is_empty() {
         let names: Vec<_> = points.iter().map(|p| p.as_str()).collect();

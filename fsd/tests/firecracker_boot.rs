@@ -63,7 +63,8 @@ async fn agent(inst: &dyn VmmInstance, dir: &Path) -> AgentClient {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boot_exec_pause_resume_stop_start_delete() {
-    let backend = match FirecrackerBackend::detect() {
+    let backend = match FirecrackerBackend::detect(&bandsox_fsd::settings::Settings::from_env().vmm)
+    {
         Ok(b) => b,
         Err(e) => {
             return skip(

@@ -177,7 +177,7 @@ impl Fixture {
             disk: Some(disk),
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
-            net: slot.and_then(|s| net::plan(NetMode::Tap, id, Some(s)).unwrap()),
+            net: slot.and_then(|s| net::plan(NetMode::Tap, id, Some(s), None).unwrap()),
         }
     }
 

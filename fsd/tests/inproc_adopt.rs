@@ -29,7 +29,6 @@ fn ids() -> (u32, u32) {
 
 /// A manager with VMs `names`, all running.
 async fn daemon_with(names: &[&str]) -> (tempfile::TempDir, Arc<Manager>, Arc<InProcBackend>) {
-    inproc::limits_from_an_empty_file();
     let tmp = tempfile::tempdir().unwrap();
     let backend = InProcBackend::new();
     let mgr = inproc::manager(&tmp.path().join("state"), backend.clone());

@@ -19,7 +19,6 @@ use inproc::InProcBackend;
 const T: Duration = Duration::from_secs(30);
 
 async fn setup(name: &str) -> (tempfile::TempDir, Arc<Manager>, Arc<InProcBackend>, Arc<Vm>) {
-    inproc::limits_from_an_empty_file();
     let tmp = tempfile::tempdir().unwrap();
     let backend = InProcBackend::new();
     let mgr = inproc::manager(&tmp.path().join("state"), backend.clone());

@@ -154,7 +154,6 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
     fn the_tree_follows_the_model(ops in proptest::collection::vec(op(), 1..14)) {
-        inproc::limits_from_an_empty_file();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

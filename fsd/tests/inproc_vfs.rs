@@ -15,7 +15,6 @@ use bandsox_fsd::vfs::{Caller, DirEntry, Kind, Vfs, DIR_ATTR_TTL, ROOT_INO, TTL,
 const T: Duration = Duration::from_secs(30);
 
 fn setup() -> (tempfile::TempDir, Arc<Manager>, Arc<Vfs>) {
-    inproc::limits_from_an_empty_file();
     let tmp = tempfile::tempdir().unwrap();
     let mgr = inproc::manager(&tmp.path().join("state"), inproc::InProcBackend::new());
     let vfs = Arc::new(Vfs::new(mgr.clone()));
@@ -340,13 +339,13 @@ async fn exec_runs_at_close_and_runs_last_follows_the_session() {
 }
 
 /// What open files and commands make the daemon hold counts against the limits of one
-/// user (`user.7777.*`, so the other tests of this binary, which share the limits file,
-/// are not affected): over a limit the write fails with EDQUOT, nothing is kept, and
+/// user (`user.7777.*`): over a limit the write fails with EDQUOT, nothing is kept, and
 /// `cat ctl` names the limit; closing gives everything back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_and_open_files_count_against_the_callers_limits() {
-    inproc::limits_from_an_empty_file();
-    let file = std::path::PathBuf::from(std::env::var_os(bandsox_fsd::limits::ENV).unwrap());
+    let (_tmp, mgr, vfs) = setup();
+    // This manager's own limits file (no other test shares it), rewritten as root would.
+    let file = mgr.limits.path().to_path_buf();
     let next = file.with_extension("new");
     std::fs::write(
         &next,
@@ -354,7 +353,8 @@ async fn exec_and_open_files_count_against_the_callers_limits() {
     )
     .unwrap();
     std::fs::rename(&next, &file).unwrap();
-    let (_tmp, _mgr, vfs) = setup();
+    // Read now: hot paths look at the file at most once a second.
+    mgr.limits.current();
     let c = caller(7777);
     mkdir(&vfs, "q", c).await.unwrap();
     let exec = walk(&vfs, "q/exec").unwrap();

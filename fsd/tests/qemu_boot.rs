@@ -65,7 +65,8 @@ async fn boot_pause_resume_kill() {
         t0.elapsed()
     );
     let dir = spec.dir.clone();
-    let backend = QemuBackend::detect().expect("qemu backend");
+    let backend = QemuBackend::detect(&bandsox_fsd::settings::Settings::from_env().vmm)
+        .expect("qemu backend");
     eprintln!("qemu_boot: {}", backend.describe());
 
     let t0 = Instant::now();

@@ -362,15 +362,15 @@ async fn pull_succeeds(scheme: Scheme) -> (Arc<Fake>, Vec<Seen>) {
     }
 
     // The blobs form a usable image.
-    let rootfs = d.path().join("rootfs");
+    let work = images::Work {
+        dir: d.path().to_path_buf(),
+        max_unpacked_mib: images::MAX_UNPACKED_MIB,
+    };
+    let rootfs = work.rootfs();
     std::fs::create_dir_all(&rootfs).unwrap();
-    let config = images::apply_manifest(
-        &registry::cache_store(&cache),
-        &pulled.manifest,
-        &rootfs,
-        &p,
-    )
-    .unwrap();
+    let config =
+        images::apply_manifest(&registry::cache_store(&cache), &pulled.manifest, &work, &p)
+            .unwrap();
     assert_eq!(config.config.cmd, ["/bin/sh"]);
     assert_eq!(
         std::fs::read_to_string(rootfs.join("etc/greeting")).unwrap(),

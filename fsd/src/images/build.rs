@@ -45,12 +45,9 @@ impl Builder {
 
     /// `BANDSOX_BUILDER` (`buildah`, `docker`, or a path to either) decides; otherwise
     /// buildah when on PATH, else docker when its daemon answers.
-    pub fn detect() -> Result<Builder> {
-        match std::env::var("BANDSOX_BUILDER")
-            .ok()
-            .filter(|s| !s.is_empty())
-        {
-            Some(choice) => Self::from_choice(&choice),
+    pub fn detect(setting: Option<&str>) -> Result<Builder> {
+        match setting.filter(|s| !s.is_empty()) {
+            Some(choice) => Self::from_choice(choice),
             None => {
                 if let Some(p) = find_tool("buildah") {
                     return Ok(Builder::Buildah(p));

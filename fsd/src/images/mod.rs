@@ -52,22 +52,6 @@ pub const MAX_UNPACKED_MIB: u64 = 64 * 1024;
 /// Most entries (files, dirs, links) one image may have.
 pub const MAX_ENTRIES: u64 = 4_000_000;
 
-pub fn image_timeout() -> Duration {
-    std::env::var("BANDSOX_IMAGE_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map(Duration::from_secs)
-        .unwrap_or(IMAGE_TIMEOUT)
-}
-
-fn new_budget() -> Budget {
-    let mib = std::env::var("BANDSOX_IMAGE_MAX_MIB")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(MAX_UNPACKED_MIB);
-    Budget::new(mib << 20, MAX_ENTRIES)
-}
-
 /// Options of `import` and `pull`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageOptions {
@@ -170,9 +154,15 @@ impl From<&ContainerConfig> for OciConfigView {
 /// Where one image is being built.
 pub struct Work {
     pub dir: PathBuf,
+    /// Most bytes the image may unpack to (`BANDSOX_IMAGE_MAX_MIB`).
+    pub max_unpacked_mib: u64,
 }
 
 impl Work {
+    /// A fresh budget of what one unpacking may write.
+    pub fn budget(&self) -> Budget {
+        Budget::new(self.max_unpacked_mib << 20, MAX_ENTRIES)
+    }
     pub fn rootfs(&self) -> PathBuf {
         self.dir.join("rootfs")
     }

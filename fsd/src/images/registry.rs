@@ -429,6 +429,17 @@ pub fn cache_store(cache: &Path) -> impl BlobStore {
     }
 }
 
+/// `image=` values that are registry references: those with a registry, repository path,
+/// tag or digest (`alpine:3.20`, `ghcr.io/o/r`, `localhost:5000/app@sha256:…`). A bare
+/// word (`alpine`) is always a local image name, so an unknown one is ENOENT at once
+/// rather than a pull from Docker Hub (write `alpine:latest` for that).
+pub fn image_ref(value: &str) -> Option<PullRef> {
+    if !value.contains([':', '/', '@']) {
+        return None;
+    }
+    PullRef::parse(value).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,22 +15,23 @@ use super::layers::{self, Budget, Mode};
 use super::oci::{self, BlobStore, Digest};
 use super::reading::{drain, Counting, Decoder, Progress};
 use super::source::SourceKind;
-use super::{new_budget, Unpacked, Work};
+use super::{Unpacked, Work};
 use crate::error::{Error, Result};
 
-/// Apply the layers of `manifest` from `store` into `rootfs`.
+/// Apply the layers of `manifest` from `store` into `work`'s root.
 pub fn apply_manifest(
     store: &dyn BlobStore,
     manifest: &oci::Manifest,
-    rootfs: &Path,
+    work: &Work,
     progress: &Progress,
 ) -> Result<oci::ImageConfigFile> {
+    let rootfs = &work.rootfs();
     let cdigest = manifest.config.digest()?;
     let config: oci::ImageConfigFile = oci::parse_json(
         &store.read_json_blob(&cdigest, &format!("config {cdigest}"))?,
         "image config",
     )?;
-    let mut budget = new_budget();
+    let mut budget = work.budget();
     let n = manifest.layers.len();
     for (i, d) in manifest.layers.iter().enumerate() {
         progress.check_deadline()?;
@@ -123,29 +124,25 @@ pub fn unpack_local(
             }
             .into();
             let (_, mut dec) =
-                layers::apply_tar(&work.rootfs(), dec, Mode::Plain, &mut new_budget())?;
+                layers::apply_tar(&work.rootfs(), dec, Mode::Plain, &mut work.budget())?;
             drain(&mut dec, "rootfs tarball")?;
             out.layers = 1;
         }
-        SourceKind::OciLayout => {
-            unpack_oci_layout(source, &work.rootfs(), tag, progress, &mut out)?
-        }
-        SourceKind::DockerSaveDir => {
-            unpack_docker_save(source, &work.rootfs(), progress, &mut out)?
-        }
+        SourceKind::OciLayout => unpack_oci_layout(source, work, tag, progress, &mut out)?,
+        SourceKind::DockerSaveDir => unpack_docker_save(source, work, progress, &mut out)?,
         SourceKind::OciArchive | SourceKind::DockerSave => {
             // Unpack the archive (plain files only, paths checked), then read it as a dir.
             let dir = work.unpacked();
             std::fs::create_dir_all(&dir)?;
             let f = std::fs::File::open(source)?;
             let dec = Decoder::new(BufReader::with_capacity(256 * 1024, f))?;
-            let (_, mut dec) = layers::apply_tar(&dir, dec, Mode::Plain, &mut new_budget())
+            let (_, mut dec) = layers::apply_tar(&dir, dec, Mode::Plain, &mut work.budget())
                 .map_err(|e| e.with_context("image archive"))?;
             drain(&mut dec, "image archive")?;
             if kind == SourceKind::OciArchive {
-                unpack_oci_layout(&dir, &work.rootfs(), tag, progress, &mut out)?;
+                unpack_oci_layout(&dir, work, tag, progress, &mut out)?;
             } else {
-                unpack_docker_save(&dir, &work.rootfs(), progress, &mut out)?;
+                unpack_docker_save(&dir, work, progress, &mut out)?;
             }
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -155,7 +152,7 @@ pub fn unpack_local(
 
 fn unpack_oci_layout(
     dir: &Path,
-    rootfs: &Path,
+    work: &Work,
     tag: Option<&str>,
     progress: &Progress,
     out: &mut Unpacked,
@@ -211,7 +208,7 @@ fn unpack_oci_layout(
     let manifest = oci::resolve_manifest(&store, bytes, digest)?;
     out.digest = Some(manifest.digest.to_string());
     out.layers = manifest.layers.len();
-    out.config = Some(apply_manifest(&store, &manifest, rootfs, progress)?);
+    out.config = Some(apply_manifest(&store, &manifest, work, progress)?);
     Ok(())
 }
 
@@ -234,10 +231,11 @@ fn digest_from_member(path: &str) -> Option<Digest> {
 
 fn unpack_docker_save(
     dir: &Path,
-    rootfs: &Path,
+    work: &Work,
     progress: &Progress,
     out: &mut Unpacked,
 ) -> Result<()> {
+    let rootfs = &work.rootfs();
     let bytes = oci::read_limited(layers::open_in_root(dir, "manifest.json")?, "manifest.json")?;
     let entries: Vec<DockerSaveEntry> = oci::parse_json(&bytes, "manifest.json")?;
     let [entry] = entries.as_slice() else {
@@ -265,7 +263,7 @@ fn unpack_docker_save(
             entry.layers.len()
         )));
     }
-    let mut budget = new_budget();
+    let mut budget = work.budget();
     let n = entry.layers.len();
     for (i, member) in entry.layers.iter().enumerate() {
         progress.check_deadline()?;
@@ -326,6 +324,7 @@ mod tests {
     fn work(dir: &Path) -> Work {
         let w = Work {
             dir: dir.join("work"),
+            max_unpacked_mib: crate::images::MAX_UNPACKED_MIB,
         };
         std::fs::create_dir_all(w.rootfs()).unwrap();
         w
@@ -370,6 +369,7 @@ mod tests {
         std::fs::write(src.join("cfg.json"), config(&bad)).unwrap();
         let w2 = Work {
             dir: d.path().join("work2"),
+            max_unpacked_mib: crate::images::MAX_UNPACKED_MIB,
         };
         std::fs::create_dir_all(w2.rootfs()).unwrap();
         let e = unpack_local(&src, SourceKind::DockerSaveDir, &w2, None, &p).unwrap_err();
@@ -426,6 +426,7 @@ mod tests {
         std::fs::write(&zp, bytes).unwrap();
         let w2 = Work {
             dir: d.path().join("w2"),
+            max_unpacked_mib: crate::images::MAX_UNPACKED_MIB,
         };
         std::fs::create_dir_all(w2.rootfs()).unwrap();
         assert!(unpack_local(&lay, SourceKind::OciLayout, &w2, None, &p).is_err());

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 
-use super::{user_name, Amounts, HostFacts, LimitRow, LimitSet, Resource, Usage, ENV};
+use super::{user_name, Amounts, HostFacts, LimitRow, LimitSet, Resource, Usage};
 use crate::error::{Error, Result};
 
 /// Identity of the limits file as last read (to notice changes, a `chmod` or `chown`
@@ -185,17 +185,10 @@ impl Limits {
         l
     }
 
-    /// The file named by `BANDSOX_LIMITS`, else [`super::DEFAULT_PATH`].
-    pub fn path_from_env() -> PathBuf {
-        std::env::var_os(ENV)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(super::DEFAULT_PATH))
-    }
-
-    /// Make these the limits [`super::vm_caps`] reads (first caller wins).
-    pub fn install_global(self: &Arc<Self>) {
-        let _ = super::GLOBAL.set(self.clone());
+    /// The per-VM caps in force. Checks the file for changes at most once a second:
+    /// called on hot paths (log reads, run output).
+    pub fn vm_caps(&self) -> super::VmCaps {
+        self.current_throttled().vm
     }
 
     pub fn path(&self) -> &Path {

@@ -27,12 +27,9 @@ pub use ledger::{Limits, Reservation};
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
 
 /// Where the limits file is unless `--limits` or `BANDSOX_LIMITS` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/bandsox/limits";
-/// Environment variable naming the limits file.
-pub const ENV: &str = "BANDSOX_LIMITS";
 
 /// Bytes of daemon memory one terminal cell can cost: the emulator keeps 32-byte cells
 /// for its main screen and, once a program switched to it, its alternate screen.
@@ -481,21 +478,6 @@ impl Usage {
         }
         t
     }
-}
-
-static GLOBAL: OnceLock<Arc<Limits>> = OnceLock::new();
-
-/// The daemon's limits, once a manager installed them (per-VM caps read them).
-pub fn global() -> Option<&'static Arc<Limits>> {
-    GLOBAL.get()
-}
-
-/// The per-VM caps in force (defaults before a daemon installed its limits). Checks the
-/// file for changes at most once a second: called on hot paths.
-pub fn vm_caps() -> VmCaps {
-    global()
-        .map(|l| l.current_throttled().vm)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

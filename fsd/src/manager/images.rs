@@ -45,17 +45,8 @@ fn root_only(uid: u32, why: &'static str) -> Result<()> {
     }
 }
 
-/// The run `runs/main` names, if the VM has one.
-/// `image=` values that are registry references: those with a registry, repository path,
-/// tag or digest (`alpine:3.20`, `ghcr.io/o/r`, `localhost:5000/app@sha256:…`). A bare
-/// word (`alpine`) is always a local image name, so an unknown one is ENOENT at once
-/// rather than a pull from Docker Hub (write `alpine:latest` for that).
-pub fn image_ref(value: &str) -> Option<registry::PullRef> {
-    if !value.contains([':', '/', '@']) {
-        return None;
-    }
-    registry::PullRef::parse(value).ok()
-}
+// The parser of `image=` values lives with the image formats, below the manager.
+pub use crate::images::registry::image_ref;
 
 /// The local image a registry reference is pulled into: the reference with every
 /// character outside `A-Z a-z 0-9 . _ -` replaced by `_` (`localhost:5000/t/app:v2` →
@@ -158,7 +149,10 @@ impl Manager {
             .images()
             .join(format!(".tmp-{name}-{:08x}", rand::random::<u32>()));
         crate::layout::mkdir_private(&dir)?;
-        let work = Work { dir };
+        let work = Work {
+            dir,
+            max_unpacked_mib: self.settings.images.max_unpacked_mib,
+        };
         // The image's `/`: world-traversable like any root directory (mkfs copies it).
         std::fs::create_dir(work.rootfs())?;
         std::fs::set_permissions(
@@ -213,7 +207,7 @@ impl Manager {
              root may build; other users can pull from a registry",
         )?;
         let (ctx, dockerfile) = images::build::resolve(context, file)?;
-        let builder = images::build::Builder::detect()?;
+        let builder = images::build::Builder::detect(self.settings.images.builder.as_deref())?;
         let n = name.to_string();
         let source = format!("build:{}", ctx.display());
         let detail = format!("builder={} context={context}", builder.name());
@@ -255,7 +249,7 @@ impl Manager {
         let progress = Arc::new(Progress::new(
             self.events.clone(),
             name,
-            Instant::now() + images::image_timeout(),
+            Instant::now() + self.settings.images.timeout,
         ));
         progress.event(&format!("{op}-start"), detail);
         let work = self.new_work(name)?;
@@ -283,7 +277,7 @@ impl Manager {
     ) -> Result<String> {
         let pref = registry::PullRef::parse(reference)?;
         let _reservation = self.reserve_image(name)?;
-        let deadline = Instant::now() + images::image_timeout();
+        let deadline = Instant::now() + self.settings.images.timeout;
         let progress = Arc::new(Progress::new(self.events.clone(), name, deadline));
         let shown = pref.display();
         progress.event("pull-start", &shown);
@@ -319,7 +313,7 @@ impl Manager {
             );
             tokio::task::spawn_blocking(move || -> Result<images::ImageInfo> {
                 let store = registry::cache_store(&cache);
-                let config = images::apply_manifest(&store, &pulled.manifest, &work.rootfs(), &p)?;
+                let config = images::apply_manifest(&store, &pulled.manifest, &work, &p)?;
                 let unpacked = Unpacked {
                     kind: "registry".into(),
                     reference: Some(shown.clone()),

@@ -10,15 +10,20 @@
 //!   background: `vm::adopt`).
 mod ctl;
 mod destroy_all;
-pub mod execopts;
 pub mod images;
 mod kernels;
 mod quota;
 mod reaper;
 pub mod runs;
+mod snapshots;
 pub mod spool;
 pub mod terminal;
 pub mod vm;
+
+// The exec options parser lives below the manager (`crate::execopts`); the old path
+// stays valid for its callers.
+pub use crate::execopts;
+pub use snapshots::clone_names;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -31,50 +36,11 @@ use crate::config::{BackendChoice, VmConfig};
 use crate::error::{Error, Result};
 use crate::events::EventLog;
 use crate::layout::{mkdir_private, Layout};
+use crate::settings::Settings;
 use crate::vmm::{Backend, BackendKind, NetMode};
 use vm::{BootFiles, Desired, Vm, VmRecord};
 
-/// The VMM backends this daemon can use.
-#[derive(Clone)]
-pub struct Backends {
-    pub qemu: Option<Arc<dyn Backend>>,
-    pub firecracker: Option<Arc<dyn Backend>>,
-    /// Why `backend=auto` resolves as it does (one line, for logs and events).
-    pub auto_reason: String,
-}
-
-impl Backends {
-    /// Resolve a VM's backend choice; `auto` prefers Firecracker.
-    pub fn choose(&self, choice: BackendChoice) -> Result<Arc<dyn Backend>> {
-        let unavailable = |what: &str| {
-            Error::new(
-                libc::EOPNOTSUPP,
-                format!("backend={what} is not available on this host"),
-            )
-        };
-        match choice {
-            BackendChoice::Auto => self
-                .firecracker
-                .clone()
-                .or_else(|| self.qemu.clone())
-                .ok_or_else(|| unavailable("auto (no VMM found)")),
-            BackendChoice::Qemu => self.qemu.clone().ok_or_else(|| unavailable("qemu")),
-            BackendChoice::Firecracker => self
-                .firecracker
-                .clone()
-                .ok_or_else(|| unavailable("firecracker")),
-        }
-    }
-
-    pub(crate) fn by_kind(&self, kind: BackendKind) -> Option<Arc<dyn Backend>> {
-        match kind {
-            BackendKind::Qemu => self.qemu.clone(),
-            BackendKind::Firecracker => self.firecracker.clone(),
-            // The test backend sits in the `qemu` slot (`backends::detect`).
-            BackendKind::Host => self.qemu.clone().filter(|b| b.kind() == BackendKind::Host),
-        }
-    }
-}
+pub use crate::backends::Backends;
 
 pub struct Manager {
     pub layout: Layout,
@@ -87,6 +53,8 @@ pub struct Manager {
     pub(crate) backends: Backends,
     pub(crate) boot_files: BootFiles,
     pub boot_timeout: Duration,
+    /// The daemon's settings (`BANDSOX_*`, read once at start).
+    pub(crate) settings: Settings,
     ctl_results: crate::ctl::CtlResults,
     /// Image names being imported, pulled or removed right now.
     images_busy: Mutex<HashSet<String>>,
@@ -124,7 +92,13 @@ fn now_secs() -> u64 {
 
 impl Manager {
     /// Open (creating if needed) the state directory. Does not touch VMs; see `reload`.
-    pub fn open(state_dir: PathBuf, backends: Backends) -> Result<Arc<Manager>> {
+    /// `settings` are the daemon's (read once at start); their limits file (else
+    /// `limits::DEFAULT_PATH`) makes [`Manager::limits`], the daemon's one limits handle.
+    pub fn open(
+        state_dir: PathBuf,
+        backends: Backends,
+        settings: Settings,
+    ) -> Result<Arc<Manager>> {
         let layout = Layout::new(state_dir);
         layout.create()?;
         let events = Arc::new(EventLog::open(&layout.events())?);
@@ -138,16 +112,14 @@ impl Manager {
                 }),
             Err(_) => VmConfig::default(),
         };
-        let boot_timeout = std::env::var("BANDSOX_BOOT_TIMEOUT")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .map(Duration::from_secs)
-            .unwrap_or(Duration::from_secs(90));
+        let limits_file = settings
+            .limits
+            .clone()
+            .unwrap_or_else(|| crate::limits::DEFAULT_PATH.into());
         let limits = crate::limits::Limits::new(
-            crate::limits::Limits::path_from_env(),
+            limits_file,
             crate::limits::HostFacts::detect(layout.root()),
         );
-        limits.install_global();
         Ok(Arc::new(Manager {
             limits,
             boot_files: BootFiles {
@@ -161,7 +133,8 @@ impl Manager {
             creating: Mutex::new(HashSet::new()),
             net_slots: Default::default(),
             backends,
-            boot_timeout,
+            boot_timeout: settings.boot_timeout,
+            settings,
             ctl_results: Default::default(),
             images_busy: Mutex::new(HashSet::new()),
             snap_creating: Mutex::new(HashSet::new()),
@@ -215,6 +188,7 @@ impl Manager {
                 self.boot_files.clone(),
                 self.events.clone(),
                 self.limits.clone(),
+                self.settings.tap_pool.clone(),
             );
             self.vms.write().insert(rec.name.clone(), vm.clone());
             adopt.push(vm);
@@ -455,6 +429,7 @@ impl Manager {
             self.boot_files.clone(),
             self.events.clone(),
             self.limits.clone(),
+            self.settings.tap_pool.clone(),
         );
         if let Err(e) = vm.save_record() {
             let _ = std::fs::remove_dir_all(&dir);
@@ -470,7 +445,7 @@ impl Manager {
     /// A slot of the TAP pool for a new `net=tap` VM (`None` for other modes).
     pub(crate) fn allocate_net_slot(&self, mode: NetMode) -> Result<Option<u32>> {
         match mode {
-            NetMode::Tap => crate::net::TapPool::from_env()
+            NetMode::Tap => crate::net::TapPool::from_setting(self.settings.tap_pool.as_deref())
                 .and_then(|pool| self.net_slots.allocate(&pool))
                 .map(Some),
             _ => Ok(None),

@@ -792,9 +792,10 @@ mod tests {
             state_fs_mib: 1024,
             open_files: 1024,
         };
+        let limits = Limits::with_owner(path, facts, None);
         Arc::new(RunHome {
-            budget: Arc::new(OutputBudget::new(mib)),
-            limits: Limits::with_owner(path, facts, None),
+            budget: Arc::new(OutputBudget::new(mib, limits.clone())),
+            limits,
             uid: 1000,
         })
     }

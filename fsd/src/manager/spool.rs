@@ -23,9 +23,11 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
+
+use crate::limits::Limits;
 
 pub const STDOUT: &str = "stdout";
 pub const STDERR: &str = "stderr";
@@ -198,14 +200,17 @@ pub struct OutputBudget {
     /// The VM's own cap (`output_mib` of its config), further bounded by the limits'
     /// `vm.run_output_mib`.
     cap_mib: u64,
+    /// The daemon's limits, for `vm.run_output_mib`.
+    limits: Arc<Limits>,
     pruner: Mutex<Option<Weak<dyn Prune>>>,
 }
 
 impl OutputBudget {
-    pub fn new(cap_mib: u64) -> OutputBudget {
+    pub fn new(cap_mib: u64, limits: Arc<Limits>) -> OutputBudget {
         OutputBudget {
             used: Mutex::new(0),
             cap_mib,
+            limits,
             pruner: Mutex::new(None),
         }
     }
@@ -218,7 +223,7 @@ impl OutputBudget {
     pub fn cap(&self) -> u64 {
         let mib = self
             .cap_mib
-            .min(crate::limits::vm_caps().run_output_mib)
+            .min(self.limits.vm_caps().run_output_mib)
             .max(1);
         mib.saturating_mul(1024 * 1024)
     }
@@ -332,7 +337,16 @@ mod tests {
 
     #[test]
     fn budget_prunes_then_caps() {
-        let b = std::sync::Arc::new(OutputBudget::new(3));
+        let d = tempfile::tempdir().unwrap();
+        let facts = crate::limits::HostFacts {
+            mem_total_mib: 4096,
+            cpus: 1,
+            state_fs_mib: 1024,
+            open_files: 1024,
+        };
+        // No limits file: only the budget's own 3 MiB cap applies.
+        let limits = Limits::with_owner(d.path().join("limits"), facts, None);
+        let b = std::sync::Arc::new(OutputBudget::new(3, limits));
         let runs = std::sync::Arc::new(Runs(Mutex::new(vec![1, 2]), b.clone()));
         let weak: Weak<dyn Prune> = std::sync::Arc::downgrade(&runs) as Weak<dyn Prune>;
         b.set_pruner(weak);

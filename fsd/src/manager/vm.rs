@@ -15,10 +15,11 @@ mod activity;
 mod adopt;
 mod phase;
 mod retention;
-pub use crate::snapshots::{Taken, FREEZE_TIMEOUT};
+mod snapshot;
 pub use activity::{Wake, AUTORESUME_DEADLINE};
 pub use adopt::{ADOPT_AGENT_DEADLINE, ADOPT_WAIT};
 pub use phase::Phase;
+pub use snapshot::{Taken, FREEZE_TIMEOUT};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -171,6 +172,8 @@ pub struct Vm {
     /// When the VM last served a request (exec, ctl, `fs/`), in ms since the Unix
     /// epoch; what `idle_pause` measures from (see `activity`).
     last_active_ms: AtomicU64,
+    /// `BANDSOX_TAP_POOL` (see `net::plan`).
+    tap_pool: Option<String>,
 }
 
 /// How [`Vm::start_locked`] starts the VMM.
@@ -195,10 +198,12 @@ impl Vm {
         boot_files: BootFiles,
         events: Arc<EventLog>,
         limits: Arc<crate::limits::Limits>,
+        tap_pool: Option<String>,
     ) -> Arc<Vm> {
         let runs_home = Arc::new(RunHome {
             budget: Arc::new(super::spool::OutputBudget::new(
                 record.config.output_mib.into(),
+                limits.clone(),
             )),
             limits,
             uid: record.uid,
@@ -229,6 +234,7 @@ impl Vm {
             ctl_results: Default::default(),
             runs_home,
             last_active_ms: AtomicU64::new(activity::now_ms()),
+            tap_pool,
         });
         let pruner: std::sync::Weak<dyn super::spool::Prune> = Arc::downgrade(&vm) as _;
         vm.runs_home.budget.set_pruner(pruner);
@@ -300,7 +306,12 @@ impl Vm {
             disk: Some(self.dir.join("disk.ext4")),
             kernel: boot.kernel,
             initrd: boot.initrd,
-            net: crate::net::plan(rec.config.net, &self.id, rec.net_slot)?,
+            net: crate::net::plan(
+                rec.config.net,
+                &self.id,
+                rec.net_slot,
+                self.tap_pool.as_deref(),
+            )?,
         })
     }
 
@@ -322,7 +333,7 @@ impl Vm {
             "memory_mib": rec.config.memory_mib,
             "disk_mib": rec.disk_mib,
             "net": rec.config.net,
-            "ip": crate::net::plan(rec.config.net, &self.id, rec.net_slot)
+            "ip": crate::net::plan(rec.config.net, &self.id, rec.net_slot, self.tap_pool.as_deref())
                 .ok()
                 .flatten()
                 .map(|p| p.guest.addr.to_string()),

@@ -386,7 +386,7 @@ impl Files {
             OpenFile::Terminal(t) => read_terminal(t, &handle, size, caller.pid).await,
             OpenFile::Events(h) => h.read(offset, size),
             OpenFile::CappedLog(p, reader) => {
-                let mib = crate::limits::vm_caps().console_mib;
+                let mib = self.tree.mgr().limits.vm_caps().console_mib;
                 reader.read(
                     p,
                     offset,

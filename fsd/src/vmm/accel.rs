@@ -48,8 +48,10 @@ pub struct HostProbe {
 }
 
 impl HostProbe {
-    /// Probe this host.
-    pub fn probe() -> Self {
+    /// Probe this host; `accel_override` is `BANDSOX_ACCEL` ([`VmmSettings::accel`]).
+    ///
+    /// [`VmmSettings::accel`]: crate::settings::VmmSettings::accel
+    pub fn probe(accel_override: Option<&str>) -> Self {
         let kvm_open = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -60,7 +62,7 @@ impl HostProbe {
             kvm_open,
             cpuinfo: std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
             kvm_pvm_loaded: std::path::Path::new("/sys/module/kvm_pvm").exists(),
-            env_override: std::env::var(ACCEL_ENV).ok().filter(|v| !v.is_empty()),
+            env_override: accel_override.filter(|v| !v.is_empty()).map(str::to_string),
         }
     }
 }
@@ -110,8 +112,8 @@ pub fn decide(p: &HostProbe) -> Accel {
 }
 
 /// Probe this host and decide.
-pub fn detect() -> Accel {
-    decide(&HostProbe::probe())
+pub fn detect(accel_override: Option<&str>) -> Accel {
+    decide(&HostProbe::probe(accel_override))
 }
 
 /// The host's TSC frequency in kHz, measured against `CLOCK_MONOTONIC` over ~50 ms.

@@ -23,6 +23,7 @@ pub mod firecracker;
 pub mod host;
 pub mod process;
 pub mod qemu;
+pub mod qemu_snapshot;
 pub mod qemu_vsock;
 pub mod qmp;
 #[cfg(test)]

@@ -239,15 +239,16 @@ pub(crate) fn remove_stale_pid_file(path: &Path, pid: u32) {
     }
 }
 
-/// A VMM binary: `$env` if set (and not empty), else `name` on PATH. It must be a file;
-/// otherwise `Unavailable` says what is missing and how to get it (`install`, e.g.
-/// "install qemu-system-x86").
+/// A VMM binary: `setting` (the value of the variable `env`) if set and not empty, else
+/// `name` on PATH. It must be a file; otherwise `Unavailable` says what is missing and
+/// how to get it (`install`, e.g. "install qemu-system-x86").
 pub(crate) fn locate_binary(
     env: &str,
+    setting: Option<&std::ffi::OsStr>,
     name: &str,
     install: Option<&str>,
 ) -> Result<std::path::PathBuf, VmmError> {
-    let binary = match std::env::var_os(env).filter(|v| !v.is_empty()) {
+    let binary = match setting.filter(|v| !v.is_empty()) {
         Some(p) => std::path::PathBuf::from(p),
         None => crate::tools::find_tool(name).ok_or_else(|| {
             let how = match install {

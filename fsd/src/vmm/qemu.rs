@@ -34,6 +34,7 @@ use super::process::{locate_binary, write_atomic, VmmProcess};
 use super::qmp::{Qmp, QmpError};
 use super::{Backend, BackendKind, BoxedAgentStream, SavedState, VmSpec, VmmError, VmmInstance};
 use crate::logcap::log_tail;
+use crate::settings::VmmSettings;
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// Environment variable naming the QEMU binary to use instead of the one on PATH.
@@ -88,9 +89,14 @@ pub struct QemuBackend {
 impl QemuBackend {
     /// Find QEMU (`$BANDSOX_QEMU`, else `qemu-system-x86_64` on PATH) and decide the
     /// accelerator for this host.
-    pub fn detect() -> Result<Self, VmmError> {
-        let binary = locate_binary(QEMU_ENV, QEMU_BINARY, Some("install qemu-system-x86"))?;
-        let b = Self::new(binary, accel::detect());
+    pub fn detect(settings: &VmmSettings) -> Result<Self, VmmError> {
+        let binary = locate_binary(
+            QEMU_ENV,
+            settings.qemu.as_deref(),
+            QEMU_BINARY,
+            Some("install qemu-system-x86"),
+        )?;
+        let b = Self::new(binary, accel::detect(settings.accel.as_deref()));
         tracing::info!("qemu backend: {}", b.describe());
         Ok(b)
     }
@@ -281,7 +287,7 @@ impl Backend for QemuBackend {
         snap_dir: &Path,
         saved: &SavedState,
     ) -> Result<Box<dyn VmmInstance>, VmmError> {
-        let inst = crate::snapshots::qemu::restore(self, spec, snap_dir, saved).await?;
+        let inst = super::qemu_snapshot::restore(self, spec, snap_dir, saved).await?;
         Ok(Box::new(inst))
     }
 }
@@ -593,7 +599,7 @@ impl VmmInstance for QemuInstance {
     }
 
     async fn save_snapshot(&self, dir: &Path) -> Result<SavedState, VmmError> {
-        crate::snapshots::qemu::save(self, dir).await
+        super::qemu_snapshot::save(self, dir).await
     }
 }
 
@@ -670,7 +676,7 @@ mod tests {
         let d = Path::new("/tmp/v,1");
         let mut s = spec(d);
         s.disk = None;
-        s.net = crate::net::plan(NetMode::User, "ab12", None).unwrap();
+        s.net = crate::net::plan(NetMode::User, "ab12", None, None).unwrap();
         let argv = build_argv(Path::new("/q"), &s, AccelKind::Kvm, Some(2_445_404)).unwrap();
         assert_eq!(after(&argv, "-accel"), ["kvm"]);
         assert_eq!(after(&argv, "-cpu"), ["host"]);
@@ -689,7 +695,7 @@ mod tests {
         assert!(after(&argv, "-chardev")
             .contains(&"socket,id=qmp,path=/tmp/v,,1/qmp.sock,server=on,wait=off"));
 
-        s.net = crate::net::plan(NetMode::Tap, "0123456789ab", Some(0)).unwrap();
+        s.net = crate::net::plan(NetMode::Tap, "0123456789ab", Some(0), None).unwrap();
         let argv = build_argv(Path::new("/q"), &s, AccelKind::Tcg, None).unwrap();
         assert_eq!(
             after(&argv, "-netdev"),

@@ -69,11 +69,14 @@ pub struct QemuVsockBackend {
 impl QemuVsockBackend {
     /// `Ok(None)` unless [`VSOCK_ENV`] is `1`; an error when it is but the helper is
     /// missing (a test asking for this variant must not silently get another).
-    pub fn from_env(qemu: QemuBackend) -> Result<Result<Self, QemuBackend>, VmmError> {
-        if std::env::var(VSOCK_ENV).ok().as_deref() != Some("1") {
+    pub fn from_settings(
+        qemu: QemuBackend,
+        settings: &crate::settings::VmmSettings,
+    ) -> Result<Result<Self, QemuBackend>, VmmError> {
+        if !settings.qemu_vsock {
             return Ok(Err(qemu));
         }
-        let helper = match std::env::var_os(HELPER_ENV).filter(|v| !v.is_empty()) {
+        let helper = match settings.vhost_vsock.clone().filter(|v| !v.is_empty()) {
             Some(p) => PathBuf::from(p),
             None => find_tool(HELPER_BINARY).ok_or_else(|| {
                 VmmError::Unavailable(format!(

@@ -66,7 +66,6 @@ fn expect(want: Result<(), Errno>, got: Result<(), Errno>) -> Result<(), String>
 impl Harness {
     /// A manager with one in-process VM, `fs/` of it, and an empty model.
     pub async fn new() -> Harness {
-        inproc::limits_from_an_empty_file();
         let tmp = tempfile::tempdir().unwrap();
         let backend = InProcBackend::new();
         let mgr = inproc::manager(&tmp.path().join("state"), backend.clone());

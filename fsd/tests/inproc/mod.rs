@@ -185,31 +185,27 @@ impl VmmInstance for InProcVm {
     }
 }
 
-/// Point the limits at an empty file (no limits), once per test binary, before any
-/// manager exists; every test of a binary uses the same value.
-pub fn limits_from_an_empty_file() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let f = tempfile::NamedTempFile::new()
-            .unwrap()
-            .into_temp_path()
-            .keep()
-            .unwrap();
-        std::env::set_var(bandsox_fsd::limits::ENV, f);
-    });
-}
-
 /// A manager over a fresh state directory (with a small `base` image) whose only backend
-/// is `backend`.
+/// is `backend`. Its limits follow `limits` next to `state` (an empty file: the host
+/// defaults; a test rewrites it through `mgr.limits.path()`), so no test sees the host's
+/// own limits file or another test's.
 pub fn manager(state: &Path, backend: Arc<InProcBackend>) -> Arc<Manager> {
     std::fs::create_dir_all(state.join("images/base")).unwrap();
     std::fs::write(state.join("images/base/disk.ext4"), vec![0u8; 65536]).unwrap();
+    let limits = state.with_file_name("limits");
+    if !limits.exists() {
+        std::fs::write(&limits, "").unwrap();
+    }
     Manager::open(
         PathBuf::from(state),
         Backends {
             qemu: Some(backend as Arc<dyn Backend>),
             firecracker: None,
             auto_reason: "in-process test backend".into(),
+        },
+        bandsox_fsd::settings::Settings {
+            limits: Some(limits),
+            ..Default::default()
         },
     )
     .expect("manager opens")

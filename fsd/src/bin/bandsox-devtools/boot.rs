@@ -4,6 +4,7 @@
 //! Invariants: the VM's directory is private to this process (`<state>/bench-<pid>`) and
 //! removed, with the VMM killed, when the [`Booted`] is dropped through [`Booted::finish`];
 //! every wait on the guest has a deadline.
+use bandsox_fsd::settings::VmmSettings;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,19 +52,20 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// Boot the `base` image with the QEMU backend, kernel and initramfs a `mkdir` would use.
-pub async fn boot_vm(state_dir: &Path) -> Result<Booted, String> {
+pub async fn boot_vm(state_dir: &Path, settings: &VmmSettings) -> Result<Booted, String> {
     let layout = Layout::new(state_dir);
     let dir = state_dir.join(format!("bench-{}", std::process::id()));
     mkdir_private(&dir).map_err(|e| e.to_string())?;
-    let booted = boot_in(&layout, &dir).await;
+    let booted = boot_in(&layout, &dir, settings).await;
     if booted.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     booted
 }
 
-async fn boot_in(layout: &Layout, dir: &Path) -> Result<Booted, String> {
-    let backend = bandsox_fsd::vmm::qemu::QemuBackend::detect().map_err(|e| e.to_string())?;
+async fn boot_in(layout: &Layout, dir: &Path, settings: &VmmSettings) -> Result<Booted, String> {
+    let backend =
+        bandsox_fsd::vmm::qemu::QemuBackend::detect(settings).map_err(|e| e.to_string())?;
     bandsox_fsd::disk::clone_disk(&layout.image_disk("base"), &dir.join("disk.ext4"))
         .map_err(|e| format!("disk: {e}"))?;
     let spec = VmSpec {

@@ -8,6 +8,7 @@
 //!   agent's first answer (the boot benchmark's baseline).
 //! - `fsbench OP...`: the agent's raw file calls on a VM booted the same way (or a
 //!   host-mode agent), one `ok: ...` line per operation.
+use bandsox_fsd::settings::Settings;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -76,7 +77,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
-fn fsbench(state_dir: PathBuf, host_agent: Option<PathBuf>, ops: &[String]) -> Result<(), String> {
+fn fsbench(
+    state_dir: PathBuf,
+    host_agent: Option<PathBuf>,
+    ops: &[String],
+    settings: &Settings,
+) -> Result<(), String> {
     // Parse every operation before booting anything.
     let ops = ops
         .iter()
@@ -88,7 +94,7 @@ fn fsbench(state_dir: PathBuf, host_agent: Option<PathBuf>, ops: &[String]) -> R
     runtime()?.block_on(async {
         let booted = match &host_agent {
             Some(agent) => boot::host_agent(&state_dir, agent).await?,
-            None => boot::boot_vm(&state_dir).await?,
+            None => boot::boot_vm(&state_dir, &settings.vmm).await?,
         };
         let mut result = Ok(());
         for op in &ops {
@@ -107,6 +113,8 @@ fn fsbench(state_dir: PathBuf, host_agent: Option<PathBuf>, ops: &[String]) -> R
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Every BANDSOX_* variable, read once.
+    let settings = Settings::from_env();
     let result = match cli.cmd {
         Cmd::Fslat { dir, n } => fslat::run(&dir, n).map(|line| println!("{line}")),
         Cmd::Fsx {
@@ -121,10 +129,10 @@ fn main() -> ExitCode {
             max_size,
         }),
         Cmd::BenchBoot { state_dir } => {
-            bandsox_fsd::daemon::init_logging(Some("warn"));
+            bandsox_fsd::daemon::init_logging(&settings, Some("warn"));
             runtime().and_then(|rt| {
                 rt.block_on(async {
-                    let booted = boot::boot_vm(&state_dir).await?;
+                    let booted = boot::boot_vm(&state_dir, &settings.vmm).await?;
                     let ms = booted.ms;
                     booted.finish().await;
                     println!("{ms}");
@@ -137,8 +145,8 @@ fn main() -> ExitCode {
             host_agent,
             ops,
         } => {
-            bandsox_fsd::daemon::init_logging(Some("warn"));
-            fsbench(state_dir, host_agent, &ops)
+            bandsox_fsd::daemon::init_logging(&settings, Some("warn"));
+            fsbench(state_dir, host_agent, &ops, &settings)
         }
     };
     match result {

@@ -48,6 +48,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::settings::VmmSettings;
 use crate::tools::find_tool;
 use crate::vmm::VmmError;
 
@@ -231,9 +232,10 @@ pub struct JailerConfig {
     pub cgroups: JailCgroups,
 }
 
-fn env_id(key: &str) -> Result<u32, VmmError> {
-    match std::env::var(key) {
-        Ok(v) if !v.is_empty() => v
+/// The id in `value` (of the variable `key`), else [`DEFAULT_ID`].
+fn setting_id(key: &str, value: Option<&str>) -> Result<u32, VmmError> {
+    match value {
+        Some(v) if !v.is_empty() => v
             .parse()
             .map_err(|_| VmmError::Unavailable(format!("{key}={v}: not a numeric id"))),
         _ => Ok(DEFAULT_ID),
@@ -262,10 +264,13 @@ fn find_beside_file(firecracker: &Path) -> Option<PathBuf> {
 }
 
 impl JailerConfig {
-    /// From the environment (see the module docs); `Ok(None)` when jailer mode is off.
+    /// From the settings (see the module docs); `Ok(None)` when jailer mode is off.
     /// `firecracker` is the Firecracker binary in use (a jailer beside it counts as found).
-    pub fn from_env(firecracker: &Path) -> Result<Option<JailerConfig>, VmmError> {
-        let setting = std::env::var_os(JAILER_ENV).filter(|v| !v.is_empty());
+    pub fn from_settings(
+        firecracker: &Path,
+        settings: &VmmSettings,
+    ) -> Result<Option<JailerConfig>, VmmError> {
+        let setting = settings.jailer.clone().filter(|v| !v.is_empty());
         let binary = match setting {
             Some(v) if v == "0" => return Ok(None),
             Some(v) if v == "1" => find_tool("jailer").ok_or_else(|| {
@@ -290,11 +295,11 @@ impl JailerConfig {
                 binary.display()
             )));
         }
-        let cgroups = JailCgroups::parse(&std::env::var(JAILER_CGROUPS_ENV).unwrap_or_default())?;
+        let cgroups = JailCgroups::parse(settings.jailer_cgroups.as_deref().unwrap_or_default())?;
         Ok(Some(JailerConfig {
             binary,
-            uid: env_id(JAILER_UID_ENV)?,
-            gid: env_id(JAILER_GID_ENV)?,
+            uid: setting_id(JAILER_UID_ENV, settings.jailer_uid.as_deref())?,
+            gid: setting_id(JAILER_GID_ENV, settings.jailer_gid.as_deref())?,
             cgroups,
         }))
     }

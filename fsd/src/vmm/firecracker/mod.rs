@@ -69,6 +69,7 @@ use async_trait::async_trait;
 use super::accel::{self, Accel, AccelKind};
 use super::process::{locate_binary, require_file};
 use super::{Backend, BackendKind, NetMode, VmSpec, VmmError, VmmInstance};
+use crate::settings::VmmSettings;
 
 pub mod api;
 mod instance;
@@ -76,7 +77,7 @@ pub mod jailer;
 pub mod kernel;
 mod launch;
 pub mod model;
-use crate::snapshots::firecracker as snapshot;
+pub mod snapshot;
 mod version;
 pub mod vsock;
 
@@ -158,12 +159,18 @@ struct Runtime {
 impl FirecrackerBackend {
     /// Find Firecracker (`$BANDSOX_FIRECRACKER`, else `firecracker` on PATH), check its
     /// version and that KVM can run ordinary guests here (or that [`FORCE_ENV`] forces
-    /// it), and whether to jail it ([`jailer::JailerConfig::from_env`]).
-    pub fn detect() -> Result<Self, VmmError> {
-        let binary = locate_binary(FIRECRACKER_ENV, FIRECRACKER_BINARY, None)?;
-        let force = std::env::var(FORCE_ENV).is_ok_and(|v| v == "1");
-        let mut b = Self::probe(binary)?.check_host(&accel::detect(), force)?;
-        b.jailer = jailer::JailerConfig::from_env(&b.binary)?;
+    /// it), and whether to jail it ([`jailer::JailerConfig::from_settings`]).
+    pub fn detect(settings: &VmmSettings) -> Result<Self, VmmError> {
+        let binary = locate_binary(
+            FIRECRACKER_ENV,
+            settings.firecracker.as_deref(),
+            FIRECRACKER_BINARY,
+            None,
+        )?;
+        let force = settings.force_firecracker;
+        let mut b =
+            Self::probe(binary)?.check_host(&accel::detect(settings.accel.as_deref()), force)?;
+        b.jailer = jailer::JailerConfig::from_settings(&b.binary, settings)?;
         Ok(b)
     }
 

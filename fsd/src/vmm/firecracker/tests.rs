@@ -152,10 +152,10 @@ fn detect_runs_the_configured_binary() {
     let fake = dir.path().join("firecracker");
     std::fs::write(&fake, "#!/bin/sh\necho 'Firecracker v1.5.0'\necho\n").unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    // Only this test sets the variable; other tests never read it.
-    std::env::set_var(FIRECRACKER_ENV, &fake);
-    let r = FirecrackerBackend::detect();
-    std::env::remove_var(FIRECRACKER_ENV);
+    let r = FirecrackerBackend::detect(&crate::settings::VmmSettings {
+        firecracker: Some(fake.into()),
+        ..Default::default()
+    });
     match r {
         Err(VmmError::Unavailable(m)) => assert!(m.contains("1.5.0 at"), "{m}"),
         Err(e) => panic!("{e}"),
@@ -206,13 +206,14 @@ fn argv_cmdline_and_validation() {
 
     assert!(validate(&s).is_ok());
     let mut tap = spec(Path::new("/v"));
-    tap.net = crate::net::plan(NetMode::Tap, "0123456789ab", Some(1)).unwrap();
+    tap.net = crate::net::plan(NetMode::Tap, "0123456789ab", Some(1), None).unwrap();
     assert!(validate(&tap).is_ok());
     assert!(kernel_cmdline(&tap).contains(" bandsox.net=172.30.0.6/30,172.30.0.5"));
     for (mutate, want) in [
         (
-            Box::new(|s: &mut VmSpec| s.net = crate::net::plan(NetMode::User, "a", None).unwrap())
-                as Box<dyn Fn(&mut VmSpec)>,
+            Box::new(|s: &mut VmSpec| {
+                s.net = crate::net::plan(NetMode::User, "a", None, None).unwrap()
+            }) as Box<dyn Fn(&mut VmSpec)>,
             "net=user",
         ),
         (Box::new(|s: &mut VmSpec| s.vcpus = 33), "1-32"),
@@ -565,7 +566,7 @@ async fn launch_refuses_bad_specs_before_starting_anything() {
         matches!(&e, VmmError::StartFailed(m) if m.contains("kernel")),
         "{e}"
     );
-    s.net = crate::net::plan(NetMode::User, "a", None).unwrap();
+    s.net = crate::net::plan(NetMode::User, "a", None, None).unwrap();
     let e = b.launch(&s).await.err().unwrap();
     assert!(
         matches!(&e, VmmError::Unavailable(m) if m.contains("net=user")),
@@ -580,7 +581,7 @@ async fn net_tap_puts_the_network_interface_before_start() {
     let d = tmp.path().to_path_buf();
     let b = backend("/bin/sleep");
     let mut s = spec(&d);
-    s.net = crate::net::plan(NetMode::Tap, "0123456789ab", Some(2)).unwrap();
+    s.net = crate::net::plan(NetMode::Tap, "0123456789ab", Some(2), None).unwrap();
     let d2 = d.clone();
     let server = tokio::spawn(async move { serve_later(&d2, all_ok(), true).await });
     let inst = b

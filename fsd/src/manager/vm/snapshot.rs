@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use bandsox_agent::proto::{Identity, Request};
 
-use super::format::DISK_FILE;
+use super::{Start, Vm, VmState};
 use crate::disk::CloneMethod;
 use crate::error::{Error, Result};
-use crate::manager::vm::{Start, Vm, VmState};
+use crate::snapshots::DISK_FILE;
 use crate::vmm::{SavedState, VmmInstance};
 use bandsox_agent::client::AgentClient;
 

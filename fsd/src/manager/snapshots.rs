@@ -14,12 +14,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::format::{self as snapshots, Sizes, SnapshotInfo, DISK_FILE};
+use super::vm::Vm;
+use super::{Manager, NewVm};
 use crate::error::{Error, Result};
 use crate::events::rfc3339;
 use crate::layout::mkdir_private;
-use crate::manager::vm::Vm;
-use crate::manager::{Manager, NewVm};
+use crate::snapshots::{self, Sizes, SnapshotInfo, DISK_FILE};
 
 /// Releases a reservation (name or busy count) when dropped.
 struct Release<F: FnMut()>(F);
@@ -78,7 +78,7 @@ impl Manager {
             snapshots::allocated(&vm.dir.join("disk.ext4")),
         )?;
         let state = vm.state();
-        if state != crate::manager::vm::VmState::Running {
+        if state != super::vm::VmState::Running {
             return Err(Error::busy(format!(
                 "VM {} is {}; snapshot needs a running VM (start or resume it first)",
                 vm.name,
@@ -211,7 +211,7 @@ impl Manager {
     ) -> Result<String> {
         let root = self.layout.snapshots();
         let mut info = snapshots::load(&root, snap)?;
-        super::clone_opts::apply(&mut info, options)?;
+        crate::snapshots::clone_opts::apply(&mut info, options)?;
         self.check_kernel(info.config.kernel.as_deref())?;
         if uid != 0 && uid != info.owner_uid {
             return Err(Error::new(
