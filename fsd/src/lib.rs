@@ -21,6 +21,7 @@ pub mod events;
 pub mod eventview;
 pub mod fuse;
 pub mod guestfs;
+pub mod http;
 pub mod images;
 pub mod interrupt;
 pub mod layout;
