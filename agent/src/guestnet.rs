@@ -209,34 +209,36 @@ fn write_resolv_conf(dns: &[Ipv4Addr]) {
 mod sys {
     use std::io;
     use std::net::Ipv4Addr;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType};
 
     fn socket() -> io::Result<OwnedFd> {
-        // SAFETY: socket(2) with constant arguments; the fd is owned at once.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh, valid descriptor nobody else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        let flags = SockFlag::SOCK_CLOEXEC;
+        Ok(nix::sys::socket::socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            flags,
+            None,
+        )?)
     }
 
+    /// `a` as the generic `sockaddr` the ioctls take: laid out as a `sockaddr_in`, whose
+    /// port (2 bytes, 0 here) and address (4 bytes, network order) fill the start of
+    /// `sa_data`.
     #[expect(
         clippy::cast_possible_truncation,
         reason = "address-family and interface-flag constants of the kernel ABI fit their C field types"
     )]
     fn sockaddr(a: Ipv4Addr) -> libc::sockaddr {
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(a).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes) on Linux and
-        // every bit pattern is valid for sockaddr.
-        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+        let mut sa_data = [0 as libc::c_char; 14];
+        for (d, b) in sa_data[2..6].iter_mut().zip(a.octets()) {
+            *d = libc::c_char::from_ne_bytes([b]);
+        }
+        libc::sockaddr {
+            sa_family: libc::AF_INET as libc::sa_family_t,
+            sa_data,
+        }
     }
 
     fn ifreq(name: &str) -> io::Result<libc::ifreq> {
@@ -311,6 +313,31 @@ mod sys {
         match ioctl(&s, libc::SIOCADDRT, &mut rt) {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
             r => r,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        #[expect(clippy::cast_possible_truncation, reason = "AF_INET fits sa_family_t")]
+        fn sockaddr_is_a_sockaddr_in() {
+            let a = Ipv4Addr::new(10, 0, 2, 15);
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(a).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: both are 16-byte plain-old-data structs; every bit pattern is a
+            // valid sockaddr.
+            let want = unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) };
+            let got = sockaddr(a);
+            assert_eq!(got.sa_family, want.sa_family);
+            assert_eq!(got.sa_data, want.sa_data);
         }
     }
 }

@@ -124,7 +124,14 @@ fn group_entries(text: &str) -> Vec<(String, u32, Vec<String>)> {
 }
 
 /// Resolve `spec` (`user[:group]`) against the texts of `/etc/passwd` and `/etc/group`.
-pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<Identity, String> {
+/// `source` says where `spec` came from (the image's `User`, an `exec` option), for the
+/// error messages.
+pub fn resolve_user(
+    spec: &str,
+    source: &str,
+    passwd: &str,
+    group: &str,
+) -> Result<Identity, String> {
     let spec = spec.trim();
     if spec.is_empty() {
         return Ok(Identity::root());
@@ -138,13 +145,13 @@ pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<Identity, S
     let entry = match user.parse::<u32>() {
         Ok(uid) => users.iter().find(|e| e.uid == uid),
         Err(_) => Some(users.iter().find(|e| e.name == user).ok_or_else(|| {
-            format!("user {user:?} (image config User) is not in the image's /etc/passwd")
+            format!("user {user:?} ({source}) is not in the image's /etc/passwd")
         })?),
     };
     let uid = match (user.parse::<u32>(), entry) {
         (Ok(uid), _) => uid,
         (Err(_), Some(e)) => e.uid,
-        (Err(_), None) => return Err(format!("user {user:?} cannot be resolved")),
+        (Err(_), None) => return Err(format!("user {user:?} ({source}) cannot be resolved")),
     };
     let gid = match grp {
         Some(g) if !g.is_empty() => match g.parse::<u32>() {
@@ -153,7 +160,9 @@ pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<Identity, S
                 .iter()
                 .find(|(n, _, _)| n == g)
                 .map(|(_, gid, _)| *gid)
-                .ok_or_else(|| format!("group {g:?} is not in the image's /etc/group"))?,
+                .ok_or_else(|| {
+                    format!("group {g:?} ({source}) is not in the image's /etc/group")
+                })?,
         },
         _ => entry.map(|e| e.gid).unwrap_or(0),
     };
@@ -194,27 +203,34 @@ mod tests {
 
     #[test]
     fn names_numbers_and_groups() {
-        let r = resolve_user("", PASSWD, GROUP).unwrap();
+        let r = resolve_user("", "test", PASSWD, GROUP).unwrap();
         assert_eq!((r.uid, r.gid), (0, 0));
-        let a = resolve_user("app", PASSWD, GROUP).unwrap();
+        let a = resolve_user("app", "test", PASSWD, GROUP).unwrap();
         assert_eq!((a.uid, a.gid, a.home.as_str()), (1000, 1000, "/home/app"));
         assert_eq!(a.groups, vec![1000, 50, 29]);
-        let n = resolve_user("1000", PASSWD, GROUP).unwrap();
+        let n = resolve_user("1000", "test", PASSWD, GROUP).unwrap();
         assert_eq!((n.uid, n.gid), (1000, 1000));
         assert_eq!(n.name.as_deref(), Some("app"));
-        let u = resolve_user("4242", PASSWD, GROUP).unwrap();
+        let u = resolve_user("4242", "test", PASSWD, GROUP).unwrap();
         assert_eq!((u.uid, u.gid, u.home.as_str()), (4242, 0, "/"));
-        let g = resolve_user("app:staff", PASSWD, GROUP).unwrap();
+        let g = resolve_user("app:staff", "test", PASSWD, GROUP).unwrap();
         assert_eq!((g.uid, g.gid), (1000, 50));
         assert_eq!(g.groups, vec![50]);
-        let ng = resolve_user("4242:77", PASSWD, GROUP).unwrap();
+        let ng = resolve_user("4242:77", "test", PASSWD, GROUP).unwrap();
         assert_eq!((ng.uid, ng.gid), (4242, 77));
-        assert!(resolve_user("nobody", PASSWD, GROUP)
-            .unwrap_err()
-            .contains("not in the image's /etc/passwd"));
-        assert!(resolve_user("app:nogroup", PASSWD, GROUP).is_err());
+        let e = resolve_user("nobody", "#bandsox user=", PASSWD, GROUP).unwrap_err();
+        assert_eq!(
+            e,
+            "user \"nobody\" (#bandsox user=) is not in the image's /etc/passwd"
+        );
+        let e = resolve_user("nobody", "image config User", PASSWD, GROUP).unwrap_err();
+        assert!(e.contains("(image config User)"), "{e}");
+        assert!(resolve_user("app:nogroup", "test", PASSWD, GROUP).is_err());
         // No /etc/passwd at all (scratch image): numbers still work.
-        assert_eq!(resolve_user("65534:65534", "", "").unwrap().uid, 65534);
+        assert_eq!(
+            resolve_user("65534:65534", "test", "", "").unwrap().uid,
+            65534
+        );
     }
 
     #[test]

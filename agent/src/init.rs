@@ -11,7 +11,12 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::mount::{mount, MsFlags};
+use nix::sys::reboot::{reboot, RebootMode};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{sync, Pid};
 
 use crate::reaper::Reaper;
 
@@ -99,9 +104,16 @@ pub fn mount_pseudo(with_tmp: bool) {
 /// Make sure fds 0, 1 and 2 are open (on `/dev/console`, else `/dev/null`), so later
 /// files and pipes never land on them. Needs `/dev`.
 pub fn ensure_std_fds() {
+    use nix::fcntl::{fcntl, FcntlArg::F_GETFD};
+    use nix::unistd::{dup2_stderr, dup2_stdin, dup2_stdout};
     for fd in 0..3 {
-        // SAFETY: F_GETFD only queries the fd table.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+        // F_GETFD only asks whether the descriptor is open.
+        let open = match fd {
+            0 => fcntl(std::io::stdin(), F_GETFD),
+            1 => fcntl(std::io::stdout(), F_GETFD),
+            _ => fcntl(std::io::stderr(), F_GETFD),
+        };
+        if open.is_ok() {
             continue;
         }
         let f = std::fs::OpenOptions::new()
@@ -116,8 +128,12 @@ pub fn ensure_std_fds() {
             });
         if let Ok(f) = f {
             if f.as_raw_fd() != fd {
-                // SAFETY: dup2 onto a closed standard fd; `f` stays owned and is closed on drop.
-                unsafe { libc::dup2(f.as_raw_fd(), fd) };
+                // Duplicated onto `fd`; `f` itself is closed on drop.
+                let _ = match fd {
+                    0 => dup2_stdin(&f),
+                    1 => dup2_stdout(&f),
+                    _ => dup2_stderr(&f),
+                };
             } else {
                 std::mem::forget(f); // it already is `fd`; keep it open
             }
@@ -143,14 +159,10 @@ pub fn load_modules() {
                 continue;
             }
         };
-        let params = c"";
-        // SAFETY: finit_module(fd, "", 0) with a valid fd and NUL-terminated string.
-        let rc =
-            unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EEXIST) {
-                tracing::error!("cannot load module {line}: {e}");
+        match finit_module(&f, c"", ModuleInitFlags::empty()) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => {
+                tracing::error!("cannot load module {line}: {}", e.desc());
                 continue;
             }
         }
@@ -261,21 +273,18 @@ fn others_alive() -> bool {
 /// Sync, stop every process, remount `/` read-only and power off. Never returns.
 pub fn power_off(reaper: &Reaper) {
     tracing::info!("powering off");
-    // SAFETY: sync(2) has no preconditions.
-    unsafe { libc::sync() };
-    // SAFETY: kill(-1) signals every process but us.
-    unsafe { libc::kill(-1, libc::SIGTERM) };
+    sync();
+    // Pid -1: every process but us.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(1);
     while others_alive() && Instant::now() < deadline {
         reaper.reap_now();
         std::thread::sleep(Duration::from_millis(20));
     }
-    // SAFETY: as above.
-    unsafe { libc::kill(-1, libc::SIGKILL) };
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     std::thread::sleep(Duration::from_millis(50));
     reaper.reap_now();
-    // SAFETY: sync(2) has no preconditions.
-    unsafe { libc::sync() };
+    sync();
     if let Err(e) = mount(
         None::<&str>,
         "/",
@@ -285,17 +294,13 @@ pub fn power_off(reaper: &Reaper) {
     ) {
         tracing::warn!("cannot remount / read-only: {}", e.desc());
     }
-    // SAFETY: sync(2) has no preconditions.
-    unsafe { libc::sync() };
-    // SAFETY: reboot(2) with a valid command; only returns on failure.
-    unsafe { libc::reboot(libc::RB_POWER_OFF) };
-    tracing::error!(
-        "power off failed: {}; rebooting",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: as above (QEMU runs with -no-reboot, so this ends the VM too).
-    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
-    tracing::error!("reboot failed: {}", std::io::Error::last_os_error());
+    sync();
+    // reboot(2) only returns on failure.
+    let Err(e) = reboot(RebootMode::RB_POWER_OFF);
+    tracing::error!("power off failed: {}; rebooting", e.desc());
+    // QEMU runs with -no-reboot, so this ends the VM too.
+    let Err(e) = reboot(RebootMode::RB_AUTOBOOT);
+    tracing::error!("reboot failed: {}", e.desc());
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }

@@ -132,8 +132,12 @@ fn host_main(listen: &str, root: Option<PathBuf>) {
         }
     };
     // Orphaned descendants are re-parented to us, so we reap them and can kill them.
-    // SAFETY: prctl with integer arguments only.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        eprintln!(
+            "bandsox-agent: cannot become a child subreaper: {}",
+            e.desc()
+        );
+    }
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -179,7 +183,7 @@ fn host_main(listen: &str, root: Option<PathBuf>) {
                 },
                 _ = term.recv() => {
                     tracing::info!("SIGTERM: stopping");
-                    bandsox_agent::server::kill_descendants(libc::SIGKILL);
+                    bandsox_agent::server::kill_descendants(nix::sys::signal::Signal::SIGKILL);
                     let _ = std::fs::remove_dir_all(&agent.config().script_dir);
                     return 0;
                 }

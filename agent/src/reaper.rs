@@ -8,6 +8,10 @@
 //! registered (orphans re-parented to PID 1, or children of a subreaper) are reaped and
 //! dropped silently.
 //!
+//! Both waits are raw `libc` calls: nix's `WaitStatus` cannot represent a child killed by
+//! a real-time signal (its `Signal` lacks them), so nix's `waitpid` would reap such a child
+//! and return `EINVAL`, losing its status for good.
+//!
 //! The thread does not depend on any tokio runtime, so statuses are delivered even when
 //! several runtimes come and go (tests); `waitpid(-1)`-style reaping means nothing else in
 //! the process may wait for its own children.

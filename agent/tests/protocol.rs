@@ -443,18 +443,44 @@ async fn dropped_handle_does_not_block_command() {
 
 /// Stdin is flow controlled: a command that does not read stdin blocks the sender
 /// instead of growing the agent's memory; exit releases it with EPIPE.
+///
+/// The sender writes chunk after chunk until a write fails, rather than offering one large
+/// buffer: once the command has exited its stdin pipe is gone, and the agent discards (and
+/// credits back) the bytes still arriving for it. A single large write can therefore be
+/// discarded to its end, and succeed, before `Exited` reaches the client; under load that
+/// race was lost now and then. Writes made after the client has seen the exit fail with
+/// EPIPE, and a sender that keeps writing makes one.
 #[tokio::test]
 async fn stdin_is_flow_controlled() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    const CHUNK: usize = 64 * 1024;
     let (c, _) = AgentClient::connect(serve_duplex(), T).await.unwrap();
     let mut spec = script("sleep 1");
     spec.stdin = true;
     let mut h = c.exec(spec, T).await.unwrap();
     let ctl = h.control();
-    let feeder = tokio::spawn(async move { ctl.stdin(vec![0u8; 8 << 20]).await });
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = accepted.clone();
+    let feeder = tokio::spawn(async move {
+        loop {
+            if let Err(e) = ctl.stdin(vec![0u8; CHUNK]).await {
+                return e;
+            }
+            counter.fetch_add(CHUNK as u64, Ordering::SeqCst);
+        }
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !feeder.is_finished(),
-        "8 MiB cannot fit into a pipe nobody reads"
+        "stdin failed while the command was running"
+    );
+    // What a pipe nobody reads takes: the stdin credit, the pipe's buffer (64 KiB by
+    // default) and the chunk the agent is writing; 1 MiB leaves room for larger pipes.
+    let unread = accepted.load(Ordering::SeqCst);
+    assert!(
+        unread <= INITIAL_CREDIT + (1 << 20),
+        "{unread} bytes accepted for a pipe nobody reads"
     );
     while let Some(ev) = h.next().await {
         if let ExecEvent::Exited(st) = ev {
@@ -468,10 +494,10 @@ async fn stdin_is_flow_controlled() {
     assert!(
         matches!(
             r,
-            Err(ClientError::Remote {
+            ClientError::Remote {
                 errno: libc::EPIPE,
                 ..
-            })
+            }
         ),
         "{r:?}"
     );
@@ -495,4 +521,54 @@ async fn connection_death_fails_everything_promptly() {
         h.control().signal(9).await,
         Err(ClientError::Closed)
     ));
+}
+
+/// A change made in the guest while no host is connected is announced to the next
+/// session: a host that reconnects learns what changed meanwhile.
+#[tokio::test]
+async fn file_events_wait_for_the_next_session() {
+    use bandsox_agent::proto::fs::{FsEvent, FsRequest, FsResponse, ROOT_NODE};
+    let agent = in_process_agent();
+    let root = agent.config().fs_root.clone();
+    std::fs::create_dir(root.join("w")).unwrap();
+    let session = |agent: &std::sync::Arc<bandsox_agent::server::Agent>| {
+        let (host, guest) = tokio::io::duplex(256 * 1024);
+        let a = agent.clone();
+        (
+            host,
+            tokio::spawn(async move { a.serve_stream(guest).await }),
+        )
+    };
+    // The first host looks the directory up (the agent watches it) and goes away.
+    let (host, served) = session(&agent);
+    let (c, _) = AgentClient::connect(host, T).await.unwrap();
+    let lookup = FsRequest::Lookup {
+        parent: ROOT_NODE,
+        name: b"w".to_vec(),
+    };
+    let w = match c.fs(lookup, T).await.unwrap() {
+        FsResponse::Entry(e) => e,
+        other => panic!("lookup answered {other:?}"),
+    };
+    assert!(w.watched);
+    c.close("the host goes away");
+    tokio::time::timeout(T, served).await.unwrap().unwrap();
+    // The guest changes the directory; the watcher finds nobody to tell.
+    std::fs::write(root.join("w/new"), b"x").unwrap();
+    agent.deliver_fs_events().await;
+    // The next host hears of it.
+    let (host, _served) = session(&agent);
+    let (c, _) = AgentClient::connect(host, T).await.unwrap();
+    let mut events = c.take_fs_events().unwrap();
+    let batch = tokio::time::timeout(T, events.next())
+        .await
+        .expect("the change is announced to the new session")
+        .unwrap();
+    assert!(
+        batch.iter().any(|e| matches!(
+            e,
+            FsEvent::Entry { parent, name, now: Some(_) } if *parent == w.node.id && name == b"new"
+        )),
+        "{batch:?}"
+    );
 }

@@ -175,22 +175,18 @@ impl Placement {
     }
 
     /// Join this cgroup. Runs in the child between fork and exec: only async-signal-safe
-    /// calls (open, write, close) on data prepared before the fork.
+    /// calls (open, write, close) on data prepared before the fork; nothing allocates
+    /// (nix passes a `CStr` path through as it is, and an `Errno` becomes an `io::Error`
+    /// without allocating).
     pub fn join_from_child(&self) -> std::io::Result<()> {
-        // SAFETY: `procs` is a valid C string; the fd is ours and closed before return.
-        unsafe {
-            let fd = libc::open(self.procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if n != 1 {
-                return Err(err);
-            }
+        use nix::fcntl::OFlag;
+        let flags = OFlag::O_WRONLY | OFlag::O_CLOEXEC;
+        let fd = nix::fcntl::open(self.procs.as_c_str(), flags, nix::sys::stat::Mode::empty())?;
+        // The descriptor is closed when `fd` drops.
+        match nix::unistd::write(&fd, b"0")? {
+            1 => Ok(()),
+            _ => Err(std::io::Error::from_raw_os_error(libc::EIO)),
         }
-        Ok(())
     }
 }
 

@@ -132,10 +132,9 @@ pub fn start_run(vm: &Path, options: &[String], command: &str) -> Res<u64> {
     if let Err(e) = f.write_all(text.as_bytes()) {
         return Err(format!("cannot start the command: {e}{}", ctl_reason(vm)));
     }
-    let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
-    // SAFETY: `fd` was just taken out of its `File`, so it is closed exactly once, here.
-    if unsafe { libc::close(fd) } != 0 {
-        let e = std::io::Error::last_os_error();
+    // close(2) here, not on drop: its errno is the one of a lost run.
+    if let Err(e) = nix::unistd::close(f) {
+        let e = std::io::Error::from(e);
         return Err(format!("cannot start the command: {e}{}", ctl_reason(vm)));
     }
     let target = std::fs::read_link(vm.join("runs/last"))

@@ -2,20 +2,18 @@
 //!
 //! One command per line; parsing never has side effects, so a bad line is rejected
 //! (EINVAL, with a message listing what is accepted) before anything is changed.
-use std::collections::HashMap;
-
-use parking_lot::Mutex;
-
 use crate::error::{Error, Result};
 use crate::lines::quote;
+use crate::sessions::PerSession;
 
-/// The last `ctl` result per caller session (what reading a `ctl` file returns).
+/// The last `ctl` result per caller session (what reading a `ctl` file returns), for
+/// the most recent sessions (see `sessions`).
 #[derive(Default)]
-pub struct CtlResults(Mutex<HashMap<u32, String>>);
+pub struct CtlResults(PerSession<String>);
 
 impl CtlResults {
     pub fn get(&self, session: u32) -> String {
-        self.0.lock().get(&session).cloned().unwrap_or_default()
+        self.0.get(session).unwrap_or_default()
     }
 
     /// Remember the outcome of one command for `session` and pass it on. The text kept
@@ -25,7 +23,7 @@ impl CtlResults {
             Ok(msg) => format!("{}\n", one_line(msg)),
             Err(e) => format!("error: {}\n", one_line(&e.message)),
         };
-        self.0.lock().insert(session, text);
+        self.0.set(session, text);
         outcome
     }
 }

@@ -1,14 +1,16 @@
 //! Process plumbing of the daemon: logging, daemonizing, mounting and unmounting.
 //!
 //! Order of `mount`: fork into the background (before any thread exists), start the
-//! tokio runtime, open the state directory, re-adopt VMs left running by an earlier
-//! daemon, clear a stale mount left by a killed daemon (found in the mount table, its
-//! connection aborted: see [`crate::watchdog`]), start the watchdog, mount, and only once the mount
-//! answers a request (`README` stats through FUSE) tell the waiting parent, and systemd
-//! (`READY=1` on `$NOTIFY_SOCKET`, for `Type=notify`), that the tree is up.
+//! tokio runtime, open the state directory, start re-adopting VMs left running by an
+//! earlier daemon (in the background: each VM shows `adopting` until it is done, and the
+//! mount never waits for a guest), start the watchdog, clear a stale mount left by a
+//! killed daemon (found in the mount table, its connection aborted: see
+//! [`crate::watchdog`]) and mount right after, and only once the mount answers a request
+//! (`README` stats through FUSE) tell the waiting parent, and systemd (`READY=1` on
+//! `$NOTIFY_SOCKET`, for `Type=notify`), that the tree is up.
 //! SIGTERM/SIGINT send `STOPPING=1` and unmount cleanly; VMs keep running.
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -60,18 +62,16 @@ pub fn init_logging(default: Option<&str>) {
 }
 
 fn lazy_unmount(path: &Path) -> Result<(), String> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| "mount point contains a NUL byte".to_string())?;
-    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    if rc != 0 {
-        return Err(format!(
+    if path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err("mount point contains a NUL byte".to_string());
+    }
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+        format!(
             "cannot unmount {}: {}",
             path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
+            std::io::Error::from(e)
+        )
+    })
 }
 
 /// `bandsox unmount`: detach the tree (found in the mount table, never `stat`ed, so a
@@ -87,42 +87,52 @@ pub fn unmount(mountpoint: &Path) -> Result<(), String> {
 /// Fork; the parent waits until the child reports the mount is up. Returns in the child
 /// with the write end of the readiness pipe.
 fn daemonize(log: &Path) -> Result<Option<OwnedFd>, String> {
-    let mut fds = [0i32; 2];
-    // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by us alone.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: no other threads exist yet (called before the runtime starts).
-    match unsafe { libc::fork() } {
-        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
-        0 => {
+    use nix::unistd::{dup2_stderr, dup2_stdin, dup2_stdout, fork, pipe2, setsid, ForkResult};
+    let (rd, wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| format!("pipe: {}", std::io::Error::from(e)))?;
+    // SAFETY: no other threads exist yet (called before the runtime starts), so the child
+    // may do anything the parent could.
+    match unsafe { fork() } {
+        Err(e) => Err(format!("fork: {}", std::io::Error::from(e))),
+        Ok(ForkResult::Child) => {
             drop(rd);
-            // SAFETY: setsid has no preconditions; it detaches us from the terminal.
-            unsafe { libc::setsid() };
+            // Detaches us from the terminal; cannot fail in a fresh child (not a group
+            // leader).
+            let _ = setsid();
             let logf = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(log)
                 .map_err(|e| format!("{}: {e}", log.display()))?;
             let null = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
-            use std::os::fd::AsRawFd;
-            // SAFETY: all descriptors are valid and open; dup2 replaces std streams.
-            unsafe {
-                libc::dup2(null.as_raw_fd(), 0);
-                libc::dup2(logf.as_raw_fd(), 1);
-                libc::dup2(logf.as_raw_fd(), 2);
-            }
+            // The standard streams become /dev/null and the log.
+            let _ = dup2_stdin(&null);
+            let _ = dup2_stdout(&logf);
+            let _ = dup2_stderr(&logf);
             Ok(Some(wr))
         }
-        _child => {
+        Ok(ForkResult::Parent { .. }) => {
             drop(wr);
             let mut f = std::fs::File::from(rd);
             let mut b = [0u8; 1];
             match f.read(&mut b) {
                 Ok(1) => Ok(None),
                 _ => Err(format!("the daemon failed to start; see {}", log.display())),
+            }
+        }
+    }
+}
+
+/// Raise the soft open-file limit to the hard one: every running command holds three
+/// spool files, and the default limits (`limits::LimitSet::defaults`) follow this one.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        // Capped: VMMs inherit it, and some programs size tables by it.
+        let want = hard.min(1 << 20);
+        if want > soft {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+                tracing::warn!("cannot raise the open-file limit from {soft} to {want}: {e}");
             }
         }
     }
@@ -163,9 +173,11 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         .thread_name("bandsox-rt")
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
+    raise_open_file_limit();
     let backends = crate::backends::detect();
     // Decide (and log) once whether VMMs get cgroups.
     let _ = crate::cgroup::support();
+    crate::testhook::announce();
     let mgr = Manager::open(opts.state_dir.clone(), backends).map_err(|e| e.to_string())?;
     mgr.events
         .emit("", "daemon-start", &format!("pid={}", std::process::id()));
@@ -175,6 +187,14 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         crate::logcap::spawn(Arc::downgrade(&mgr));
     }
 
+    // Everything the mount needs is made first: between the removal of a dead mount and
+    // the new one the mount point is the bare directory (and the adoptions run
+    // meanwhile), so that gap holds nothing but the mount itself.
+    let mut watchdog = crate::watchdog::spawn();
+    let vfs = Arc::new(Vfs::new(mgr.clone()));
+    let guest = GuestFs::new(mgr.clone(), rt.handle().clone());
+    let fs = BandsoxFs::new(vfs.clone(), guest.clone(), rt.handle().clone());
+
     // Never stat the mount point before an earlier mount is gone: if its daemon died,
     // the stat would wait forever.
     let mountpoint = crate::watchdog::absolute(&opts.mountpoint);
@@ -183,11 +203,6 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
         tracing::warn!("cleared an earlier mount at {}", mountpoint.display());
     }
     std::fs::create_dir_all(&mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
-    let mut watchdog = crate::watchdog::spawn();
-
-    let vfs = Arc::new(Vfs::new(mgr.clone()));
-    let guest = GuestFs::new(mgr.clone(), rt.handle().clone());
-    let fs = BandsoxFs::new(vfs.clone(), guest.clone(), rt.handle().clone());
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("bandsox".into()),

@@ -100,25 +100,18 @@ pub(crate) fn sparse_copy(input: &File, output: &File) -> io::Result<u64> {
 /// The next data region `[start, end)` at or after `pos`, or `None` when only a hole is left.
 /// Filesystems without `SEEK_DATA` report the whole rest as data.
 fn next_data(f: &File, pos: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
-    let fd = f.as_raw_fd();
+    use nix::errno::Errno;
+    use nix::unistd::{lseek, Whence};
     let pos_off =
         libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: lseek on an open fd; no memory involved.
-    let start = unsafe { libc::lseek(fd, pos_off, libc::SEEK_DATA) };
-    if start < 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            Some(libc::EINVAL | libc::EOPNOTSUPP) => Ok(Some((pos, len))),
-            _ => Err(e),
-        };
-    }
-    // SAFETY: as above.
-    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-    if end < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // Both are non-negative here (checked above).
+    let start = match lseek(f, pos_off, Whence::SeekData) {
+        Ok(start) => start,
+        Err(Errno::ENXIO) => return Ok(None),
+        Err(Errno::EINVAL | Errno::EOPNOTSUPP) => return Ok(Some((pos, len))),
+        Err(e) => return Err(e.into()),
+    };
+    let end = lseek(f, start, Whence::SeekHole)?;
+    // Both are non-negative (a successful lseek returns an offset).
     Ok(Some((start.unsigned_abs(), end.unsigned_abs().min(len))))
 }
 

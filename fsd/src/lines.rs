@@ -164,6 +164,11 @@ impl LineBuffer {
         }
     }
 
+    /// Bytes of memory the unterminated line holds.
+    pub fn held(&self) -> usize {
+        self.partial.capacity()
+    }
+
     /// Whether bytes of an unterminated line are waiting.
     pub fn has_partial(&self) -> bool {
         !self.partial.is_empty()

@@ -20,7 +20,6 @@
 //!   sees it start over, as after `truncate`).
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,14 +37,13 @@ static PUNCH_UNSUPPORTED_LOGGED: AtomicBool = AtomicBool::new(false);
 
 /// The first kept byte of `f` (its size when nothing is kept).
 pub fn kept_start(f: &File) -> u64 {
-    // SAFETY: lseek on a descriptor we own; SEEK_DATA does not change anything we rely on
-    // (callers use positioned reads only).
-    let off = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
-    if off < 0 {
+    // SEEK_DATA moves the file offset, which nothing relies on (callers use positioned
+    // reads only).
+    match nix::unistd::lseek(f, 0, nix::unistd::Whence::SeekData) {
+        Ok(off) => off.unsigned_abs(),
         // ENXIO: no data at all (empty, or all hole).
-        return f.metadata().map(|m| m.len()).unwrap_or(0);
+        Err(_) => f.metadata().map(|m| m.len()).unwrap_or(0),
     }
-    off.unsigned_abs()
 }
 
 /// Keep the last `keep` bytes of the file at `path`; free the rest once it holds more
@@ -67,19 +65,17 @@ pub fn enforce(path: &Path, keep: u64) -> std::io::Result<u64> {
     if end <= start {
         return Ok(0);
     }
-    // SAFETY: fallocate on a descriptor we own, with in-range offsets.
-    let rc = unsafe {
-        libc::fallocate(
-            f.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            0,
-            libc::off_t::try_from(end).unwrap_or(libc::off_t::MAX),
-        )
-    };
-    if rc == 0 {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    let Err(e) = fallocate(
+        &f,
+        punch,
+        0,
+        libc::off_t::try_from(end).unwrap_or(libc::off_t::MAX),
+    ) else {
         return Ok(end - start);
-    }
-    let e = std::io::Error::last_os_error();
+    };
+    let e = std::io::Error::from(e);
     if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
         if !PUNCH_UNSUPPORTED_LOGGED.swap(true, Ordering::Relaxed) {
             tracing::warn!(

@@ -223,8 +223,7 @@ fn host_nameservers() -> Vec<Ipv4Addr> {
 
 /// Refuse `net=tap` early, with the reason, where it cannot work.
 pub fn check_tap_possible() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return Err(Error::new(
             libc::EPERM,
             "net=tap needs root: the daemon creates a TAP device and NAT rules per VM \

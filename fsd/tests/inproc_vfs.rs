@@ -338,3 +338,77 @@ async fn exec_runs_at_close_and_runs_last_follows_the_session() {
     assert!(why.contains("frobnicate"), "{why}");
     rmdir(&vfs, ROOT_INO, "x", c).await.unwrap();
 }
+
+/// What open files and commands make the daemon hold counts against the limits of one
+/// user (`user.7777.*`, so the other tests of this binary, which share the limits file,
+/// are not affected): over a limit the write fails with EDQUOT, nothing is kept, and
+/// `cat ctl` names the limit; closing gives everything back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_open_files_count_against_the_callers_limits() {
+    inproc::limits_from_an_empty_file();
+    let file = std::path::PathBuf::from(std::env::var_os(bandsox_fsd::limits::ENV).unwrap());
+    let next = file.with_extension("new");
+    std::fs::write(
+        &next,
+        "user.7777.runs = 1\nuser.7777.terminal_cells = 100\nuser.7777.buffer_mib = 1\n",
+    )
+    .unwrap();
+    std::fs::rename(&next, &file).unwrap();
+    let (_tmp, _mgr, vfs) = setup();
+    let c = caller(7777);
+    mkdir(&vfs, "q", c).await.unwrap();
+    let exec = walk(&vfs, "q/exec").unwrap();
+    echo(&vfs, "q/exec", "echo first\n", c).await.unwrap();
+    let last = walk(&vfs, "q/runs/last").unwrap();
+    assert_eq!(vfs.readlink(last, c).unwrap(), "1");
+
+    // A terminal larger than the user's cells: the write of the options line fails.
+    assert_eq!(
+        echo(&vfs, "q/exec", "#bandsox tty=20x10\ntrue\n", c).await,
+        Err(libc::EDQUOT)
+    );
+    let why = cat(&vfs, "q/ctl", c).await.unwrap();
+    assert!(
+        why.starts_with("error: exec: limit user.7777.terminal_cells=100 reached"),
+        "{why}"
+    );
+    // An exec descriptor being written counts as a command: a second one is refused.
+    let (held, _) = vfs.open(exec, false, true, c).unwrap();
+    vfs.write(held, 0, b"true", c).await.unwrap();
+    assert_eq!(echo(&vfs, "q/exec", "true\n", c).await, Err(libc::EDQUOT));
+    let why = cat(&vfs, "q/ctl", c).await.unwrap();
+    assert!(why.contains("limit user.7777.runs=1 reached"), "{why}");
+    assert_eq!(
+        vfs.readlink(last, c).map_err(|e| e.errno),
+        Err(libc::ENOENT),
+        "runs/last names an older run after a refused exec"
+    );
+    tokio::time::timeout(T, vfs.flush(held, c))
+        .await
+        .unwrap()
+        .unwrap();
+    vfs.release(held);
+
+    // Unterminated ctl lines hold the caller's buffers: about 1 MiB of them fits.
+    let ctl = walk(&vfs, "q/ctl").unwrap();
+    let mut open = Vec::new();
+    let line = vec![b'x'; 60_000];
+    let refused = loop {
+        let (fh, _) = vfs.open(ctl, false, true, c).unwrap();
+        open.push(fh);
+        if let Err(e) = vfs.write(fh, 0, &line, c).await {
+            break e;
+        }
+        assert!(open.len() < 40, "1 MiB of buffers was never reached");
+    };
+    assert_eq!(refused.errno, libc::EDQUOT, "{}", refused.message);
+    assert!(refused.message.contains("user.7777.buffer_mib=1"));
+    assert_eq!(open.len(), 18, "1 MiB holds 17 lines of 60,000 bytes");
+    for fh in open {
+        vfs.release(fh);
+    }
+    // All given back: a command runs.
+    echo(&vfs, "q/exec", "echo back\n", c).await.unwrap();
+    assert_eq!(cat(&vfs, "q/exec", c).await.unwrap(), "back\n");
+    rmdir(&vfs, ROOT_INO, "q", c).await.unwrap();
+}

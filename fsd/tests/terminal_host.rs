@@ -134,6 +134,8 @@ fn per_command_options_and_timeouts() {
         "color=red",
         "tty=0x0",
         "timeout=-1",
+        "timeout=0",
+        "timeout=0.0001",
         "env=NOEQUALS",
         "timeout=1 timeout=2",
     ] {
@@ -146,6 +148,24 @@ fn per_command_options_and_timeouts() {
         assert!(why.starts_with("error: exec: "), "{bad}: {why}");
     }
     assert_eq!(m.ok("ls $M/b/runs | wc -l"), before);
+    // A zero timeout is refused, and the message says how to ask for none.
+    let _ = m.sh("printf '#bandsox timeout=0\\ntrue\\n' > $M/b/exec");
+    assert!(m.ok("cat $M/b/ctl").contains("write timeout=none"));
+    // A user the guest does not know fails the start; every report names the option
+    // the user came from.
+    m.ok("printf '#bandsox user=nobody-such\\necho hi\\n' > $M/b/exec");
+    let why = "user \"nobody-such\" (#bandsox user=) is not in the image's /etc/passwd";
+    let status = m.ok("cat $M/b/runs/last/status");
+    assert!(
+        status.starts_with("lost: ") && status.contains(why),
+        "{status}"
+    );
+    assert!(m.ok("cat $M/b/runs/last/stderr").contains(why));
+    let ctl = m.ok("cat $M/b/ctl");
+    assert!(
+        ctl.starts_with("error: exec: ") && ctl.contains(why),
+        "{ctl}"
+    );
 
     // A timeout ends the command with SIGTERM; the status says so.
     let t0 = std::time::Instant::now();

@@ -4,7 +4,7 @@
 # chained cleanups (`on_exit`) come from tests/testlib.sh.
 # Environment (set by run.sh): MNT (mount point), STATE (state directory), BANDSOX (binary),
 # AGENT (the static agent in STATE's initramfs).
-# shellcheck source=tests/testlib.sh
+# shellcheck source=SCRIPTDIR/../testlib.sh
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 
@@ -42,6 +42,16 @@ crash_and_restart_daemon() {
   kill -9 "$_pid"
   sleep 0.5
   "$BANDSOX" mount "$MNT" --state-dir "$STATE" || fail "restart failed"
+}
+
+# adopted VM: after a daemon restart, wait until VM (a name under $MNT, or a VM
+# directory's path) is no longer `adopting` (adoption runs in the background; requests
+# for the VM wait for it by themselves) and print its state.
+adopted() {
+  case $1 in */*) _vd=$1 ;; *) _vd=$MNT/$1 ;; esac
+  wait_for 40 sh -c "[ \"\$(cat '$_vd/state')\" != adopting ]" \
+    || fail "$1 is still adopting 40 s after the restart"
+  cat "$_vd/state"
 }
 
 # gone PID: the process has exited (a zombie counts as exited).

@@ -11,6 +11,6 @@ echo x > "$f"
 ln "$f" "$f.link"
 before=$(stat -c %i "$f")
 crash_and_restart_daemon
-assert_eq running "$(cat "$MNT/idn/state")" "state after restart"
+assert_eq running "$(adopted idn)" "state after restart"
 assert_eq "$before" "$(stat -c %i "$f")" "st_ino after a daemon restart"
 assert_eq "$before" "$(stat -c %i "$f.link")" "st_ino of the link after a daemon restart"

@@ -10,10 +10,11 @@ echo 'clone snapr cr' > "$MNT/ctl" || fail "clone: $(cat "$MNT/ctl")"
 VMS="$VMS cr"
 echo 'echo mark > /root/mark' > "$MNT/cr/exec"
 crash_and_restart_daemon
-assert_eq running "$(cat "$MNT/cr/state")" "clone state after restart"
+# The exec waits for the background adoption.
 echo 'cat /root/mark; hostname' > "$MNT/cr/exec"
 assert_eq "mark
 cr" "$(cat "$MNT/cr/exec")" "clone exec after restart"
+assert_eq running "$(cat "$MNT/cr/state")" "clone state after restart"
 ls "$MNT/snapshots" | has -x snapr || fail "snapshot gone after restart"
 echo 'clone snapr cr2' > "$MNT/ctl" || fail "clone after restart: $(cat "$MNT/ctl")"
 VMS="$VMS cr2"

@@ -10,7 +10,7 @@
 #   BANDSOX_DEVTOOLS the bandsox-devtools binary (for `bandsox-devtools fsx`)
 #   VMM_PID_FILE  the VM's vmm.pid (for the kill test)
 set -euo pipefail
-# shellcheck source=tests/testlib.sh
+# shellcheck source=SCRIPTDIR/../testlib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 
 # guest CMD: run CMD in the guest through exec, print its output; fail on non-zero.

@@ -39,6 +39,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::stat::{umask, Mode};
+use nix::unistd::{setgid, setgroups, setsid, setuid, Gid, Pid, Uid};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -124,13 +128,15 @@ fn parse_shebang(script: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
     Some((interp, arg))
 }
 
-/// Resolve the image's `User` through the guest's `/etc/passwd` and `/etc/group`.
+/// Resolve a user (from `source`: the image's `User` or the command's options) through
+/// the guest's `/etc/passwd` and `/etc/group`.
 fn resolve_identity(
     root: &std::path::Path,
     user: &str,
+    source: &str,
 ) -> Result<crate::image::Identity, ExecError> {
     let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_default();
-    crate::image::resolve_user(user, &read("etc/passwd"), &read("etc/group"))
+    crate::image::resolve_user(user, source, &read("etc/passwd"), &read("etc/group"))
         .map_err(|m| ExecError::new(libc::EINVAL, m))
 }
 
@@ -272,8 +278,12 @@ pub(crate) async fn start(
         }
     }
     let ident = match (&extra.user, image.filter(|c| !c.user.trim().is_empty())) {
-        (Some(u), _) => Some(resolve_identity(&agent.cfg.fs_root, u)?),
-        (None, Some(c)) => Some(resolve_identity(&agent.cfg.fs_root, &c.user)?),
+        (Some(u), _) => Some(resolve_identity(&agent.cfg.fs_root, u, "#bandsox user=")?),
+        (None, Some(c)) => Some(resolve_identity(
+            &agent.cfg.fs_root,
+            &c.user,
+            "image config User",
+        )?),
         (None, None) => None,
     };
     let image_cwd = image
@@ -426,33 +436,33 @@ pub(crate) async fn start(
     let creds = ident
         .as_ref()
         .filter(|i| i.uid != 0 || i.gid != 0)
-        .map(|i| (i.uid, i.gid, i.groups.clone()));
-    // SAFETY: setsid(2), umask(2), setrlimit(2), setgroups(2), setgid(2) and setuid(2) are
-    // async-signal-safe; the closure only reads values computed before the fork (an rlimit
-    // and the credentials) and allocates nothing.
+        .map(|i| {
+            let groups: Vec<Gid> = i.groups.iter().copied().map(Gid::from_raw).collect();
+            (Uid::from_raw(i.uid), Gid::from_raw(i.gid), groups)
+        });
+    // SAFETY: the closure runs between fork and exec, so it must be async-signal-safe:
+    // it only makes system calls (setsid, TIOCSCTTY, umask, setrlimit, setgroups, setgid,
+    // setuid; nix's wrappers are thin and allocate nothing; an `Errno` becomes an
+    // `io::Error` without allocating), reads values computed before the fork and
+    // allocates nothing itself.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            setsid()?;
             // fd 0 is the terminal's slave side by now: make it the session's
-            // controlling terminal.
+            // controlling terminal (nix has no wrapper for TIOCSCTTY).
             if ctty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // The agent itself runs with umask 0 (the file service applies modes
             // exactly) and a raised descriptor limit; commands get the usual defaults.
-            libc::umask(0o022);
-            if let Some(lim) = &nofile {
-                libc::setrlimit(libc::RLIMIT_NOFILE, lim);
+            umask(Mode::from_bits_truncate(0o022));
+            if let Some((soft, hard)) = nofile {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, soft, hard);
             }
             if let Some((uid, gid, groups)) = &creds {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                setgroups(groups)?;
+                setgid(*gid)?;
+                setuid(*uid)?;
             }
             Ok(())
         });
@@ -706,7 +716,7 @@ impl Pump {
 }
 
 /// Send `sig` to every descendant of this process (found through `/proc`).
-pub fn kill_descendants(sig: i32) {
+pub fn kill_descendants(sig: Signal) {
     let me = std::process::id();
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
@@ -738,8 +748,7 @@ pub fn kill_descendants(sig: i32) {
     }
     for pid in found.into_iter().skip(1) {
         if let Ok(pid) = i32::try_from(pid) {
-            // SAFETY: kill(2) on a descendant pid; no memory involved.
-            unsafe { libc::kill(pid, sig) };
+            let _ = kill(Pid::from_raw(pid), sig);
         }
     }
 }

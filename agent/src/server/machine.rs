@@ -81,8 +81,7 @@ impl Freezer {
 
     /// Sync and freeze; arm the auto-thaw. Blocking (run on a blocking thread).
     fn freeze_blocking(&self, path: &Path) -> Result<u64, Failed> {
-        // SAFETY: sync(2) has no preconditions.
-        unsafe { libc::sync() };
+        nix::unistd::sync();
         let mut st = self.lock();
         if !st.frozen {
             match ioctl_path(path, FIFREEZE) {
@@ -198,15 +197,9 @@ pub(crate) fn set_clock(agent: &Arc<Agent>, sec: i64, nsec: u32) -> Response {
             format!("invalid time {sec}.{nsec:09}"),
         )));
     }
-    let ts = libc::timespec {
-        tv_sec: sec as libc::time_t,
-        tv_nsec: libc::c_long::from(nsec),
-    };
-    // SAFETY: clock_settime reads the timespec we pass by reference for the duration of
-    // the call; no other memory is involved.
-    let rc = unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
+    let ts = nix::sys::time::TimeSpec::new(sec as libc::time_t, libc::c_long::from(nsec));
+    if let Err(e) = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
+        let e = std::io::Error::from(e);
         return respond(Err(errno_response(
             e.raw_os_error().unwrap_or(libc::EIO),
             format!("clock_settime: {e}"),

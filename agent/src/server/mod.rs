@@ -223,6 +223,14 @@ impl Agent {
         &self.cfg
     }
 
+    /// Read the guest's pending file-change events and deliver them to the live
+    /// sessions now (kept for the next session when there is none). The watcher does
+    /// this by itself a few milliseconds after a change; tests call it to make that
+    /// moment certain.
+    pub async fn deliver_fs_events(&self) {
+        self.fs.deliver_events().await;
+    }
+
     /// What the agent reports in `HelloAck`.
     pub fn info(&self) -> AgentInfo {
         let hostname = nix::unistd::gethostname()
@@ -450,7 +458,10 @@ impl Agent {
                     let pgid = cmds.lock().get(&id).map(|c| c.pgid);
                     match pgid {
                         Some(pgid) => {
-                            // SAFETY: kill(2) on the command's own process group.
+                            // Raw kill(2): `signal` may be any number the host sends,
+                            // real-time signals included, which nix's `Signal` lacks.
+                            // SAFETY: kill(2) on the command's own process group; no
+                            // memory is involved.
                             let rc = unsafe { libc::kill(-pgid, signal) };
                             if rc != 0 {
                                 tracing::debug!(
@@ -535,8 +546,7 @@ impl Agent {
             Request::Sync => {
                 let out = out.clone();
                 tokio::spawn(async move {
-                    // SAFETY: sync(2) has no preconditions.
-                    let _ = tokio::task::spawn_blocking(|| unsafe { libc::sync() }).await;
+                    let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
                     let _ = out
                         .send(Out::Msg(Message::Response {
                             id,
@@ -606,7 +616,7 @@ impl Agent {
             }
             PowerOffAction::ExitProcess => {
                 tracing::info!("power off requested: exiting");
-                crate::server::exec::kill_descendants(libc::SIGKILL);
+                crate::server::exec::kill_descendants(nix::sys::signal::Signal::SIGKILL);
                 let _ = std::fs::remove_dir_all(&self.cfg.script_dir);
                 std::process::exit(0);
             }

@@ -7,12 +7,16 @@
 //!   reports POLLHUP then). That ends the current session; the caller sleeps ~50 ms and
 //!   serves a new session on the same port, so HUP is never fatal.
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::socket::{
+    accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -27,23 +31,16 @@ pub struct FdStream {
     fd: Arc<AsyncFd<OwnedFd>>,
 }
 
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on an fd we own; no memory involved.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())
 }
 
 impl FdStream {
     /// Wrap `fd` (made non-blocking). Must be called inside a tokio runtime.
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
-        set_nonblocking(fd.as_raw_fd())?;
+        set_nonblocking(fd.as_fd())?;
         // SAFETY: `fd` is an OwnedFd that the AsyncFd owns from now on; it is neither
         // replaced nor closed while registered.
         let fd = unsafe { AsyncFd::register(fd)? };
@@ -71,17 +68,8 @@ impl AsyncRead for FdStream {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            let res = guard.try_io(|fd| {
-                // SAFETY: reading into the initialized, unfilled part of `buf`.
-                let n = unsafe {
-                    libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len())
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n.unsigned_abs())
-                }
-            });
+            // Into the initialized, unfilled part of `buf`.
+            let res = guard.try_io(|fd| Ok(nix::unistd::read(fd, unfilled)?));
             match res {
                 Ok(Ok(n)) => {
                     buf.advance(n);
@@ -103,15 +91,7 @@ impl AsyncWrite for FdStream {
     ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            let res = guard.try_io(|fd| {
-                // SAFETY: writing from a valid slice.
-                let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n.unsigned_abs())
-                }
-            });
+            let res = guard.try_io(|fd| Ok(nix::unistd::write(fd, data)?));
             match res {
                 Ok(Ok(n)) => return Poll::Ready(Ok(n)),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -150,44 +130,16 @@ pub struct VsockListener {
 
 impl VsockListener {
     /// Listen on `port` for any CID.
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "AF_VSOCK and sizeof(sockaddr_vm) are small kernel-ABI constants"
-    )]
     pub fn bind(port: u32) -> io::Result<Self> {
-        // SAFETY: plain socket(2) call.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_VSOCK,
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_vm is plain old data; zeroed is a valid starting value.
-        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_port = port;
-        addr.svm_cid = libc::VMADDR_CID_ANY;
-        // SAFETY: bind with a pointer to a properly sized sockaddr_vm.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_vm).cast(),
-                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: listen on our socket.
-        if unsafe { libc::listen(fd.as_raw_fd(), 16) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        let addr = VsockAddr::new(libc::VMADDR_CID_ANY, port);
+        bind(fd.as_raw_fd(), &addr)?;
+        listen(&fd, Backlog::new(16)?)?;
         // SAFETY: as in `FdStream::new`: the AsyncFd owns the OwnedFd.
         let fd = unsafe { AsyncFd::register(fd)? };
         Ok(VsockListener { fd })
@@ -198,20 +150,10 @@ impl VsockListener {
         loop {
             let mut guard = self.fd.readable().await?;
             let res = guard.try_io(|fd| {
-                // SAFETY: accept4 without an address buffer.
-                let c = unsafe {
-                    libc::accept4(
-                        fd.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
-                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                    )
-                };
-                if c < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(c)
-                }
+                Ok(accept4(
+                    fd.as_raw_fd(),
+                    SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                )?)
             });
             match res {
                 // SAFETY: accept4 returned a fresh fd that nothing else owns.

@@ -30,7 +30,6 @@ pub mod modules;
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -436,7 +435,7 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), GuestError> {
 
 /// An exclusive `flock` held until dropped.
 struct Lock {
-    _file: File,
+    _file: nix::fcntl::Flock<File>,
 }
 
 fn lock(path: &Path) -> Result<Lock, GuestError> {
@@ -447,14 +446,11 @@ fn lock(path: &Path) -> Result<Lock, GuestError> {
         .mode(0o600)
         .open(path)
         .map_err(|e| GuestError::io(path.to_path_buf(), e))?;
-    // SAFETY: flock on an fd we own; blocks until the lock is ours. Released on close.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(GuestError::io(
-            path.to_path_buf(),
-            std::io::Error::last_os_error(),
-        ));
+    // Blocks until the lock is ours; released on drop.
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive) {
+        Ok(locked) => Ok(Lock { _file: locked }),
+        Err((_, e)) => Err(GuestError::io(path.to_path_buf(), e.into())),
     }
-    Ok(Lock { _file: f })
 }
 
 #[cfg(test)]

@@ -16,13 +16,27 @@
 //!   that still names what the host made is dropped: the kernel already knows, and
 //!   invalidating would throw away a dentry that may be someone's working directory.
 //!   Any other outcome invalidates the name.
-use std::collections::HashMap;
+//! - A name event that says what the name names now (a link or rename made in the guest)
+//!   also drops that node's attributes: its link count or ctime changed, and inotify
+//!   reports that on the directory only. (A name that went away cannot say which file
+//!   lost a link: the link count of a hard-linked file's other names may lag until the
+//!   cache expires.)
+//! - Events may be lost between two connections of one incarnation (a guest change
+//!   while the host reconnects, a channel that broke mid-batch): a pump that is not the
+//!   incarnation's first treats its start as an overflow, so every cached attribute,
+//!   page and listing of the incarnation goes before its first batch is applied.
+//! - [`Pumps::applied`] resolves only once every batch a pump had received when it was
+//!   called has been applied (its invalidations made): a pump answers the fence only
+//!   when no batch is waiting. With an agent-side flush before it (a command's end), it
+//!   tells a test that the host has acted on every change made so far.
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bandsox_agent::client::{AgentClient, FsEvents};
 use bandsox_agent::proto::fs::{FsEvent, NodeId};
 use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
 
 use super::inodes::{Incarnation, Inodes, VmNumbers};
 use super::listings::Listings;
@@ -95,7 +109,14 @@ pub struct Pumps {
     recent: Arc<Recent>,
     listings: Arc<Listings>,
     inval: OnceLock<Arc<dyn Invalidate>>,
+    /// One fence queue per running pump (see [`Pumps::applied`]).
+    fences: Mutex<Vec<mpsc::UnboundedSender<Fence>>>,
+    /// Incarnations that have had a pump (until they end).
+    pumped: Arc<Mutex<HashSet<Incarnation>>>,
 }
+
+/// Answered by a pump once no batch waits for it.
+type Fence = oneshot::Sender<()>;
 
 /// What one event means for the kernel's caches.
 #[derive(Debug, PartialEq, Eq)]
@@ -128,6 +149,28 @@ impl Pumps {
             recent,
             listings,
             inval: OnceLock::new(),
+            fences: Mutex::new(Vec::new()),
+            pumped: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    /// Resolves once every pump has applied every batch it had received when this was
+    /// called (a pump that ends meanwhile counts as done).
+    pub async fn applied(&self) {
+        let waits: Vec<oneshot::Receiver<()>> = {
+            let mut fences = self.fences.lock();
+            fences.retain(|f| !f.is_closed());
+            fences
+                .iter()
+                .filter_map(|f| {
+                    let (tx, rx) = oneshot::channel();
+                    f.send(tx).ok().map(|()| rx)
+                })
+                .collect()
+        };
+        for w in waits {
+            // An error means the pump ended: everything it received was applied.
+            let _ = w.await;
         }
     }
 
@@ -146,6 +189,12 @@ impl Pumps {
         let Some(events) = client.take_fs_events() else {
             return;
         };
+        // Not the incarnation's first connection: events may have been lost between.
+        let lost = !self.pumped.lock().insert(inc.clone());
+        if lost {
+            tracing::debug!(vm = %inc.vm_id, "new agent connection: cached attributes and pages go");
+            self.listings.forget_incarnation(inc);
+        }
         let src = Source {
             inc: inc.clone(),
             boot: client.info().instance,
@@ -155,6 +204,8 @@ impl Pumps {
             recent: self.recent.clone(),
         };
         let inval = self.inval.get().cloned();
+        let (fence_tx, fences) = mpsc::unbounded_channel();
+        self.fences.lock().push(fence_tx);
         // Listings change on the reader itself, so a lookup after a command's end never
         // sees a listing that misses what the command made.
         let tap_src = Source {
@@ -175,13 +226,16 @@ impl Pumps {
             }
         }));
         let vm = Arc::downgrade(vm);
+        let pumped = self.pumped.clone();
         rt.spawn(async move {
-            pump(events, &src, &vms, &inodes, &known, inval.as_ref()).await;
+            let pipes = Pipes { events, fences };
+            pump(pipes, lost, &src, &vms, &inodes, &known, inval.as_ref()).await;
             let live = vm.upgrade().is_some_and(|vm| {
                 vm.generation() == src.inc.generation
                     && matches!(vm.state(), VmState::Running | VmState::Paused)
             });
             if !live {
+                pumped.lock().remove(&src.inc);
                 let inos = inodes.lock().inos_of(&src.inc);
                 if let (Some(inval), false) = (inval, inos.is_empty()) {
                     let _ = tokio::task::spawn_blocking(move || {
@@ -196,21 +250,49 @@ impl Pumps {
     }
 }
 
+/// What a pump reads: the connection's events and its fences.
+struct Pipes {
+    events: FsEvents,
+    fences: mpsc::UnboundedReceiver<Fence>,
+}
+
+/// Apply the events of one connection until it ends; with `lost`, events may have been
+/// lost before it: everything cached of the incarnation goes first.
 async fn pump(
-    mut events: FsEvents,
+    mut pipes: Pipes,
+    lost: bool,
     src: &Source,
     vms: &VmMap,
     inodes: &Mutex<Inodes>,
     known: &Known,
     inval: Option<&Arc<dyn Invalidate>>,
 ) {
-    while let Some(batch) = events.next().await {
+    // With `lost`, the first round applies no batch: it drops everything cached.
+    let mut lost = lost;
+    loop {
+        let batch = if std::mem::take(&mut lost) {
+            None
+        } else {
+            tokio::select! {
+                // Batches first: a fence is answered only when none is waiting.
+                biased;
+                batch = pipes.events.next() => match batch {
+                    Some(b) => Some(b),
+                    None => break,
+                },
+                Some(fence) = pipes.fences.recv() => {
+                    let _ = fence.send(());
+                    continue;
+                }
+            }
+        };
         let actions = {
             let vms = vms.lock();
             let mut inodes = inodes.lock();
-            match vms.get(&src.inc.vm_id) {
-                Some(v) => translate(&batch, src, v, &mut inodes, known),
-                None => Vec::new(),
+            match (vms.get(&src.inc.vm_id), batch) {
+                (Some(v), Some(batch)) => translate(&batch, src, v, &mut inodes, known),
+                (Some(v), None) => everything(src, v, &inodes),
+                (None, _) => Vec::new(),
             }
         };
         if let (Some(inval), false) = (inval, actions.is_empty()) {
@@ -297,6 +379,15 @@ fn translate(
                         if !out.contains(&listing) {
                             out.push(listing);
                         }
+                        // A new link or a move changed the named node's link count or
+                        // ctime; nothing else reports that.
+                        if let Some(ino) = now.and_then(|id| held(src, v, inodes, id)) {
+                            inodes.relinked(ino);
+                            let attrs = Action::Inode(ino, false);
+                            if !out.contains(&attrs) {
+                                out.push(attrs);
+                            }
+                        }
                     }
                 }
             }
@@ -325,15 +416,23 @@ fn translate(
             }
             FsEvent::Overflow => {
                 tracing::warn!(vm = %src.inc.vm_id, "guest file events were lost; dropping cached pages");
-                for ino in inodes.inos_of(&src.inc) {
-                    out.push(Action::Inode(ino, true));
-                }
-                if let Some((generation, ino)) = v.root {
-                    if generation == src.inc.generation {
-                        out.push(Action::Inode(ino, true));
-                    }
-                }
+                out.extend(everything(src, v, inodes));
             }
+        }
+    }
+    out
+}
+
+/// Drop every cached attribute and page of the incarnation (events were lost).
+fn everything(src: &Source, v: &VmNumbers, inodes: &Inodes) -> Vec<Action> {
+    let mut out: Vec<Action> = inodes
+        .inos_of(&src.inc)
+        .into_iter()
+        .map(|ino| Action::Inode(ino, true))
+        .collect();
+    if let Some((generation, ino)) = v.root {
+        if generation == src.inc.generation {
+            out.push(Action::Inode(ino, true));
         }
     }
     out
@@ -504,6 +603,32 @@ mod tests {
         );
         let acts = translate(&[FsEvent::Overflow], &src, &v, &mut t, &known);
         assert_eq!(acts.len(), 2);
+    }
+
+    #[test]
+    fn a_name_made_in_the_guest_drops_the_named_nodes_attributes() {
+        let mut one = one_file(None);
+        one.v.root = Some((1, 99));
+        let known = Known {
+            recent: Arc::new(Recent::default()),
+        };
+        // A hard link made in the guest: the file's link count changed.
+        let link = FsEvent::Entry {
+            parent: ROOT_ID,
+            name: b"link".to_vec(),
+            now: Some(one.f_id),
+        };
+        let acts = translate(&[link], &one.src, &one.v, &mut one.t, &known);
+        let f = one.f;
+        assert_eq!(
+            acts,
+            vec![
+                Action::Entry(99, b"link".to_vec()),
+                Action::Inode(99, true),
+                Action::Inode(f, false)
+            ]
+        );
+        assert_eq!(one.t.get(f).and_then(|i| i.attr), None);
     }
 
     #[test]

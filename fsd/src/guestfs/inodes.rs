@@ -389,6 +389,14 @@ impl Inodes {
         }
     }
 
+    /// A name of `ino` appeared or moved in the guest: its link count or ctime changed
+    /// (not its xattrs).
+    pub fn relinked(&mut self, ino: u64) {
+        if let Some(info) = self.by_ino.get_mut(&ino) {
+            info.attr = None;
+        }
+    }
+
     /// The xattr names of `ino` may have changed.
     pub fn forget_xattrs(&mut self, ino: u64) {
         if let Some(info) = self.by_ino.get_mut(&ino) {

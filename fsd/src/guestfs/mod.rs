@@ -330,6 +330,14 @@ impl GuestFs {
         self.events.set_invalidator(inv);
     }
 
+    /// Resolves once every change event received so far, from any agent connection, has
+    /// been applied: its cache invalidations made (tests, diagnostics). To wait for the
+    /// events of changes made so far in the guest, let the agent flush first: it sends
+    /// pending events before a command's `Exited`.
+    pub async fn events_applied(&self) {
+        self.events.applied().await;
+    }
+
     /// Number of guest inodes the kernel holds (diagnostics, tests).
     pub fn inode_count(&self) -> usize {
         self.inodes.lock().len()

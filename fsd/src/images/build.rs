@@ -240,9 +240,12 @@ fn run_logged(builder: &Builder, mut cmd: Command, log: &Path, progress: &Progre
             Some(status) => break status,
             None if Instant::now() > progress.deadline => {
                 if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
-                    // SAFETY: kill(2) on the builder's own process group (it was spawned
-                    // with process_group(0), so its pgid is its pid); no memory is involved.
-                    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                    // The builder's own process group (it was spawned with
+                    // process_group(0), so its pgid is its pid).
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pgid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
                 let _ = child.wait();
                 return Err(Error::timed_out(

@@ -210,25 +210,20 @@ fn cstr(p: &Path) -> Result<CString> {
 
 /// Set atime and mtime of `p` without following a symlink.
 fn set_mtime(p: &Path, mtime: u64) -> Result<()> {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
     let c = cstr(p)?;
-    let t = libc::timespec {
-        tv_sec: libc::time_t::try_from(mtime).unwrap_or(libc::time_t::MAX),
-        tv_nsec: 0,
-    };
-    let times = [t, t];
-    // SAFETY: `c` is a valid NUL-terminated path and `times` points to two timespecs.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc != 0 {
-        return Err(host_io(p, io::Error::last_os_error()));
-    }
-    Ok(())
+    let t = nix::sys::time::TimeSpec::new(
+        libc::time_t::try_from(mtime).unwrap_or(libc::time_t::MAX),
+        0,
+    );
+    utimensat(
+        nix::fcntl::AT_FDCWD,
+        c.as_c_str(),
+        &t,
+        &t,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| host_io(p, e.into()))
 }
 
 /// Set one xattr on `p` (not following a symlink). Failures are logged and ignored:
@@ -414,21 +409,24 @@ pub fn apply_tar<R: Read>(
             apply_meta(&path, &header, &mut entry)?;
             set_mtime(&path, header.mtime().unwrap_or(0))?;
         } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
+            use nix::sys::stat::SFlag;
             let ftype = if kind.is_character_special() {
-                libc::S_IFCHR
+                SFlag::S_IFCHR
             } else if kind.is_block_special() {
-                libc::S_IFBLK
+                SFlag::S_IFBLK
             } else {
-                libc::S_IFIFO
+                SFlag::S_IFIFO
             };
             let major = header.device_major().ok().flatten().unwrap_or(0);
             let minor = header.device_minor().ok().flatten().unwrap_or(0);
             let c = cstr(&path)?;
-            // SAFETY: valid NUL-terminated path; mknod has no memory arguments.
-            let rc = unsafe { libc::mknod(c.as_ptr(), ftype | 0o600, libc::makedev(major, minor)) };
-            if rc != 0 {
-                return Err(host_io(&path, io::Error::last_os_error()));
-            }
+            nix::sys::stat::mknod(
+                c.as_c_str(),
+                ftype,
+                nix::sys::stat::Mode::from_bits_retain(0o600),
+                nix::sys::stat::makedev(major.into(), minor.into()),
+            )
+            .map_err(|e| host_io(&path, e.into()))?;
             apply_meta(&path, &header, &mut entry)?;
             set_mtime(&path, header.mtime().unwrap_or(0))?;
         } else {

@@ -47,6 +47,10 @@ impl Manager {
     /// Execute one `<vm>/ctl` line.
     pub async fn vm_ctl(self: &Arc<Self>, vm: &Arc<Vm>, line: &str) -> Result<String> {
         let cmd = crate::ctl::parse_vm(line)?;
+        if !matches!(cmd, VmCmd::ExecTimeout(_)) {
+            // A VM being adopted after a daemon restart: act on the outcome.
+            vm.wait_adopted().await?;
+        }
         match cmd {
             VmCmd::Op(op) => {
                 match op {

@@ -82,10 +82,16 @@ pub fn parse_size(text: &str) -> Result<TtySize> {
     })
 }
 
-/// Parse a duration in seconds (`10`, `0.5`); `none`/`0` mean no timeout.
+/// Parse a duration in seconds (`10`, `0.5`, at least 0.001) or `none` (no timeout).
+/// Zero is refused rather than read as "no timeout": write `none` for that.
 pub fn parse_timeout(key: &str, text: &str) -> Result<TimeoutOpt> {
-    if text == "none" || text == "0" {
+    if text == "none" {
         return Ok(TimeoutOpt::Off);
+    }
+    if text.parse::<f64>().is_ok_and(|s| s == 0.0) {
+        return Err(Error::invalid(format!(
+            "{key}={text}: a timeout must be at least 0.001 seconds; write {key}=none for no timeout"
+        )));
     }
     let secs: f64 = text
         .parse()
@@ -139,20 +145,21 @@ pub fn split(script: &[u8]) -> Result<(ExecOpts, Vec<u8>)> {
 
 /// Check the options line as soon as it is complete (the first `\n` was written), so
 /// the `write(2)` that completed a bad one fails with EINVAL (a shell ignores the result
-/// of `close`). `Ok(false)`: not complete yet.
-pub fn check_first_line(script: &[u8]) -> Result<bool> {
+/// of `close`). `Ok(None)`: not complete yet; `Ok(Some(options))` once it is (every
+/// option unset when the script has no options line).
+pub fn check_first_line(script: &[u8]) -> Result<Option<ExecOpts>> {
     let Some(i) = script.iter().position(|&b| b == b'\n') else {
-        return Ok(false);
+        return Ok(None);
     };
     let first = &script[..i];
     if let Some(after) = first.strip_prefix(PREFIX.as_bytes()) {
         if after.is_empty() || after[0].is_ascii_whitespace() {
             let line = std::str::from_utf8(after)
                 .map_err(|_| Error::invalid("the #bandsox options line is not UTF-8"))?;
-            parse_line(line)?;
+            return parse_line(line).map(Some);
         }
     }
-    Ok(true)
+    Ok(Some(ExecOpts::default()))
 }
 
 /// Parse the words after `#bandsox`.
@@ -302,6 +309,16 @@ mod tests {
         assert!(!o.waits());
         let (o, _) = split(b"#bandsox timeout=none\nsh").unwrap();
         assert_eq!(o.timeout, Some(TimeoutOpt::Off));
+        // The options of a complete first line, as soon as it is complete.
+        assert_eq!(check_first_line(b"#bandsox tty=10x5").unwrap(), None);
+        let o = check_first_line(b"#bandsox tty=10x5\nsh").unwrap().unwrap();
+        assert_eq!(o.tty, Some(TtySize { cols: 10, rows: 5 }));
+        assert_eq!(
+            check_first_line(b"echo hi\n").unwrap(),
+            Some(ExecOpts::default())
+        );
+        let e = check_first_line(b"#bandsox timeout=0\n").unwrap_err();
+        assert!(e.message.contains("timeout=none"), "{}", e.message);
     }
 
     #[test]
@@ -313,6 +330,9 @@ mod tests {
             "#bandsox timeout=-1\necho",
             "#bandsox timeout=abc\necho",
             "#bandsox timeout=1 timeout=2\necho",
+            "#bandsox timeout=0\necho",
+            "#bandsox timeout=0.0\necho",
+            "#bandsox timeout=0.0001\necho",
             "#bandsox env=NOVALUE\necho",
             "#bandsox env==x\necho",
             "#bandsox cwd=\necho",

@@ -6,7 +6,8 @@
 //! - Validation (name, options, image, backend) happens before anything touches disk, so
 //!   a rejected `create` leaves no trace.
 //! - Each VM's state directory holds its whole record; `reload` rebuilds the manager
-//!   from the state directory alone.
+//!   from the state directory alone, and never waits for a guest (adoption runs in the
+//!   background: `vm::adopt`).
 mod ctl;
 pub mod execopts;
 pub mod images;
@@ -166,7 +167,8 @@ impl Manager {
         })
     }
 
-    /// Load every VM record; re-adopt live VMMs concurrently.
+    /// Load every VM record and start re-adopting live VMMs, each in a task of its own;
+    /// returns without waiting for any guest (the VMs are `adopting` meanwhile).
     pub async fn reload(self: &Arc<Self>) {
         let Ok(entries) = std::fs::read_dir(self.layout.vms()) else {
             return;
@@ -203,16 +205,13 @@ impl Manager {
                 backend,
                 self.boot_files.clone(),
                 self.events.clone(),
+                self.limits.clone(),
             );
             self.vms.write().insert(rec.name.clone(), vm.clone());
             adopt.push(vm);
         }
-        let tasks: Vec<_> = adopt
-            .into_iter()
-            .map(|vm| tokio::spawn(async move { vm.adopt().await }))
-            .collect();
-        for t in tasks {
-            let _ = t.await;
+        for vm in adopt {
+            vm.begin_adopt();
         }
     }
 
@@ -433,6 +432,7 @@ impl Manager {
             disk_mib: new.disk_mib,
             boot_ms: None,
             desired: Desired::Running,
+            phase: Default::default(),
         };
         let vm = Vm::new(
             record,
@@ -440,6 +440,7 @@ impl Manager {
             backend,
             self.boot_files.clone(),
             self.events.clone(),
+            self.limits.clone(),
         );
         if let Err(e) = vm.save_record() {
             let _ = std::fs::remove_dir_all(&dir);

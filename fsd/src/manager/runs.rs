@@ -14,8 +14,21 @@
 //! output, `output` the same bytes), a window size kept in its `winsize` file, and, while
 //! it runs, a screen emulator fed under the run's lock together with the byte counters,
 //! so a snapshot of the screen always corresponds to an exact output offset (see
-//! [`Run::terminal_snapshot`]). A run with a timeout gets SIGTERM when it expires and
-//! SIGKILL [`TIMEOUT_GRACE`] later; its status is then `timeout <how it ended>`.
+//! `Run::terminal_snapshot`, in `terminal`). A run with a timeout gets SIGTERM when it
+//! expires and SIGKILL [`TIMEOUT_GRACE`] later; its status is then `timeout <how it
+//! ended>`.
+//!
+//! What a run makes the daemon hold is bounded and counted for the VM's owner by one
+//! [`Reservation`], taken before the run exists: itself as a kept run (`kept_runs`, for
+//! as long as it is in the VM's table) and, while its status is `running`, one command
+//! (`runs`) and its screen's cells (`terminal_cells`), returned when it ends (with the
+//! screen, whose memory is given back to the system: `memtrim`). The script itself is
+//! kept on disk only (`cmd`), not in memory.
+//!
+//! Times: a run's directory, `cmd`, `stdin`, `ctl`, `pid` and `winsize` carry the time it
+//! started; its output files (and `screen`, `terminal`) the time of its last output; its
+//! `status` the time it ended (its start while it runs). Runs loaded after a restart
+//! take them from their files' modification times.
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -28,8 +41,9 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::spool::{self, OutputBudget};
-use super::terminal::{Screen, REPLAY_BYTES};
+use super::terminal::Screen;
 use crate::error::{Error, Result};
+use crate::limits::{Amounts, Limits, Reservation};
 
 /// `<vm-dir>/main-run`: the number of the run `runs/main` names (the image entrypoint
 /// started by `autostart=1`; see `images`).
@@ -56,7 +70,9 @@ pub const OUTPUT_LIMIT: &str = "output limit reached";
 pub const TIMEOUT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The file holding a terminal run's window size (`COLSxROWS`).
-const WINSIZE_FILE: &str = "winsize";
+pub(super) const WINSIZE_FILE: &str = "winsize";
+/// The file holding the script, as written (options line included).
+const CMD_FILE: &str = "cmd";
 
 /// How long stdin/signal requests wait for a just-created run's command to start.
 pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -114,23 +130,49 @@ impl RunStatus {
     }
 }
 
-struct RunInner {
-    status: RunStatus,
+/// What every run of one VM shares: the output budget, and the owner its memory is
+/// counted for.
+pub struct RunHome {
+    pub budget: Arc<OutputBudget>,
+    pub limits: Arc<Limits>,
+    pub uid: u32,
+}
+
+/// When a run started, last printed, and ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunTimes {
+    pub started: SystemTime,
+    /// The last output (the start when there was none).
+    pub output: SystemTime,
+    /// `None` while the command runs.
+    pub ended: Option<SystemTime>,
+}
+
+pub(super) struct RunInner {
+    pub(super) status: RunStatus,
     /// For `Lost`: the errno a waiting `close()` reports (EHOSTDOWN, ENOSPC, EIO).
     lost_errno: i32,
     pid: Option<u32>,
-    lens: [u64; 3],
+    pub(super) lens: [u64; 3],
     control: Option<ExecControl>,
     /// The spool, open while the run is live.
     writer: Option<spool::Writer>,
     /// Bytes charged to the budget for this run.
     stored: u64,
     /// Terminal runs: the current window size.
-    size: Option<TtySize>,
-    /// Terminal runs, while live: the emulated screen (fed with every output chunk).
-    screen: Option<Screen>,
+    pub(super) size: Option<TtySize>,
+    /// Terminal runs, while live: the emulated screen (fed with every output chunk;
+    /// boxed, so a kept run's record stays small).
+    pub(super) screen: Option<Box<Screen>>,
     /// The timeout expired and the command was signalled.
     timed_out: bool,
+    /// What the run counts for its VM's owner: itself as a kept run, and while it runs
+    /// also the command and its screen's cells.
+    pub(super) hold: Reservation,
+    /// When the last output arrived.
+    last_output: SystemTime,
+    /// When the run ended.
+    ended: Option<SystemTime>,
 }
 
 pub struct Run {
@@ -138,11 +180,10 @@ pub struct Run {
     /// Whether a write-only `exec`'s close waits for this run (see `execopts`).
     pub waits: bool,
     pub dir: PathBuf,
-    pub cmd: Vec<u8>,
     pub started: SystemTime,
-    inner: Mutex<RunInner>,
+    pub(super) inner: Mutex<RunInner>,
     changed: watch::Sender<u64>,
-    budget: Arc<OutputBudget>,
+    pub(super) home: Arc<RunHome>,
     /// Spooled by an earlier daemon with a separate `output` file.
     legacy: bool,
 }
@@ -199,6 +240,21 @@ fn write_status(path: &Path, text: &str) -> std::io::Result<()> {
     f.set_len(text.len() as u64)
 }
 
+/// The modification time of `dir/name`.
+fn file_time(dir: &Path, name: &str) -> Option<SystemTime> {
+    std::fs::metadata(dir.join(name)).ok()?.modified().ok()
+}
+
+/// When a run's output last grew: the newest of its non-empty stream files.
+fn output_time(dir: &Path) -> Option<SystemTime> {
+    [spool::STDOUT, spool::STDERR, spool::LEGACY_OUTPUT]
+        .into_iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .filter(|m| m.len() > 0)
+        .filter_map(|m| m.modified().ok())
+        .max()
+}
+
 fn status_from_file(text: &str) -> RunStatus {
     let t = text.trim();
     if let Some(rest) = t.strip_prefix("timeout ") {
@@ -225,29 +281,37 @@ fn status_from_file(text: &str) -> RunStatus {
 
 impl Run {
     /// Create the run's directory and spool files; the command has not started yet.
+    /// `hold` counts the command and its screen until the run ends. Nothing is left
+    /// behind when this fails (a full host disk: ENOSPC).
     pub fn create(
+        home: &Arc<RunHome>,
         runs_dir: &Path,
         n: u64,
-        cmd: Vec<u8>,
-        budget: Arc<OutputBudget>,
+        cmd: &[u8],
         tty: Option<TtySize>,
         waits: bool,
+        hold: Reservation,
     ) -> Result<Arc<Run>> {
         let dir = runs_dir.join(n.to_string());
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("cmd"), &cmd)?;
-        if let Some(size) = tty {
-            std::fs::write(dir.join(WINSIZE_FILE), render_size(size))?;
-        }
-        let writer = spool::Writer::create(&dir)?;
-        reserve_status(&dir.join("status"))?;
+        let writer = Self::create_files(&dir, cmd, tty).map_err(|e| {
+            if let Err(rm) = std::fs::remove_dir_all(&dir) {
+                if rm.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("cannot remove the half-made run {}: {rm}", dir.display());
+                }
+            }
+            Error::from(e).with_context(&format!(
+                "cannot create run {n} on the host ({})",
+                dir.display()
+            ))
+        })?;
         let (changed, _) = watch::channel(0);
+        // The time `cmd` got, so a run reloaded after a restart shows the same.
+        let now = file_time(&dir, CMD_FILE).unwrap_or_else(SystemTime::now);
         Ok(Arc::new(Run {
             n,
             waits,
             dir,
-            cmd,
-            started: SystemTime::now(),
+            started: now,
             inner: Mutex::new(RunInner {
                 status: RunStatus::Running,
                 lost_errno: 0,
@@ -257,18 +321,35 @@ impl Run {
                 writer: Some(writer),
                 stored: 0,
                 size: tty,
-                screen: tty.map(Screen::new),
+                screen: tty.map(|size| Box::new(Screen::new(size))),
                 timed_out: false,
+                hold,
+                last_output: now,
+                ended: None,
             }),
             changed,
-            budget,
+            home: home.clone(),
             legacy: false,
         }))
     }
 
+    fn create_files(
+        dir: &Path,
+        cmd: &[u8],
+        tty: Option<TtySize>,
+    ) -> std::io::Result<spool::Writer> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join(CMD_FILE), cmd)?;
+        if let Some(size) = tty {
+            std::fs::write(dir.join(WINSIZE_FILE), render_size(size))?;
+        }
+        let writer = spool::Writer::create(dir)?;
+        reserve_status(&dir.join("status"))?;
+        Ok(writer)
+    }
+
     /// Reload a finished (or interrupted) run from disk after a daemon restart.
-    pub fn load(dir: &Path, n: u64, budget: Arc<OutputBudget>) -> Result<Arc<Run>> {
-        let cmd = std::fs::read(dir.join("cmd"))?;
+    pub fn load(home: &Arc<RunHome>, dir: &Path, n: u64) -> Result<Arc<Run>> {
         let status = match std::fs::read_to_string(dir.join("status")) {
             Ok(text) => status_from_file(&text),
             Err(_) => RunStatus::Lost("the daemon restarted while the command ran".into()),
@@ -284,9 +365,8 @@ impl Run {
         let pid = std::fs::read_to_string(dir.join("pid"))
             .ok()
             .and_then(|p| p.trim().parse().ok());
-        let started = std::fs::metadata(dir.join("cmd"))
-            .and_then(|m| m.modified())
-            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let started = file_time(dir, CMD_FILE)
+            .ok_or_else(|| Error::not_found(format!("{} has no cmd", dir.display())))?;
         let legacy = dir.join(spool::LEGACY_OUTPUT).exists() && !dir.join(spool::INDEX).exists();
         let (out, err) = (len(spool::STDOUT), len(spool::STDERR));
         let output = if legacy {
@@ -294,8 +374,9 @@ impl Run {
         } else {
             out + err
         };
+        let last_output = output_time(dir).unwrap_or(started);
         let stored = spool::stored_bytes(dir);
-        budget.charge_existing(stored);
+        home.budget.charge_existing(stored);
         let size = std::fs::read_to_string(dir.join(WINSIZE_FILE))
             .ok()
             .and_then(|t| super::execopts::parse_size(&t).ok());
@@ -304,7 +385,6 @@ impl Run {
             n,
             waits: true,
             dir: dir.to_path_buf(),
-            cmd,
             started,
             inner: Mutex::new(RunInner {
                 status,
@@ -317,11 +397,36 @@ impl Run {
                 size,
                 screen: None,
                 timed_out: false,
+                hold: home.limits.hold_existing(home.uid, Amounts::kept_run()),
+                last_output,
+                ended: Some(file_time(dir, "status").unwrap_or(last_output)),
             }),
             changed,
-            budget,
+            home: home.clone(),
             legacy,
         }))
+    }
+
+    /// The script as written to `exec` (read from the run's `cmd` file).
+    pub fn cmd(&self) -> Result<Vec<u8>> {
+        Ok(std::fs::read(self.dir.join(CMD_FILE))?)
+    }
+
+    /// Bytes of the script (`cmd`'s size).
+    pub fn cmd_len(&self) -> u64 {
+        std::fs::metadata(self.dir.join(CMD_FILE))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// When the run started, last printed and ended.
+    pub fn times(&self) -> RunTimes {
+        let inner = self.inner.lock();
+        RunTimes {
+            started: self.started,
+            output: inner.last_output,
+            ended: inner.ended,
+        }
     }
 
     pub fn status(&self) -> RunStatus {
@@ -337,7 +442,7 @@ impl Run {
         self.inner.lock().control.clone()
     }
 
-    fn bump(&self) {
+    pub(super) fn bump(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
@@ -351,7 +456,7 @@ impl Run {
     }
 
     fn finish_with(&self, status: RunStatus, lost_errno: i32) {
-        let status = {
+        let (status, screen, printed) = {
             let mut inner = self.inner.lock();
             if !inner.status.is_running() {
                 return;
@@ -360,15 +465,40 @@ impl Run {
                 RunStatus::Exited(s) if inner.timed_out => RunStatus::Timeout(s),
                 s => s,
             };
-            inner.screen = None;
+            // Its place among running commands goes back before anyone can see it
+            // ended (a waiting `close` may start the next command at once); its screen
+            // right after, outside the lock. It stays a kept run.
+            if let Err(e) = inner.hold.resize(Amounts::kept_run()) {
+                tracing::warn!(
+                    "run {}: cannot give back what it held: {e}",
+                    self.dir.display()
+                );
+            }
             inner.status = status.clone();
             inner.lost_errno = lost_errno;
             inner.control = None;
             inner.writer = None;
-            status
+            inner.ended = Some(SystemTime::now());
+            (status, inner.screen.take(), inner.lens[2] > 0)
         };
+        if screen.is_some() {
+            drop(screen);
+            crate::memtrim::after_large_free();
+        }
         if let Err(e) = write_status(&self.dir.join("status"), &status.render()) {
             tracing::warn!("cannot write status of run {}: {e}", self.dir.display());
+        }
+        // From now on the times are those of the files, as after a daemon restart.
+        {
+            let mut inner = self.inner.lock();
+            if printed {
+                if let Some(t) = output_time(&self.dir) {
+                    inner.last_output = t;
+                }
+            }
+            if let Some(t) = file_time(&self.dir, "status") {
+                inner.ended = Some(t);
+            }
         }
         self.bump();
     }
@@ -412,7 +542,7 @@ impl Run {
             None => return Ok(true),
         };
         // Charged outside the run's lock: a full budget prunes other runs.
-        let granted = self.budget.charge(cost, self.n);
+        let granted = self.home.budget.charge(cost, self.n);
         let keep = if granted == cost {
             data.len()
         } else {
@@ -422,7 +552,7 @@ impl Run {
         let mut inner = self.inner.lock();
         let lens = inner.lens;
         let Some(w) = inner.writer.as_mut() else {
-            self.budget.release(granted);
+            self.home.budget.release(granted);
             return Ok(true);
         };
         if keep > 0 {
@@ -430,11 +560,12 @@ impl Run {
             inner.lens[idx] += keep as u64;
             inner.lens[2] += keep as u64;
             inner.stored += granted;
+            inner.last_output = SystemTime::now();
             if let Some(screen) = inner.screen.as_mut() {
                 screen.feed(&data[..keep]);
             }
         } else {
-            self.budget.release(granted);
+            self.home.budget.release(granted);
         }
         Ok(keep == data.len())
     }
@@ -449,7 +580,7 @@ impl Run {
     /// happens on the path of a new `exec`; see docs/benchmarks.md, "exec soak").
     pub fn delete(&self) {
         let stored = std::mem::take(&mut self.inner.lock().stored);
-        self.budget.release(stored);
+        self.home.budget.release(stored);
         remove_in_background(self.dir.clone());
     }
 
@@ -494,7 +625,7 @@ impl Run {
                         tracing::warn!(
                             "run {}: {OUTPUT_LIMIT} ({} bytes kept for the VM's runs); killing the command",
                             self.dir.display(),
-                            self.budget.cap()
+                            self.home.budget.cap()
                         );
                         if let Some(c) = self.control() {
                             let _ = c.signal(libc::SIGKILL).await;
@@ -594,7 +725,7 @@ impl Run {
 
     /// The command's control handle, waiting (at most [`START_WAIT`]) while the run
     /// exists but the guest has not reported the command started yet.
-    async fn live_control(&self) -> Option<ExecControl> {
+    pub(super) async fn live_control(&self) -> Option<ExecControl> {
         let mut rx = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + START_WAIT;
         loop {
@@ -611,80 +742,6 @@ impl Run {
                 return None;
             }
         }
-    }
-
-    // ---- terminal runs ----------------------------------------------------------------
-
-    /// Whether the run has a terminal (`tty=`).
-    pub fn is_tty(&self) -> bool {
-        self.inner.lock().size.is_some()
-    }
-
-    /// The terminal's window size (`None` for other runs).
-    pub fn tty_size(&self) -> Option<TtySize> {
-        self.inner.lock().size
-    }
-
-    /// A screen rebuilt from the end of the spooled output (finished runs, runs of an
-    /// earlier daemon).
-    fn replayed_screen(&self, size: TtySize, upto: u64) -> Result<Screen> {
-        let mut screen = Screen::new(size);
-        let mut at = upto.saturating_sub(REPLAY_BYTES);
-        while at < upto {
-            let chunk = u32::try_from((upto - at).min(1024 * 1024)).unwrap_or(1024 * 1024);
-            let data = self.read_at(RunStream::Stdout, at, chunk)?;
-            if data.is_empty() {
-                break;
-            }
-            at += data.len() as u64;
-            screen.feed(&data);
-        }
-        Ok(screen)
-    }
-
-    /// The screen's text and a redraw sequence, with the output offset they reflect.
-    /// `None` for runs without a terminal.
-    pub fn terminal_snapshot(&self) -> Result<Option<(String, Vec<u8>, u64)>> {
-        let (size, upto) = {
-            let inner = self.inner.lock();
-            let Some(size) = inner.size else {
-                return Ok(None);
-            };
-            if let Some(s) = &inner.screen {
-                return Ok(Some((s.text(), s.redraw(), inner.lens[0])));
-            }
-            (size, inner.lens[0])
-        };
-        let s = self.replayed_screen(size, upto)?;
-        Ok(Some((s.text(), s.redraw(), upto)))
-    }
-
-    /// Change the window size: the guest's terminal (SIGWINCH to its foreground
-    /// process group), the emulated screen and the `winsize` file.
-    pub async fn resize(&self, size: TtySize) -> Result<()> {
-        if !self.is_tty() {
-            return Err(Error::new(
-                libc::ENOTTY,
-                format!("run {} has no terminal", self.n),
-            ));
-        }
-        let Some(c) = self.live_control().await else {
-            return Err(Error::new(
-                libc::EPIPE,
-                format!("run {} has already finished", self.n),
-            ));
-        };
-        c.resize(size).await.map_err(Error::from)?;
-        {
-            let mut inner = self.inner.lock();
-            inner.size = Some(size);
-            if let Some(s) = inner.screen.as_mut() {
-                s.resize(size);
-            }
-        }
-        std::fs::write(self.dir.join(WINSIZE_FILE), render_size(size))?;
-        self.bump();
-        Ok(())
     }
 
     pub async fn signal(&self, sig: i32) -> Result<()> {
@@ -723,6 +780,36 @@ pub fn render_size(size: TtySize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::{Amounts, HostFacts};
+
+    /// Runs of uid 1000 under `limits` (a limits file's text), with a `mib` budget.
+    pub(crate) fn home_with(dir: &Path, mib: u64, limits: &str) -> Arc<RunHome> {
+        let path = dir.join("limits");
+        std::fs::write(&path, limits).unwrap();
+        let facts = HostFacts {
+            mem_total_mib: 4096,
+            cpus: 1,
+            state_fs_mib: 1024,
+            open_files: 1024,
+        };
+        Arc::new(RunHome {
+            budget: Arc::new(OutputBudget::new(mib)),
+            limits: Limits::with_owner(path, facts, None),
+            uid: 1000,
+        })
+    }
+
+    /// A new run of `home` (its command and screen held like `Vm::start_run` does).
+    pub(crate) fn new_run(
+        home: &Arc<RunHome>,
+        dir: &Path,
+        n: u64,
+        tty: Option<TtySize>,
+    ) -> Result<Arc<Run>> {
+        let cells = tty.map_or(0, super::super::terminal::cells);
+        let hold = home.limits.hold(home.uid, Amounts::run(cells))?;
+        Run::create(home, dir, n, b"cmd", tty, true, hold)
+    }
 
     #[test]
     fn status_text_roundtrip() {
@@ -746,16 +833,8 @@ mod tests {
     #[tokio::test]
     async fn spool_and_wait() {
         let dir = tempfile::tempdir().unwrap();
-        let budget = Arc::new(OutputBudget::new(1));
-        let run = Run::create(
-            dir.path(),
-            1,
-            b"echo hi".to_vec(),
-            budget.clone(),
-            None,
-            true,
-        )
-        .unwrap();
+        let home = home_with(dir.path(), 1, "");
+        let run = new_run(&home, dir.path(), 1, None).unwrap();
         run.append(OutStream::Stdout, b"hello ").unwrap();
         run.append(OutStream::Stderr, b"oops ").unwrap();
         assert_eq!(
@@ -775,17 +854,17 @@ mod tests {
             b""
         );
         assert_eq!(run.stored(), 16 + 3 * spool::ENTRY);
-        let again = Arc::new(OutputBudget::new(1));
-        let loaded = Run::load(&dir.path().join("1"), 1, again.clone()).unwrap();
+        let again = home_with(dir.path(), 1, "");
+        let loaded = Run::load(&again, &dir.path().join("1"), 1).unwrap();
         assert_eq!(loaded.status(), RunStatus::Exited(ExitStatus::Code(0)));
         assert_eq!(loaded.len(RunStream::Output), 16);
         assert_eq!(
             loaded.read_at(RunStream::Output, 0, 100).unwrap(),
             b"hello oops world"
         );
-        assert_eq!(again.used(), run.stored());
+        assert_eq!(again.budget.used(), run.stored());
         loaded.delete();
-        assert_eq!(again.used(), 0);
+        assert_eq!(again.budget.used(), 0);
         // The directory goes in the background.
         let t0 = std::time::Instant::now();
         while dir.path().join("1").exists() && t0.elapsed().as_secs() < 5 {
@@ -797,8 +876,9 @@ mod tests {
     #[test]
     fn a_full_budget_keeps_what_fits_and_stops() {
         let dir = tempfile::tempdir().unwrap();
-        let budget = Arc::new(OutputBudget::new(1));
-        let run = Run::create(dir.path(), 1, b"yes".to_vec(), budget.clone(), None, true).unwrap();
+        let home = home_with(dir.path(), 1, "");
+        let budget = home.budget.clone();
+        let run = new_run(&home, dir.path(), 1, None).unwrap();
         let chunk = vec![b'y'; 400 * 1024];
         assert!(run.append(OutStream::Stdout, &chunk).unwrap());
         assert!(run.append(OutStream::Stdout, &chunk).unwrap());

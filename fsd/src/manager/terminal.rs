@@ -8,7 +8,16 @@
 //! - Only live runs keep an emulator; the screen of a finished run (or of a run from
 //!   before a daemon restart) is rebuilt on demand from the last [`REPLAY_BYTES`] of its
 //!   output, so idle runs cost no memory.
+//! - Every emulator the daemon holds counts against its VM owner's `terminal_cells`
+//!   (rows × cols, see `limits`): a live run's for as long as it runs (its hold grows
+//!   and shrinks with `winsize`), a replayed one while it is being rendered. A size
+//!   that does not fit is refused (EDQUOT/EAGAIN) and changes nothing. Freeing a
+//!   screen asks for the memory to go back to the system (`memtrim`).
 use bandsox_agent::proto::TtySize;
+
+use super::runs::{render_size, Run, RunStream, WINSIZE_FILE};
+use crate::error::{Error, Result};
+use crate::limits::{Amounts, Resource};
 
 /// Scrollback lines the emulator keeps (none: the full history is on disk).
 pub const SCROLLBACK: usize = 0;
@@ -26,6 +35,11 @@ impl std::fmt::Debug for Screen {
         let (rows, cols) = self.parser.screen().size();
         write!(f, "Screen({cols}x{rows})")
     }
+}
+
+/// The cells a screen of `size` counts for.
+pub fn cells(size: TtySize) -> u64 {
+    u64::from(size.rows) * u64::from(size.cols)
 }
 
 impl Screen {
@@ -70,6 +84,112 @@ impl Screen {
         }
         out.extend_from_slice(&screen.state_formatted());
         out
+    }
+}
+
+impl Run {
+    /// Whether the run has a terminal (`tty=`).
+    pub fn is_tty(&self) -> bool {
+        self.inner.lock().size.is_some()
+    }
+
+    /// The terminal's window size (`None` for other runs).
+    pub fn tty_size(&self) -> Option<TtySize> {
+        self.inner.lock().size
+    }
+
+    /// A screen rebuilt from the end of the spooled output (finished runs, runs of an
+    /// earlier daemon); its cells count for the VM's owner while it exists.
+    fn replayed_screen(&self, size: TtySize, upto: u64) -> Result<Screen> {
+        let _hold = self.home.limits.hold(
+            self.home.uid,
+            Amounts::of(Resource::TerminalCells, cells(size)),
+        )?;
+        let mut screen = Screen::new(size);
+        let mut at = upto.saturating_sub(REPLAY_BYTES);
+        while at < upto {
+            let chunk = u32::try_from((upto - at).min(1024 * 1024)).unwrap_or(1024 * 1024);
+            let data = self.read_at(RunStream::Stdout, at, chunk)?;
+            if data.is_empty() {
+                break;
+            }
+            at += data.len() as u64;
+            screen.feed(&data);
+        }
+        Ok(screen)
+    }
+
+    /// The screen's text and a redraw sequence, with the output offset they reflect.
+    /// `None` for runs without a terminal.
+    pub fn terminal_snapshot(&self) -> Result<Option<(String, Vec<u8>, u64)>> {
+        let (size, upto) = {
+            let inner = self.inner.lock();
+            let Some(size) = inner.size else {
+                return Ok(None);
+            };
+            if let Some(s) = &inner.screen {
+                return Ok(Some((s.text(), s.redraw(), inner.lens[0])));
+            }
+            (size, inner.lens[0])
+        };
+        let s = self.replayed_screen(size, upto)?;
+        let out = (s.text(), s.redraw(), upto);
+        drop(s);
+        crate::memtrim::after_large_free();
+        Ok(Some(out))
+    }
+
+    /// Change the window size: the guest's terminal (SIGWINCH to its foreground
+    /// process group), the emulated screen and the `winsize` file. A size whose cells
+    /// do not fit the owner's `terminal_cells` is refused before anything changes.
+    pub async fn resize(&self, size: TtySize) -> Result<()> {
+        if !self.is_tty() {
+            return Err(Error::new(
+                libc::ENOTTY,
+                format!("run {} has no terminal", self.n),
+            ));
+        }
+        let Some(c) = self.live_control().await else {
+            return Err(Error::new(
+                libc::EPIPE,
+                format!("run {} has already finished", self.n),
+            ));
+        };
+        let old = {
+            let inner = self.inner.lock();
+            if inner.status.is_running() {
+                inner.hold.resize(Amounts::run(cells(size))).map_err(|e| {
+                    e.with_context(&format!("winsize {}", render_size(size).trim()))
+                })?;
+            }
+            inner.size
+        };
+        if let Err(e) = c.resize(size).await {
+            // Give back what the new size took (the old size was held before).
+            let inner = self.inner.lock();
+            if let (true, Some(old)) = (inner.status.is_running(), old) {
+                let _ = inner.hold.resize(Amounts::run(cells(old)));
+            }
+            return Err(Error::from(e));
+        }
+        let shrunk = {
+            let mut inner = self.inner.lock();
+            inner.size = Some(size);
+            match inner.screen.as_mut() {
+                Some(s) => {
+                    let before = cells(s.size());
+                    s.resize(size);
+                    cells(size) < before
+                }
+                None => false,
+            }
+        };
+        if shrunk {
+            crate::memtrim::after_large_free();
+        }
+        std::fs::write(self.dir.join(WINSIZE_FILE), render_size(size))?;
+        self.bump();
+        Ok(())
     }
 }
 

@@ -7,11 +7,18 @@
 //! - Every wait on the guest has a deadline; a VM that is not running answers EHOSTDOWN
 //!   at once.
 //! - The on-disk record (`vm.json`) is rewritten after every state change that must
-//!   survive a daemon restart (desired state, boot time).
+//!   survive a daemon restart (desired state, boot time, how far a start got: `phase`),
+//!   atomically (temporary file + rename, one writer at a time).
+//! - Adoption after a daemon restart runs in the background (`adopt`); while it runs the
+//!   VM is `adopting` and its requests wait for it.
+mod adopt;
+mod phase;
 mod retention;
 pub use crate::snapshots::{Taken, FREEZE_TIMEOUT};
+pub use adopt::{ADOPT_AGENT_DEADLINE, ADOPT_WAIT};
+pub use phase::Phase;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,10 +29,11 @@ use bandsox_agent::proto::{ExecOptions, ExecSpec, Program, Request};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::runs::Run;
+use super::runs::{Run, RunHome};
 use crate::config::VmConfig;
 use crate::error::{Error, Result};
 use crate::events::{rfc3339, EventLog};
+use crate::testhook::Point;
 use crate::vmm::{Backend, BackendKind, VmSpec, VmmInstance};
 
 /// Deadline for one agent RPC such as PowerOff or Ping.
@@ -40,6 +48,8 @@ pub const MAX_SCRIPT: usize = 1024 * 1024;
 /// What the user sees in `state`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmState {
+    /// After a daemon restart, until the VM's VMM and agent have been re-attached.
+    Adopting,
     Booting,
     Running,
     Paused,
@@ -51,6 +61,7 @@ pub enum VmState {
 impl VmState {
     pub fn render(&self) -> String {
         match self {
+            VmState::Adopting => "adopting".into(),
             VmState::Booting => "booting".into(),
             VmState::Running => "running".into(),
             VmState::Paused => "paused".into(),
@@ -91,6 +102,9 @@ pub struct VmRecord {
     /// first use of `fs/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs_slot: Option<u16>,
+    /// How far the last start got (see [`Phase`]); records of older daemons have none.
+    #[serde(default)]
+    pub phase: Phase,
 }
 
 /// Kernel and initramfs every VM boots.
@@ -108,7 +122,13 @@ pub struct Vm {
     pub gid: u32,
     pub(crate) record: Mutex<VmRecord>,
     state: Mutex<VmState>,
-    pub(crate) op_lock: tokio::sync::Mutex<()>,
+    /// Held by every lifecycle operation, and by an adoption from before the VM is
+    /// visible until it ends (an `Arc` so the adoption's task can own it).
+    pub(crate) op_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Woken when an adoption ends (see `adopt`).
+    adopted: tokio::sync::Notify,
+    /// One `vm.json` writer at a time (they share the temporary file).
+    save_lock: Mutex<()>,
     /// One reconnect at a time; others wait for its result.
     reconnect_lock: tokio::sync::Mutex<()>,
     pub(crate) backend: Arc<dyn Backend>,
@@ -120,12 +140,14 @@ pub struct Vm {
     pub(crate) generation: AtomicU64,
     runs: Mutex<BTreeMap<u64, Arc<Run>>>,
     next_run: AtomicU64,
-    /// Session id → that session's last run (for `runs/last` and `cat exec`).
-    session_last: Mutex<HashMap<u32, u64>>,
+    /// Session id → that session's last run (for `runs/last` and `cat exec`); `None`
+    /// when the session's last exec failed before it had a run.
+    session_last: crate::sessions::PerSession<Option<u64>>,
     /// Session id → last `ctl` result text.
     ctl_results: crate::ctl::CtlResults,
-    /// The bytes all runs' output may keep (see `spool` and `retention`).
-    output: Arc<super::spool::OutputBudget>,
+    /// What all runs share: the bytes their output may keep (see `spool` and
+    /// `retention`), and the limits their memory is counted against (the owner's).
+    runs_home: Arc<RunHome>,
 }
 
 /// How [`Vm::start_locked`] starts the VMM.
@@ -149,11 +171,16 @@ impl Vm {
         backend: Arc<dyn Backend>,
         boot_files: BootFiles,
         events: Arc<EventLog>,
+        limits: Arc<crate::limits::Limits>,
     ) -> Arc<Vm> {
-        let output = Arc::new(super::spool::OutputBudget::new(
-            record.config.output_mib.into(),
-        ));
-        let runs = load_runs(&dir.join("runs"), &output);
+        let runs_home = Arc::new(RunHome {
+            budget: Arc::new(super::spool::OutputBudget::new(
+                record.config.output_mib.into(),
+            )),
+            limits,
+            uid: record.uid,
+        });
+        let runs = load_runs(&dir.join("runs"), &runs_home);
         let next = runs.keys().next_back().copied().unwrap_or(0) + 1;
         let vm = Arc::new(Vm {
             id: record.id.clone(),
@@ -163,7 +190,9 @@ impl Vm {
             dir,
             record: Mutex::new(record),
             state: Mutex::new(VmState::Stopped),
-            op_lock: tokio::sync::Mutex::new(()),
+            op_lock: Arc::new(tokio::sync::Mutex::new(())),
+            adopted: tokio::sync::Notify::new(),
+            save_lock: Mutex::new(()),
             reconnect_lock: tokio::sync::Mutex::new(()),
             backend,
             boot_files,
@@ -173,12 +202,12 @@ impl Vm {
             generation: AtomicU64::new(0),
             runs: Mutex::new(runs),
             next_run: AtomicU64::new(next),
-            session_last: Mutex::new(HashMap::new()),
+            session_last: Default::default(),
             ctl_results: Default::default(),
-            output,
+            runs_home,
         });
         let pruner: std::sync::Weak<dyn super::spool::Prune> = Arc::downgrade(&vm) as _;
-        vm.output.set_pruner(pruner);
+        vm.runs_home.budget.set_pruner(pruner);
         vm
     }
 
@@ -217,6 +246,8 @@ impl Vm {
     }
 
     pub fn save_record(&self) -> Result<()> {
+        // Under the lock, the record is read afresh: the last writer writes the newest.
+        let _one_writer = self.save_lock.lock();
         let rec = self.record();
         let json = serde_json::to_vec_pretty(&rec).map_err(|e| Error::io(e.to_string()))?;
         let tmp = self.dir.join("vm.json.tmp");
@@ -318,10 +349,21 @@ impl Vm {
         }
     }
 
-    /// A live agent client. When the VM runs but its connection died (a transport reset
+    /// EHOSTDOWN unless the VM is running or being adopted (requests then wait for the
+    /// adoption: see [`Vm::live_agent`]).
+    pub fn require_running_or_adopting(&self) -> Result<()> {
+        if self.state() == VmState::Adopting {
+            return Ok(());
+        }
+        self.require_running()
+    }
+
+    /// A live agent client. While the VM is being adopted, wait for that first (at most
+    /// [`ADOPT_WAIT`]). When the VM runs but its connection died (a transport reset
     /// after pause or snapshot, a crashed stream), reconnect first: the caller sees a
     /// slower request, not an error.
     pub async fn live_agent(&self) -> Result<AgentClient> {
+        self.wait_adopted().await?;
         match self.require_agent() {
             Err(e) if self.state() == VmState::Running => self
                 .reconnect_agent("the connection was lost")
@@ -411,6 +453,14 @@ impl Vm {
         how: Start<'_>,
         timeout: Duration,
     ) -> Result<()> {
+        if let Start::Boot = how {
+            // A failed start or adoption may have left this VM's VMM running (a QEMU in
+            // `-incoming defer` holds the pid file a new one needs).
+            if let Err(e) = self.end_leftover_vmm().await {
+                self.fail_start(&e.message);
+                return Err(e);
+            }
+        }
         let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         self.set_state(VmState::Booting);
         let booting = match how {
@@ -431,12 +481,23 @@ impl Vm {
         let spec = match self.spec() {
             Ok(s) => s,
             Err(e) => {
-                self.fail(&e.message);
+                self.fail_start(&e.message);
                 return Err(e);
             }
         };
         if let Err(e) = prepare_network(&spec).await {
-            self.fail(&e.message);
+            self.fail_start(&e.message);
+            return Err(e);
+        }
+        // Recorded before the VMM exists, so a daemon that dies from here on knows what
+        // the VMM it may find is (see `Phase`).
+        let phase = match how {
+            Start::Boot => Phase::Booting,
+            Start::Restore { .. } => Phase::Restoring,
+        };
+        if let Err(e) = self.record_phase(phase) {
+            self.release_network();
+            self.fail_start(&e.message);
             return Err(e);
         }
         let launched = match how {
@@ -450,16 +511,21 @@ impl Vm {
             Ok(i) => Arc::from(i),
             Err(err) => {
                 self.release_network();
-                self.fail(&err.message);
+                self.fail_start(&err.message);
                 return Err(err);
             }
         };
         *self.vmm.lock() = Some(inst.clone());
         self.confine(inst.pid());
         let ready = async {
+            if let Start::Restore { .. } = how {
+                self.record_phase(Phase::IdentityPending)?;
+                crate::testhook::pause_at(Point::CloneRestored, &self.name).await;
+            }
             let client = self.connect_agent(&inst, timeout).await?;
             if let Start::Restore { .. } = how {
                 self.take_new_identity(&client, &spec).await?;
+                crate::testhook::pause_at(Point::CloneIdentitySet, &self.name).await;
             }
             Ok::<_, Error>(client)
         }
@@ -468,7 +534,11 @@ impl Vm {
             Ok(client) => {
                 let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
                 *self.agent.lock() = Some(client);
-                self.record.lock().boot_ms = Some(ms);
+                {
+                    let mut rec = self.record.lock();
+                    rec.boot_ms = Some(ms);
+                    rec.phase = Phase::Started;
+                }
                 self.set_state(VmState::Running);
                 if let Err(e) = self.save_record() {
                     tracing::warn!(vm = %self.name, "cannot save record: {e}");
@@ -484,18 +554,36 @@ impl Vm {
                 Ok(())
             }
             Err(e) => {
-                let _ = inst.kill().await;
+                let killed = inst.kill().await.is_ok();
                 *self.vmm.lock() = None;
                 self.release_network();
-                self.fail(&e.message);
+                if killed {
+                    self.fail_start(&e.message);
+                } else {
+                    // Still alive: the record keeps its phase, and the next `start` (or
+                    // a later daemon) ends it as a leftover.
+                    self.fail(&e.message);
+                }
                 Err(e)
             }
         }
     }
 
+    /// `failed: <why>` (and a `failed` event); the record is left as it is.
     pub(crate) fn fail(&self, why: &str) {
         self.set_state(VmState::Failed(why.to_string()));
         self.events.emit(&self.name, "failed", why);
+    }
+
+    /// A start failed, or a half-done one was ended (its VMM is gone): [`Vm::fail`], and
+    /// `failed` as the record's phase, so a later daemon does not take the VM for one
+    /// caught in the middle of a start.
+    pub(crate) fn fail_start(&self, why: &str) {
+        self.record.lock().phase = Phase::Failed;
+        if let Err(e) = self.save_record() {
+            tracing::warn!(vm = %self.name, "cannot save record: {e}");
+        }
+        self.fail(why);
     }
 
     /// Connect and handshake with the agent, retrying until `timeout`.
@@ -751,68 +839,6 @@ impl Vm {
         self.boot_locked(timeout).await
     }
 
-    /// After a daemon restart: adopt a live VMM (agent reconnected) or show `stopped`.
-    #[tracing::instrument(level = "debug", name = "adopt", skip_all, fields(vm = %self.name))]
-    pub async fn adopt(self: &Arc<Self>) {
-        let _g = self.op_lock.lock().await;
-        let desired = self.record().desired;
-        if desired == Desired::Stopped {
-            return;
-        }
-        let spec = match self.spec() {
-            Ok(s) => s,
-            Err(e) => {
-                self.set_state(VmState::Failed(e.message));
-                return;
-            }
-        };
-        match self.backend.adopt(&spec).await {
-            Ok(Some(inst)) => {
-                let inst: Arc<dyn VmmInstance> = Arc::from(inst);
-                let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-                *self.vmm.lock() = Some(inst.clone());
-                if desired == Desired::Paused {
-                    // The agent cannot answer while paused; connect on resume.
-                    self.set_state(VmState::Paused);
-                    self.events.emit(&self.name, "adopted", "paused");
-                    self.spawn_monitor(gen);
-                    return;
-                }
-                // A daemon that died mid-snapshot leaves the VM paused and frozen.
-                self.undo_interrupted_snapshot(&inst).await;
-                match self.connect_agent(&inst, Duration::from_secs(15)).await {
-                    Ok(c) => {
-                        self.thaw_after_adopt(&c).await;
-                        *self.agent.lock() = Some(c);
-                        self.set_state(VmState::Running);
-                        self.events
-                            .emit(&self.name, "adopted", &format!("pid={}", inst.pid()));
-                        self.spawn_monitor(gen);
-                    }
-                    Err(e) => {
-                        self.set_state(VmState::Failed(format!(
-                            "adopted VMM but the agent did not answer: {}",
-                            e.message
-                        )));
-                        self.spawn_monitor(gen);
-                    }
-                }
-            }
-            Ok(None) => {
-                self.release_network();
-                self.set_state(VmState::Stopped);
-                self.events.emit(
-                    &self.name,
-                    "stopped",
-                    "its VMM was gone when the daemon started",
-                );
-            }
-            Err(e) => {
-                self.set_state(VmState::Failed(e.to_string()));
-            }
-        }
-    }
-
     /// Kill the VMM (if any) for deletion. Caller removes the directory.
     #[tracing::instrument(level = "debug", name = "destroy", skip_all, fields(vm = %self.name))]
     pub async fn destroy(self: &Arc<Self>) -> Result<()> {
@@ -832,32 +858,73 @@ impl Vm {
         self.runs.lock().get(&n).cloned()
     }
 
+    /// The run with the highest number.
+    pub fn newest_run(&self) -> Option<Arc<Run>> {
+        self.runs.lock().values().next_back().cloned()
+    }
+
     pub fn run_numbers(&self) -> Vec<u64> {
         self.runs.lock().keys().copied().collect()
     }
 
-    /// The last run of `session`, or of the VM when that session has none.
+    /// The last run of `session`, or of the VM when that session has none; `None`
+    /// when the session's last exec failed before it had a run (see [`Vm::exec_failed`]).
     pub fn last_run(&self, session: u32) -> Option<u64> {
-        if let Some(n) = self.session_last.lock().get(&session) {
-            return Some(*n);
+        match self.session_last.get(session) {
+            Some(last) => last,
+            None => self.runs.lock().keys().next_back().copied(),
         }
-        self.runs.lock().keys().next_back().copied()
+    }
+
+    /// Count one more command of this VM (with a screen of `cells`, and its run as a
+    /// kept one) for its owner, or refuse (EDQUOT, EAGAIN) naming the limit. When the
+    /// owner keeps too many runs, this VM's oldest finished ones are deleted first, as
+    /// beyond `keep_runs`.
+    pub fn hold_run(&self, cells: u64) -> Result<crate::limits::Reservation> {
+        use super::spool::Prune;
+        self.runs_home
+            .limits
+            .hold_freeing(self.uid, crate::limits::Amounts::run(cells), |r| {
+                r == crate::limits::Resource::KeptRuns && self.prune_oldest(u64::MAX)
+            })
+    }
+
+    /// An exec of `session` ran nothing: `cat <vm>/ctl` says why, and the session's
+    /// `runs/last` names no run (rather than an older one) until its next exec.
+    pub fn exec_failed(&self, session: u32, e: Error) -> Error {
+        let e = if e.message.starts_with("exec: ") {
+            e
+        } else {
+            e.with_context("exec")
+        };
+        self.session_last.set(session, None);
+        let _ = self.ctl_results.record(session, Err(e.clone()));
+        e
     }
 
     /// Start `script` as a new run (`runs/<n>`); returns once the guest started it. A
     /// first line `#bandsox key=value...` sets per-command options (see `execopts`); a
-    /// bad one fails with EINVAL before anything runs, and the session's `ctl` result
-    /// (`cat <vm>/ctl`) says why.
+    /// bad one fails with EINVAL before anything runs. The command counts against the
+    /// owner's `runs` and `terminal_cells` from its start to its end. Every failure is
+    /// the session's `ctl` result (`cat <vm>/ctl`); one that left no run also clears
+    /// the session's `runs/last`.
     pub async fn start_run(self: &Arc<Self>, script: Vec<u8>, session: u32) -> Result<Arc<Run>> {
+        self.start_run_held(script, session, None).await
+    }
+
+    /// [`Vm::start_run`] with the command already counted by `hold` (see
+    /// [`Vm::hold_run`]; resized to the terminal the options ask for).
+    pub async fn start_run_held(
+        self: &Arc<Self>,
+        script: Vec<u8>,
+        session: u32,
+        hold: Option<crate::limits::Reservation>,
+    ) -> Result<Arc<Run>> {
         let (opts, body) = match super::execopts::split(&script) {
             Ok(x) => x,
-            Err(e) => {
-                let e = e.with_context("exec");
-                let _ = self.ctl_results.record(session, Err(e.clone()));
-                return Err(e);
-            }
+            Err(e) => return Err(self.exec_failed(session, e)),
         };
-        self.start_with(script, Program::Script(body), opts, session)
+        self.start_with(script, Program::Script(body), opts, session, hold)
             .await
     }
 
@@ -868,7 +935,7 @@ impl Vm {
         program: Program,
         session: u32,
     ) -> Result<Arc<Run>> {
-        self.start_with(script, program, Default::default(), session)
+        self.start_with(script, program, Default::default(), session, None)
             .await
     }
 
@@ -894,32 +961,17 @@ impl Vm {
         program: Program,
         opts: super::execopts::ExecOpts,
         session: u32,
+        hold: Option<crate::limits::Reservation>,
     ) -> Result<Arc<Run>> {
-        if script.len() > MAX_SCRIPT {
-            return Err(Error::new(
-                libc::E2BIG,
-                format!(
-                    "the command is {} bytes; at most {MAX_SCRIPT} are accepted",
-                    script.len()
-                ),
-            ));
-        }
-        if script.iter().all(|b| b.is_ascii_whitespace()) {
-            return Err(Error::invalid("empty command"));
-        }
-        let agent = self.live_agent().await?;
-        let n = self.next_run.fetch_add(1, Ordering::SeqCst);
-        let run = Run::create(
-            &self.dir.join("runs"),
-            n,
-            script.clone(),
-            self.output.clone(),
-            opts.tty,
-            opts.waits(),
-        )?;
-        self.runs.lock().insert(n, run.clone());
-        self.prune_runs();
-        self.session_last.lock().insert(session, n);
+        let made = async {
+            check_script(&script)?;
+            let agent = self.live_agent().await?;
+            Ok((agent, self.new_run(&script, &opts, session, hold)?))
+        };
+        let (agent, run) = match made.await {
+            Ok(x) => x,
+            Err(e) => return Err(self.exec_failed(session, e)),
+        };
         let timeout = match opts.timeout {
             None => self.exec_timeout(),
             Some(super::execopts::TimeoutOpt::Off) => None,
@@ -943,10 +995,64 @@ impl Vm {
             Err(e) => {
                 let err = Error::from(e);
                 run.failed_to_start(&err);
+                let _ = self
+                    .ctl_results
+                    .record(session, Err(err.clone().with_context("exec")));
                 Err(err)
             }
         }
     }
+
+    /// The run a new command gets: admitted against the owner's limits and created on
+    /// disk, or nothing at all.
+    fn new_run(
+        &self,
+        script: &[u8],
+        opts: &super::execopts::ExecOpts,
+        session: u32,
+        hold: Option<crate::limits::Reservation>,
+    ) -> Result<Arc<Run>> {
+        let cells = opts.tty.map_or(0, super::terminal::cells);
+        let need = crate::limits::Amounts::run(cells);
+        let hold = match hold {
+            Some(h) => {
+                h.resize(need)?;
+                h
+            }
+            None => self.hold_run(cells)?,
+        };
+        let n = self.next_run.fetch_add(1, Ordering::SeqCst);
+        let run = Run::create(
+            &self.runs_home,
+            &self.dir.join("runs"),
+            n,
+            script,
+            opts.tty,
+            opts.waits(),
+            hold,
+        )?;
+        self.runs.lock().insert(n, run.clone());
+        self.prune_runs();
+        self.session_last.set(session, Some(n));
+        Ok(run)
+    }
+}
+
+/// A script `exec` may run: at most [`MAX_SCRIPT`] bytes, not only white space.
+fn check_script(script: &[u8]) -> Result<()> {
+    if script.len() > MAX_SCRIPT {
+        return Err(Error::new(
+            libc::E2BIG,
+            format!(
+                "the command is {} bytes; at most {MAX_SCRIPT} are accepted",
+                script.len()
+            ),
+        ));
+    }
+    if script.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(Error::invalid("empty command"));
+    }
+    Ok(())
 }
 
 /// Create the host side of the VM's network (the TAP device for `net=tap`).
@@ -959,10 +1065,7 @@ pub(crate) async fn prepare_network(spec: &VmSpec) -> Result<()> {
         .map_err(|e| Error::io(format!("network setup task failed: {e}")))?
 }
 
-fn load_runs(
-    dir: &std::path::Path,
-    budget: &Arc<super::spool::OutputBudget>,
-) -> BTreeMap<u64, Arc<Run>> {
+fn load_runs(dir: &std::path::Path, home: &Arc<RunHome>) -> BTreeMap<u64, Arc<Run>> {
     let mut out = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return out;
@@ -971,7 +1074,7 @@ fn load_runs(
         let Some(n) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else {
             continue;
         };
-        match Run::load(&e.path(), n, budget.clone()) {
+        match Run::load(home, &e.path(), n) {
             Ok(run) => {
                 out.insert(n, run);
             }

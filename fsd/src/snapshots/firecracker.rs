@@ -200,8 +200,10 @@ fn move_out_of_jail(root: &Path, dir: &Path) -> Result<(), VmmError> {
             }
             crate::disk::clone_disk(&src, &dst).map_err(|e| io(&dst, e))?;
         }
-        // SAFETY: geteuid/getegid have no preconditions.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let (uid, gid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
         std::os::unix::fs::chown(&dst, Some(uid), Some(gid)).map_err(|e| io(&dst, e))?;
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644))
             .map_err(|e| io(&dst, e))?;

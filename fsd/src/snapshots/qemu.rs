@@ -202,6 +202,7 @@ pub async fn restore(
         .map(|m| m.len())
         .unwrap_or(0);
     let inst = backend.launch_argv(&spec.dir, argv).await?;
+    crate::testhook::pause_at(crate::testhook::Point::CloneVmmStarted, &spec.name).await;
     match incoming(&inst, &state, spec.memory_mib.into()).await {
         Ok(()) => Ok(inst),
         Err(e) => {

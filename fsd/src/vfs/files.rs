@@ -13,12 +13,8 @@
 //!   it). Reading gives the caller session's last result.
 //! - *streams* (`runs/<n>/stdout|stderr|output`, and `exec` once it has a run): a private
 //!   read position; reads wait like a pipe until data or the end of the command.
-//! - *exec*: a transaction. Writes collect the script; it starts on the first flush
-//!   (close) by a process that wrote to the descriptor, or the first read of the same
-//!   descriptor. A write-only descriptor's flush waits for the command to finish (so
-//!   `echo cmd > exec` returns when it is done) and fails with the run's errno when it
-//!   was lost; a read-write descriptor streams the output instead. All or nothing: a
-//!   script that grew past [`MAX_SCRIPT`], or whose writer is being killed, never runs.
+//! - *exec*: a transaction (see `exec`): the script collected from the writes runs
+//!   at the close of a process that wrote it, or at the first read.
 //!
 //! Writes to ctl files and exec must continue where the previous write on the same
 //! descriptor ended (any offset for the first one): `write(2)`, `O_APPEND` and an
@@ -26,6 +22,16 @@
 //!
 //! Every wait is interruptible (see `interrupt`); an interrupted wait on a command sends
 //! it SIGINT, like a terminal would.
+//!
+//! Memory: every open file holds a reservation of the caller's `buffer_mib` (see
+//! `limits`) for what it keeps — [`HANDLE_BYTES`], the content rendered at open, an
+//! unterminated `ctl` line, an unstarted `exec` script, a terminal's redraw — resized
+//! as that grows or shrinks and returned at release; a write to a command's `stdin` or
+//! `terminal` holds its bytes while it waits. An `exec` descriptor counts as a running
+//! command of the VM's owner (`runs`, and `terminal_cells` once its options line asked
+//! for a terminal) from its first write. Whatever does not fit fails with EDQUOT
+//! (EAGAIN for a host-wide limit) before anything is kept, and a refused `exec` never
+//! runs.
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,12 +39,14 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::exec::ExecTx;
 use super::tree::{Node, RunFile, Tree, VmFile};
 use crate::error::{Error, Result};
 use crate::interrupt::interruptible;
+use crate::limits::{Amounts, Reservation, HANDLE_BYTES};
 use crate::lines::LineBuffer;
 use crate::manager::runs::{Run, RunStream};
-use crate::manager::vm::{Vm, MAX_SCRIPT};
+use crate::manager::vm::Vm;
 
 /// Who is asking.
 #[derive(Debug, Clone, Copy)]
@@ -56,36 +64,19 @@ pub struct OpenMode {
     pub nonseekable: bool,
 }
 
-pub struct ExecTx {
-    vm: Arc<Vm>,
-    script: Vec<u8>,
-    run: Option<Arc<Run>>,
-    pos: u64,
-    write_only: bool,
-    session: u32,
-    /// Where the next write must start (`None` before the first).
-    next_offset: Option<u64>,
-    /// Threads that wrote the script (only their close starts it).
-    writers: Writers,
-    /// The script will never run: why (E2BIG past the cap, writer killed, bad options).
-    refused: Option<Error>,
-    /// The first line (a possible `#bandsox` options line) was complete and checked.
-    first_line_checked: bool,
-}
-
 /// The threads that wrote to one open file description (a few; more are folded).
 #[derive(Default)]
-struct Writers(Vec<u32>);
+pub(super) struct Writers(Vec<u32>);
 
 impl Writers {
-    fn note(&mut self, pid: u32) {
+    pub(super) fn note(&mut self, pid: u32) {
         if !self.0.contains(&pid) && self.0.len() < 16 {
             self.0.push(pid);
         }
     }
     /// Whether `pid` belongs to a process that wrote (every closer counts once more
     /// than 16 threads wrote).
-    fn includes(&self, pid: u32) -> bool {
+    pub(super) fn includes(&self, pid: u32) -> bool {
         self.0.len() >= 16
             || self.0.contains(&pid)
             || self
@@ -118,6 +109,30 @@ struct TermPos {
     sent: usize,
     /// Position in the run's `stdout`.
     offset: u64,
+}
+
+/// An open file and what it holds of its opener's `buffer_mib`.
+pub struct Handle {
+    file: OpenFile,
+    hold: Reservation,
+}
+
+impl Handle {
+    /// Hold `bytes` besides the handle itself from now on (see the module docs).
+    pub(super) fn hold_bytes(&self, bytes: usize) -> Result<()> {
+        self.hold
+            .resize(Amounts::buffer(HANDLE_BYTES + bytes as u64))
+    }
+}
+
+impl OpenFile {
+    /// Bytes of content this file keeps from its open on.
+    fn content_len(&self) -> usize {
+        match self {
+            OpenFile::Generated(c) => c.len(),
+            _ => 0,
+        }
+    }
 }
 
 /// One open control file: its target and the line assembly of this description.
@@ -156,7 +171,7 @@ pub struct Files {
     /// Root `mkdir`/`rmdir` in flight (root-name invalidations wait for them).
     pub(super) root_ops: Arc<super::rootops::RootOps>,
     events: crate::eventview::EventViews,
-    handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
 }
 
@@ -201,7 +216,7 @@ impl Files {
         }
     }
 
-    fn handle(&self, fh: u64) -> Result<Arc<OpenFile>> {
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
         self.handles
             .lock()
             .get(&fh)
@@ -270,23 +285,13 @@ impl Files {
                 let vm = self.tree.vm(id)?;
                 let mut run = None;
                 if write {
-                    // Fail at open, where the shell reports it, rather than at close.
-                    vm.require_running()?;
+                    // Fail at open, where the shell reports it, rather than at close
+                    // (a VM being adopted may still run: the start waits for it).
+                    vm.require_running_or_adopting()?;
                 } else {
                     run = vm.last_run(caller.session).and_then(|n| vm.run(n));
                 }
-                let tx = ExecTx {
-                    vm,
-                    script: Vec::new(),
-                    run,
-                    pos: 0,
-                    write_only: write && !read,
-                    session: caller.session,
-                    next_offset: None,
-                    writers: Writers::default(),
-                    refused: None,
-                    first_line_checked: false,
-                };
+                let tx = ExecTx::new(vm, run, write && !read, caller.session);
                 // Seekable (not a stream) so that an appending pwrite reaches us; reads
                 // keep their own position whatever the offset.
                 (OpenFile::Exec(tokio::sync::Mutex::new(tx)), direct)
@@ -338,14 +343,22 @@ impl Files {
             }
             _ => return Err(Error::new(libc::EISDIR, "is a directory")),
         };
+        let bytes = HANDLE_BYTES + file.content_len() as u64;
+        let hold = self
+            .tree
+            .mgr()
+            .limits
+            .hold(caller.uid, Amounts::buffer(bytes))?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, Arc::new(file));
+        self.handles
+            .lock()
+            .insert(fh, Arc::new(Handle { file, hold }));
         Ok((fh, mode))
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32, caller: Caller) -> Result<Vec<u8>> {
-        let file = self.handle(fh)?;
-        match &*file {
+        let handle = self.handle(fh)?;
+        match &handle.file {
             OpenFile::Generated(c) => Ok(slice_at(c, offset, size)),
             OpenFile::Log(p) => read_file_at(p, offset, size),
             OpenFile::Ctl(ctl) => match &ctl.target {
@@ -375,7 +388,7 @@ impl Files {
                 )),
             },
             OpenFile::Stdin(_) => Ok(Vec::new()),
-            OpenFile::Terminal(t) => read_terminal(t, size, caller.pid).await,
+            OpenFile::Terminal(t) => read_terminal(t, &handle, size, caller.pid).await,
             OpenFile::Events(h) => h.read(offset, size),
             OpenFile::CappedLog(p, reader) => {
                 let mib = crate::limits::vm_caps().console_mib;
@@ -392,33 +405,17 @@ impl Files {
                 *pos.lock() = at + data.len() as u64;
                 Ok(data)
             }
-            OpenFile::Exec(tx) => {
-                let mut tx = tx.lock().await;
-                if let Some(e) = &tx.refused {
-                    return Err(e.clone());
-                }
-                if tx.run.is_none() && !tx.script.is_empty() {
-                    let script = std::mem::take(&mut tx.script);
-                    let run = start_run(&tx.vm, script, tx.session, caller.pid).await?;
-                    tx.run = Some(run);
-                }
-                let Some(run) = tx.run.clone() else {
-                    return Ok(Vec::new());
-                };
-                let data = read_run(&run, RunStream::Output, tx.pos, size, caller.pid).await?;
-                tx.pos += data.len() as u64;
-                Ok(data)
-            }
+            OpenFile::Exec(tx) => tx.lock().await.read(&handle, size, caller.pid).await,
         }
     }
 
     /// A write at `offset` (see the module docs for what each kind of file does).
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8], caller: Caller) -> Result<u32> {
-        let file = self.handle(fh)?;
+        let handle = self.handle(fh)?;
         // The kernel's writes are at most `max_write` (1 MiB).
         let len = u32::try_from(data.len())
             .map_err(|_| Error::new(libc::EFBIG, "a single write of 4 GiB or more"))?;
-        match &*file {
+        match &handle.file {
             OpenFile::Ctl(ctl) => {
                 let mut st = ctl.state.lock().await;
                 if let Err(e) = st.lines.check_offset(offset) {
@@ -429,12 +426,22 @@ impl Files {
                     Ok(l) => l,
                     Err(e) => return Err(self.record(ctl, caller.session, e)),
                 };
-                self.run_lines(ctl, &mut st.lines, lines, caller).await?;
+                // The unterminated rest is kept only if the caller's buffers hold it;
+                // otherwise this write runs nothing, like an overlong line.
+                if let Err(e) = handle.hold_bytes(st.lines.held()) {
+                    st.lines.abandon();
+                    let _ = handle.hold_bytes(0);
+                    return Err(self.record(ctl, caller.session, e));
+                }
+                let ran = self.run_lines(ctl, &mut st.lines, lines, caller).await;
+                let _ = handle.hold_bytes(st.lines.held());
+                ran?;
                 st.lines.advance(offset, data.len());
                 Ok(len)
             }
             OpenFile::Stdin(run) => {
                 // Waits like a pipe while the command does not read; Ctrl-C ends the wait.
+                let _held = self.hold_write(caller, data)?;
                 interruptible(caller.pid, async {
                     for chunk in data.chunks(bandsox_agent::proto::MAX_CHUNK) {
                         run.write_stdin(chunk.to_vec()).await?;
@@ -447,6 +454,7 @@ impl Files {
             OpenFile::Terminal(t) => {
                 // Keystrokes: wait like a pipe while the guest does not read them;
                 // a finished run answers EPIPE.
+                let _held = self.hold_write(caller, data)?;
                 interruptible(caller.pid, async {
                     for chunk in data.chunks(bandsox_agent::proto::MAX_CHUNK) {
                         t.run.write_stdin(chunk.to_vec()).await?;
@@ -456,53 +464,11 @@ impl Files {
                 .await?;
                 Ok(len)
             }
-            OpenFile::Exec(tx) => {
-                let mut tx = tx.lock().await;
-                if tx.run.is_some() {
-                    return Err(Error::busy(
-                        "this exec descriptor already ran its command; open exec again",
-                    ));
-                }
-                if let Some(next) = tx.next_offset.filter(|&n| n != offset) {
-                    return Err(Error::new(
-                        libc::ESPIPE,
-                        format!(
-                            "exec is written in sequence: this write is at offset {offset}, \
-                             but the previous one ended at {next}"
-                        ),
-                    ));
-                }
-                if let Some(e) = &tx.refused {
-                    return Err(e.clone());
-                }
-                tx.writers.note(caller.pid);
-                if tx.script.len() + data.len() > MAX_SCRIPT {
-                    // All or nothing: the script is dropped and will not run at close.
-                    let e = Error::new(
-                        libc::E2BIG,
-                        format!("the script is longer than {MAX_SCRIPT} bytes; nothing was run"),
-                    );
-                    tx.script = Vec::new();
-                    tx.refused = Some(e.clone());
-                    return Err(e);
-                }
-                tx.script.extend_from_slice(data);
-                tx.next_offset = Some(offset + data.len() as u64);
-                if !tx.first_line_checked {
-                    match crate::manager::execopts::check_first_line(&tx.script) {
-                        Ok(done) => tx.first_line_checked = done,
-                        Err(e) => {
-                            // All or nothing: a bad options line runs nothing.
-                            let e = e.with_context("exec");
-                            let _ = tx.vm.ctl_results().record(tx.session, Err(e.clone()));
-                            tx.script = Vec::new();
-                            tx.refused = Some(e.clone());
-                            return Err(e);
-                        }
-                    }
-                }
-                Ok(len)
-            }
+            OpenFile::Exec(tx) => tx
+                .lock()
+                .await
+                .write(&handle, offset, data, caller.pid)
+                .map(|()| len),
             OpenFile::Generated(_)
             | OpenFile::Log(_)
             | OpenFile::CappedLog(..)
@@ -681,12 +647,20 @@ impl Files {
     /// starts a pending exec, when the closing process wrote to the descriptor and is
     /// not being killed; a write-only exec waits for its command and reports a lost run.
     pub async fn flush(&self, fh: u64, caller: Caller) -> Result<()> {
-        let file = self.handle(fh)?;
-        match &*file {
+        let handle = self.handle(fh)?;
+        match &handle.file {
             OpenFile::Ctl(ctl) => self.flush_ctl(ctl, caller).await,
-            OpenFile::Exec(tx) => self.flush_exec(tx, caller).await,
+            OpenFile::Exec(tx) => super::exec::flush(tx, &handle, caller).await,
             _ => Ok(()),
         }
+    }
+
+    /// Hold the bytes of a write to a command's input while it waits for the command.
+    fn hold_write(&self, caller: Caller, data: &[u8]) -> Result<Reservation> {
+        self.tree
+            .mgr()
+            .limits
+            .hold(caller.uid, Amounts::buffer(data.len() as u64))
     }
 
     async fn flush_ctl(&self, ctl: &CtlFile, caller: Caller) -> Result<()> {
@@ -713,89 +687,27 @@ impl Files {
         self.run_lines(ctl, &mut st.lines, vec![line], caller).await
     }
 
-    async fn flush_exec(&self, tx: &tokio::sync::Mutex<ExecTx>, caller: Caller) -> Result<()> {
-        let mut tx = tx.lock().await;
-        if let Some(e) = &tx.refused {
-            return Err(e.clone());
-        }
-        if tx.run.is_none() && !tx.script.is_empty() {
-            if !tx.writers.includes(caller.pid) {
-                // Another process's copy of the descriptor (e.g. a child of the writing
-                // shell) closed: the writer may not be done yet.
-                return Ok(());
-            }
-            if crate::interrupt::killed_by_signal(caller.pid) {
-                tx.script = Vec::new();
-                tx.refused = Some(Error::new(
-                    libc::EINTR,
-                    "the writer was killed before it closed exec; the script was not run",
-                ));
-                return Ok(());
-            }
-            let script = std::mem::take(&mut tx.script);
-            let run = start_run(&tx.vm, script, tx.session, caller.pid).await?;
-            tx.run = Some(run);
-        }
-        // Only a write-only descriptor's close waits for its command (and not for a
-        // terminal run, or with `wait=0`: see `execopts`).
-        let run = match (&tx.run, tx.write_only) {
-            (Some(run), true) if run.waits => run.clone(),
-            _ => return Ok(()),
-        };
-        drop(tx);
-        let waited = interruptible(caller.pid, async {
-            run.wait_finished().await;
-            Ok(())
-        })
-        .await;
-        if let Err(e) = &waited {
-            if e.errno == libc::EINTR {
-                let _ = run.signal(libc::SIGINT).await;
-            }
-        }
-        waited?;
-        match run.failure() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
     /// `fsync` of a control file: for an exec whose run was lost, the same errno its
     /// close reports; otherwise nothing to do.
     pub async fn fsync(&self, fh: u64) -> Result<()> {
-        let file = self.handle(fh)?;
-        if let OpenFile::Exec(tx) = &*file {
-            let tx = tx.lock().await;
-            if let Some(e) = &tx.refused {
-                return Err(e.clone());
-            }
-            if let Some(e) = tx.run.as_ref().and_then(|r| r.failure()) {
-                return Err(e);
-            }
+        let handle = self.handle(fh)?;
+        match &handle.file {
+            OpenFile::Exec(tx) => tx.lock().await.fsync(),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Last close: forget the handle. An exec never flushed still runs (unless it was
     /// refused); a control file's unterminated line that no writer's close ran is
     /// dropped, and the caller's `ctl` result says so.
     pub fn release(&self, fh: u64) {
-        let Some(file) = self.handles.lock().remove(&fh) else {
+        let Some(handle) = self.handles.lock().remove(&fh) else {
             return;
         };
-        match &*file {
+        match &handle.file {
             OpenFile::Exec(tx) => {
                 if let Ok(mut tx) = tx.try_lock() {
-                    if tx.run.is_none() && !tx.script.is_empty() && tx.refused.is_none() {
-                        let script = std::mem::take(&mut tx.script);
-                        let vm = tx.vm.clone();
-                        let session = tx.session;
-                        tokio::spawn(async move {
-                            if let Err(e) = vm.start_run(script, session).await {
-                                tracing::warn!(vm = %vm.name, "exec on release failed: {e}");
-                            }
-                        });
-                    }
+                    tx.release();
                 }
             }
             OpenFile::Ctl(ctl) => {
@@ -815,36 +727,19 @@ impl Files {
     }
 }
 
-/// Start `script` as a run; the starting process may be interrupted (EINTR at once),
-/// in which case the command, once started, gets SIGINT as if typed Ctrl-C.
-async fn start_run(vm: &Arc<Vm>, script: Vec<u8>, session: u32, pid: u32) -> Result<Arc<Run>> {
-    let v = vm.clone();
-    let started = crate::interrupt::detachable(
-        pid,
-        async move { v.start_run(script, session).await },
-        |res: Result<Arc<Run>>| {
-            if let Ok(run) = res {
-                tokio::spawn(async move {
-                    let _ = run.signal(libc::SIGINT).await;
-                });
-            }
-        },
-    )
-    .await?;
-    started
-}
-
 /// A read of `runs/<n>/terminal`: first the redraw of the screen as it was at the first
 /// read, then live output from that offset; EOF once the run ended and all was read.
 /// An interrupted reader gets EINTR; the command is not signalled (on a terminal,
 /// Ctrl-C is a keystroke, written to the terminal).
-async fn read_terminal(t: &TermFile, size: u32, pid: u32) -> Result<Vec<u8>> {
+async fn read_terminal(t: &TermFile, handle: &Handle, size: u32, pid: u32) -> Result<Vec<u8>> {
     let mut st = t.state.lock().await;
     if st.is_none() {
         let (_, redraw, offset) = t
             .run
             .terminal_snapshot()?
             .ok_or_else(|| Error::new(libc::ENOTTY, "this run has no terminal"))?;
+        // The redraw is kept until it was read: it counts as the reader's buffer.
+        handle.hold_bytes(redraw.len())?;
         *st = Some(TermPos {
             redraw,
             sent: 0,
@@ -859,6 +754,11 @@ async fn read_terminal(t: &TermFile, size: u32, pid: u32) -> Result<Vec<u8>> {
         let end = pos.sent.saturating_add(size as usize).min(pos.redraw.len());
         let out = pos.redraw[pos.sent..end].to_vec();
         pos.sent = end;
+        if end == pos.redraw.len() {
+            pos.redraw = Vec::new();
+            pos.sent = 0;
+            let _ = handle.hold_bytes(0);
+        }
         return Ok(out);
     }
     let data = interruptible(pid, t.run.read_stream(RunStream::Stdout, pos.offset, size)).await?;
@@ -868,7 +768,7 @@ async fn read_terminal(t: &TermFile, size: u32, pid: u32) -> Result<Vec<u8>> {
 
 /// Wait like a pipe for a run's stream, answering EINTR (and sending the command
 /// SIGINT) if the reader is interrupted.
-async fn read_run(
+pub(super) async fn read_run(
     run: &Arc<Run>,
     stream: RunStream,
     at: u64,

@@ -17,6 +17,7 @@
 //!   is an `async fn` or a [`Pending`] future the adapter runs in a task.
 //! - A failed `mkdir`/`rmdir` in the root, `images/` or `snapshots/` is also recorded as
 //!   the caller session's `ctl` result (`cat ctl` says why).
+pub mod exec;
 pub mod files;
 pub mod policy;
 pub mod rootops;

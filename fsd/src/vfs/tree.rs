@@ -168,6 +168,7 @@ BandSox-FS: microVMs as files.
   cat NAME/runs/last/status       exit code of your last command (or `running`)
   echo pause|resume|stop|start|kill|restart > NAME/ctl
   cat NAME/state                  booting | running | paused | stopped | failed: why
+                                  (adopting: after a daemon restart, until re-attached)
   cat NAME/info                   JSON description
   tail -f NAME/console            serial console;   tail -f events   your VMs' events
   cat usage                       what you use, against the limits root set
@@ -298,7 +299,7 @@ impl Tree {
             Node::Runs(id) => {
                 let vm = self.vm(id)?;
                 if name == "last" {
-                    if vm.run_numbers().is_empty() {
+                    if vm.newest_run().is_none() {
                         return Err(nf());
                     }
                     Node::RunsLast(id.clone())
@@ -447,7 +448,7 @@ impl Tree {
                     .run(*n)
                     .ok_or_else(|| Error::not_found("no such run"))?;
                 match f {
-                    RunFile::Cmd => run.cmd.clone(),
+                    RunFile::Cmd => run.cmd()?,
                     RunFile::Status => run.status().render().into_bytes(),
                     RunFile::Pid => run
                         .pid()
@@ -535,6 +536,7 @@ impl Tree {
             },
             Node::RunFile(id, n, f) => match f {
                 RunFile::Stdin => (Kind::File, 0o200, 0),
+                RunFile::Cmd => (Kind::File, 0o400, self.run(id, *n)?.cmd_len()),
                 RunFile::Ctl | RunFile::Terminal | RunFile::Winsize => (Kind::File, 0o600, 0),
                 // Rendered at open; a size would cost a render per `stat`.
                 RunFile::Screen => (Kind::File, 0o400, 0),
@@ -558,7 +560,7 @@ impl Tree {
                 .vm(id)
                 .map(|v| SystemTime::UNIX_EPOCH + Duration::from_secs(v.record().created))
                 .unwrap_or(self.started),
-            _ => self.started,
+            _ => self.run_time(node).unwrap_or(self.started),
         };
         Ok(Attr {
             ino,
@@ -570,6 +572,37 @@ impl Tree {
             nlink,
             time,
         })
+    }
+}
+
+impl Tree {
+    fn run(&self, id: &str, n: u64) -> Result<Arc<crate::manager::runs::Run>> {
+        self.vm(id)?
+            .run(n)
+            .ok_or_else(|| Error::not_found("no such run"))
+    }
+
+    /// The times of `runs/` and what is in it (docs/tree.md, "exec"): a run's directory
+    /// and its input files the start, its output files the last output, `status` the
+    /// end; `runs/` (and `runs/last`) the newest run's start.
+    fn run_time(&self, node: &Node) -> Option<SystemTime> {
+        match node {
+            Node::Runs(id) | Node::RunsLast(id) => Some(self.vm(id).ok()?.newest_run()?.started),
+            Node::Run(id, n) => Some(self.run(id, *n).ok()?.started),
+            Node::RunFile(id, n, f) => {
+                let t = self.run(id, *n).ok()?.times();
+                Some(match f {
+                    RunFile::Out(_) | RunFile::Terminal | RunFile::Screen => t.output,
+                    RunFile::Status => t.ended.unwrap_or(t.started),
+                    RunFile::Cmd
+                    | RunFile::Stdin
+                    | RunFile::Pid
+                    | RunFile::Ctl
+                    | RunFile::Winsize => t.started,
+                })
+            }
+            _ => None,
+        }
     }
 }
 
@@ -608,8 +641,7 @@ mod tests {
     #[test]
     fn session_of_self_matches_getsid() {
         let me = std::process::id();
-        // SAFETY: getsid(0) has no preconditions.
-        let sid = unsafe { libc::getsid(0) };
+        let sid = nix::unistd::getsid(None).unwrap().as_raw();
         assert_eq!(session_of(me), u32::try_from(sid).unwrap());
     }
 }

@@ -156,15 +156,11 @@ fn cpuinfo_has_flag(cpuinfo: &str, flag: &str) -> bool {
 #[cfg(target_arch = "x86_64")]
 fn tsc_sample() -> Option<(u128, u64)> {
     let mono = || -> Option<u128> {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes into the timespec we own.
-        if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-            return None;
-        }
-        Some(u128::try_from(ts.tv_sec).ok()? * 1_000_000_000 + u128::try_from(ts.tv_nsec).ok()?)
+        let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+        Some(
+            u128::try_from(ts.tv_sec()).ok()? * 1_000_000_000
+                + u128::try_from(ts.tv_nsec()).ok()?,
+        )
     };
     for _ in 0..100 {
         let a = mono()?;

@@ -24,6 +24,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use nix::sys::signal::Signal;
+use nix::unistd::{chdir, setgid, setgroups, setuid, Gid, Uid};
 
 use super::process::VmmProcess;
 use super::{Backend, BackendKind, BoxedAgentStream, VmSpec, VmmError, VmmInstance};
@@ -144,21 +146,19 @@ impl Backend for HostBackend {
             .stderr(log2);
         let cwd = CString::new(host_dir.as_os_str().as_bytes())
             .map_err(|_| VmmError::StartFailed("VM directory path contains NUL".into()))?;
-        let ids = owner.filter(|(uid, _)| *uid != 0);
+        let ids = owner
+            .filter(|(uid, _)| *uid != 0)
+            .map(|(uid, gid)| (Uid::from_raw(uid), Gid::from_raw(gid)));
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-        // syscalls (chdir, setgroups, setgid, setuid) on data prepared before the fork.
+        // syscalls (chdir, setgroups, setgid, setuid: nix's thin wrappers, which pass a
+        // `CStr` through as it is and allocate nothing) on data prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::chdir(cwd.as_ptr()) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                chdir(cwd.as_c_str())?;
                 if let Some((uid, gid)) = ids {
-                    if libc::setgroups(0, std::ptr::null()) != 0
-                        || libc::setgid(gid) != 0
-                        || libc::setuid(uid) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                    setgroups(&[])?;
+                    setgid(gid)?;
+                    setuid(uid)?;
                 }
                 Ok(())
             });
@@ -214,13 +214,13 @@ impl VmmInstance for HostInstance {
         Ok(Box::pin(s))
     }
     async fn pause(&self) -> Result<(), VmmError> {
-        self.proc.signal(libc::SIGSTOP)
+        self.proc.signal(Signal::SIGSTOP)
     }
     async fn resume(&self) -> Result<(), VmmError> {
-        self.proc.signal(libc::SIGCONT)
+        self.proc.signal(Signal::SIGCONT)
     }
     async fn request_shutdown(&self) -> Result<(), VmmError> {
-        self.proc.signal(libc::SIGTERM)
+        self.proc.signal(Signal::SIGTERM)
     }
     async fn kill(&self) -> Result<(), VmmError> {
         self.proc.kill().await

@@ -25,6 +25,8 @@ pub mod process;
 pub mod qemu;
 pub mod qemu_vsock;
 pub mod qmp;
+#[cfg(test)]
+pub(crate) mod testkit;
 
 /// A duplex byte stream to the guest agent.
 pub trait AgentStream: AsyncRead + AsyncWrite + Send + Unpin {}

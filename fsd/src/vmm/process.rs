@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+
 use super::VmmError;
 
 /// How long `kill` waits for the process to disappear after SIGKILL.
@@ -52,13 +54,12 @@ impl VmmProcess {
         pid_file: PathBuf,
         write_pid_file: bool,
     ) -> Result<Self, VmmError> {
-        // SAFETY: the closure runs between fork and exec and only makes raw syscalls that
-        // are async-signal-safe (setsid, close_range); it touches no Rust state.
+        // SAFETY: the closure runs between fork and exec and only makes syscalls that are
+        // async-signal-safe (setsid through nix's thin wrapper, close_range raw: nix has
+        // none); it allocates nothing and touches no Rust state.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                nix::unistd::setsid()?;
                 // Mark every fd above stdio close-on-exec (std's own pipes already are).
                 // Best effort: kernels before 5.11 lack the flag.
                 libc::syscall(
@@ -183,25 +184,22 @@ impl VmmProcess {
         }
     }
 
-    pub fn signal(&self, sig: libc::c_int) -> Result<(), VmmError> {
+    pub fn signal(&self, sig: Signal) -> Result<(), VmmError> {
         if !self.is_alive() {
             return Err(VmmError::NotRunning);
         }
         let pid = libc::pid_t::try_from(self.pid).map_err(|_| VmmError::NotRunning)?;
-        // SAFETY: kill(2) on the pid of our (still living, checked above) VMM process.
-        if unsafe { libc::kill(pid, sig) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ESRCH) {
-                return Err(VmmError::NotRunning);
-            }
-            return Err(VmmError::Io(format!("kill {}", self.pid), e));
+        // Our (still living, checked above) VMM process.
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::ESRCH) => Err(VmmError::NotRunning),
+            Err(e) => Err(VmmError::Io(format!("kill {}", self.pid), e.into())),
         }
-        Ok(())
     }
 
     /// SIGKILL and wait until the process is gone; idempotent.
     pub async fn kill(&self) -> Result<(), VmmError> {
-        match self.signal(libc::SIGKILL) {
+        match self.signal(Signal::SIGKILL) {
             Ok(()) | Err(VmmError::NotRunning) => {}
             Err(e) => return Err(e),
         }

@@ -601,20 +601,8 @@ impl VmmInstance for QemuInstance {
 mod tests {
     use super::*;
     use crate::vmm::process::proc_stat;
+    use crate::vmm::testkit::spec;
     use crate::vmm::NetMode;
-
-    fn spec(dir: &Path) -> VmSpec {
-        VmSpec {
-            name: "web-1".into(),
-            dir: dir.to_path_buf(),
-            vcpus: 2,
-            memory_mib: 256,
-            disk: Some(dir.join("disk.ext4")),
-            kernel: "/s/boot/vmlinuz".into(),
-            initrd: "/s/boot/initrd".into(),
-            net: None,
-        }
-    }
 
     fn after<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
         argv.windows(2)
@@ -795,25 +783,13 @@ mod tests {
         // Adopt: needs vmm.pid (QEMU writes it; sleep does not) and a matching cmdline.
         std::fs::write(d.join("vmm.pid"), format!("{}\n", inst.pid())).unwrap();
         let adopted = adopt_dir(&d).expect("adopt");
-        assert_eq!(adopted.pid(), inst.pid());
-        assert!(adopted.is_alive());
-        let mut other = load_args(&d).unwrap();
-        other.argv[1] = "31".into();
-        std::fs::write(d.join(ARGS_FILE), serde_json::to_vec(&other).unwrap()).unwrap();
-        assert!(
-            adopt_dir(&d).is_none(),
-            "a different command line is not ours"
-        );
-
-        inst.kill().await.unwrap();
-        assert!(!inst.is_alive());
+        let record = d.join(ARGS_FILE);
+        let adopt_again = || adopt_dir(&d).is_some();
+        crate::vmm::testkit::check_adoption(&inst, &adopted, &record, adopt_again).await;
         assert!(
             proc_stat(inst.pid()).is_none_or(|(s, _)| s != 'Z'),
             "zombie left"
         );
-        assert!(!adopted.is_alive());
-        inst.kill().await.unwrap(); // idempotent
-        assert!(matches!(inst.pause().await, Err(VmmError::NotRunning)));
         let (task, seen) = server.await.unwrap();
         task.abort();
         assert_eq!(

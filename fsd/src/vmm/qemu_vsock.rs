@@ -129,7 +129,7 @@ impl QemuVsockBackend {
                     vhost.display(),
                     crate::logcap::log_tail(&log_path, 0, 5)
                 );
-                let _ = helper.signal(libc::SIGKILL);
+                let _ = helper.signal(nix::sys::signal::Signal::SIGKILL);
                 return Err(VmmError::StartFailed(why));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -251,7 +251,7 @@ impl Backend for QemuVsockBackend {
         match self.qemu.launch_argv(&spec.dir, argv).await {
             Ok(qemu) => Ok(Box::new(VsockInstance::new(
                 qemu,
-                helper,
+                Some(helper),
                 &spec.dir,
                 Some(console_from),
             ))),
@@ -273,12 +273,17 @@ impl Backend for QemuVsockBackend {
                 // QEMU runs but its helper is gone: the agent is unreachable; a restart
                 // (stop, start) brings both back.
                 tracing::warn!(dir = %spec.dir.display(), "adopted QEMU has no live {HELPER_BINARY}");
-                return Ok(Some(Box::new(VsockInstanceNoHelper { qemu })));
+                return Ok(Some(Box::new(VsockInstance::new(
+                    qemu, None, &spec.dir, None,
+                ))));
             }
         };
         // Adopted after a daemon restart: the guest booted long ago.
         Ok(Some(Box::new(VsockInstance::new(
-            qemu, helper, &spec.dir, None,
+            qemu,
+            Some(helper),
+            &spec.dir,
+            None,
         ))))
     }
 
@@ -293,7 +298,9 @@ pub const READY_LINE: &[u8] = b"bandsox-agent: ready";
 /// QEMU plus its vhost-device-vsock helper.
 pub struct VsockInstance {
     qemu: QemuInstance,
-    helper: VmmProcess,
+    /// `None`: adopted while its helper was gone: controllable, but its agent is
+    /// unreachable (a restart brings both back).
+    helper: Option<VmmProcess>,
     dir: PathBuf,
     /// Launched by us: the console length at launch, until the ready line came after it.
     console_from: Option<u64>,
@@ -301,7 +308,12 @@ pub struct VsockInstance {
 }
 
 impl VsockInstance {
-    fn new(qemu: QemuInstance, helper: VmmProcess, dir: &Path, console_from: Option<u64>) -> Self {
+    fn new(
+        qemu: QemuInstance,
+        helper: Option<VmmProcess>,
+        dir: &Path,
+        console_from: Option<u64>,
+    ) -> Self {
         VsockInstance {
             qemu,
             helper,
@@ -335,8 +347,10 @@ impl VsockInstance {
 
     /// Once QEMU is gone, the helper goes too (best effort, no waiting).
     fn reap_helper_if_orphaned(&self) {
-        if !self.qemu.is_alive() && self.helper.is_alive() {
-            let _ = self.helper.signal(libc::SIGKILL);
+        if let Some(helper) = self.helper.as_ref().filter(|h| h.is_alive()) {
+            if !self.qemu.is_alive() {
+                let _ = helper.signal(nix::sys::signal::Signal::SIGKILL);
+            }
         }
     }
 }
@@ -356,10 +370,19 @@ impl VmmInstance for VsockInstance {
     }
 
     fn exit_reason(&self) -> Option<String> {
-        self.qemu.exit_reason()
+        // Without its helper, as before the merge of the two instance kinds: none.
+        self.helper.as_ref().and_then(|_| self.qemu.exit_reason())
     }
 
     async fn connect_agent(&self) -> Result<BoxedAgentStream, VmmError> {
+        if self.helper.is_none() {
+            return Err(VmmError::Io(
+                "connect to the agent".into(),
+                std::io::Error::other(format!(
+                    "{HELPER_BINARY} is gone (restart the VM to start it again)"
+                )),
+            ));
+        }
         if !self.is_alive() {
             return Err(VmmError::NotRunning);
         }
@@ -372,7 +395,7 @@ impl VmmInstance for VsockInstance {
         }
         vsock::connect_agent(
             &self.dir.join(VSOCK_SOCK),
-            || self.qemu.is_alive() && self.helper.is_alive(),
+            || self.qemu.is_alive() && self.helper.as_ref().is_some_and(VmmProcess::is_alive),
             || self.is_alive(),
             "vsock (vhost-device-vsock)",
         )
@@ -393,7 +416,9 @@ impl VmmInstance for VsockInstance {
 
     async fn kill(&self) -> Result<(), VmmError> {
         let r = self.qemu.kill().await;
-        self.helper.kill().await?;
+        if let Some(helper) = &self.helper {
+            helper.kill().await?;
+        }
         r
     }
 
@@ -406,49 +431,14 @@ impl VmmInstance for VsockInstance {
     }
 
     async fn save_snapshot(&self, _dir: &Path) -> Result<SavedState, VmmError> {
-        Err(VmmError::Unsupported(
-            "this VM's agent runs over vhost-user-vsock, which blocks QEMU's migration: \
-             no snapshots in the vsock test variant"
-                .into(),
-        ))
-    }
-}
-
-/// An adopted QEMU whose helper is gone: controllable, but its agent is unreachable.
-struct VsockInstanceNoHelper {
-    qemu: QemuInstance,
-}
-
-#[async_trait]
-impl VmmInstance for VsockInstanceNoHelper {
-    fn pid(&self) -> u32 {
-        self.qemu.pid()
-    }
-    fn is_alive(&self) -> bool {
-        self.qemu.is_alive()
-    }
-    async fn connect_agent(&self) -> Result<BoxedAgentStream, VmmError> {
-        Err(VmmError::Io(
-            "connect to the agent".into(),
-            std::io::Error::other(format!(
-                "{HELPER_BINARY} is gone (restart the VM to start it again)"
-            )),
-        ))
-    }
-    async fn pause(&self) -> Result<(), VmmError> {
-        self.qemu.pause().await
-    }
-    async fn resume(&self) -> Result<(), VmmError> {
-        self.qemu.resume().await
-    }
-    async fn request_shutdown(&self) -> Result<(), VmmError> {
-        self.qemu.request_shutdown().await
-    }
-    async fn kill(&self) -> Result<(), VmmError> {
-        self.qemu.kill().await
-    }
-    async fn wait_exit(&self, timeout: Duration) -> bool {
-        self.qemu.wait_exit(timeout).await
+        let why = match self.helper {
+            Some(_) => {
+                "this VM's agent runs over vhost-user-vsock, which blocks QEMU's migration: \
+                 no snapshots in the vsock test variant"
+            }
+            None => "this backend cannot take snapshots",
+        };
+        Err(VmmError::Unsupported(why.into()))
     }
 }
 

@@ -145,9 +145,11 @@ impl Mounted {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
         self.daemon = spawn_daemon(&self.mnt, &self.state, self._tmp.path(), &self.env);
-        // The dead mount is still listed until the new daemon replaced it.
+        // The dead mount is still listed until the new daemon replaced it, and between
+        // its removal and the new mount `$M` is the bare directory (whose `ls` succeeds):
+        // wait for the tree's own README.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.sh("ls $M >/dev/null").0 != 0 {
+        while self.sh("test -e $M/README").0 != 0 {
             assert!(
                 Instant::now() < deadline,
                 "no mount after restart: {}",
@@ -155,6 +157,24 @@ impl Mounted {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The daemon's process id.
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon.id()
+    }
+
+    /// The daemon's resident memory in bytes (`VmRSS`).
+    pub fn daemon_rss(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.daemon_pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kb * 1024
     }
 
     pub fn log(&self) -> String {

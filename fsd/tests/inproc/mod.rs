@@ -4,8 +4,12 @@
 //!
 //! Invariants: every `connect_agent` gets a fresh pipe and a fresh agent session on the
 //! VM's one `Agent` (as reconnecting to a real guest does); after `kill` the VM is dead
-//! (no agent answers, `is_alive` is false) and stays so.
+//! (no agent answers, `is_alive` is false) and stays so. A live VM outlives the manager
+//! that launched it: a second manager over the same state directory and backend (a
+//! restarted daemon) adopts it by its directory, as real backends do by `vmm.pid`.
+//! [`InProcBackend::ended`] counts the agent sessions that ended, of every VM.
 #![allow(dead_code)]
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,21 +44,56 @@ impl FaultPlan {
 
 pub struct InProcBackend {
     pub faults: Arc<FaultPlan>,
+    /// Every VM launched, by directory (what `adopt` finds).
+    vms: Mutex<HashMap<PathBuf, InProcVm>>,
+    /// Agent sessions that ended (once the agent saw their pipe close).
+    pub ended: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The agents of the VMs launched, in order.
+    pub agents: Mutex<Vec<Arc<Agent>>>,
 }
 
 impl InProcBackend {
     pub fn new() -> Arc<InProcBackend> {
         Arc::new(InProcBackend {
             faults: Arc::new(FaultPlan::default()),
+            vms: Mutex::new(HashMap::new()),
+            ended: Arc::new(tokio::sync::watch::Sender::new(0)),
+            agents: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Wait until at least `n` agent sessions have ended.
+    pub async fn ended_at_least(&self, n: u64) {
+        let _ = self.ended.subscribe().wait_for(|e| *e >= n).await;
+    }
+
+    /// Whether the VM launched in `dir` (its latest) still lives.
+    pub fn alive(&self, dir: &Path) -> bool {
+        self.vms
+            .lock()
+            .unwrap()
+            .get(dir)
+            .is_some_and(|vm| vm.is_alive())
     }
 }
 
+/// One "VM"; clones are handles to the same one.
+#[derive(Clone)]
 struct InProcVm {
     agent: Arc<Agent>,
     alive: Arc<AtomicBool>,
     faults: Arc<FaultPlan>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    ended: Arc<tokio::sync::watch::Sender<u64>>,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+/// Counts its session as ended when dropped (also when its task is aborted).
+struct Serving(Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n += 1);
+    }
 }
 
 #[async_trait]
@@ -77,15 +116,27 @@ impl Backend for InProcBackend {
         std::fs::create_dir_all(&root).map_err(|e| VmmError::Io("root".into(), e))?;
         let mut cfg = AgentConfig::host(root);
         cfg.power_off = PowerOffAction::Ignore;
-        Ok(Box::new(InProcVm {
-            agent: Agent::new(cfg),
+        let agent = Agent::new(cfg);
+        self.agents.lock().unwrap().push(agent.clone());
+        let vm = InProcVm {
+            agent,
             alive: Arc::new(AtomicBool::new(true)),
             faults: self.faults.clone(),
-            tasks: Mutex::new(Vec::new()),
-        }))
+            ended: self.ended.clone(),
+            tasks: Arc::new(Mutex::new(Vec::new())),
+        };
+        self.vms
+            .lock()
+            .unwrap()
+            .insert(spec.dir.clone(), vm.clone());
+        Ok(Box::new(vm))
     }
-    async fn adopt(&self, _spec: &VmSpec) -> Result<Option<Box<dyn VmmInstance>>, VmmError> {
-        Ok(None)
+    async fn adopt(&self, spec: &VmSpec) -> Result<Option<Box<dyn VmmInstance>>, VmmError> {
+        let vms = self.vms.lock().unwrap();
+        Ok(vms
+            .get(&spec.dir)
+            .filter(|vm| vm.is_alive())
+            .map(|vm| Box::new(vm.clone()) as Box<dyn VmmInstance>))
     }
 }
 
@@ -103,10 +154,11 @@ impl VmmInstance for InProcVm {
         }
         let (host, guest) = tokio::io::duplex(256 * 1024);
         let agent = self.agent.clone();
-        self.tasks
-            .lock()
-            .unwrap()
-            .push(tokio::spawn(async move { agent.serve_stream(guest).await }));
+        let serving = Serving(self.ended.clone());
+        self.tasks.lock().unwrap().push(tokio::spawn(async move {
+            let _serving = serving;
+            agent.serve_stream(guest).await
+        }));
         let faults = self.faults.next.lock().unwrap().unwrap_or(Faults::none());
         let stream = FaultStream::new(host, faults);
         self.faults.handles.lock().unwrap().push(stream.handle());

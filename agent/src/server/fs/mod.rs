@@ -91,6 +91,13 @@ impl FsService {
             core.watcher.flush(core, out).await;
         }
     }
+
+    /// Read and deliver the pending events now (see [`crate::server::Agent::deliver_fs_events`]).
+    pub async fn deliver_events(&self) {
+        if let Ok(core) = &self.core {
+            core.watcher.deliver_now(core).await;
+        }
+    }
 }
 
 // The service stays consistent across a panic in a request (every lock ignores poison
@@ -120,8 +127,7 @@ impl FsCore {
         let croot = sys::cstring(root.as_os_str().as_encoded_bytes())
             .map_err(|e| fail(e, "bad root path"))?;
         let root_fd = sys::openat(
-            // SAFETY: AT_FDCWD is valid as a directory descriptor for the whole call.
-            unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::AT_FDCWD) },
+            nix::fcntl::AT_FDCWD,
             &croot,
             libc::O_PATH | libc::O_DIRECTORY,
             0,

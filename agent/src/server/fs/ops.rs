@@ -177,7 +177,7 @@ impl FsCore {
             // Kernels before 5.8 reject AT_EMPTY_PATH here: go through /proc (which
             // cannot name a symlink without following it).
             Err(Errno::EINVAL) if !n.is_symlink() => {
-                sys::utimens_at(self.proc.fd(), &sys::ProcFd::name(n.fd()), &times, 0)
+                sys::utimens_at(self.proc.fd(), &sys::ProcFd::name(n.fd()), &times)
             }
             other => other,
         }
@@ -245,15 +245,11 @@ impl FsCore {
     ) -> Result<Entry, Errno> {
         let p = self.writable_dir(parent)?;
         let name = check_name(name)?;
-        // SAFETY: valid C string and a descriptor we hold.
-        sys::cvt(unsafe {
-            libc::mknodat(
-                std::os::fd::AsRawFd::as_raw_fd(&p.fd()),
-                name.as_ptr(),
-                mode,
-                rdev,
-            )
-        })?;
+        use nix::sys::stat::{Mode, SFlag};
+        // The type bits and the permission bits together are `mode` again, unchanged.
+        let kind = SFlag::from_bits_retain(mode & libc::S_IFMT);
+        let perm = Mode::from_bits_retain(mode & !libc::S_IFMT);
+        nix::sys::stat::mknodat(p.fd(), name.as_c_str(), kind, perm, rdev)?;
         self.made(&p, &name, owner, mode)
     }
 
@@ -321,15 +317,14 @@ impl FsCore {
     pub(super) fn unlink(&self, parent: &NodeRef, name: &[u8], flags: i32) -> Result<(), Errno> {
         let p = self.writable_dir(parent)?;
         let name = check_name(name)?;
-        // SAFETY: valid C string and a descriptor we hold.
-        sys::cvt(unsafe {
-            libc::unlinkat(
-                std::os::fd::AsRawFd::as_raw_fd(&p.fd()),
-                name.as_ptr(),
-                flags,
-            )
-        })
-        .map(drop)
+        use nix::unistd::UnlinkatFlags;
+        // The kernel refuses any flag but AT_REMOVEDIR with EINVAL before the lookup.
+        let flags = match flags {
+            0 => UnlinkatFlags::NoRemoveDir,
+            libc::AT_REMOVEDIR => UnlinkatFlags::RemoveDir,
+            _ => return Err(Errno::EINVAL),
+        };
+        nix::unistd::unlinkat(p.fd(), name.as_c_str(), flags)
     }
 
     pub(super) fn rename(
@@ -344,18 +339,14 @@ impl FsCore {
         let np = self.writable_dir(new_parent)?;
         let name = check_name(name)?;
         let new_name = check_name(new_name)?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: valid C strings and descriptors we hold; flags are passed to the kernel,
-        // which rejects unknown ones.
-        sys::cvt(unsafe {
-            libc::renameat2(
-                p.fd().as_raw_fd(),
-                name.as_ptr(),
-                np.fd().as_raw_fd(),
-                new_name.as_ptr(),
-                flags,
-            )
-        })?;
+        // Flags are passed to the kernel as they are; it rejects unknown ones.
+        nix::fcntl::renameat2(
+            p.fd(),
+            name.as_c_str(),
+            np.fd(),
+            new_name.as_c_str(),
+            nix::fcntl::RenameFlags::from_bits_retain(flags),
+        )?;
         // What the new name names now, for the host's own bookkeeping (a race with the
         // guest only costs the host a refresh).
         let moved = sys::stat_at(np.fd(), &new_name)?;

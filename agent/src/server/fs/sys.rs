@@ -1,10 +1,12 @@
 //! The system calls the file service makes, as safe functions returning `Errno`.
 //!
-//! Most are `rustix` (or `nix`) calls; raw `libc` remains only where neither crate has
-//! the call or the shape the callers need: `name_to_handle_at`/`open_by_handle_at` (in
-//! neither), one raw `getdents64` into a byte buffer (`rustix::fs::RawDir` hides the byte
-//! count and record offsets that `dir.rs` seeks back with), and `fstatfs64` (callers read
-//! `libc::statfs64` fields).
+//! Most are `nix` calls (the agent's one system-call crate). Raw `libc` remains only
+//! where nix lacks the call or the shape the callers need, each in one small wrapper
+//! here: `name_to_handle_at`/`open_by_handle_at`, the extended-attribute calls, `utimensat`
+//! with `AT_EMPTY_PATH` (nix's takes only "follow symlinks or not"), `fstatfs64` (nix's
+//! `Statfs` hides `f_frsize`), and one raw `getdents64` into a byte buffer
+//! (`nix::dir::Dir` hides the byte count and record offsets that `dir.rs` seeks back
+//! with).
 //!
 //! Invariants:
 //! * Every wrapper returns `Errno` on failure and never panics.
@@ -16,14 +18,14 @@ use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::errno::Errno;
-use nix::fcntl::AtFlags;
-use nix::sys::stat::FileStat;
-use rustix::fs::{AtFlags as RxAtFlags, Mode, OFlags, SeekFrom, StatxFlags, Timestamps};
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{FileStat, Mode};
+use nix::unistd::{Gid, Uid, Whence};
 
 use crate::proto::fs::{Attr, Timespec};
 
 /// `rc < 0` → the thread's errno.
-pub(super) fn cvt(rc: libc::c_int) -> Result<libc::c_int, Errno> {
+fn cvt(rc: libc::c_int) -> Result<libc::c_int, Errno> {
     if rc < 0 {
         Err(Errno::last())
     } else {
@@ -31,15 +33,9 @@ pub(super) fn cvt(rc: libc::c_int) -> Result<libc::c_int, Errno> {
     }
 }
 
-/// rustix's errno as nix's (the callers' error type); the same raw number.
-fn rx(e: rustix::io::Errno) -> Errno {
-    Errno::from_raw(e.raw_os_error())
-}
-
-/// A C `int` flag set as the unsigned bit set the kernel (and rustix) reads; no bit is
-/// lost or changed.
-fn bits(flags: i32) -> u32 {
-    u32::from_ne_bytes(flags.to_ne_bytes())
+/// A byte-count result (`ssize_t`): negative → the thread's errno.
+fn cvt_size(rc: libc::ssize_t) -> Result<usize, Errno> {
+    usize::try_from(rc).map_err(|_| Errno::last())
 }
 
 /// A name (or xattr name) as a C string; `EINVAL` when it contains NUL.
@@ -56,13 +52,12 @@ pub(super) fn openat(
     flags: i32,
     mode: u32,
 ) -> Result<OwnedFd, Errno> {
-    rustix::fs::openat(
+    nix::fcntl::openat(
         dir,
         name,
-        OFlags::from_bits_retain(bits(flags)) | OFlags::CLOEXEC,
-        Mode::from_raw_mode(mode),
+        OFlag::from_bits_retain(flags) | OFlag::O_CLOEXEC,
+        Mode::from_bits_retain(mode),
     )
-    .map_err(rx)
 }
 
 /// `lstat` of what a descriptor refers to (works on `O_PATH` descriptors and symlinks).
@@ -109,53 +104,50 @@ pub(super) fn chown_fd(
     uid: Option<u32>,
     gid: Option<u32>,
 ) -> Result<(), Errno> {
-    // -1 is "leave alone" to the kernel: never a real id (rustix's `None` means it).
-    let uid = uid
-        .filter(|&u| u != u32::MAX)
-        .map(rustix::fs::Uid::from_raw);
-    let gid = gid
-        .filter(|&g| g != u32::MAX)
-        .map(rustix::fs::Gid::from_raw);
-    rustix::fs::chownat(
+    // -1 is "leave alone" to the kernel: never a real id (nix's `None` means it).
+    let uid = uid.filter(|&u| u != u32::MAX).map(Uid::from_raw);
+    let gid = gid.filter(|&g| g != u32::MAX).map(Gid::from_raw);
+    nix::unistd::fchownat(
         fd,
         EMPTY,
         uid,
         gid,
-        RxAtFlags::EMPTY_PATH | RxAtFlags::SYMLINK_NOFOLLOW,
+        AtFlags::AT_EMPTY_PATH | AtFlags::AT_SYMLINK_NOFOLLOW,
     )
-    .map_err(rx)
-}
-
-/// The two `libc::timespec`s of `utimensat` (`UTIME_NOW`/`UTIME_OMIT` pass through).
-fn timestamps(times: &[libc::timespec; 2]) -> Timestamps {
-    let t = |ts: &libc::timespec| rustix::fs::Timespec {
-        tv_sec: ts.tv_sec,
-        tv_nsec: ts.tv_nsec,
-    };
-    Timestamps {
-        last_access: t(&times[0]),
-        last_modification: t(&times[1]),
-    }
 }
 
 /// `utimensat(fd, "", times, AT_EMPTY_PATH)`: the inode `fd` refers to, symlinks
-/// included (Linux ≥ 5.8 accepts `AT_EMPTY_PATH` here).
+/// included (Linux ≥ 5.8 accepts `AT_EMPTY_PATH` here). `UTIME_NOW`/`UTIME_OMIT` pass
+/// through.
 pub(super) fn utimens_fd(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> Result<(), Errno> {
-    rustix::fs::utimensat(fd, EMPTY, &timestamps(times), RxAtFlags::EMPTY_PATH).map_err(rx)
+    // SAFETY: the path is a NUL-terminated empty string and `times` points to the two
+    // timespecs the call reads; both outlive the call, and `fd` is a descriptor we hold.
+    cvt(unsafe {
+        libc::utimensat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            times.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    })
+    .map(drop)
 }
 
-/// `utimensat(dir, name, times, flags)`.
+/// `utimensat(dir, name, times, 0)`: follows a final symlink (for `/proc/self/fd/N`
+/// names, the node itself).
 pub(super) fn utimens_at(
     dir: BorrowedFd<'_>,
     name: &CStr,
     times: &[libc::timespec; 2],
-    flags: i32,
 ) -> Result<(), Errno> {
-    let flags = RxAtFlags::from_bits_retain(bits(flags));
-    rustix::fs::utimensat(dir, name, &timestamps(times), flags).map_err(rx)
+    use nix::sys::stat::UtimensatFlags;
+    use nix::sys::time::TimeSpec;
+    let [atime, mtime] = times.map(TimeSpec::from_timespec);
+    nix::sys::stat::utimensat(dir, name, &atime, &mtime, UtimensatFlags::FollowSymlink)
 }
 
-/// `fstatfs`.
+/// `fstatfs` (raw: nix's `Statfs` has no accessor for `f_frsize`, which `statfs`
+/// answers carry).
 pub(super) fn fstatfs(fd: BorrowedFd<'_>) -> Result<libc::statfs64, Errno> {
     let mut buf = std::mem::MaybeUninit::<libc::statfs64>::zeroed();
     // SAFETY: `buf` is large enough for a statfs64 and is written by the kernel.
@@ -164,32 +156,29 @@ pub(super) fn fstatfs(fd: BorrowedFd<'_>) -> Result<libc::statfs64, Errno> {
     Ok(unsafe { buf.assume_init() })
 }
 
-/// The mount id of the mount `fd` is on (`statx` `STATX_MNT_ID`, Linux ≥ 5.8).
+/// The mount id of the mount `fd` is on: the `mnt_id:` line of `/proc/self/fdinfo/N`
+/// (the id `/proc/self/mountinfo` lists first; Linux ≥ 3.15).
 pub(super) fn mount_id(fd: BorrowedFd<'_>) -> Option<u64> {
-    let stx = rustix::fs::statx(
-        fd,
-        EMPTY,
-        RxAtFlags::EMPTY_PATH | RxAtFlags::SYMLINK_NOFOLLOW,
-        StatxFlags::MNT_ID,
-    )
-    .ok()?;
-    (stx.stx_mask & StatxFlags::MNT_ID.bits() != 0).then_some(stx.stx_mnt_id)
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// `lseek(fd, offset, whence)`.
 pub(super) fn lseek(fd: BorrowedFd<'_>, offset: u64, whence: i32) -> Result<u64, Errno> {
-    let signed = || i64::try_from(offset).map_err(|_| Errno::EINVAL);
-    let pos = match whence {
-        libc::SEEK_SET => SeekFrom::Start(offset),
-        libc::SEEK_CUR => SeekFrom::Current(signed()?),
-        libc::SEEK_END => SeekFrom::End(signed()?),
-        libc::SEEK_DATA => SeekFrom::Data(offset),
-        libc::SEEK_HOLE => SeekFrom::Hole(offset),
+    let whence = match whence {
+        libc::SEEK_SET => Whence::SeekSet,
+        libc::SEEK_CUR => Whence::SeekCur,
+        libc::SEEK_END => Whence::SeekEnd,
+        libc::SEEK_DATA => Whence::SeekData,
+        libc::SEEK_HOLE => Whence::SeekHole,
         _ => return Err(Errno::EINVAL),
     };
     // The kernel refuses offsets beyond i64::MAX (as lseek(2) with a negative off_t did).
-    signed()?;
-    rustix::fs::seek(fd, pos).map_err(rx)
+    let offset = i64::try_from(offset).map_err(|_| Errno::EINVAL)?;
+    let pos = nix::unistd::lseek(fd, offset, whence)?;
+    u64::try_from(pos).map_err(|_| Errno::EINVAL)
 }
 
 /// One raw `getdents64` call into `buf`; returns the number of bytes filled (0 = end).
@@ -248,31 +237,52 @@ pub(super) fn parse_dirents(buf: &[u8]) -> impl Iterator<Item = RawDirent<'_>> {
     })
 }
 
+/// A buffer as the (pointer, length) pair of an xattr call; an empty one is the null
+/// pointer with length 0, which asks the kernel for the size.
+fn xattr_buf(buf: &mut [u8]) -> (*mut libc::c_void, usize) {
+    if buf.is_empty() {
+        (std::ptr::null_mut(), 0)
+    } else {
+        (buf.as_mut_ptr().cast(), buf.len())
+    }
+}
+
 /// `getxattr(path, name, buf)`; an empty `buf` asks for the size.
 pub(super) fn getxattr(path: &CStr, name: &CStr, buf: &mut [u8]) -> Result<usize, Errno> {
-    if buf.is_empty() {
-        return rustix::fs::getxattr_query(path, name).map_err(rx);
-    }
-    rustix::fs::getxattr(path, name, buf).map_err(rx)
+    let (ptr, len) = xattr_buf(buf);
+    // SAFETY: `path` and `name` are NUL-terminated; the kernel writes at most `len` bytes
+    // to `ptr`, which is `buf` (or null with length 0, a size query).
+    cvt_size(unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), ptr, len) })
 }
 
 /// `setxattr(path, name, value, flags)`.
 pub(super) fn setxattr(path: &CStr, name: &CStr, value: &[u8], flags: i32) -> Result<(), Errno> {
-    let flags = rustix::fs::XattrFlags::from_bits_retain(bits(flags));
-    rustix::fs::setxattr(path, name, value, flags).map_err(rx)
+    // SAFETY: `path` and `name` are NUL-terminated; the kernel reads `value.len()` bytes
+    // of `value`; unknown flags are the kernel's to refuse.
+    cvt(unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
 }
 
 /// `listxattr(path, buf)`; an empty `buf` asks for the size.
 pub(super) fn listxattr(path: &CStr, buf: &mut [u8]) -> Result<usize, Errno> {
-    if buf.is_empty() {
-        return rustix::fs::listxattr_query(path).map_err(rx);
-    }
-    rustix::fs::listxattr(path, buf).map_err(rx)
+    let (ptr, len) = xattr_buf(buf);
+    // SAFETY: `path` is NUL-terminated; the kernel writes at most `len` bytes to `ptr`,
+    // which is `buf` (or null with length 0, a size query).
+    cvt_size(unsafe { libc::listxattr(path.as_ptr(), ptr.cast(), len) })
 }
 
 /// `removexattr(path, name)`.
 pub(super) fn removexattr(path: &CStr, name: &CStr) -> Result<(), Errno> {
-    rustix::fs::removexattr(path, name).map_err(rx)
+    // SAFETY: `path` and `name` are NUL-terminated and outlive the call.
+    cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
 }
 
 /// Linux's `MAX_HANDLE_SZ`.
@@ -346,7 +356,7 @@ pub(super) struct ProcFd(OwnedFd);
 impl ProcFd {
     pub fn open() -> Result<ProcFd, Errno> {
         let fd = openat(
-            rustix::fs::CWD,
+            nix::fcntl::AT_FDCWD,
             c"/proc/self/fd",
             libc::O_PATH | libc::O_DIRECTORY,
             0,
@@ -377,12 +387,14 @@ impl ProcFd {
     }
 }
 
-/// `RLIMIT_NOFILE` as it was before [`raise_nofile_limit`] (what commands get).
-static ORIGINAL_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
+/// `RLIMIT_NOFILE` (soft, hard) as it was before [`raise_nofile_limit`] (what commands
+/// get).
+static ORIGINAL_NOFILE: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
 
-/// The `RLIMIT_NOFILE` the process had before the file service raised it, to restore
-/// in commands (a command must not inherit a soft limit of a million descriptors).
-pub(crate) fn original_nofile_limit() -> Option<libc::rlimit> {
+/// The `RLIMIT_NOFILE` (soft, hard) the process had before the file service raised it,
+/// to restore in commands (a command must not inherit a soft limit of a million
+/// descriptors).
+pub(crate) fn original_nofile_limit() -> Option<(u64, u64)> {
     ORIGINAL_NOFILE.get().copied()
 }
 
@@ -390,22 +402,13 @@ pub(crate) fn original_nofile_limit() -> Option<libc::rlimit> {
 /// raise the hard limit (root; in the guest the kernel's default hard limit is only
 /// 4096), else to the hard limit.
 pub(super) fn raise_nofile_limit() {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let lim = getrlimit(Resource::Nofile);
-    // `None` is unlimited (RLIM_INFINITY).
-    let raw = |v: Option<u64>| v.unwrap_or(libc::RLIM_INFINITY);
-    let (cur, max) = (raw(lim.current), raw(lim.maximum));
-    let _ = ORIGINAL_NOFILE.set(libc::rlimit {
-        rlim_cur: cur,
-        rlim_max: max,
-    });
-    let set = |to: u64| {
-        let want = Rlimit {
-            current: Some(to),
-            maximum: Some(to),
-        };
-        setrlimit(Resource::Nofile, want)
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // Unlimited is RLIM_INFINITY (u64::MAX), larger than any count.
+    let Ok((cur, max)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
     };
+    let _ = ORIGINAL_NOFILE.set((cur, max));
+    let set = |to: u64| setrlimit(Resource::RLIMIT_NOFILE, to, to);
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())

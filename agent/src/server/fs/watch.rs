@@ -17,6 +17,9 @@
 //! * [`Watcher::flush`] (called before a command's `Exited` is queued) reads whatever is
 //!   readable and queues it to the command's session before returning, so a command's
 //!   changes are announced before its end.
+//! * Events wait while no session is registered (the host is reconnecting): the next
+//!   session gets them, so a change made while the host was away is still announced.
+//!   They are bounded like all pending events (beyond [`MAX_PENDING`], one `Overflow`).
 //! * A batch holds at most [`MAX_BATCH`] events (a few hundred bytes each), far below
 //!   `MAX_FRAME_LEN`.
 use std::collections::{HashMap, HashSet};
@@ -25,7 +28,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
@@ -281,6 +284,8 @@ pub(super) struct Watcher {
     sessions: Mutex<HashMap<u64, Sink>>,
     next_session: AtomicU64,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Wakes the reader task: a session registered, events may be waiting for it.
+    kick: Arc<tokio::sync::Notify>,
     /// Names disappeared since the last sweep for deleted nodes, and when it ran.
     sweep: Mutex<(bool, Option<std::time::Instant>)>,
 }
@@ -315,6 +320,7 @@ impl Watcher {
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 task: Mutex::new(None),
+                kick: Arc::new(tokio::sync::Notify::new()),
                 sweep: Mutex::new((false, None)),
             },
             WatchSet::new(watches, limit),
@@ -331,6 +337,8 @@ impl Watcher {
                 overflowed: false,
             },
         );
+        // Events kept while no session was registered go out now.
+        self.kick.notify_one();
         id
     }
 
@@ -354,7 +362,7 @@ impl Watcher {
                 return;
             }
         };
-        *task = Some(tokio::spawn(run(core, fd)));
+        *task = Some(tokio::spawn(run(core, fd, self.kick.clone())));
     }
 
     /// Read everything readable into the pending list (non-blocking).
@@ -466,6 +474,10 @@ impl Watcher {
     async fn deliver(&self, core: &FsCore, own: Option<&OutTx>) {
         let guard = self.send_lock.lock().await;
         self.read_available();
+        if own.is_none() && lock(&self.sessions).is_empty() {
+            // Nobody to tell: keep them for the next session.
+            return;
+        }
         let events = self.translate(core);
         let batches: Vec<Vec<FsEvent>> = events.chunks(MAX_BATCH).map(|c| c.to_vec()).collect();
         let mut own_owes_overflow = false;
@@ -525,6 +537,13 @@ impl Watcher {
         }
         self.deliver(core, Some(out)).await;
     }
+
+    /// Deliver what is pending now, as the reader task does after [`COALESCE`].
+    pub async fn deliver_now(&self, core: &FsCore) {
+        if self.inotify.is_some() {
+            self.deliver(core, None).await;
+        }
+    }
 }
 
 impl Drop for Watcher {
@@ -550,8 +569,9 @@ async fn send_bounded(tx: &OutTx, batch: Vec<FsEvent>) -> bool {
     }
 }
 
-/// The reader task: wait for events, gather for [`COALESCE`], deliver.
-async fn run(core: Weak<FsCore>, fd: OwnedFd) {
+/// The reader task: wait for events (or a new session), gather for [`COALESCE`],
+/// deliver.
+async fn run(core: Weak<FsCore>, fd: OwnedFd, kick: Arc<tokio::sync::Notify>) {
     // SAFETY: the AsyncFd owns `fd` (an OwnedFd), which stays open and refers to the
     // same inotify instance until the AsyncFd is dropped.
     let afd = match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
@@ -566,12 +586,18 @@ async fn run(core: Weak<FsCore>, fd: OwnedFd) {
             Some(c) => c.watcher.overflow_owed() || c.watcher.sweep_owed(),
             None => return,
         };
-        let ready = if owed {
-            tokio::time::timeout(OVERFLOW_RETRY, afd.readable())
-                .await
-                .ok()
-        } else {
-            Some(afd.readable().await)
+        let readable = async {
+            if owed {
+                tokio::time::timeout(OVERFLOW_RETRY, afd.readable())
+                    .await
+                    .ok()
+            } else {
+                Some(afd.readable().await)
+            }
+        };
+        let ready = tokio::select! {
+            ready = readable => ready,
+            () = kick.notified() => None,
         };
         match ready {
             Some(Ok(mut guard)) => {

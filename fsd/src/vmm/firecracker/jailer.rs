@@ -275,8 +275,7 @@ impl JailerConfig {
             })?,
             Some(v) => PathBuf::from(v),
             None => {
-                // SAFETY: geteuid has no preconditions.
-                if unsafe { libc::geteuid() } != 0 {
+                if !nix::unistd::geteuid().is_root() {
                     return Ok(None);
                 }
                 match find_tool("jailer").or_else(|| find_beside(firecracker)) {
@@ -722,8 +721,10 @@ mod tests {
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
         let disk = vm.join("disk.ext4");
         std::fs::write(&disk, b"disk").unwrap();
-        // SAFETY: geteuid/getegid have no preconditions.
-        let (me, mygid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let (me, mygid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
         // As root, hand files to another uid; otherwise (no chown rights) to ourselves,
         // with a gid we are not in the way of.
         let c = JailerConfig {

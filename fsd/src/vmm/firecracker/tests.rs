@@ -3,25 +3,17 @@
 //! sockets, so launch, configuration, control, adoption and every error path run.
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::api::tests::{fake_api, Responder, Seen};
+use super::api::{ApiClient, ApiError};
+use super::launch::{dir_relative, spawn, LogStarts};
 use super::*;
-
-fn spec(dir: &Path) -> VmSpec {
-    VmSpec {
-        name: "web-1".into(),
-        dir: dir.to_path_buf(),
-        vcpus: 2,
-        memory_mib: 256,
-        disk: Some(dir.join("disk.ext4")),
-        kernel: "/s/boot/vmlinuz".into(),
-        initrd: "/s/boot/initrd".into(),
-        net: None,
-    }
-}
+use crate::vmm::process::VmmProcess;
+use crate::vmm::testkit::{check_adoption, spec};
 
 fn backend(binary: &str) -> FirecrackerBackend {
     FirecrackerBackend {
@@ -262,31 +254,21 @@ fn all_ok() -> Arc<Responder> {
     })
 }
 
-/// Serve a fake API (and optionally a vsock peer) on `dir`'s sockets once `launch_argv`
-/// has removed stale ones and started the process.
-async fn serve_later(
-    dir: &Path,
-    respond: Arc<Responder>,
-    vsock: bool,
-) -> (
+/// A fake API server's task, what it was asked, and the vsock peer's task (if any).
+type Served = (
     tokio::task::JoinHandle<()>,
     Arc<std::sync::Mutex<Vec<Seen>>>,
     Option<tokio::task::JoinHandle<()>>,
-) {
+);
+
+/// Serve a fake API (and optionally a vsock peer) on `dir`'s sockets once `launch_argv`
+/// has removed stale ones and started the process.
+async fn serve_later(dir: &Path, respond: Arc<Responder>, vsock: bool) -> Served {
     serve_later_in(dir, dir, respond, vsock).await
 }
 
 /// `serve_later` for sockets in `root` of a VM in `vm_dir` (jailer mode).
-async fn serve_later_in(
-    vm_dir: &Path,
-    dir: &Path,
-    respond: Arc<Responder>,
-    vsock: bool,
-) -> (
-    tokio::task::JoinHandle<()>,
-    Arc<std::sync::Mutex<Vec<Seen>>>,
-    Option<tokio::task::JoinHandle<()>>,
-) {
+async fn serve_later_in(vm_dir: &Path, dir: &Path, respond: Arc<Responder>, vsock: bool) -> Served {
     // launch_argv removes stale sockets first; wait until it has created its files.
     let record = vm_dir.join(RECORD_FILE);
     for _ in 0..500 {
@@ -402,22 +384,9 @@ async fn fake_firecracker_lifecycle_and_adopt() {
 
     // Adopt from the directory: same argv, same cwd.
     let adopted = b.adopt(&s).await.unwrap().expect("adopt");
-    assert_eq!(adopted.pid(), inst.pid());
-    assert!(adopted.is_alive());
-    let mut other = load_record(&d).unwrap();
-    other.argv[1] = "31".into();
-    std::fs::write(d.join(RECORD_FILE), serde_json::to_vec(&other).unwrap()).unwrap();
-    assert!(
-        adopt_dir(&d).is_none(),
-        "a different command line is not ours"
-    );
-
-    inst.kill().await.unwrap();
-    assert!(!inst.is_alive());
-    assert!(!adopted.is_alive());
+    let record = d.join(RECORD_FILE);
+    check_adoption(&inst, adopted.as_ref(), &record, || adopt_dir(&d).is_some()).await;
     assert!(!d.join("vmm.pid").exists(), "pid file removed");
-    inst.kill().await.unwrap(); // idempotent
-    assert!(matches!(inst.pause().await, Err(VmmError::NotRunning)));
     assert!(matches!(
         inst.connect_agent().await,
         Err(VmmError::NotRunning)
