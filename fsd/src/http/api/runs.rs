@@ -44,7 +44,7 @@ fn view(run: &Run) -> RunView {
     let status = run.status();
     RunView {
         n: run.n,
-        cmd: String::from_utf8_lossy(&run.cmd).into_owned(),
+        cmd: String::from_utf8_lossy(&run.cmd().unwrap_or_default()).into_owned(),
         status: status.render().trim_end().to_string(),
         exit_code: exit_code(&status),
         pid: run.pid(),
