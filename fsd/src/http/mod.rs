@@ -22,6 +22,7 @@
 //! cut a boot, a deletion or an upload's rename in half.
 pub mod api;
 pub mod auth;
+pub mod client;
 pub mod conn;
 pub mod error;
 pub mod front;
