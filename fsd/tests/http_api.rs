@@ -510,7 +510,7 @@ async fn files_put_get_range_stat_list_mkdir_rename_delete() {
         api,
         unix(me()),
         Method::GET,
-        "/v1/vms/f/fs/d/moved?stat=true",
+        "/v1/vms/f/fs/d/moved?stat=1",
         None,
     )
     .await;
