@@ -207,6 +207,18 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     let vfs = Arc::new(Vfs::new(mgr.clone()));
     let guest = GuestFs::new(mgr.clone(), rt.handle().clone());
     let fs = BandsoxFs::new(vfs.clone(), guest.clone(), rt.handle().clone());
+    // The HTTP adapter beside the FUSE one, over the same core: it serves the connections
+    // `bandsox serve` hands over (docs/api.md). Without it the tree still works, so a
+    // failure here is logged, not fatal.
+    match crate::http::Api::new(mgr.clone(), vfs.clone(), guest.clone()) {
+        Ok(api) => {
+            let _rt = rt.enter();
+            if let Err(e) = crate::http::start(api, &opts.state_dir) {
+                tracing::warn!("http: the API hand-off socket: {e}; `bandsox serve` answers 503");
+            }
+        }
+        Err(e) => tracing::warn!("http: the API key store: {e}; `bandsox serve` answers 503"),
+    }
 
     // Never stat the mount point before an earlier mount is gone: if its daemon died,
     // the stat would wait forever.

@@ -113,3 +113,43 @@ impl From<ClientError> for Error {
         Error::new(errno, message)
     }
 }
+
+/// The one errno → HTTP status table of the HTTP adapter (`crate::http`), beside the
+/// errno choices above so both adapters read the same error. docs/api.md has it as a
+/// table. Privacy is decided before this table: another user's VM, snapshot or run is
+/// reported as ENOENT (404), never EACCES.
+pub fn http_status(errno: i32) -> u16 {
+    match errno {
+        libc::ENOENT | libc::ESRCH | libc::ENXIO => 404,
+        libc::EACCES | libc::EPERM | libc::EROFS => 403,
+        libc::EEXIST | libc::ENOTEMPTY | libc::EBUSY | libc::EHOSTDOWN | libc::ESTALE => 409,
+        libc::EINVAL
+        | libc::ENAMETOOLONG
+        | libc::ENOTDIR
+        | libc::EISDIR
+        | libc::ELOOP
+        | libc::EXDEV
+        | libc::ERANGE
+        | libc::ENOTTY
+        | libc::EBADF
+        | libc::ESPIPE
+        | libc::ENODATA => 400,
+        libc::E2BIG | libc::EFBIG => 413,
+        libc::EAGAIN | libc::EDQUOT => 429,
+        libc::ENOSPC => 507,
+        libc::EOPNOTSUPP | libc::ENOSYS => 501,
+        libc::ETIMEDOUT => 504,
+        libc::EINTR | libc::ENFILE | libc::EMFILE => 503,
+        _ => 500,
+    }
+}
+
+/// The symbolic name of an errno (`EACCES`), as the HTTP adapter's error bodies show it.
+pub fn errno_name(errno: i32) -> String {
+    let e = nix::errno::Errno::from_raw(errno);
+    if e == nix::errno::Errno::UnknownErrno {
+        format!("E{errno}")
+    } else {
+        format!("{e:?}")
+    }
+}

@@ -26,6 +26,7 @@ pub mod eventview;
 pub mod execopts;
 pub mod fuse;
 pub mod guestfs;
+pub mod http;
 pub mod images;
 pub mod interrupt;
 pub mod layout;

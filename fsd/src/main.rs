@@ -70,6 +70,40 @@ enum Cmd {
     /// re-attach to run N. Ctrl-] d detaches and leaves the run alive; the exit code is
     /// the run's. A thin client of VM/exec and VM/runs/<n>/terminal.
     Attach(bandsox_fsd::cli::AttachArgs),
+    /// Serve the REST API (docs/api.md): own the Unix socket (the caller is the peer's
+    /// uid) and optionally a TCP listener (every request needs a key), and hand each
+    /// connection to the daemon; answers 503 while the daemon is away.
+    Serve {
+        /// The Unix socket.
+        #[arg(long, default_value = bandsox_fsd::http::front::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Also listen on TCP ADDR:PORT (loopback unless TLS or --insecure-public).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// TLS certificate chain (PEM) for --listen.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM) for --listen.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Allow a non-loopback --listen without TLS (keys cross the network in clear).
+        #[arg(long)]
+        insecure_public: bool,
+        /// Another host name requests may name in Host/Origin (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// The daemon's state directory (its hand-off socket is there).
+        #[arg(long, env = "BANDSOX_STATE_DIR", default_value = "/var/lib/bandsox")]
+        state_dir: PathBuf,
+    },
+    /// Manage your API keys (root: everyone's) through the API's Unix socket.
+    Keys {
+        /// The API's Unix socket.
+        #[arg(long, env = "BANDSOX_API_SOCKET", default_value = bandsox_fsd::http::front::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
     /// Build the guest kernel, initramfs and the `base` image into the state directory.
     GuestBuild {
         #[arg(long, env = "BANDSOX_STATE_DIR", default_value = "/var/lib/bandsox")]
@@ -86,6 +120,26 @@ enum Cmd {
         /// Rebuild even when the inputs did not change.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Make a key NAME acting as you; prints the key (shown this once).
+    Add {
+        name: String,
+        /// Root only: the key acts as this uid.
+        #[arg(long)]
+        uid: Option<u32>,
+    },
+    /// List your keys (root: everyone's); never the keys themselves.
+    List,
+    /// Revoke key NAME; it stops working at once.
+    Revoke {
+        name: String,
+        /// Root only: the key's owner.
+        #[arg(long)]
+        uid: Option<u32>,
     },
 }
 
@@ -128,6 +182,38 @@ fn main() -> ExitCode {
             allow_other: !private,
             read_only,
         }),
+        Cmd::Serve {
+            socket,
+            listen,
+            tls_cert,
+            tls_key,
+            insecure_public,
+            hosts,
+            state_dir,
+        } => {
+            daemon::init_logging(&settings, None);
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(bandsox_fsd::http::handoff::TlsFiles { cert, key }),
+                _ => None,
+            };
+            bandsox_fsd::http::front::run(bandsox_fsd::http::front::ServeOptions {
+                socket,
+                listen,
+                tls,
+                insecure_public,
+                state_dir,
+                hosts,
+            })
+        }
+        Cmd::Keys { socket, cmd } => {
+            use bandsox_fsd::http::client::{keys, KeysCmd as K};
+            let cmd = match cmd {
+                KeysCmd::Add { name, uid } => K::Add { name, uid },
+                KeysCmd::List => K::List,
+                KeysCmd::Revoke { name, uid } => K::Revoke { name, uid },
+            };
+            keys(&socket, cmd).map(|out| print!("{out}"))
+        }
         Cmd::Exec(args) => client_exit(bandsox_fsd::cli::exec(
             &args,
             &bandsox_fsd::cli::mount_of(&settings),

@@ -37,6 +37,8 @@ pub struct Settings {
     pub test_pause_at: Option<String>,
     /// `BANDSOX_MOUNT`: where the CLI (`bandsox exec`, `attach`) finds VMs by name.
     pub mount: Option<PathBuf>,
+    /// `BANDSOX_NODE`: the node name the HTTP API reports (else the host name).
+    pub node: Option<String>,
     pub images: ImageSettings,
     pub vmm: VmmSettings,
 }
@@ -96,6 +98,7 @@ impl Default for Settings {
             tap_pool: None,
             test_pause_at: None,
             mount: None,
+            node: None,
             images: ImageSettings::default(),
             vmm: VmmSettings::default(),
         }
@@ -126,6 +129,7 @@ impl Settings {
             tap_pool: text("BANDSOX_TAP_POOL"),
             test_pause_at: text("BANDSOX_TEST_PAUSE_AT"),
             mount: os("BANDSOX_MOUNT").map(PathBuf::from),
+            node: text("BANDSOX_NODE"),
             images: ImageSettings {
                 timeout: secs("BANDSOX_IMAGE_TIMEOUT").unwrap_or(images.timeout),
                 max_unpacked_mib: text("BANDSOX_IMAGE_MAX_MIB")

@@ -25,6 +25,7 @@
 //!   ([`events`]); the host's own changes are remembered so that their events do not
 //!   throw away what the kernel already knows. Other entries live [`TTL_UNWATCHED`] and
 //!   their pages are dropped at every open.
+pub mod calls;
 pub mod events;
 pub mod inodes;
 pub mod interrupt;

@@ -201,6 +201,11 @@ impl Files {
         }
     }
 
+    /// The per-reader views of the event log (shared with other adapters).
+    pub fn event_views(&self) -> &crate::eventview::EventViews {
+        &self.events
+    }
+
     /// The size of an `events` file as `uid` sees it (None: not an events file).
     pub fn events_len(&self, node: &Node, uid: u32) -> Option<u64> {
         use crate::eventview::Filter;

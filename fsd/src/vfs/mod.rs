@@ -358,6 +358,27 @@ impl Vfs {
         self.mgr().events.subscribe()
     }
 
+    /// The event log as `filter`'s reader sees it (what `events` and `<vm>/events` show),
+    /// opened for reading at offsets of that view.
+    pub fn open_events(&self, filter: &crate::eventview::Filter) -> crate::eventview::EventsHandle {
+        self.files.event_views().open(filter)
+    }
+
+    /// The current size of `filter`'s view of the event log.
+    pub fn events_len(&self, filter: &crate::eventview::Filter) -> u64 {
+        self.files.event_views().len(filter)
+    }
+
+    /// The `fs/` root of VM `name` in its current boot (what `<vm>/fs` names).
+    pub fn fs_root(&self, name: &str) -> Result<Target> {
+        let vm_ino = self
+            .vm_ino(name)
+            .ok_or_else(|| Error::not_found(format!("no VM {name:?}")))?;
+        let fs = self.lookup(vm_ino, OsStr::new("fs"))?;
+        self.fs_target(fs.attr.ino)
+            .ok_or_else(|| Error::io("the VM's fs/ is not a guest root"))
+    }
+
     /// The inode of VM `name`'s directory, if it exists.
     pub fn vm_ino(&self, name: &str) -> Option<u64> {
         let vm = self.mgr().get(name)?;
