@@ -8,7 +8,8 @@
 //! - Each VM's state directory holds its whole record; `reload` rebuilds the manager
 //!   from the state directory alone, and never waits for a guest (adoption runs in the
 //!   background: `vm::adopt`).
-mod ctl;
+mod api;
+pub mod ctl;
 pub mod execopts;
 pub mod images;
 mod quota;
@@ -29,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::events::EventLog;
 use crate::layout::{mkdir_private, Layout};
 use crate::vmm::{Backend, BackendKind, NetMode};
+pub use api::ManagerApi;
 use vm::{BootFiles, Desired, Vm, VmRecord};
 
 /// The VMM backends this daemon can use.

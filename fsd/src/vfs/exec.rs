@@ -19,6 +19,7 @@
 use std::sync::Arc;
 
 use super::files::{read_run, Caller, Handle, Writers};
+use super::journal::{Journal, Scope};
 use crate::error::{Error, Result};
 use crate::interrupt::interruptible;
 use crate::limits::{Amounts, Reservation};
@@ -119,7 +120,7 @@ impl ExecTx {
             }
             Err(e) => {
                 // All or nothing: a refused script never runs.
-                self.refuse(handle, Some(e.clone()));
+                self.refuse(handle, e.clone());
                 Err(self.refused.clone().unwrap_or(e))
             }
         }
@@ -153,15 +154,20 @@ impl ExecTx {
         Ok(())
     }
 
-    /// The script will never run: drop it and what it held; with an error, `cat
-    /// <vm>/ctl` says why (and later writes, reads and `close` fail with it).
-    fn refuse(&mut self, handle: &Handle, e: Option<Error>) {
+    /// The journal of this descriptor's outcome (`cat <vm>/ctl` of its session).
+    fn journal(&self) -> Journal {
+        journal(&self.vm, self.session)
+    }
+
+    /// The script will never run: drop it and what it held; `cat <vm>/ctl` says why
+    /// (and later writes, reads and `close` fail with it).
+    fn refuse(&mut self, handle: &Handle, e: Error) {
         self.script = Vec::new();
         self.run_hold = None;
+        // Shrinking what is held cannot fail.
         let _ = handle.hold_bytes(0);
-        if let Some(e) = e {
-            self.refused = Some(self.vm.exec_failed(self.session, e));
-        }
+        let e = self.vm.exec_failed(self.session, e);
+        self.refused = Some(self.journal().refuse(e));
     }
 
     /// Start the script with the command it holds; the script's bytes go back to the
@@ -169,8 +175,11 @@ impl ExecTx {
     async fn start(&mut self, handle: &Handle, pid: u32) -> Result<()> {
         let script = std::mem::take(&mut self.script);
         let hold = self.run_hold.take();
+        // Shrinking what is held cannot fail.
         let _ = handle.hold_bytes(0);
-        self.run = Some(start_run(&self.vm, script, self.session, hold, pid).await?);
+        let journal = self.journal();
+        let started = start_run(&journal, &self.vm, script, self.session, hold, pid).await;
+        self.run = Some(journal.finish(started)?);
         Ok(())
     }
 
@@ -195,7 +204,8 @@ impl ExecTx {
         let vm = self.vm.clone();
         let session = self.session;
         tokio::spawn(async move {
-            if let Err(e) = vm.start_run_held(script, session, hold).await {
+            let started = vm.start_run_held(script, session, hold).await;
+            if let Err(e) = journal(&vm, session).finish(started) {
                 tracing::warn!(vm = %vm.name, "exec on release failed: {e}");
             }
         });
@@ -221,11 +231,13 @@ pub(super) async fn flush(
             return Ok(());
         }
         if crate::interrupt::killed_by_signal(caller.pid) {
-            tx.refuse(handle, None);
-            tx.refused = Some(Error::new(
-                libc::EINTR,
-                "the writer was killed before it closed exec; the script was not run",
-            ));
+            tx.refuse(
+                handle,
+                Error::new(
+                    libc::EINTR,
+                    "the writer was killed before it closed exec; the script was not run",
+                ),
+            );
             return Ok(());
         }
         tx.start(handle, caller.pid).await?;
@@ -254,9 +266,16 @@ pub(super) async fn flush(
     }
 }
 
+/// The journal of an exec's outcome in `cat <vm>/ctl` of `session`.
+fn journal(vm: &Arc<Vm>, session: u32) -> Journal {
+    Journal::new(Scope::Vm(vm.clone()), session, Some("exec".to_string()))
+}
+
 /// Start `script` as a run; the starting process may be interrupted (EINTR at once),
-/// in which case the command, once started, gets SIGINT as if typed Ctrl-C.
+/// in which case the command, once started, gets SIGINT as if typed Ctrl-C, and a
+/// late failure lands in `journal`.
 async fn start_run(
+    journal: &Journal,
     vm: &Arc<Vm>,
     script: Vec<u8>,
     session: u32,
@@ -264,17 +283,15 @@ async fn start_run(
     pid: u32,
 ) -> Result<Arc<Run>> {
     let v = vm.clone();
-    let started = crate::interrupt::detachable(
-        pid,
-        async move { v.start_run_held(script, session, hold).await },
-        |res: Result<Arc<Run>>| {
-            if let Ok(run) = res {
-                tokio::spawn(async move {
-                    let _ = run.signal(libc::SIGINT).await;
-                });
-            }
-        },
-    )
-    .await?;
-    started
+    let op = async move { v.start_run_held(script, session, hold).await };
+    let late = |res: &Result<Arc<Run>>| {
+        if let Ok(run) = res {
+            let run = run.clone();
+            tokio::spawn(async move {
+                // Best effort, like a terminal's Ctrl-C: the run may have ended.
+                let _ = run.signal(libc::SIGINT).await;
+            });
+        }
+    };
+    journal.detach_with(pid, op, late).await
 }

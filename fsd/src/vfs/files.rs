@@ -5,12 +5,8 @@
 //!   honour the kernel's offset.
 //! - *logs* (`console`, `events`): read at the kernel's offset from a growing file, so
 //!   `cat` ends at the current end and `tail -f` follows by size.
-//! - *ctl* (`ctl`, `<vm>/ctl`, `runs/<n>/ctl`, `defaults`): bytes are assembled into
-//!   lines per open file description ([`crate::lines`]); each complete line is one
-//!   command, executed before the `write` that completed it returns, so a bad command
-//!   fails that write with its errno. A final line without a newline runs at `close`
-//!   (the flush of a process that wrote to the description, unless a signal is killing
-//!   it). Reading gives the caller session's last result.
+//! - *ctl* (`ctl`, `<vm>/ctl`, `runs/<n>/ctl`, `winsize`, `defaults`): lines that are
+//!   commands (see `ctlfile`).
 //! - *streams* (`runs/<n>/stdout|stderr|output`, and `exec` once it has a run): a private
 //!   read position; reads wait like a pipe until data or the end of the command.
 //! - *exec*: a transaction (see `exec`): the script collected from the writes runs
@@ -39,14 +35,14 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::ctlfile::CtlFile;
 use super::exec::ExecTx;
 use super::tree::{Node, RunFile, Tree, VmFile};
 use crate::error::{Error, Result};
 use crate::interrupt::interruptible;
 use crate::limits::{Amounts, Reservation, HANDLE_BYTES};
-use crate::lines::LineBuffer;
+use crate::manager::ctl::Target;
 use crate::manager::runs::{Run, RunStream};
-use crate::manager::vm::Vm;
 
 /// Who is asking.
 #[derive(Debug, Clone, Copy)]
@@ -84,16 +80,6 @@ impl Writers {
                 .iter()
                 .any(|&w| crate::interrupt::same_process(w, pid))
     }
-}
-
-/// What a control file's lines are commands for.
-pub enum CtlTarget {
-    Root,
-    Vm(Arc<Vm>),
-    Run(Arc<Run>),
-    /// A terminal run's `winsize`: lines are `COLSxROWS`.
-    Winsize(Arc<Run>),
-    Defaults,
 }
 
 /// An open `runs/<n>/terminal`: reads give a redraw of the screen as it was at the
@@ -135,19 +121,6 @@ impl OpenFile {
     }
 }
 
-/// One open control file: its target and the line assembly of this description.
-pub struct CtlFile {
-    target: CtlTarget,
-    session: u32,
-    state: tokio::sync::Mutex<CtlState>,
-}
-
-#[derive(Default)]
-struct CtlState {
-    lines: LineBuffer,
-    writers: Writers,
-}
-
 pub enum OpenFile {
     Generated(Vec<u8>),
     Log(PathBuf),
@@ -175,7 +148,7 @@ pub struct Files {
     next_fh: AtomicU64,
 }
 
-fn slice_at(data: &[u8], offset: u64, size: u32) -> Vec<u8> {
+pub(super) fn slice_at(data: &[u8], offset: u64, size: u32) -> Vec<u8> {
     let start = usize::try_from(offset).map_or(data.len(), |o| o.min(data.len()));
     let end = start.saturating_add(size as usize).min(data.len());
     data[start..end].to_vec()
@@ -243,16 +216,10 @@ impl Files {
                 Ok(())
             }
         };
-        let ctl = |target| {
-            OpenFile::Ctl(CtlFile {
-                target,
-                session: caller.session,
-                state: Default::default(),
-            })
-        };
+        let ctl = |target| OpenFile::Ctl(CtlFile::new(target, caller.session));
         let (file, mode) = match node {
-            Node::Ctl => (ctl(CtlTarget::Root), direct),
-            Node::Defaults => (ctl(CtlTarget::Defaults), direct),
+            Node::Ctl => (ctl(Target::Root), direct),
+            Node::Defaults => (ctl(Target::Defaults), direct),
             Node::Events => {
                 ro("events")?;
                 let f = crate::eventview::Filter::for_uid(caller.uid);
@@ -275,7 +242,7 @@ impl Files {
                     direct,
                 )
             }
-            Node::VmFile(id, VmFile::Ctl) => (ctl(CtlTarget::Vm(self.tree.vm(id)?)), direct),
+            Node::VmFile(id, VmFile::Ctl) => (ctl(Target::Vm(self.tree.vm(id)?)), direct),
             Node::VmFile(id, VmFile::Exec) => {
                 let vm = self.tree.vm(id)?;
                 let mut run = None;
@@ -315,8 +282,8 @@ impl Files {
                         }
                         (OpenFile::Stdin(run), stream)
                     }
-                    RunFile::Ctl => (ctl(CtlTarget::Run(run)), direct),
-                    RunFile::Winsize => (ctl(CtlTarget::Winsize(run)), direct),
+                    RunFile::Ctl => (ctl(Target::Run(run)), direct),
+                    RunFile::Winsize => (ctl(Target::Winsize(run)), direct),
                     RunFile::Terminal => (
                         OpenFile::Terminal(TermFile {
                             run,
@@ -356,32 +323,7 @@ impl Files {
         match &handle.file {
             OpenFile::Generated(c) => Ok(slice_at(c, offset, size)),
             OpenFile::Log(p) => read_file_at(p, offset, size),
-            OpenFile::Ctl(ctl) => match &ctl.target {
-                CtlTarget::Root => Ok(slice_at(
-                    self.tree.mgr().ctl_results().get(caller.session).as_bytes(),
-                    offset,
-                    size,
-                )),
-                CtlTarget::Vm(vm) => Ok(slice_at(
-                    vm.ctl_results().get(caller.session).as_bytes(),
-                    offset,
-                    size,
-                )),
-                CtlTarget::Run(_) => Ok(Vec::new()),
-                CtlTarget::Winsize(run) => Ok(slice_at(
-                    run.tty_size()
-                        .map(crate::manager::runs::render_size)
-                        .unwrap_or_default()
-                        .as_bytes(),
-                    offset,
-                    size,
-                )),
-                CtlTarget::Defaults => Ok(slice_at(
-                    self.tree.mgr().defaults().to_defaults().as_bytes(),
-                    offset,
-                    size,
-                )),
-            },
+            OpenFile::Ctl(ctl) => Ok(ctl.read(self.tree.mgr(), offset, size, caller.session)),
             OpenFile::Stdin(_) => Ok(Vec::new()),
             OpenFile::Terminal(t) => read_terminal(t, &handle, size, caller.pid).await,
             OpenFile::Events(h) => h.read(offset, size),
@@ -411,29 +353,10 @@ impl Files {
         let len = u32::try_from(data.len())
             .map_err(|_| Error::new(libc::EFBIG, "a single write of 4 GiB or more"))?;
         match &handle.file {
-            OpenFile::Ctl(ctl) => {
-                let mut st = ctl.state.lock().await;
-                if let Err(e) = st.lines.check_offset(offset) {
-                    return Err(self.record(ctl, caller.session, e));
-                }
-                st.writers.note(caller.pid);
-                let lines = match st.lines.push(data) {
-                    Ok(l) => l,
-                    Err(e) => return Err(self.record(ctl, caller.session, e)),
-                };
-                // The unterminated rest is kept only if the caller's buffers hold it;
-                // otherwise this write runs nothing, like an overlong line.
-                if let Err(e) = handle.hold_bytes(st.lines.held()) {
-                    st.lines.abandon();
-                    let _ = handle.hold_bytes(0);
-                    return Err(self.record(ctl, caller.session, e));
-                }
-                let ran = self.run_lines(ctl, &mut st.lines, lines, caller).await;
-                let _ = handle.hold_bytes(st.lines.held());
-                ran?;
-                st.lines.advance(offset, data.len());
-                Ok(len)
-            }
+            OpenFile::Ctl(ctl) => ctl
+                .write(self.tree.mgr(), &handle, offset, data, caller)
+                .await
+                .map(|()| len),
             OpenFile::Stdin(run) => {
                 // Waits like a pipe while the command does not read; Ctrl-C ends the wait.
                 let _held = self.hold_write(caller, data)?;
@@ -472,179 +395,13 @@ impl Files {
         }
     }
 
-    /// Remember a failed control-file write in the caller's `ctl` result, pass it on.
-    fn record(&self, ctl: &CtlFile, session: u32, e: Error) -> Error {
-        match &ctl.target {
-            CtlTarget::Root => {
-                let _ = self
-                    .tree
-                    .mgr()
-                    .ctl_results()
-                    .record(session, Err(e.clone()));
-            }
-            CtlTarget::Vm(vm) => {
-                let _ = vm.ctl_results().record(session, Err(e.clone()));
-            }
-            CtlTarget::Run(_) | CtlTarget::Winsize(_) | CtlTarget::Defaults => {}
-        }
-        e
-    }
-
-    /// Run the complete lines one write (or the final close) produced. Every line is
-    /// checked first (UTF-8, syntax), so a write with a malformed line runs nothing;
-    /// then they run in order and the first failing one stops the rest (see
-    /// `docs/tree.md`, "Writing control files").
-    async fn run_lines(
-        &self,
-        ctl: &CtlFile,
-        buf: &mut LineBuffer,
-        lines: Vec<Vec<u8>>,
-        caller: Caller,
-    ) -> Result<()> {
-        let mut texts = Vec::with_capacity(lines.len());
-        for l in &lines {
-            match std::str::from_utf8(l) {
-                Ok(t) if !t.trim().is_empty() && !t.trim_start().starts_with('#') => texts.push(t),
-                Ok(_) => {}
-                Err(_) => {
-                    buf.abandon();
-                    let e = Error::invalid("commands must be UTF-8 text; nothing was run");
-                    return Err(self.record(ctl, caller.session, e));
-                }
-            }
-        }
-        let n = texts.len();
-        let in_context = |i: usize, e: Error, ran: bool| -> Error {
-            if n <= 1 {
-                return e;
-            }
-            let applied = match (ran, i) {
-                (false, _) => "nothing was run".to_string(),
-                (true, 0) => "no line before it was run".to_string(),
-                (true, 1) => "line 1 was applied".to_string(),
-                (true, i) => format!("lines 1-{i} were applied"),
-            };
-            let msg = format!(
-                "line {} of {n}: {} ({applied}; the lines after it were not run)",
-                i + 1,
-                e.message
-            );
-            Error::new(e.errno, msg)
-        };
-        // Syntax first: parsing has no side effects.
-        for (i, t) in texts.iter().enumerate() {
-            let parsed = match &ctl.target {
-                CtlTarget::Root => crate::ctl::parse_global(t).map(drop),
-                CtlTarget::Vm(_) => crate::ctl::parse_vm(t).map(drop),
-                CtlTarget::Run(_) => crate::ctl::parse_run(t).map(drop),
-                CtlTarget::Winsize(_) => crate::manager::execopts::parse_size(t).map(drop),
-                CtlTarget::Defaults => Ok(()),
-            };
-            if let Err(e) = parsed {
-                buf.abandon();
-                let e = in_context(i, e, false);
-                return Err(self.record(ctl, caller.session, e));
-            }
-        }
-        if let CtlTarget::Defaults = ctl.target {
-            // The lines of one write are merged together or not at all.
-            if n > 0 {
-                if let Err(e) = self.tree.mgr().update_defaults(&texts.join("\n")) {
-                    buf.abandon();
-                    return Err(e);
-                }
-            }
-            return Ok(());
-        }
-        for (i, line) in texts.iter().enumerate() {
-            let outcome = match &ctl.target {
-                CtlTarget::Root | CtlTarget::Vm(_) => {
-                    self.run_interruptible(ctl, line, caller).await
-                }
-                CtlTarget::Run(run) => {
-                    let cmd = crate::ctl::parse_run(line)?;
-                    interruptible(caller.pid, async {
-                        match cmd {
-                            crate::ctl::RunCmd::Kill(sig) => run.signal(sig).await,
-                            crate::ctl::RunCmd::CloseStdin => run.close_stdin().await,
-                        }
-                    })
-                    .await
-                    .map(|()| String::new())
-                }
-                CtlTarget::Winsize(run) => {
-                    let size = crate::manager::execopts::parse_size(line)?;
-                    interruptible(caller.pid, run.resize(size))
-                        .await
-                        .map(|()| String::new())
-                }
-                CtlTarget::Defaults => Ok(String::new()),
-            };
-            match outcome {
-                Ok(msg) => {
-                    if !matches!(ctl.target, CtlTarget::Run(_) | CtlTarget::Winsize(_)) {
-                        let _ = self.record_ok(ctl, caller.session, msg);
-                    }
-                }
-                Err(e) => {
-                    buf.abandon();
-                    let e = in_context(i, e, true);
-                    return Err(self.record(ctl, caller.session, e));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// One root or VM command, run as a task of its own: an interrupted writer gets
-    /// EINTR at once, the command goes on (a boot or a pull is not cut in half) and its
-    /// result replaces the writer's `ctl` result when it ends.
-    async fn run_interruptible(&self, ctl: &CtlFile, line: &str, caller: Caller) -> Result<String> {
-        let mgr = self.tree.mgr().clone();
-        let line = line.to_string();
-        let (session, target_vm) = match &ctl.target {
-            CtlTarget::Vm(vm) => (caller.session, Some(vm.clone())),
-            _ => (caller.session, None),
-        };
-        let results_vm = target_vm.clone();
-        let results_mgr = mgr.clone();
-        let op = async move {
-            match &target_vm {
-                Some(vm) => mgr.vm_ctl(vm, &line).await,
-                None => mgr.global_ctl(&line, caller.uid, caller.gid).await,
-            }
-        };
-        let abandoned = move |outcome: Result<String>| {
-            let _ = match &results_vm {
-                Some(vm) => vm.ctl_results().record(session, outcome),
-                None => results_mgr.ctl_results().record(session, outcome),
-            };
-        };
-        match crate::interrupt::detachable(caller.pid, op, abandoned).await {
-            Ok(outcome) => outcome,
-            Err(e) if e.errno == libc::EINTR => Err(Error::new(
-                libc::EINTR,
-                "interrupted; the command goes on, and reading ctl shows its result when it ends",
-            )),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn record_ok(&self, ctl: &CtlFile, session: u32, msg: String) -> Result<String> {
-        match &ctl.target {
-            CtlTarget::Root => self.tree.mgr().ctl_results().record(session, Ok(msg)),
-            CtlTarget::Vm(vm) => vm.ctl_results().record(session, Ok(msg)),
-            _ => Ok(msg),
-        }
-    }
-
     /// `close()` of one descriptor. Runs a control file's final unterminated line and
     /// starts a pending exec, when the closing process wrote to the descriptor and is
     /// not being killed; a write-only exec waits for its command and reports a lost run.
     pub async fn flush(&self, fh: u64, caller: Caller) -> Result<()> {
         let handle = self.handle(fh)?;
         match &handle.file {
-            OpenFile::Ctl(ctl) => self.flush_ctl(ctl, caller).await,
+            OpenFile::Ctl(ctl) => ctl.flush(self.tree.mgr(), caller).await,
             OpenFile::Exec(tx) => super::exec::flush(tx, &handle, caller).await,
             _ => Ok(()),
         }
@@ -656,30 +413,6 @@ impl Files {
             .mgr()
             .limits
             .hold(caller.uid, Amounts::buffer(data.len() as u64))
-    }
-
-    async fn flush_ctl(&self, ctl: &CtlFile, caller: Caller) -> Result<()> {
-        let mut st = ctl.state.lock().await;
-        if !st.lines.has_partial() || !st.writers.includes(caller.pid) {
-            return Ok(());
-        }
-        if crate::interrupt::killed_by_signal(caller.pid) {
-            if let Some(line) = st.lines.discard_partial() {
-                let e = Error::new(
-                    libc::EINTR,
-                    format!(
-                        "the writer was killed in the middle of the line {}; it was not run",
-                        crate::lines::quote(&String::from_utf8_lossy(&line))
-                    ),
-                );
-                let _ = self.record(ctl, caller.session, e);
-            }
-            return Ok(());
-        }
-        let Some(line) = st.lines.take_final() else {
-            return Ok(());
-        };
-        self.run_lines(ctl, &mut st.lines, vec![line], caller).await
     }
 
     /// `fsync` of a control file: for an exec whose run was lost, the same errno its
@@ -705,18 +438,7 @@ impl Files {
                     tx.release();
                 }
             }
-            OpenFile::Ctl(ctl) => {
-                if let Ok(mut st) = ctl.state.try_lock() {
-                    if let Some(line) = st.lines.discard_partial() {
-                        let e = Error::invalid(format!(
-                            "the unterminated line {} was dropped: no process that wrote it \
-                             closed the file",
-                            crate::lines::quote(&String::from_utf8_lossy(&line))
-                        ));
-                        let _ = self.record(ctl, ctl.session, e);
-                    }
-                }
-            }
+            OpenFile::Ctl(ctl) => ctl.release(self.tree.mgr()),
             _ => {}
         }
     }
