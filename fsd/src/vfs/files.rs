@@ -8,7 +8,8 @@
 //! - *ctl* (`ctl`, `<vm>/ctl`, `runs/<n>/ctl`, `winsize`, `defaults`): lines that are
 //!   commands (see `ctlfile`).
 //! - *streams* (`runs/<n>/stdout|stderr|output`, and `exec` once it has a run): a private
-//!   read position; reads wait like a pipe until data or the end of the command.
+//!   read position; reads wait like a pipe until data or the end of the command; a
+//!   command's `stdin` and `terminal` (see `streams`).
 //! - *exec*: a transaction (see `exec`): the script collected from the writes runs
 //!   at the close of a process that wrote it, or at the first read.
 //!
@@ -37,9 +38,9 @@ use parking_lot::Mutex;
 
 use super::ctlfile::CtlFile;
 use super::exec::ExecTx;
+use super::streams::{read_run, write_input, TermFile};
 use super::tree::{Node, RunFile, Tree, VmFile};
 use crate::error::{Error, Result};
-use crate::interrupt::interruptible;
 use crate::limits::{Amounts, Reservation, HANDLE_BYTES};
 use crate::manager::ctl::Target;
 use crate::manager::runs::{Run, RunStream};
@@ -80,21 +81,6 @@ impl Writers {
                 .iter()
                 .any(|&w| crate::interrupt::same_process(w, pid))
     }
-}
-
-/// An open `runs/<n>/terminal`: reads give a redraw of the screen as it was at the
-/// first read, then the terminal's output from exactly that point on.
-pub struct TermFile {
-    run: Arc<Run>,
-    state: tokio::sync::Mutex<Option<TermPos>>,
-}
-
-struct TermPos {
-    redraw: Vec<u8>,
-    /// Bytes of `redraw` already returned.
-    sent: usize,
-    /// Position in the run's `stdout`.
-    offset: u64,
 }
 
 /// An open file and what it holds of its opener's `buffer_mib`.
@@ -284,13 +270,7 @@ impl Files {
                     }
                     RunFile::Ctl => (ctl(Target::Run(run)), direct),
                     RunFile::Winsize => (ctl(Target::Winsize(run)), direct),
-                    RunFile::Terminal => (
-                        OpenFile::Terminal(TermFile {
-                            run,
-                            state: Default::default(),
-                        }),
-                        stream,
-                    ),
+                    RunFile::Terminal => (OpenFile::Terminal(TermFile::new(run)), stream),
                     _ => {
                         ro("this file")?;
                         let content = self.tree.generated(node)?.unwrap_or_default();
@@ -325,7 +305,7 @@ impl Files {
             OpenFile::Log(p) => read_file_at(p, offset, size),
             OpenFile::Ctl(ctl) => Ok(ctl.read(self.tree.mgr(), offset, size, caller.session)),
             OpenFile::Stdin(_) => Ok(Vec::new()),
-            OpenFile::Terminal(t) => read_terminal(t, &handle, size, caller.pid).await,
+            OpenFile::Terminal(t) => t.read(&handle, size, caller.pid).await,
             OpenFile::Events(h) => h.read(offset, size),
             OpenFile::CappedLog(p, reader) => {
                 let mib = crate::limits::vm_caps().console_mib;
@@ -360,27 +340,13 @@ impl Files {
             OpenFile::Stdin(run) => {
                 // Waits like a pipe while the command does not read; Ctrl-C ends the wait.
                 let _held = self.hold_write(caller, data)?;
-                interruptible(caller.pid, async {
-                    for chunk in data.chunks(bandsox_agent::proto::MAX_CHUNK) {
-                        run.write_stdin(chunk.to_vec()).await?;
-                    }
-                    Ok(())
-                })
-                .await?;
-                Ok(len)
+                write_input(run, data, caller.pid).await.map(|()| len)
             }
             OpenFile::Terminal(t) => {
                 // Keystrokes: wait like a pipe while the guest does not read them;
                 // a finished run answers EPIPE.
                 let _held = self.hold_write(caller, data)?;
-                interruptible(caller.pid, async {
-                    for chunk in data.chunks(bandsox_agent::proto::MAX_CHUNK) {
-                        t.run.write_stdin(chunk.to_vec()).await?;
-                    }
-                    Ok(())
-                })
-                .await?;
-                Ok(len)
+                write_input(t.run(), data, caller.pid).await.map(|()| len)
             }
             OpenFile::Exec(tx) => tx
                 .lock()
@@ -435,69 +401,11 @@ impl Files {
         match &handle.file {
             OpenFile::Exec(tx) => {
                 if let Ok(mut tx) = tx.try_lock() {
-                    tx.release();
+                    tx.release(&handle);
                 }
             }
             OpenFile::Ctl(ctl) => ctl.release(self.tree.mgr()),
             _ => {}
         }
     }
-}
-
-/// A read of `runs/<n>/terminal`: first the redraw of the screen as it was at the first
-/// read, then live output from that offset; EOF once the run ended and all was read.
-/// An interrupted reader gets EINTR; the command is not signalled (on a terminal,
-/// Ctrl-C is a keystroke, written to the terminal).
-async fn read_terminal(t: &TermFile, handle: &Handle, size: u32, pid: u32) -> Result<Vec<u8>> {
-    let mut st = t.state.lock().await;
-    if st.is_none() {
-        let (_, redraw, offset) = t
-            .run
-            .terminal_snapshot()?
-            .ok_or_else(|| Error::new(libc::ENOTTY, "this run has no terminal"))?;
-        // The redraw is kept until it was read: it counts as the reader's buffer.
-        handle.hold_bytes(redraw.len())?;
-        *st = Some(TermPos {
-            redraw,
-            sent: 0,
-            offset,
-        });
-    }
-    let Some(pos) = st.as_mut() else {
-        return Ok(Vec::new());
-    };
-    let size = size.min(4 * 1024 * 1024);
-    if pos.sent < pos.redraw.len() {
-        let end = pos.sent.saturating_add(size as usize).min(pos.redraw.len());
-        let out = pos.redraw[pos.sent..end].to_vec();
-        pos.sent = end;
-        if end == pos.redraw.len() {
-            pos.redraw = Vec::new();
-            pos.sent = 0;
-            let _ = handle.hold_bytes(0);
-        }
-        return Ok(out);
-    }
-    let data = interruptible(pid, t.run.read_stream(RunStream::Stdout, pos.offset, size)).await?;
-    pos.offset += data.len() as u64;
-    Ok(data)
-}
-
-/// Wait like a pipe for a run's stream, answering EINTR (and sending the command
-/// SIGINT) if the reader is interrupted.
-pub(super) async fn read_run(
-    run: &Arc<Run>,
-    stream: RunStream,
-    at: u64,
-    size: u32,
-    pid: u32,
-) -> Result<Vec<u8>> {
-    let size = size.min(4 * 1024 * 1024);
-    let res = interruptible(pid, run.read_stream(stream, at, size)).await;
-    if let Err(e) = &res {
-        if e.errno == libc::EINTR && run.status().is_running() {
-            let _ = run.signal(libc::SIGINT).await;
-        }
-    }
-    res
 }

@@ -8,7 +8,7 @@
 //! - [`tree`]: which nodes exist, their inode numbers and attributes.
 //! - [`files`]: open files (streams, logs, generated content) and their dispatch;
 //!   [`ctlfile`]: control files (lines parsed into commands); [`exec`]: the exec
-//!   transaction.
+//!   transaction; [`streams`]: a command's output, input and terminal.
 //! - [`journal`]: the one path by which outcomes reach `cat ctl`.
 //! - [`policy`]: ownership checks and the errno of each operation the tree lacks.
 //! - [`rootops`]: root `mkdir`/`rmdir` in flight (defers root-name invalidations).
@@ -28,6 +28,7 @@ pub mod files;
 pub mod journal;
 pub mod policy;
 pub mod rootops;
+pub mod streams;
 pub mod tree;
 
 use std::ffi::OsStr;
