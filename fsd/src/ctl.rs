@@ -16,15 +16,15 @@ impl CtlResults {
         self.0.get(session).unwrap_or_default()
     }
 
-    /// Remember the outcome of one command for `session` and pass it on. The text kept
-    /// is one line of at most [`MAX_RESULT`] bytes, whatever the message.
-    pub fn record(&self, session: u32, outcome: Result<String>) -> Result<String> {
+    /// Remember the outcome of one operation for `session` (only `vfs::journal` calls
+    /// this: it is the one recording path). The text kept is one line of at most
+    /// [`MAX_RESULT`] bytes, whatever the message.
+    pub fn record(&self, session: u32, outcome: Result<String>) {
         let text = match &outcome {
             Ok(msg) => format!("{}\n", one_line(msg)),
             Err(e) => format!("error: {}\n", one_line(&e.message)),
         };
         self.0.set(session, text);
-        outcome
     }
 }
 

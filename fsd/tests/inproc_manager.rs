@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use bandsox_agent::faults::{Fault, Faults};
 use bandsox_agent::proto::ExitStatus;
+use bandsox_fsd::ctl::VmCmd;
+use bandsox_fsd::manager::ctl::Command;
 use bandsox_fsd::manager::runs::{Run, RunStatus, RunStream};
 use bandsox_fsd::manager::vm::Vm;
 use bandsox_fsd::manager::Manager;
@@ -136,7 +138,8 @@ async fn a_corrupted_frame_fails_requests_in_time_and_reconnect_restores_the_vm(
     }
     // `echo reconnect > ctl` replaces the connection (whether or not the automatic
     // reconnect already did); the VM works again.
-    mgr.vm_ctl(&vm, "reconnect").await.unwrap();
+    let reconnect = Command::Vm(vm.clone(), VmCmd::Reconnect);
+    mgr.execute(reconnect, 0, 0).await.unwrap();
     let run = vm.start_run(b"echo second".to_vec(), 0).await.unwrap();
     assert_eq!(finished(&run).await, RunStatus::Exited(ExitStatus::Code(0)));
     assert_eq!(stdout(&run), b"second\n");

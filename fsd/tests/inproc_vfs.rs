@@ -286,6 +286,89 @@ async fn only_the_owner_or_root_removes_a_vm_and_the_tree_names_are_fixed() {
     assert!(mgr.get("w").is_none());
 }
 
+/// Every refused `mkdir`/`rmdir` of the control tree, and every deletion, is the
+/// caller session's `cat ctl` result (issue 21: refusals used to return unrecorded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mkdir_and_rmdir_refusals_and_results_land_in_cat_ctl() {
+    let (_tmp, mgr, vfs) = setup();
+    let (owner, other) = (1000, 1001);
+    mkdir(&vfs, "mine", caller(owner)).await.unwrap();
+    assert_eq!(cat(&vfs, "ctl", caller(owner)).await.unwrap(), "");
+
+    assert_eq!(
+        rmdir(&vfs, ROOT_INO, "mine", caller(other)).await,
+        Err(libc::EPERM)
+    );
+    let why = cat(&vfs, "ctl", caller(other)).await.unwrap();
+    assert!(
+        why.starts_with("error: rmdir mine: VM mine belongs to uid 1000"),
+        "{why}"
+    );
+    // Per session: the owner's result is untouched.
+    assert_eq!(cat(&vfs, "ctl", caller(owner)).await.unwrap(), "");
+
+    assert_eq!(
+        rmdir(&vfs, ROOT_INO, "nope", caller(other)).await,
+        Err(libc::ENOENT)
+    );
+    let why = cat(&vfs, "ctl", caller(other)).await.unwrap();
+    assert!(why.starts_with("error: rmdir nope: no VM"), "{why}");
+
+    let images = walk(&vfs, "images").unwrap();
+    assert_eq!(
+        rmdir(&vfs, images, "nope", caller(other)).await,
+        Err(libc::ENOENT)
+    );
+    let why = cat(&vfs, "ctl", caller(other)).await.unwrap();
+    assert!(
+        why.starts_with("error: rmdir images/nope: no image"),
+        "{why}"
+    );
+
+    let snapshots = walk(&vfs, "snapshots").unwrap();
+    assert_eq!(
+        rmdir(&vfs, snapshots, "nope", caller(other)).await,
+        Err(libc::ENOENT)
+    );
+    let why = cat(&vfs, "ctl", caller(other)).await.unwrap();
+    assert!(
+        why.starts_with("error: rmdir snapshots/nope: no snapshot"),
+        "{why}"
+    );
+
+    let runs = walk(&vfs, "mine/runs").unwrap();
+    assert_eq!(
+        rmdir(&vfs, runs, "1", caller(owner)).await,
+        Err(libc::EPERM)
+    );
+    let why = cat(&vfs, "ctl", caller(owner)).await.unwrap();
+    assert!(
+        why.starts_with("error: rmdir 1: runs cannot be removed"),
+        "{why}"
+    );
+
+    let vm = walk(&vfs, "mine").unwrap();
+    assert_eq!(
+        vfs.mkdir(vm, OsStr::new("x"), caller(owner))
+            .err()
+            .map(|e| e.errno),
+        Some(libc::EPERM)
+    );
+    let why = cat(&vfs, "ctl", caller(owner)).await.unwrap();
+    assert!(
+        why.starts_with("error: mkdir x: only VMs are made"),
+        "{why}"
+    );
+
+    // A bad name for a VM is refused by the manager, and recorded the same way.
+    assert_eq!(mkdir(&vfs, "mine", caller(other)).await, Err(libc::EEXIST));
+    let why = cat(&vfs, "ctl", caller(other)).await.unwrap();
+    assert!(why.starts_with("error: mkdir mine: "), "{why}");
+
+    rmdir(&vfs, ROOT_INO, "mine", caller(owner)).await.unwrap();
+    assert!(mgr.get("mine").is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_runs_at_close_and_runs_last_follows_the_session() {
     let (_tmp, _mgr, vfs) = setup();

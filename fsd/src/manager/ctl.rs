@@ -1,20 +1,79 @@
-//! Dispatch of `ctl` lines: the root `ctl` (create, clone, import, pull, build,
-//! destroy-all) and a VM's `ctl` (lifecycle, snapshot, reconnect, ping, exec_timeout,
-//! ttl/idle_pause/autoresume). Commands that need the guest (ping, reconnect,
-//! snapshot) auto-resume a paused VM first (`Vm::wake`). Parsing and the
-//! accepted syntax live in `crate::ctl`; every command parsed there is executed here,
-//! and every VM command is listed in `crate::ctl::VM_HELP` and docs/tree.md.
+//! The control files' language, in one place: each line written to `ctl`, `<vm>/ctl`,
+//! `runs/<n>/ctl`, `runs/<n>/winsize` or `defaults` is parsed once ([`parse`]) into a
+//! [`Command`] bound to what it acts on, and every command is dispatched here
+//! ([`Manager::execute`]). The accepted syntax lives in `crate::ctl` (root, VM and run
+//! commands) and `execopts` (window sizes); every VM command is listed in
+//! `crate::ctl::VM_HELP` and docs/tree.md. VM commands that need the guest (ping,
+//! reconnect, snapshot) auto-resume a paused VM first (`Vm::wake`).
+//!
+//! Invariants: parsing has no side effects, so the control tree checks every line of a
+//! write before the first one runs; a [`Command`] carries its target, so a command can
+//! never be executed against another file's target.
 use std::sync::Arc;
 
+use bandsox_agent::proto::TtySize;
+
+use super::runs::Run;
 use super::vm::{self, Vm};
 use super::Manager;
-use crate::ctl::{GlobalCmd, VmCmd, VmOp};
+use crate::ctl::{GlobalCmd, RunCmd, VmCmd, VmOp};
 use crate::error::Result;
 
+/// What the lines of one control file act on.
+#[derive(Clone)]
+pub enum Target {
+    /// The root `ctl`: create, clone, import, pull, build.
+    Root,
+    /// `<vm>/ctl`: lifecycle, snapshot, reconnect, ping, exec_timeout.
+    Vm(Arc<Vm>),
+    /// `runs/<n>/ctl`: signals and `close-stdin`.
+    Run(Arc<Run>),
+    /// A terminal run's `winsize`: lines are `COLSxROWS`.
+    Winsize(Arc<Run>),
+    /// `defaults`: `key=value` words (all the lines of one write are one command).
+    Defaults,
+}
+
+/// One parsed line, bound to its target.
+pub enum Command {
+    Global(GlobalCmd),
+    Vm(Arc<Vm>, VmCmd),
+    Run(Arc<Run>, RunCmd),
+    Resize(Arc<Run>, TtySize),
+    /// `key=value` words to merge into the defaults (checked when merged).
+    Defaults(String),
+}
+
+/// Parse one line written to a control file of `target` (no side effects).
+pub fn parse(target: &Target, line: &str) -> Result<Command> {
+    Ok(match target {
+        Target::Root => Command::Global(crate::ctl::parse_global(line)?),
+        Target::Vm(vm) => Command::Vm(vm.clone(), crate::ctl::parse_vm(line)?),
+        Target::Run(run) => Command::Run(run.clone(), crate::ctl::parse_run(line)?),
+        Target::Winsize(run) => Command::Resize(run.clone(), super::execopts::parse_size(line)?),
+        Target::Defaults => Command::Defaults(line.to_string()),
+    })
+}
+
 impl Manager {
-    /// Execute one root `ctl` line; returns the success text.
-    pub async fn global_ctl(self: &Arc<Self>, line: &str, uid: u32, gid: u32) -> Result<String> {
-        match crate::ctl::parse_global(line)? {
+    /// Execute one command for user `uid`/`gid`; returns the success text (empty for
+    /// commands whose file shows no result: run signals, window sizes, defaults).
+    pub async fn execute(self: &Arc<Self>, cmd: Command, uid: u32, gid: u32) -> Result<String> {
+        match cmd {
+            Command::Global(cmd) => self.global_ctl(cmd, uid, gid).await,
+            Command::Vm(vm, cmd) => self.vm_ctl(&vm, cmd).await,
+            Command::Run(run, RunCmd::Kill(sig)) => run.signal(sig).await.map(|()| String::new()),
+            Command::Run(run, RunCmd::CloseStdin) => {
+                run.close_stdin().await.map(|()| String::new())
+            }
+            Command::Resize(run, size) => run.resize(size).await.map(|()| String::new()),
+            Command::Defaults(text) => self.update_defaults(&text).map(|()| String::new()),
+        }
+    }
+
+    /// Execute one root `ctl` command; returns the success text.
+    async fn global_ctl(self: &Arc<Self>, cmd: GlobalCmd, uid: u32, gid: u32) -> Result<String> {
+        match cmd {
             GlobalCmd::Create { name, options } => {
                 self.create(&name, &options, uid, gid).await?;
                 Ok(format!("ok: created {name}"))
@@ -51,9 +110,8 @@ impl Manager {
         }
     }
 
-    /// Execute one `<vm>/ctl` line.
-    pub async fn vm_ctl(self: &Arc<Self>, vm: &Arc<Vm>, line: &str) -> Result<String> {
-        let cmd = crate::ctl::parse_vm(line)?;
+    /// Execute one `<vm>/ctl` command.
+    async fn vm_ctl(self: &Arc<Self>, vm: &Arc<Vm>, cmd: VmCmd) -> Result<String> {
         if matches!(cmd, VmCmd::Ping(_) | VmCmd::Reconnect | VmCmd::Snapshot(_)) {
             // These need the guest: a paused VM with autoresume=1 resumes first.
             vm.wake(vm::Wake::Ctl).await?;

@@ -8,7 +8,8 @@
 //! - Each VM's state directory holds its whole record; `reload` rebuilds the manager
 //!   from the state directory alone, and never waits for a guest (adoption runs in the
 //!   background: `vm::adopt`).
-mod ctl;
+mod api;
+pub mod ctl;
 mod destroy_all;
 pub mod images;
 mod kernels;
@@ -38,6 +39,7 @@ use crate::events::EventLog;
 use crate::layout::{mkdir_private, Layout};
 use crate::settings::Settings;
 use crate::vmm::{Backend, BackendKind, NetMode};
+pub use api::ManagerApi;
 use vm::{BootFiles, Desired, Vm, VmRecord};
 
 pub use crate::backends::Backends;

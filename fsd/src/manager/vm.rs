@@ -946,8 +946,9 @@ impl Vm {
             })
     }
 
-    /// An exec of `session` ran nothing: `cat <vm>/ctl` says why, and the session's
-    /// `runs/last` names no run (rather than an older one) until its next exec.
+    /// An exec of `session` ran nothing: the session's `runs/last` names no run
+    /// (rather than an older one) until its next exec. Returns `e` in the context
+    /// `exec`; the control tree records it (`cat <vm>/ctl`, see `vfs::journal`).
     pub fn exec_failed(&self, session: u32, e: Error) -> Error {
         let e = if e.message.starts_with("exec: ") {
             e
@@ -955,7 +956,6 @@ impl Vm {
             e.with_context("exec")
         };
         self.session_last.set(session, None);
-        let _ = self.ctl_results.record(session, Err(e.clone()));
         e
     }
 
@@ -963,8 +963,8 @@ impl Vm {
     /// first line `#bandsox key=value...` sets per-command options (see `execopts`); a
     /// bad one fails with EINVAL before anything runs. The command counts against the
     /// owner's `runs` and `terminal_cells` from its start to its end. Every failure is
-    /// the session's `ctl` result (`cat <vm>/ctl`); one that left no run also clears
-    /// the session's `runs/last`.
+    /// in the context `exec` (the control tree records it for `cat <vm>/ctl`); one that
+    /// left no run also clears the session's `runs/last`.
     pub async fn start_run(self: &Arc<Self>, script: Vec<u8>, session: u32) -> Result<Arc<Run>> {
         self.start_run_held(script, session, None).await
     }
@@ -1053,10 +1053,7 @@ impl Vm {
             Err(e) => {
                 let err = Error::from(e);
                 run.failed_to_start(&err);
-                let _ = self
-                    .ctl_results
-                    .record(session, Err(err.clone().with_context("exec")));
-                Err(err)
+                Err(err.with_context("exec"))
             }
         }
     }

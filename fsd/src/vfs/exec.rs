@@ -16,34 +16,53 @@
 //!   run as a kept one, and its terminal's cells once the options line asked for one),
 //!   counted for the VM's owner; the script's bytes count against the writer's
 //!   buffers. Both move on at the start: the command to the run, the script to disk.
+//! - The descriptor is in one [`Phase`]: writing (collecting the script), refused, or
+//!   started. Whether there is a script to start is decided in one place
+//!   (`take_script`), for all three triggers: a writer's close and the first read
+//!   start it and wait ([`ExecTx::start`]), the last close starts it in a task.
 use std::sync::Arc;
 
-use super::files::{read_run, Caller, Handle, Writers};
+use super::files::{Caller, Handle, Writers};
+use super::journal::{Journal, Scope};
+use super::streams::read_run;
 use crate::error::{Error, Result};
 use crate::interrupt::interruptible;
 use crate::limits::{Amounts, Reservation};
 use crate::manager::runs::{Run, RunStream};
 use crate::manager::vm::{Vm, MAX_SCRIPT};
 
+/// Where an `exec` descriptor's transaction is.
+enum Phase {
+    /// Collecting the script (empty: nothing written yet, or a read-only descriptor
+    /// whose session has no run to show).
+    Writing(Script),
+    /// The script will never run: why (E2BIG past the cap, writer killed, bad options,
+    /// a limit). Later writes, reads and closes fail with it.
+    Refused(Error),
+    /// The command runs (or ran): reads stream its output from `pos`.
+    Started { run: Arc<Run>, pos: u64 },
+}
+
+/// The script being written.
+#[derive(Default)]
+struct Script {
+    bytes: Vec<u8>,
+    /// The first line (a possible `#bandsox` options line) was complete and checked.
+    first_line_checked: bool,
+    /// From the first write: the command this descriptor will run, counted for the
+    /// VM's owner (with its terminal's cells once the options line asked for one).
+    hold: Option<Reservation>,
+}
+
 pub struct ExecTx {
     vm: Arc<Vm>,
-    script: Vec<u8>,
-    run: Option<Arc<Run>>,
-    pos: u64,
+    phase: Phase,
     write_only: bool,
     session: u32,
     /// Where the next write must start (`None` before the first).
     next_offset: Option<u64>,
     /// Threads that wrote the script (only their close starts it).
     writers: Writers,
-    /// The script will never run: why (E2BIG past the cap, writer killed, bad options,
-    /// a limit).
-    refused: Option<Error>,
-    /// The first line (a possible `#bandsox` options line) was complete and checked.
-    first_line_checked: bool,
-    /// From the first write: the command this descriptor will run, counted for the
-    /// VM's owner (with its terminal's cells once the options line asked for one).
-    run_hold: Option<Reservation>,
 }
 
 impl ExecTx {
@@ -55,34 +74,28 @@ impl ExecTx {
         write_only: bool,
         session: u32,
     ) -> ExecTx {
+        let phase = match run {
+            Some(run) => Phase::Started { run, pos: 0 },
+            None => Phase::Writing(Script::default()),
+        };
         ExecTx {
             vm,
-            script: Vec::new(),
-            run,
-            pos: 0,
+            phase,
             write_only,
             session,
             next_offset: None,
             writers: Writers::default(),
-            refused: None,
-            first_line_checked: false,
-            run_hold: None,
         }
     }
 
     /// A read: starts a written script first, then streams its output like a pipe.
     pub(super) async fn read(&mut self, handle: &Handle, size: u32, pid: u32) -> Result<Vec<u8>> {
-        if let Some(e) = &self.refused {
-            return Err(e.clone());
-        }
-        if self.run.is_none() && !self.script.is_empty() {
-            self.start(handle, pid).await?;
-        }
-        let Some(run) = self.run.clone() else {
+        self.start(handle, pid).await?;
+        let Phase::Started { run, pos } = &mut self.phase else {
             return Ok(Vec::new());
         };
-        let data = read_run(&run, RunStream::Output, self.pos, size, pid).await?;
-        self.pos += data.len() as u64;
+        let data = read_run(run, RunStream::Output, *pos, size, pid).await?;
+        *pos += data.len() as u64;
         Ok(data)
     }
 
@@ -94,7 +107,7 @@ impl ExecTx {
         data: &[u8],
         pid: u32,
     ) -> Result<()> {
-        if self.run.is_some() {
+        if let Phase::Started { .. } = self.phase {
             return Err(Error::busy(
                 "this exec descriptor already ran its command; open exec again",
             ));
@@ -108,98 +121,121 @@ impl ExecTx {
                 ),
             ));
         }
-        if let Some(e) = &self.refused {
-            return Err(e.clone());
-        }
+        let script = match &mut self.phase {
+            Phase::Refused(e) => return Err(e.clone()),
+            Phase::Started { .. } => return Ok(()),
+            Phase::Writing(script) => script,
+        };
         self.writers.note(pid);
-        match self.accept(handle, data) {
+        match accept(&self.vm, script, handle, data) {
             Ok(()) => {
                 self.next_offset = Some(offset + data.len() as u64);
                 Ok(())
             }
-            Err(e) => {
-                // All or nothing: a refused script never runs.
-                self.refuse(handle, Some(e.clone()));
-                Err(self.refused.clone().unwrap_or(e))
-            }
+            // All or nothing: a refused script never runs.
+            Err(e) => Err(self.refuse(handle, e)),
         }
     }
 
-    /// Take one write of the script. It must fit the script cap, the writer's buffers
-    /// and the VM owner's running commands (and, once the options line is complete
-    /// and asks for a terminal, its cells); a bad options line is refused as soon as
-    /// it is complete, so the `write(2)` that completed it fails (a shell ignores
-    /// `close`).
-    fn accept(&mut self, handle: &Handle, data: &[u8]) -> Result<()> {
-        if self.script.len() + data.len() > MAX_SCRIPT {
-            return Err(Error::new(
-                libc::E2BIG,
-                format!("the script is longer than {MAX_SCRIPT} bytes; nothing was run"),
-            ));
-        }
-        if self.run_hold.is_none() {
-            self.run_hold = Some(self.vm.hold_run(0)?);
-        }
-        self.script.extend_from_slice(data);
-        handle.hold_bytes(self.script.capacity())?;
-        if !self.first_line_checked {
-            if let Some(opts) = crate::manager::execopts::check_first_line(&self.script)? {
-                self.first_line_checked = true;
-                if let (Some(size), Some(hold)) = (opts.tty, &self.run_hold) {
-                    hold.resize(Amounts::run(crate::manager::terminal::cells(size)))?;
-                }
-            }
-        }
-        Ok(())
+    /// The journal of this descriptor's outcome (`cat <vm>/ctl` of its session).
+    fn journal(&self) -> Journal {
+        journal(&self.vm, self.session)
     }
 
-    /// The script will never run: drop it and what it held; with an error, `cat
-    /// <vm>/ctl` says why (and later writes, reads and `close` fail with it).
-    fn refuse(&mut self, handle: &Handle, e: Option<Error>) {
-        self.script = Vec::new();
-        self.run_hold = None;
+    /// The script will never run: drop it and what it held; `cat <vm>/ctl` says why
+    /// (and later writes, reads and `close` fail with it). Returns the error.
+    fn refuse(&mut self, handle: &Handle, e: Error) -> Error {
+        // Shrinking what is held cannot fail.
         let _ = handle.hold_bytes(0);
-        if let Some(e) = e {
-            self.refused = Some(self.vm.exec_failed(self.session, e));
+        let e = self.journal().refuse(self.vm.exec_failed(self.session, e));
+        // Drops the script and the command it held.
+        self.phase = Phase::Refused(e.clone());
+        e
+    }
+
+    /// The script written so far, taken to start it: `None` unless the descriptor is
+    /// writing a non-empty script (the one place that check is made). What the script
+    /// held of the writer's buffers goes back (the run keeps it on disk).
+    fn take_script(&mut self, handle: &Handle) -> Option<(Vec<u8>, Option<Reservation>)> {
+        match &mut self.phase {
+            Phase::Writing(script) if !script.bytes.is_empty() => {
+                let script = std::mem::take(script);
+                // Shrinking what is held cannot fail.
+                let _ = handle.hold_bytes(0);
+                Some((script.bytes, script.hold))
+            }
+            _ => None,
         }
     }
 
-    /// Start the script with the command it holds; the script's bytes go back to the
-    /// writer's buffers (the run keeps it on disk).
+    /// Start the written script, if there is one, with the command it holds, waiting
+    /// for the guest to start it (the caller `pid` may be interrupted: see
+    /// [`start_run`]). The outcome lands in `cat <vm>/ctl` when it fails.
     async fn start(&mut self, handle: &Handle, pid: u32) -> Result<()> {
-        let script = std::mem::take(&mut self.script);
-        let hold = self.run_hold.take();
-        let _ = handle.hold_bytes(0);
-        self.run = Some(start_run(&self.vm, script, self.session, hold, pid).await?);
+        if let Phase::Refused(e) = &self.phase {
+            return Err(e.clone());
+        }
+        let Some((script, hold)) = self.take_script(handle) else {
+            return Ok(());
+        };
+        let journal = self.journal();
+        let started = start_run(&journal, &self.vm, script, self.session, hold, pid).await;
+        let run = journal.finish(started)?;
+        self.phase = Phase::Started { run, pos: 0 };
         Ok(())
     }
 
     /// `fsync`: the errno the close of a refused or lost command reports.
     pub(super) fn fsync(&self) -> Result<()> {
-        if let Some(e) = &self.refused {
-            return Err(e.clone());
-        }
-        match self.run.as_ref().and_then(|r| r.failure()) {
-            Some(e) => Err(e),
-            None => Ok(()),
+        match &self.phase {
+            Phase::Refused(e) => Err(e.clone()),
+            Phase::Started { run, .. } => run.failure().map_or(Ok(()), Err),
+            Phase::Writing(_) => Ok(()),
         }
     }
 
-    /// The last close: a script never flushed still runs (unless it was refused).
-    pub(super) fn release(&mut self) {
-        if self.run.is_some() || self.script.is_empty() || self.refused.is_some() {
+    /// The last close: a script never flushed still runs (unless it was refused), in
+    /// a task of its own (nobody waits for it).
+    pub(super) fn release(&mut self, handle: &Handle) {
+        let Some((script, hold)) = self.take_script(handle) else {
             return;
-        }
-        let script = std::mem::take(&mut self.script);
-        let hold = self.run_hold.take();
+        };
         let vm = self.vm.clone();
         let session = self.session;
         tokio::spawn(async move {
-            if let Err(e) = vm.start_run_held(script, session, hold).await {
+            let started = vm.start_run_held(script, session, hold).await;
+            if let Err(e) = journal(&vm, session).finish(started) {
                 tracing::warn!(vm = %vm.name, "exec on release failed: {e}");
             }
         });
     }
+}
+
+/// Take one write of the script. It must fit the script cap, the writer's buffers and
+/// the VM owner's running commands (and, once the options line is complete and asks
+/// for a terminal, its cells); a bad options line is refused as soon as it is
+/// complete, so the `write(2)` that completed it fails (a shell ignores `close`).
+fn accept(vm: &Vm, script: &mut Script, handle: &Handle, data: &[u8]) -> Result<()> {
+    if script.bytes.len() + data.len() > MAX_SCRIPT {
+        return Err(Error::new(
+            libc::E2BIG,
+            format!("the script is longer than {MAX_SCRIPT} bytes; nothing was run"),
+        ));
+    }
+    if script.hold.is_none() {
+        script.hold = Some(vm.hold_run(0)?);
+    }
+    script.bytes.extend_from_slice(data);
+    handle.hold_bytes(script.bytes.capacity())?;
+    if !script.first_line_checked {
+        if let Some(opts) = crate::manager::execopts::check_first_line(&script.bytes)? {
+            script.first_line_checked = true;
+            if let (Some(size), Some(hold)) = (opts.tty, &script.hold) {
+                hold.resize(Amounts::run(crate::manager::terminal::cells(size)))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `close()` of an exec descriptor: starts the script when the closing process wrote
@@ -211,29 +247,27 @@ pub(super) async fn flush(
     caller: Caller,
 ) -> Result<()> {
     let mut tx = tx.lock().await;
-    if let Some(e) = &tx.refused {
-        return Err(e.clone());
-    }
-    if tx.run.is_none() && !tx.script.is_empty() {
+    if matches!(&tx.phase, Phase::Writing(s) if !s.bytes.is_empty()) {
         if !tx.writers.includes(caller.pid) {
             // Another process's copy of the descriptor (e.g. a child of the writing
             // shell) closed: the writer may not be done yet.
             return Ok(());
         }
         if crate::interrupt::killed_by_signal(caller.pid) {
-            tx.refuse(handle, None);
-            tx.refused = Some(Error::new(
+            let e = Error::new(
                 libc::EINTR,
                 "the writer was killed before it closed exec; the script was not run",
-            ));
+            );
+            // The writer is being killed: nobody sees this close's errno.
+            drop(tx.refuse(handle, e));
             return Ok(());
         }
-        tx.start(handle, caller.pid).await?;
     }
+    tx.start(handle, caller.pid).await?;
     // Only a write-only descriptor's close waits for its command (and not for a
     // terminal run, or with `wait=0`: see `execopts`).
-    let run = match (&tx.run, tx.write_only) {
-        (Some(run), true) if run.waits => run.clone(),
+    let run = match (&tx.phase, tx.write_only) {
+        (Phase::Started { run, .. }, true) if run.waits => run.clone(),
         _ => return Ok(()),
     };
     drop(tx);
@@ -244,19 +278,24 @@ pub(super) async fn flush(
     .await;
     if let Err(e) = &waited {
         if e.errno == libc::EINTR {
+            // Best effort, like a terminal's Ctrl-C: the run may have ended.
             let _ = run.signal(libc::SIGINT).await;
         }
     }
     waited?;
-    match run.failure() {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    run.failure().map_or(Ok(()), Err)
+}
+
+/// The journal of an exec's outcome in `cat <vm>/ctl` of `session`.
+fn journal(vm: &Arc<Vm>, session: u32) -> Journal {
+    Journal::new(Scope::Vm(vm.clone()), session, Some("exec".to_string()))
 }
 
 /// Start `script` as a run; the starting process may be interrupted (EINTR at once),
-/// in which case the command, once started, gets SIGINT as if typed Ctrl-C.
+/// in which case the command, once started, gets SIGINT as if typed Ctrl-C, and a
+/// late failure lands in `journal`.
 async fn start_run(
+    journal: &Journal,
     vm: &Arc<Vm>,
     script: Vec<u8>,
     session: u32,
@@ -264,17 +303,15 @@ async fn start_run(
     pid: u32,
 ) -> Result<Arc<Run>> {
     let v = vm.clone();
-    let started = crate::interrupt::detachable(
-        pid,
-        async move { v.start_run_held(script, session, hold).await },
-        |res: Result<Arc<Run>>| {
-            if let Ok(run) = res {
-                tokio::spawn(async move {
-                    let _ = run.signal(libc::SIGINT).await;
-                });
-            }
-        },
-    )
-    .await?;
-    started
+    let op = async move { v.start_run_held(script, session, hold).await };
+    let late = |res: &Result<Arc<Run>>| {
+        if let Ok(run) = res {
+            let run = run.clone();
+            tokio::spawn(async move {
+                // Best effort, like a terminal's Ctrl-C: the run may have ended.
+                let _ = run.signal(libc::SIGINT).await;
+            });
+        }
+    };
+    journal.detach_with(pid, op, late).await
 }

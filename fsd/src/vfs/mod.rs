@@ -6,7 +6,10 @@
 //!
 //! Parts:
 //! - [`tree`]: which nodes exist, their inode numbers and attributes.
-//! - [`files`]: open files (ctl line assembly, the exec transaction, streams, logs).
+//! - [`files`]: open files (streams, logs, generated content) and their dispatch;
+//!   [`ctlfile`]: control files (lines parsed into commands); [`exec`]: the exec
+//!   transaction; [`streams`]: a command's output, input and terminal.
+//! - [`journal`]: the one path by which outcomes reach `cat ctl`.
 //! - [`policy`]: ownership checks and the errno of each operation the tree lacks.
 //! - [`rootops`]: root `mkdir`/`rmdir` in flight (defers root-name invalidations).
 //!
@@ -15,12 +18,17 @@
 //!   own; no fuser or wire type crosses this boundary.
 //! - Nothing here blocks a caller's thread on a guest or a VMM: anything that may wait
 //!   is an `async fn` or a [`Pending`] future the adapter runs in a task.
-//! - A failed `mkdir`/`rmdir` in the root, `images/` or `snapshots/` is also recorded as
-//!   the caller session's `ctl` result (`cat ctl` says why).
+//! - Every `mkdir`/`rmdir` of the control tree that fails, is refused or is abandoned
+//!   (interrupted) is recorded as the caller session's root `ctl` result through a
+//!   [`journal::Journal`] (`cat ctl` says why, or `ok: rmdir NAME` once an abandoned one
+//!   ended well).
+pub mod ctlfile;
 pub mod exec;
 pub mod files;
+pub mod journal;
 pub mod policy;
 pub mod rootops;
+pub mod streams;
 pub mod tree;
 
 use std::ffi::OsStr;
@@ -29,9 +37,10 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::guestfs::{Target, FS_INO_BASE};
-use crate::manager::Manager;
+use crate::manager::{Manager, ManagerApi};
 use files::Files;
 pub use files::{Caller, OpenMode};
+use journal::{Journal, Report, Scope};
 pub use tree::{session_of, Attr, Kind, ROOT_INO};
 use tree::{Node, Tree};
 
@@ -81,6 +90,16 @@ fn name_str(name: &OsStr) -> Result<&str> {
     name.to_str()
         .ok_or_else(|| Error::invalid("names in the control tree are UTF-8"))
 }
+
+/// What an admitted `rmdir` removes.
+enum Removal {
+    Image(String),
+    Snapshot(String),
+    Vm(String),
+}
+
+/// A `mkdir`'s success shows nothing in `cat ctl` (unless it came late).
+impl Report for Entry {}
 
 /// The control tree over a manager.
 pub struct Vfs {
@@ -225,77 +244,100 @@ impl Vfs {
         self.tree().check(&self.node(ino)?)
     }
 
+    /// A journal of the caller's root `ctl` result for the operation `what`.
+    fn journal(&self, c: Caller, what: String) -> Journal {
+        let mgr = self.mgr().clone() as Arc<dyn ManagerApi>;
+        Journal::new(Scope::Root(mgr), c.session, Some(what))
+    }
+
     /// `mkdir NAME` in the root creates and boots a VM. The checks answer at once; the
-    /// boot is the returned future. Interruptible: the boot goes on, and its failure
-    /// lands in the caller's `ctl` result.
+    /// boot is the returned future. Interruptible: the boot goes on, and its outcome
+    /// lands in the caller's `ctl` result, like every refusal and failure.
     pub fn mkdir(self: &Arc<Self>, parent: u64, name: &OsStr, c: Caller) -> Result<Pending<Entry>> {
-        if self.node(parent)? != Node::Root {
-            return Err(policy::mkdir_outside_root());
-        }
-        let name = name_str(name)?.to_string();
+        let journal = self.journal(c, format!("mkdir {}", name.to_string_lossy()));
+        let checked = self.node(parent).and_then(|p| {
+            if p != Node::Root {
+                return Err(policy::mkdir_outside_root());
+            }
+            name_str(name)
+        });
+        let name = match checked {
+            Ok(name) => name.to_string(),
+            Err(e) => return Err(journal.refuse(e)),
+        };
         let busy = self.files.root_ops.begin();
         let vfs = self.clone();
         Ok(Box::pin(async move {
             let _busy = busy;
-            let mgr = vfs.mgr().clone();
-            let (m, n) = (mgr.clone(), name.clone());
-            let boot = async move { m.create(&n, &[], c.uid, c.gid).await };
-            let (m, n) = (mgr.clone(), name.clone());
-            let abandoned = move |res: Result<_>| {
-                if let Err(e) = res {
-                    let e = e.with_context(&format!("mkdir {n}"));
-                    let _ = m.ctl_results().record(c.session, Err(e));
-                }
-            };
-            let res = crate::interrupt::detachable(c.pid, boot, abandoned)
-                .await
-                .and_then(|r| r);
-            match res {
-                Ok(vm) => Ok(Entry {
+            let m = vfs.mgr().clone();
+            let boot = m.create(name, c.uid, c.gid);
+            let res = journal.detach(c.pid, boot).await.and_then(|vm| {
+                Ok(Entry {
                     attr: vfs.tree().attr(&Node::Vm(vm.id.clone()))?,
                     attr_ttl: TTL,
                     entry_ttl: TTL,
-                }),
-                Err(e) => {
-                    let e = e.with_context(&format!("mkdir {name}"));
-                    let _ = mgr.ctl_results().record(c.session, Err(e.clone()));
-                    Err(e)
-                }
-            }
+                })
+            });
+            journal.finish(res)
         }))
     }
 
     /// `rmdir`: a VM (stop and delete it), an image or a snapshot, by its owner or
-    /// root. The checks answer at once; the deletion is the returned future.
+    /// root. The checks answer at once; the deletion is the returned future. Every
+    /// refusal and failure, and the outcome of an interrupted deletion, lands in the
+    /// caller's `ctl` result.
     pub fn rmdir(&self, parent: u64, name: &OsStr, c: Caller) -> Result<Pending<()>> {
-        let parent = self.node(parent)?;
-        let name = name_str(name)?.to_string();
+        let shown = name.to_string_lossy();
+        let (journal, checked) = match self.node(parent) {
+            Ok(Node::Images) => (
+                self.journal(c, format!("rmdir images/{shown}")),
+                self.rmdir_checks(&Node::Images, name, c),
+            ),
+            Ok(Node::Snapshots) => (
+                self.journal(c, format!("rmdir snapshots/{shown}")),
+                self.rmdir_checks(&Node::Snapshots, name, c),
+            ),
+            other => (
+                self.journal(c, format!("rmdir {shown}")),
+                other.and_then(|p| self.rmdir_checks(&p, name, c)),
+            ),
+        };
+        let removal = match checked {
+            Ok(removal) => removal,
+            Err(e) => return Err(journal.refuse(e)),
+        };
         let mgr = self.mgr().clone();
+        let busy = matches!(removal, Removal::Vm(_)).then(|| self.files.root_ops.begin());
+        Ok(Box::pin(async move {
+            let _busy = busy;
+            let res = match removal {
+                Removal::Image(name) => mgr.remove_image(&name),
+                Removal::Snapshot(name) => journal.detach(c.pid, mgr.delete_snapshot(name)).await,
+                Removal::Vm(name) => journal.detach(c.pid, mgr.delete(name)).await,
+            };
+            journal.finish(res)
+        }))
+    }
+
+    /// What an `rmdir` of `name` in `parent` would remove, if the caller may.
+    fn rmdir_checks(&self, parent: &Node, name: &OsStr, c: Caller) -> Result<Removal> {
+        let name = name_str(name)?.to_string();
+        let mgr = self.mgr();
         match parent {
             Node::Root => {}
             Node::Images => {
-                let res = if mgr.images().contains(&name) {
-                    policy::may_remove(c.uid, mgr.image_owner(&name), &format!("image {name}"))
-                        .and_then(|()| mgr.remove_image(&name))
-                } else {
-                    Err(Error::not_found(format!("no image {name:?}")))
-                };
-                if let Err(e) = &res {
-                    let _ = mgr.ctl_results().record(c.session, Err(e.clone()));
+                if !mgr.images().contains(&name) {
+                    return Err(Error::not_found(format!("no image {name:?}")));
                 }
-                return Ok(Box::pin(std::future::ready(res)));
+                policy::may_remove(c.uid, mgr.image_owner(&name), &format!("image {name}"))?;
+                return Ok(Removal::Image(name));
             }
             Node::Snapshots => {
                 let Some((owner, _)) = mgr.snapshot_owner(&name) else {
                     return Err(Error::not_found(format!("no snapshot {name:?}")));
                 };
                 policy::may_remove(c.uid, owner, &format!("snapshot {name}"))?;
-                return Ok(Box::pin(async move {
-                    let delete = async move { mgr.delete_snapshot(&name).await };
-                    crate::interrupt::detachable(c.pid, delete, drop)
-                        .await
-                        .and_then(|r| r)
-                }));
+                return Ok(Removal::Snapshot(name));
             }
             Node::Runs(_) => return Err(policy::rmdir_run()),
             _ => return Err(Error::new(libc::ENOTDIR, "not a directory")),
@@ -308,14 +350,7 @@ impl Vfs {
             });
         };
         policy::may_remove(c.uid, vm.uid, &format!("VM {name}"))?;
-        let busy = self.files.root_ops.begin();
-        Ok(Box::pin(async move {
-            let _busy = busy;
-            let delete = async move { mgr.delete(&name).await };
-            crate::interrupt::detachable(c.pid, delete, drop)
-                .await
-                .and_then(|r| r)
-        }))
+        Ok(Removal::Vm(name))
     }
 
     /// Open a control file; `read`/`write` say what the open flags ask for.

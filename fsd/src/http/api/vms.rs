@@ -1,6 +1,8 @@
 //! VMs: list, create, info, state, delete, and the lines of `<vm>/ctl` and the root
 //! `ctl` (pause, resume, stop, start, kill, restart, snapshot; create, clone, import,
 //! pull, build).
+use crate::manager::ctl;
+use crate::vfs::journal::{Journal, Scope};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -186,10 +188,15 @@ pub async fn ctl(
     let vm = vm_for(&api, p.uid, &name)?;
     one_line(&line.command)?;
     let mgr = api.mgr.clone();
-    let session = p.caller().session;
+    let c = p.caller();
     let result = detached(async move {
-        let res = mgr.vm_ctl(&vm, &line.command).await;
-        vm.ctl_results().record(session, res)
+        // The tree's own path: parsed once, one dispatch, recorded for `cat <vm>/ctl`.
+        let journal = Journal::new(Scope::Vm(vm.clone()), c.session, None);
+        let res = match ctl::parse(&ctl::Target::Vm(vm), &line.command) {
+            Ok(cmd) => mgr.execute(cmd, c.uid, c.gid).await,
+            Err(e) => Err(e),
+        };
+        journal.finish(res)
     })
     .await?;
     Ok(Json(CtlResult { result }))
@@ -214,8 +221,12 @@ pub async fn global_ctl(
     let mgr = api.mgr.clone();
     let c = p.caller();
     let result = detached(async move {
-        let res = mgr.global_ctl(&line.command, c.uid, c.gid).await;
-        mgr.ctl_results().record(c.session, res)
+        let journal = Journal::new(Scope::Root(mgr.clone()), c.session, None);
+        let res = match ctl::parse(&ctl::Target::Root, &line.command) {
+            Ok(cmd) => mgr.execute(cmd, c.uid, c.gid).await,
+            Err(e) => Err(e),
+        };
+        journal.finish(res)
     })
     .await?;
     Ok(Json(CtlResult { result }))
