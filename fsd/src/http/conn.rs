@@ -5,9 +5,10 @@
 //! Invariants (slow and hostile clients):
 //! - a request head must arrive within [`HEAD_TIMEOUT`] and fit in [`MAX_HEAD`] bytes
 //!   (slowloris, huge headers); body frames must keep coming ([`super::BODY_FRAME_TIMEOUT`]);
-//! - at most [`MAX_CONNECTIONS`] connections are served at once; beyond that a
-//!   connection is answered 503 and closed, so memory stays bounded whatever the
-//!   number of clients;
+//! - at most [`MAX_CONNECTIONS`] connections are served at once, and at most
+//!   [`super::perclient::MAX_PER_CLIENT`] per Unix user or TCP address; beyond that a connection is
+//!   answered 503 and closed, so memory stays bounded whatever the number of clients
+//!   and one client cannot lock the others out;
 //! - a TLS handshake has the same deadline as a request head.
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -22,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 
 use super::handoff::{Header, Listener};
+use super::perclient::Client;
 use super::Api;
 
 /// Time allowed for a request's head (and for a TLS handshake).
@@ -30,6 +32,9 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 256;
+
+/// The answer to a client over [`super::perclient::MAX_PER_CLIENT`].
+const PER_CLIENT_FULL: &str = "too many connections from this user or address; retry shortly";
 
 /// Where a connection came from.
 #[derive(Debug, Clone)]
@@ -105,6 +110,10 @@ pub async fn serve_handed(api: Arc<Api>, header: Header, fd: OwnedFd) {
                 tracing::warn!("http: no peer credentials on a Unix connection");
                 return;
             };
+            let Some(_slot) = api.per_client.acquire(Client::Uid(cred.uid())) else {
+                super::unavailable::serve(stream, PER_CLIENT_FULL).await;
+                return;
+            };
             let conn = Conn {
                 peer: Peer::Unix {
                     uid: cred.uid(),
@@ -125,6 +134,13 @@ pub async fn serve_handed(api: Arc<Api>, header: Header, fd: OwnedFd) {
                 return;
             };
             let Ok(addr) = stream.peer_addr() else { return };
+            // Counted before the TLS handshake: half-open handshakes count too.
+            let Some(_slot) = api.per_client.acquire(Client::Addr(addr.ip())) else {
+                if header.tls.is_none() {
+                    super::unavailable::serve(stream, PER_CLIENT_FULL).await;
+                }
+                return;
+            };
             let _ = stream.set_nodelay(true);
             let conn = Conn {
                 peer: Peer::Tcp { addr },

@@ -30,6 +30,7 @@ pub mod handoff;
 pub mod keys;
 pub mod openapi;
 pub mod origin;
+pub mod perclient;
 pub mod ratelimit;
 pub mod terminal;
 pub mod tls;
@@ -68,6 +69,8 @@ pub struct Api {
     /// This host's name in a multi-host deployment (docs/scale-out.md).
     pub node: String,
     pub connections: Arc<Semaphore>,
+    /// Connections per user (socket) or address (TCP).
+    pub per_client: perclient::PerClient,
     pub tls: tls::Acceptors,
     /// Largest file upload (`PUT .../fs/...`).
     pub upload_cap: u64,
@@ -109,6 +112,7 @@ impl Api {
             failures: Default::default(),
             node: node_name(),
             connections: Arc::new(Semaphore::new(conn::MAX_CONNECTIONS)),
+            per_client: Default::default(),
             tls: Default::default(),
             upload_cap: UPLOAD_CAP,
             router: Default::default(),

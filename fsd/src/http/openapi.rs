@@ -1,6 +1,7 @@
 //! The OpenAPI document, generated from the handlers' annotations (utoipa) and served
 //! at `/v1/openapi.json`. `docs/openapi.json` is a checked-in copy; the test
-//! `openapi_document_matches_docs` fails when they differ and says how to refresh it.
+//! `openapi_document_matches_docs` (fsd/tests/http_api.rs) fails when they differ and
+//! says how to refresh it.
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -76,23 +77,4 @@ pub async fn serve(State(api): State<Arc<Api>>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "application/json")],
         api.openapi_json().to_string(),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    /// The checked-in copy must be what the code generates.
-    #[test]
-    fn openapi_document_matches_docs() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
-        let generated = super::json();
-        if std::env::var_os("BANDSOX_WRITE_OPENAPI").is_some() {
-            std::fs::write(path, &generated).unwrap();
-        }
-        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            checked_in == generated,
-            "docs/openapi.json differs from the API the code serves; refresh it with \
-             BANDSOX_WRITE_OPENAPI=1 cargo test -p bandsox-fsd --lib openapi_document_matches_docs"
-        );
-    }
 }

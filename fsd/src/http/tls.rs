@@ -27,7 +27,9 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
             )
         })
     };
-    let certs: Vec<_> = rustls_pemfile::certs(&mut read(cert)?.as_slice())
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&read(cert)?)
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| Error::invalid(format!("{}: {e}", cert.display())))?;
     if certs.is_empty() {
@@ -36,9 +38,8 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
             cert.display()
         )));
     }
-    let key_der = rustls_pemfile::private_key(&mut read(key)?.as_slice())
-        .map_err(|e| Error::invalid(format!("{}: {e}", key.display())))?
-        .ok_or_else(|| Error::invalid(format!("{}: no private key in it", key.display())))?;
+    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?)
+        .map_err(|e| Error::invalid(format!("{}: no private key in it ({e})", key.display())))?;
     // ring, not aws-lc-rs: aws-lc-rs needs cmake and a C toolchain at build time. ring's
     // provider is deprecated only for lacking post-quantum key exchange.
     #[allow(deprecated)]

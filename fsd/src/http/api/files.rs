@@ -120,13 +120,27 @@ fn stat_view(name: &[u8], a: &Attr) -> StatView {
     }
 }
 
+/// A query flag: `true`/`1`/empty (`?stat`) or `false`/`0`.
+fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.as_str() {
+        "" | "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(serde::de::Error::custom(format!(
+            "{s:?}: expected true, false, 1 or 0"
+        ))),
+    }
+}
+
 #[derive(Debug, Default, Deserialize, IntoParams)]
 pub struct GetQuery {
-    /// Answer the entry's attributes as JSON instead of its content.
-    #[serde(default)]
+    /// Answer the entry's attributes as JSON instead of its content (`true` or `1`).
+    #[serde(default, deserialize_with = "flag")]
+    #[param(value_type = bool)]
     pub stat: bool,
     /// With `stat`: do not follow a final symlink (`lstat`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flag")]
+    #[param(value_type = bool)]
     pub nofollow: bool,
 }
 
