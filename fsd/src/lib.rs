@@ -34,6 +34,7 @@ pub mod limits;
 pub mod lines;
 pub mod logcap;
 pub mod manager;
+pub mod mcp;
 pub mod memtrim;
 pub mod names;
 pub mod net;

@@ -32,8 +32,10 @@ pub mod openapi;
 pub mod origin;
 pub mod perclient;
 pub mod ratelimit;
+pub mod terminal;
 pub mod tls;
 pub mod unavailable;
+pub mod wsauth;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -100,12 +102,13 @@ impl Api {
         let keys = Arc::new(keys::KeyStore::open(mgr.layout.root())?);
         let bearer: Arc<dyn auth::CredentialKind> = Arc::new(auth::BearerKeys(keys.clone()));
         let node = node_name(mgr.settings.node.as_deref());
+        let ws: Arc<dyn auth::CredentialKind> = Arc::new(wsauth::ProtocolKeys(keys.clone()));
         Ok(Arc::new(Api {
             mgr,
             vfs,
             guest,
             keys,
-            credentials: Arc::new(vec![bearer]),
+            credentials: Arc::new(vec![bearer, ws]),
             failures: Default::default(),
             node,
             connections: Arc::new(Semaphore::new(conn::MAX_CONNECTIONS)),
@@ -132,6 +135,7 @@ impl Api {
 
 fn build_router(api: Arc<Api>) -> Router {
     let protected = api::routes()
+        .nest_service("/v1/mcp", crate::mcp::service(api.clone()))
         .route_layer(from_fn_with_state(api.clone(), auth::authenticate))
         .with_state(api.clone());
     let public = Router::new()

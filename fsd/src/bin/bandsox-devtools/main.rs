@@ -8,6 +8,8 @@
 //!   agent's first answer (the boot benchmark's baseline).
 //! - `fsbench OP...`: the agent's raw file calls on a VM booted the same way (or a
 //!   host-mode agent), one `ok: ...` line per operation.
+//! - `mcp --socket SOCK STEP...`: an MCP client of `/v1/mcp` (tests).
+//! - `wsterm URL STEP...`: a WebSocket client of the web terminal (tests, benchmarks).
 use bandsox_fsd::settings::Settings;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +20,8 @@ mod boot;
 mod fsbench;
 mod fslat;
 mod fsx;
+mod mcp;
+mod wsterm;
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +71,31 @@ enum Cmd {
         host_agent: Option<PathBuf>,
         #[arg(required = true)]
         ops: Vec<String>,
+    },
+    /// An MCP client of /v1/mcp over the API's Unix socket: `tools` lists the tools,
+    /// `TOOL=JSON` calls one (prints `ok: TEXT` or `error: TEXT`).
+    Mcp {
+        #[arg(long)]
+        socket: String,
+        /// Deadline of each step, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        steps: Vec<String>,
+    },
+    /// A web terminal client: `send=TEXT`, `resize=COLSxROWS`, `expect=TEXT`, `exit`
+    /// steps over a WebSocket (see wsterm.rs).
+    Wsterm {
+        url: String,
+        /// An API key (sent in Sec-WebSocket-Protocol).
+        #[arg(long, env = "BANDSOX_KEY")]
+        key: Option<String>,
+        /// An Origin header to send.
+        #[arg(long)]
+        origin: Option<String>,
+        /// Deadline of the whole session, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        steps: Vec<String>,
     },
 }
 
@@ -148,6 +177,32 @@ fn main() -> ExitCode {
             bandsox_fsd::daemon::init_logging(&settings, Some("warn"));
             fsbench(state_dir, host_agent, &ops, &settings)
         }
+        Cmd::Mcp {
+            socket,
+            timeout,
+            steps,
+        } => runtime().and_then(|rt| {
+            rt.block_on(mcp::run(
+                &socket,
+                std::time::Duration::from_secs(timeout),
+                &steps,
+            ))
+        }),
+        Cmd::Wsterm {
+            url,
+            key,
+            origin,
+            timeout,
+            steps,
+        } => runtime().and_then(|rt| {
+            rt.block_on(wsterm::run(wsterm::Options {
+                url,
+                key,
+                origin,
+                timeout: std::time::Duration::from_secs(timeout),
+                steps,
+            }))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

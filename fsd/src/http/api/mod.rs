@@ -67,6 +67,14 @@ pub fn routes() -> Router<Arc<Api>> {
                 .post(files::post)
                 .delete(files::delete),
         )
+        .route(
+            "/v1/vms/{name}/terminal",
+            axum::routing::get(super::terminal::new_run),
+        )
+        .route(
+            "/v1/vms/{name}/runs/{n}/terminal",
+            axum::routing::get(super::terminal::attach),
+        )
         .route("/v1/vms/{name}/fs", axum::routing::get(files::get_root))
         .route("/v1/vms/{name}/fs/", axum::routing::get(files::get_root))
 }

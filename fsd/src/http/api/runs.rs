@@ -60,7 +60,7 @@ fn view(run: &Run) -> RunView {
 }
 
 /// Run `n` of `vm` (`main`: the image entrypoint's run; `last`: the caller's last).
-fn run_of(vm: &Vm, n: &str, p: &Principal) -> ApiResult<Arc<Run>> {
+pub fn run_of(vm: &Vm, n: &str, p: &Principal) -> ApiResult<Arc<Run>> {
     let missing = || Error::not_found(format!("no run {n:?}"));
     let num = match n {
         "main" => vm.main_run().ok_or_else(missing)?,
