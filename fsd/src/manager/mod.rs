@@ -433,6 +433,7 @@ impl Manager {
             boot_ms: None,
             desired: Desired::Running,
             phase: Default::default(),
+            template: false,
         };
         let vm = Vm::new(
             record,

@@ -105,7 +105,14 @@ pub struct VmRecord {
     /// How far the last start got (see [`Phase`]); records of older daemons have none.
     #[serde(default)]
     pub phase: Phase,
+    /// A pool's template being built: its RAM is the shared file [`TEMPLATE_MEMORY`] in
+    /// the VM directory (see `crate::pool`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub template: bool,
 }
+
+/// The file a template VM's RAM lives in (in its directory).
+pub const TEMPLATE_MEMORY: &str = "mem.ram";
 
 /// Kernel and initramfs every VM boots.
 #[derive(Debug, Clone)]
@@ -276,6 +283,7 @@ impl Vm {
             kernel: self.boot_files.kernel.clone(),
             initrd: self.boot_files.initrd.clone(),
             net: crate::net::plan(rec.config.net, &self.id, rec.net_slot)?,
+            memory_file: rec.template.then(|| self.dir.join(TEMPLATE_MEMORY)),
         })
     }
 

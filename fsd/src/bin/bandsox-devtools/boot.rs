@@ -75,6 +75,7 @@ async fn boot_in(layout: &Layout, dir: &Path) -> Result<Booted, String> {
         kernel: layout.kernel(),
         initrd: layout.initrd(),
         net: None,
+        memory_file: None,
     };
     let t0 = Instant::now();
     let inst = backend.launch(&spec).await.map_err(|e| e.to_string())?;
