@@ -31,6 +31,7 @@ pub mod manager;
 pub mod memtrim;
 pub mod names;
 pub mod net;
+pub mod pool;
 pub mod sessions;
 pub mod snapshots;
 pub mod testhook;

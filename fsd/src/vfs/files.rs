@@ -94,6 +94,14 @@ pub enum CtlTarget {
     /// A terminal run's `winsize`: lines are `COLSxROWS`.
     Winsize(Arc<Run>),
     Defaults,
+    /// `pools`: the lines of every write are gathered; a close that has lines makes
+    /// them the pools, and the last close of a descriptor opened for writing that never
+    /// applied any (`: > pools`) removes every pool.
+    Pools {
+        lines: parking_lot::Mutex<Vec<String>>,
+        write: bool,
+        applied: std::sync::atomic::AtomicBool,
+    },
 }
 
 /// An open `runs/<n>/terminal`: reads give a redraw of the screen as it was at the
@@ -253,6 +261,17 @@ impl Files {
         let (file, mode) = match node {
             Node::Ctl => (ctl(CtlTarget::Root), direct),
             Node::Defaults => (ctl(CtlTarget::Defaults), direct),
+            Node::Pools if write && caller.uid != 0 => {
+                return Err(Error::new(libc::EACCES, "only root configures pools"));
+            }
+            Node::Pools => (
+                ctl(CtlTarget::Pools {
+                    lines: Default::default(),
+                    write,
+                    applied: Default::default(),
+                }),
+                direct,
+            ),
             Node::Events => {
                 ro("events")?;
                 let f = crate::eventview::Filter::for_uid(caller.uid);
@@ -381,6 +400,11 @@ impl Files {
                     offset,
                     size,
                 )),
+                CtlTarget::Pools { .. } => Ok(slice_at(
+                    self.tree.mgr().pools_text().as_bytes(),
+                    offset,
+                    size,
+                )),
             },
             OpenFile::Stdin(_) => Ok(Vec::new()),
             OpenFile::Terminal(t) => read_terminal(t, &handle, size, caller.pid).await,
@@ -485,7 +509,10 @@ impl Files {
             CtlTarget::Vm(vm) => {
                 let _ = vm.ctl_results().record(session, Err(e.clone()));
             }
-            CtlTarget::Run(_) | CtlTarget::Winsize(_) | CtlTarget::Defaults => {}
+            CtlTarget::Run(_)
+            | CtlTarget::Winsize(_)
+            | CtlTarget::Defaults
+            | CtlTarget::Pools { .. } => {}
         }
         e
     }
@@ -539,12 +566,18 @@ impl Files {
                 CtlTarget::Run(_) => crate::ctl::parse_run(t).map(drop),
                 CtlTarget::Winsize(_) => crate::manager::execopts::parse_size(t).map(drop),
                 CtlTarget::Defaults => Ok(()),
+                CtlTarget::Pools { .. } => self.tree.mgr().check_pool_line(t),
             };
             if let Err(e) = parsed {
                 buf.abandon();
                 let e = in_context(i, e, false);
                 return Err(self.record(ctl, caller.session, e));
             }
+        }
+        if let CtlTarget::Pools { lines, .. } = &ctl.target {
+            // Applied at close (see `flush`), all lines together.
+            lines.lock().extend(texts.iter().map(|t| t.to_string()));
+            return Ok(());
         }
         if let CtlTarget::Defaults = ctl.target {
             // The lines of one write are merged together or not at all.
@@ -578,7 +611,7 @@ impl Files {
                         .await
                         .map(|()| String::new())
                 }
-                CtlTarget::Defaults => Ok(String::new()),
+                CtlTarget::Defaults | CtlTarget::Pools { .. } => Ok(String::new()),
             };
             match outcome {
                 Ok(msg) => {
@@ -644,7 +677,25 @@ impl Files {
     pub async fn flush(&self, fh: u64, caller: Caller) -> Result<()> {
         let handle = self.handle(fh)?;
         match &handle.file {
-            OpenFile::Ctl(ctl) => self.flush_ctl(ctl, caller).await,
+            OpenFile::Ctl(ctl) => {
+                self.flush_ctl(ctl, caller).await?;
+                match &ctl.target {
+                    CtlTarget::Pools {
+                        lines,
+                        write: true,
+                        applied,
+                    } => {
+                        // A close before any write (a shell's dup2) applies nothing.
+                        let lines = std::mem::take(&mut *lines.lock());
+                        if lines.is_empty() {
+                            return Ok(());
+                        }
+                        applied.store(true, std::sync::atomic::Ordering::SeqCst);
+                        self.tree.mgr().set_pools(&lines)
+                    }
+                    _ => Ok(()),
+                }
+            }
             OpenFile::Exec(tx) => super::exec::flush(tx, &handle, caller).await,
             _ => Ok(()),
         }
@@ -714,6 +765,19 @@ impl Files {
                             crate::lines::quote(&String::from_utf8_lossy(&line))
                         ));
                         let _ = self.record(ctl, ctl.session, e);
+                    }
+                }
+                if let CtlTarget::Pools {
+                    write: true,
+                    applied,
+                    ..
+                } = &ctl.target
+                {
+                    if !applied.load(std::sync::atomic::Ordering::SeqCst) {
+                        // Emptied: no pool remains (removal spawns nothing).
+                        if let Err(e) = self.tree.mgr().set_pools(&[]) {
+                            tracing::warn!("emptying pools failed: {e}");
+                        }
                     }
                 }
             }
