@@ -78,6 +78,19 @@ VMS="$VMS pc"
 grep ' pc created ' "$MNT/events" | has -v 'from pool' || fail "pc came from a pool"
 assert_contains "$(cat "$pools")" " hits=2 misses=0 "
 
+# A handed-out VM snapshots and clones like any VM (its RAM is a private mapping, so the
+# snapshot carries all of it; the clone gets anonymous memory).
+on_exit 'rmdir "$MNT/snapshots/pas" 2>/dev/null || true'
+echo 'echo from-pa > /root/mark' > "$MNT/pa/exec"
+echo 'snapshot pas' > "$MNT/pa/ctl" || fail "snapshot of pa: $(cat "$MNT/pa/ctl")"
+[ "$(stat -c %s "$STATE/snapshots/pas/state")" -gt 1000000 ] || fail "pas's state holds no RAM"
+echo 'clone pas pd' > "$MNT/ctl" || fail "clone pas: $(cat "$MNT/ctl")"
+VMS="$VMS pd"
+echo 'cat /root/mark; hostname' > "$MNT/pd/exec"
+assert_eq "from-pa
+pd" "$(cat "$MNT/pd/exec")" "clone of a handed-out VM"
+rmdir "$MNT/pd"; rmdir "$MNT/snapshots/pas"
+
 # Empty pools: the pools and their clones go; handed-out VMs stay.
 : > "$pools"
 assert_eq "" "$(cat "$pools")" "pools after emptying"

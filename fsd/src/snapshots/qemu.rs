@@ -62,10 +62,10 @@ pub async fn save(inst: &QemuInstance, dir: &Path) -> Result<SavedState, VmmErro
     let state = dir.join(STATE_FILE);
     // A template's RAM is a shared file: the stream leaves it out, and the snapshot
     // keeps a copy of the file (taken while the VM is paused) for clones to map.
+    // Always set: a clone of a template loaded its state with the capability on, and the
+    // stream records it, so its own snapshots must turn it off again.
     let shared = crate::vmm::qemu_memory::shared_memory_file(&args.argv);
-    if shared.is_some() {
-        set_ignore_shared(inst).await?;
-    }
+    set_ignore_shared(inst, shared.is_some()).await?;
     // No bandwidth cap: the VM is paused, so nothing competes with the copy.
     inst.qmp_execute(
         "migrate-set-parameters",
@@ -127,8 +127,8 @@ pub async fn save(inst: &QemuInstance, dir: &Path) -> Result<SavedState, VmmErro
 
 /// Migrate without the RAM blocks mapped shared from a file (`x-ignore-shared`), on
 /// both ends: the source leaves them out, the destination expects none.
-async fn set_ignore_shared(inst: &QemuInstance) -> Result<(), VmmError> {
-    let caps = json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
+async fn set_ignore_shared(inst: &QemuInstance, on: bool) -> Result<(), VmmError> {
+    let caps = json!({"capabilities": [{"capability": "x-ignore-shared", "state": on}]});
     inst.qmp_execute("migrate-set-capabilities", Some(caps), QMP_STEP)
         .await
         .map(drop)
@@ -241,7 +241,7 @@ pub async fn restore(
     crate::testhook::pause_at(crate::testhook::Point::CloneVmmStarted, &spec.name).await;
     let loaded = async {
         if memory.is_some() {
-            set_ignore_shared(&inst).await?;
+            set_ignore_shared(&inst, true).await?;
         }
         incoming(&inst, &state, spec.memory_mib.into()).await
     };

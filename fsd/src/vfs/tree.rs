@@ -166,6 +166,7 @@ BandSox-FS: microVMs as files.
 
   mkdir NAME                      create and boot a VM (options from `defaults`)
   echo 'create NAME vcpus=2 memory=512' > ctl
+  cat pools                       warm pools of ready clones (root writes them)
   echo 'uname -a' > NAME/exec; cat NAME/exec     run a command, read its output
   cat NAME/runs/last/status       exit code of your last command (or `running`)
   echo pause|resume|stop|start|kill|restart > NAME/ctl
