@@ -15,7 +15,7 @@ bench_mount
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 now_ms() { date +%s%3N; }
-pid_of() { sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$MNT/$1/info" | head -n1; }
+pid_of() { sed -n 's/.*"vmm_pid": *\([0-9]*\).*/\1/p' "$MNT/$1/info" | head -n1; }
 # mem_of VM...: "PSS_MiB RSS_MiB" summed over the VMs' VMM processes.
 mem_of() {
   for v in "$@"; do
