@@ -189,6 +189,8 @@ pub fn mount(opts: MountOptions) -> Result<(), String> {
     mgr.events
         .emit("", "daemon-start", &format!("pid={}", std::process::id()));
     rt.block_on(mgr.reload());
+    // Pools start after the VMs are known (their leftover clones are not VMs).
+    rt.block_on(async { mgr.start_pools() });
     {
         let _rt = rt.enter();
         let weak = Arc::downgrade(&mgr);

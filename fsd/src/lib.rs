@@ -38,6 +38,7 @@ pub mod mcp;
 pub mod memtrim;
 pub mod names;
 pub mod net;
+pub mod pool;
 pub mod sessions;
 pub mod settings;
 pub mod snapshots;

@@ -13,6 +13,7 @@ pub const RESERVED: &[&str] = &[
     "README",
     "ctl",
     "defaults",
+    "pools",
     "events",
     "usage",
     "images",

@@ -178,6 +178,7 @@ impl Fixture {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             net: slot.and_then(|s| net::plan(NetMode::Tap, id, Some(s), None).unwrap()),
+            memory_file: None,
         }
     }
 

@@ -32,6 +32,9 @@ pub enum Target {
     Winsize(Arc<Run>),
     /// `defaults`: `key=value` words (all the lines of one write are one command).
     Defaults,
+    /// `pools` (root): one pool per line, checked as written; an open file's lines
+    /// together become the pools at its close (`vfs::ctlfile`).
+    Pools,
 }
 
 /// One parsed line, bound to its target.
@@ -42,6 +45,8 @@ pub enum Command {
     Resize(Arc<Run>, TtySize),
     /// `key=value` words to merge into the defaults (checked when merged).
     Defaults(String),
+    /// One line of `pools`: executing it checks it (the pools change at close).
+    PoolLine(String),
 }
 
 /// Parse one line written to a control file of `target` (no side effects).
@@ -52,6 +57,7 @@ pub fn parse(target: &Target, line: &str) -> Result<Command> {
         Target::Run(run) => Command::Run(run.clone(), crate::ctl::parse_run(line)?),
         Target::Winsize(run) => Command::Resize(run.clone(), super::execopts::parse_size(line)?),
         Target::Defaults => Command::Defaults(line.to_string()),
+        Target::Pools => Command::PoolLine(line.to_string()),
     })
 }
 
@@ -68,6 +74,7 @@ impl Manager {
             }
             Command::Resize(run, size) => run.resize(size).await.map(|()| String::new()),
             Command::Defaults(text) => self.update_defaults(&text).map(|()| String::new()),
+            Command::PoolLine(line) => self.check_pool_line(&line).map(|()| String::new()),
         }
     }
 

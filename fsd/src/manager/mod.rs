@@ -70,6 +70,8 @@ pub struct Manager {
     reaper_started: std::sync::atomic::AtomicBool,
     /// VMs the reaper is handling.
     reaping: reaper::Reaping,
+    /// Warm pools of template clones (see `crate::pool`).
+    pub(crate) pools: crate::pool::Pools,
 }
 
 /// What a new VM is, for [`Manager::register_vm`].
@@ -81,11 +83,11 @@ pub(crate) struct NewVm<'a> {
     pub disk_mib: u64,
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -143,6 +145,7 @@ impl Manager {
             snap_busy: Mutex::new(HashMap::new()),
             reaper_started: Default::default(),
             reaping: Default::default(),
+            pools: Default::default(),
         }))
         .inspect(|m: &Arc<Manager>| {
             m.clean_image_leftovers();
@@ -160,6 +163,10 @@ impl Manager {
         let mut adopt = Vec::new();
         for e in entries.flatten() {
             let dir = e.path();
+            if dir.join(crate::pool::POOL_MARKER).exists() {
+                // A pooled clone, never handed out: `start_pools` ends it.
+                continue;
+            }
             if !dir.join("vm.json").exists() && !vmm_running_in(&dir) {
                 // A creation (or deletion) the daemon died in: no record, no VMM.
                 tracing::warn!("removing {}: a VM without a record", dir.display());
@@ -319,6 +326,16 @@ impl Manager {
             }
             creating.insert(name.to_string());
         }
+        // A warm pool's clone when one matches (a miss boots cold, with no error).
+        if let Some(vm) = self.take_pooled(name, &config, uid, gid).await {
+            self.creating.lock().remove(name);
+            drop(quota);
+            if let Err(e) = self.save_autostart(&vm) {
+                self.events.emit(&vm.name, "autostart-failed", &e.message);
+            }
+            let _ = self.autostart(&vm).await;
+            return Ok(vm);
+        }
         let result = self
             .create_reserved(name, config, backend, uid, gid, &image_disk, image_mib)
             .await;
@@ -423,6 +440,7 @@ impl Manager {
             boot_ms: None,
             desired: Desired::Running,
             phase: Default::default(),
+            template: false,
         };
         let vm = Vm::new(
             record,
@@ -475,18 +493,21 @@ impl Manager {
 
 /// Whether `<dir>/vmm.pid` names a live process started in that directory.
 fn vmm_running_in(dir: &std::path::Path) -> bool {
-    let Some(pid) = std::fs::read_to_string(dir.join("vmm.pid"))
+    vmm_pid_in(dir).is_some()
+}
+
+/// The pid in `<dir>/vmm.pid` if it is a live process started in that directory.
+pub(crate) fn vmm_pid_in(dir: &std::path::Path) -> Option<u32> {
+    let pid = std::fs::read_to_string(dir.join("vmm.pid"))
         .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok())
-    else {
-        return false;
-    };
+        .and_then(|p| p.trim().parse::<u32>().ok())?;
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| {
             let dir = dir.as_os_str().as_encoded_bytes();
             c.windows(dir.len().max(1)).any(|w| w == dir)
         })
         .unwrap_or(false)
+        .then_some(pid)
 }
 
 impl crate::events::Scopes for Manager {
@@ -496,7 +517,7 @@ impl crate::events::Scopes for Manager {
 }
 
 /// Give a new VM its own copy of the image disk (reflink or sparse), grown to `disk_mib`.
-async fn prepare_disk(
+pub(crate) async fn prepare_disk(
     image: &std::path::Path,
     dst: &std::path::Path,
     disk_mib: u64,

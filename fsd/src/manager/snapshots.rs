@@ -86,53 +86,10 @@ impl Manager {
             )));
         }
         vm.check_can_snapshot()?;
-        // Identify the boot files before the guest is frozen (hashing takes a moment).
-        let (kernel, initrd) = self
-            .boot_identity(vm.record().config.kernel.as_deref())
-            .await?;
         let tmp = snapshots::tmp_dir(&root, name);
         mkdir_private(&tmp)?;
         let result = async {
-            let taken = vm.snapshot_into(&tmp).await?;
-            let rec = vm.record();
-            let disk = tmp.join(DISK_FILE);
-            let sizes = Sizes {
-                state_bytes: snapshots::file_len(&tmp.join(&taken.saved.state_file)),
-                memory_bytes: taken
-                    .saved
-                    .memory_file
-                    .as_ref()
-                    .map(|m| snapshots::file_len(&tmp.join(m)))
-                    .unwrap_or(0),
-                disk_bytes: snapshots::file_len(&disk),
-                disk_allocated_bytes: snapshots::allocated(&disk),
-                total_allocated_bytes: snapshots::allocated(&tmp),
-            };
-            let info = SnapshotInfo {
-                name: name.to_string(),
-                source_vm: vm.name.clone(),
-                source_id: vm.id.clone(),
-                created: rfc3339(SystemTime::now()),
-                backend: rec.backend,
-                vcpus: rec.config.vcpus,
-                memory_mib: rec.config.memory_mib,
-                disk_mib: rec.disk_mib,
-                image: rec.config.image.clone(),
-                config: rec.config.clone(),
-                kernel,
-                initrd,
-                sizes,
-                disk_copy: match taken.disk {
-                    crate::disk::CloneMethod::Reflink => "reflink".into(),
-                    crate::disk::CloneMethod::SparseCopy { .. } => "sparse copy".into(),
-                },
-                create_ms: taken.total_ms,
-                paused_ms: taken.paused_ms,
-                owner_uid: vm.uid,
-                owner_gid: vm.gid,
-                saved: taken.saved,
-            };
-            snapshots::write_info(&tmp, &info)?;
+            let info = self.snapshot_files(vm, name, &tmp).await?;
             snapshots::publish(&root, &tmp, name)?;
             Ok::<_, Error>(info)
         }
@@ -154,6 +111,62 @@ impl Manager {
                 Err(e)
             }
         }
+    }
+
+    /// Snapshot the running `vm` into the (existing, private) directory `tmp` as the
+    /// snapshot `name`: state, memory and disk by [`Vm::snapshot_into`], then `info.json`.
+    /// The caller publishes (or removes) `tmp`.
+    pub(crate) async fn snapshot_files(
+        &self,
+        vm: &Arc<Vm>,
+        name: &str,
+        tmp: &std::path::Path,
+    ) -> Result<SnapshotInfo> {
+        // Identify the boot files before the guest is frozen (hashing takes a moment).
+        let (kernel, initrd) = self
+            .boot_identity(vm.record().config.kernel.as_deref())
+            .await?;
+        let taken = vm.snapshot_into(tmp).await?;
+        let rec = vm.record();
+        let disk = tmp.join(DISK_FILE);
+        let sizes = Sizes {
+            state_bytes: snapshots::file_len(&tmp.join(&taken.saved.state_file)),
+            memory_bytes: taken
+                .saved
+                .memory_file
+                .as_ref()
+                .map(|m| snapshots::file_len(&tmp.join(m)))
+                .unwrap_or(0),
+            disk_bytes: snapshots::file_len(&disk),
+            disk_allocated_bytes: snapshots::allocated(&disk),
+            total_allocated_bytes: snapshots::allocated(tmp),
+        };
+        let info = SnapshotInfo {
+            name: name.to_string(),
+            source_vm: vm.name.clone(),
+            source_id: vm.id.clone(),
+            created: rfc3339(SystemTime::now()),
+            backend: rec.backend,
+            vcpus: rec.config.vcpus,
+            memory_mib: rec.config.memory_mib,
+            disk_mib: rec.disk_mib,
+            image: rec.config.image.clone(),
+            config: rec.config.clone(),
+            kernel,
+            initrd,
+            sizes,
+            disk_copy: match taken.disk {
+                crate::disk::CloneMethod::Reflink => "reflink".into(),
+                crate::disk::CloneMethod::SparseCopy { .. } => "sparse copy".into(),
+            },
+            create_ms: taken.total_ms,
+            paused_ms: taken.paused_ms,
+            owner_uid: vm.uid,
+            owner_gid: vm.gid,
+            saved: taken.saved,
+        };
+        snapshots::write_info(tmp, &info)?;
+        Ok(info)
     }
 
     /// `rmdir snapshots/NAME`.
@@ -184,7 +197,7 @@ impl Manager {
     }
 
     /// The identity of kernel `kernel`'s files (`None`: the default kernel).
-    async fn boot_identity(
+    pub(crate) async fn boot_identity(
         &self,
         kernel: Option<&str>,
     ) -> Result<(snapshots::FileIdentity, snapshots::FileIdentity)> {

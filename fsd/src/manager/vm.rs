@@ -112,7 +112,14 @@ pub struct VmRecord {
     /// daemon restart keeps the deadline).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_deadline: Option<u64>,
+    /// A pool's template being built: its RAM is the shared file [`TEMPLATE_MEMORY`] in
+    /// the VM directory (see `crate::pool`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub template: bool,
 }
+
+/// The file a template VM's RAM lives in (in its directory).
+pub const TEMPLATE_MEMORY: &str = "mem.ram";
 
 /// Kernel and initramfs every VM boots (unless it names another with `kernel=`).
 #[derive(Debug, Clone)]
@@ -312,6 +319,7 @@ impl Vm {
                 rec.net_slot,
                 self.tap_pool.as_deref(),
             )?,
+            memory_file: rec.template.then(|| self.dir.join(TEMPLATE_MEMORY)),
         })
     }
 

@@ -1,5 +1,5 @@
 //! An open control file (`ctl`, `<vm>/ctl`, `runs/<n>/ctl`, `runs/<n>/winsize`,
-//! `defaults`): line assembly per open file description, and what its lines do.
+//! `defaults`, `pools`): line assembly per open file description, and what its lines do.
 //!
 //! Bytes are assembled into lines ([`crate::lines`]); each complete line is one
 //! command, executed before the `write` that completed it returns, so a bad command
@@ -15,6 +15,10 @@
 //!   dispatch (`Manager::execute`), and the first failing one stops the rest.
 //! - Every outcome shown in `cat ctl` (a result, a refused write, a line dropped
 //!   unrun) is recorded through a [`Journal`], the one recording path.
+//! - `pools` lines are checked as they are written and gathered; at the close of a
+//!   process that wrote them they become the pools, all together; the last close of a
+//!   description opened for writing that never applied a line (`: > pools`) removes
+//!   every pool.
 //! - A root or VM command runs as a task of its own: an interrupted writer gets EINTR
 //!   at once, the command goes on (a boot or a pull is not cut in half) and its result
 //!   replaces the writer's `ctl` result when it ends.
@@ -34,6 +38,15 @@ pub struct CtlFile {
     /// The opener's session (whose result a line dropped at release replaces).
     session: u32,
     state: tokio::sync::Mutex<CtlState>,
+    /// `pools` opened for writing: what its lines will become.
+    pools: Option<PoolsWrite>,
+}
+
+/// The lines written to one open `pools`, applied together at close.
+#[derive(Default)]
+struct PoolsWrite {
+    lines: parking_lot::Mutex<Vec<String>>,
+    applied: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -67,6 +80,15 @@ impl CtlFile {
             target,
             session,
             state: Default::default(),
+            pools: None,
+        }
+    }
+
+    /// An open `pools` (`write`: opened for writing, which root alone may).
+    pub(super) fn pools(session: u32, write: bool) -> CtlFile {
+        CtlFile {
+            pools: write.then(PoolsWrite::default),
+            ..CtlFile::new(Target::Pools, session)
         }
     }
 
@@ -75,7 +97,9 @@ impl CtlFile {
         let scope = match &self.target {
             Target::Root => Scope::Root(mgr.clone() as Arc<dyn ManagerApi>),
             Target::Vm(vm) => Scope::Vm(vm.clone()),
-            Target::Run(_) | Target::Winsize(_) | Target::Defaults => Scope::Unshown,
+            Target::Run(_) | Target::Winsize(_) | Target::Defaults | Target::Pools => {
+                Scope::Unshown
+            }
         };
         Journal::new(scope, session, None)
     }
@@ -91,6 +115,7 @@ impl CtlFile {
                 .map(crate::manager::runs::render_size)
                 .unwrap_or_default(),
             Target::Defaults => mgr.defaults().to_defaults(),
+            Target::Pools => mgr.pools_text(),
         };
         slice_at(text.as_bytes(), offset, size)
     }
@@ -147,7 +172,14 @@ impl CtlFile {
         let n = cmds.len();
         for (i, cmd) in cmds.into_iter().enumerate() {
             let journal = self.journal(mgr, caller.session);
+            let pool_line = match &cmd {
+                Command::PoolLine(line) => Some(line.clone()),
+                _ => None,
+            };
             let outcome = self.execute(mgr, &journal, cmd, caller).await;
+            if let (Ok(_), Some(line), Some(p)) = (&outcome, pool_line, &self.pools) {
+                p.lines.lock().push(line);
+            }
             let outcome = outcome.map_err(|e| in_context(n, i, e, true));
             if outcome.is_err() {
                 buf.abandon();
@@ -205,7 +237,7 @@ impl CtlFile {
             Target::Run(_) | Target::Winsize(_) => {
                 interruptible(caller.pid, mgr.execute(cmd, caller.uid, caller.gid)).await
             }
-            Target::Defaults => mgr.execute(cmd, caller.uid, caller.gid).await,
+            Target::Defaults | Target::Pools => mgr.execute(cmd, caller.uid, caller.gid).await,
         }
     }
 
@@ -213,6 +245,20 @@ impl CtlFile {
     /// process wrote to the descriptor, and drops it (recording why) when that process
     /// is being killed.
     pub(super) async fn flush(&self, mgr: &Arc<Manager>, caller: Caller) -> Result<()> {
+        self.flush_lines(mgr, caller).await?;
+        let Some(p) = &self.pools else {
+            return Ok(());
+        };
+        // A close before any line (a shell's dup2) applies nothing.
+        let lines = std::mem::take(&mut *p.lines.lock());
+        if lines.is_empty() {
+            return Ok(());
+        }
+        p.applied.store(true, std::sync::atomic::Ordering::SeqCst);
+        mgr.set_pools(&lines)
+    }
+
+    async fn flush_lines(&self, mgr: &Arc<Manager>, caller: Caller) -> Result<()> {
         let mut st = self.state.lock().await;
         if !st.lines.has_partial() || !st.writers.includes(caller.pid) {
             return Ok(());
@@ -239,6 +285,14 @@ impl CtlFile {
     /// Last close: an unterminated line that no writer's close ran is dropped, and the
     /// opener's `ctl` result says so.
     pub(super) fn release(&self, mgr: &Arc<Manager>) {
+        if let Some(p) = &self.pools {
+            if !p.applied.load(std::sync::atomic::Ordering::SeqCst) {
+                // Emptied (`: > pools`): no pool remains (removal spawns nothing).
+                if let Err(e) = mgr.set_pools(&[]) {
+                    tracing::warn!("emptying pools failed: {e}");
+                }
+            }
+        }
         let Ok(mut st) = self.state.try_lock() else {
             return;
         };

@@ -211,6 +211,10 @@ impl Files {
         let (file, mode) = match node {
             Node::Ctl => (ctl(Target::Root), direct),
             Node::Defaults => (ctl(Target::Defaults), direct),
+            Node::Pools if write && caller.uid != 0 => {
+                return Err(Error::new(libc::EACCES, "only root configures pools"));
+            }
+            Node::Pools => (OpenFile::Ctl(CtlFile::pools(caller.session, write)), direct),
             Node::Events => {
                 ro("events")?;
                 let f = crate::eventview::Filter::for_uid(caller.uid);

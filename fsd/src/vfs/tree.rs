@@ -59,6 +59,8 @@ pub enum Node {
     Readme,
     Ctl,
     Defaults,
+    /// `pools`: the warm pools (root writes them; see `crate::pool`).
+    Pools,
     Events,
     /// `usage`: the caller's use against the limits (generated per caller at open).
     Usage,
@@ -164,6 +166,7 @@ BandSox-FS: microVMs as files.
 
   mkdir NAME                      create and boot a VM (options from `defaults`)
   echo 'create NAME vcpus=2 memory=512' > ctl
+  cat pools                       warm pools of ready clones (root writes them)
   echo 'uname -a' > NAME/exec; cat NAME/exec     run a command, read its output
   cat NAME/runs/last/status       exit code of your last command (or `running`)
   echo pause|resume|stop|start|kill|restart > NAME/ctl
@@ -274,6 +277,7 @@ impl Tree {
                 "README" => Node::Readme,
                 "ctl" => Node::Ctl,
                 "defaults" => Node::Defaults,
+                "pools" => Node::Pools,
                 "events" => Node::Events,
                 "usage" => Node::Usage,
                 "images" => Node::Images,
@@ -362,6 +366,7 @@ impl Tree {
                     ("README", Node::Readme),
                     ("ctl", Node::Ctl),
                     ("defaults", Node::Defaults),
+                    ("pools", Node::Pools),
                     ("events", Node::Events),
                     ("usage", Node::Usage),
                     ("images", Node::Images),
@@ -436,6 +441,7 @@ impl Tree {
         Ok(Some(match node {
             Node::Readme => README.as_bytes().to_vec(),
             Node::Defaults => self.mgr.defaults().to_defaults().into_bytes(),
+            Node::Pools => self.mgr.pools_text().into_bytes(),
             Node::ImageInfo(i) => self.mgr.image_info(i)?.into_bytes(),
             Node::SnapshotInfo(i) => self.mgr.snapshot_info(i)?.into_bytes(),
             Node::VmFile(id, VmFile::State) => {
@@ -505,7 +511,7 @@ impl Tree {
             Node::Runs(_) | Node::Run(..) => dir(0o700),
             Node::RunsLast(_) => (Kind::Symlink, 0o777, 0),
             Node::Ctl => (Kind::File, 0o666, 0),
-            Node::Defaults => (
+            Node::Defaults | Node::Pools => (
                 Kind::File,
                 0o644,
                 self.generated(node)?.map_or(0, |c| c.len() as u64),

@@ -23,6 +23,7 @@ pub mod firecracker;
 pub mod host;
 pub mod process;
 pub mod qemu;
+pub mod qemu_memory;
 pub mod qemu_snapshot;
 pub mod qemu_vsock;
 pub mod qmp;
@@ -79,6 +80,10 @@ pub struct VmSpec {
     pub initrd: PathBuf,
     /// The guest's network; `None` = `net=none` (no NIC at all).
     pub net: Option<crate::net::NetPlan>,
+    /// Guest RAM in this file, mapped shared, so that a snapshot can leave RAM out of the
+    /// device state and clones can map a copy of the file copy-on-write (a pool's
+    /// template, see `crate::pool`). `None`: anonymous memory.
+    pub memory_file: Option<PathBuf>,
 }
 
 impl VmSpec {

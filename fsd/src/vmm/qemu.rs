@@ -361,7 +361,19 @@ pub fn build_argv(
     ]);
     push(&["-msg", "timestamp=on"]);
     push(&["-name", &format!("bandsox-{}", spec.name)]);
-    push(&["-machine", "microvm,rtc=on"]);
+    let shared_memory = match &spec.memory_file {
+        Some(f) => Some(
+            super::qemu_memory::shared_memory_args(f, spec.memory_mib).ok_or_else(|| {
+                VmmError::StartFailed(format!("path {} is not UTF-8", f.display()))
+            })?,
+        ),
+        None => None,
+    };
+    let machine_suffix = shared_memory.as_ref().map(|m| m.1.as_str()).unwrap_or("");
+    push(&["-machine", &format!("microvm,rtc=on{machine_suffix}")]);
+    if let Some((object, _)) = &shared_memory {
+        push(&["-object", object]);
+    }
     match accel {
         AccelKind::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         AccelKind::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
@@ -703,6 +715,18 @@ mod tests {
         );
         assert!(after(&argv, "-append")[0].contains(" bandsox.net=172.30.0.2/30,172.30.0.1"));
         s.net = None;
+        // A template's RAM is a shared file the machine names.
+        s.memory_file = Some(d.join("mem.ram"));
+        let argv = build_argv(Path::new("/q"), &s, AccelKind::Tcg, None).unwrap();
+        assert_eq!(
+            after(&argv, "-machine"),
+            ["microvm,rtc=on,memory-backend=mem"]
+        );
+        assert_eq!(
+            after(&argv, "-object"),
+            ["memory-backend-file,id=mem,size=256M,mem-path=/tmp/v,,1/mem.ram,share=on"]
+        );
+        s.memory_file = None;
         s.name = "bad name".into();
         assert!(matches!(
             build_argv(Path::new("/q"), &s, AccelKind::Tcg, None),

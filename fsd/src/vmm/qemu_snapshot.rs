@@ -4,7 +4,9 @@
 //!
 //! Files in a snapshot directory written here:
 //! ```text
-//! state      the migration stream: device state and guest memory (zero pages elided)
+//! state      the migration stream: device state and guest memory (zero pages elided);
+//!            device state only when the VM's RAM is a shared file (a template)
+//! memory     a template's RAM, copied while it was paused; clones map it privately
 //! ```
 //! The saved command line travels in [`SavedState::restore`] as `{"argv": [...],
 //! "source_dir": "..."}`; the snapshot layer keeps it in the snapshot's `info.json`.
@@ -28,6 +30,8 @@ use crate::vmm::{SavedState, VmSpec, VmmError, VmmInstance};
 
 /// The migration stream's file name in the snapshot directory.
 pub const STATE_FILE: &str = "state";
+/// A template's RAM (see `crate::vmm::qemu_memory`); clones map it copy-on-write.
+pub const MEMORY_FILE: &str = "memory";
 /// Deadline of one QMP command during snapshot/restore.
 const QMP_STEP: Duration = Duration::from_secs(5);
 /// How often migration progress is polled.
@@ -56,6 +60,12 @@ pub async fn save(inst: &QemuInstance, dir: &Path) -> Result<SavedState, VmmErro
         .and_then(|m| m.parse::<u64>().ok())
         .unwrap_or(1024);
     let state = dir.join(STATE_FILE);
+    // A template's RAM is a shared file: the stream leaves it out, and the snapshot
+    // keeps a copy of the file (taken while the VM is paused) for clones to map.
+    // Always set: a clone of a template loaded its state with the capability on, and the
+    // stream records it, so its own snapshots must turn it off again.
+    let shared = crate::vmm::qemu_memory::shared_memory_file(&args.argv);
+    set_ignore_shared(inst, shared.is_some()).await?;
     // No bandwidth cap: the VM is paused, so nothing competes with the copy.
     inst.qmp_execute(
         "migrate-set-parameters",
@@ -92,9 +102,20 @@ pub async fn save(inst: &QemuInstance, dir: &Path) -> Result<SavedState, VmmErro
         }
         tokio::time::sleep(POLL).await;
     };
+    let memory_file = match shared {
+        Some(src) => {
+            let dst = dir.join(MEMORY_FILE);
+            tokio::task::spawn_blocking(move || crate::disk::clone_disk(&src, &dst))
+                .await
+                .map_err(|e| VmmError::StartFailed(format!("memory copy: {e}")))?
+                .map_err(|e| VmmError::Io("copy the template's memory".into(), e))?;
+            Some(MEMORY_FILE.to_string())
+        }
+        None => None,
+    };
     Ok(SavedState {
         state_file: STATE_FILE.into(),
-        memory_file: None,
+        memory_file,
         restore: json!({
             "argv": args.argv,
             "source_dir": inst.dir(),
@@ -102,6 +123,15 @@ pub async fn save(inst: &QemuInstance, dir: &Path) -> Result<SavedState, VmmErro
             "migration_ram": ram,
         }),
     })
+}
+
+/// Migrate without the RAM blocks mapped shared from a file (`x-ignore-shared`), on
+/// both ends: the source leaves them out, the destination expects none.
+async fn set_ignore_shared(inst: &QemuInstance, on: bool) -> Result<(), VmmError> {
+    let caps = json!({"capabilities": [{"capability": "x-ignore-shared", "state": on}]});
+    inst.qmp_execute("migrate-set-capabilities", Some(caps), QMP_STEP)
+        .await
+        .map(drop)
 }
 
 fn flag_value<'a>(argv: &'a [String], flag: &str) -> Option<&'a str> {
@@ -194,16 +224,28 @@ pub async fn restore(
         &spec.name,
         netdev.as_deref(),
     )?;
+    let memory = saved.memory_file.as_ref().map(|m| snap_dir.join(m));
+    let argv =
+        crate::vmm::qemu_memory::restore_memory_argv(argv, memory.as_deref(), spec.memory_mib)
+            .ok_or_else(|| bad("the memory file's path is not UTF-8"))?;
     let state = snap_dir.join(&saved.state_file);
-    if !state.is_file() {
-        return Err(bad(&format!("{} is missing", state.display())));
+    for f in std::iter::once(&state).chain(memory.as_ref()) {
+        if !f.is_file() {
+            return Err(bad(&format!("{} is missing", f.display())));
+        }
     }
     let log_start = std::fs::metadata(spec.dir.join(VMM_LOG))
         .map(|m| m.len())
         .unwrap_or(0);
     let inst = backend.launch_argv(&spec.dir, argv).await?;
     crate::testhook::pause_at(crate::testhook::Point::CloneVmmStarted, &spec.name).await;
-    match incoming(&inst, &state, spec.memory_mib.into()).await {
+    let loaded = async {
+        if memory.is_some() {
+            set_ignore_shared(&inst, true).await?;
+        }
+        incoming(&inst, &state, spec.memory_mib.into()).await
+    };
+    match loaded.await {
         Ok(()) => Ok(inst),
         Err(e) => {
             let _ = inst.kill().await;

@@ -460,6 +460,7 @@ mod tests {
             kernel: "/b/vmlinuz".into(),
             initrd: "/b/initrd".into(),
             net: None,
+            memory_file: None,
         }
     }
 

@@ -17,6 +17,7 @@ pub(crate) fn spec(dir: &Path) -> VmSpec {
         kernel: "/s/boot/vmlinuz".into(),
         initrd: "/s/boot/initrd".into(),
         net: None,
+        memory_file: None,
     }
 }
 

@@ -93,6 +93,7 @@ pub fn guest_vm(tmp: &Path, name: &str) -> (VmSpec, GuestArtifacts) {
         kernel: art.kernel.clone(),
         initrd: art.initrd.clone(),
         net: None,
+        memory_file: None,
     };
     (spec, art)
 }

@@ -77,6 +77,7 @@ async fn boot_in(layout: &Layout, dir: &Path, settings: &VmmSettings) -> Result<
         kernel: layout.kernel(),
         initrd: layout.initrd(),
         net: None,
+        memory_file: None,
     };
     let t0 = Instant::now();
     let inst = backend.launch(&spec).await.map_err(|e| e.to_string())?;
