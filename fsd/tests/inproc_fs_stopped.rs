@@ -62,7 +62,6 @@ fn mkfs(dir: &std::path::Path, img: &std::path::Path) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_vms_fs_is_its_disk_read_only() {
-    inproc::limits_from_an_empty_file();
     let tmp = tempfile::tempdir().unwrap();
     let backend = InProcBackend::new();
     let mgr = inproc::manager(&tmp.path().join("state"), backend.clone());

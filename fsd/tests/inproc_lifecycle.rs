@@ -10,9 +10,31 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bandsox_agent::faults::{Fault, Faults};
+use bandsox_fsd::manager::ctl;
 use bandsox_fsd::manager::vm::{Vm, VmState};
 use bandsox_fsd::manager::Manager;
 use inproc::InProcBackend;
+
+/// One root `ctl` line as `uid`/`gid`, parsed and dispatched as the tree does.
+async fn global_ctl(
+    mgr: &Arc<Manager>,
+    line: &str,
+    uid: u32,
+    gid: u32,
+) -> bandsox_fsd::error::Result<String> {
+    mgr.execute(ctl::parse(&ctl::Target::Root, line)?, uid, gid)
+        .await
+}
+
+/// One `<vm>/ctl` line, parsed and dispatched as the tree does.
+async fn vm_ctl(
+    mgr: &Arc<Manager>,
+    vm: &Arc<Vm>,
+    line: &str,
+) -> bandsox_fsd::error::Result<String> {
+    mgr.execute(ctl::parse(&ctl::Target::Vm(vm.clone()), line)?, 0, 0)
+        .await
+}
 
 /// Deadline of any single wait in these tests (nothing may hang).
 const T: Duration = Duration::from_secs(30);
@@ -25,7 +47,6 @@ fn ids() -> (u32, u32) {
 }
 
 fn setup() -> (tempfile::TempDir, Arc<Manager>, Arc<InProcBackend>) {
-    inproc::limits_from_an_empty_file();
     let tmp = tempfile::tempdir().unwrap();
     let backend = InProcBackend::new();
     let mgr = inproc::manager(&tmp.path().join("state"), backend.clone());
@@ -78,14 +99,16 @@ async fn destroy_all_removes_the_callers_vms_and_counts_them() {
     let dirs: Vec<_> = mgr.list().iter().map(|v| v.dir.clone()).collect();
 
     if uid != 0 {
-        let e = mgr.global_ctl("destroy-all all-users", uid, 0).await;
+        let e = global_ctl(&mgr, "destroy-all all-users", uid, 0).await;
         assert_eq!(e.unwrap_err().errno, libc::EPERM);
         assert_eq!(mgr.list().len(), 4, "a refused destroy-all removes nothing");
     }
-    let e = mgr.global_ctl("destroy-all now", uid, 0).await.unwrap_err();
+    let e = global_ctl(&mgr, "destroy-all now", uid, 0)
+        .await
+        .unwrap_err();
     assert_eq!(e.errno, libc::EINVAL);
 
-    let out = mgr.global_ctl("destroy-all", uid, 0).await.unwrap();
+    let out = global_ctl(&mgr, "destroy-all", uid, 0).await.unwrap();
     assert_eq!(out, "ok: destroyed 3 of your VMs");
     let left: Vec<String> = mgr.list().iter().map(|v| v.name.clone()).collect();
     assert_eq!(left, ["theirs"]);
@@ -178,7 +201,6 @@ async fn a_ttl_snapshot_that_fails_keeps_the_vm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ttl_survives_a_daemon_restart() {
-    inproc::limits_from_an_empty_file();
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let backend = InProcBackend::new();
@@ -217,12 +239,12 @@ async fn ttl_is_set_and_cleared_through_ctl_and_bad_values_are_einval() {
     assert!(mgr.get("x").is_none());
     let vm = create(&mgr, "x", &[]).await;
     assert_eq!(info(&vm)["ttl_remaining_s"], serde_json::Value::Null);
-    assert_eq!(mgr.vm_ctl(&vm, "ttl=100").await.unwrap(), "ok: ttl=100");
+    assert_eq!(vm_ctl(&mgr, &vm, "ttl=100").await.unwrap(), "ok: ttl=100");
     let left = info(&vm)["ttl_remaining_s"].as_u64().unwrap();
     assert!((99..=100).contains(&left));
-    let e = mgr.vm_ctl(&vm, "ttl=0").await.unwrap_err();
+    let e = vm_ctl(&mgr, &vm, "ttl=0").await.unwrap_err();
     assert_eq!(e.errno, libc::EINVAL);
-    mgr.vm_ctl(&vm, "ttl=none").await.unwrap();
+    vm_ctl(&mgr, &vm, "ttl=none").await.unwrap();
     tick(&mgr, later(1000)).await;
     assert!(mgr.get("x").is_some());
 }
@@ -251,7 +273,7 @@ async fn a_paused_vm_resumes_for_an_exec_and_a_ctl_command() {
     let (_tmp, mgr, _backend) = setup();
     let vm = create(&mgr, "p", &[]).await;
     assert_eq!(info(&vm)["autoresume"], true);
-    mgr.vm_ctl(&vm, "pause").await.unwrap();
+    vm_ctl(&mgr, &vm, "pause").await.unwrap();
     assert_eq!(vm.state(), VmState::Paused);
     assert!(events(&mgr).contains("paused reason=ctl"));
     vm.require_running_or_adopting()
@@ -261,8 +283,8 @@ async fn a_paused_vm_resumes_for_an_exec_and_a_ctl_command() {
     assert_eq!(vm.state(), VmState::Running);
     assert!(events(&mgr).contains("resumed reason=exec"));
 
-    mgr.vm_ctl(&vm, "pause").await.unwrap();
-    let out = mgr.vm_ctl(&vm, "ping").await.unwrap();
+    vm_ctl(&mgr, &vm, "pause").await.unwrap();
+    let out = vm_ctl(&mgr, &vm, "ping").await.unwrap();
     assert!(out.starts_with("ok: ping"), "{out}");
     assert!(events(&mgr).contains("resumed reason=ctl"));
     assert_eq!(vm.state(), VmState::Running);
@@ -272,18 +294,18 @@ async fn a_paused_vm_resumes_for_an_exec_and_a_ctl_command() {
 async fn autoresume_0_keeps_a_paused_vm_paused() {
     let (_tmp, mgr, _backend) = setup();
     let vm = create(&mgr, "q", &["autoresume=0"]).await;
-    mgr.vm_ctl(&vm, "pause").await.unwrap();
+    vm_ctl(&mgr, &vm, "pause").await.unwrap();
     let e = vm
         .start_run(b"echo hi".to_vec(), 0)
         .await
         .err()
         .expect("refused");
     assert_eq!(e.errno, libc::EHOSTDOWN);
-    let e = mgr.vm_ctl(&vm, "ping").await.unwrap_err();
+    let e = vm_ctl(&mgr, &vm, "ping").await.unwrap_err();
     assert_eq!(e.errno, libc::EHOSTDOWN);
     assert_eq!(vm.state(), VmState::Paused);
     // Switched on later through ctl.
-    mgr.vm_ctl(&vm, "autoresume=1").await.unwrap();
+    vm_ctl(&mgr, &vm, "autoresume=1").await.unwrap();
     let run = vm.start_run(b"true".to_vec(), 0).await.unwrap();
     tokio::time::timeout(T, run.wait_finished()).await.unwrap();
     assert_eq!(vm.state(), VmState::Running);
@@ -314,6 +336,6 @@ async fn kernel_names_an_installed_kernel_or_is_einval() {
     assert_eq!(info(&vm)["kernel"], "k2");
     assert_eq!(vm.spec().unwrap().kernel, boot.join("vmlinuz-k2"));
     assert_eq!(vm.spec().unwrap().initrd, boot.join("initrd-k2"));
-    let e = mgr.global_ctl("clone snap c kernel=../x", uid, gid).await;
+    let e = global_ctl(&mgr, "clone snap c kernel=../x", uid, gid).await;
     assert_eq!(e.unwrap_err().errno, libc::EINVAL);
 }

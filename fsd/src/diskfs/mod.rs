@@ -238,7 +238,13 @@ fn report(view: &View, pid: u32, e: Error) -> Error {
     ) {
         if let Some(vm) = view.vm.upgrade() {
             let session = crate::vfs::tree::session_of(pid);
-            let _ = vm.ctl_results().record(session, Err(e.clone()));
+            // Through the one recording path of `cat ctl` (the caller gets `e`).
+            return crate::vfs::journal::Journal::new(
+                crate::vfs::journal::Scope::Vm(vm),
+                session,
+                None,
+            )
+            .refuse(e);
         }
     }
     e
