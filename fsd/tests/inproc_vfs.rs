@@ -115,7 +115,7 @@ async fn mkdir_shows_a_vm_with_its_files_and_cached_entries() {
     let root = vfs.listing(ROOT_INO, me()).unwrap();
     assert_eq!(
         names(&root).join(" "),
-        ". .. README ctl defaults events usage images snapshots"
+        ". .. README ctl defaults pools events usage images snapshots"
     );
     let ino = mkdir(&vfs, "v", caller(me())).await.unwrap();
     let entry = vfs.lookup(ROOT_INO, OsStr::new("v")).unwrap();
@@ -195,7 +195,7 @@ async fn listings_show_each_user_their_own_vms_and_snapshots() {
     let state = tmp.path().join("state");
     plant_snapshot(&state, "sa", a);
     plant_snapshot(&state, "sb", b);
-    let statics = "README ctl defaults events usage images snapshots";
+    let statics = "README ctl defaults pools events usage images snapshots";
     let list = |dir: &str, uid: u32| {
         let ino = if dir.is_empty() {
             ROOT_INO
