@@ -13,7 +13,14 @@ fn vms(m: &Mounted) -> Vec<String> {
         .filter(|l| {
             !matches!(
                 *l,
-                "README" | "ctl" | "defaults" | "events" | "images" | "pools" | "snapshots" | "usage"
+                "README"
+                    | "ctl"
+                    | "defaults"
+                    | "events"
+                    | "images"
+                    | "pools"
+                    | "snapshots"
+                    | "usage"
             )
         })
         .map(str::to_string)

@@ -99,7 +99,12 @@ async fn run_sequence(ops: Vec<Op>) -> Result<(), TestCaseError> {
         };
         let got: Result<(), i32> = tokio::time::timeout(T, async {
             let r = match op {
-                Op::Create(i) => mgr.create(NAMES[i], &[], uid, gid).await.map(drop),
+                // autoresume=0: the model's paused VMs refuse exec (auto-resume has its
+                // own tests, inproc_lifecycle).
+                Op::Create(i) => mgr
+                    .create(NAMES[i], &["autoresume=0".to_string()], uid, gid)
+                    .await
+                    .map(drop),
                 Op::Delete(i) => mgr.delete(NAMES[i]).await,
                 Op::Pause(i) => match vm(i) {
                     Ok(v) => v.pause().await,

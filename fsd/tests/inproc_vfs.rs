@@ -435,6 +435,9 @@ async fn exec_and_open_files_count_against_the_callers_limits() {
         "user.7777.runs = 1\nuser.7777.terminal_cells = 100\nuser.7777.buffer_mib = 1\n",
     )
     .unwrap();
+    // An explicit mode: an in-process agent of another test may have set this process's
+    // umask to 0, and the daemon refuses a group- or world-writable limits file.
+    std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     std::fs::rename(&next, &file).unwrap();
     // Read now: hot paths look at the file at most once a second.
     mgr.limits.current();
