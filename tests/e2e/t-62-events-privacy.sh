@@ -12,8 +12,9 @@ ea=$(asu $A "cat $MNT/events"); eb=$(asu $B "cat $MNT/events"); er=$(cat "$MNT/e
 assert_contains "$ea" " e62a running " "A's events"
 assert_contains "$ea" " e62a paused" "A's events"
 assert_contains "$eb" " e62b running " "B's events"
-case "$ea" in *e62b*) fail "user A sees B's VM: $(echo "$ea" | grep e62b | head -n 2)";; esac
-case "$eb" in *e62a*) fail "user B sees A's VM: $(echo "$eb" | grep e62a | head -n 2)";; esac
+# The VM name as an event's subject (a word), never a substring of, say, a digest.
+case "$ea" in *" e62b "*) fail "user A sees B's VM: $(echo "$ea" | grep " e62b " | head -n 2)";; esac
+case "$eb" in *" e62a "*) fail "user B sees A's VM: $(echo "$eb" | grep " e62a " | head -n 2)";; esac
 assert_contains "$er" " e62a paused" "root's events"
 assert_contains "$er" " e62b running " "root's events"
 assert_contains "$ea" " - daemon-start" "A's events"
@@ -22,7 +23,7 @@ out=$(mktemp /var/tmp/bandsox-t62.XXXXXX); chown $A "$out"
 asu $A "tail -s 0.2 -n 0 -f $MNT/events > $out & t=\$!; sleep 0.5; echo pause > $MNT/e62a/ctl; echo resume > $MNT/e62a/ctl; sleep 1; kill \$t"
 asu $B "echo stop > $MNT/e62b/ctl"
 grep -q " e62a resumed" "$out" || fail "tail -f events as A missed A's line: $(cat "$out")"
-grep -q e62b "$out" && fail "tail -f events as A shows B's VM"
+grep -q " e62b " "$out" && fail "tail -f events as A shows B's VM"
 rm -f "$out"
 # Per-VM events.
 own=$(asu $A "cat $MNT/e62a/events")
