@@ -95,6 +95,25 @@ pub(crate) fn now_secs() -> u64 {
 }
 
 impl Manager {
+    /// A `Vm` of this daemon for `record` in `dir` on `backend`, with the daemon's boot
+    /// files, event log, limits and TAP pool (adopted, created, pooled and template VMs).
+    pub(crate) fn vm_of(
+        &self,
+        record: VmRecord,
+        dir: PathBuf,
+        backend: Arc<dyn Backend>,
+    ) -> Arc<Vm> {
+        Vm::new(
+            record,
+            dir,
+            backend,
+            self.boot_files.clone(),
+            self.events.clone(),
+            self.limits.clone(),
+            self.settings.tap_pool.clone(),
+        )
+    }
+
     /// Open (creating if needed) the state directory. Does not touch VMs; see `reload`.
     /// `settings` are the daemon's (read once at start); their limits file (else
     /// `limits::DEFAULT_PATH`) makes [`Manager::limits`], the daemon's one limits handle.
@@ -190,15 +209,7 @@ impl Manager {
                 tracing::warn!(vm = %rec.name, "backend {} unavailable; VM left alone", rec.backend);
                 continue;
             };
-            let vm = Vm::new(
-                rec.clone(),
-                dir,
-                backend,
-                self.boot_files.clone(),
-                self.events.clone(),
-                self.limits.clone(),
-                self.settings.tap_pool.clone(),
-            );
+            let vm = self.vm_of(rec.clone(), dir, backend);
             self.vms.write().insert(rec.name.clone(), vm.clone());
             adopt.push(vm);
         }
@@ -442,15 +453,7 @@ impl Manager {
             phase: Default::default(),
             template: false,
         };
-        let vm = Vm::new(
-            record,
-            dir.clone(),
-            backend,
-            self.boot_files.clone(),
-            self.events.clone(),
-            self.limits.clone(),
-            self.settings.tap_pool.clone(),
-        );
+        let vm = self.vm_of(record, dir.clone(), backend);
         if let Err(e) = vm.save_record() {
             let _ = std::fs::remove_dir_all(&dir);
             if let Some(slot) = net_slot {

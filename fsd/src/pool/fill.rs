@@ -16,7 +16,7 @@ use super::template::{self, Template};
 use super::{Pool, POOL_MARKER};
 use crate::error::{Error, Result};
 use crate::layout::mkdir_private;
-use crate::manager::vm::{Desired, Vm, VmRecord};
+use crate::manager::vm::Vm;
 use crate::manager::Manager;
 
 const BACKOFF_MIN: Duration = Duration::from_secs(2);
@@ -169,32 +169,15 @@ async fn fill_one(mgr: &Arc<Manager>, pool: &Pool, tpl: &Template) -> Result<Arc
             .await
             .map_err(|e| Error::io(e.to_string()))?
             .map_err(|e| Error::io(format!("cannot copy the template's disk: {e}")))?;
-        let record = VmRecord {
-            ttl_deadline: None,
-            id: id.clone(),
-            name: format!("pool-{id}"),
-            uid: 0,
-            gid: 0,
-            config: tpl.info.config.clone(),
-            backend: backend.kind(),
-            created: 0,
-            disk_mib: tpl.info.disk_mib,
-            boot_ms: None,
-            desired: Desired::Running,
-            net_slot: None,
-            fs_slot: None,
-            phase: Default::default(),
-            template: false,
-        };
-        let vm = Vm::new(
-            record,
-            dir.clone(),
-            backend,
-            mgr.boot_files.clone(),
-            mgr.events.clone(),
-            mgr.limits.clone(),
-            mgr.settings.tap_pool.clone(),
+        let record = super::pool_record(
+            &id,
+            format!("pool-{id}"),
+            tpl.info.config.clone(),
+            backend.kind(),
+            tpl.info.disk_mib,
+            false,
         );
+        let vm = mgr.vm_of(record, dir.clone(), backend);
         let timeout = mgr.boot_timeout.max(Duration::from_secs(30));
         let restored = async {
             vm.restore_boot(

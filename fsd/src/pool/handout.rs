@@ -110,15 +110,7 @@ impl Manager {
         record.created = crate::manager::now_secs();
         record.desired = Desired::Running;
         record.phase = Phase::Started;
-        let vm = Vm::new(
-            record,
-            clone.dir.clone(),
-            clone.backend.clone(),
-            self.boot_files.clone(),
-            self.events.clone(),
-            self.limits.clone(),
-            self.settings.tap_pool.clone(),
-        );
+        let vm = self.vm_of(record, clone.dir.clone(), clone.backend.clone());
         // Give it back to the clone's handle if anything below fails, so `end` kills it.
         let restore = |inst, agent| {
             *clone.vmm.lock() = Some(inst);

@@ -196,3 +196,32 @@ impl Manager {
         }
     }
 }
+
+/// The record of a VM the pools own (root's, nobody's to list): a ready clone or a
+/// template being built (`template`: its RAM in the shared file).
+fn pool_record(
+    id: &str,
+    name: String,
+    config: crate::config::VmConfig,
+    backend: crate::vmm::BackendKind,
+    disk_mib: u64,
+    template: bool,
+) -> crate::manager::vm::VmRecord {
+    crate::manager::vm::VmRecord {
+        ttl_deadline: None,
+        id: id.to_string(),
+        name,
+        uid: 0,
+        gid: 0,
+        config,
+        backend,
+        created: 0,
+        disk_mib,
+        boot_ms: None,
+        desired: crate::manager::vm::Desired::Running,
+        net_slot: None,
+        fs_slot: None,
+        phase: Default::default(),
+        template,
+    }
+}

@@ -21,7 +21,6 @@ use serde::{Deserialize, Serialize};
 use super::PoolSpec;
 use crate::error::{Error, Result};
 use crate::layout::mkdir_private;
-use crate::manager::vm::{Desired, Vm, VmRecord};
 use crate::manager::Manager;
 use crate::snapshots::{self, FileIdentity, SnapshotInfo};
 
@@ -135,32 +134,15 @@ pub async fn build(mgr: &Arc<Manager>, spec: &PoolSpec, root: &Path) -> Result<T
     mkdir_private(&dir)?;
     let result = async {
         crate::manager::prepare_disk(&image, &dir.join("disk.ext4"), disk_mib, image_mib).await?;
-        let record = VmRecord {
-            ttl_deadline: None,
-            id: id.clone(),
-            name: BUILD_NAME.into(),
-            uid: 0,
-            gid: 0,
-            config: spec.config.clone(),
-            backend: backend.kind(),
-            created: 0,
+        let record = super::pool_record(
+            &id,
+            BUILD_NAME.into(),
+            spec.config.clone(),
+            backend.kind(),
             disk_mib,
-            boot_ms: None,
-            desired: Desired::Running,
-            net_slot: None,
-            fs_slot: None,
-            phase: Default::default(),
-            template: true,
-        };
-        let vm = Vm::new(
-            record,
-            dir.clone(),
-            backend,
-            mgr.boot_files.clone(),
-            mgr.events.clone(),
-            mgr.limits.clone(),
-            mgr.settings.tap_pool.clone(),
+            true,
         );
+        let vm = mgr.vm_of(record, dir.clone(), backend);
         let built = async {
             vm.first_boot(mgr.boot_timeout).await?;
             let tmp = snapshots::tmp_dir(root, SNAP_NAME);
