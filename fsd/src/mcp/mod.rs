@@ -46,6 +46,16 @@ fn seg(s: &str) -> String {
     utf8_percent_encode(s, PATH).to_string()
 }
 
+/// `/v1/vms/{vm}{rest}`, the VM's name encoded.
+fn vm_uri(vm: &str, rest: &str) -> String {
+    format!("/v1/vms/{}{rest}", seg(vm))
+}
+
+/// The REST path of `path` under the VM's `fs/` (relative to the guest's `/`).
+fn fs_uri(vm: &str, path: &str) -> String {
+    vm_uri(vm, &format!("/fs/{}", seg(path.trim_start_matches('/'))))
+}
+
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct VmName {
     /// The VM's name (its directory under the mount point).
@@ -238,12 +248,7 @@ impl Mcp {
         Parameters(a): Parameters<VmName>,
     ) -> Out {
         Ok(self
-            .json(
-                &ctx,
-                Method::GET,
-                &format!("/v1/vms/{}", seg(&a.name)),
-                None,
-            )
+            .json(&ctx, Method::GET, &vm_uri(&a.name, ""), None)
             .await)
     }
 
@@ -254,12 +259,7 @@ impl Mcp {
         Parameters(a): Parameters<VmName>,
     ) -> Out {
         Ok(self
-            .json(
-                &ctx,
-                Method::DELETE,
-                &format!("/v1/vms/{}", seg(&a.name)),
-                None,
-            )
+            .json(&ctx, Method::DELETE, &vm_uri(&a.name, ""), None)
             .await)
     }
 
@@ -270,12 +270,7 @@ impl Mcp {
         let body = serde_json::json!({"command": a.command, "timeout": a.timeout, "env": a.env,
             "cwd": a.cwd, "user": a.user, "stdin": a.stdin});
         Ok(self
-            .json(
-                &ctx,
-                Method::POST,
-                &format!("/v1/vms/{}/exec", seg(&a.vm)),
-                Some(body),
-            )
+            .json(&ctx, Method::POST, &vm_uri(&a.vm, "/exec"), Some(body))
             .await)
     }
 
@@ -287,11 +282,7 @@ impl Mcp {
         ctx: RequestContext<RoleServer>,
         Parameters(a): Parameters<FilePath>,
     ) -> Out {
-        let uri = format!(
-            "/v1/vms/{}/fs/{}",
-            seg(&a.vm),
-            seg(a.path.trim_start_matches('/'))
-        );
+        let uri = fs_uri(&a.vm, &a.path);
         Ok(
             match self
                 .call(
@@ -339,11 +330,7 @@ impl Mcp {
             }
             Some(other) => return Ok(err(format!("encoding {other:?}: utf-8 or base64"))),
         };
-        let uri = format!(
-            "/v1/vms/{}/fs/{}",
-            seg(&a.vm),
-            seg(a.path.trim_start_matches('/'))
-        );
+        let uri = fs_uri(&a.vm, &a.path);
         Ok(
             match self
                 .call(&ctx, Method::PUT, &uri, "application/octet-stream", data)
@@ -362,11 +349,8 @@ impl Mcp {
         Parameters(a): Parameters<FilePath>,
     ) -> Out {
         let p = a.path.trim_start_matches('/').trim_end_matches('/');
-        let uri = if p.is_empty() {
-            format!("/v1/vms/{}/fs/", seg(&a.vm))
-        } else {
-            format!("/v1/vms/{}/fs/{}/", seg(&a.vm), seg(p))
-        };
+        // A directory's listing: its path with a trailing `/` (the root: `fs/`).
+        let uri = fs_uri(&a.vm, p) + if p.is_empty() { "" } else { "/" };
         Ok(self.json(&ctx, Method::GET, &uri, None).await)
     }
 
@@ -374,12 +358,7 @@ impl Mcp {
     async fn vm_ctl(&self, ctx: RequestContext<RoleServer>, Parameters(a): Parameters<Ctl>) -> Out {
         let body = serde_json::json!({"command": a.command});
         Ok(self
-            .json(
-                &ctx,
-                Method::POST,
-                &format!("/v1/vms/{}/ctl", seg(&a.vm)),
-                Some(body),
-            )
+            .json(&ctx, Method::POST, &vm_uri(&a.vm, "/ctl"), Some(body))
             .await)
     }
 

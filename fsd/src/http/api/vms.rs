@@ -212,17 +212,17 @@ pub async fn global_ctl(
     Json(line): Json<CtlLine>,
 ) -> ApiResult<Json<CtlResult>> {
     one_line(&line.command)?;
+    // Parsed once; a parse error is the command's outcome (recorded below).
+    let cmd = ctl::parse(&ctl::Target::Root, &line.command);
     // `clone` of another user's snapshot is 404 here, as a missing one.
-    if let Ok(crate::ctl::GlobalCmd::Clone { snapshot, .. }) =
-        crate::ctl::parse_global(&line.command)
-    {
-        super::snapshots::visible(&api, p.uid, &snapshot)?;
+    if let Ok(ctl::Command::Global(crate::ctl::GlobalCmd::Clone { snapshot, .. })) = &cmd {
+        super::snapshots::visible(&api, p.uid, snapshot)?;
     }
     let mgr = api.mgr.clone();
     let c = p.caller();
     let result = detached(async move {
         let journal = Journal::new(Scope::Root(mgr.clone()), c.session, None);
-        let res = match ctl::parse(&ctl::Target::Root, &line.command) {
+        let res = match cmd {
             Ok(cmd) => mgr.execute(cmd, c.uid, c.gid).await,
             Err(e) => Err(e),
         };
